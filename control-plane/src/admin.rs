@@ -1,0 +1,152 @@
+//! The `Admin` service: join tokens, proxies, status. Every call requires the
+//! admin client certificate (`spiffe://<td>/palisade/admin`).
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use palisade_certs::SpiffeId;
+use palisade_proto::v1::admin_server::Admin;
+use palisade_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::Shared;
+use crate::attest::join_token;
+use crate::store::TokenRecord;
+
+/// The Admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Most uses one join token may grant.
+const MAX_TOKEN_USES: u32 = 10_000;
+/// Longest join token lifetime.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
+
+fn ts(unix: u64) -> Option<prost_types::Timestamp> {
+    Some((UNIX_EPOCH + Duration::from_secs(unix)).into())
+}
+
+fn token_info(t: &TokenRecord) -> JoinTokenInfo {
+    JoinTokenInfo {
+        id: t.id.clone(),
+        identity: t.identity.clone(),
+        created_at: ts(t.created_at),
+        expires_at: ts(t.expires_at),
+        uses_total: t.uses_total,
+        uses_left: t.uses_left,
+        revoked: t.revoked,
+    }
+}
+
+impl AdminService {
+    /// The caller must present the admin certificate; returns its facts.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(SpiffeId, palisade_certs::SvidInfo), Status> {
+        let src = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        match req.peer_certs().and_then(|c| palisade_certs::tls::peer_identity(Some(&c))) {
+            Some((id, info)) if id == self.shared.trust_domain.admin() => Ok((id, info)),
+            Some((id, _)) => {
+                tracing::warn!(target: "audit", event = "admin_denied", src.addr = %src, src.identity = %id, "Admin API call without the admin identity");
+                Err(Status::permission_denied(format!("{id} may not use the Admin API; use the admin credential from <data-dir>/admin/")))
+            }
+            None => {
+                tracing::warn!(target: "audit", event = "admin_denied", src.addr = %src, "Admin API call without a client certificate");
+                Err(Status::unauthenticated("the Admin API requires the admin client certificate; point palisadectl --credentials at <data-dir>/admin/"))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_join_token(&self, req: Request<CreateJoinTokenRequest>) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let td = &self.shared.trust_domain;
+        let identity = SpiffeId::parse_workload(&req.identity).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if identity.trust_domain() != td {
+            return Err(Status::invalid_argument(format!(
+                "identity {identity} is in trust domain {:?}, but this control plane issues identities in {td:?}",
+                identity.trust_domain().as_str()
+            )));
+        }
+        let ttl = match req.ttl_seconds {
+            0 => self.shared.join_token_ttl,
+            s => Duration::from_secs(s),
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument("ttl must be at most 30 days (720h)"));
+        }
+        let uses = req.uses.max(1);
+        if uses > MAX_TOKEN_USES {
+            return Err(Status::invalid_argument(format!("uses must be at most {MAX_TOKEN_USES}")));
+        }
+        let token = join_token::create(self.shared.store.as_ref(), &identity, ttl, uses).map_err(|e| {
+            tracing::error!(error = %e, "cannot store a join token");
+            Status::unavailable("cannot persist the token; see the control plane log")
+        })?;
+        tracing::info!(target: "audit", event = "join_token_created", token.id = %token.record.id, identity = %identity, uses, ttl_s = ttl.as_secs(), "created a join token");
+        Ok(Response::new(CreateJoinTokenResponse { info: Some(token_info(&token.record)), token: token.secret }))
+    }
+
+    async fn list_join_tokens(&self, req: Request<ListJoinTokensRequest>) -> Result<Response<ListJoinTokensResponse>, Status> {
+        self.authorize(&req)?;
+        let mut tokens: Vec<_> = self.shared.store.tokens().iter().map(token_info).collect();
+        tokens.sort_by(|a, b| a.created_at.as_ref().map(|t| t.seconds).cmp(&b.created_at.as_ref().map(|t| t.seconds)).then(a.id.cmp(&b.id)));
+        Ok(Response::new(ListJoinTokensResponse { tokens }))
+    }
+
+    async fn revoke_join_token(&self, req: Request<RevokeJoinTokenRequest>) -> Result<Response<RevokeJoinTokenResponse>, Status> {
+        self.authorize(&req)?;
+        let id = req.into_inner().id;
+        match self.shared.store.revoke_token(&id) {
+            Ok(Some(t)) => {
+                tracing::info!(target: "audit", event = "join_token_revoked", token.id = %id, identity = %t.identity, "revoked a join token");
+                Ok(Response::new(RevokeJoinTokenResponse { info: Some(token_info(&t)) }))
+            }
+            Ok(None) => Err(Status::not_found(format!("no join token with id {id:?}; list them with `palisadectl token list`"))),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot revoke a join token");
+                Err(Status::unavailable("cannot persist the revocation; see the control plane log"))
+            }
+        }
+    }
+
+    async fn list_proxies(&self, req: Request<ListProxiesRequest>) -> Result<Response<ListProxiesResponse>, Status> {
+        self.authorize(&req)?;
+        let mut proxies: Vec<ProxyInfo> = self
+            .shared
+            .store
+            .proxies()
+            .into_iter()
+            .map(|p| ProxyInfo {
+                identity: p.identity,
+                inbound_addr: p.inbound_addr,
+                peer_addr: p.peer_addr,
+                cert_serial: p.cert_serial,
+                cert_not_after: ts(p.cert_not_after),
+                last_seen: ts(p.last_seen),
+                attestation: p.attestation,
+            })
+            .collect();
+        proxies.sort_by(|a, b| a.identity.cmp(&b.identity).then(a.inbound_addr.cmp(&b.inbound_addr)));
+        Ok(Response::new(ListProxiesResponse { proxies }))
+    }
+
+    async fn get_status(&self, req: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
+        let (caller, caller_info) = self.authorize(&req)?;
+        let ca = self.shared.ca.info();
+        Ok(Response::new(GetStatusResponse {
+            trust_domain: self.shared.trust_domain.to_string(),
+            ca_subject: ca.subject.clone(),
+            ca_not_after: Some(ca.not_after.into()),
+            trust_bundle_der: self.shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+            cert_ttl_seconds: self.shared.cert_ttl.as_secs(),
+            caller_identity: caller.to_string(),
+            caller_cert_not_after: Some(caller_info.not_after.into()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+

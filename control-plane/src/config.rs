@@ -1,0 +1,120 @@
+//! Control-plane configuration: clap flags with `PALISADE_*` env vars.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use palisade_certs::TrustDomain;
+
+/// Palisade control plane: the mesh CA, workload attestation and the Admin API.
+#[derive(Debug, Clone, Parser, serde::Serialize)]
+#[command(name = "palisade-control-plane", version, about, long_about = None)]
+pub struct Config {
+    /// Directory holding all state: the CA (key mode 0600), the admin
+    /// credential for palisadectl (admin/ca.pem, cert.pem, key.pem), join
+    /// tokens (hashed) and proxy records. Created if missing.
+    #[arg(long, env = "PALISADE_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Address the gRPC API (TLS) listens on.
+    #[arg(long, env = "PALISADE_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+
+    /// SPIFFE trust domain of every identity this control plane issues.
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    pub trust_domain: TrustDomain,
+
+    /// Lifetime of workload certificates: 10s (tests) to 24h; below 5m is warned about.
+    #[arg(long, env = "PALISADE_CERT_TTL", default_value = "1h", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub cert_ttl: Duration,
+
+    /// Default lifetime of join tokens created without --ttl.
+    #[arg(long, env = "PALISADE_JOIN_TOKEN_TTL", default_value = "10m", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub join_token_ttl: Duration,
+
+    /// Operator CA certificate (PEM: the signing root or intermediate first,
+    /// then its parents). Requires --ca-key. Default: a generated root kept in the data dir.
+    #[arg(long, env = "PALISADE_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, env = "PALISADE_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Roots to trust (PEM), when --ca-cert is an intermediate whose root is not in the file.
+    #[arg(long, env = "PALISADE_CA_BUNDLE", requires = "ca_cert")]
+    pub ca_bundle: Option<PathBuf>,
+
+    /// DNS names put in the control plane's server certificate beside its
+    /// SPIFFE ID (clients check the SPIFFE ID, tools like grpcurl the name).
+    #[arg(long = "server-name", env = "PALISADE_SERVER_NAMES", value_delimiter = ',', default_value = "localhost")]
+    pub server_names: Vec<String>,
+
+    /// Enable Kubernetes ServiceAccount-token attestation (TokenReview).
+    #[arg(long, env = "PALISADE_K8S_ATTESTATION")]
+    pub k8s_attestation: bool,
+
+    /// Kubernetes API server URL. Default: in-cluster (KUBERNETES_SERVICE_HOST/PORT).
+    #[arg(long, env = "PALISADE_K8S_API_SERVER")]
+    pub k8s_api_server: Option<String>,
+
+    /// CA bundle of the Kubernetes API server.
+    #[arg(long, env = "PALISADE_K8S_CA_FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")]
+    pub k8s_ca_file: PathBuf,
+
+    /// The control plane's own ServiceAccount token, sent to authorize TokenReviews (re-read on every call).
+    #[arg(long, env = "PALISADE_K8S_TOKEN_FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    pub k8s_token_file: PathBuf,
+
+    /// Audience sidecar tokens must be issued for.
+    #[arg(long, env = "PALISADE_K8S_AUDIENCE", default_value = "palisade")]
+    pub k8s_audience: String,
+
+    /// Log output format.
+    #[arg(long, env = "PALISADE_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `info,audit=debug`.
+    #[arg(long, env = "PALISADE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Errors in flag combinations found after parsing.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--cert-ttl {value}: must be between 10s and 24h")]
+    CertTtl { value: String },
+    #[error("--join-token-ttl {value}: must be between 10s and 30d")]
+    JoinTokenTtl { value: String },
+}
+
+impl Config {
+    /// Cross-field validation, before anything binds or writes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cert_ttl < palisade_certs::ca::MIN_TTL || self.cert_ttl > palisade_certs::ca::MAX_TTL {
+            return Err(ConfigError::CertTtl { value: humantime::format_duration(self.cert_ttl).to_string() });
+        }
+        if self.join_token_ttl < Duration::from_secs(10) || self.join_token_ttl > Duration::from_secs(30 * 86400) {
+            return Err(ConfigError::JoinTokenTtl { value: humantime::format_duration(self.join_token_ttl).to_string() });
+        }
+        Ok(())
+    }
+}
+
+fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s).map_err(|e| e.to_string())
+}
+
+/// Parses `10s`, `5m`, `1h`, `1h30m` (humantime syntax).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 10s, 5m or 1h"))
+}
+
+mod humantime_serde_compat {
+    pub(crate) fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}

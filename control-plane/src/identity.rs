@@ -1,0 +1,161 @@
+//! `Identity.Certify`: CSR + attestation (or the current certificate, for a
+//! renewal) -> X.509-SVID. Every refusal and every issuance is an `audit` event.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use palisade_certs::{CsrError, SpiffeId, ValidatedCsr};
+use palisade_proto::v1::certify_request::Attestation;
+use palisade_proto::v1::identity_server::Identity;
+use palisade_proto::v1::{CertifyRequest, CertifyResponse};
+use tonic::{Request, Response, Status};
+
+use crate::attest::{AttestError, Attested};
+use crate::attest::join_token::unix_now;
+use crate::store::ProxyRecord;
+use crate::Shared;
+
+/// The Identity service.
+#[derive(Debug, Clone)]
+pub struct IdentityService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Largest CSR accepted (a P-256 CSR is ~300 bytes).
+const MAX_CSR_BYTES: usize = 16 * 1024;
+
+fn refuse(status: Status, src: &str, claimed: &str) -> Status {
+    tracing::warn!(target: "audit", event = "certificate_refused", src.addr = %src, identity = %claimed, code = ?status.code(), reason = %status.message(), "refused a certificate request");
+    status
+}
+
+fn attest_status(e: AttestError) -> Status {
+    match e {
+        AttestError::K8sDisabled => Status::failed_precondition(e.to_string()),
+        AttestError::K8sUnavailable { .. } | AttestError::Store(_) => Status::unavailable(e.to_string()),
+        _ => Status::unauthenticated(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(&self, req: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
+        let src = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = req.peer_certs().and_then(|c| palisade_certs::tls::peer_identity(Some(&c)));
+        let req = req.into_inner();
+        let shared = &self.shared;
+        let td = &shared.trust_domain;
+        let claimed = peer.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default();
+
+        if req.csr_der.is_empty() || req.csr_der.len() > MAX_CSR_BYTES {
+            return Err(refuse(Status::invalid_argument(format!("csr_der must hold a DER PKCS#10 request of 1..{MAX_CSR_BYTES} bytes")), &src, &claimed));
+        }
+        let csr = ValidatedCsr::from_der(&req.csr_der).map_err(|e| refuse(Status::invalid_argument(e.to_string()), &src, &claimed))?;
+        for uri in csr.requested_uris() {
+            if let Ok(id) = uri.parse::<SpiffeId>()
+                && id.trust_domain() != td
+            {
+                return Err(refuse(
+                    Status::permission_denied(format!(
+                        "CSR asks for {uri} in foreign trust domain {:?}; this control plane issues identities in {td:?} only",
+                        id.trust_domain().as_str()
+                    )),
+                    &src,
+                    uri,
+                ));
+            }
+        }
+        if !req.inbound_addr.is_empty() && req.inbound_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(refuse(Status::invalid_argument(format!("inbound_addr {:?} is not HOST:PORT with an IP host", req.inbound_addr)), &src, &claimed));
+        }
+
+        let (attested, replaces) = match req.attestation {
+            Some(Attestation::JoinToken(token)) => {
+                let a = shared.attestors.join_token.attest(&token).await.map_err(|e| refuse(attest_status(e), &src, &claimed))?;
+                (a, None)
+            }
+            Some(Attestation::K8sServiceAccountToken(token)) => {
+                let Some(k8s) = &shared.attestors.k8s else {
+                    return Err(refuse(attest_status(AttestError::K8sDisabled), &src, &claimed));
+                };
+                (k8s.attest(&token).await.map_err(|e| refuse(attest_status(e), &src, &claimed))?, None)
+            }
+            None => match peer {
+                // The TLS layer verified the chain and validity; only workload
+                // identities may renew (not the admin or control-plane certs).
+                Some((id, info)) if id.workload().is_some() && id.trust_domain() == td => {
+                    (Attested { identity: id, method: "renewal", refund: None }, Some(info.serial))
+                }
+                Some((id, _)) => {
+                    return Err(refuse(Status::permission_denied(format!("{id} is not a workload identity and cannot renew")), &src, &claimed));
+                }
+                None => {
+                    return Err(refuse(
+                        Status::unauthenticated("no attestation: send a join token or a Kubernetes ServiceAccount token, or renew over mTLS with a current certificate"),
+                        &src,
+                        &claimed,
+                    ));
+                }
+            },
+        };
+
+        let identity = attested.identity.clone();
+        let issued = match shared.ca.sign_csr(&csr, &identity, shared.cert_ttl) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(hash) = &attested.refund {
+                    let _ = shared.store.refund_token(hash);
+                }
+                let status = match e {
+                    palisade_certs::CaError::Csr(CsrError::IdentityMismatch { .. }) => Status::permission_denied(e.to_string()),
+                    palisade_certs::CaError::Csr(_) => Status::invalid_argument(e.to_string()),
+                    _ => Status::internal("the CA could not sign the certificate; see the control plane log"),
+                };
+                if status.code() == tonic::Code::Internal {
+                    tracing::error!(error = %e, identity = %identity, "signing failed");
+                }
+                return Err(refuse(status, &src, identity.to_string().as_str()));
+            }
+        };
+
+        let info = &issued.info;
+        let lifetime = info.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        let refresh_after = SystemTime::now() + lifetime / 2;
+        let record = ProxyRecord {
+            identity: identity.to_string(),
+            inbound_addr: req.inbound_addr.clone(),
+            peer_addr: src.clone(),
+            cert_serial: info.serial.clone(),
+            cert_not_after: unix_secs(info.not_after),
+            last_seen: unix_now(),
+            attestation: attested.method.to_string(),
+        };
+        if let Err(e) = shared.store.upsert_proxy(record, replaces.as_deref()) {
+            // The certificate is still good; the record is best-effort.
+            tracing::error!(error = %e, "cannot record the proxy");
+        }
+        tracing::info!(
+            target: "audit",
+            event = "certificate_issued",
+            identity = %identity,
+            serial = %info.serial,
+            not_after = %palisade_certs::svid::rfc3339::format(info.not_after),
+            attestation = attested.method,
+            src.addr = %src,
+            "issued a workload certificate"
+        );
+        Ok(Response::new(CertifyResponse {
+            cert_chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle_der: shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+            spiffe_id: identity.to_string(),
+            not_before: Some(info.not_before.into()),
+            not_after: Some(info.not_after.into()),
+            refresh_after: Some(refresh_after.into()),
+            serial: info.serial.clone(),
+        }))
+    }
+}
+
+pub(crate) fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+}

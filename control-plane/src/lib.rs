@@ -1,0 +1,225 @@
+//! The Palisade control plane: the mesh's certificate authority, workload
+//! attestation (join tokens, Kubernetes TokenReview), and the gRPC API
+//! (Identity, Admin, grpc.health.v1, server reflection) served over TLS with
+//! its own SPIFFE identity.
+//!
+//! It is not in the data path: sidecars keep serving with their current
+//! certificate while it is down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_certs::tls::{PeerIdentity, SpiffeClientVerifier, SvidStore, TrustBundle};
+use palisade_certs::{CertificateAuthority, TrustDomain};
+use palisade_proto::v1::admin_server::AdminServer;
+use palisade_proto::v1::identity_server::IdentityServer;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub mod admin;
+pub mod attest;
+pub mod config;
+pub mod identity;
+pub mod pki;
+pub mod store;
+
+pub use config::Config;
+
+use attest::Attestors;
+use attest::join_token::JoinTokenAttestor;
+use store::{FileStore, Store};
+
+/// State shared by the gRPC services.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) ca: Arc<CertificateAuthority>,
+    pub(crate) trust_domain: TrustDomain,
+    pub(crate) cert_ttl: Duration,
+    pub(crate) join_token_ttl: Duration,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) attestors: Attestors,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("data dir {path} is in use by another control plane (lock held on {path}/lock)")]
+    Locked { path: std::path::PathBuf },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("Kubernetes attestation: {0}")]
+    K8s(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound gRPC address.
+    pub addr: SocketAddr,
+    /// Where the admin credential was written.
+    pub admin: pki::AdminCredential,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    _lock: std::fs::File,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight calls finish, and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// Loads state and the CA, binds, and serves until [`Running::shutdown`].
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    let data = &cfg.data_dir;
+    std::fs::create_dir_all(data).map_err(|source| StartError::DataDir { path: data.clone(), source })?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data.join("lock"))
+        .map_err(|source| StartError::DataDir { path: data.clone(), source })?;
+    if lock.try_lock().is_err() {
+        return Err(StartError::Locked { path: data.clone() });
+    }
+    let td = cfg.trust_domain.clone();
+    if cfg.cert_ttl < Duration::from_secs(300) {
+        tracing::warn!(cert_ttl = %humantime::format_duration(cfg.cert_ttl), "certificate TTL below 5 minutes: fine for tests, a heavy renewal load in production");
+    }
+    let operator = cfg.ca_cert.as_deref().zip(cfg.ca_key.as_deref()).map(|(c, k)| (c, k, cfg.ca_bundle.as_deref()));
+    let ca = Arc::new(pki::load_or_create_ca(data, &td, operator)?);
+    tracing::info!(ca = ?ca, trust_domain = %td, "CA ready");
+    let admin = pki::ensure_admin_credential(data, &ca, &td)?;
+    let store: Arc<dyn Store> = Arc::new(FileStore::open(data)?);
+
+    let k8s = if cfg.k8s_attestation {
+        let api_server = cfg
+            .k8s_api_server
+            .clone()
+            .or_else(attest::k8s::K8sConfig::in_cluster_api_server)
+            .ok_or_else(|| StartError::K8s("no API server: pass --k8s-api-server or run in a pod (KUBERNETES_SERVICE_HOST)".into()))?;
+        let k = attest::k8s::K8sAttestor::new(
+            attest::k8s::K8sConfig {
+                api_server,
+                ca_file: cfg.k8s_ca_file.clone(),
+                token_file: cfg.k8s_token_file.clone(),
+                audience: cfg.k8s_audience.clone(),
+            },
+            td.clone(),
+        )
+        .map_err(StartError::K8s)?;
+        Some(Arc::new(k) as Arc<dyn attest::Attestor>)
+    } else {
+        None
+    };
+    let shared = Arc::new(Shared {
+        ca: ca.clone(),
+        trust_domain: td.clone(),
+        cert_ttl: cfg.cert_ttl,
+        join_token_ttl: cfg.join_token_ttl,
+        store: store.clone(),
+        attestors: Attestors { join_token: Arc::new(JoinTokenAttestor { store: store.clone() }), k8s, trust_domain: td.clone() },
+    });
+
+    // Our own certificate, with the SPIFFE ID plus names for generic tools.
+    let server_cert = SvidStore::new();
+    let mut ips = vec![cfg.listen.ip()];
+    if cfg.listen.ip().is_unspecified() || cfg.listen.ip().is_loopback() {
+        ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
+    }
+    ips.dedup();
+    pki::issue_server_cert(&ca, &td, &cfg.server_names, &ips, &server_cert)?;
+    tokio::spawn(pki::rotate_server_cert(ca.clone(), td.clone(), cfg.server_names.clone(), ips, server_cert.clone()));
+    let prune_store = store.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            let cutoff = attest::join_token::unix_now().saturating_sub(86400);
+            if let Err(e) = prune_store.prune(cutoff) {
+                tracing::warn!(error = %e, "cannot prune old tokens and proxy records");
+            }
+        }
+    });
+
+    let bundle = TrustBundle::new(ca.trust_bundle()).map_err(|e| StartError::Tls(rustls::Error::General(e.to_string())))?;
+    // Client certs are optional (first Certify has none) but must verify when shown.
+    let verifier = SpiffeClientVerifier::new(bundle, PeerIdentity::TrustDomain(td.clone()), false)?;
+    let tls = palisade_certs::tls::server_config(verifier, Arc::new(server_cert), &[b"h2"])?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<IdentityServer<identity::IdentityService>>().await;
+    health.set_serving::<AdminServer<admin::AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(palisade_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    let mut accept_shutdown = shutdown_rx.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = accept_shutdown.changed() => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let conn_tx = conn_tx.clone();
+            // Handshake off the accept loop so one slow client blocks no one.
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(target: "audit", event = "tls_handshake_failed", src.addr = %peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(src.addr = %peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+
+    let router = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(IdentityServer::new(identity::IdentityService { shared: shared.clone() }))
+        .add_service(AdminServer::new(admin::AdminService { shared }));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+    let task = tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown_rx.changed().await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    tracing::info!(listen = %addr, admin_credential = %admin.dir.display(), "control plane serving");
+    Ok(Running { addr, admin, shutdown, task, _lock: lock })
+}

@@ -1,0 +1,152 @@
+//! The control plane's own PKI on disk: the CA (generated on first start or
+//! the operator's), the admin credential for palisadectl, and the control
+//! plane's server certificate, reissued before it expires.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use palisade_certs::ca::parse_pem_certs;
+use palisade_certs::csr::certified_key_from_pem;
+use palisade_certs::files::{write_public, write_secret};
+use palisade_certs::tls::{Svid, SvidStore};
+use palisade_certs::{CaError, CertificateAuthority, SecretPem, SvidInfo, TrustDomain};
+
+/// Lifetime of a generated root CA.
+pub const ROOT_VALIDITY: Duration = Duration::from_secs(365 * 86400);
+/// Lifetime of the admin credential (capped by the CA's).
+pub const ADMIN_VALIDITY: Duration = Duration::from_secs(90 * 86400);
+/// The admin credential is reissued on start when less than this is left.
+const ADMIN_RENEW_BEFORE: Duration = Duration::from_secs(30 * 86400);
+/// Lifetime of the control plane's server certificate; it is reissued at half.
+pub const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("cannot {what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("CA from {path}: {source}")]
+    Ca { path: PathBuf, source: CaError },
+    #[error("{0}")]
+    Issue(#[from] CaError),
+    #[error("CA key file {path} has mode {mode:o}; it must not be readable by group or others (chmod 600)")]
+    KeyMode { path: PathBuf, mode: u32 },
+    #[error("admin credential: {0}")]
+    Key(#[from] palisade_certs::CsrError),
+}
+
+fn read(path: &Path, what: &'static str) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io { what, path: path.to_path_buf(), source })
+}
+
+fn write(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    let r = if secret { write_secret(path, contents) } else { write_public(path, contents) };
+    r.map_err(|source| PkiError::Io { what: "write", path: path.to_path_buf(), source })
+}
+
+fn check_key_mode(path: &Path) -> Result<(), PkiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| PkiError::Io { what: "stat", path: path.to_path_buf(), source })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PkiError::KeyMode { path: path.to_path_buf(), mode });
+    }
+    Ok(())
+}
+
+/// Loads the operator's CA, or the one in `<data>/ca/`, or generates and saves a new root.
+pub fn load_or_create_ca(
+    data_dir: &Path,
+    td: &TrustDomain,
+    operator: Option<(&Path, &Path, Option<&Path>)>,
+) -> Result<CertificateAuthority, PkiError> {
+    if let Some((cert, key, bundle)) = operator {
+        check_key_mode(key)?;
+        let bundle_pem = bundle.map(|b| read(b, "read")).transpose()?;
+        return CertificateAuthority::from_pem(&read(cert, "read")?, SecretPem::new(read(key, "read")?), bundle_pem.as_deref())
+            .map_err(|source| PkiError::Ca { path: cert.to_path_buf(), source });
+    }
+    let dir = data_dir.join("ca");
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    if cert_path.exists() {
+        check_key_mode(&key_path)?;
+        return CertificateAuthority::from_pem(&read(&cert_path, "read")?, SecretPem::new(read(&key_path, "read")?), None)
+            .map_err(|source| PkiError::Ca { path: cert_path, source });
+    }
+    std::fs::create_dir_all(&dir).map_err(|source| PkiError::Io { what: "create", path: dir.clone(), source })?;
+    let ca = CertificateAuthority::generate(td, ROOT_VALIDITY)?;
+    // Key first: a cert without its key would be unusable on the next start.
+    write(&key_path, ca.key_pem().expose(), true)?;
+    write(&cert_path, &ca.cert_pem(), false)?;
+    tracing::info!(subject = %ca.info().subject, not_after = %palisade_certs::svid::rfc3339::format(ca.info().not_after), path = %cert_path.display(), "generated a new root CA");
+    Ok(ca)
+}
+
+/// Paths of the admin credential.
+#[derive(Debug, Clone)]
+pub struct AdminCredential {
+    pub dir: PathBuf,
+}
+
+impl AdminCredential {
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("cert.pem")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("key.pem")
+    }
+}
+
+/// Ensures `<data>/admin/` holds a valid admin credential for this CA,
+/// issuing one if it is missing, expiring soon, or from another CA.
+pub fn ensure_admin_credential(data_dir: &Path, ca: &CertificateAuthority, td: &TrustDomain) -> Result<AdminCredential, PkiError> {
+    let cred = AdminCredential { dir: data_dir.join("admin") };
+    let reusable = (|| {
+        let chain = parse_pem_certs(&std::fs::read_to_string(cred.cert()).ok()?).ok()?;
+        let bundle_now = std::fs::read_to_string(cred.ca()).ok()?;
+        let roots = palisade_certs::svid::root_store(ca.trust_bundle()).ok()?;
+        palisade_certs::svid::verify_chain(&chain, &roots, SystemTime::now()).ok()?;
+        let (id, info) = SvidInfo::parse_svid(&chain[0]).ok()?;
+        let fresh = info.time_left(SystemTime::now()) > ADMIN_RENEW_BEFORE.min(ca.info().time_left(SystemTime::now()) / 2);
+        let key_ok = cred.key().exists();
+        (id == td.admin() && fresh && key_ok && bundle_now == ca.trust_bundle_pem()).then_some(())
+    })();
+    if reusable.is_some() {
+        return Ok(cred);
+    }
+    std::fs::create_dir_all(&cred.dir).map_err(|source| PkiError::Io { what: "create", path: cred.dir.clone(), source })?;
+    let ttl = ADMIN_VALIDITY.min(ca.info().time_left(SystemTime::now()));
+    let (issued, key) = ca.issue_with_key(&td.admin(), &[], &[], ttl)?;
+    write(&cred.key(), key.expose(), true)?;
+    write(&cred.cert(), &issued.chain_pem(), false)?;
+    write(&cred.ca(), &ca.trust_bundle_pem(), false)?;
+    tracing::info!(dir = %cred.dir.display(), identity = %td.admin(), not_after = %palisade_certs::svid::rfc3339::format(issued.info.not_after), "wrote the admin credential for palisadectl");
+    Ok(cred)
+}
+
+/// Issues the control plane's server certificate into `store`.
+pub fn issue_server_cert(ca: &CertificateAuthority, td: &TrustDomain, names: &[String], ips: &[IpAddr], store: &SvidStore) -> Result<(), PkiError> {
+    let (issued, key) = ca.issue_with_key(&td.control_plane(), names, ips, SERVER_CERT_TTL)?;
+    let certified = certified_key_from_pem(issued.chain.clone(), &key)?;
+    store.set(Svid { certified, id: td.control_plane(), info: issued.info });
+    Ok(())
+}
+
+/// Reissues the server certificate at half its lifetime, forever.
+pub async fn rotate_server_cert(ca: Arc<CertificateAuthority>, td: TrustDomain, names: Vec<String>, ips: Vec<IpAddr>, store: SvidStore) {
+    loop {
+        tokio::time::sleep(SERVER_CERT_TTL / 2).await;
+        match issue_server_cert(&ca, &td, &names, &ips, &store) {
+            Ok(()) => tracing::info!("reissued the control plane's server certificate"),
+            Err(e) => tracing::error!(error = %e, "cannot reissue the control plane's server certificate; retrying in 1m"),
+        }
+    }
+}

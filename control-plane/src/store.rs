@@ -1,0 +1,249 @@
+//! State behind a store trait: join tokens (hashed) and proxy records. The
+//! default is an embedded file store: one JSON document in the data dir,
+//! rewritten atomically (temp file + fsync + rename) on every change, so an
+//! accepted change survives a crash and a restart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read state file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("state file {path} is corrupt: {source}; restore it from a backup or move it away to start empty")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("cannot write state file {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// A join token as stored: never the token itself, only its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenRecord {
+    /// Public handle: the first 12 hex digits of the hash.
+    pub id: String,
+    pub sha256: String,
+    pub identity: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub revoked: bool,
+}
+
+/// A proxy that holds (or held) a certificate.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProxyRecord {
+    pub identity: String,
+    pub inbound_addr: String,
+    pub peer_addr: String,
+    pub cert_serial: String,
+    pub cert_not_after: u64,
+    pub last_seen: u64,
+    pub attestation: String,
+}
+
+/// What a token lookup found when it could not be used.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenRefusal {
+    Unknown,
+    Revoked(TokenRecord),
+    Expired(TokenRecord),
+    Exhausted(TokenRecord),
+}
+
+/// Persistent control-plane state. Implementations must make each call atomic.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    fn put_token(&self, t: TokenRecord) -> Result<(), StoreError>;
+    fn tokens(&self) -> Vec<TokenRecord>;
+    /// Marks a token revoked by id; `None` if unknown.
+    fn revoke_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Atomically checks a token by hash and takes one use.
+    fn consume_token(&self, sha256: &str, now: u64) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
+    /// Gives back a use taken by `consume_token` when issuance failed afterwards.
+    fn refund_token(&self, sha256: &str) -> Result<(), StoreError>;
+    /// Inserts or replaces a proxy record; `replaces_serial` names the record a renewal supersedes.
+    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<(), StoreError>;
+    fn proxies(&self) -> Vec<ProxyRecord>;
+    /// Drops tokens and proxy records that ended before `cutoff`.
+    fn prune(&self, cutoff: u64) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    #[serde(default)]
+    tokens: BTreeMap<String, TokenRecord>,
+    #[serde(default)]
+    proxies: BTreeMap<String, ProxyRecord>,
+}
+
+/// The embedded file store (`<data-dir>/state.json`).
+#[derive(Debug)]
+pub struct FileStore {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+impl FileStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("state.json");
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(source) => return Err(StoreError::Read { path, source }),
+        };
+        Ok(Self { path, state: Mutex::new(state) })
+    }
+
+    /// Applies `f` to the state and persists it; on a write error the
+    /// in-memory change is rolled back, so memory never runs ahead of disk.
+    fn mutate<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, StoreError> {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = serde_json::to_vec(&*guard).unwrap_or_default();
+        let out = f(&mut guard);
+        let bytes = serde_json::to_vec_pretty(&*guard).unwrap_or_default();
+        if let Err(source) = palisade_certs::files::write_atomic(&self.path, &bytes, 0o600) {
+            if let Ok(old) = serde_json::from_slice(&before) {
+                *guard = old;
+            }
+            return Err(StoreError::Write { path: self.path.clone(), source });
+        }
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Store for FileStore {
+    fn put_token(&self, t: TokenRecord) -> Result<(), StoreError> {
+        self.mutate(|s| {
+            s.tokens.insert(t.sha256.clone(), t);
+        })
+    }
+
+    fn tokens(&self) -> Vec<TokenRecord> {
+        self.read(|s| s.tokens.values().cloned().collect())
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        if !self.read(|s| s.tokens.values().any(|t| t.id == id)) {
+            return Ok(None);
+        }
+        self.mutate(|s| {
+            s.tokens.values_mut().find(|t| t.id == id).map(|t| {
+                t.revoked = true;
+                t.clone()
+            })
+        })
+    }
+
+    fn consume_token(&self, sha256: &str, now: u64) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        let check = self.read(|s| match s.tokens.get(sha256) {
+            None => Err(TokenRefusal::Unknown),
+            Some(t) if t.revoked => Err(TokenRefusal::Revoked(t.clone())),
+            Some(t) if t.expires_at <= now => Err(TokenRefusal::Expired(t.clone())),
+            Some(t) if t.uses_left == 0 => Err(TokenRefusal::Exhausted(t.clone())),
+            Some(_) => Ok(()),
+        });
+        if let Err(r) = check {
+            return Ok(Err(r));
+        }
+        // Check and decrement under one lock acquisition inside mutate.
+        self.mutate(|s| match s.tokens.get_mut(sha256) {
+            Some(t) if !t.revoked && t.expires_at > now && t.uses_left > 0 => {
+                t.uses_left -= 1;
+                Ok(t.clone())
+            }
+            Some(t) => Err(TokenRefusal::Exhausted(t.clone())),
+            None => Err(TokenRefusal::Unknown),
+        })
+    }
+
+    fn refund_token(&self, sha256: &str) -> Result<(), StoreError> {
+        self.mutate(|s| {
+            if let Some(t) = s.tokens.get_mut(sha256) {
+                t.uses_left = (t.uses_left + 1).min(t.uses_total);
+            }
+        })
+    }
+
+    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<(), StoreError> {
+        self.mutate(|s| {
+            if let Some(old) = replaces_serial {
+                s.proxies.remove(old);
+            }
+            s.proxies.insert(p.cert_serial.clone(), p);
+        })
+    }
+
+    fn proxies(&self) -> Vec<ProxyRecord> {
+        self.read(|s| s.proxies.values().cloned().collect())
+    }
+
+    fn prune(&self, cutoff: u64) -> Result<(), StoreError> {
+        let stale = self.read(|s| {
+            s.tokens.values().any(|t| t.expires_at < cutoff) || s.proxies.values().any(|p| p.cert_not_after < cutoff)
+        });
+        if !stale {
+            return Ok(());
+        }
+        self.mutate(|s| {
+            s.tokens.retain(|_, t| t.expires_at >= cutoff);
+            s.proxies.retain(|_, p| p.cert_not_after >= cutoff);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(uses: u32) -> TokenRecord {
+        TokenRecord {
+            id: "abc".into(),
+            sha256: "h".into(),
+            identity: "spiffe://cluster.local/ns/a/sa/b".into(),
+            created_at: 0,
+            expires_at: 100,
+            uses_total: uses,
+            uses_left: uses,
+            revoked: false,
+        }
+    }
+
+    #[test]
+    fn tokens_are_consumed_once_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        store.put_token(token(1)).unwrap();
+        assert!(store.consume_token("h", 10).unwrap().is_ok());
+        assert!(matches!(store.consume_token("h", 10).unwrap(), Err(TokenRefusal::Exhausted(_))));
+        let reopened = FileStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.tokens()[0].uses_left, 0);
+        assert!(matches!(reopened.consume_token("nope", 10).unwrap(), Err(TokenRefusal::Unknown)));
+    }
+
+    #[test]
+    fn expired_and_revoked_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        store.put_token(token(5)).unwrap();
+        assert!(matches!(store.consume_token("h", 100).unwrap(), Err(TokenRefusal::Expired(_))));
+        store.revoke_token("abc").unwrap().unwrap();
+        assert!(matches!(store.consume_token("h", 10).unwrap(), Err(TokenRefusal::Revoked(_))));
+    }
+
+    #[test]
+    fn corrupt_state_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.json"), b"{not json").unwrap();
+        let err = FileStore::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+    }
+}
