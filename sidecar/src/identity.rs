@@ -1,0 +1,221 @@
+//! The workload identity client: generates a key in memory, sends a CSR to
+//! the control plane, holds the certificate in an [`SvidStore`] (which TLS
+//! listeners use as their resolver), renews at about half its lifetime with
+//! jitter, and retries with exponential backoff while keeping the current
+//! certificate for as long as it is valid.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
+use palisade_certs::{SvidInfo, TrustDomain, WorkloadKey};
+use palisade_proto::channel::ControlPlaneAddr;
+use palisade_proto::v1::certify_request::Attestation;
+use palisade_proto::v1::identity_client::IdentityClient;
+use palisade_proto::v1::CertifyRequest;
+use ring::rand::SecureRandom;
+use rustls_pki_types::CertificateDer;
+
+use crate::metrics::Metrics;
+
+/// First retry delay after a failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// Longest delay between retries.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Timeout of one Certify call, connection included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What proves our identity when we hold no valid certificate.
+#[derive(Clone)]
+pub enum Credential {
+    JoinToken(String),
+    JoinTokenFile(std::path::PathBuf),
+    K8sTokenFile(std::path::PathBuf),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::JoinToken(_) => f.write_str("JoinToken(<redacted>)"),
+            Self::JoinTokenFile(p) => write!(f, "JoinTokenFile({})", p.display()),
+            Self::K8sTokenFile(p) => write!(f, "K8sTokenFile({})", p.display()),
+        }
+    }
+}
+
+impl Credential {
+    fn attestation(&self) -> Result<Attestation, IdentityError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| IdentityError::Credential(format!("cannot read {}: {e}", p.display())))
+        };
+        Ok(match self {
+            Self::JoinToken(t) => Attestation::JoinToken(t.trim().to_string()),
+            Self::JoinTokenFile(p) => Attestation::JoinToken(read(p)?),
+            Self::K8sTokenFile(p) => Attestation::K8sServiceAccountToken(read(p)?),
+        })
+    }
+}
+
+/// Why one attempt to get a certificate failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0}")]
+    Connect(#[from] palisade_proto::channel::ChannelError),
+    #[error("control plane refused: {code:?}: {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("attestation credential: {0}")]
+    Credential(String),
+    #[error("control plane answer is unusable: {0}")]
+    BadResponse(String),
+    #[error("key: {0}")]
+    Key(#[from] palisade_certs::CsrError),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Drives certification and renewal.
+#[derive(Debug, Clone)]
+pub struct IdentityClientTask {
+    pub addr: ControlPlaneAddr,
+    pub bundle: TrustBundle,
+    pub trust_domain: TrustDomain,
+    pub credential: Credential,
+    pub inbound_addr: String,
+    pub store: SvidStore,
+    pub metrics: Arc<Metrics>,
+}
+
+impl IdentityClientTask {
+    /// Runs forever: certify, sleep until renewal, renew; back off on failure.
+    pub async fn run(self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let wait = match self.certify_once().await {
+                Ok(svid) => {
+                    backoff = BACKOFF_MIN;
+                    let wait = renewal_delay(&svid.info, SystemTime::now());
+                    tracing::info!(
+                        identity = %svid.id,
+                        serial = %svid.info.serial,
+                        not_after = %palisade_certs::svid::rfc3339::format(svid.info.not_after),
+                        renew_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())),
+                        "obtained workload certificate"
+                    );
+                    self.install(svid);
+                    wait
+                }
+                Err(e) => {
+                    self.metrics.renewal_failures.inc();
+                    let current = self.store.valid();
+                    let left = current.as_ref().map(|s| s.info.time_left(SystemTime::now()));
+                    match left {
+                        Some(left) => tracing::warn!(error = %e, cert_time_left = %humantime::format_duration(Duration::from_secs(left.as_secs())), retry_in = ?backoff, "certificate renewal failed; keeping the current certificate"),
+                        None => tracing::error!(error = %e, retry_in = ?backoff, "cannot obtain a workload certificate"),
+                    }
+                    let wait = jitter(backoff, 0.2);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    wait
+                }
+            };
+            self.refresh_validity_gauge();
+            // Wake early enough to notice expiry in the gauge.
+            let mut remaining = wait;
+            while !remaining.is_zero() {
+                let step = remaining.min(Duration::from_secs(5));
+                tokio::time::sleep(step).await;
+                remaining -= step;
+                self.refresh_validity_gauge();
+            }
+        }
+    }
+
+    fn refresh_validity_gauge(&self) {
+        self.metrics.cert_valid.set(i64::from(self.store.valid().is_some()));
+    }
+
+    fn install(&self, svid: Svid) {
+        self.metrics.renewals.inc();
+        self.metrics.cert_expiry.set(unix(svid.info.not_after) as i64);
+        self.metrics.control_plane_last_success.set(unix(SystemTime::now()) as i64);
+        self.store.set(svid);
+    }
+
+    /// One Certify call: renewal over mTLS if we hold a valid cert, else attestation.
+    pub async fn certify_once(&self) -> Result<Svid, IdentityError> {
+        let current = self.store.valid();
+        let attestation = match current {
+            Some(_) => None,
+            None => Some(self.credential.attestation()?),
+        };
+        let verifier = SpiffeServerVerifier::new(self.bundle.clone(), PeerIdentity::Exact(self.trust_domain.control_plane()));
+        let resolver: Option<Arc<dyn rustls::client::ResolvesClientCert>> =
+            current.is_some().then(|| Arc::new(self.store.clone()) as Arc<dyn rustls::client::ResolvesClientCert>);
+        let tls = palisade_certs::tls::client_config(verifier, resolver)?;
+        // A fresh connection per call: renewals are rare, and each must
+        // present the certificate we hold now, not the one a pooled
+        // connection was opened with.
+        let channel = palisade_proto::channel::connect(&self.addr, Arc::new(tls), CALL_TIMEOUT).await?;
+        let key = WorkloadKey::generate()?;
+        let csr = key.csr_der(current.as_ref().map(|s| &s.id))?;
+        let resp = IdentityClient::new(channel)
+            .certify(CertifyRequest { csr_der: csr, attestation, inbound_addr: self.inbound_addr.clone() })
+            .await
+            .map_err(|s| IdentityError::Refused { code: s.code(), message: s.message().to_string() })?
+            .into_inner();
+
+        let chain: Vec<CertificateDer<'static>> = resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
+        let bundle: Vec<CertificateDer<'static>> = resp.trust_bundle_der.into_iter().map(CertificateDer::from).collect();
+        let leaf = chain.first().ok_or_else(|| IdentityError::BadResponse("empty certificate chain".into()))?;
+        let (id, info) = SvidInfo::parse_svid(leaf).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
+        if id.trust_domain() != &self.trust_domain || id.workload().is_none() {
+            return Err(IdentityError::BadResponse(format!("issued identity {id} is not a workload identity in {}", self.trust_domain)));
+        }
+        if let Some(cur) = &current
+            && cur.id != id
+        {
+            return Err(IdentityError::BadResponse(format!("renewal changed our identity from {} to {id}", cur.id)));
+        }
+        let roots = palisade_certs::svid::root_store(&bundle).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
+        palisade_certs::svid::verify_chain(&chain, &roots, SystemTime::now()).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
+        let certified = key.certified(chain)?;
+        certified.keys_match().map_err(|e| IdentityError::BadResponse(format!("certificate is not for our key: {e}")))?;
+        self.bundle.replace(&bundle).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
+        Ok(Svid { certified, info, id })
+    }
+}
+
+/// Renew at 50% of the lifetime, ±10% jitter so replicas do not renew in step.
+fn renewal_delay(info: &SvidInfo, now: SystemTime) -> Duration {
+    // Measured from now, not notBefore: notBefore is backdated for clock skew.
+    let left = info.time_left(now);
+    jitter(left / 2, 0.2)
+}
+
+/// `d` scaled by a random factor in `[1 - spread/2, 1 + spread/2]`.
+fn jitter(d: Duration, spread: f64) -> Duration {
+    let mut b = [0u8; 4];
+    let r = match ring::rand::SystemRandom::new().fill(&mut b) {
+        Ok(()) => f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX),
+        Err(_) => 0.5,
+    };
+    d.mul_f64(1.0 - spread / 2.0 + spread * r)
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        for _ in 0..1000 {
+            let d = jitter(Duration::from_secs(100), 0.2);
+            assert!(d >= Duration::from_secs(90) && d <= Duration::from_secs(110), "{d:?}");
+        }
+    }
+}
