@@ -1,1 +1,403 @@
-fn main(){}
+//! `palisadectl`: the Palisade operator CLI, over the control plane's Admin
+//! gRPC API with the admin credential.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use palisade_certs::SvidInfo;
+use palisade_certs::svid::rfc3339;
+use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
+use palisade_proto::channel::ControlPlaneAddr;
+use palisade_proto::v1::admin_client::AdminClient;
+use palisade_proto::v1::*;
+use tonic::transport::Channel;
+
+mod inspect;
+mod table;
+
+/// Operate a Palisade mesh: join tokens, proxies, certificates, health.
+#[derive(Debug, Parser)]
+#[command(name = "palisadectl", version, about, long_about = None)]
+struct Cli {
+    /// Control-plane address.
+    #[arg(long, global = true, env = "PALISADE_CONTROL_PLANE", default_value = "https://127.0.0.1:7700")]
+    control_plane: String,
+
+    /// Directory holding the admin credential (ca.pem, cert.pem, key.pem),
+    /// written by the control plane to <data-dir>/admin/ on first start.
+    #[arg(long, global = true, env = "PALISADE_CREDENTIALS")]
+    credentials: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list and revoke join tokens (first-certificate attestation).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// List proxies holding certificates: identity, address, cert expiry, last seen.
+    Proxies,
+    /// Certificate tools.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Check the control plane is reachable and healthy, the CA and the admin credential valid.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a join token; prints only the token on stdout (or JSON with -o json).
+    Create {
+        /// Identity the token attests: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+        #[arg(long)]
+        identity: String,
+        /// Lifetime, e.g. 10m, 1h (default: the control plane's, 10m).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// How many certificates the token may obtain.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// List join tokens (ids and state; never the secrets).
+    List,
+    /// Revoke a join token by id (see `token list`).
+    Revoke {
+        /// Token id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCmd {
+    /// Show a certificate's SPIFFE ID, issuer, validity and time left, and
+    /// verify its chain against a trust bundle.
+    Inspect {
+        /// A PEM file (leaf first) or a HOST:PORT serving TLS.
+        target: String,
+        /// Trust bundle (PEM) to verify against; default: <credentials>/ca.pem.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 10s, 5m or 1h"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    palisade_certs::install_default_provider();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Token(t) => token(&cli, t).await,
+        Command::Proxies => proxies(&cli).await,
+        Command::Cert(CertCmd::Inspect { target, bundle }) => {
+            let bundle = bundle.clone().or_else(|| cli.credentials.as_ref().map(|c| c.join("ca.pem")));
+            inspect::inspect(target, bundle.as_deref(), cli.output == Output::Json).await
+        }
+        Command::Check => check(&cli).await,
+    }
+}
+
+/// The admin credential loaded from disk.
+struct Credentials {
+    bundle: TrustBundle,
+    svid: Svid,
+}
+
+fn load_credentials(cli: &Cli) -> Result<Credentials> {
+    let dir = cli
+        .credentials
+        .as_ref()
+        .ok_or_else(|| anyhow!("no admin credential: pass --credentials DIR or set PALISADE_CREDENTIALS to the control plane's <data-dir>/admin"))?;
+    let read = |name: &str| {
+        let p = dir.join(name);
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (is --credentials the control plane's <data-dir>/admin?)", p.display()))
+    };
+    let roots = palisade_certs::ca::parse_pem_certs(&read("ca.pem")?).map_err(|e| anyhow!("{}/ca.pem: {e}", dir.display()))?;
+    let chain = palisade_certs::ca::parse_pem_certs(&read("cert.pem")?).map_err(|e| anyhow!("{}/cert.pem: {e}", dir.display()))?;
+    let key = palisade_certs::SecretPem::new(read("key.pem")?);
+    let (id, info) = SvidInfo::parse_svid(&chain[0]).with_context(|| format!("{}/cert.pem", dir.display()))?;
+    let certified = palisade_certs::csr::certified_key_from_pem(chain, &key).with_context(|| format!("{}/key.pem", dir.display()))?;
+    let bundle = TrustBundle::new(&roots).with_context(|| format!("{}/ca.pem", dir.display()))?;
+    Ok(Credentials { bundle, svid: Svid { certified, info, id } })
+}
+
+async fn connect(cli: &Cli, creds: &Credentials) -> Result<Channel> {
+    let addr = ControlPlaneAddr::parse(&cli.control_plane)?;
+    let now = SystemTime::now();
+    if !creds.svid.is_valid_at(now) {
+        bail!(
+            "the admin credential expired at {}; restart the control plane to reissue it",
+            rfc3339::format(creds.svid.info.not_after)
+        );
+    }
+    let td = creds.svid.id.trust_domain().clone();
+    let verifier = SpiffeServerVerifier::new(creds.bundle.clone(), PeerIdentity::Exact(td.control_plane()));
+    let store = SvidStore::new();
+    store.set(Svid { certified: creds.svid.certified.clone(), info: creds.svid.info.clone(), id: creds.svid.id.clone() });
+    let tls = palisade_certs::tls::client_config(verifier, Some(Arc::new(store)))?;
+    palisade_proto::channel::connect(&addr, Arc::new(tls), Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow!("{e}\nhint: is the control plane running at {addr}? (--control-plane / PALISADE_CONTROL_PLANE)"))
+}
+
+async fn admin(cli: &Cli) -> Result<AdminClient<Channel>> {
+    let creds = load_credentials(cli)?;
+    Ok(AdminClient::new(connect(cli, &creds).await?))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{}: {}", code_name(s.code()), s.message())
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}").chars().fold(String::new(), |mut out, ch| {
+        if ch.is_uppercase() && !out.is_empty() {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+        out
+    })
+}
+
+fn ts(t: &Option<palisade_proto::prost_types::Timestamp>) -> Option<SystemTime> {
+    t.as_ref().and_then(|t| SystemTime::try_from(*t).ok())
+}
+
+fn time_str(t: Option<SystemTime>) -> String {
+    t.map(rfc3339::format).unwrap_or_else(|| "-".into())
+}
+
+/// "in 9m 58s" / "2m 3s ago".
+fn relative(t: Option<SystemTime>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let now = SystemTime::now();
+    match t.duration_since(now) {
+        Ok(d) => format!("in {}", humantime::format_duration(Duration::from_secs(d.as_secs()))),
+        Err(e) => format!("{} ago", humantime::format_duration(Duration::from_secs(e.duration().as_secs()))),
+    }
+}
+
+fn token_json(t: &JoinTokenInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id,
+        "identity": t.identity,
+        "created_at": time_str(ts(&t.created_at)),
+        "expires_at": time_str(ts(&t.expires_at)),
+        "uses_total": t.uses_total,
+        "uses_left": t.uses_left,
+        "revoked": t.revoked,
+        "state": token_state(t),
+    })
+}
+
+fn token_state(t: &JoinTokenInfo) -> &'static str {
+    if t.revoked {
+        "revoked"
+    } else if ts(&t.expires_at).is_some_and(|e| e <= SystemTime::now()) {
+        "expired"
+    } else if t.uses_left == 0 {
+        "used"
+    } else {
+        "active"
+    }
+}
+
+async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
+    let mut client = admin(cli).await?;
+    match cmd {
+        TokenCmd::Create { identity, ttl, uses } => {
+            if *uses == 0 {
+                bail!("--uses must be at least 1");
+            }
+            palisade_certs::SpiffeId::parse_workload(identity).map_err(|e| anyhow!("--identity: {e}"))?;
+            let resp = client
+                .create_join_token(CreateJoinTokenRequest {
+                    identity: identity.clone(),
+                    ttl_seconds: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
+                    uses: *uses,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if cli.output == Output::Json {
+                let mut v = resp.info.as_ref().map(token_json).unwrap_or_default();
+                v["token"] = resp.token.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", resp.token);
+                if let Some(info) = &resp.info {
+                    eprintln!(
+                        "token {} for {} expires {} ({}), {} use(s); it is shown only once",
+                        info.id,
+                        info.identity,
+                        time_str(ts(&info.expires_at)),
+                        relative(ts(&info.expires_at)),
+                        info.uses_total
+                    );
+                }
+            }
+        }
+        TokenCmd::List => {
+            let tokens = client.list_join_tokens(ListJoinTokensRequest {}).await.map_err(status_err)?.into_inner().tokens;
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&tokens.iter().map(token_json).collect::<Vec<_>>())?);
+            } else {
+                let rows = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.identity.clone(),
+                            token_state(t).into(),
+                            format!("{}/{}", t.uses_left, t.uses_total),
+                            relative(ts(&t.expires_at)),
+                        ]
+                    })
+                    .collect();
+                table::print(&["ID", "IDENTITY", "STATE", "USES LEFT", "EXPIRES"], rows);
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            let info = client
+                .revoke_join_token(RevokeJoinTokenRequest { id: id.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .info
+                .unwrap_or_default();
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&token_json(&info))?);
+            } else {
+                println!("revoked token {} ({})", info.id, info.identity);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn proxies(cli: &Cli) -> Result<()> {
+    let mut client = admin(cli).await?;
+    let proxies = client.list_proxies(ListProxiesRequest {}).await.map_err(status_err)?.into_inner().proxies;
+    let now = SystemTime::now();
+    let state = |p: &ProxyInfo| if ts(&p.cert_not_after).is_some_and(|t| t > now) { "valid" } else { "expired" };
+    if cli.output == Output::Json {
+        let v: Vec<_> = proxies
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "identity": p.identity,
+                    "inbound_addr": p.inbound_addr,
+                    "peer_addr": p.peer_addr,
+                    "cert_serial": p.cert_serial,
+                    "cert_not_after": time_str(ts(&p.cert_not_after)),
+                    "cert_state": state(p),
+                    "last_seen": time_str(ts(&p.last_seen)),
+                    "attestation": p.attestation,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows = proxies
+        .iter()
+        .map(|p| {
+            vec![
+                p.identity.clone(),
+                if p.inbound_addr.is_empty() { "-".into() } else { p.inbound_addr.clone() },
+                p.peer_addr.clone(),
+                format!("{} ({})", relative(ts(&p.cert_not_after)), state(p)),
+                relative(ts(&p.last_seen)),
+                p.attestation.clone(),
+            ]
+        })
+        .collect();
+    table::print(&["IDENTITY", "INBOUND", "PEER", "CERT EXPIRES", "LAST SEEN", "ATTESTED BY"], rows);
+    Ok(())
+}
+
+async fn check(cli: &Cli) -> Result<()> {
+    let mut results: Vec<(String, bool, String)> = Vec::new();
+    let creds = load_credentials(cli);
+    match &creds {
+        Ok(c) => {
+            let left = c.svid.info.time_left(SystemTime::now());
+            results.push((
+                "admin credential".into(),
+                !left.is_zero(),
+                format!("{} expires {} ({})", c.svid.id, rfc3339::format(c.svid.info.not_after), relative(Some(c.svid.info.not_after))),
+            ));
+        }
+        Err(e) => results.push(("admin credential".into(), false, format!("{e:#}"))),
+    }
+    if let Ok(creds) = &creds {
+        match connect(cli, creds).await {
+            Err(e) => results.push(("control plane reachable".into(), false, format!("{e:#}"))),
+            Ok(ch) => {
+                results.push(("control plane reachable".into(), true, format!("{} (identity verified: {})", cli.control_plane, creds.svid.id.trust_domain().control_plane())));
+                let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+                    .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                    .await;
+                match health {
+                    Ok(r) => {
+                        let serving = r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+                        results.push(("control plane healthy".into(), serving, if serving { "SERVING".into() } else { "NOT SERVING".into() }));
+                    }
+                    Err(s) => results.push(("control plane healthy".into(), false, status_err(s).to_string())),
+                }
+                match AdminClient::new(ch).get_status(GetStatusRequest {}).await {
+                    Ok(r) => {
+                        let s = r.into_inner();
+                        let ca_after = ts(&s.ca_not_after);
+                        let ok = ca_after.is_some_and(|t| t > SystemTime::now() + Duration::from_secs(86400));
+                        results.push((
+                            "CA valid".into(),
+                            ok,
+                            format!("{} in trust domain {} expires {} ({}); workload cert TTL {}", s.ca_subject, s.trust_domain, time_str(ca_after), relative(ca_after), humantime::format_duration(Duration::from_secs(s.cert_ttl_seconds))),
+                        ));
+                        results.push(("admin API authorized".into(), true, format!("as {}", s.caller_identity)));
+                    }
+                    Err(s) => results.push(("admin API authorized".into(), false, status_err(s).to_string())),
+                }
+            }
+        }
+    }
+    let all_ok = results.iter().all(|r| r.1);
+    if cli.output == Output::Json {
+        let v: Vec<_> = results.iter().map(|(n, ok, d)| serde_json::json!({"check": n, "ok": ok, "detail": d})).collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": all_ok, "checks": v}))?);
+    } else {
+        for (name, ok, detail) in &results {
+            println!("{} {name}: {detail}", if *ok { "[ok]  " } else { "[FAIL]" });
+        }
+    }
+    if !all_ok {
+        bail!("some checks failed");
+    }
+    Ok(())
+}
+
