@@ -87,6 +87,9 @@ impl Running {
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let data = &cfg.data_dir;
     std::fs::create_dir_all(data).map_err(|source| StartError::DataDir { path: data.clone(), source })?;
+    // The data dir holds the CA key and token hashes: owner only.
+    std::fs::set_permissions(data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|source| StartError::DataDir { path: data.clone(), source })?;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -114,7 +114,10 @@ impl IdentityClientTask {
                         Some(left) => tracing::warn!(error = %e, cert_time_left = %humantime::format_duration(Duration::from_secs(left.as_secs())), retry_in = ?backoff, "certificate renewal failed; keeping the current certificate"),
                         None => tracing::error!(error = %e, retry_in = ?backoff, "cannot obtain a workload certificate"),
                     }
-                    let wait = jitter(backoff, 0.2);
+                    // While the current cert is valid, retry at least three
+                    // times before it expires, whatever the backoff says.
+                    let cap = left.map(|l| (l / 3).max(BACKOFF_MIN)).unwrap_or(BACKOFF_MAX);
+                    let wait = jitter(backoff.min(cap), 0.2);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     wait
                 }

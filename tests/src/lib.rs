@@ -1,1 +1,248 @@
-//! tests
+//! Shared harness for Palisade's end-to-end tests and benchmarks: starts the
+//! real binaries (`palisade-control-plane`, `palisade-sidecar`,
+//! `palisadectl`) as child processes on loopback, waits on conditions with a
+//! deadline (never fixed sleeps), and kills everything on drop.
+
+#![allow(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub mod http;
+
+/// Directory of the workspace's built binaries (next to the test executable).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("PALISADE_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("invariant: test executable path is known");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>
+    exe.parent().and_then(Path::parent).expect("invariant: test exe lives in target/<profile>/deps").to_path_buf()
+}
+
+/// Path of a built binary; fails with the build command if it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --bins` first (the README's test command does)", p.display());
+    p
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("invariant: loopback is available")
+}
+
+/// A child process killed on drop, its stderr captured in a log file.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .env("NO_COLOR", "1")
+            .spawn()
+            .with_context(|| format!("spawning {name}"))?;
+        Ok(Self { child, log, name: name.to_string() })
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit on its own (e.g. a config error).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("{} still running after {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A control plane process with its data dir.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub addr: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts a control plane on a free port and waits until it serves.
+    pub async fn start(data_dir: &Path, log_dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_on(free_port(), data_dir, log_dir, extra).await
+    }
+
+    pub async fn start_on(port: u16, data_dir: &Path, log_dir: &Path, extra: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(bin("palisade-control-plane"));
+        cmd.arg("--data-dir").arg(data_dir).args(["--listen", &format!("127.0.0.1:{port}")]).args(extra);
+        let proc = Proc::spawn("control-plane", &mut cmd, log_dir)?;
+        let cp = Self { proc, addr: format!("https://127.0.0.1:{port}"), port, data_dir: data_dir.to_path_buf() };
+        let admin = cp.admin_dir();
+        eventually("control plane to serve", Duration::from_secs(20), || {
+            let ok = admin.join("key.pem").exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            async move { ok.then_some(()) }
+        })
+        .await
+        .with_context(|| cp.proc.logs())?;
+        Ok(cp)
+    }
+
+    pub fn admin_dir(&self) -> PathBuf {
+        self.data_dir.join("admin")
+    }
+
+    pub fn bundle(&self) -> PathBuf {
+        self.admin_dir().join("ca.pem")
+    }
+
+    /// Runs palisadectl against this control plane.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("palisadectl"))
+            .env("PALISADE_CONTROL_PLANE", &self.addr)
+            .env("PALISADE_CREDENTIALS", self.admin_dir())
+            .args(args)
+            .output()
+            .expect("invariant: palisadectl runs")
+    }
+
+    /// `palisadectl token create`, returning the token.
+    pub fn create_token(&self, identity: &str, extra: &[&str]) -> Result<String> {
+        let mut args = vec!["token", "create", "--identity", identity];
+        args.extend_from_slice(extra);
+        let out = self.ctl(&args);
+        if !out.status.success() {
+            bail!("token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+}
+
+/// A sidecar process.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub proc: Proc,
+    pub admin: String,
+}
+
+impl Sidecar {
+    /// Starts a sidecar with `args` added (attestation etc.) and a free admin port.
+    pub fn spawn(name: &str, cp: &ControlPlane, log_dir: &Path, args: &[&str]) -> Result<Self> {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(bin("palisade-sidecar"));
+        cmd.args(["--control-plane", &cp.addr, "--admin", &admin, "--inbound", &format!("127.0.0.1:{}", free_port())])
+            .arg("--ca-bundle")
+            .arg(cp.bundle())
+            .args(args);
+        Ok(Self { proc: Proc::spawn(name, &mut cmd, log_dir)?, admin })
+    }
+
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        http::get(&self.admin, path).await.ok()
+    }
+
+    /// `/config` as JSON.
+    pub async fn config(&self) -> Option<serde_json::Value> {
+        let (status, body) = self.get("/config").await?;
+        (status == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+    }
+
+    /// One metric's value from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").await?;
+        body.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+    }
+
+    pub async fn wait_ready(&self) -> Result<serde_json::Value> {
+        eventually("sidecar /ready", Duration::from_secs(20), || async { (self.get("/ready").await?.0 == 200).then_some(()) })
+            .await
+            .with_context(|| self.proc.logs())?;
+        self.config().await.context("reading /config")
+    }
+}
+
+/// gRPC clients straight to the control plane, for tests that send requests
+/// the sidecar never would.
+pub mod grpc {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use anyhow::Result;
+    use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
+    use palisade_certs::TrustDomain;
+    use palisade_proto::channel::{ControlPlaneAddr, connect};
+    use tonic::transport::Channel;
+
+    /// A channel to `addr`, trusting `bundle_pem`, presenting `client` if given.
+    pub async fn channel(addr: &str, bundle_pem: &str, client: Option<Svid>) -> Result<Channel> {
+        let roots = palisade_certs::ca::parse_pem_certs(bundle_pem).map_err(anyhow::Error::msg)?;
+        let verifier = SpiffeServerVerifier::new(TrustBundle::new(&roots)?, PeerIdentity::Exact(TrustDomain::default().control_plane()));
+        let resolver = client.map(|svid| {
+            let s = SvidStore::new();
+            s.set(svid);
+            Arc::new(s) as Arc<dyn rustls::client::ResolvesClientCert>
+        });
+        let tls = palisade_certs::tls::client_config(verifier, resolver)?;
+        Ok(connect(&ControlPlaneAddr::parse(addr)?, Arc::new(tls), Duration::from_secs(5)).await?)
+    }
+}
