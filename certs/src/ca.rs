@@ -123,7 +123,8 @@ impl CertificateAuthority {
         dn.push(DnType::CommonName, format!("Palisade root CA ({td})"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into().map_err(sign_err)?)];
         let now = SystemTime::now();
         params.not_before = (now - BACKDATE).into();
@@ -141,13 +142,18 @@ impl CertificateAuthority {
     pub fn from_pem(cert_pem: &str, key_pem: SecretPem, bundle_pem: Option<&str>) -> Result<Self, CaError> {
         let certs = parse_pem_certs(cert_pem).map_err(|reason| CaError::CertPem { reason })?;
         let bundle = match bundle_pem {
-            Some(b) => parse_pem_certs(b).map_err(|reason| CaError::CertPem { reason: format!("trust bundle: {reason}") })?,
+            Some(b) => {
+                parse_pem_certs(b).map_err(|reason| CaError::CertPem { reason: format!("trust bundle: {reason}") })?
+            }
             None => certs.iter().filter(|c| is_self_signed(c)).cloned().collect(),
         };
         if bundle.is_empty() {
             return Err(CaError::NoRoot);
         }
-        let chain = certs.into_iter().filter(|c| !is_self_signed(c) || bundle.len() == 1 && bundle[0] == *c).collect::<Vec<_>>();
+        let chain = certs
+            .into_iter()
+            .filter(|c| !is_self_signed(c) || bundle.len() == 1 && bundle[0] == *c)
+            .collect::<Vec<_>>();
         Self::from_parts(chain, bundle, key_pem)
     }
 
@@ -240,7 +246,13 @@ impl CertificateAuthority {
         Ok((self.issued(cert.der().clone())?, SecretPem::new(key.serialize_pem())))
     }
 
-    fn leaf_params(&self, id: &SpiffeId, dns: &[String], ips: &[IpAddr], ttl: Duration) -> Result<CertificateParams, CaError> {
+    fn leaf_params(
+        &self,
+        id: &SpiffeId,
+        dns: &[String],
+        ips: &[IpAddr],
+        ttl: Duration,
+    ) -> Result<CertificateParams, CaError> {
         let mut params = CertificateParams::default();
         // Empty subject: rcgen then marks the SAN critical, as RFC 5280 requires.
         params.distinguished_name = DistinguishedName::new();
@@ -302,9 +314,8 @@ fn spki_matches(cert: &CertificateDer<'_>, key: &KeyPair) -> bool {
 
 /// Parses every CERTIFICATE block of a PEM text.
 pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let certs =
+        CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
     if certs.is_empty() {
         return Err("no CERTIFICATE block found".into());
     }

@@ -58,7 +58,8 @@ pub struct ValidatedCsr {
 impl ValidatedCsr {
     /// Parses and checks a DER CSR: signature, no CA:TRUE, supported key.
     pub fn from_der(der: &[u8]) -> Result<Self, CsrError> {
-        let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Parse { reason: e.to_string() })?;
+        let (rest, csr) =
+            X509CertificationRequest::from_der(der).map_err(|e| CsrError::Parse { reason: e.to_string() })?;
         if !rest.is_empty() {
             return Err(CsrError::Parse { reason: "trailing bytes after the request".into() });
         }
@@ -116,7 +117,8 @@ impl std::fmt::Debug for WorkloadKey {
 impl WorkloadKey {
     /// Generates a new P-256 key.
     pub fn generate() -> Result<Self, CsrError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CsrError::Key { reason: e.to_string() })?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CsrError::Key { reason: e.to_string() })?;
         Ok(Self { key })
     }
 
@@ -141,20 +143,20 @@ impl WorkloadKey {
 /// Loads a PKCS#8 DER key and chain into a rustls `CertifiedKey`.
 pub fn certified_key(chain: Vec<CertificateDer<'static>>, pkcs8_der: Vec<u8>) -> Result<Arc<CertifiedKey>, CsrError> {
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8_der));
-    let signer = crate::provider()
-        .key_provider
-        .load_private_key(der)
-        .map_err(|e| CsrError::Key { reason: e.to_string() })?;
+    let signer =
+        crate::provider().key_provider.load_private_key(der).map_err(|e| CsrError::Key { reason: e.to_string() })?;
     Ok(Arc::new(CertifiedKey::new(chain, signer)))
 }
 
 /// Loads a PEM private key (any encoding rustls reads) and chain into a rustls `CertifiedKey`.
-pub fn certified_key_from_pem(chain: Vec<CertificateDer<'static>>, key: &crate::SecretPem) -> Result<Arc<CertifiedKey>, CsrError> {
+pub fn certified_key_from_pem(
+    chain: Vec<CertificateDer<'static>>,
+    key: &crate::SecretPem,
+) -> Result<Arc<CertifiedKey>, CsrError> {
     use rustls_pki_types::pem::PemObject;
-    let der = PrivateKeyDer::from_pem_slice(key.expose().as_bytes()).map_err(|e| CsrError::Key { reason: e.to_string() })?;
-    let signer = crate::provider()
-        .key_provider
-        .load_private_key(der)
-        .map_err(|e| CsrError::Key { reason: e.to_string() })?;
+    let der =
+        PrivateKeyDer::from_pem_slice(key.expose().as_bytes()).map_err(|e| CsrError::Key { reason: e.to_string() })?;
+    let signer =
+        crate::provider().key_provider.load_private_key(der).map_err(|e| CsrError::Key { reason: e.to_string() })?;
     Ok(Arc::new(CertifiedKey::new(chain, signer)))
 }

@@ -28,7 +28,9 @@ pub enum SpiffeIdError {
         value: String,
     },
     /// The ID is valid but not of the workload shape `/ns/<namespace>/sa/<service-account>`.
-    #[error("SPIFFE ID {value:?} is not a workload identity: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "SPIFFE ID {value:?} is not a workload identity: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     NotWorkload {
         /// The rejected input.
         value: String,
@@ -46,11 +48,7 @@ impl TrustDomain {
         let ok = !name.is_empty()
             && name.len() <= 255
             && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-        if ok {
-            Ok(Self(name.to_string()))
-        } else {
-            Err(SpiffeIdError::TrustDomain { value: name.to_string() })
-        }
+        if ok { Ok(Self(name.to_string())) } else { Err(SpiffeIdError::TrustDomain { value: name.to_string() }) }
     }
     /// The trust domain name.
     pub fn as_str(&self) -> &str {
@@ -121,9 +119,7 @@ impl SpiffeId {
 impl FromStr for SpiffeId {
     type Err = SpiffeIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| SpiffeIdError::Scheme { value: s.to_string() })?;
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| SpiffeIdError::Scheme { value: s.to_string() })?;
         let (td, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -185,11 +181,13 @@ mod tests {
         ] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad} should be rejected");
         }
-        for not_workload in ["spiffe://td", "spiffe://td/palisade/admin", "spiffe://td/ns/a/sa/b/c", "spiffe://td/sa/a/ns/b"] {
-            assert!(matches!(
-                SpiffeId::parse_workload(not_workload),
-                Err(SpiffeIdError::NotWorkload { .. })
-            ), "{not_workload}");
+        for not_workload in
+            ["spiffe://td", "spiffe://td/palisade/admin", "spiffe://td/ns/a/sa/b/c", "spiffe://td/sa/a/ns/b"]
+        {
+            assert!(
+                matches!(SpiffeId::parse_workload(not_workload), Err(SpiffeIdError::NotWorkload { .. })),
+                "{not_workload}"
+            );
         }
     }
 

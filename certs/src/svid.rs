@@ -142,11 +142,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 fn to_system_time(unix: i64) -> SystemTime {
-    if unix >= 0 {
-        UNIX_EPOCH + Duration::from_secs(unix as u64)
-    } else {
-        UNIX_EPOCH
-    }
+    if unix >= 0 { UNIX_EPOCH + Duration::from_secs(unix as u64) } else { UNIX_EPOCH }
 }
 
 /// RFC 3339 formatting of `SystemTime` for APIs and `/config`.

@@ -6,8 +6,8 @@
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -248,7 +248,11 @@ pub struct Svid {
 
 impl std::fmt::Debug for Svid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Svid").field("id", &self.id).field("serial", &self.info.serial).field("key", &"<redacted>").finish()
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("serial", &self.info.serial)
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 

@@ -34,10 +34,20 @@ impl ServerCertVerifier for Capture {
         *self.chain.lock().unwrap_or_else(|p| p.into_inner()) = chain;
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -61,11 +71,17 @@ async fn fetch_chain(target: &str) -> Result<Vec<CertificateDer<'static>>> {
         .with_context(|| format!("cannot connect to {target}"))?;
     // The handshake may fail after the server's certificate arrived (e.g. it
     // demands a client certificate); the chain is captured either way.
-    let result = tokio::time::timeout(Duration::from_secs(10), tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp)).await;
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await;
     let chain = capture.chain.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if chain.is_empty() {
         match result {
-            Ok(Err(e)) => bail!("TLS handshake with {target} failed before a certificate was received: {e}"),
+            Ok(Err(e)) => {
+                bail!("TLS handshake with {target} failed before a certificate was received: {e}")
+            }
             _ => bail!("{target} sent no certificate"),
         }
     }
@@ -84,15 +100,12 @@ pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, json: bool) -> 
     let info = SvidInfo::parse(&chain[0])?;
     let now = SystemTime::now();
     let svid_check = SvidInfo::parse_svid(&chain[0]).map(|_| ()).map_err(|e| e.to_string());
-    let verification: Option<Result<(), String>> = match bundle {
-        None => None,
-        Some(b) => Some((|| {
-            let pem = std::fs::read_to_string(b).map_err(|e| format!("cannot read bundle {}: {e}", b.display()))?;
-            let roots = palisade_certs::ca::parse_pem_certs(&pem).map_err(|e| format!("bundle {}: {e}", b.display()))?;
-            let store = palisade_certs::svid::root_store(&roots).map_err(|e| e.to_string())?;
-            palisade_certs::svid::verify_chain(&chain, &store, now).map_err(|e| e.to_string())
-        })()),
-    };
+    let verification: Option<Result<(), String>> = bundle.map(|b| {
+        let pem = std::fs::read_to_string(b).map_err(|e| format!("cannot read bundle {}: {e}", b.display()))?;
+        let roots = palisade_certs::ca::parse_pem_certs(&pem).map_err(|e| format!("bundle {}: {e}", b.display()))?;
+        let store = palisade_certs::svid::root_store(&roots).map_err(|e| e.to_string())?;
+        palisade_certs::svid::verify_chain(&chain, &store, now).map_err(|e| e.to_string())
+    });
     let left = info.time_left(now);
     if json {
         let v = serde_json::json!({
@@ -114,18 +127,30 @@ pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, json: bool) -> 
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("SPIFFE ID:   {}", info.spiffe_id.as_ref().map(|i| i.to_string()).unwrap_or_else(|| format!("none ({})", svid_check.as_ref().err().cloned().unwrap_or_default())));
+        println!(
+            "SPIFFE ID:   {}",
+            info.spiffe_id
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| format!("none ({})", svid_check.as_ref().err().cloned().unwrap_or_default()))
+        );
         println!("Subject:     {}", if info.subject.is_empty() { "(empty)" } else { &info.subject });
         println!("Issuer:      {}", info.issuer);
         println!("Serial:      {}", info.serial);
         println!("Not before:  {}", rfc3339::format(info.not_before));
         println!("Not after:   {}", rfc3339::format(info.not_after));
-        let left_s = if left.is_zero() { "EXPIRED".to_string() } else { humantime::format_duration(Duration::from_secs(left.as_secs())).to_string() };
+        let left_s = if left.is_zero() {
+            "EXPIRED".to_string()
+        } else {
+            humantime::format_duration(Duration::from_secs(left.as_secs())).to_string()
+        };
         println!("Time left:   {left_s}");
         println!("Chain:       {} certificate(s)", chain.len());
         match &verification {
             None => println!("Verified:    not checked (pass --bundle FILE or --credentials DIR)"),
-            Some(Ok(())) => println!("Verified:    yes, against {}", bundle.map(|b| b.display().to_string()).unwrap_or_default()),
+            Some(Ok(())) => {
+                println!("Verified:    yes, against {}", bundle.map(|b| b.display().to_string()).unwrap_or_default())
+            }
             Some(Err(e)) => println!("Verified:    NO: {e}"),
         }
     }

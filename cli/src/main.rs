@@ -134,13 +134,18 @@ fn load_credentials(cli: &Cli) -> Result<Credentials> {
         .ok_or_else(|| anyhow!("no admin credential: pass --credentials DIR or set PALISADE_CREDENTIALS to the control plane's <data-dir>/admin"))?;
     let read = |name: &str| {
         let p = dir.join(name);
-        std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (is --credentials the control plane's <data-dir>/admin?)", p.display()))
+        std::fs::read_to_string(&p).with_context(|| {
+            format!("cannot read {} (is --credentials the control plane's <data-dir>/admin?)", p.display())
+        })
     };
-    let roots = palisade_certs::ca::parse_pem_certs(&read("ca.pem")?).map_err(|e| anyhow!("{}/ca.pem: {e}", dir.display()))?;
-    let chain = palisade_certs::ca::parse_pem_certs(&read("cert.pem")?).map_err(|e| anyhow!("{}/cert.pem: {e}", dir.display()))?;
+    let roots =
+        palisade_certs::ca::parse_pem_certs(&read("ca.pem")?).map_err(|e| anyhow!("{}/ca.pem: {e}", dir.display()))?;
+    let chain = palisade_certs::ca::parse_pem_certs(&read("cert.pem")?)
+        .map_err(|e| anyhow!("{}/cert.pem: {e}", dir.display()))?;
     let key = palisade_certs::SecretPem::new(read("key.pem")?);
     let (id, info) = SvidInfo::parse_svid(&chain[0]).with_context(|| format!("{}/cert.pem", dir.display()))?;
-    let certified = palisade_certs::csr::certified_key_from_pem(chain, &key).with_context(|| format!("{}/key.pem", dir.display()))?;
+    let certified = palisade_certs::csr::certified_key_from_pem(chain, &key)
+        .with_context(|| format!("{}/key.pem", dir.display()))?;
     let bundle = TrustBundle::new(&roots).with_context(|| format!("{}/ca.pem", dir.display()))?;
     Ok(Credentials { bundle, svid: Svid { certified, info, id } })
 }
@@ -157,11 +162,15 @@ async fn connect(cli: &Cli, creds: &Credentials) -> Result<Channel> {
     let td = creds.svid.id.trust_domain().clone();
     let verifier = SpiffeServerVerifier::new(creds.bundle.clone(), PeerIdentity::Exact(td.control_plane()));
     let store = SvidStore::new();
-    store.set(Svid { certified: creds.svid.certified.clone(), info: creds.svid.info.clone(), id: creds.svid.id.clone() });
+    store.set(Svid {
+        certified: creds.svid.certified.clone(),
+        info: creds.svid.info.clone(),
+        id: creds.svid.id.clone(),
+    });
     let tls = palisade_certs::tls::client_config(verifier, Some(Arc::new(store)))?;
-    palisade_proto::channel::connect(&addr, Arc::new(tls), Duration::from_secs(10))
-        .await
-        .map_err(|e| anyhow!("{e}\nhint: is the control plane running at {addr}? (--control-plane / PALISADE_CONTROL_PLANE)"))
+    palisade_proto::channel::connect(&addr, Arc::new(tls), Duration::from_secs(10)).await.map_err(|e| {
+        anyhow!("{e}\nhint: is the control plane running at {addr}? (--control-plane / PALISADE_CONTROL_PLANE)")
+    })
 }
 
 async fn admin(cli: &Cli) -> Result<AdminClient<Channel>> {
@@ -262,7 +271,8 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
             }
         }
         TokenCmd::List => {
-            let tokens = client.list_join_tokens(ListJoinTokensRequest {}).await.map_err(status_err)?.into_inner().tokens;
+            let tokens =
+                client.list_join_tokens(ListJoinTokensRequest {}).await.map_err(status_err)?.into_inner().tokens;
             if cli.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&tokens.iter().map(token_json).collect::<Vec<_>>())?);
             } else {
@@ -303,7 +313,9 @@ async fn proxies(cli: &Cli) -> Result<()> {
     let mut client = admin(cli).await?;
     let proxies = client.list_proxies(ListProxiesRequest {}).await.map_err(status_err)?.into_inner().proxies;
     let now = SystemTime::now();
-    let state = |p: &ProxyInfo| if ts(&p.cert_not_after).is_some_and(|t| t > now) { "valid" } else { "expired" };
+    let state = |p: &ProxyInfo| {
+        if ts(&p.cert_not_after).is_some_and(|t| t > now) { "valid" } else { "expired" }
+    };
     if cli.output == Output::Json {
         let v: Vec<_> = proxies
             .iter()
@@ -349,7 +361,12 @@ async fn check(cli: &Cli) -> Result<()> {
             results.push((
                 "admin credential".into(),
                 !left.is_zero(),
-                format!("{} expires {} ({})", c.svid.id, rfc3339::format(c.svid.info.not_after), relative(Some(c.svid.info.not_after))),
+                format!(
+                    "{} expires {} ({})",
+                    c.svid.id,
+                    rfc3339::format(c.svid.info.not_after),
+                    relative(Some(c.svid.info.not_after))
+                ),
             ));
         }
         Err(e) => results.push(("admin credential".into(), false, format!("{e:#}"))),
@@ -358,14 +375,27 @@ async fn check(cli: &Cli) -> Result<()> {
         match connect(cli, creds).await {
             Err(e) => results.push(("control plane reachable".into(), false, format!("{e:#}"))),
             Ok(ch) => {
-                results.push(("control plane reachable".into(), true, format!("{} (identity verified: {})", cli.control_plane, creds.svid.id.trust_domain().control_plane())));
+                results.push((
+                    "control plane reachable".into(),
+                    true,
+                    format!(
+                        "{} (identity verified: {})",
+                        cli.control_plane,
+                        creds.svid.id.trust_domain().control_plane()
+                    ),
+                ));
                 let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
                     .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
                     .await;
                 match health {
                     Ok(r) => {
-                        let serving = r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-                        results.push(("control plane healthy".into(), serving, if serving { "SERVING".into() } else { "NOT SERVING".into() }));
+                        let serving = r.into_inner().status
+                            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+                        results.push((
+                            "control plane healthy".into(),
+                            serving,
+                            if serving { "SERVING".into() } else { "NOT SERVING".into() },
+                        ));
                     }
                     Err(s) => results.push(("control plane healthy".into(), false, status_err(s).to_string())),
                 }
@@ -377,7 +407,14 @@ async fn check(cli: &Cli) -> Result<()> {
                         results.push((
                             "CA valid".into(),
                             ok,
-                            format!("{} in trust domain {} expires {} ({}); workload cert TTL {}", s.ca_subject, s.trust_domain, time_str(ca_after), relative(ca_after), humantime::format_duration(Duration::from_secs(s.cert_ttl_seconds))),
+                            format!(
+                                "{} in trust domain {} expires {} ({}); workload cert TTL {}",
+                                s.ca_subject,
+                                s.trust_domain,
+                                time_str(ca_after),
+                                relative(ca_after),
+                                humantime::format_duration(Duration::from_secs(s.cert_ttl_seconds))
+                            ),
                         ));
                         results.push(("admin API authorized".into(), true, format!("as {}", s.caller_identity)));
                     }
@@ -388,7 +425,8 @@ async fn check(cli: &Cli) -> Result<()> {
     }
     let all_ok = results.iter().all(|r| r.1);
     if cli.output == Output::Json {
-        let v: Vec<_> = results.iter().map(|(n, ok, d)| serde_json::json!({"check": n, "ok": ok, "detail": d})).collect();
+        let v: Vec<_> =
+            results.iter().map(|(n, ok, d)| serde_json::json!({"check": n, "ok": ok, "detail": d})).collect();
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": all_ok, "checks": v}))?);
     } else {
         for (name, ok, detail) in &results {
@@ -400,4 +438,3 @@ async fn check(cli: &Cli) -> Result<()> {
     }
     Ok(())
 }
-

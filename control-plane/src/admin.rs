@@ -48,11 +48,15 @@ impl AdminService {
             Some((id, info)) if id == self.shared.trust_domain.admin() => Ok((id, info)),
             Some((id, _)) => {
                 tracing::warn!(target: "audit", event = "admin_denied", src.addr = %src, src.identity = %id, "Admin API call without the admin identity");
-                Err(Status::permission_denied(format!("{id} may not use the Admin API; use the admin credential from <data-dir>/admin/")))
+                Err(Status::permission_denied(format!(
+                    "{id} may not use the Admin API; use the admin credential from <data-dir>/admin/"
+                )))
             }
             None => {
                 tracing::warn!(target: "audit", event = "admin_denied", src.addr = %src, "Admin API call without a client certificate");
-                Err(Status::unauthenticated("the Admin API requires the admin client certificate; point palisadectl --credentials at <data-dir>/admin/"))
+                Err(Status::unauthenticated(
+                    "the Admin API requires the admin client certificate; point palisadectl --credentials at <data-dir>/admin/",
+                ))
             }
         }
     }
@@ -60,7 +64,10 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn create_join_token(&self, req: Request<CreateJoinTokenRequest>) -> Result<Response<CreateJoinTokenResponse>, Status> {
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
         self.authorize(&req)?;
         let req = req.into_inner();
         let td = &self.shared.trust_domain;
@@ -90,14 +97,26 @@ impl Admin for AdminService {
         Ok(Response::new(CreateJoinTokenResponse { info: Some(token_info(&token.record)), token: token.secret }))
     }
 
-    async fn list_join_tokens(&self, req: Request<ListJoinTokensRequest>) -> Result<Response<ListJoinTokensResponse>, Status> {
+    async fn list_join_tokens(
+        &self,
+        req: Request<ListJoinTokensRequest>,
+    ) -> Result<Response<ListJoinTokensResponse>, Status> {
         self.authorize(&req)?;
         let mut tokens: Vec<_> = self.shared.store.tokens().iter().map(token_info).collect();
-        tokens.sort_by(|a, b| a.created_at.as_ref().map(|t| t.seconds).cmp(&b.created_at.as_ref().map(|t| t.seconds)).then(a.id.cmp(&b.id)));
+        tokens.sort_by(|a, b| {
+            a.created_at
+                .as_ref()
+                .map(|t| t.seconds)
+                .cmp(&b.created_at.as_ref().map(|t| t.seconds))
+                .then(a.id.cmp(&b.id))
+        });
         Ok(Response::new(ListJoinTokensResponse { tokens }))
     }
 
-    async fn revoke_join_token(&self, req: Request<RevokeJoinTokenRequest>) -> Result<Response<RevokeJoinTokenResponse>, Status> {
+    async fn revoke_join_token(
+        &self,
+        req: Request<RevokeJoinTokenRequest>,
+    ) -> Result<Response<RevokeJoinTokenResponse>, Status> {
         self.authorize(&req)?;
         let id = req.into_inner().id;
         match self.shared.store.revoke_token(&id) {
@@ -105,7 +124,9 @@ impl Admin for AdminService {
                 tracing::info!(target: "audit", event = "join_token_revoked", token.id = %id, identity = %t.identity, "revoked a join token");
                 Ok(Response::new(RevokeJoinTokenResponse { info: Some(token_info(&t)) }))
             }
-            Ok(None) => Err(Status::not_found(format!("no join token with id {id:?}; list them with `palisadectl token list`"))),
+            Ok(None) => {
+                Err(Status::not_found(format!("no join token with id {id:?}; list them with `palisadectl token list`")))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot revoke a join token");
                 Err(Status::unavailable("cannot persist the revocation; see the control plane log"))
@@ -149,4 +170,3 @@ impl Admin for AdminService {
         }))
     }
 }
-

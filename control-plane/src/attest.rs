@@ -21,7 +21,9 @@ pub enum AttestError {
     RevokedToken { id: String },
     #[error("join token {id} expired at {expired_at}; create a new one with `palisadectl token create`")]
     ExpiredToken { id: String, expired_at: String },
-    #[error("join token {id} has been used up ({uses} of {uses} uses); create a new one with `palisadectl token create`")]
+    #[error(
+        "join token {id} has been used up ({uses} of {uses} uses); create a new one with `palisadectl token create`"
+    )]
     ExhaustedToken { id: String, uses: u32 },
     #[error("Kubernetes attestation is not enabled on this control plane (start it with --k8s-attestation)")]
     K8sDisabled,

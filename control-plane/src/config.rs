@@ -66,7 +66,11 @@ pub struct Config {
     pub k8s_ca_file: PathBuf,
 
     /// The control plane's own ServiceAccount token, sent to authorize TokenReviews (re-read on every call).
-    #[arg(long, env = "PALISADE_K8S_TOKEN_FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    #[arg(
+        long,
+        env = "PALISADE_K8S_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
     pub k8s_token_file: PathBuf,
 
     /// Audience sidecar tokens must be issued for.
@@ -98,7 +102,9 @@ impl Config {
             return Err(ConfigError::CertTtl { value: humantime::format_duration(self.cert_ttl).to_string() });
         }
         if self.join_token_ttl < Duration::from_secs(10) || self.join_token_ttl > Duration::from_secs(30 * 86400) {
-            return Err(ConfigError::JoinTokenTtl { value: humantime::format_duration(self.join_token_ttl).to_string() });
+            return Err(ConfigError::JoinTokenTtl {
+                value: humantime::format_duration(self.join_token_ttl).to_string(),
+            });
         }
         Ok(())
     }

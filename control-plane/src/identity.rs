@@ -10,10 +10,10 @@ use palisade_proto::v1::identity_server::Identity;
 use palisade_proto::v1::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};
 
-use crate::attest::{AttestError, Attested};
-use crate::attest::join_token::unix_now;
-use crate::store::ProxyRecord;
 use crate::Shared;
+use crate::attest::join_token::unix_now;
+use crate::attest::{AttestError, Attested};
+use crate::store::ProxyRecord;
 
 /// The Identity service.
 #[derive(Debug, Clone)]
@@ -48,9 +48,16 @@ impl Identity for IdentityService {
         let claimed = peer.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default();
 
         if req.csr_der.is_empty() || req.csr_der.len() > MAX_CSR_BYTES {
-            return Err(refuse(Status::invalid_argument(format!("csr_der must hold a DER PKCS#10 request of 1..{MAX_CSR_BYTES} bytes")), &src, &claimed));
+            return Err(refuse(
+                Status::invalid_argument(format!(
+                    "csr_der must hold a DER PKCS#10 request of 1..{MAX_CSR_BYTES} bytes"
+                )),
+                &src,
+                &claimed,
+            ));
         }
-        let csr = ValidatedCsr::from_der(&req.csr_der).map_err(|e| refuse(Status::invalid_argument(e.to_string()), &src, &claimed))?;
+        let csr = ValidatedCsr::from_der(&req.csr_der)
+            .map_err(|e| refuse(Status::invalid_argument(e.to_string()), &src, &claimed))?;
         for uri in csr.requested_uris() {
             if let Ok(id) = uri.parse::<SpiffeId>()
                 && id.trust_domain() != td
@@ -66,12 +73,24 @@ impl Identity for IdentityService {
             }
         }
         if !req.inbound_addr.is_empty() && req.inbound_addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(refuse(Status::invalid_argument(format!("inbound_addr {:?} is not HOST:PORT with an IP host", req.inbound_addr)), &src, &claimed));
+            return Err(refuse(
+                Status::invalid_argument(format!(
+                    "inbound_addr {:?} is not HOST:PORT with an IP host",
+                    req.inbound_addr
+                )),
+                &src,
+                &claimed,
+            ));
         }
 
         let (attested, replaces) = match req.attestation {
             Some(Attestation::JoinToken(token)) => {
-                let a = shared.attestors.join_token.attest(&token).await.map_err(|e| refuse(attest_status(e), &src, &claimed))?;
+                let a = shared
+                    .attestors
+                    .join_token
+                    .attest(&token)
+                    .await
+                    .map_err(|e| refuse(attest_status(e), &src, &claimed))?;
                 (a, None)
             }
             Some(Attestation::K8sServiceAccountToken(token)) => {
@@ -87,11 +106,17 @@ impl Identity for IdentityService {
                     (Attested { identity: id, method: "renewal", refund: None }, Some(info.serial))
                 }
                 Some((id, _)) => {
-                    return Err(refuse(Status::permission_denied(format!("{id} is not a workload identity and cannot renew")), &src, &claimed));
+                    return Err(refuse(
+                        Status::permission_denied(format!("{id} is not a workload identity and cannot renew")),
+                        &src,
+                        &claimed,
+                    ));
                 }
                 None => {
                     return Err(refuse(
-                        Status::unauthenticated("no attestation: send a join token or a Kubernetes ServiceAccount token, or renew over mTLS with a current certificate"),
+                        Status::unauthenticated(
+                            "no attestation: send a join token or a Kubernetes ServiceAccount token, or renew over mTLS with a current certificate",
+                        ),
                         &src,
                         &claimed,
                     ));
@@ -107,7 +132,9 @@ impl Identity for IdentityService {
                     let _ = shared.store.refund_token(hash);
                 }
                 let status = match e {
-                    palisade_certs::CaError::Csr(CsrError::IdentityMismatch { .. }) => Status::permission_denied(e.to_string()),
+                    palisade_certs::CaError::Csr(CsrError::IdentityMismatch { .. }) => {
+                        Status::permission_denied(e.to_string())
+                    }
                     palisade_certs::CaError::Csr(_) => Status::invalid_argument(e.to_string()),
                     _ => Status::internal("the CA could not sign the certificate; see the control plane log"),
                 };

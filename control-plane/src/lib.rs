@@ -99,6 +99,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     if lock.try_lock().is_err() {
         return Err(StartError::Locked { path: data.clone() });
     }
+    // Bind before touching any state, so a port conflict changes nothing on disk.
+    let listener =
+        TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
     let td = cfg.trust_domain.clone();
     if cfg.cert_ttl < Duration::from_secs(300) {
         tracing::warn!(cert_ttl = %humantime::format_duration(cfg.cert_ttl), "certificate TTL below 5 minutes: fine for tests, a heavy renewal load in production");
@@ -110,11 +114,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let store: Arc<dyn Store> = Arc::new(FileStore::open(data)?);
 
     let k8s = if cfg.k8s_attestation {
-        let api_server = cfg
-            .k8s_api_server
-            .clone()
-            .or_else(attest::k8s::K8sConfig::in_cluster_api_server)
-            .ok_or_else(|| StartError::K8s("no API server: pass --k8s-api-server or run in a pod (KUBERNETES_SERVICE_HOST)".into()))?;
+        let api_server =
+            cfg.k8s_api_server.clone().or_else(attest::k8s::K8sConfig::in_cluster_api_server).ok_or_else(|| {
+                StartError::K8s("no API server: pass --k8s-api-server or run in a pod (KUBERNETES_SERVICE_HOST)".into())
+            })?;
         let k = attest::k8s::K8sAttestor::new(
             attest::k8s::K8sConfig {
                 api_server,
@@ -135,7 +138,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         cert_ttl: cfg.cert_ttl,
         join_token_ttl: cfg.join_token_ttl,
         store: store.clone(),
-        attestors: Attestors { join_token: Arc::new(JoinTokenAttestor { store: store.clone() }), k8s, trust_domain: td.clone() },
+        attestors: Attestors {
+            join_token: Arc::new(JoinTokenAttestor { store: store.clone() }),
+            k8s,
+            trust_domain: td.clone(),
+        },
     });
 
     // Our own certificate, with the SPIFFE ID plus names for generic tools.
@@ -158,14 +165,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }
     });
 
-    let bundle = TrustBundle::new(ca.trust_bundle()).map_err(|e| StartError::Tls(rustls::Error::General(e.to_string())))?;
+    let bundle =
+        TrustBundle::new(ca.trust_bundle()).map_err(|e| StartError::Tls(rustls::Error::General(e.to_string())))?;
     // Client certs are optional (first Certify has none) but must verify when shown.
     let verifier = SpiffeClientVerifier::new(bundle, PeerIdentity::TrustDomain(td.clone()), false)?;
     let tls = palisade_certs::tls::server_config(verifier, Arc::new(server_cert), &[b"h2"])?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityServer<identity::IdentityService>>().await;
@@ -201,7 +207,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     Ok(Ok(tls)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
                     }
-                    Ok(Err(e)) => tracing::info!(target: "audit", event = "tls_handshake_failed", src.addr = %peer, error = %e, "TLS handshake failed"),
+                    Ok(Err(e)) => {
+                        tracing::info!(target: "audit", event = "tls_handshake_failed", src.addr = %peer, error = %e, "TLS handshake failed")
+                    }
                     Err(_) => tracing::info!(src.addr = %peer, "TLS handshake timed out"),
                 }
             });

@@ -67,16 +67,24 @@ pub fn load_or_create_ca(
     if let Some((cert, key, bundle)) = operator {
         check_key_mode(key)?;
         let bundle_pem = bundle.map(|b| read(b, "read")).transpose()?;
-        return CertificateAuthority::from_pem(&read(cert, "read")?, SecretPem::new(read(key, "read")?), bundle_pem.as_deref())
-            .map_err(|source| PkiError::Ca { path: cert.to_path_buf(), source });
+        return CertificateAuthority::from_pem(
+            &read(cert, "read")?,
+            SecretPem::new(read(key, "read")?),
+            bundle_pem.as_deref(),
+        )
+        .map_err(|source| PkiError::Ca { path: cert.to_path_buf(), source });
     }
     let dir = data_dir.join("ca");
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca-key.pem");
     if cert_path.exists() {
         check_key_mode(&key_path)?;
-        return CertificateAuthority::from_pem(&read(&cert_path, "read")?, SecretPem::new(read(&key_path, "read")?), None)
-            .map_err(|source| PkiError::Ca { path: cert_path, source });
+        return CertificateAuthority::from_pem(
+            &read(&cert_path, "read")?,
+            SecretPem::new(read(&key_path, "read")?),
+            None,
+        )
+        .map_err(|source| PkiError::Ca { path: cert_path, source });
     }
     std::fs::create_dir_all(&dir).map_err(|source| PkiError::Io { what: "create", path: dir.clone(), source })?;
     let ca = CertificateAuthority::generate(td, ROOT_VALIDITY)?;
@@ -107,7 +115,11 @@ impl AdminCredential {
 
 /// Ensures `<data>/admin/` holds a valid admin credential for this CA,
 /// issuing one if it is missing, expiring soon, or from another CA.
-pub fn ensure_admin_credential(data_dir: &Path, ca: &CertificateAuthority, td: &TrustDomain) -> Result<AdminCredential, PkiError> {
+pub fn ensure_admin_credential(
+    data_dir: &Path,
+    ca: &CertificateAuthority,
+    td: &TrustDomain,
+) -> Result<AdminCredential, PkiError> {
     let cred = AdminCredential { dir: data_dir.join("admin") };
     let reusable = (|| {
         let chain = parse_pem_certs(&std::fs::read_to_string(cred.cert()).ok()?).ok()?;
@@ -115,14 +127,19 @@ pub fn ensure_admin_credential(data_dir: &Path, ca: &CertificateAuthority, td: &
         let roots = palisade_certs::svid::root_store(ca.trust_bundle()).ok()?;
         palisade_certs::svid::verify_chain(&chain, &roots, SystemTime::now()).ok()?;
         let (id, info) = SvidInfo::parse_svid(&chain[0]).ok()?;
-        let fresh = info.time_left(SystemTime::now()) > ADMIN_RENEW_BEFORE.min(ca.info().time_left(SystemTime::now()) / 2);
+        let fresh =
+            info.time_left(SystemTime::now()) > ADMIN_RENEW_BEFORE.min(ca.info().time_left(SystemTime::now()) / 2);
         let key_ok = cred.key().exists();
         (id == td.admin() && fresh && key_ok && bundle_now == ca.trust_bundle_pem()).then_some(())
     })();
     if reusable.is_some() {
         return Ok(cred);
     }
-    std::fs::create_dir_all(&cred.dir).map_err(|source| PkiError::Io { what: "create", path: cred.dir.clone(), source })?;
+    std::fs::create_dir_all(&cred.dir).map_err(|source| PkiError::Io {
+        what: "create",
+        path: cred.dir.clone(),
+        source,
+    })?;
     let ttl = ADMIN_VALIDITY.min(ca.info().time_left(SystemTime::now()));
     let (issued, key) = ca.issue_with_key(&td.admin(), &[], &[], ttl)?;
     write(&cred.key(), key.expose(), true)?;
@@ -133,7 +150,13 @@ pub fn ensure_admin_credential(data_dir: &Path, ca: &CertificateAuthority, td: &
 }
 
 /// Issues the control plane's server certificate into `store`.
-pub fn issue_server_cert(ca: &CertificateAuthority, td: &TrustDomain, names: &[String], ips: &[IpAddr], store: &SvidStore) -> Result<(), PkiError> {
+pub fn issue_server_cert(
+    ca: &CertificateAuthority,
+    td: &TrustDomain,
+    names: &[String],
+    ips: &[IpAddr],
+    store: &SvidStore,
+) -> Result<(), PkiError> {
     let (issued, key) = ca.issue_with_key(&td.control_plane(), names, ips, SERVER_CERT_TTL)?;
     let certified = certified_key_from_pem(issued.chain.clone(), &key)?;
     store.set(Svid { certified, id: td.control_plane(), info: issued.info });
@@ -141,12 +164,20 @@ pub fn issue_server_cert(ca: &CertificateAuthority, td: &TrustDomain, names: &[S
 }
 
 /// Reissues the server certificate at half its lifetime, forever.
-pub async fn rotate_server_cert(ca: Arc<CertificateAuthority>, td: TrustDomain, names: Vec<String>, ips: Vec<IpAddr>, store: SvidStore) {
+pub async fn rotate_server_cert(
+    ca: Arc<CertificateAuthority>,
+    td: TrustDomain,
+    names: Vec<String>,
+    ips: Vec<IpAddr>,
+    store: SvidStore,
+) {
     loop {
         tokio::time::sleep(SERVER_CERT_TTL / 2).await;
         match issue_server_cert(&ca, &td, &names, &ips, &store) {
             Ok(()) => tracing::info!("reissued the control plane's server certificate"),
-            Err(e) => tracing::error!(error = %e, "cannot reissue the control plane's server certificate; retrying in 1m"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reissue the control plane's server certificate; retrying in 1m")
+            }
         }
     }
 }

@@ -92,7 +92,9 @@ impl FileStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("state.json");
         let state = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?,
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(source) => return Err(StoreError::Read { path, source }),
         };

@@ -36,10 +36,7 @@ pub struct ControlPlaneAddr {
 impl ControlPlaneAddr {
     /// Parses `https://HOST:PORT` (the scheme may be omitted).
     pub fn parse(addr: &str) -> Result<Self, ChannelError> {
-        let invalid = |why: &str| ChannelError::InvalidAddress {
-            addr: addr.to_string(),
-            why: why.to_string(),
-        };
+        let invalid = |why: &str| ChannelError::InvalidAddress { addr: addr.to_string(), why: why.to_string() };
         let rest = match addr.split_once("://") {
             Some(("https", rest)) => rest,
             Some((scheme, _)) => return Err(invalid(&format!("scheme {scheme:?} is not https"))),

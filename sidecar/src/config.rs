@@ -82,7 +82,9 @@ pub enum ConfigError {
     ControlPlane(#[from] palisade_proto::channel::ChannelError),
     #[error("--ca-bundle {path}: {why}")]
     CaBundle { path: PathBuf, why: String },
-    #[error("no attestation credential: pass --join-token-file FILE (or --join-token, or --k8s-token-file in Kubernetes)")]
+    #[error(
+        "no attestation credential: pass --join-token-file FILE (or --join-token, or --k8s-token-file in Kubernetes)"
+    )]
     NoAttestation,
     #[error("--{flag} {path}: {why}")]
     TokenFile { flag: &'static str, path: PathBuf, why: String },
@@ -94,13 +96,18 @@ impl Config {
         palisade_proto::channel::ControlPlaneAddr::parse(&self.control_plane)?;
         let pem = std::fs::read_to_string(&self.ca_bundle)
             .map_err(|e| ConfigError::CaBundle { path: self.ca_bundle.clone(), why: e.to_string() })?;
-        palisade_certs::ca::parse_pem_certs(&pem).map_err(|why| ConfigError::CaBundle { path: self.ca_bundle.clone(), why })?;
+        palisade_certs::ca::parse_pem_certs(&pem)
+            .map_err(|why| ConfigError::CaBundle { path: self.ca_bundle.clone(), why })?;
         if self.join_token.is_none() && self.join_token_file.is_none() && self.k8s_token_file.is_none() {
             return Err(ConfigError::NoAttestation);
         }
         for (flag, path) in [("join-token-file", &self.join_token_file), ("k8s-token-file", &self.k8s_token_file)] {
             if let Some(path) = path {
-                let meta = std::fs::metadata(path).map_err(|e| ConfigError::TokenFile { flag, path: path.clone(), why: e.to_string() })?;
+                let meta = std::fs::metadata(path).map_err(|e| ConfigError::TokenFile {
+                    flag,
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?;
                 if !meta.is_file() {
                     return Err(ConfigError::TokenFile { flag, path: path.clone(), why: "not a regular file".into() });
                 }

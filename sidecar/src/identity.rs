@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
 use palisade_certs::{SvidInfo, TrustDomain, WorkloadKey};
 use palisade_proto::channel::ControlPlaneAddr;
+use palisade_proto::v1::CertifyRequest;
 use palisade_proto::v1::certify_request::Attestation;
 use palisade_proto::v1::identity_client::IdentityClient;
-use palisade_proto::v1::CertifyRequest;
 use ring::rand::SecureRandom;
 use rustls_pki_types::CertificateDer;
 
@@ -111,8 +111,12 @@ impl IdentityClientTask {
                     let current = self.store.valid();
                     let left = current.as_ref().map(|s| s.info.time_left(SystemTime::now()));
                     match left {
-                        Some(left) => tracing::warn!(error = %e, cert_time_left = %humantime::format_duration(Duration::from_secs(left.as_secs())), retry_in = ?backoff, "certificate renewal failed; keeping the current certificate"),
-                        None => tracing::error!(error = %e, retry_in = ?backoff, "cannot obtain a workload certificate"),
+                        Some(left) => {
+                            tracing::warn!(error = %e, cert_time_left = %humantime::format_duration(Duration::from_secs(left.as_secs())), retry_in = ?backoff, "certificate renewal failed; keeping the current certificate")
+                        }
+                        None => {
+                            tracing::error!(error = %e, retry_in = ?backoff, "cannot obtain a workload certificate")
+                        }
                     }
                     // While the current cert is valid, retry at least three
                     // times before it expires, whatever the backoff says.
@@ -152,7 +156,8 @@ impl IdentityClientTask {
             Some(_) => None,
             None => Some(self.credential.attestation()?),
         };
-        let verifier = SpiffeServerVerifier::new(self.bundle.clone(), PeerIdentity::Exact(self.trust_domain.control_plane()));
+        let verifier =
+            SpiffeServerVerifier::new(self.bundle.clone(), PeerIdentity::Exact(self.trust_domain.control_plane()));
         let resolver: Option<Arc<dyn rustls::client::ResolvesClientCert>> =
             current.is_some().then(|| Arc::new(self.store.clone()) as Arc<dyn rustls::client::ResolvesClientCert>);
         let tls = palisade_certs::tls::client_config(verifier, resolver)?;
@@ -169,11 +174,15 @@ impl IdentityClientTask {
             .into_inner();
 
         let chain: Vec<CertificateDer<'static>> = resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
-        let bundle: Vec<CertificateDer<'static>> = resp.trust_bundle_der.into_iter().map(CertificateDer::from).collect();
+        let bundle: Vec<CertificateDer<'static>> =
+            resp.trust_bundle_der.into_iter().map(CertificateDer::from).collect();
         let leaf = chain.first().ok_or_else(|| IdentityError::BadResponse("empty certificate chain".into()))?;
         let (id, info) = SvidInfo::parse_svid(leaf).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
         if id.trust_domain() != &self.trust_domain || id.workload().is_none() {
-            return Err(IdentityError::BadResponse(format!("issued identity {id} is not a workload identity in {}", self.trust_domain)));
+            return Err(IdentityError::BadResponse(format!(
+                "issued identity {id} is not a workload identity in {}",
+                self.trust_domain
+            )));
         }
         if let Some(cur) = &current
             && cur.id != id
@@ -181,9 +190,12 @@ impl IdentityClientTask {
             return Err(IdentityError::BadResponse(format!("renewal changed our identity from {} to {id}", cur.id)));
         }
         let roots = palisade_certs::svid::root_store(&bundle).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
-        palisade_certs::svid::verify_chain(&chain, &roots, SystemTime::now()).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
+        palisade_certs::svid::verify_chain(&chain, &roots, SystemTime::now())
+            .map_err(|e| IdentityError::BadResponse(e.to_string()))?;
         let certified = key.certified(chain)?;
-        certified.keys_match().map_err(|e| IdentityError::BadResponse(format!("certificate is not for our key: {e}")))?;
+        certified
+            .keys_match()
+            .map_err(|e| IdentityError::BadResponse(format!("certificate is not for our key: {e}")))?;
         self.bundle.replace(&bundle).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
         Ok(Svid { certified, info, id })
     }

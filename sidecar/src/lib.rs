@@ -75,9 +75,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     metrics.register(&mut registry);
     let svids = SvidStore::new();
 
-    let admin_listener =
-        TcpListener::bind(cfg.admin).await.map_err(|source| StartError::Bind { flag: "--admin", addr: cfg.admin, source })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind { flag: "--admin", addr: cfg.admin, source })?;
+    let admin_listener = TcpListener::bind(cfg.admin).await.map_err(|source| StartError::Bind {
+        flag: "--admin",
+        addr: cfg.admin,
+        source,
+    })?;
+    let admin_addr =
+        admin_listener.local_addr().map_err(|source| StartError::Bind { flag: "--admin", addr: cfg.admin, source })?;
 
     let inbound_addr = if cfg.inbound.ip().is_unspecified() { String::new() } else { cfg.inbound.to_string() };
     let identity = IdentityClientTask {

@@ -14,7 +14,11 @@ async fn main() {
         std::process::exit(EXIT_CONFIG)
     });
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cfg.log_format == "json" { fmt.json().init() } else { fmt.init() }
+    if cfg.log_format == "json" {
+        fmt.json().init()
+    } else {
+        fmt.init()
+    }
     tracing::info!(config = ?cfg, "starting palisade-sidecar");
     let running = match start(cfg).await {
         Ok(r) => r,

@@ -22,8 +22,16 @@ impl Metrics {
             "Unix time at which the current workload certificate expires",
             self.cert_expiry.clone(),
         );
-        reg.register("identity_cert_valid", "1 while the sidecar holds a currently valid certificate", self.cert_valid.clone());
-        reg.register("identity_renewals", "Certificates obtained from the control plane (first one included)", self.renewals.clone());
+        reg.register(
+            "identity_cert_valid",
+            "1 while the sidecar holds a currently valid certificate",
+            self.cert_valid.clone(),
+        );
+        reg.register(
+            "identity_renewals",
+            "Certificates obtained from the control plane (first one included)",
+            self.renewals.clone(),
+        );
         reg.register(
             "identity_renewal_failures",
             "Failed attempts to obtain or renew a certificate",

@@ -4,15 +4,19 @@
 use std::time::Duration;
 
 use palisade_certs::{SpiffeId, WorkloadKey};
+use palisade_proto::v1::CertifyRequest;
 use palisade_proto::v1::certify_request::Attestation;
 use palisade_proto::v1::identity_client::IdentityClient;
-use palisade_proto::v1::CertifyRequest;
 use palisade_tests::{ControlPlane, grpc};
 use tonic::Code;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
-async fn certify(cp: &ControlPlane, csr: Vec<u8>, attestation: Option<Attestation>) -> Result<palisade_proto::v1::CertifyResponse, tonic::Status> {
+async fn certify(
+    cp: &ControlPlane,
+    csr: Vec<u8>,
+    attestation: Option<Attestation>,
+) -> Result<palisade_proto::v1::CertifyResponse, tonic::Status> {
     let bundle = std::fs::read_to_string(cp.bundle()).unwrap();
     let ch = grpc::channel(&cp.addr, &bundle, None).await.unwrap();
     IdentityClient::new(ch)
@@ -47,9 +51,17 @@ async fn bad_certificate_requests_are_refused_precisely() {
     let multi = cp.create_token(WEB, &["--uses", "20"]).unwrap();
 
     // A CSR asking for another identity than the token attests.
-    expect(certify(&cp, csr_for(Some("spiffe://cluster.local/ns/shop/sa/admin")), token(&multi)).await, Code::PermissionDenied, "attested identity is spiffe://cluster.local/ns/shop/sa/web");
+    expect(
+        certify(&cp, csr_for(Some("spiffe://cluster.local/ns/shop/sa/admin")), token(&multi)).await,
+        Code::PermissionDenied,
+        "attested identity is spiffe://cluster.local/ns/shop/sa/web",
+    );
     // A foreign trust domain.
-    expect(certify(&cp, csr_for(Some("spiffe://evil.example/ns/shop/sa/web")), token(&multi)).await, Code::PermissionDenied, "foreign trust domain");
+    expect(
+        certify(&cp, csr_for(Some("spiffe://evil.example/ns/shop/sa/web")), token(&multi)).await,
+        Code::PermissionDenied,
+        "foreign trust domain",
+    );
     // A CA:TRUE CSR.
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::default();
@@ -68,7 +80,11 @@ async fn bad_certificate_requests_are_refused_precisely() {
     expect(certify(&cp, csr_for(None), token("pjt_not-a-real-token")).await, Code::Unauthenticated, "not known");
     expect(certify(&cp, csr_for(None), None).await, Code::Unauthenticated, "no attestation");
     // Kubernetes attestation is off by default.
-    expect(certify(&cp, csr_for(None), Some(Attestation::K8sServiceAccountToken("x".into()))).await, Code::FailedPrecondition, "--k8s-attestation");
+    expect(
+        certify(&cp, csr_for(None), Some(Attestation::K8sServiceAccountToken("x".into()))).await,
+        Code::FailedPrecondition,
+        "--k8s-attestation",
+    );
 
     // None of these spent a use of the token or issued anything.
     let out = cp.ctl(&["token", "list", "-o", "json"]);
@@ -108,7 +124,11 @@ async fn single_use_expired_and_revoked_tokens_are_refused() {
     let v: serde_json::Value = serde_json::from_str(&revoked).unwrap();
     let out = cp.ctl(&["token", "revoke", v["id"].as_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    expect(certify(&cp, csr_for(None), token(v["token"].as_str().unwrap())).await, Code::Unauthenticated, "was revoked");
+    expect(
+        certify(&cp, csr_for(None), token(v["token"].as_str().unwrap())).await,
+        Code::Unauthenticated,
+        "was revoked",
+    );
     let out = cp.ctl(&["token", "revoke", "nope"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"));
 
@@ -146,12 +166,18 @@ async fn admin_api_requires_the_admin_certificate() {
     assert_eq!(err.code(), Code::PermissionDenied);
     // A client certificate from another CA fails the handshake.
     let other = palisade_certs::CertificateAuthority::generate(&Default::default(), Duration::from_secs(3600)).unwrap();
-    let (issued, key_pem) = other.issue_with_key(&palisade_certs::TrustDomain::default().admin(), &[], &[], Duration::from_secs(600)).unwrap();
+    let (issued, key_pem) = other
+        .issue_with_key(&palisade_certs::TrustDomain::default().admin(), &[], &[], Duration::from_secs(600))
+        .unwrap();
     let certified = palisade_certs::csr::certified_key_from_pem(issued.chain.clone(), &key_pem).unwrap();
-    let svid = palisade_certs::tls::Svid { certified, id: palisade_certs::TrustDomain::default().admin(), info: issued.info };
+    let svid =
+        palisade_certs::tls::Svid { certified, id: palisade_certs::TrustDomain::default().admin(), info: issued.info };
     let r = match grpc::channel(&cp.addr, &bundle, Some(svid)).await {
         Err(_) => true,
-        Ok(ch) => palisade_proto::v1::admin_client::AdminClient::new(ch).list_proxies(palisade_proto::v1::ListProxiesRequest {}).await.is_err(),
+        Ok(ch) => palisade_proto::v1::admin_client::AdminClient::new(ch)
+            .list_proxies(palisade_proto::v1::ListProxiesRequest {})
+            .await
+            .is_err(),
     };
     assert!(r, "a foreign-CA admin cert must be rejected");
     // Garbage on the port does not hurt the server.

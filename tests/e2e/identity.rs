@@ -29,7 +29,11 @@ async fn sidecar_gets_an_x509_svid_with_a_join_token() {
     let sc = Sidecar::spawn("sidecar", &cp, tmp.path(), &["--join-token-file", tok.to_str().unwrap()]).unwrap();
     let cfg = sc.wait_ready().await.unwrap();
     assert_eq!(cfg["identity"], WEB);
-    let not_after = ::time::OffsetDateTime::parse(cfg["cert_not_after"].as_str().unwrap(), &::time::format_description::well_known::Rfc3339).unwrap();
+    let not_after = ::time::OffsetDateTime::parse(
+        cfg["cert_not_after"].as_str().unwrap(),
+        &::time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
     let ttl = not_after - ::time::OffsetDateTime::now_utc();
     assert!(ttl > ::time::Duration::minutes(59) && ttl <= ::time::Duration::minutes(60), "TTL {ttl}");
 
@@ -74,7 +78,12 @@ async fn sidecar_gets_an_x509_svid_with_a_join_token() {
             .arg(&leaf_pem)
             .output()
             .expect("openssl is installed (.ci/run installs it)");
-        assert!(out.status.success(), "openssl verify -purpose {purpose}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl verify -purpose {purpose}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     // The proxy is listed, with identity, address and expiry.
@@ -97,7 +106,12 @@ async fn sidecar_gets_an_x509_svid_with_a_join_token() {
     assert_eq!(v["chain_verified"], true);
     let out = cp.ctl(&["cert", "inspect", &format!("127.0.0.1:{}", cp.port)]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("spiffe://cluster.local/palisade/control-plane") && text.contains("Verified:    yes"), "{text}");
+    assert!(
+        out.status.success()
+            && text.contains("spiffe://cluster.local/palisade/control-plane")
+            && text.contains("Verified:    yes"),
+        "{text}"
+    );
 
     // A single-use token is spent: a second sidecar with it is refused.
     let again = Sidecar::spawn("sidecar2", &cp, tmp.path(), &["--join-token-file", tok.to_str().unwrap()]).unwrap();
@@ -119,7 +133,9 @@ async fn sidecar_gets_an_x509_svid_with_a_join_token() {
     let ca_key = std::fs::read_to_string(cp.data_dir.join("ca/ca-key.pem")).unwrap();
     let key_body: String = ca_key.lines().filter(|l| !l.starts_with("-----")).collect();
     let config_text = sc.get("/config").await.unwrap().1;
-    for (what, text) in [("control plane log", cp.proc.logs()), ("sidecar log", sc.proc.logs()), ("/config", config_text.clone())] {
+    for (what, text) in
+        [("control plane log", cp.proc.logs()), ("sidecar log", sc.proc.logs()), ("/config", config_text.clone())]
+    {
         assert!(!text.contains(&key_body[..40]), "CA key in {what}");
         assert!(!text.contains(&token), "join token in {what}");
         assert!(!text.contains("PRIVATE KEY"), "private key in {what}");
@@ -209,16 +225,27 @@ async fn bad_configuration_exits_64_with_a_clear_message() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cert-ttl 5s: must be between 10s and 24h"));
 
-    let out = Command::new(palisade_tests::bin("palisade-sidecar")).args(["--ca-bundle", "/nonexistent.pem", "--join-token", "x"]).output().unwrap();
+    let out = Command::new(palisade_tests::bin("palisade-sidecar"))
+        .args(["--ca-bundle", "/nonexistent.pem", "--join-token", "x"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-bundle /nonexistent.pem"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca-bundle /nonexistent.pem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bundle = tmp.path().join("b.pem");
     std::fs::write(&bundle, "not pem").unwrap();
     let out = Command::new(palisade_tests::bin("palisade-sidecar")).arg("--ca-bundle").arg(&bundle).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let out = Command::new(palisade_tests::bin("palisadectl")).args(["token", "list"]).env_remove("PALISADE_CREDENTIALS").output().unwrap();
+    let out = Command::new(palisade_tests::bin("palisadectl"))
+        .args(["token", "list"])
+        .env_remove("PALISADE_CREDENTIALS")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("PALISADE_CREDENTIALS"));
 }

@@ -13,7 +13,9 @@ use palisade_tests::{ControlPlane, Sidecar, eventually};
 use serde_json::json;
 
 /// Starts the fake API server; returns its address, CA PEM and the requests it saw.
-async fn token_review_server(dir: &std::path::Path) -> (String, std::path::PathBuf, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
+async fn token_review_server(
+    dir: &std::path::Path,
+) -> (String, std::path::PathBuf, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -37,28 +39,52 @@ async fn token_review_server(dir: &std::path::Path) -> (String, std::path::PathB
     let seen2 = seen.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             let seen = seen2.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let seen = seen.clone();
                     async move {
-                        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string();
                         let path = req.uri().path().to_string();
-                        let body: serde_json::Value = serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
+                        let body: serde_json::Value =
+                            serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes())
+                                .unwrap_or_default();
                         seen.lock().unwrap().push((auth.clone(), body.clone()));
-                        let (code, resp) = if path != "/apis/authentication.k8s.io/v1/tokenreviews" || auth != "Bearer cp-own-token" {
+                        let (code, resp) = if path != "/apis/authentication.k8s.io/v1/tokenreviews"
+                            || auth != "Bearer cp-own-token"
+                        {
                             (401, json!({"kind": "Status", "code": 401}))
                         } else {
                             let status = match body["spec"]["token"].as_str() {
-                                Some("good-sa-token") => json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:orders"}, "audiences": ["palisade"]}),
-                                Some("user-token") => json!({"authenticated": true, "user": {"username": "alice"}, "audiences": ["palisade"]}),
-                                Some("wrong-aud-token") => json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:orders"}, "audiences": ["other"]}),
-                                _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+                                Some("good-sa-token") => {
+                                    json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:orders"}, "audiences": ["palisade"]})
+                                }
+                                Some("user-token") => {
+                                    json!({"authenticated": true, "user": {"username": "alice"}, "audiences": ["palisade"]})
+                                }
+                                Some("wrong-aud-token") => {
+                                    json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:orders"}, "audiences": ["other"]})
+                                }
+                                _ => {
+                                    json!({"authenticated": false, "error": "invalid bearer token"})
+                                }
                             };
-                            (201, json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}))
+                            (
+                                201,
+                                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}),
+                            )
                         };
                         let mut r = hyper::Response::new(Full::new(Bytes::from(resp.to_string())));
                         *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
@@ -81,7 +107,15 @@ async fn sidecar_attests_with_a_service_account_token_via_token_review() {
     let cp = ControlPlane::start(
         &tmp.path().join("data"),
         tmp.path(),
-        &["--k8s-attestation", "--k8s-api-server", &api, "--k8s-ca-file", ca_file.to_str().unwrap(), "--k8s-token-file", own_token.to_str().unwrap()],
+        &[
+            "--k8s-attestation",
+            "--k8s-api-server",
+            &api,
+            "--k8s-ca-file",
+            ca_file.to_str().unwrap(),
+            "--k8s-token-file",
+            own_token.to_str().unwrap(),
+        ],
     )
     .await
     .unwrap();
@@ -102,11 +136,17 @@ async fn sidecar_attests_with_a_service_account_token_via_token_review() {
     assert_eq!(proxies[0]["attestation"], "k8s");
 
     // Rejections: bad token, a user (not a service account), wrong audience.
-    for (token, msg) in [("bad", "invalid bearer token"), ("user-token", "not a service account"), ("wrong-aud-token", "audience")] {
+    for (token, msg) in
+        [("bad", "invalid bearer token"), ("user-token", "not a service account"), ("wrong-aud-token", "audience")]
+    {
         let f = tmp.path().join(format!("t-{token}"));
         std::fs::write(&f, token).unwrap();
-        let sc = Sidecar::spawn(&format!("sidecar-{token}"), &cp, tmp.path(), &["--k8s-token-file", f.to_str().unwrap()]).unwrap();
-        eventually(msg, Duration::from_secs(10), || async { sc.proc.logs().contains(msg).then_some(()) }).await.unwrap();
+        let sc =
+            Sidecar::spawn(&format!("sidecar-{token}"), &cp, tmp.path(), &["--k8s-token-file", f.to_str().unwrap()])
+                .unwrap();
+        eventually(msg, Duration::from_secs(10), || async { sc.proc.logs().contains(msg).then_some(()) })
+            .await
+            .unwrap();
         assert_eq!(sc.get("/ready").await.unwrap().0, 503);
     }
     assert!(!cp.proc.logs().contains("good-sa-token"), "tokens never reach the log");

@@ -48,7 +48,11 @@ async fn control_plane_signs_with_an_operator_intermediate() {
     )
     .await
     .unwrap();
-    assert_eq!(std::fs::read_to_string(cp.bundle()).unwrap().trim(), root.pem().trim(), "the bundle is the operator's root");
+    assert_eq!(
+        std::fs::read_to_string(cp.bundle()).unwrap().trim(),
+        root.pem().trim(),
+        "the bundle is the operator's root"
+    );
     assert!(!cp.data_dir.join("ca/ca-key.pem").exists(), "the operator's key is not copied");
 
     let token = cp.create_token("spiffe://cluster.local/ns/shop/sa/web", &[]).unwrap();
@@ -70,6 +74,11 @@ async fn control_plane_signs_with_an_operator_intermediate() {
             .arg(&leaf)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

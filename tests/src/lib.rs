@@ -50,7 +50,10 @@ where
 
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("invariant: loopback is available")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("invariant: loopback is available")
 }
 
 /// A child process killed on drop, its stderr captured in a log file.
@@ -214,9 +217,11 @@ impl Sidecar {
     }
 
     pub async fn wait_ready(&self) -> Result<serde_json::Value> {
-        eventually("sidecar /ready", Duration::from_secs(20), || async { (self.get("/ready").await?.0 == 200).then_some(()) })
-            .await
-            .with_context(|| self.proc.logs())?;
+        eventually("sidecar /ready", Duration::from_secs(20), || async {
+            (self.get("/ready").await?.0 == 200).then_some(())
+        })
+        .await
+        .with_context(|| self.proc.logs())?;
         self.config().await.context("reading /config")
     }
 }
@@ -228,15 +233,18 @@ pub mod grpc {
     use std::time::Duration;
 
     use anyhow::Result;
-    use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
     use palisade_certs::TrustDomain;
+    use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
     use palisade_proto::channel::{ControlPlaneAddr, connect};
     use tonic::transport::Channel;
 
     /// A channel to `addr`, trusting `bundle_pem`, presenting `client` if given.
     pub async fn channel(addr: &str, bundle_pem: &str, client: Option<Svid>) -> Result<Channel> {
         let roots = palisade_certs::ca::parse_pem_certs(bundle_pem).map_err(anyhow::Error::msg)?;
-        let verifier = SpiffeServerVerifier::new(TrustBundle::new(&roots)?, PeerIdentity::Exact(TrustDomain::default().control_plane()));
+        let verifier = SpiffeServerVerifier::new(
+            TrustBundle::new(&roots)?,
+            PeerIdentity::Exact(TrustDomain::default().control_plane()),
+        );
         let resolver = client.map(|svid| {
             let s = SvidStore::new();
             s.set(svid);

@@ -26,11 +26,7 @@ impl std::fmt::Debug for NewToken {
 }
 
 pub fn sha256_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn unix_now() -> u64 {
@@ -38,11 +34,14 @@ pub fn unix_now() -> u64 {
 }
 
 /// Creates and stores a token for `identity`.
-pub fn create(store: &dyn Store, identity: &palisade_certs::SpiffeId, ttl: Duration, uses: u32) -> Result<NewToken, StoreError> {
+pub fn create(
+    store: &dyn Store,
+    identity: &palisade_certs::SpiffeId,
+    ttl: Duration,
+    uses: u32,
+) -> Result<NewToken, StoreError> {
     let mut raw = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut raw)
-        .expect("invariant: the OS random source is available");
+    ring::rand::SystemRandom::new().fill(&mut raw).expect("invariant: the OS random source is available");
     let secret = format!("{TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
     let sha256 = sha256_hex(&secret);
     let now = unix_now();
@@ -80,7 +79,9 @@ impl Attestor for JoinTokenAttestor {
                     expired_at: palisade_certs::svid::rfc3339::format(UNIX_EPOCH + Duration::from_secs(t.expires_at)),
                 });
             }
-            Err(TokenRefusal::Exhausted(t)) => return Err(AttestError::ExhaustedToken { id: t.id, uses: t.uses_total }),
+            Err(TokenRefusal::Exhausted(t)) => {
+                return Err(AttestError::ExhaustedToken { id: t.id, uses: t.uses_total });
+            }
         };
         // The identity was validated when the token was created.
         let identity = record.identity.parse().map_err(|_| AttestError::UnknownToken)?;

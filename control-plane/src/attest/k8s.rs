@@ -47,13 +47,17 @@ pub struct K8sAttestor {
 
 impl std::fmt::Debug for K8sAttestor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("K8sAttestor").field("api_server", &self.cfg.api_server).field("audience", &self.cfg.audience).finish()
+        f.debug_struct("K8sAttestor")
+            .field("api_server", &self.cfg.api_server)
+            .field("audience", &self.cfg.audience)
+            .finish()
     }
 }
 
 impl K8sAttestor {
     pub fn new(cfg: K8sConfig, td: TrustDomain) -> Result<Self, String> {
-        let pem = std::fs::read_to_string(&cfg.ca_file).map_err(|e| format!("cannot read {}: {e}", cfg.ca_file.display()))?;
+        let pem =
+            std::fs::read_to_string(&cfg.ca_file).map_err(|e| format!("cannot read {}: {e}", cfg.ca_file.display()))?;
         let certs = palisade_certs::ca::parse_pem_certs(&pem).map_err(|e| format!("{}: {e}", cfg.ca_file.display()))?;
         let roots = palisade_certs::svid::root_store(&certs).map_err(|e| e.to_string())?;
         let tls = rustls::ClientConfig::builder_with_provider(palisade_certs::provider())
@@ -66,7 +70,8 @@ impl K8sAttestor {
             .strip_prefix("https://")
             .ok_or_else(|| format!("Kubernetes API server {:?} must be an https:// URL", cfg.api_server))?
             .trim_end_matches('/');
-        let auth: http::uri::Authority = authority.parse().map_err(|_| format!("invalid API server address {:?}", cfg.api_server))?;
+        let auth: http::uri::Authority =
+            authority.parse().map_err(|_| format!("invalid API server address {:?}", cfg.api_server))?;
         let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
         let port = auth.port_u16().unwrap_or(443);
         Ok(Self { cfg, td, tls: tokio_rustls::TlsConnector::from(Arc::new(tls)), host, port })
@@ -82,10 +87,12 @@ impl K8sAttestor {
             "spec": {"token": token, "audiences": [self.cfg.audience]},
         });
         let call = async {
-            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| e.to_string())?;
+            let tcp =
+                tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| e.to_string())?;
             let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
             let tls = self.tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
             tokio::spawn(conn);
             let req = http::Request::post("/apis/authentication.k8s.io/v1/tokenreviews")
                 .header(http::header::HOST, &self.host)
@@ -100,7 +107,8 @@ impl K8sAttestor {
             if !status.is_success() {
                 return Err(format!("TokenReview returned HTTP {status}"));
             }
-            serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| format!("TokenReview response is not JSON: {e}"))
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .map_err(|e| format!("TokenReview response is not JSON: {e}"))
         };
         tokio::time::timeout(Duration::from_secs(10), call)
             .await
@@ -121,7 +129,9 @@ impl Attestor for K8sAttestor {
         if let Some(auds) = status["audiences"].as_array()
             && !auds.iter().any(|a| a.as_str() == Some(self.cfg.audience.as_str()))
         {
-            return Err(AttestError::K8sRejected { reason: format!("token is not valid for audience {:?}", self.cfg.audience) });
+            return Err(AttestError::K8sRejected {
+                reason: format!("token is not valid for audience {:?}", self.cfg.audience),
+            });
         }
         let username = status["user"]["username"].as_str().unwrap_or_default();
         let not_sa = || AttestError::K8sNotServiceAccount { username: username.to_string() };

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The local demo: builds Palisade, starts a control plane, creates a join
+# token, starts a sidecar with it, and shows the proxy and its certificate.
+# Everything runs on 127.0.0.1; state lives in ./demo-data (removed on start).
+# Ctrl-C (or the end of the script with DEMO_KEEP unset) stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --workspace --bins
+B=target/debug
+DIR=${DEMO_DIR:-./demo-data}
+rm -rf "$DIR" && mkdir -p "$DIR"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+wait_for() { # wait_for DESCRIPTION COMMAND...
+  local what=$1; shift
+  for _ in $(seq 1 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "timed out waiting for $what" >&2; exit 1
+}
+
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+
+step "palisade-control-plane --data-dir $DIR/cp --listen 127.0.0.1:7700 --cert-ttl 1m &"
+$B/palisade-control-plane --data-dir "$DIR/cp" --listen 127.0.0.1:7700 --cert-ttl 1m 2>"$DIR/control-plane.log" &
+pids+=($!)
+wait_for "control plane" test -f "$DIR/cp/admin/key.pem"
+export PALISADE_CONTROL_PLANE=https://127.0.0.1:7700 PALISADE_CREDENTIALS=$DIR/cp/admin
+wait_for "control plane" $B/palisadectl check
+
+step "palisadectl check"
+$B/palisadectl check
+
+step "palisadectl token create --identity spiffe://cluster.local/ns/shop/sa/web --ttl 10m > $DIR/web.token"
+$B/palisadectl token create --identity spiffe://cluster.local/ns/shop/sa/web --ttl 10m > "$DIR/web.token"
+
+step "palisade-sidecar --ca-bundle $DIR/cp/admin/ca.pem --join-token-file $DIR/web.token --admin 127.0.0.1:4191 &"
+$B/palisade-sidecar --control-plane https://127.0.0.1:7700 --ca-bundle "$DIR/cp/admin/ca.pem" \
+  --join-token-file "$DIR/web.token" --admin 127.0.0.1:4191 --inbound 127.0.0.1:4143 2>"$DIR/sidecar-web.log" &
+pids+=($!)
+wait_for "sidecar ready" curl -sf http://127.0.0.1:4191/ready
+
+step "curl -s http://127.0.0.1:4191/ready"
+curl -s http://127.0.0.1:4191/ready
+
+step "palisadectl proxies"
+$B/palisadectl proxies
+
+step "curl -s http://127.0.0.1:4191/config | jq -r .cert_chain_pem > $DIR/web.pem; palisadectl cert inspect $DIR/web.pem"
+curl -s http://127.0.0.1:4191/config | python3 -c 'import json,sys; print(json.load(sys.stdin)["cert_chain_pem"], end="")' > "$DIR/web.pem"
+$B/palisadectl cert inspect "$DIR/web.pem"
+
+step "palisadectl token list"
+$B/palisadectl token list
+
+step "curl -s http://127.0.0.1:4191/metrics | grep ^palisade_identity"
+curl -s http://127.0.0.1:4191/metrics | grep '^palisade_identity'
+
+if [ -n "${DEMO_KEEP:-}" ]; then
+  echo; echo "Demo running (logs in $DIR/*.log). Ctrl-C to stop."
+  wait
+fi
