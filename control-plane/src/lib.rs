@@ -13,6 +13,7 @@ use std::time::Duration;
 use palisade_certs::tls::{PeerIdentity, SpiffeClientVerifier, SvidStore, TrustBundle};
 use palisade_certs::{CertificateAuthority, TrustDomain};
 use palisade_proto::v1::admin_server::AdminServer;
+use palisade_proto::v1::discovery_server::DiscoveryServer;
 use palisade_proto::v1::identity_server::IdentityServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -21,6 +22,7 @@ use tokio::task::JoinHandle;
 pub mod admin;
 pub mod attest;
 pub mod config;
+pub mod discovery;
 pub mod identity;
 pub mod pki;
 pub mod store;
@@ -172,7 +174,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let tls = palisade_certs::tls::server_config(verifier, Arc::new(server_cert), &[b"h2"])?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityServer<identity::IdentityService>>().await;
     health.set_serving::<AdminServer<admin::AdminService>>().await;
@@ -221,6 +222,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(IdentityServer::new(identity::IdentityService { shared: shared.clone() }))
+        .add_service(DiscoveryServer::new(discovery::DiscoveryService { shared: shared.clone() }))
         .add_service(AdminServer::new(admin::AdminService { shared }));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let task = tokio::spawn(async move {

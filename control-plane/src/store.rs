@@ -180,6 +180,10 @@ impl Store for FileStore {
             if let Some(old) = replaces_serial {
                 s.proxies.remove(old);
             }
+            // A sidecar restarted on the same inbound address replaces the old record.
+            if !p.inbound_addr.is_empty() {
+                s.proxies.retain(|_, old| old.inbound_addr != p.inbound_addr);
+            }
             s.proxies.insert(p.cert_serial.clone(), p);
         })
     }

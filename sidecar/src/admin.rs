@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::Config;
 use palisade_certs::tls::SvidStore;
@@ -24,13 +24,15 @@ pub struct AdminState {
     pub config: Config,
     pub svids: SvidStore,
     pub registry: Registry,
+    /// Cancelled by `POST /shutdown` to start draining.
+    pub shutdown: CancellationToken,
 }
 
 /// Serves until `stop` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
     loop {
         let (tcp, _) = tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -62,11 +64,20 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/shutdown" {
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n");
+        }
+        tracing::info!("shutdown requested on the admin endpoint; draining");
+        state.shutdown.cancel();
+        return text(StatusCode::OK, "draining\n");
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" if state.shutdown.is_cancelled() => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n"),
         "/ready" => match state.svids.valid() {
             Some(_) => text(StatusCode::OK, "ready\n"),
             None => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid workload certificate yet\n"),
@@ -102,6 +113,6 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics or /config\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /config or POST /shutdown\n"),
     }
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use palisade_certs::TrustDomain;
@@ -51,9 +52,40 @@ pub struct Config {
     #[arg(long, env = "PALISADE_APP", default_value = "127.0.0.1:8080")]
     pub app: SocketAddr,
 
-    /// Explicit outbound mapping LOCAL_HOST:PORT=SERVICE (repeatable), SERVICE is <service-account>.<namespace>.
+    /// Explicit outbound mapping LOCAL_HOST:PORT=SERVICE (repeatable), SERVICE is <service-account>.<namespace>:
+    /// the app connects to LOCAL_HOST:PORT in plaintext and reaches SERVICE's sidecar over mTLS.
     #[arg(long = "upstream", env = "PALISADE_UPSTREAMS", value_delimiter = ',')]
-    pub upstreams: Vec<String>,
+    pub upstreams: Vec<Upstream>,
+
+    /// Address registered in the directory for peers to reach --inbound
+    /// (default: --inbound, unless it is a wildcard address).
+    #[arg(long, env = "PALISADE_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+
+    /// Inbound mTLS mode: strict (mTLS only) or permissive (plaintext too, as unauthenticated).
+    #[arg(long, env = "PALISADE_MTLS_MODE", default_value = "strict", value_parser = ["strict", "permissive"])]
+    pub mtls_mode: String,
+
+    /// Ports whose traffic is opaque TCP: no protocol detection (server-speaks-first protocols).
+    /// Matches the local port of an --upstream, or the app port for inbound plaintext.
+    #[arg(long = "opaque-port", env = "PALISADE_OPAQUE_PORTS", value_delimiter = ',')]
+    pub opaque_ports: Vec<u16>,
+
+    /// How often the directory is refreshed from the control plane.
+    #[arg(long, env = "PALISADE_DIRECTORY_REFRESH", default_value = "2s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub directory_refresh: Duration,
+
+    /// Runtime worker threads; 1 runs everything on one thread (lowest CPU and memory per request).
+    #[arg(long, env = "PALISADE_THREADS", default_value_t = 1)]
+    pub threads: usize,
+
+    /// Log every request on the `access` target (costs CPU on busy proxies).
+    #[arg(long, env = "PALISADE_ACCESS_LOG")]
+    pub access_log: bool,
+
+    #[command(flatten)]
+    pub limits: Limits,
 
     /// Admin HTTP server: /live, /ready, /metrics, /config.
     #[arg(long, env = "PALISADE_ADMIN", default_value = "127.0.0.1:4191")]
@@ -88,6 +120,79 @@ pub enum ConfigError {
     NoAttestation,
     #[error("--{flag} {path}: {why}")]
     TokenFile { flag: &'static str, path: PathBuf, why: String },
+    #[error("--upstream {value:?}: {why}; expected LOCAL_HOST:PORT=<service-account>.<namespace>")]
+    Upstream { value: String, why: String },
+    #[error("--threads {0}: must be between 1 and 64")]
+    Threads(usize),
+    #[error("--max-header-bytes {0}: must be between 1024 and 1048576")]
+    HeaderBytes(usize),
+}
+
+/// An explicit outbound mapping: the app connects to `listen`, traffic goes to `service`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Upstream {
+    pub listen: SocketAddr,
+    pub service: String,
+}
+
+impl std::str::FromStr for Upstream {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |why: &str| ConfigError::Upstream { value: s.to_string(), why: why.to_string() };
+        let (listen, service) = s.split_once('=').ok_or_else(|| err("missing '='"))?;
+        let listen: SocketAddr = listen.trim().parse().map_err(|_| err("LOCAL_HOST:PORT is not an IP:PORT"))?;
+        let service = service.trim();
+        let (sa, ns) = service.rsplit_once('.').ok_or_else(|| err("service must be <service-account>.<namespace>"))?;
+        let ok = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !ok(sa) || !ok(ns) {
+            return Err(err("service must be <service-account>.<namespace>"));
+        }
+        Ok(Self { listen, service: service.to_string() })
+    }
+}
+
+/// Data-path limits and timeouts, with safe defaults.
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct Limits {
+    /// Plaintext protocol detection gives up after this and treats the connection as opaque TCP.
+    #[arg(long, env = "PALISADE_PROTOCOL_DETECT_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub protocol_detect_timeout: Duration,
+    /// Time allowed for a client to send a complete HTTP/1 request head.
+    #[arg(long, env = "PALISADE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub header_read_timeout: Duration,
+    /// Time allowed for the upstream to answer with response headers (then 504).
+    #[arg(long, env = "PALISADE_RESPONSE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub response_timeout: Duration,
+    /// Largest request head (request line + headers), in bytes (then 431).
+    #[arg(long, env = "PALISADE_MAX_HEADER_BYTES", default_value_t = 65536)]
+    pub max_header_bytes: usize,
+    /// Most header fields in one request (then 431).
+    #[arg(long, env = "PALISADE_MAX_HEADERS", default_value_t = 100)]
+    pub max_headers: usize,
+    /// Largest request body in bytes (then 413); 0 means no limit (bodies stream through).
+    #[arg(long, env = "PALISADE_MAX_REQUEST_BODY_BYTES", default_value_t = 0)]
+    pub max_request_body_bytes: u64,
+    /// Concurrent HTTP/2 streams per connection.
+    #[arg(long, env = "PALISADE_MAX_CONCURRENT_STREAMS", default_value_t = 1000)]
+    pub max_concurrent_streams: u32,
+    /// Open connections per listener; beyond it new connections are closed at once.
+    #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10000)]
+    pub max_connections: usize,
+    /// On SIGTERM, how long in-flight requests and connections may finish before exit.
+    #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 500ms, 10s or 5m"))
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
 }
 
 impl Config {
@@ -113,7 +218,23 @@ impl Config {
                 }
             }
         }
+        if !(1..=64).contains(&self.threads) {
+            return Err(ConfigError::Threads(self.threads));
+        }
+        if !(1024..=1 << 20).contains(&self.limits.max_header_bytes) {
+            return Err(ConfigError::HeaderBytes(self.limits.max_header_bytes));
+        }
         Ok(())
+    }
+
+    /// Whether plaintext inbound connections are accepted.
+    pub fn permissive(&self) -> bool {
+        self.mtls_mode == "permissive"
+    }
+
+    /// The inbound address to register in the directory, if reachable.
+    pub fn advertised(&self) -> Option<SocketAddr> {
+        self.advertise.or((!self.inbound.ip().is_unspecified()).then_some(self.inbound))
     }
 }
 

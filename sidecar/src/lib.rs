@@ -1,25 +1,30 @@
 //! The Palisade sidecar: obtains and renews the workload's SPIFFE identity
-//! from the control plane and serves the admin endpoint. The data path
-//! (inbound/outbound listeners) builds on the same [`SvidStore`]: listeners
-//! resolve their certificate from it, so a renewal takes effect on the next
-//! handshake without touching live connections.
+//! from the control plane, carries the workload's traffic over mTLS
+//! (inbound and outbound listeners, HTTP/1.1, HTTP/2, gRPC and opaque TCP),
+//! and serves the admin endpoint.
+//!
+//! Listeners resolve their certificate from one [`SvidStore`], so a renewal
+//! takes effect on the next handshake without touching live connections.
 //!
 //! [`SvidStore`]: palisade_certs::tls::SvidStore
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use palisade_certs::tls::{SvidStore, TrustBundle};
+use palisade_certs::tls::{PeerIdentity, SpiffeClientVerifier, SvidStore, TrustBundle};
 use palisade_proto::channel::ControlPlaneAddr;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub mod admin;
 pub mod config;
+pub mod directory;
 pub mod identity;
 pub mod metrics;
+pub mod proxy;
 
 pub use config::Config;
 use identity::{Credential, IdentityClientTask};
@@ -33,6 +38,8 @@ pub enum StartError {
     Bundle(String),
     #[error("cannot listen on {addr} ({flag}): {source}")]
     Bind { flag: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// A running sidecar.
@@ -40,23 +47,37 @@ pub enum StartError {
 pub struct Running {
     /// The bound admin address.
     pub admin_addr: SocketAddr,
+    /// The bound inbound address.
+    pub inbound_addr: SocketAddr,
     /// The workload certificate store.
     pub svids: SvidStore,
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Cancelled to start draining (SIGTERM or POST /shutdown).
+    pub shutdown: CancellationToken,
+    /// Connections and in-flight requests.
+    connections: TaskTracker,
+    background: TaskTracker,
+    background_stop: CancellationToken,
 }
 
 impl Running {
-    /// Stops every task.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            t.abort();
-        }
+    /// Stops accepting, lets in-flight requests and connections finish for
+    /// up to `deadline`, then stops everything. Returns whether all finished.
+    pub async fn drain(self, deadline: Duration) -> bool {
+        self.shutdown.cancel();
+        self.connections.close();
+        let clean = tokio::time::timeout(deadline, self.connections.wait()).await.is_ok();
+        self.background_stop.cancel();
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.background.wait()).await;
+        clean
     }
 }
 
-/// Validates the config, binds the admin port and starts the identity client.
+async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { flag, addr, source })
+}
+
+/// Validates the config, binds every listener, and starts serving.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     cfg.validate()?;
     let addr = ControlPlaneAddr::parse(&cfg.control_plane).map_err(config::ConfigError::from)?;
@@ -70,32 +91,88 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         (None, None, None) => return Err(config::ConfigError::NoAttestation.into()),
     };
 
+    // Bind everything first: a port conflict fails the start, not a later request.
+    let admin_listener = bind("--admin", cfg.admin).await?;
+    let inbound_listener = bind("--inbound", cfg.inbound).await?;
+    let mut upstream_listeners = Vec::new();
+    for u in &cfg.upstreams {
+        upstream_listeners.push((bind("--upstream", u.listen).await?, u.clone()));
+    }
+    let local =
+        |l: &TcpListener, flag| l.local_addr().map_err(|source| StartError::Bind { flag, addr: cfg.admin, source });
+    let admin_addr = local(&admin_listener, "--admin")?;
+    let inbound_addr = local(&inbound_listener, "--inbound")?;
+
     let metrics = Arc::new(metrics::Metrics::default());
     let mut registry = Registry::with_prefix("palisade");
     metrics.register(&mut registry);
     let svids = SvidStore::new();
+    let shutdown = CancellationToken::new();
+    let background_stop = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let background = TaskTracker::new();
 
-    let admin_listener = TcpListener::bind(cfg.admin).await.map_err(|source| StartError::Bind {
-        flag: "--admin",
-        addr: cfg.admin,
-        source,
-    })?;
-    let admin_addr =
-        admin_listener.local_addr().map_err(|source| StartError::Bind { flag: "--admin", addr: cfg.admin, source })?;
-
-    let inbound_addr = if cfg.inbound.ip().is_unspecified() { String::new() } else { cfg.inbound.to_string() };
+    let advertised = cfg.advertise.or((!cfg.inbound.ip().is_unspecified()).then_some(inbound_addr));
     let identity = IdentityClientTask {
-        addr,
-        bundle,
+        addr: addr.clone(),
+        bundle: bundle.clone(),
         trust_domain: cfg.trust_domain.clone(),
         credential,
-        inbound_addr,
+        inbound_addr: advertised.map(|a| a.to_string()).unwrap_or_default(),
         store: svids.clone(),
-        metrics,
+        metrics: metrics.clone(),
     };
-    let (stop, stop_rx) = watch::channel(false);
-    let state = Arc::new(admin::AdminState { config: cfg, svids: svids.clone(), registry });
-    let tasks = vec![tokio::spawn(identity.run()), tokio::spawn(admin::serve(admin_listener, state, stop_rx))];
-    tracing::info!(admin = %admin_addr, "sidecar started");
-    Ok(Running { admin_addr, svids, stop, tasks })
+    let directory = Arc::new(directory::Directory::default());
+    let directory_client = directory::DirectoryClient {
+        addr,
+        bundle: bundle.clone(),
+        svids: svids.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        directory: directory.clone(),
+        metrics: metrics.clone(),
+        refresh: cfg.directory_refresh,
+    };
+
+    // Inbound: client certificates are mandatory and must be SVIDs of our trust domain.
+    let verifier =
+        SpiffeClientVerifier::new(bundle.clone(), PeerIdentity::TrustDomain(cfg.trust_domain.clone()), true)?;
+    let tls = palisade_certs::tls::server_config(
+        verifier,
+        Arc::new(svids.clone()),
+        &[proxy::ALPN_H2, proxy::ALPN_HTTP1, proxy::ALPN_TCP],
+    )?;
+    let inbound = Arc::new(proxy::inbound::Inbound::new(
+        cfg.app,
+        tls,
+        cfg.permissive(),
+        metrics.clone(),
+        cfg.limits.clone(),
+        cfg.opaque_ports.clone(),
+        cfg.access_log,
+    ));
+    let outbound = Arc::new(proxy::outbound::Outbound {
+        directory,
+        peers: Arc::new(proxy::peer::PeerClient::new(svids.clone(), bundle, metrics.clone())),
+        metrics: metrics.clone(),
+        limits: cfg.limits.clone(),
+        opaque_ports: cfg.opaque_ports.clone(),
+        access_log: cfg.access_log,
+    });
+
+    let state = Arc::new(admin::AdminState { config: cfg, svids: svids.clone(), registry, shutdown: shutdown.clone() });
+    let stop = background_stop.clone();
+    background.spawn(async move {
+        tokio::select! { _ = identity.run() => {}, _ = stop.cancelled() => {} }
+    });
+    let stop = background_stop.clone();
+    background.spawn(async move {
+        tokio::select! { _ = directory_client.run() => {}, _ = stop.cancelled() => {} }
+    });
+    background.spawn(admin::serve(admin_listener, state, background_stop.clone()));
+    background.spawn(inbound.serve(inbound_listener, shutdown.clone(), connections.clone()));
+    for (listener, upstream) in upstream_listeners {
+        background.spawn(outbound.clone().serve(listener, upstream, shutdown.clone(), connections.clone()));
+    }
+    tracing::info!(admin = %admin_addr, inbound = %inbound_addr, "sidecar started");
+    Ok(Running { admin_addr, inbound_addr, svids, shutdown, connections, background, background_stop })
 }

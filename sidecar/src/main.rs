@@ -5,8 +5,7 @@ use tracing_subscriber::EnvFilter;
 /// Exit status for configuration errors (EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     palisade_certs::install_default_provider();
     let cfg = Config::parse();
     let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|e| {
@@ -19,18 +18,42 @@ async fn main() {
     } else {
         fmt.init()
     }
+    // One thread by default: a sidecar's work is small per request, and a
+    // single thread avoids cross-thread wake-ups and per-thread memory.
+    let runtime = if cfg.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.threads).enable_all().build()
+    };
+    let runtime = runtime.unwrap_or_else(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        std::process::exit(1)
+    });
+    std::process::exit(runtime.block_on(run(cfg)));
+}
+
+async fn run(cfg: Config) -> i32 {
     tracing::info!(config = ?cfg, "starting palisade-sidecar");
+    let drain = cfg.limits.drain_timeout;
     let running = match start(cfg).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            let code = if matches!(e, StartError::Config(_) | StartError::Bundle(_)) { EXIT_CONFIG } else { 1 };
-            std::process::exit(code);
+            return if matches!(e, StartError::Config(_) | StartError::Bundle(_)) { EXIT_CONFIG } else { 1 };
         }
     };
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    running.shutdown().await;
+    let shutdown = running.shutdown.clone();
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = shutdown.cancelled() => {}
+    }
+    tracing::info!(deadline = ?drain, "draining: no new connections, finishing in-flight requests");
+    if running.drain(drain).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!("drain deadline passed with requests still in flight; exiting");
+    }
+    0
 }
 
 async fn wait_for_signal() {

@@ -1,20 +1,136 @@
-//! Prometheus metrics served at `/metrics`.
+//! Prometheus metrics served at `/metrics`. Handles for the hot path are
+//! resolved once at startup, so recording a request costs a few atomic adds
+//! and no label hashing.
 
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::proxy::Direction;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: &'static str,
+    status_class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+/// Latency buckets, 100 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Per-direction handles.
+#[derive(Debug)]
+pub struct DirMetrics {
+    /// Indexed by status class: 1xx..5xx.
+    requests: [Counter; 5],
+    latency: Histogram,
+    pub conns_open: Gauge,
+    pub conns_total: Counter,
+    pub bytes_read: Counter,
+    pub bytes_written: Counter,
+}
+
 /// The sidecar's metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub cert_expiry: Gauge,
     pub cert_valid: Gauge,
     pub renewals: Counter,
     pub renewal_failures: Counter,
     pub control_plane_last_success: Gauge,
+    pub directory_endpoints: Gauge,
+    pub directory_refresh_failures: Counter,
+    pub inbound: DirMetrics,
+    pub outbound: DirMetrics,
+    pub tls_failures: Family<TlsFailureLabels, Counter>,
+    pub identity_mismatch: Counter,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<DirLabels, Histogram>,
+    conns_open: Family<DirLabels, Gauge>,
+    conns_total: Family<DirLabels, Counter>,
+    bytes_read: Family<DirLabels, Counter>,
+    bytes_written: Family<DirLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<DirLabels, Histogram>::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        let conns_open = Family::<DirLabels, Gauge>::default();
+        let conns_total = Family::<DirLabels, Counter>::default();
+        let bytes_read = Family::<DirLabels, Counter>::default();
+        let bytes_written = Family::<DirLabels, Counter>::default();
+        let dir = |d: Direction| {
+            let l = DirLabels { direction: d.as_str() };
+            DirMetrics {
+                requests: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                    .map(|c| requests.get_or_create(&RequestLabels { direction: d.as_str(), status_class: c }).clone()),
+                latency: latency.get_or_create(&l).clone(),
+                conns_open: conns_open.get_or_create(&l).clone(),
+                conns_total: conns_total.get_or_create(&l).clone(),
+                bytes_read: bytes_read.get_or_create(&l).clone(),
+                bytes_written: bytes_written.get_or_create(&l).clone(),
+            }
+        };
+        Self {
+            cert_expiry: Gauge::default(),
+            cert_valid: Gauge::default(),
+            renewals: Counter::default(),
+            renewal_failures: Counter::default(),
+            control_plane_last_success: Gauge::default(),
+            directory_endpoints: Gauge::default(),
+            directory_refresh_failures: Counter::default(),
+            inbound: dir(Direction::Inbound),
+            outbound: dir(Direction::Outbound),
+            tls_failures: Family::default(),
+            identity_mismatch: Counter::default(),
+            requests,
+            latency,
+            conns_open,
+            conns_total,
+            bytes_read,
+            bytes_written,
+        }
+    }
 }
 
 impl Metrics {
+    pub fn dir(&self, d: Direction) -> &DirMetrics {
+        match d {
+            Direction::Inbound => &self.inbound,
+            Direction::Outbound => &self.outbound,
+        }
+    }
+
+    /// Records one answered request.
+    pub fn request(&self, d: Direction, status: u16, elapsed: Duration) {
+        let m = self.dir(d);
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        m.requests[class].inc();
+        m.latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed TLS handshake.
+    pub fn tls_failure(&self, d: Direction, reason: &'static str) {
+        self.tls_failures.get_or_create(&TlsFailureLabels { direction: d.as_str(), reason }).inc();
+    }
+
     /// Registers every metric under the `palisade_` prefix.
     pub fn register(&self, reg: &mut Registry) {
         reg.register(
@@ -41,6 +157,36 @@ impl Metrics {
             "control_plane_last_success_timestamp_seconds",
             "Unix time of the last successful call to the control plane",
             self.control_plane_last_success.clone(),
+        );
+        reg.register(
+            "directory_endpoints",
+            "Endpoints in the last directory received",
+            self.directory_endpoints.clone(),
+        );
+        reg.register(
+            "directory_refresh_failures",
+            "Failed directory refreshes (the last good directory stays in use)",
+            self.directory_refresh_failures.clone(),
+        );
+        reg.register("requests", "HTTP requests answered, by direction and status class", self.requests.clone());
+        reg.register("request_duration_seconds", "Time to response headers, by direction", self.latency.clone());
+        reg.register("tcp_connections_open", "TCP connections open, by direction", self.conns_open.clone());
+        reg.register("tcp_connections", "TCP connections accepted, by direction", self.conns_total.clone());
+        reg.register("tcp_read_bytes", "Bytes read from accepted connections, by direction", self.bytes_read.clone());
+        reg.register(
+            "tcp_write_bytes",
+            "Bytes written to accepted connections, by direction",
+            self.bytes_written.clone(),
+        );
+        reg.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by direction and reason",
+            self.tls_failures.clone(),
+        );
+        reg.register(
+            "identity_mismatch",
+            "Outbound connections refused because the peer's SPIFFE ID differed from the directory's",
+            self.identity_mismatch.clone(),
         );
     }
 }

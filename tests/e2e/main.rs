@@ -2,6 +2,7 @@
 //! Run with `cargo build --bins && cargo nextest run` (see tests/README.md).
 
 mod certify;
+mod dataplane;
 mod identity;
 mod k8s;
 mod operator_ca;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod apps;
 pub mod http;
 
 /// Directory of the workspace's built binaries (next to the test executable).
@@ -186,18 +187,36 @@ impl ControlPlane {
 pub struct Sidecar {
     pub proc: Proc,
     pub admin: String,
+    pub inbound: String,
 }
 
 impl Sidecar {
-    /// Starts a sidecar with `args` added (attestation etc.) and a free admin port.
+    /// Starts a sidecar with `args` added (attestation etc.), free admin and
+    /// inbound ports unless `args` names them.
     pub fn spawn(name: &str, cp: &ControlPlane, log_dir: &Path, args: &[&str]) -> Result<Self> {
-        let admin = format!("127.0.0.1:{}", free_port());
+        let flag = |f: &str| args.iter().position(|a| *a == f).and_then(|i| args.get(i + 1)).map(|s| s.to_string());
+        let admin = flag("--admin").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let inbound = flag("--inbound").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let mut cmd = Command::new(bin("palisade-sidecar"));
-        cmd.args(["--control-plane", &cp.addr, "--admin", &admin, "--inbound", &format!("127.0.0.1:{}", free_port())])
-            .arg("--ca-bundle")
-            .arg(cp.bundle())
-            .args(args);
-        Ok(Self { proc: Proc::spawn(name, &mut cmd, log_dir)?, admin })
+        cmd.args(["--control-plane", &cp.addr]).arg("--ca-bundle").arg(cp.bundle());
+        if flag("--admin").is_none() {
+            cmd.args(["--admin", &admin]);
+        }
+        if flag("--inbound").is_none() {
+            cmd.args(["--inbound", &inbound]);
+        }
+        cmd.args(["--directory-refresh", "200ms"]).args(args);
+        Ok(Self { proc: Proc::spawn(name, &mut cmd, log_dir)?, admin, inbound })
+    }
+
+    /// Creates a join token for `identity` and starts a sidecar with it, ready.
+    pub async fn meshed(name: &str, cp: &ControlPlane, log_dir: &Path, identity: &str, args: &[&str]) -> Result<Self> {
+        let token = cp.create_token(identity, &[])?;
+        let mut all = vec!["--join-token", token.as_str()];
+        all.extend_from_slice(args);
+        let sc = Self::spawn(name, cp, log_dir, &all)?;
+        sc.wait_ready().await?;
+        Ok(sc)
     }
 
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {

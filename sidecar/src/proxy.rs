@@ -1,0 +1,167 @@
+//! The data path: inbound (mTLS from peer sidecars, or plaintext in
+//! PERMISSIVE mode) and outbound (plaintext from the local app) listeners,
+//! protocol detection, HTTP/1.1, HTTP/2, gRPC and opaque TCP proxying.
+//!
+//! Between two sidecars every HTTP request travels as HTTP/2 over one pooled
+//! mTLS connection per peer, whatever the app spoke; the app's own protocol
+//! is carried in [`ORIG_PROTO`] and restored by the server sidecar. Opaque TCP
+//! and HTTP/1.1 upgrades (WebSocket) get a dedicated mTLS connection, told
+//! apart by ALPN.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+
+pub mod body;
+pub mod detect;
+pub mod inbound;
+pub mod outbound;
+pub mod peer;
+pub mod serve;
+pub mod tcp;
+
+/// The body type of every request and response the proxy builds or forwards.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// The verified SPIFFE ID of the caller, set by the server sidecar for the app.
+/// Any copy arriving from outside is removed first, so it cannot be spoofed.
+pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-palisade-peer-identity");
+/// The app's HTTP version, carried between sidecars (absent: HTTP/2).
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-palisade-orig-proto");
+/// ALPN between sidecars: multiplexed HTTP.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN between sidecars: one HTTP/1.1 exchange that upgrades (WebSocket...).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN between sidecars: opaque TCP.
+pub const ALPN_TCP: &[u8] = b"palisade.dev/tcp";
+
+/// Which side of the sidecar a connection or request is on (metrics, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// An empty or small fixed body.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Whether a request is gRPC (answers then carry `grpc-status`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A refusal or failure answered by the sidecar itself: a short body for the
+/// caller (the log carries the reason). For gRPC, HTTP 200 with `grpc-status`.
+pub fn error_response(grpc: bool, status: StatusCode, message: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(if grpc { Bytes::new() } else { Bytes::from(format!("{message}\n")) }));
+    if !grpc {
+        *resp.status_mut() = status;
+    }
+    let h = resp.headers_mut();
+    if grpc {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from_static(grpc_code(status)));
+        h.insert("grpc-message", HeaderValue::from_static(message));
+    } else {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    }
+    h.insert("x-palisade-error", HeaderValue::from_static("1"));
+    resp
+}
+
+/// gRPC status codes for the HTTP statuses the proxy produces (gRPC's HTTP mapping).
+fn grpc_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 | 431 => "13", // INTERNAL: the request could not be carried
+        403 => "7",              // PERMISSION_DENIED
+        429 => "8",              // RESOURCE_EXHAUSTED
+        504 => "4",              // DEADLINE_EXCEEDED
+        _ => "14",               // UNAVAILABLE: 502, 503
+    }
+}
+
+/// Removes connection-specific (hop-by-hop) headers, which must not cross a
+/// proxy (RFC 9110 §7.6.1) and are illegal in HTTP/2.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(n);
+    }
+    // TE may only carry "trailers" (gRPC relies on it).
+    if let Some(te) = headers.get(header::TE)
+        && !te.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (WebSocket, ...).
+pub fn is_upgrade<B>(req: &http::Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["te", "x-keep"]);
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn grpc_errors_are_http_200_with_grpc_status() {
+        let r = error_response(true, StatusCode::FORBIDDEN, "denied");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "7");
+        let r = error_response(false, StatusCode::BAD_GATEWAY, "bad gateway");
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    }
+}

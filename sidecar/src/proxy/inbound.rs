@@ -1,0 +1,428 @@
+//! The inbound side: peer sidecars connect with mTLS (their chain verified
+//! against the trust bundle, their SPIFFE ID in our trust domain); in
+//! PERMISSIVE mode plaintext clients are accepted too, as unauthenticated.
+//! ALPN says what the connection carries: `h2` (multiplexed HTTP),
+//! `http/1.1` (an upgrade), or opaque TCP. Requests reach the local app over
+//! pooled connections, in the protocol the calling app spoke, with the
+//! verified caller identity in `x-palisade-peer-identity`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::HOST;
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use palisade_certs::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::detect::{Prefixed, Protocol, detect};
+use super::tcp::{ConnGuard, Counted};
+use super::{
+    ALPN_H2, ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, error_response, is_grpc, is_upgrade,
+};
+use crate::config::Limits;
+use crate::metrics::Metrics;
+
+/// Time allowed for a TLS handshake (and the first byte before it).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shared state of the inbound side.
+pub struct Inbound {
+    pub app: SocketAddr,
+    pub tls: tokio_rustls::TlsAcceptor,
+    pub permissive: bool,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub opaque_ports: Vec<u16>,
+    pub access_log: bool,
+    app_authority: http::uri::Authority,
+    app_h1: Client<HttpConnector, Body>,
+    /// One multiplexed HTTP/2 connection to the app (h2c), opened on demand.
+    app_h2: std::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    app_h2_connect: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound").field("app", &self.app).field("permissive", &self.permissive).finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    pub fn new(
+        app: SocketAddr,
+        tls: rustls::ServerConfig,
+        permissive: bool,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        opaque_ports: Vec<u16>,
+        access_log: bool,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let app_h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            app,
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            permissive,
+            metrics,
+            limits,
+            opaque_ports,
+            access_log,
+            app_authority: http::uri::Authority::try_from(app.to_string().as_str())
+                .expect("invariant: a SocketAddr is a valid authority"),
+            app_h1,
+            app_h2: std::sync::Mutex::new(None),
+            app_h2_connect: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Accepts until cancelled.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken, tracker: TaskTracker) {
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        loop {
+            let (tcp, src) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(src.addr = %src, limit = self.limits.max_connections, "inbound connection limit reached; closing");
+                continue;
+            };
+            let this = self.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                this.connection(tcp, src, cancel).await;
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, src: SocketAddr, cancel: CancellationToken) {
+        let _guard = ConnGuard::new(self.metrics.clone(), Direction::Inbound);
+        let _ = tcp.set_nodelay(true);
+        let mut first = [0u8; 1];
+        let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) => first[0] == 0x16,
+            _ => return,
+        };
+        let io = Counted::new(tcp, self.metrics.clone(), Direction::Inbound);
+        if !is_tls {
+            if !self.permissive {
+                self.metrics.tls_failure(Direction::Inbound, "plaintext");
+                tracing::warn!(target: "audit", decision = "deny", src.addr = %src, "plaintext connection refused (mTLS mode STRICT)");
+                return;
+            }
+            return self.plaintext(io, src, cancel).await;
+        }
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(io)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = handshake_reason(&e);
+                self.metrics.tls_failure(Direction::Inbound, reason);
+                tracing::warn!(target: "audit", decision = "deny", src.addr = %src, reason, error = %e, "inbound TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls_failure(Direction::Inbound, "timeout");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let peer = palisade_certs::tls::peer_identity(session.peer_certificates()).map(|(id, _)| Arc::new(id));
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        let Some(peer) = peer else {
+            // The verifier makes client certificates mandatory; this cannot pass it.
+            return;
+        };
+        let result = match alpn.as_deref() {
+            Some(ALPN_H2) => {
+                let this = self.clone();
+                super::serve::http2(TokioIo::new(tls), &self.limits, cancel, move |req| {
+                    this.clone().request(req, Some(peer.clone()), src, None)
+                })
+                .await
+            }
+            Some(ALPN_HTTP1) => {
+                let this = self.clone();
+                super::serve::http1(TokioIo::new(tls), &self.limits, cancel, move |req| {
+                    this.clone().request(req, Some(peer.clone()), src, Some(Protocol::Http1))
+                })
+                .await
+            }
+            Some(ALPN_TCP) => return self.tcp(tls, src, Some(&peer)).await,
+            other => {
+                tracing::warn!(src.addr = %src, src.identity = %peer, alpn = ?other.map(String::from_utf8_lossy), "unknown ALPN; closing");
+                return;
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(src.addr = %src, direction = "inbound", error = %e, "connection ended with an error");
+        }
+    }
+
+    /// PERMISSIVE mode: a plaintext client, detected like outbound traffic.
+    async fn plaintext<I>(self: Arc<Self>, mut io: I, src: SocketAddr, cancel: CancellationToken)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (proto, prefix) = if self.opaque_ports.contains(&self.app.port()) {
+            (Protocol::Opaque, bytes::Bytes::new())
+        } else {
+            match detect(&mut io, self.limits.protocol_detect_timeout).await {
+                Ok(d) => d,
+                Err(_) => return,
+            }
+        };
+        let io = Prefixed::new(prefix, io);
+        let this = self.clone();
+        let result = match proto {
+            Protocol::Opaque => return self.tcp(io, src, None).await,
+            Protocol::Http1 => {
+                super::serve::http1(TokioIo::new(io), &self.limits, cancel, move |req| {
+                    this.clone().request(req, None, src, Some(Protocol::Http1))
+                })
+                .await
+            }
+            Protocol::Http2 => {
+                super::serve::http2(TokioIo::new(io), &self.limits, cancel, move |req| {
+                    this.clone().request(req, None, src, Some(Protocol::Http2))
+                })
+                .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(src.addr = %src, direction = "inbound", error = %e, "connection ended with an error");
+        }
+    }
+
+    async fn tcp<I>(&self, mut io: I, src: SocketAddr, peer: Option<&SpiffeId>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut app = match TcpStream::connect(self.app).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(src.addr = %src, src.identity = ?peer.map(ToString::to_string), dst.addr = %self.app, error = %e, "app unreachable for TCP");
+                return;
+            }
+        };
+        let _ = app.set_nodelay(true);
+        if let Err(e) = super::tcp::splice(&mut io, &mut app).await {
+            tracing::debug!(src.addr = %src, error = %e, "inbound TCP stream ended with an error");
+        }
+    }
+
+    /// `conn_proto`: the protocol the connection itself speaks to us when it
+    /// is the app's (plaintext or the upgrade path); `None` for sidecar HTTP/2,
+    /// where ORIG_PROTO tells.
+    async fn request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: Option<Arc<SpiffeId>>,
+        src: SocketAddr,
+        conn_proto: Option<Protocol>,
+    ) -> Response<Body> {
+        let start = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let headers = req.headers_mut();
+        // Never trust an identity header from outside.
+        headers.remove(PEER_IDENTITY);
+        if let Some(id) = &peer
+            && let Ok(v) = HeaderValue::from_str(&id.to_string())
+        {
+            headers.insert(PEER_IDENTITY, v);
+        }
+        let orig = headers.remove(ORIG_PROTO);
+        let app_proto = conn_proto.unwrap_or(if orig.as_ref().is_some_and(|v| v == "HTTP/1.1") {
+            Protocol::Http1
+        } else {
+            Protocol::Http2
+        });
+        let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
+        let resp = match self.forward(req, app_proto, upgrade).await {
+            Ok(r) => r,
+            Err((status, msg, e)) => {
+                tracing::warn!(direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(ToString::to_string), http.method = %method, http.path = %path, error = %e, "request to the app failed");
+                error_response(grpc, status, msg)
+            }
+        };
+        self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
+        if self.access_log {
+            tracing::info!(target: "access", direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(ToString::to_string), http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        app_proto: Protocol,
+        upgrade: bool,
+    ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
+        let malformed = |e: String| (StatusCode::BAD_REQUEST, "malformed request", e);
+        if upgrade {
+            return self.upgrade(req).await;
+        }
+        super::strip_hop_by_hop(req.headers_mut());
+        let timeout = self.limits.response_timeout;
+        let timed_out = || (StatusCode::GATEWAY_TIMEOUT, "app timed out", "no response headers in time".to_string());
+        let mut resp = if app_proto == Protocol::Http1 {
+            // HTTP/1: Host carries the caller's authority; the URI names the app.
+            if !req.headers().contains_key(HOST)
+                && let Some(a) = req.uri().authority()
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
+            {
+                req.headers_mut().insert(HOST, v);
+            }
+            let mut parts = req.uri().clone().into_parts();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(self.app_authority.clone());
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(parts).map_err(|e| malformed(e.to_string()))?;
+            *req.version_mut() = Version::HTTP_11;
+            let req = req.map(|b| b.boxed_unsync());
+            tokio::time::timeout(timeout, self.app_h1.request(req)).await.map_err(|_| timed_out())?.map_err(|e| {
+                if e.is_connect() {
+                    (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", format!("{e:?}"))
+                } else {
+                    (StatusCode::BAD_GATEWAY, "app failed", format!("{e:?}"))
+                }
+            })?
+        } else {
+            // HTTP/2: the URI keeps the caller's :authority; the connection goes to the app.
+            if req.uri().scheme().is_none() {
+                let mut parts = req.uri().clone().into_parts();
+                parts.scheme = Some(Scheme::HTTP);
+                if parts.authority.is_none() {
+                    parts.authority = Some(self.app_authority.clone());
+                }
+                if parts.path_and_query.is_none() {
+                    parts.path_and_query = Some(PathAndQuery::from_static("/"));
+                }
+                *req.uri_mut() = Uri::from_parts(parts).map_err(|e| malformed(e.to_string()))?;
+            }
+            *req.version_mut() = Version::HTTP_2;
+            let req = req.map(|b| b.boxed_unsync());
+            let send = async {
+                let mut sender = self.app_h2().await?;
+                let _ = sender.ready().await;
+                match sender.try_send_request(req).await {
+                    Ok(r) => Ok(r),
+                    Err(mut e) => match e.take_message() {
+                        // The connection died before the request left: one retry on a new one.
+                        Some(req) => {
+                            *self.app_h2.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            let mut fresh = self.app_h2().await?;
+                            fresh
+                                .send_request(req)
+                                .await
+                                .map_err(|e| (StatusCode::BAD_GATEWAY, "app failed", e.to_string()))
+                        }
+                        None => Err((StatusCode::BAD_GATEWAY, "app failed", e.into_error().to_string())),
+                    },
+                }
+            };
+            tokio::time::timeout(timeout, send).await.map_err(|_| timed_out())??
+        };
+        super::strip_hop_by_hop(resp.headers_mut());
+        Ok(resp.map(|b| b.boxed_unsync()))
+    }
+
+    /// The HTTP/2 connection to the app, connecting if there is none.
+    async fn app_h2(&self) -> Result<http2::SendRequest<Body>, (StatusCode, &'static str, String)> {
+        let cached = || self.app_h2.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|s| !s.is_closed());
+        if let Some(s) = cached() {
+            return Ok(s);
+        }
+        // One connect at a time; the others reuse its result.
+        let _connecting = self.app_h2_connect.lock().await;
+        if let Some(s) = cached() {
+            return Ok(s);
+        }
+        let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", e);
+        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.app))
+            .await
+            .map_err(|_| unavailable("connect timed out".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "app HTTP/2 connection ended");
+            }
+        });
+        *self.app_h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn upgrade(&self, mut req: Request<Incoming>) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
+        let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", e);
+        let tcp = TcpStream::connect(self.app).await.map_err(|e| unavailable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| unavailable(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let caller_side = hyper::upgrade::on(&mut req);
+        // HTTP/1 requests carry the origin form to the app.
+        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+        let req = req.map(|b| b.boxed_unsync());
+        let mut resp =
+            sender.send_request(req).await.map_err(|e| (StatusCode::BAD_GATEWAY, "app failed", e.to_string()))?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let app_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(super::outbound::splice_upgraded(caller_side, app_side));
+        }
+        Ok(resp.map(|b| b.boxed_unsync()))
+    }
+}
+
+/// A low-cardinality reason for a failed handshake.
+fn handshake_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::NoCertificatesPresented) => "no_client_cert",
+        Some(Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })) => {
+            "expired"
+        }
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => "unknown_issuer",
+        Some(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)) => "bad_identity",
+        Some(Error::InvalidCertificate(_)) => "bad_cert",
+        Some(Error::PeerIncompatible(_) | Error::NoApplicationProtocol) => "incompatible",
+        Some(_) => "protocol",
+        None => "io",
+    }
+}

@@ -1,0 +1,365 @@
+//! The outbound side: the local app connects in plaintext to an explicit
+//! upstream port (`--upstream 127.0.0.1:9001=orders.shop`). The protocol is
+//! detected; HTTP requests go over the pooled HTTP/2 mTLS connection to a
+//! sidecar of the service, opaque TCP over a dedicated mTLS connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::detect::{Prefixed, Protocol, detect};
+use super::peer::{Peer, PeerClient, PeerError};
+use super::tcp::{ConnGuard, Counted};
+use super::{ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, error_response, is_grpc, is_upgrade};
+use crate::config::{Limits, Upstream};
+use crate::directory::{Directory, LookupError};
+use crate::metrics::Metrics;
+
+/// How long to wait for the first chunk of an HTTP/1 chunked body before
+/// forwarding, so a malformed first chunk is refused rather than forwarded.
+const CHUNK_CHECK_WAIT: Duration = Duration::from_millis(20);
+
+/// Shared state of the outbound side.
+#[derive(Debug)]
+pub struct Outbound {
+    pub directory: Arc<Directory>,
+    pub peers: Arc<PeerClient>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub opaque_ports: Vec<u16>,
+    pub access_log: bool,
+}
+
+/// Why a request could not be carried; mapped to an answer in one place.
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("no directory from the control plane yet")]
+    NoDirectory,
+    #[error("service {0} has no registered sidecar")]
+    UnknownService(String),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("upstream: {0}")]
+    Upstream(hyper::Error),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("malformed request body: {0}")]
+    BadBody(hyper::Error),
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    fn response(&self, grpc: bool) -> Response<Body> {
+        let (status, msg) = match self {
+            Self::NoDirectory | Self::UnknownService(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no endpoint for the service")
+            }
+            Self::Peer(PeerError::IdentityMismatch { .. }) => (StatusCode::BAD_GATEWAY, "upstream identity mismatch"),
+            Self::Peer(PeerError::Connect { .. } | PeerError::Timeout { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable")
+            }
+            Self::Peer(PeerError::NoCertificate) => (StatusCode::SERVICE_UNAVAILABLE, "sidecar has no identity yet"),
+            Self::Peer(_) | Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream failed"),
+            Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            Self::BadBody(_) | Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "malformed request"),
+        };
+        error_response(grpc, status, msg)
+    }
+}
+
+impl Outbound {
+    /// Accepts on one upstream listener until cancelled.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        upstream: Upstream,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let opaque = self.opaque_ports.contains(&upstream.listen.port());
+        let service: Arc<str> = upstream.service.into();
+        loop {
+            let (tcp, src) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(src.addr = %src, limit = self.limits.max_connections, "outbound connection limit reached; closing");
+                continue;
+            };
+            let this = self.clone();
+            let service = service.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                this.connection(tcp, src, service, opaque, cancel).await;
+            });
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        src: SocketAddr,
+        service: Arc<str>,
+        opaque: bool,
+        cancel: CancellationToken,
+    ) {
+        let _guard = ConnGuard::new(self.metrics.clone(), Direction::Outbound);
+        let _ = tcp.set_nodelay(true);
+        let mut io = Counted::new(tcp, self.metrics.clone(), Direction::Outbound);
+        let (proto, prefix) = if opaque {
+            (Protocol::Opaque, bytes::Bytes::new())
+        } else {
+            match detect(&mut io, self.limits.protocol_detect_timeout).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(src.addr = %src, error = %e, "connection failed during detection");
+                    return;
+                }
+            }
+        };
+        let io = Prefixed::new(prefix, io);
+        let result = match proto {
+            Protocol::Opaque => return self.tcp(io, src, &service).await,
+            Protocol::Http1 => {
+                let this = self.clone();
+                let limits = self.limits.clone();
+                super::serve::http1(TokioIo::new(io), &limits, cancel, move |req| {
+                    this.clone().request(req, service.clone(), Protocol::Http1)
+                })
+                .await
+            }
+            Protocol::Http2 => {
+                let this = self.clone();
+                let limits = self.limits.clone();
+                super::serve::http2(TokioIo::new(io), &limits, cancel, move |req| {
+                    this.clone().request(req, service.clone(), Protocol::Http2)
+                })
+                .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(src.addr = %src, direction = "outbound", error = %e, "connection ended with an error");
+        }
+    }
+
+    /// Opaque TCP: a dedicated mTLS connection, bytes spliced both ways.
+    async fn tcp<I>(&self, mut io: I, src: SocketAddr, service: &str)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let peer = match self.pick(service) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(src.addr = %src, service, error = %e, "outbound TCP refused");
+                return;
+            }
+        };
+        let mut tls = match self.peers.connect(&peer, ALPN_TCP).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(src.addr = %src, dst.addr = %peer.addr, dst.identity = %peer.identity, error = %e, "outbound TCP failed");
+                return;
+            }
+        };
+        match super::tcp::splice(&mut io, &mut tls).await {
+            Ok((up, down)) => {
+                tracing::debug!(src.addr = %src, dst.addr = %peer.addr, bytes_up = up, bytes_down = down, "TCP stream closed")
+            }
+            Err(e) => {
+                tracing::debug!(src.addr = %src, dst.addr = %peer.addr, error = %e, "TCP stream ended with an error")
+            }
+        }
+    }
+
+    fn pick(&self, service: &str) -> Result<Peer, ProxyError> {
+        self.directory.pick(service).map_err(|e| match e {
+            LookupError::NotLoaded => ProxyError::NoDirectory,
+            LookupError::Unknown => ProxyError::UnknownService(service.to_string()),
+        })
+    }
+
+    async fn request(self: Arc<Self>, req: Request<Incoming>, service: Arc<str>, app: Protocol) -> Response<Body> {
+        let start = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let resp = match self.forward(req, &service, app).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(direction = "outbound", service = %service, http.method = %method, http.path = %path, error = %e, "request failed");
+                e.response(grpc)
+            }
+        };
+        self.metrics.request(Direction::Outbound, resp.status().as_u16(), start.elapsed());
+        if self.access_log {
+            tracing::info!(target: "access", direction = "outbound", service = %service, http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        service: &str,
+        app: Protocol,
+    ) -> Result<Response<Body>, ProxyError> {
+        if app == Protocol::Http1 && is_upgrade(&req) {
+            return self.upgrade(req, service).await;
+        }
+        check_framing(&req)?;
+        if let Some(len) = content_length(&req)?
+            && self.limits.max_request_body_bytes > 0
+            && len > self.limits.max_request_body_bytes
+        {
+            return Err(ProxyError::TooLarge { limit: self.limits.max_request_body_bytes });
+        }
+        let chunked = req.headers().contains_key(TRANSFER_ENCODING);
+        let peer = self.pick(service)?;
+
+        // Rewrite for HTTP/2: absolute URI (authority from Host), no
+        // hop-by-hop headers, the app's version carried in ORIG_PROTO.
+        let authority = authority_of(&req).unwrap_or_else(|| Authority::from_maybe_shared(service.to_string()).ok());
+        let mut parts = req.uri().clone().into_parts();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = authority;
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        let headers = req.headers_mut();
+        super::strip_hop_by_hop(headers);
+        headers.remove(HOST);
+        headers.remove(PEER_IDENTITY);
+        headers.remove(ORIG_PROTO);
+        if app == Protocol::Http1 {
+            headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        }
+        *req.version_mut() = Version::HTTP_2;
+        let (parts, body) = req.into_parts();
+        let body = if app == Protocol::Http1 && chunked {
+            super::body::check_first_frame(body, CHUNK_CHECK_WAIT).await.map_err(ProxyError::BadBody)?
+        } else {
+            body.boxed_unsync()
+        };
+        let req = Request::from_parts(parts, body);
+
+        let mut sender = self.peers.h2(&peer).await?;
+        let send = async {
+            let _ = sender.ready().await;
+            match sender.try_send_request(req).await {
+                Ok(r) => Ok(r),
+                // The pooled connection died before the request left: retry once on a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(req) => {
+                        self.peers.evict(&peer);
+                        let mut fresh = self.peers.h2(&peer).await?;
+                        fresh.send_request(req).await.map_err(ProxyError::Upstream)
+                    }
+                    None => Err(ProxyError::Upstream(e.into_error())),
+                },
+            }
+        };
+        let mut resp = tokio::time::timeout(self.limits.response_timeout, send)
+            .await
+            .map_err(|_| ProxyError::Timeout(self.limits.response_timeout))??;
+        super::strip_hop_by_hop(resp.headers_mut());
+        *resp.version_mut() = if app == Protocol::Http1 { Version::HTTP_11 } else { Version::HTTP_2 };
+        Ok(resp.map(|b| b.boxed_unsync()))
+    }
+
+    /// HTTP/1.1 Upgrade (WebSocket...): a dedicated mTLS connection speaking
+    /// HTTP/1.1, then the two upgraded streams are spliced.
+    async fn upgrade(&self, mut req: Request<Incoming>, service: &str) -> Result<Response<Body>, ProxyError> {
+        let peer = self.pick(service)?;
+        let tls = self.peers.connect(&peer, ALPN_HTTP1).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(ProxyError::Upstream)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let client_side = hyper::upgrade::on(&mut req);
+        req.headers_mut().remove(PEER_IDENTITY);
+        req.headers_mut().remove(ORIG_PROTO);
+        let req = req.map(|b| b.boxed_unsync());
+        let mut resp = tokio::time::timeout(self.limits.response_timeout, sender.send_request(req))
+            .await
+            .map_err(|_| ProxyError::Timeout(self.limits.response_timeout))?
+            .map_err(ProxyError::Upstream)?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let server_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(splice_upgraded(client_side, server_side));
+        }
+        Ok(resp.map(|b| b.boxed_unsync()))
+    }
+}
+
+/// Splices two upgraded HTTP/1.1 connections.
+pub async fn splice_upgraded(a: hyper::upgrade::OnUpgrade, b: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(a, b) {
+        Ok((a, b)) => {
+            let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+            if let Err(e) = super::tcp::splice(&mut a, &mut b).await {
+                tracing::debug!(error = %e, "upgraded stream ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+/// The request's authority: the URI's, else the Host header.
+fn authority_of<B>(req: &Request<B>) -> Option<Option<Authority>> {
+    if let Some(a) = req.uri().authority() {
+        return Some(Some(a.clone()));
+    }
+    let host = req.headers().get(HOST)?;
+    Some(Authority::try_from(host.as_bytes()).ok())
+}
+
+/// Refuses ambiguous HTTP/1 framing that must never be forwarded: both
+/// Content-Length and Transfer-Encoding, or several Content-Length values.
+fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    if h.contains_key(TRANSFER_ENCODING) && h.contains_key(CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+    }
+    if h.get_all(CONTENT_LENGTH).iter().count() > 1 {
+        return Err(ProxyError::BadRequest("several Content-Length headers"));
+    }
+    Ok(())
+}
+
+fn content_length<B>(req: &Request<B>) -> Result<Option<u64>, ProxyError> {
+    match req.headers().get(CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or(ProxyError::BadRequest("invalid Content-Length")),
+    }
+}
