@@ -5,4 +5,5 @@ mod certify;
 mod dataplane;
 mod identity;
 mod k8s;
+mod negative;
 mod operator_ca;

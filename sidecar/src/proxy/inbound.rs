@@ -200,6 +200,7 @@ impl Inbound {
         let result = match proto {
             Protocol::Opaque => return self.tcp(io, src, None).await,
             Protocol::Http1 => {
+                let io = super::h1guard::H1Guard::new(io, self.limits.max_header_bytes, self.limits.max_headers);
                 super::serve::http1(TokioIo::new(io), &self.limits, cancel, move |req| {
                     this.clone().request(req, None, src, Some(Protocol::Http1))
                 })

@@ -148,6 +148,7 @@ impl Outbound {
             Protocol::Http1 => {
                 let this = self.clone();
                 let limits = self.limits.clone();
+                let io = super::h1guard::H1Guard::new(io, limits.max_header_bytes, limits.max_headers);
                 super::serve::http1(TokioIo::new(io), &limits, cancel, move |req| {
                     this.clone().request(req, service.clone(), Protocol::Http1)
                 })
