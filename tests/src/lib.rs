@@ -19,9 +19,10 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(d) = std::env::var("PALISADE_BIN_DIR") {
         return PathBuf::from(d);
     }
-    let exe = std::env::current_exe().expect("invariant: test executable path is known");
-    // target/<profile>/deps/e2e-<hash> -> target/<profile>
-    exe.parent().and_then(Path::parent).expect("invariant: test exe lives in target/<profile>/deps").to_path_buf()
+    let exe = std::env::current_exe().expect("invariant: executable path is known");
+    let dir = exe.parent().expect("invariant: an executable lives in a directory");
+    // Binaries sit beside palisade-bench; tests run from target/<profile>/deps.
+    if dir.join("palisade-sidecar").exists() { dir.to_path_buf() } else { dir.parent().unwrap_or(dir).to_path_buf() }
 }
 
 /// Path of a built binary; fails with the build command if it is missing.
@@ -205,7 +206,11 @@ impl Sidecar {
         if flag("--inbound").is_none() {
             cmd.args(["--inbound", &inbound]);
         }
-        cmd.args(["--directory-refresh", "200ms"]).args(args);
+        // Tests want a directory that follows registrations quickly.
+        if flag("--directory-refresh").is_none() {
+            cmd.args(["--directory-refresh", "200ms"]);
+        }
+        cmd.args(args);
         Ok(Self { proc: Proc::spawn(name, &mut cmd, log_dir)?, admin, inbound })
     }
 

@@ -49,9 +49,9 @@ enum Verdict {
 
 /// Checks one complete request head.
 fn check_head(head: &[u8], max_headers: usize) -> Verdict {
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers[..max_headers.min(128)]) {
         Ok(httparse::Status::Complete(_)) => {}
         // Let hyper answer what it answers best (400/431) for the rest.
         _ => return Verdict::Passthrough,
@@ -104,8 +104,6 @@ pub struct H1Guard<T> {
     pending: BytesMut,
     /// Bytes released to hyper but not yet consumed by it.
     ready: BytesMut,
-    /// Partial line in chunk-size / trailer states.
-    line: usize,
     max_head: usize,
     max_headers: usize,
     reject_written: usize,
@@ -118,7 +116,6 @@ impl<T> H1Guard<T> {
             state: State::Head,
             pending: BytesMut::new(),
             ready: BytesMut::new(),
-            line: 0,
             max_head,
             max_headers,
             reject_written: 0,
@@ -173,28 +170,19 @@ impl<T> H1Guard<T> {
                     self.state = if left == 0 { State::Head } else { State::Body(left) };
                 }
                 State::ChunkSize | State::Trailers => {
-                    let Some(end) = find(&self.pending[self.line..], b"\r\n").map(|i| i + self.line) else {
-                        self.line = self.pending.len();
-                        if self.line > 4096 {
+                    let Some(end) = find(&self.pending, b"\r\n") else {
+                        // Release the partial line; keep a copy to finish it on the fast path.
+                        let part = self.pending.split();
+                        self.ready.extend_from_slice(&part);
+                        self.pending = part;
+                        if self.pending.len() > 4096 {
+                            self.pending.clear();
                             self.state = State::Passthrough;
-                            continue;
                         }
                         return;
                     };
-                    self.line = 0;
                     let line = self.pending.split_to(end + 2);
-                    let text = &line[..end];
-                    self.state = if self.state == State::Trailers {
-                        if text.is_empty() { State::Head } else { State::Trailers }
-                    } else {
-                        let size = text.split(|b| *b == b';').next().unwrap_or_default();
-                        match std::str::from_utf8(size).ok().and_then(|s| u64::from_str_radix(s.trim(), 16).ok()) {
-                            Some(0) => State::Trailers,
-                            Some(n) => State::ChunkData(n + 2),
-                            // hyper will refuse the bad chunk; we stop following.
-                            None => State::Passthrough,
-                        }
-                    };
+                    self.state = self.after_line(&line[..end]);
                     self.ready.unsplit(line);
                 }
                 State::ChunkData(n) => {
@@ -214,6 +202,92 @@ impl<T> H1Guard<T> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+impl<T> H1Guard<T> {
+    /// Fast path: scans bytes just read into hyper's own buffer, without
+    /// copying. Returns how many of them may be released; the rest (a partial
+    /// head, or a rejected request) is held back or dropped.
+    fn scan(&mut self, data: &[u8]) -> usize {
+        let mut i = 0;
+        while i < data.len() {
+            match self.state {
+                State::Passthrough => return data.len(),
+                State::Rejected => return i,
+                State::Body(n) => {
+                    let take = (n as usize).min(data.len() - i);
+                    i += take;
+                    let left = n - take as u64;
+                    self.state = if left == 0 { State::Head } else { State::Body(left) };
+                }
+                State::ChunkData(n) => {
+                    let take = (n as usize).min(data.len() - i);
+                    i += take;
+                    let left = n - take as u64;
+                    self.state = if left == 0 { State::ChunkSize } else { State::ChunkData(left) };
+                }
+                State::Head => {
+                    if data[i..].starts_with(b"\r\n") {
+                        i += 2;
+                        continue;
+                    }
+                    let Some(end) = find(&data[i..], b"\r\n\r\n") else {
+                        // A partial head: hold it back until it is complete.
+                        self.pending.extend_from_slice(&data[i..]);
+                        return i;
+                    };
+                    let head = &data[i..i + end + 4];
+                    match check_head(head, self.max_headers) {
+                        Verdict::Reject(why) => {
+                            tracing::warn!(reason = why, "refused an HTTP/1 request with ambiguous framing");
+                            self.state = State::Rejected;
+                            return i;
+                        }
+                        Verdict::Body(0) => self.state = State::Head,
+                        Verdict::Body(n) => self.state = State::Body(n),
+                        Verdict::Chunked => self.state = State::ChunkSize,
+                        Verdict::Passthrough => self.state = State::Passthrough,
+                    }
+                    i += end + 4;
+                }
+                State::ChunkSize | State::Trailers => {
+                    // Lines are short; keep a copy of a partial one in `pending`.
+                    let Some(end) = find(&data[i..], b"\r\n") else {
+                        // Chunk lines are released as they come, a copy kept to finish them.
+                        self.pending.extend_from_slice(&data[i..]);
+                        if self.pending.len() > 4096 {
+                            self.pending.clear();
+                            self.state = State::Passthrough;
+                        }
+                        return data.len();
+                    };
+                    let state = if self.pending.is_empty() {
+                        self.after_line(&data[i..i + end])
+                    } else {
+                        let mut text = std::mem::take(&mut self.pending);
+                        text.extend_from_slice(&data[i..i + end]);
+                        self.after_line(&text)
+                    };
+                    self.state = state;
+                    i += end + 2;
+                }
+            }
+        }
+        data.len()
+    }
+
+    fn after_line(&self, text: &[u8]) -> State {
+        if self.state == State::Trailers {
+            return if text.is_empty() { State::Head } else { State::Trailers };
+        }
+        let size = text.split(|b| *b == b';').next().unwrap_or_default();
+        match std::str::from_utf8(size).ok().and_then(|s| u64::from_str_radix(s.trim(), 16).ok()) {
+            Some(0) => State::Trailers,
+            Some(n) => State::ChunkData(n + 2),
+            // hyper will refuse the bad chunk; we stop following.
+            None => State::Passthrough,
+        }
+    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for H1Guard<T> {
@@ -240,23 +314,34 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for H1Guard<T> {
                 let _ = Pin::new(&mut this.inner).poll_shutdown(cx);
                 return Poll::Ready(Ok(()));
             }
-            let mut tmp = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            let holding_head = this.state == State::Head && !this.pending.is_empty();
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {
                     // EOF: release anything held (hyper reports the incomplete message).
-                    let rest = this.pending.split();
-                    if rest.is_empty() {
-                        return Poll::Ready(Ok(()));
+                    if holding_head {
+                        let rest = this.pending.split();
+                        this.ready.unsplit(rest);
+                        this.state = State::Passthrough;
+                        continue;
                     }
-                    this.ready.unsplit(rest);
-                    this.state = State::Passthrough;
+                    return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Ok(())) => {
-                    this.pending.extend_from_slice(rb.filled());
-                    this.advance();
+                    if holding_head {
+                        // Slow path: a head spread over several reads.
+                        this.pending.extend_from_slice(&buf.filled()[before..]);
+                        buf.set_filled(before);
+                        this.advance();
+                        continue;
+                    }
+                    let keep = this.scan(&buf.filled()[before..]);
+                    buf.set_filled(before + keep);
+                    if keep > 0 {
+                        return Poll::Ready(Ok(()));
+                    }
                 }
             }
         }
@@ -311,17 +396,29 @@ mod tests {
     }
 
     async fn through(input: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        let (client, server) = tokio::io::duplex(1 << 16);
+        through_pipe(input, 1 << 16).await
+    }
+
+    /// `pipe` small forces every read to return a fragment.
+    async fn through_pipe(input: &[u8], pipe: usize) -> (Vec<u8>, Vec<u8>) {
+        let (client, server) = tokio::io::duplex(pipe);
         let (mut cr, mut cw) = tokio::io::split(client);
-        cw.write_all(input).await.unwrap();
-        cw.shutdown().await.unwrap();
+        let input = input.to_vec();
+        tokio::spawn(async move {
+            cw.write_all(&input).await.unwrap();
+            cw.shutdown().await.unwrap();
+        });
+        // Read the answers concurrently: a small pipe would otherwise block the guard's 400.
+        let answers = tokio::spawn(async move {
+            let mut answered = Vec::new();
+            let _ = cr.read_to_end(&mut answered).await;
+            answered
+        });
         let mut guard = H1Guard::new(server, 65536, 100);
         let mut seen = Vec::new();
         guard.read_to_end(&mut seen).await.unwrap();
         drop(guard);
-        let mut answered = Vec::new();
-        cr.read_to_end(&mut answered).await.unwrap();
-        (seen, answered)
+        (seen, answers.await.unwrap())
     }
 
     #[tokio::test]
@@ -330,6 +427,22 @@ mod tests {
         let (seen, answered) = through(input).await;
         assert_eq!(seen, input.to_vec());
         assert!(answered.is_empty());
+    }
+
+    #[tokio::test]
+    async fn fragmented_reads_give_the_same_stream() {
+        let input = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\r\nPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nT: v\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
+        for pipe in [1, 2, 3, 7, 16] {
+            let (seen, answered) = through_pipe(input, pipe).await;
+            assert_eq!(String::from_utf8_lossy(&seen), String::from_utf8_lossy(input), "pipe {pipe}");
+            assert!(answered.is_empty());
+        }
+        let bad = b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        for pipe in [1, 5] {
+            let (seen, answered) = through_pipe(bad, pipe).await;
+            assert_eq!(seen, b"GET /a HTTP/1.1\r\n\r\n".to_vec(), "pipe {pipe}");
+            assert!(answered.starts_with(b"HTTP/1.1 400"));
+        }
     }
 
     #[tokio::test]

@@ -1,1 +1,420 @@
-fn main() {}
+//! `palisade-bench`: the cost of the mesh against a direct connection,
+//! measured in one run on this machine.
+//!
+//! It starts a control plane, a small HTTP/1.1 upstream app (a child process),
+//! a server sidecar in front of the app and a client sidecar with an explicit
+//! upstream, all from the same build, then drives HTTP/1.1 keep-alive
+//! requests with an embedded load generator:
+//! - max throughput, closed loop, direct (load -> app) and mesh
+//!   (load -> client sidecar -> mTLS/HTTP2 -> server sidecar -> app);
+//! - latency p50/p99/p99.9 at a fixed open-loop rate, measured from each
+//!   request's intended start (corrected for coordinated omission);
+//! - each sidecar's RSS idle and under load, and CPU seconds per 1000 requests.
+//!
+//! Run it with `./scripts/bench.sh [--json FILE]` (release build).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use palisade_tests::{ControlPlane, Sidecar, eventually, free_port};
+use tokio::net::TcpStream;
+
+#[derive(Debug)]
+struct Args {
+    json: Option<PathBuf>,
+    duration: Duration,
+    rate: u64,
+    load_rate: u64,
+    connections: usize,
+}
+
+fn parse_args() -> Result<Option<Args>> {
+    let mut args = Args { json: None, duration: Duration::from_secs(10), rate: 1000, load_rate: 2000, connections: 32 };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "app" => return Ok(None),
+            "--json" => args.json = Some(PathBuf::from(val()?)),
+            "--duration" => args.duration = humantime::parse_duration(&val()?)?,
+            "--rate" => args.rate = val()?.parse()?,
+            "--load-rate" => args.load_rate = val()?.parse()?,
+            "--connections" => args.connections = val()?.parse()?,
+            "-h" | "--help" => {
+                println!(
+                    "palisade-bench [--json FILE] [--duration 10s] [--rate 1000] [--load-rate 2000] [--connections 32]\n\n\
+                     Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
+                     sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
+                     Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; see --help"),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn main() -> Result<()> {
+    palisade_certs::install_default_provider();
+    let Some(args) = parse_args()? else {
+        return run_app();
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(bench(args))
+}
+
+/// The upstream app: a minimal HTTP/1.1 server on one thread, printing its port.
+fn run_app() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("{}", listener.local_addr()?.port());
+        loop {
+            let (tcp, _) = listener.accept().await?;
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    })
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct PathResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+}
+
+async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(s)
+}
+
+async fn one(s: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -> Result<()> {
+    s.ready().await?;
+    let req = hyper::Request::get("/").header("host", "orders.shop").body(Empty::new())?;
+    let resp = s.send_request(req).await?;
+    if resp.status() != 200 {
+        bail!("status {}", resp.status());
+    }
+    resp.into_body().collect().await?;
+    Ok(())
+}
+
+/// Closed loop: `conns` connections, each sending back-to-back; returns requests/s.
+async fn closed_loop(addr: SocketAddr, conns: usize, dur: Duration) -> Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let mut s = connect(addr).await?;
+        let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match one(&mut s).await {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(dur).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = done.load(Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let e = errors.load(Ordering::Relaxed);
+    if e > 0 {
+        eprintln!("warning: {e} errors in the closed-loop run against {addr}");
+    }
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// Open loop at `rate`: requests are due at fixed intervals whatever the
+/// responses do; latency counts from the due time (coordinated omission).
+async fn open_loop(addr: SocketAddr, rate: u64, conns: usize, dur: Duration) -> Result<(Histogram<u64>, u64)> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Instant>(100_000);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let mut workers = Vec::new();
+    for _ in 0..conns {
+        let mut s = connect(addr).await?;
+        let rx = rx.clone();
+        workers.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("invariant: valid bounds");
+            let mut errors = 0u64;
+            loop {
+                let due = { rx.lock().await.recv().await };
+                let Some(due) = due else { break };
+                if one(&mut s).await.is_err() {
+                    errors += 1;
+                }
+                let _ = h.record(due.elapsed().as_micros().max(1) as u64);
+            }
+            (h, errors)
+        }));
+    }
+    // Pace on a dedicated OS thread: tokio's timer has 1 ms granularity,
+    // which would add up to 1 ms of scheduling error to every sample.
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let total = (dur.as_secs_f64() * rate as f64) as u64;
+    let pacer = std::thread::spawn(move || {
+        let start = Instant::now();
+        for i in 0..total {
+            let due = start + interval.mul_f64(i as f64);
+            loop {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                let left = due - now;
+                if left > Duration::from_micros(200) {
+                    std::thread::sleep(left - Duration::from_micros(100));
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            if tx.blocking_send(due).is_err() {
+                break;
+            }
+        }
+    });
+    tokio::task::spawn_blocking(move || pacer.join()).await?.map_err(|_| anyhow::anyhow!("pacer thread panicked"))?;
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for w in workers {
+        let (h, e) = w.await?;
+        all.add(h)?;
+        errors += e;
+    }
+    Ok((all, errors))
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = 100.0; // CLK_TCK on Linux
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} cores, {cpu}")
+}
+
+async fn bench(args: Args) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let bins = palisade_tests::bin_dir();
+    eprintln!(
+        "binaries: {} ({})",
+        bins.display(),
+        if bins.ends_with("release") { "release" } else { "NOT a release build" }
+    );
+    let cp = ControlPlane::start(&dir.join("data"), dir, &["--log", "warn"]).await?;
+
+    let mut app_cmd = Command::new(std::env::current_exe()?);
+    app_cmd.arg("app").stdout(Stdio::piped());
+    let mut app = app_cmd.spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.take().context("app stdout")?), &mut line)?;
+    let app_addr: SocketAddr = format!("127.0.0.1:{}", line.trim()).parse()?;
+    let _app = AppGuard(app);
+
+    let quiet = ["--log", "warn", "--directory-refresh", "2s"];
+    let server = Sidecar::meshed(
+        "bench-server",
+        &cp,
+        dir,
+        "spiffe://cluster.local/ns/shop/sa/orders",
+        &[&["--app", &app_addr.to_string()][..], &quiet].concat(),
+    )
+    .await?;
+    let port = free_port();
+    let client = Sidecar::meshed(
+        "bench-client",
+        &cp,
+        dir,
+        "spiffe://cluster.local/ns/shop/sa/web",
+        &[&["--upstream", &format!("127.0.0.1:{port}=orders.shop")][..], &quiet].concat(),
+    )
+    .await?;
+    eventually("directory", Duration::from_secs(10), || async {
+        (client.metric("palisade_directory_endpoints").await? >= 1.0).then_some(())
+    })
+    .await?;
+    let mesh_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let pids = [server.proc.child.id(), client.proc.child.id()];
+    let idle = pids.map(rss_kb);
+
+    // Warm up both paths (connections, pools, TLS).
+    closed_loop(app_addr, 4, Duration::from_secs(1)).await?;
+    closed_loop(mesh_addr, 4, Duration::from_secs(1)).await?;
+
+    eprintln!("closed loop, {} connections, {:?} each path...", args.connections, args.duration);
+    let direct_rps = closed_loop(app_addr, args.connections, args.duration).await?;
+    let mesh_rps = closed_loop(mesh_addr, args.connections, args.duration).await?;
+
+    eprintln!("open loop at {} rps, {:?} each path...", args.rate, args.duration);
+    let (direct_h, de) = open_loop(app_addr, args.rate, args.connections, args.duration).await?;
+    let cpu0 = pids.map(cpu_seconds);
+    let (mesh_h, me) = open_loop(mesh_addr, args.rate, args.connections, args.duration).await?;
+    let cpu1 = pids.map(cpu_seconds);
+    let reqs = (args.duration.as_secs_f64() * args.rate as f64) / 1000.0;
+    let cpu_rate = [(cpu1[0] - cpu0[0]) / reqs, (cpu1[1] - cpu0[1]) / reqs];
+
+    eprintln!("open loop at {} rps on the mesh for RSS and CPU under load...", args.load_rate);
+    let peak = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                for (i, pid) in pids.iter().enumerate() {
+                    peak[i].fetch_max(rss_kb(*pid), Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let c0 = pids.map(cpu_seconds);
+    let (load_h, le) = open_loop(mesh_addr, args.load_rate, args.connections, args.duration).await?;
+    let c1 = pids.map(cpu_seconds);
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await?;
+    let load_reqs = (args.duration.as_secs_f64() * args.load_rate as f64) / 1000.0;
+    let load_cpu = [(c1[0] - c0[0]) / load_reqs, (c1[1] - c0[1]) / load_reqs];
+    let peak = [peak[0].load(Ordering::Relaxed), peak[1].load(Ordering::Relaxed)];
+    if de + me + le > 0 {
+        eprintln!("warning: errors in open-loop runs: direct {de}, mesh {me}, load {le}");
+    }
+
+    let direct = PathResult {
+        rps: direct_rps,
+        p50_ms: ms(&direct_h, 0.5),
+        p99_ms: ms(&direct_h, 0.99),
+        p999_ms: ms(&direct_h, 0.999),
+    };
+    let mesh =
+        PathResult { rps: mesh_rps, p50_ms: ms(&mesh_h, 0.5), p99_ms: ms(&mesh_h, 0.99), p999_ms: ms(&mesh_h, 0.999) };
+    let cpu_per_1k = cpu_rate[0].max(cpu_rate[1]).max(load_cpu[0]).max(load_cpu[1]);
+    let out = serde_json::json!({
+        "machine": machine(),
+        "duration_s": args.duration.as_secs_f64(),
+        "connections": args.connections,
+        "direct": direct,
+        "mesh": mesh,
+        "rate_rps": args.rate,
+        "load_rate_rps": args.load_rate,
+        "throughput_ratio": mesh_rps / direct_rps,
+        "added_p50_ms": mesh.p50_ms - direct.p50_ms,
+        "added_p99_ms": mesh.p99_ms - direct.p99_ms,
+        "added_p999_ms": mesh.p999_ms - direct.p999_ms,
+        "mesh_at_load_rate": {"p50_ms": ms(&load_h, 0.5), "p99_ms": ms(&load_h, 0.99), "p999_ms": ms(&load_h, 0.999)},
+        "sidecar_rss_idle_kb": idle[0].max(idle[1]),
+        "sidecar_rss_load_kb": peak[0].max(peak[1]),
+        "sidecar_cpu_s_per_1k_req": cpu_per_1k,
+        "per_sidecar": {
+            "server": {"rss_idle_kb": idle[0], "rss_load_kb": peak[0], "cpu_s_per_1k_req_at_rate": cpu_rate[0], "cpu_s_per_1k_req_at_load_rate": load_cpu[0]},
+            "client": {"rss_idle_kb": idle[1], "rss_load_kb": peak[1], "cpu_s_per_1k_req_at_rate": cpu_rate[1], "cpu_s_per_1k_req_at_load_rate": load_cpu[1]},
+        },
+    });
+    println!("machine: {}", machine());
+    println!("{:<34} {:>12} {:>12} {:>12}", "", "direct", "mesh", "mesh/direct");
+    println!(
+        "{:<34} {:>12.0} {:>12.0} {:>11.1}%",
+        "max throughput (rps, closed loop)",
+        direct.rps,
+        mesh.rps,
+        100.0 * mesh.rps / direct.rps
+    );
+    for (name, d, m) in [
+        ("p50", direct.p50_ms, mesh.p50_ms),
+        ("p99", direct.p99_ms, mesh.p99_ms),
+        ("p99.9", direct.p999_ms, mesh.p999_ms),
+    ] {
+        println!(
+            "{:<34} {:>12.3} {:>12.3} {:>+11.3} ms",
+            format!("latency {name} at {} rps (ms)", args.rate),
+            d,
+            m,
+            m - d
+        );
+    }
+    println!("{:<34} {:>12} {:>12}", "sidecar RSS idle (KB)", format!("srv {}", idle[0]), format!("cli {}", idle[1]));
+    println!(
+        "{:<34} {:>12} {:>12}",
+        format!("sidecar RSS at {} rps (KB)", args.load_rate),
+        format!("srv {}", peak[0]),
+        format!("cli {}", peak[1])
+    );
+    println!(
+        "{:<34} {:>12} {:>12}",
+        "sidecar CPU s / 1000 req",
+        format!("srv {:.4}", cpu_rate[0].max(load_cpu[0])),
+        format!("cli {:.4}", cpu_rate[1].max(load_cpu[1]))
+    );
+    if let Some(p) = args.json {
+        std::fs::write(&p, serde_json::to_vec_pretty(&out)?)?;
+        eprintln!("wrote {}", p.display());
+    }
+    drop((client, server));
+    Ok(())
+}
+
+struct AppGuard(std::process::Child);
+impl Drop for AppGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
