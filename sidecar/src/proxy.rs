@@ -19,6 +19,7 @@ pub mod h1guard;
 pub mod inbound;
 pub mod outbound;
 pub mod peer;
+pub mod pool;
 pub mod serve;
 pub mod tcp;
 

@@ -15,10 +15,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use palisade_certs::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -46,10 +43,7 @@ pub struct Inbound {
     pub opaque_ports: Vec<u16>,
     pub access_log: bool,
     app_authority: http::uri::Authority,
-    app_h1: Client<HttpConnector, Body>,
-    /// One multiplexed HTTP/2 connection to the app (h2c), opened on demand.
-    app_h2: std::sync::Mutex<Option<http2::SendRequest<Body>>>,
-    app_h2_connect: tokio::sync::Mutex<()>,
+    app_pool: super::pool::AppPool,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -68,13 +62,6 @@ impl Inbound {
         opaque_ports: Vec<u16>,
         access_log: bool,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let app_h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Self {
             app,
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
@@ -85,9 +72,7 @@ impl Inbound {
             access_log,
             app_authority: http::uri::Authority::try_from(app.to_string().as_str())
                 .expect("invariant: a SocketAddr is a valid authority"),
-            app_h1,
-            app_h2: std::sync::Mutex::new(None),
-            app_h2_connect: tokio::sync::Mutex::new(()),
+            app_pool: super::pool::AppPool::new(app),
         }
     }
 
@@ -291,29 +276,22 @@ impl Inbound {
         let timeout = self.limits.response_timeout;
         let timed_out = || (StatusCode::GATEWAY_TIMEOUT, "app timed out", "no response headers in time".to_string());
         let mut resp = if app_proto == Protocol::Http1 {
-            // HTTP/1: Host carries the caller's authority; the URI names the app.
+            // HTTP/1: Host carries the caller's authority.
             if !req.headers().contains_key(HOST)
                 && let Some(a) = req.uri().authority()
                 && let Ok(v) = HeaderValue::from_str(a.as_str())
             {
                 req.headers_mut().insert(HOST, v);
             }
-            let mut parts = req.uri().clone().into_parts();
-            parts.scheme = Some(Scheme::HTTP);
-            parts.authority = Some(self.app_authority.clone());
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(PathAndQuery::from_static("/"));
-            }
-            *req.uri_mut() = Uri::from_parts(parts).map_err(|e| malformed(e.to_string()))?;
+            // HTTP/1 to the app uses the origin form ("/path?query").
+            let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(pq);
             *req.version_mut() = Version::HTTP_11;
             let req = req.map(|b| b.boxed_unsync());
-            tokio::time::timeout(timeout, self.app_h1.request(req)).await.map_err(|_| timed_out())?.map_err(|e| {
-                if e.is_connect() {
-                    (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", format!("{e:?}"))
-                } else {
-                    (StatusCode::BAD_GATEWAY, "app failed", format!("{e:?}"))
-                }
-            })?
+            tokio::time::timeout(timeout, self.app_pool.send_h1(req))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(app_error)?
         } else {
             // HTTP/2: the URI keeps the caller's :authority; the connection goes to the app.
             if req.uri().scheme().is_none() {
@@ -329,62 +307,13 @@ impl Inbound {
             }
             *req.version_mut() = Version::HTTP_2;
             let req = req.map(|b| b.boxed_unsync());
-            let send = async {
-                let mut sender = self.app_h2().await?;
-                let _ = sender.ready().await;
-                match sender.try_send_request(req).await {
-                    Ok(r) => Ok(r),
-                    Err(mut e) => match e.take_message() {
-                        // The connection died before the request left: one retry on a new one.
-                        Some(req) => {
-                            *self.app_h2.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                            let mut fresh = self.app_h2().await?;
-                            fresh
-                                .send_request(req)
-                                .await
-                                .map_err(|e| (StatusCode::BAD_GATEWAY, "app failed", e.to_string()))
-                        }
-                        None => Err((StatusCode::BAD_GATEWAY, "app failed", e.into_error().to_string())),
-                    },
-                }
-            };
-            tokio::time::timeout(timeout, send).await.map_err(|_| timed_out())??
+            tokio::time::timeout(timeout, self.app_pool.send_h2(req))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(app_error)?
         };
         super::strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(|b| b.boxed_unsync()))
-    }
-
-    /// The HTTP/2 connection to the app, connecting if there is none.
-    async fn app_h2(&self) -> Result<http2::SendRequest<Body>, (StatusCode, &'static str, String)> {
-        let cached = || self.app_h2.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|s| !s.is_closed());
-        if let Some(s) = cached() {
-            return Ok(s);
-        }
-        // One connect at a time; the others reuse its result.
-        let _connecting = self.app_h2_connect.lock().await;
-        if let Some(s) = cached() {
-            return Ok(s);
-        }
-        let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", e);
-        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.app))
-            .await
-            .map_err(|_| unavailable("connect timed out".into()))?
-            .map_err(|e| unavailable(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "app HTTP/2 connection ended");
-            }
-        });
-        *self.app_h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
-        Ok(sender)
+        Ok(resp)
     }
 
     async fn upgrade(&self, mut req: Request<Incoming>) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
@@ -408,6 +337,13 @@ impl Inbound {
             tokio::spawn(super::outbound::splice_upgraded(caller_side, app_side));
         }
         Ok(resp.map(|b| b.boxed_unsync()))
+    }
+}
+
+fn app_error(e: super::pool::AppError) -> (StatusCode, &'static str, String) {
+    match e {
+        super::pool::AppError::Connect { .. } => (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", e.to_string()),
+        super::pool::AppError::Http(_) => (StatusCode::BAD_GATEWAY, "app failed", e.to_string()),
     }
 }
 
