@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The local demo: builds Palisade, starts a control plane, creates a join
-# token, starts a sidecar with it, and shows the proxy and its certificate.
+# The local demo: builds Palisade, starts a control plane, gives two services
+# (web and orders) sidecars with join tokens, shows their identities, then
+# sends web's plaintext HTTP through both sidecars over mTLS to orders.
 # Everything runs on 127.0.0.1; state lives in ./demo-data (removed on start).
 # Ctrl-C (or the end of the script with DEMO_KEEP unset) stops everything.
 set -euo pipefail
@@ -34,9 +35,10 @@ $B/palisadectl check
 step "palisadectl token create --identity spiffe://cluster.local/ns/shop/sa/web --ttl 10m > $DIR/web.token"
 $B/palisadectl token create --identity spiffe://cluster.local/ns/shop/sa/web --ttl 10m > "$DIR/web.token"
 
-step "palisade-sidecar --ca-bundle $DIR/cp/admin/ca.pem --join-token-file $DIR/web.token --admin 127.0.0.1:4191 &"
+step "palisade-sidecar --ca-bundle $DIR/cp/admin/ca.pem --join-token-file $DIR/web.token --admin 127.0.0.1:4191 --upstream 127.0.0.1:9001=orders.shop &"
 $B/palisade-sidecar --control-plane https://127.0.0.1:7700 --ca-bundle "$DIR/cp/admin/ca.pem" \
-  --join-token-file "$DIR/web.token" --admin 127.0.0.1:4191 --inbound 127.0.0.1:4143 2>"$DIR/sidecar-web.log" &
+  --join-token-file "$DIR/web.token" --admin 127.0.0.1:4191 --inbound 127.0.0.1:4143 \
+  --upstream 127.0.0.1:9001=orders.shop 2>"$DIR/sidecar-web.log" &
 pids+=($!)
 wait_for "sidecar ready" curl -sf http://127.0.0.1:4191/ready
 
@@ -53,8 +55,34 @@ $B/palisadectl cert inspect "$DIR/web.pem"
 step "palisadectl token list"
 $B/palisadectl token list
 
-step "curl -s http://127.0.0.1:4191/metrics | grep ^palisade_identity"
-curl -s http://127.0.0.1:4191/metrics | grep '^palisade_identity'
+step "python3 scripts/demo/echo_app.py 8081 orders &    # the orders app, plain HTTP on 127.0.0.1:8081"
+python3 scripts/demo/echo_app.py 8081 orders &
+pids+=($!)
+$B/palisadectl token create --identity spiffe://cluster.local/ns/shop/sa/orders --ttl 10m > "$DIR/orders.token" 2>/dev/null
+
+step "palisade-sidecar ... --join-token-file orders.token --inbound 127.0.0.1:4144 --app 127.0.0.1:8081 --admin 127.0.0.1:4192 &"
+$B/palisade-sidecar --control-plane https://127.0.0.1:7700 --ca-bundle "$DIR/cp/admin/ca.pem" \
+  --join-token-file "$DIR/orders.token" --inbound 127.0.0.1:4144 --app 127.0.0.1:8081 --admin 127.0.0.1:4192 2>"$DIR/sidecar-orders.log" &
+pids+=($!)
+wait_for "orders sidecar ready" curl -sf http://127.0.0.1:4192/ready
+
+wait_for "directory" sh -c 'curl -s http://127.0.0.1:4191/metrics | grep -q "^palisade_directory_endpoints [1-9]"'
+
+step "palisadectl proxies"
+$B/palisadectl proxies
+
+step "curl -s http://127.0.0.1:9001/hello -H 'x-palisade-peer-identity: spoofed'    # web's app calls orders in plain HTTP"
+curl -s http://127.0.0.1:9001/hello -H 'x-palisade-peer-identity: spoofed'
+
+step "curl -s --max-time 2 http://127.0.0.1:4144/hello    # plaintext straight to orders' sidecar: refused (STRICT mTLS)"
+curl -s --max-time 2 http://127.0.0.1:4144/hello || echo "(connection closed: exit $?)"
+
+step "palisadectl cert inspect 127.0.0.1:4144    # the orders sidecar's live certificate"
+$B/palisadectl cert inspect 127.0.0.1:4144
+
+step "curl -s http://127.0.0.1:4191/metrics | grep -E '^palisade_(requests_total|identity_renewals_total|tls_handshake)'"
+curl -s http://127.0.0.1:4191/metrics | grep -E '^palisade_(requests_total\{direction="outbound",status_class="2xx"|identity_renewals_total)'
+curl -s http://127.0.0.1:4192/metrics | grep -E '^palisade_(requests_total\{direction="inbound",status_class="2xx"|tls_handshake_failures_total)'
 
 if [ -n "${DEMO_KEEP:-}" ]; then
   echo; echo "Demo running (logs in $DIR/*.log). Ctrl-C to stop."

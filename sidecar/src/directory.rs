@@ -29,10 +29,25 @@ struct Snapshot {
 }
 
 /// The directory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Directory {
     current: RwLock<Arc<Snapshot>>,
     next: AtomicUsize,
+    /// Asks the refresh loop for an early refresh (a lookup missed).
+    refresh_now: tokio::sync::Notify,
+    /// Bumped on every received directory.
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Self {
+            current: RwLock::default(),
+            next: AtomicUsize::new(0),
+            refresh_now: tokio::sync::Notify::new(),
+            version: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 /// Why no peer could be chosen.
@@ -58,6 +73,22 @@ impl Directory {
         }
     }
 
+    /// Like [`pick`](Self::pick), but on a miss asks for an immediate refresh
+    /// and waits up to `wait` for it, so the first call to a service that
+    /// just registered does not fail.
+    pub async fn pick_or_refresh(&self, service: &str, wait: Duration) -> Result<Peer, LookupError> {
+        match self.pick(service) {
+            Ok(p) => Ok(p),
+            Err(_) => {
+                let mut updates = self.version.subscribe();
+                updates.mark_unchanged();
+                self.refresh_now.notify_one();
+                let _ = tokio::time::timeout(wait, updates.changed()).await;
+                self.pick(service)
+            }
+        }
+    }
+
     /// The identity expected at `addr` (transparent mode's lookup).
     pub fn identity_at(&self, addr: &SocketAddr) -> Option<SpiffeId> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).by_addr.get(addr).cloned()
@@ -73,6 +104,7 @@ impl Directory {
             n += 1;
         }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+        self.version.send_modify(|v| *v += 1);
         n
     }
 }
@@ -98,6 +130,7 @@ impl DirectoryClient {
             if self.svids.valid().is_some() {
                 match self.refresh_once(&mut channel).await {
                     Ok(n) => {
+                        tracing::debug!(endpoints = n, "directory refreshed");
                         if failures > 0 {
                             tracing::info!(endpoints = n, "directory refresh recovered");
                         }
@@ -115,8 +148,11 @@ impl DirectoryClient {
                     }
                 }
             }
-            tokio::time::sleep(if self.svids.valid().is_some() { self.refresh } else { Duration::from_millis(100) })
-                .await;
+            let wait = if self.svids.valid().is_some() { self.refresh } else { Duration::from_millis(100) };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.directory.refresh_now.notified() => {}
+            }
         }
     }
 
@@ -154,6 +190,21 @@ impl DirectoryClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_miss_triggers_a_refresh_and_waits_for_it() {
+        let d = Arc::new(Directory::default());
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        d.replace([]);
+        let d2 = d.clone();
+        let refresher = tokio::spawn(async move {
+            d2.refresh_now.notified().await;
+            d2.replace([("web.shop".to_string(), id, "127.0.0.1:1".parse().unwrap())]);
+        });
+        let p = d.pick_or_refresh("web.shop", Duration::from_secs(5)).await;
+        assert!(p.is_ok(), "{p:?}");
+        refresher.await.unwrap();
+    }
 
     #[test]
     fn picks_round_robin_and_reports_unknown() {

@@ -366,3 +366,31 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     assert_eq!(status.code(), Some(0), "{}", p.client.proc.logs());
     assert!(p.client.proc.logs().contains("drained"));
 }
+
+#[tokio::test]
+async fn a_service_registered_after_the_caller_is_reachable_at_once() {
+    let app = HttpApp::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
+    let port = free_port();
+    // A slow periodic refresh: only the on-miss refresh can find the new service in time.
+    let client = Sidecar::meshed(
+        "client",
+        &cp,
+        tmp.path(),
+        WEB,
+        &["--upstream", &format!("127.0.0.1:{port}=orders.shop"), "--directory-refresh", "60s"],
+    )
+    .await
+    .unwrap();
+    eventually("first directory", Duration::from_secs(10), || async {
+        (client.metric("palisade_directory_endpoints").await? >= 1.0).then_some(())
+    })
+    .await
+    .unwrap();
+    let _server = Sidecar::meshed("server", &cp, tmp.path(), ORDERS, &["--app", &app.addr.to_string()]).await.unwrap();
+    let mut c = h1_client(port).await;
+    let req = hyper::Request::get("/hello").header("host", "orders").body(Full::new(Bytes::new())).unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", client.proc.logs());
+}

@@ -30,6 +30,9 @@ use crate::metrics::Metrics;
 /// forwarding, so a malformed first chunk is refused rather than forwarded.
 const CHUNK_CHECK_WAIT: Duration = Duration::from_millis(20);
 
+/// On a directory miss, how long a request waits for a fresh directory.
+const DIRECTORY_MISS_WAIT: Duration = Duration::from_secs(1);
+
 /// Shared state of the outbound side.
 #[derive(Debug)]
 pub struct Outbound {
@@ -173,7 +176,7 @@ impl Outbound {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let peer = match self.pick(service) {
+        let peer = match self.pick(service).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(src.addr = %src, service, error = %e, "outbound TCP refused");
@@ -197,8 +200,8 @@ impl Outbound {
         }
     }
 
-    fn pick(&self, service: &str) -> Result<Peer, ProxyError> {
-        self.directory.pick(service).map_err(|e| match e {
+    async fn pick(&self, service: &str) -> Result<Peer, ProxyError> {
+        self.directory.pick_or_refresh(service, DIRECTORY_MISS_WAIT).await.map_err(|e| match e {
             LookupError::NotLoaded => ProxyError::NoDirectory,
             LookupError::Unknown => ProxyError::UnknownService(service.to_string()),
         })
@@ -239,7 +242,7 @@ impl Outbound {
             return Err(ProxyError::TooLarge { limit: self.limits.max_request_body_bytes });
         }
         let chunked = req.headers().contains_key(TRANSFER_ENCODING);
-        let peer = self.pick(service)?;
+        let peer = self.pick(service).await?;
 
         // Rewrite for HTTP/2: absolute URI (authority from Host), no
         // hop-by-hop headers, the app's version carried in ORIG_PROTO.
@@ -295,7 +298,7 @@ impl Outbound {
     /// HTTP/1.1 Upgrade (WebSocket...): a dedicated mTLS connection speaking
     /// HTTP/1.1, then the two upgraded streams are spliced.
     async fn upgrade(&self, mut req: Request<Incoming>, service: &str) -> Result<Response<Body>, ProxyError> {
-        let peer = self.pick(service)?;
+        let peer = self.pick(service).await?;
         let tls = self.peers.connect(&peer, ALPN_HTTP1).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(ProxyError::Upstream)?;

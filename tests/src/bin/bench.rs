@@ -268,6 +268,7 @@ async fn bench(args: Args) -> Result<()> {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.take().context("app stdout")?), &mut line)?;
     let app_addr: SocketAddr = format!("127.0.0.1:{}", line.trim()).parse()?;
+    let app_pid = app.id();
     let _app = AppGuard(app);
 
     let quiet = ["--log", "warn", "--directory-refresh", "2s"];
@@ -305,7 +306,9 @@ async fn bench(args: Args) -> Result<()> {
     let mesh_rps = closed_loop(mesh_addr, args.connections, args.duration).await?;
 
     eprintln!("open loop at {} rps, {:?} each path...", args.rate, args.duration);
+    let app_cpu0 = cpu_seconds(app_pid);
     let (direct_h, de) = open_loop(app_addr, args.rate, args.connections, args.duration).await?;
+    let app_cpu = (cpu_seconds(app_pid) - app_cpu0) / ((args.duration.as_secs_f64() * args.rate as f64) / 1000.0);
     let cpu0 = pids.map(cpu_seconds);
     let (mesh_h, me) = open_loop(mesh_addr, args.rate, args.connections, args.duration).await?;
     let cpu1 = pids.map(cpu_seconds);
@@ -363,6 +366,8 @@ async fn bench(args: Args) -> Result<()> {
         "sidecar_rss_idle_kb": idle[0].max(idle[1]),
         "sidecar_rss_load_kb": peak[0].max(peak[1]),
         "sidecar_cpu_s_per_1k_req": cpu_per_1k,
+        // Calibration: what the minimal upstream app itself costs per request on this machine.
+        "app_cpu_s_per_1k_req_direct": app_cpu,
         "per_sidecar": {
             "server": {"rss_idle_kb": idle[0], "rss_load_kb": peak[0], "cpu_s_per_1k_req_at_rate": cpu_rate[0], "cpu_s_per_1k_req_at_load_rate": load_cpu[0]},
             "client": {"rss_idle_kb": idle[1], "rss_load_kb": peak[1], "cpu_s_per_1k_req_at_rate": cpu_rate[1], "cpu_s_per_1k_req_at_load_rate": load_cpu[1]},
@@ -403,6 +408,7 @@ async fn bench(args: Args) -> Result<()> {
         format!("srv {:.4}", cpu_rate[0].max(load_cpu[0])),
         format!("cli {:.4}", cpu_rate[1].max(load_cpu[1]))
     );
+    println!("{:<34} {:>12.4}", "app CPU s / 1000 req (direct)", app_cpu);
     if let Some(p) = args.json {
         std::fs::write(&p, serde_json::to_vec_pretty(&out)?)?;
         eprintln!("wrote {}", p.display());

@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""A tiny demo app: answers every request with what it received, including
+the caller identity the Palisade sidecar put in x-palisade-peer-identity."""
+import http.server
+import json
+import sys
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = json.dumps({
+            "app": sys.argv[2] if len(sys.argv) > 2 else "app",
+            "path": self.path,
+            "caller": self.headers.get("x-palisade-peer-identity"),
+        }).encode() + b"\n"
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
