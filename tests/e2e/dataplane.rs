@@ -352,6 +352,12 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     .unwrap();
     let pid = p.client.proc.child.id().to_string();
     std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    // Not ready while draining, so Kubernetes stops sending traffic.
+    eventually("/ready turns 503", Duration::from_secs(5), || async {
+        (p.client.get("/ready").await?.0 == 503).then_some(())
+    })
+    .await
+    .unwrap();
     // New connections are refused while draining.
     eventually("listener closed", Duration::from_secs(5), || async {
         TcpStream::connect(("127.0.0.1", port)).await.is_err().then_some(())
