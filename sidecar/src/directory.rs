@@ -142,7 +142,7 @@ impl DirectoryClient {
                         failures += 1;
                         self.metrics.directory_refresh_failures.inc();
                         // Log the first failure and then every 30th, not every tick.
-                        if failures == 1 || failures % 30 == 0 {
+                        if failures == 1 || failures.is_multiple_of(30) {
                             tracing::warn!(error = %e, failures, "directory refresh failed; keeping the last good directory");
                         }
                     }

@@ -297,7 +297,7 @@ async fn certificate_rotation_is_hitless_under_sustained_traffic() {
         n += 1;
         // Mostly one keep-alive connection (rides the live mTLS connection),
         // and every 20th request on a new app connection.
-        if n % 20 == 0 {
+        if n.is_multiple_of(20) {
             c = h1_client(p.port).await;
         }
         let req = hyper::Request::get("/hello").header("host", "orders").body(Full::new(Bytes::new())).unwrap();

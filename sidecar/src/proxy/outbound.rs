@@ -246,7 +246,7 @@ impl Outbound {
 
         // Rewrite for HTTP/2: absolute URI (authority from Host), no
         // hop-by-hop headers, the app's version carried in ORIG_PROTO.
-        let authority = authority_of(&req).unwrap_or_else(|| Authority::from_maybe_shared(service.to_string()).ok());
+        let authority = authority_of(&req).unwrap_or_else(|| Authority::try_from(service).ok());
         let mut parts = req.uri().clone().into_parts();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = authority;

@@ -46,6 +46,9 @@ pub struct Peer {
     pub identity: SpiffeId,
 }
 
+/// A client TLS config is specific to the identity expected and the ALPN.
+type ConfigKey = (SpiffeId, &'static [u8]);
+
 /// The client side of sidecar-to-sidecar connections.
 #[derive(Debug)]
 pub struct PeerClient {
@@ -53,7 +56,7 @@ pub struct PeerClient {
     bundle: TrustBundle,
     metrics: Arc<Metrics>,
     /// rustls configs per (identity, ALPN), kept for session resumption.
-    configs: Mutex<HashMap<(SpiffeId, &'static [u8]), Arc<rustls::ClientConfig>>>,
+    configs: Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>,
     pool: Mutex<HashMap<Peer, http2::SendRequest<Body>>>,
 }
 
