@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use palisade_certs::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -78,30 +77,11 @@ impl Inbound {
 
     /// Accepts until cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken, tracker: TaskTracker) {
-        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
-        loop {
-            let (tcp, src) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "inbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(src.addr = %src, limit = self.limits.max_connections, "inbound connection limit reached; closing");
-                continue;
-            };
-            let this = self.clone();
-            let cancel = cancel.clone();
-            tracker.spawn(async move {
-                let _permit = permit;
-                this.connection(tcp, src, cancel).await;
-            });
-        }
+        let limit = self.limits.max_connections;
+        super::serve::accept_loop(listener, Direction::Inbound, limit, cancel.clone(), tracker, move |tcp, src| {
+            self.clone().connection(tcp, src, cancel.clone())
+        })
+        .await;
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, src: SocketAddr, cancel: CancellationToken) {

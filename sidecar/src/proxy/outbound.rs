@@ -14,7 +14,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -94,33 +93,13 @@ impl Outbound {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
         let opaque = self.opaque_ports.contains(&upstream.listen.port());
         let service: Arc<str> = upstream.service.into();
-        loop {
-            let (tcp, src) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(src.addr = %src, limit = self.limits.max_connections, "outbound connection limit reached; closing");
-                continue;
-            };
-            let this = self.clone();
-            let service = service.clone();
-            let cancel = cancel.clone();
-            tracker.spawn(async move {
-                let _permit = permit;
-                this.connection(tcp, src, service, opaque, cancel).await;
-            });
-        }
+        let limit = self.limits.max_connections;
+        super::serve::accept_loop(listener, Direction::Outbound, limit, cancel.clone(), tracker, move |tcp, src| {
+            self.clone().connection(tcp, src, service.clone(), opaque, cancel.clone())
+        })
+        .await;
     }
 
     async fn connection(

@@ -71,3 +71,43 @@ where
         }
     }
 }
+
+/// Accepts on `listener` until `cancel`, running `handle` for each connection
+/// under `tracker` (so draining can wait for it), with at most
+/// `max_connections` open at once: beyond that, new connections are closed.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    direction: super::Direction,
+    max_connections: usize,
+    cancel: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
+    loop {
+        let (tcp, src) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(direction = direction.as_str(), error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(direction = direction.as_str(), src.addr = %src, limit = max_connections, "connection limit reached; closing");
+            continue;
+        };
+        let conn = handle(tcp, src);
+        tracker.spawn(async move {
+            let _permit = permit;
+            conn.await;
+        });
+    }
+}
