@@ -1,11 +1,21 @@
-//! Palisade policy: the `AuthorizationPolicy`, `RateLimitPolicy`,
-//! `AuthenticationPolicy` and `TrafficPolicy` resources (apiVersion
-//! `palisade.dev/v1`), their validation, compilation into indexed per-workload
-//! rule sets, and the evaluator, shared by the control plane (validate,
-//! simulate) and the sidecar (enforce).
+//! Palisade policy: the `AuthorizationPolicy` and `RateLimitPolicy`
+//! resources (apiVersion `palisade.dev/v1`), parsed from YAML or JSON, their
+//! validation with precise errors, their compilation into an indexed rule
+//! set for one workload, the authorization evaluator, and the rate-limit
+//! algorithms. Shared by the control plane (validate, simulate) and the
+//! sidecar (enforce), so both sides judge a resource the same way.
 //!
-//! Not yet implemented: this crate holds only the API version constant until
-//! the policy issue lands. It is not a general-purpose policy engine.
+//! Not yet wired: neither the control plane nor the sidecar use this crate
+//! today (the policy issue does that); it is not a general policy engine.
+
+#![warn(missing_docs)]
+
+pub mod eval;
+pub mod ratelimit;
+pub mod resource;
+
+pub use eval::{Decision, Request, RuleSet, Verdict};
+pub use resource::{PolicyError, Resource};
 
 /// The `apiVersion` of every Palisade resource.
 pub const API_VERSION: &str = "palisade.dev/v1";

@@ -1,0 +1,298 @@
+//! Compiled rule sets and the authorization decision.
+//!
+//! Order of evaluation at the callee: any matching DENY denies; if any ALLOW
+//! policy targets the workload a request must match one of its rules;
+//! otherwise the mesh default applies (deny, or allow authenticated callers).
+//! AUDIT policies are evaluated as if they were ALLOW policies and reported
+//! (would allow / would deny), never enforced.
+//!
+//! Rules whose callers are exact SPIFFE IDs are indexed by caller, so a
+//! decision looks at the caller's own rules plus the few generic ones
+//! (globs, namespaces, any caller), whatever the total number of rules.
+
+use std::collections::HashMap;
+
+use wildmatch::WildMatch;
+
+use crate::resource::{Action, Condition, Operation, Resource, Rule, Source};
+
+/// The request as the callee's sidecar sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Request<'a> {
+    /// The verified caller identity; `None` for plaintext (PERMISSIVE) callers.
+    pub source: Option<&'a str>,
+    /// HTTP method (`None` for TCP).
+    pub method: Option<&'a str>,
+    /// Path without query (`None` for TCP).
+    pub path: Option<&'a str>,
+    /// Destination port.
+    pub port: u16,
+    /// Host / authority.
+    pub host: Option<&'a str>,
+    /// Headers, names in lower case.
+    pub headers: Vec<(&'a str, &'a str)>,
+}
+
+/// The enforced outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward.
+    Allow,
+    /// Refuse (403 / PERMISSION_DENIED / TCP close).
+    Deny,
+}
+
+/// A decision and what made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// What is enforced.
+    pub verdict: Verdict,
+    /// `namespace/name` of the deciding policy, if one decided.
+    pub policy: Option<String>,
+    /// Index of the deciding rule in that policy.
+    pub rule: Option<usize>,
+    /// Why, for logs and `authz check`.
+    pub reason: String,
+    /// AUDIT outcome: `Some(true)` would allow, `Some(false)` would deny.
+    pub audit: Option<bool>,
+}
+
+impl Decision {
+    /// `allow`, `deny`, `audit_allow` or `audit_deny` (the names of `authz check`).
+    pub fn label(&self) -> &'static str {
+        match (self.verdict, self.audit) {
+            (Verdict::Deny, _) => "deny",
+            (Verdict::Allow, None) => "allow",
+            (Verdict::Allow, Some(true)) => "audit_allow",
+            (Verdict::Allow, Some(false)) => "audit_deny",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    policy: String,
+    index: usize,
+    from: Vec<CompiledSource>,
+    to: Vec<CompiledOp>,
+    when: Vec<(String, Vec<WildMatch>)>,
+}
+
+#[derive(Debug)]
+struct CompiledSource {
+    identities: Vec<WildMatch>,
+    not_identities: Vec<WildMatch>,
+    namespaces: Vec<WildMatch>,
+    not_namespaces: Vec<WildMatch>,
+    unauthenticated: Option<bool>,
+}
+
+#[derive(Debug)]
+struct CompiledOp {
+    methods: Vec<String>,
+    paths: Vec<WildMatch>,
+    ports: Vec<u16>,
+    hosts: Vec<WildMatch>,
+}
+
+/// Rules of one action, indexed by exact caller identity.
+#[derive(Debug, Default)]
+struct Index {
+    rules: Vec<CompiledRule>,
+    by_identity: HashMap<String, Vec<usize>>,
+    generic: Vec<usize>,
+    /// Whether any policy of this action targets the workload (even with no rules).
+    present: bool,
+}
+
+/// The rules that apply to one workload, compiled.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    deny: Index,
+    allow: Index,
+    audit: Index,
+    /// Mesh default when no ALLOW policy targets the workload.
+    default_allow_authenticated: bool,
+}
+
+fn globs(v: &[String]) -> Vec<WildMatch> {
+    v.iter().map(|s| WildMatch::new(s)).collect()
+}
+
+fn is_exact(s: &str) -> bool {
+    !s.contains('*') && !s.contains('?')
+}
+
+/// The namespace of `spiffe://td/ns/<ns>/sa/<sa>`.
+fn namespace_of(id: &str) -> Option<&str> {
+    let mut it = id.strip_prefix("spiffe://")?.split('/');
+    it.next()?;
+    match (it.next(), it.next()) {
+        (Some("ns"), Some(ns)) => Some(ns),
+        _ => None,
+    }
+}
+
+impl Index {
+    fn add(&mut self, policy: &str, index: usize, rule: &Rule) {
+        let compiled = CompiledRule {
+            policy: policy.to_string(),
+            index,
+            from: rule.from.iter().map(compile_source).collect(),
+            to: rule.to.iter().map(compile_op).collect(),
+            when: rule.when.iter().map(|c: &Condition| (c.header.to_ascii_lowercase(), globs(&c.values))).collect(),
+        };
+        let id = self.rules.len();
+        // Indexable: every `from` entry names only exact identities.
+        let exact: Option<Vec<&String>> = if rule.from.is_empty() {
+            None
+        } else {
+            rule.from
+                .iter()
+                .map(|s| {
+                    let only_ids = s.not_identities.is_empty()
+                        && s.namespaces.is_empty()
+                        && s.not_namespaces.is_empty()
+                        && s.unauthenticated.is_none()
+                        && !s.identities.is_empty()
+                        && s.identities.iter().all(|i| is_exact(i));
+                    only_ids.then_some(&s.identities)
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.into_iter().flatten().collect())
+        };
+        match exact {
+            Some(ids) => {
+                for i in ids {
+                    let list = self.by_identity.entry(i.clone()).or_default();
+                    if list.last() != Some(&id) {
+                        list.push(id);
+                    }
+                }
+            }
+            None => self.generic.push(id),
+        }
+        self.rules.push(compiled);
+    }
+
+    /// The first matching rule, in policy then rule order.
+    fn first_match(&self, req: &Request<'_>) -> Option<&CompiledRule> {
+        let own = req.source.and_then(|s| self.by_identity.get(s)).map(Vec::as_slice).unwrap_or_default();
+        let mut best: Option<usize> = None;
+        for &i in own.iter().chain(self.generic.iter()) {
+            if best.is_some_and(|b| b <= i) {
+                continue;
+            }
+            if matches(&self.rules[i], req) {
+                best = Some(i);
+            }
+        }
+        best.map(|i| &self.rules[i])
+    }
+}
+
+fn compile_source(s: &Source) -> CompiledSource {
+    CompiledSource {
+        identities: globs(&s.identities),
+        not_identities: globs(&s.not_identities),
+        namespaces: globs(&s.namespaces),
+        not_namespaces: globs(&s.not_namespaces),
+        unauthenticated: s.unauthenticated,
+    }
+}
+
+fn compile_op(o: &Operation) -> CompiledOp {
+    CompiledOp { methods: o.methods.clone(), paths: globs(&o.paths), ports: o.ports.clone(), hosts: globs(&o.hosts) }
+}
+
+fn any_or_empty(list: &[WildMatch], value: Option<&str>) -> bool {
+    list.is_empty() || value.is_some_and(|v| list.iter().any(|g| g.matches(v)))
+}
+
+fn source_matches(s: &CompiledSource, req: &Request<'_>) -> bool {
+    if let Some(want_unauth) = s.unauthenticated
+        && want_unauth != req.source.is_none()
+    {
+        return false;
+    }
+    let ns = req.source.and_then(namespace_of);
+    any_or_empty(&s.identities, req.source)
+        && any_or_empty(&s.namespaces, ns)
+        && !s.not_identities.iter().any(|g| req.source.is_some_and(|v| g.matches(v)))
+        && !s.not_namespaces.iter().any(|g| ns.is_some_and(|v| g.matches(v)))
+}
+
+fn op_matches(o: &CompiledOp, req: &Request<'_>) -> bool {
+    (o.methods.is_empty() || req.method.is_some_and(|m| o.methods.iter().any(|x| x == "*" || x == m)))
+        && any_or_empty(&o.paths, req.path)
+        && (o.ports.is_empty() || o.ports.contains(&req.port))
+        && any_or_empty(&o.hosts, req.host)
+}
+
+fn matches(r: &CompiledRule, req: &Request<'_>) -> bool {
+    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, req)))
+        && (r.to.is_empty() || r.to.iter().any(|o| op_matches(o, req)))
+        && r.when.iter().all(|(h, vals)| req.headers.iter().any(|(n, v)| n == h && vals.iter().any(|g| g.matches(v))))
+}
+
+impl RuleSet {
+    /// Compiles the authorization policies among `resources` that target `workload`.
+    pub fn compile(resources: &[Resource], workload: &str, default_allow_authenticated: bool) -> Self {
+        let mut set = RuleSet { default_allow_authenticated, ..Default::default() };
+        let mut sorted: Vec<&Resource> = resources.iter().collect();
+        sorted.sort_by_key(|r| r.key());
+        for r in sorted {
+            let Resource::AuthorizationPolicy { spec, .. } = r else { continue };
+            if !spec.target.identities.iter().any(|g| WildMatch::new(g).matches(workload)) {
+                continue;
+            }
+            let index = match spec.action {
+                Action::Deny => &mut set.deny,
+                Action::Allow => &mut set.allow,
+                Action::Audit => &mut set.audit,
+            };
+            index.present = true;
+            let key = r.key();
+            for (i, rule) in spec.rules.iter().enumerate() {
+                index.add(&key, i, rule);
+            }
+        }
+        set
+    }
+
+    /// Decides one request.
+    pub fn decide(&self, req: &Request<'_>) -> Decision {
+        let audit = self.audit.present.then(|| self.audit.first_match(req).is_some());
+        let decided = |verdict, r: &CompiledRule, reason: String| Decision {
+            verdict,
+            policy: Some(r.policy.clone()),
+            rule: Some(r.index),
+            reason,
+            audit,
+        };
+        if let Some(r) = self.deny.first_match(req) {
+            return decided(Verdict::Deny, r, format!("DENY rule {} of {} matched", r.index, r.policy));
+        }
+        if self.allow.present {
+            return match self.allow.first_match(req) {
+                Some(r) => decided(Verdict::Allow, r, format!("ALLOW rule {} of {} matched", r.index, r.policy)),
+                None => Decision {
+                    verdict: Verdict::Deny,
+                    policy: None,
+                    rule: None,
+                    reason: "ALLOW policies target this workload and none of their rules matched".into(),
+                    audit,
+                },
+            };
+        }
+        let (verdict, reason) = if self.default_allow_authenticated && req.source.is_some() {
+            (Verdict::Allow, "no ALLOW policy targets this workload; the mesh default allows authenticated callers")
+        } else {
+            (Verdict::Deny, "no ALLOW policy targets this workload; the mesh default is deny")
+        };
+        Decision { verdict, policy: None, rule: None, reason: reason.into(), audit }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,515 @@
+//! The resources, as operators write them (the field names are the API).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ratelimit::Algorithm;
+
+/// Why a document is not a valid Palisade resource. Every variant names the
+/// resource and the field, says what is wrong, and what would be right.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The text is not YAML/JSON of the expected shape (unknown field, wrong type...).
+    #[error("{what}: {message}")]
+    Parse {
+        /// Which document or resource.
+        what: String,
+        /// What the parser said (names the field).
+        message: String,
+    },
+    /// A field holds a value that is not allowed.
+    #[error("{resource}: {field}: {value:?} {why}")]
+    Invalid {
+        /// `Kind namespace/name`.
+        resource: String,
+        /// Path of the field, e.g. `spec.rules[0].to[1].methods[0]`.
+        field: String,
+        /// The offending value.
+        value: String,
+        /// Why, and what is expected.
+        why: String,
+    },
+}
+
+/// `metadata`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// DNS-label-like name.
+    pub name: String,
+    /// The namespace the policy belongs to.
+    pub namespace: String,
+}
+
+/// Which workloads a policy applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// SPIFFE IDs (globs: `*` matches within and across segments, `?` one character).
+    #[serde(default)]
+    pub identities: Vec<String>,
+}
+
+/// What an authorization policy does when a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    /// The request may pass (if no DENY matched).
+    Allow,
+    /// The request is refused.
+    Deny,
+    /// Dry run: evaluated, logged and counted, never enforced.
+    Audit,
+}
+
+/// Who a rule is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Source {
+    /// Caller SPIFFE IDs (globs).
+    #[serde(default)]
+    pub identities: Vec<String>,
+    /// Caller SPIFFE IDs that do not match (globs).
+    #[serde(default)]
+    pub not_identities: Vec<String>,
+    /// Caller namespaces (globs).
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Caller namespaces that do not match (globs).
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    /// `true`: matches only plaintext callers (PERMISSIVE mode); `false`: only authenticated ones.
+    #[serde(default)]
+    pub unauthenticated: Option<bool>,
+}
+
+/// What a request does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Operation {
+    /// HTTP methods, upper case.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Paths: exact (`/health`), or globs (`/api/*`).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Destination ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Hosts / authorities (globs).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// A header condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    /// Header name (case-insensitive).
+    pub header: String,
+    /// Accepted values (globs); the header must be present with one of them.
+    pub values: Vec<String>,
+}
+
+/// One authorization rule: all of its parts must match (each list: any entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Callers; empty: any caller.
+    #[serde(default)]
+    pub from: Vec<Source>,
+    /// Operations; empty: any.
+    #[serde(default)]
+    pub to: Vec<Operation>,
+    /// Header conditions; all must hold.
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+/// `AuthorizationPolicy.spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationSpec {
+    /// Workloads it applies to.
+    pub target: Target,
+    /// ALLOW, DENY or AUDIT.
+    pub action: Action,
+    /// Rules; a policy with none matches nothing (ALLOW with no rules allows nothing).
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// Where a rate limit's quota lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Each sidecar enforces the full quota.
+    #[default]
+    Sidecar,
+    /// The control plane divides the quota among the target's ready replicas.
+    Cluster,
+}
+
+/// The request match of a limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitMatch {
+    /// Paths (exact or globs); empty: any.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Methods; empty: any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// One limit of a `RateLimitPolicy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// Name, unique in the policy (shown in `RateLimit-Policy`).
+    pub name: String,
+    /// Which requests count; absent: all.
+    #[serde(default, rename = "match")]
+    pub match_: LimitMatch,
+    /// `identity`, `header:<name>`, `source_ip` or `none`.
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// Requests per period.
+    pub rate: u64,
+    /// The period (`1s`, `1m`...).
+    pub period: String,
+    /// Burst allowance (token/leaky bucket only).
+    #[serde(default)]
+    pub burst: u64,
+    /// `sidecar` or `cluster`.
+    #[serde(default)]
+    pub scope: Scope,
+}
+
+fn default_key() -> String {
+    "identity".into()
+}
+
+/// `RateLimitPolicy.spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Workloads it applies to.
+    pub target: Target,
+    /// Limits, checked in order.
+    pub limits: Vec<Limit>,
+}
+
+/// A parsed, validated resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind")]
+pub enum Resource {
+    /// An authorization policy.
+    AuthorizationPolicy {
+        /// Always [`crate::API_VERSION`].
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        /// Name and namespace.
+        metadata: Metadata,
+        /// The policy.
+        spec: AuthorizationSpec,
+    },
+    /// A rate-limit policy.
+    RateLimitPolicy {
+        /// Always [`crate::API_VERSION`].
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        /// Name and namespace.
+        metadata: Metadata,
+        /// The policy.
+        spec: RateLimitSpec,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<Metadata>,
+    spec: Option<serde_json::Value>,
+}
+
+impl Resource {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        let m = self.metadata();
+        format!("{}/{}", m.namespace, m.name)
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Self::AuthorizationPolicy { metadata, .. } | Self::RateLimitPolicy { metadata, .. } => metadata,
+        }
+    }
+
+    /// The kind name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AuthorizationPolicy { .. } => "AuthorizationPolicy",
+            Self::RateLimitPolicy { .. } => "RateLimitPolicy",
+        }
+    }
+
+    /// Parses every document of a YAML (multi-document) or JSON text and validates each.
+    pub fn parse_all(text: &str) -> Result<Vec<Self>, PolicyError> {
+        let trimmed = text.trim_start();
+        let docs: Vec<serde_json::Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(serde_json::Value::Array(a)) => a,
+                Ok(v) => vec![v],
+                Err(e) => return Err(PolicyError::Parse { what: "JSON".into(), message: e.to_string() }),
+            }
+        } else {
+            serde_saphyr::from_multiple::<serde_json::Value>(text)
+                .map_err(|e| PolicyError::Parse { what: "YAML".into(), message: e.to_string() })?
+        };
+        docs.into_iter().filter(|d| !d.is_null()).enumerate().map(|(i, d)| Self::from_value(d, i)).collect()
+    }
+
+    fn from_value(doc: serde_json::Value, index: usize) -> Result<Self, PolicyError> {
+        let what = format!("document {}", index + 1);
+        let env: Envelope = serde_json::from_value(doc)
+            .map_err(|e| PolicyError::Parse { what: what.clone(), message: e.to_string() })?;
+        let missing =
+            |field: &str| PolicyError::Parse { what: what.clone(), message: format!("missing field `{field}`") };
+        let kind = env.kind.ok_or_else(|| missing("kind"))?;
+        let metadata = env.metadata.ok_or_else(|| missing("metadata"))?;
+        let api_version = env.api_version.ok_or_else(|| missing("apiVersion"))?;
+        let name = format!("{kind} {}/{}", metadata.namespace, metadata.name);
+        let invalid = |field: &str, value: &str, why: &str| PolicyError::Invalid {
+            resource: name.clone(),
+            field: field.into(),
+            value: value.into(),
+            why: why.into(),
+        };
+        if api_version != crate::API_VERSION {
+            return Err(invalid("apiVersion", &api_version, &format!("is not supported; use {}", crate::API_VERSION)));
+        }
+        let spec = env.spec.ok_or_else(|| invalid("spec", "", "is missing"))?;
+        let spec_err = |e: serde_json::Error| PolicyError::Parse { what: name.clone(), message: format!("spec: {e}") };
+        let resource = match kind.as_str() {
+            "AuthorizationPolicy" => Self::AuthorizationPolicy {
+                api_version,
+                metadata,
+                spec: serde_json::from_value(spec).map_err(spec_err)?,
+            },
+            "RateLimitPolicy" => {
+                Self::RateLimitPolicy { api_version, metadata, spec: serde_json::from_value(spec).map_err(spec_err)? }
+            }
+            other => {
+                return Err(invalid(
+                    "kind",
+                    other,
+                    "is not a Palisade policy kind; use AuthorizationPolicy or RateLimitPolicy",
+                ));
+            }
+        };
+        resource.validate()?;
+        Ok(resource)
+    }
+
+    /// Checks every field; the first problem is returned with its path.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let name = format!("{} {}", self.kind(), self.key());
+        let invalid = |field: String, value: &str, why: &str| PolicyError::Invalid {
+            resource: name.clone(),
+            field,
+            value: value.into(),
+            why: why.into(),
+        };
+        let m = self.metadata();
+        for (field, v) in [("metadata.name", &m.name), ("metadata.namespace", &m.namespace)] {
+            let ok = !v.is_empty()
+                && v.len() <= 63
+                && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !v.starts_with('-')
+                && !v.ends_with('-');
+            if !ok {
+                return Err(invalid(
+                    field.into(),
+                    v,
+                    "must be a DNS label: lowercase letters, digits and '-', at most 63",
+                ));
+            }
+        }
+        let target = match self {
+            Self::AuthorizationPolicy { spec, .. } => &spec.target,
+            Self::RateLimitPolicy { spec, .. } => &spec.target,
+        };
+        if target.identities.is_empty() {
+            return Err(invalid(
+                "spec.target.identities".into(),
+                "",
+                "must name at least one workload identity (globs allowed)",
+            ));
+        }
+        for (i, id) in target.identities.iter().enumerate() {
+            check_identity_glob(id).map_err(|why| invalid(format!("spec.target.identities[{i}]"), id, why))?;
+        }
+        match self {
+            Self::AuthorizationPolicy { spec, .. } => {
+                for (r, rule) in spec.rules.iter().enumerate() {
+                    for (f, src) in rule.from.iter().enumerate() {
+                        let base = format!("spec.rules[{r}].from[{f}]");
+                        let empty = src.identities.is_empty()
+                            && src.not_identities.is_empty()
+                            && src.namespaces.is_empty()
+                            && src.not_namespaces.is_empty()
+                            && src.unauthenticated.is_none();
+                        if empty {
+                            return Err(invalid(
+                                base,
+                                "{}",
+                                "is empty; name identities, namespaces or unauthenticated, or drop it to match any caller",
+                            ));
+                        }
+                        for (list, field) in [(&src.identities, "identities"), (&src.not_identities, "notIdentities")] {
+                            for (i, id) in list.iter().enumerate() {
+                                check_identity_glob(id)
+                                    .map_err(|why| invalid(format!("{base}.{field}[{i}]"), id, why))?;
+                            }
+                        }
+                        if src.unauthenticated == Some(true)
+                            && !(src.identities.is_empty() && src.namespaces.is_empty())
+                        {
+                            return Err(invalid(
+                                base,
+                                "unauthenticated: true",
+                                "cannot be combined with identities or namespaces: unauthenticated callers have none",
+                            ));
+                        }
+                    }
+                    for (t, op) in rule.to.iter().enumerate() {
+                        check_operation(op, &format!("spec.rules[{r}].to[{t}]"))
+                            .map_err(|(f, v, why)| invalid(f, &v, why))?;
+                    }
+                    for (w, c) in rule.when.iter().enumerate() {
+                        let base = format!("spec.rules[{r}].when[{w}]");
+                        if c.header.is_empty()
+                            || !c.header.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+                        {
+                            return Err(invalid(format!("{base}.header"), &c.header, "must be an HTTP header name"));
+                        }
+                        if c.values.is_empty() {
+                            return Err(invalid(format!("{base}.values"), "", "must list at least one value"));
+                        }
+                    }
+                }
+            }
+            Self::RateLimitPolicy { spec, .. } => {
+                if spec.limits.is_empty() {
+                    return Err(invalid("spec.limits".into(), "", "must hold at least one limit"));
+                }
+                let mut names = std::collections::HashSet::new();
+                for (i, l) in spec.limits.iter().enumerate() {
+                    let base = format!("spec.limits[{i}]");
+                    if l.name.is_empty() || !names.insert(l.name.as_str()) {
+                        return Err(invalid(
+                            format!("{base}.name"),
+                            &l.name,
+                            "must be non-empty and unique in the policy",
+                        ));
+                    }
+                    if l.rate == 0 {
+                        return Err(invalid(format!("{base}.rate"), "0", "must be at least 1"));
+                    }
+                    let period =
+                        parse_period(&l.period).map_err(|why| invalid(format!("{base}.period"), &l.period, why))?;
+                    let _ = period;
+                    let windowed = matches!(l.algorithm, Algorithm::FixedWindow | Algorithm::SlidingWindow);
+                    if windowed && l.burst > 0 {
+                        return Err(invalid(
+                            format!("{base}.burst"),
+                            &l.burst.to_string(),
+                            "applies to token_bucket and leaky_bucket only; windows admit `rate` per period",
+                        ));
+                    }
+                    let key_ok = matches!(l.key.as_str(), "identity" | "source_ip" | "none")
+                        || l.key.strip_prefix("header:").is_some_and(|h| {
+                            !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+                        });
+                    if !key_ok {
+                        return Err(invalid(
+                            format!("{base}.key"),
+                            &l.key,
+                            "must be identity, header:<name>, source_ip or none",
+                        ));
+                    }
+                    let op = Operation {
+                        methods: l.match_.methods.clone(),
+                        paths: l.match_.paths.clone(),
+                        ..Default::default()
+                    };
+                    check_operation(&op, &format!("{base}.match")).map_err(|(f, v, why)| invalid(f, &v, why))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a limit period: `1s`..`24h`.
+pub fn parse_period(s: &str) -> Result<Duration, &'static str> {
+    let d = humantime::parse_duration(s).map_err(|_| "is not a duration; use e.g. 1s, 1m or 1h")?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(86400) {
+        return Err("must be between 1ms and 24h");
+    }
+    Ok(d)
+}
+
+const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+
+fn check_operation(op: &Operation, base: &str) -> Result<(), (String, String, &'static str)> {
+    for (i, m) in op.methods.iter().enumerate() {
+        if !METHODS.contains(&m.as_str()) && m != "*" {
+            return Err((
+                format!("{base}.methods[{i}]"),
+                m.clone(),
+                "is not an HTTP method (upper case: GET, POST, ...)",
+            ));
+        }
+    }
+    for (i, p) in op.paths.iter().enumerate() {
+        if !p.starts_with('/') && p != "*" {
+            return Err((
+                format!("{base}.paths[{i}]"),
+                p.clone(),
+                "must start with '/' (exact path or glob such as /api/*)",
+            ));
+        }
+    }
+    for (i, port) in op.ports.iter().enumerate() {
+        if *port == 0 {
+            return Err((format!("{base}.ports[{i}]"), "0".into(), "must be 1-65535"));
+        }
+    }
+    Ok(())
+}
+
+fn check_identity_glob(id: &str) -> Result<(), &'static str> {
+    if id == "*" {
+        return Ok(());
+    }
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        return Err("must be a SPIFFE ID or glob: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>");
+    };
+    if rest.is_empty() || rest.contains("//") || rest.chars().any(|c| c.is_whitespace()) {
+        return Err("is not a valid SPIFFE ID pattern");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

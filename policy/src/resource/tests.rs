@@ -1,0 +1,62 @@
+use super::*;
+
+fn err(yaml: &str) -> String {
+    Resource::parse_all(yaml).unwrap_err().to_string()
+}
+
+#[test]
+fn the_design_example_parses_in_yaml_and_json() {
+    let yaml = r#"
+apiVersion: palisade.dev/v1
+kind: RateLimitPolicy
+metadata: {name: web-limit, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}
+  limits:
+    - name: per-caller
+      match: {paths: ["/api/*"], methods: ["GET", "POST"]}
+      key: identity
+      algorithm: token_bucket
+      rate: 100
+      period: 1m
+      burst: 20
+      scope: sidecar
+"#;
+    let r = Resource::parse_all(yaml).unwrap();
+    assert_eq!(r[0].key(), "shop/web-limit");
+    let json = serde_json::to_string(&r[0]).unwrap();
+    assert!(json.contains("\"kind\":\"RateLimitPolicy\""));
+}
+
+#[test]
+fn errors_name_the_resource_the_field_and_the_fix() {
+    let head = "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n";
+    let e = err(&format!("{head}spec:\n  target: {{identities: [\"x\"]}}\n  action: ALLOW\n"));
+    assert!(e.contains("AuthorizationPolicy shop/p: spec.target.identities[0]: \"x\" must be a SPIFFE ID"), "{e}");
+    let e = err(&format!("{head}spec:\n  target: {{identities: [\"*\"]}}\n  action: ALLOW\n  bogus: 1\n"));
+    assert!(e.contains("unknown field `bogus`"), "{e}");
+    let e = err(&format!("{head}spec:\n  target: {{identities: [\"*\"]}}\n  action: MAYBE\n"));
+    assert!(e.contains("MAYBE"), "{e}");
+    let e = err(&format!(
+        "{head}spec:\n  target: {{identities: [\"*\"]}}\n  action: ALLOW\n  rules:\n    - to: [{{methods: [\"get\"]}}]\n"
+    ));
+    assert!(e.contains("spec.rules[0].to[0].methods[0]: \"get\" is not an HTTP method"), "{e}");
+    let e =
+        err("apiVersion: palisade.dev/v2\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec: {}\n");
+    assert!(e.contains("apiVersion: \"palisade.dev/v2\" is not supported"), "{e}");
+    let e = err("apiVersion: palisade.dev/v1\nkind: Gateway\nmetadata: {name: p, namespace: shop}\nspec: {}\n");
+    assert!(e.contains("kind: \"Gateway\" is not a Palisade policy kind"), "{e}");
+    let rl = "apiVersion: palisade.dev/v1\nkind: RateLimitPolicy\nmetadata: {name: r, namespace: shop}\nspec:\n  target: {identities: [\"*\"]}\n  limits:\n";
+    let e = err(&format!("{rl}    - {{name: a, algorithm: fixed_window, rate: 10, period: 1s, burst: 5}}\n"));
+    assert!(e.contains("spec.limits[0].burst"), "{e}");
+    let e = err(&format!("{rl}    - {{name: a, algorithm: token_bucket, rate: 10, period: soon}}\n"));
+    assert!(e.contains("spec.limits[0].period: \"soon\" is not a duration"), "{e}");
+    let e = err(&format!("{rl}    - {{name: a, algorithm: token_bucket, rate: 10, period: 1s, key: cookie}}\n"));
+    assert!(e.contains("spec.limits[0].key"), "{e}");
+    let e = err(&format!("{rl}    - {{name: a, algorithm: token_bucket, rate: 0, period: 1s}}\n"));
+    assert!(e.contains("spec.limits[0].rate: \"0\" must be at least 1"), "{e}");
+    let e = err(
+        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: Bad_Name, namespace: shop}\nspec: {target: {identities: [\"*\"]}, action: DENY}\n",
+    );
+    assert!(e.contains("metadata.name"), "{e}");
+}
