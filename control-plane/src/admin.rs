@@ -136,19 +136,29 @@ impl Admin for AdminService {
 
     async fn list_proxies(&self, req: Request<ListProxiesRequest>) -> Result<Response<ListProxiesResponse>, Status> {
         self.authorize(&req)?;
+        let status = self.shared.hub.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut proxies: Vec<ProxyInfo> = self
             .shared
             .store
             .proxies()
             .into_iter()
-            .map(|p| ProxyInfo {
-                identity: p.identity,
-                inbound_addr: p.inbound_addr,
-                peer_addr: p.peer_addr,
-                cert_serial: p.cert_serial,
-                cert_not_after: ts(p.cert_not_after),
-                last_seen: ts(p.last_seen),
-                attestation: p.attestation,
+            .map(|p| {
+                let sync = status
+                    .get(if p.inbound_addr.is_empty() { &p.identity } else { &p.inbound_addr })
+                    .cloned()
+                    .unwrap_or_default();
+                ProxyInfo {
+                    policy_version: sync.acked.clone(),
+                    sync_state: if sync.identity.is_empty() { String::new() } else { sync.state().to_string() },
+                    last_nack: sync.last_nack.clone(),
+                    identity: p.identity,
+                    inbound_addr: p.inbound_addr,
+                    peer_addr: p.peer_addr,
+                    cert_serial: p.cert_serial,
+                    cert_not_after: ts(p.cert_not_after),
+                    last_seen: ts(p.last_seen),
+                    attestation: p.attestation,
+                }
             })
             .collect();
         proxies.sort_by(|a, b| a.identity.cmp(&b.identity).then(a.inbound_addr.cmp(&b.inbound_addr)));
@@ -168,5 +178,66 @@ impl Admin for AdminService {
             caller_cert_not_after: Some(caller_info.not_after.into()),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }))
+    }
+
+    async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
+        self.authorize(&req)?;
+        let (_, applied) = crate::policy::apply(&self.shared, &req.into_inner().document, false)?;
+        Ok(Response::new(ApplyPolicyResponse { applied }))
+    }
+
+    async fn validate_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
+        self.authorize(&req)?;
+        let (_, applied) = crate::policy::apply(&self.shared, &req.into_inner().document, true)?;
+        Ok(Response::new(ApplyPolicyResponse { applied }))
+    }
+
+    async fn get_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<PolicyRecord>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        self.shared
+            .store
+            .policies()
+            .1
+            .into_iter()
+            .find(|p| p.kind == r.kind && p.key == r.key)
+            .map(|p| Response::new(PolicyRecord { kind: p.kind, key: p.key, revision: p.revision, json: p.json }))
+            .ok_or_else(|| {
+                Status::not_found(format!("no {} {}; list them with `palisadectl policy list`", r.kind, r.key))
+            })
+    }
+
+    async fn list_policies(&self, req: Request<ListPoliciesRequest>) -> Result<Response<ListPoliciesResponse>, Status> {
+        self.authorize(&req)?;
+        let (revision, all) = self.shared.store.policies();
+        let policies = all
+            .into_iter()
+            .map(|p| PolicyRecord { kind: p.kind, key: p.key, revision: p.revision, json: p.json })
+            .collect();
+        Ok(Response::new(ListPoliciesResponse { policies, revision }))
+    }
+
+    async fn delete_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<DeletePolicyResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        match self.shared.store.delete_policy(&r.kind, &r.key) {
+            Ok(Some(revision)) => {
+                tracing::info!(target: "audit", event = "policy_deleted", kind = %r.kind, policy = %r.key, revision, "policy deleted");
+                self.shared.hub.changed();
+                Ok(Response::new(DeletePolicyResponse { revision }))
+            }
+            Ok(None) => {
+                Err(Status::not_found(format!("no {} {}; list them with `palisadectl policy list`", r.kind, r.key)))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot delete a policy");
+                Err(Status::unavailable("cannot persist the deletion; see the control plane log"))
+            }
+        }
+    }
+
+    async fn simulate(&self, req: Request<SimulateRequest>) -> Result<Response<SimulateResponse>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(crate::policy::simulate(&self.shared, &req.into_inner())?))
     }
 }

@@ -53,6 +53,11 @@ pub struct Config {
     #[arg(long = "server-name", env = "PALISADE_SERVER_NAMES", value_delimiter = ',', default_value = "localhost")]
     pub server_names: Vec<String>,
 
+    /// Mesh default for workloads no ALLOW policy targets: `deny`, or
+    /// `allow-authenticated` (any mTLS caller of the mesh).
+    #[arg(long, env = "PALISADE_DEFAULT_POLICY", default_value = "deny", value_parser = ["deny", "allow-authenticated"])]
+    pub default_policy: String,
+
     /// Enable Kubernetes ServiceAccount-token attestation (TokenReview).
     #[arg(long, env = "PALISADE_K8S_ATTESTATION")]
     pub k8s_attestation: bool,

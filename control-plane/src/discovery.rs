@@ -33,21 +33,25 @@ impl Discovery for DiscoveryService {
                 ));
             }
         }
-        let now = unix_now();
-        let mut endpoints: Vec<Endpoint> = self
-            .shared
-            .store
-            .proxies()
-            .into_iter()
-            .filter(|p| p.cert_not_after > now && !p.inbound_addr.is_empty())
-            .filter_map(|p| {
-                let id: SpiffeId = p.identity.parse().ok()?;
-                let (ns, sa) = id.workload()?;
-                Some(Endpoint { service: format!("{sa}.{ns}"), identity: p.identity.clone(), address: p.inbound_addr })
-            })
-            .collect();
-        endpoints.sort_by(|a, b| (&a.service, &a.address).cmp(&(&b.service, &b.address)));
-        endpoints.dedup_by(|a, b| a.service == b.service && a.address == b.address);
-        Ok(Response::new(ListEndpointsResponse { endpoints }))
+        Ok(Response::new(ListEndpointsResponse { endpoints: endpoints(&self.shared) }))
     }
+}
+
+/// The directory: sidecars with a valid certificate and an inbound address.
+pub(crate) fn endpoints(shared: &Shared) -> Vec<Endpoint> {
+    let now = unix_now();
+    let mut endpoints: Vec<Endpoint> = shared
+        .store
+        .proxies()
+        .into_iter()
+        .filter(|p| p.cert_not_after > now && !p.inbound_addr.is_empty())
+        .filter_map(|p| {
+            let id: SpiffeId = p.identity.parse().ok()?;
+            let (ns, sa) = id.workload()?;
+            Some(Endpoint { service: format!("{sa}.{ns}"), identity: p.identity.clone(), address: p.inbound_addr })
+        })
+        .collect();
+    endpoints.sort_by(|a, b| (&a.service, &a.address).cmp(&(&b.service, &b.address)));
+    endpoints.dedup_by(|a, b| a.service == b.service && a.address == b.address);
+    endpoints
 }

@@ -161,6 +161,8 @@ impl Identity for IdentityService {
             // The certificate is still good; the record is best-effort.
             tracing::error!(error = %e, "cannot record the proxy");
         }
+        // The directory changed: snapshots carry it.
+        shared.hub.changed();
         tracing::info!(
             target: "audit",
             event = "certificate_issued",

@@ -15,6 +15,7 @@ use palisade_certs::{CertificateAuthority, TrustDomain};
 use palisade_proto::v1::admin_server::AdminServer;
 use palisade_proto::v1::discovery_server::DiscoveryServer;
 use palisade_proto::v1::identity_server::IdentityServer;
+use palisade_proto::v1::policy_discovery_server::PolicyDiscoveryServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod discovery;
 pub mod identity;
 pub mod pki;
+pub mod policy;
 pub mod store;
 
 pub use config::Config;
@@ -42,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) join_token_ttl: Duration,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) attestors: Attestors,
+    pub(crate) hub: policy::Hub,
+    pub(crate) default_allow_authenticated: bool,
 }
 
 /// Why the control plane could not start.
@@ -145,6 +149,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             k8s,
             trust_domain: td.clone(),
         },
+        hub: policy::Hub::default(),
+        default_allow_authenticated: cfg.default_policy == "allow-authenticated",
     });
 
     // Our own certificate, with the SPIFFE ID plus names for generic tools.
@@ -177,6 +183,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityServer<identity::IdentityService>>().await;
     health.set_serving::<AdminServer<admin::AdminService>>().await;
+    health.set_serving::<PolicyDiscoveryServer<policy::PolicyDiscoveryService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(palisade_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -223,6 +230,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .add_service(reflection)
         .add_service(IdentityServer::new(identity::IdentityService { shared: shared.clone() }))
         .add_service(DiscoveryServer::new(discovery::DiscoveryService { shared: shared.clone() }))
+        .add_service(PolicyDiscoveryServer::new(policy::PolicyDiscoveryService { shared: shared.clone() }))
         .add_service(AdminServer::new(admin::AdminService { shared }));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let task = tokio::spawn(async move {

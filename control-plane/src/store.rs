@@ -46,6 +46,33 @@ pub struct ProxyRecord {
     pub attestation: String,
 }
 
+/// A stored policy resource (canonical JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PolicyRecord {
+    pub kind: String,
+    /// `namespace/name`.
+    pub key: String,
+    /// The store revision that last changed it.
+    pub revision: u64,
+    pub json: String,
+}
+
+impl PolicyRecord {
+    fn id(kind: &str, key: &str) -> String {
+        format!("{kind}/{key}")
+    }
+}
+
+/// What applying one resource did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub record: PolicyRecord,
+    /// "created", "updated" or "unchanged".
+    pub change: &'static str,
+    /// The JSON stored before, if any.
+    pub previous: Option<String>,
+}
+
 /// What a token lookup found when it could not be used.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenRefusal {
@@ -70,6 +97,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn proxies(&self) -> Vec<ProxyRecord>;
     /// Drops tokens and proxy records that ended before `cutoff`.
     fn prune(&self, cutoff: u64) -> Result<(), StoreError>;
+    /// All policies and the current policy revision.
+    fn policies(&self) -> (u64, Vec<PolicyRecord>);
+    /// Stores `(kind, key, json)` resources atomically under one new revision
+    /// (no new revision if nothing changed).
+    fn apply_policies(&self, resources: Vec<(String, String, String)>) -> Result<(u64, Vec<Applied>), StoreError>;
+    /// Deletes a policy; the new revision, or `None` if it did not exist.
+    fn delete_policy(&self, kind: &str, key: &str) -> Result<Option<u64>, StoreError>;
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -78,6 +112,10 @@ struct State {
     tokens: BTreeMap<String, TokenRecord>,
     #[serde(default)]
     proxies: BTreeMap<String, ProxyRecord>,
+    #[serde(default)]
+    policies: BTreeMap<String, PolicyRecord>,
+    #[serde(default)]
+    policy_revision: u64,
 }
 
 /// The embedded file store (`<data-dir>/state.json`).
@@ -123,6 +161,61 @@ impl FileStore {
 }
 
 impl Store for FileStore {
+    fn policies(&self) -> (u64, Vec<PolicyRecord>) {
+        self.read(|s| (s.policy_revision, s.policies.values().cloned().collect()))
+    }
+
+    fn apply_policies(&self, resources: Vec<(String, String, String)>) -> Result<(u64, Vec<Applied>), StoreError> {
+        let changed = self.read(|s| {
+            resources
+                .iter()
+                .any(|(k, key, json)| s.policies.get(&PolicyRecord::id(k, key)).is_none_or(|p| &p.json != json))
+        });
+        let apply = |s: &mut State| {
+            let revision = if changed { s.policy_revision + 1 } else { s.policy_revision };
+            s.policy_revision = revision;
+            let out: Vec<Applied> = resources
+                .into_iter()
+                .map(|(kind, key, json)| {
+                    let id = PolicyRecord::id(&kind, &key);
+                    let previous = s.policies.get(&id).map(|p| p.json.clone());
+                    let change = match &previous {
+                        None => "created",
+                        Some(old) if *old == json => "unchanged",
+                        Some(_) => "updated",
+                    };
+                    let record = if change == "unchanged" {
+                        s.policies[&id].clone()
+                    } else {
+                        let r = PolicyRecord { kind, key, revision, json };
+                        s.policies.insert(id, r.clone());
+                        r
+                    };
+                    Applied { record, change, previous }
+                })
+                .collect();
+            (revision, out)
+        };
+        if changed {
+            self.mutate(apply)
+        } else {
+            let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(apply(&mut guard))
+        }
+    }
+
+    fn delete_policy(&self, kind: &str, key: &str) -> Result<Option<u64>, StoreError> {
+        let id = PolicyRecord::id(kind, key);
+        if !self.read(|s| s.policies.contains_key(&id)) {
+            return Ok(None);
+        }
+        self.mutate(|s| {
+            s.policies.remove(&id);
+            s.policy_revision += 1;
+            Some(s.policy_revision)
+        })
+    }
+
     fn put_token(&self, t: TokenRecord) -> Result<(), StoreError> {
         self.mutate(|s| {
             s.tokens.insert(t.sha256.clone(), t);
@@ -209,6 +302,24 @@ impl Store for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policies_are_versioned_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let p = |json: &str| vec![("AuthorizationPolicy".to_string(), "shop/a".to_string(), json.to_string())];
+        let (r1, a) = store.apply_policies(p("{\"v\":1}")).unwrap();
+        assert_eq!((r1, a[0].change), (1, "created"));
+        let (r2, a) = store.apply_policies(p("{\"v\":1}")).unwrap();
+        assert_eq!((r2, a[0].change), (1, "unchanged"));
+        let (r3, a) = store.apply_policies(p("{\"v\":2}")).unwrap();
+        assert_eq!((r3, a[0].change, a[0].previous.as_deref()), (2, "updated", Some("{\"v\":1}")));
+        let reopened = FileStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.policies().0, 2);
+        assert_eq!(reopened.delete_policy("AuthorizationPolicy", "shop/a").unwrap(), Some(3));
+        assert_eq!(reopened.delete_policy("AuthorizationPolicy", "shop/a").unwrap(), None);
+        assert!(FileStore::open(dir.path()).unwrap().policies().1.is_empty());
+    }
 
     fn token(uses: u32) -> TokenRecord {
         TokenRecord {

@@ -254,6 +254,20 @@ impl Resource {
         }
     }
 
+    /// Whether this policy applies to the workload `identity`.
+    pub fn targets(&self, identity: &str) -> bool {
+        let t = match self {
+            Self::AuthorizationPolicy { spec, .. } => &spec.target,
+            Self::RateLimitPolicy { spec, .. } => &spec.target,
+        };
+        t.identities.iter().any(|g| wildmatch::WildMatch::new(g).matches(identity))
+    }
+
+    /// Canonical JSON (what the control plane stores and sends).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
     /// The kind name.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1,0 +1,338 @@
+//! Policy on the control plane: applying resources to the store (validated
+//! with the same code the sidecars use), simulating decisions, and
+//! `PolicyDiscovery.Stream`, which sends each sidecar a versioned snapshot of
+//! what targets it (its policies, rate-limit shares, the directory, the trust
+//! bundle) on every relevant change and records its ACKs and NACKs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use palisade_policy::resource::Scope;
+use palisade_policy::{Request as PolicyRequest, Resource, RuleSet};
+use palisade_proto::v1::policy_discovery_server::PolicyDiscovery;
+use palisade_proto::v1::{AppliedPolicy, DiscoveryRequest, Snapshot};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Shared;
+use crate::store::StoreError;
+
+/// Coalesces bursts of changes before snapshots are rebuilt.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// What the control plane knows of one proxy's policy sync.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStatus {
+    pub identity: String,
+    /// Version last sent.
+    pub sent: String,
+    /// Version last ACKed.
+    pub acked: String,
+    pub last_nack: String,
+    pub connected: bool,
+    pub nacked: bool,
+}
+
+impl SyncStatus {
+    pub fn state(&self) -> &'static str {
+        match () {
+            _ if !self.connected => "disconnected",
+            _ if self.nacked => "nacked",
+            _ if self.acked == self.sent => "synced",
+            _ => "pending",
+        }
+    }
+}
+
+/// Change notification and sync bookkeeping shared by the streams.
+#[derive(Debug)]
+pub struct Hub {
+    /// Bumped on every change that may alter a snapshot.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Keyed by the proxy's inbound address (or identity when it has none).
+    pub status: Mutex<HashMap<String, SyncStatus>>,
+    nonce: AtomicU64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self { changes: tokio::sync::watch::channel(0).0, status: Mutex::default(), nonce: AtomicU64::new(1) }
+    }
+}
+
+impl Hub {
+    /// Wakes every stream to recompute its snapshot.
+    pub fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    fn update(&self, key: &str, f: impl FnOnce(&mut SyncStatus)) {
+        let mut all = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(all.entry(key.to_string()).or_default());
+    }
+
+    /// Connected proxies per identity (the replica count for cluster-scope limits).
+    fn replicas(&self, identity: &str) -> u64 {
+        let all = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        all.values().filter(|s| s.connected && s.identity == identity).count().max(1) as u64
+    }
+}
+
+/// Parses and validates a document; maps errors to INVALID_ARGUMENT.
+pub fn parse(document: &str) -> Result<Vec<Resource>, Status> {
+    if document.trim().is_empty() {
+        return Err(Status::invalid_argument("the document is empty"));
+    }
+    let resources = Resource::parse_all(document).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let mut seen = std::collections::HashSet::new();
+    for r in &resources {
+        if !seen.insert((r.kind(), r.key())) {
+            return Err(Status::invalid_argument(format!("{} {} appears twice in the document", r.kind(), r.key())));
+        }
+    }
+    Ok(resources)
+}
+
+fn store_error(e: StoreError) -> Status {
+    tracing::error!(error = %e, "policy store failed");
+    Status::unavailable("cannot persist the change; see the control plane log")
+}
+
+fn diff(old: Option<&str>, new: &str) -> String {
+    let pretty = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or_default()
+    };
+    let (old, new) = (old.map(pretty).unwrap_or_default(), pretty(new));
+    similar::TextDiff::from_lines(&old, &new).unified_diff().context_radius(2).to_string()
+}
+
+/// Applies (or, with `dry_run`, only validates) a document.
+pub(crate) fn apply(shared: &Shared, document: &str, dry_run: bool) -> Result<(u64, Vec<AppliedPolicy>), Status> {
+    let resources = parse(document)?;
+    if dry_run {
+        let (rev, stored) = shared.store.policies();
+        let by_id: HashMap<_, _> = stored.iter().map(|p| ((p.kind.clone(), p.key.clone()), p.json.clone())).collect();
+        let out = resources
+            .iter()
+            .map(|r| AppliedPolicy {
+                kind: r.kind().into(),
+                key: r.key(),
+                revision: 0,
+                change: "valid".into(),
+                diff: diff(by_id.get(&(r.kind().to_string(), r.key())).map(String::as_str), &r.to_json()),
+            })
+            .collect();
+        return Ok((rev, out));
+    }
+    let (rev, applied) = shared
+        .store
+        .apply_policies(resources.iter().map(|r| (r.kind().to_string(), r.key(), r.to_json())).collect())
+        .map_err(store_error)?;
+    let out: Vec<AppliedPolicy> = applied
+        .into_iter()
+        .map(|a| AppliedPolicy {
+            diff: if a.change == "unchanged" { String::new() } else { diff(a.previous.as_deref(), &a.record.json) },
+            kind: a.record.kind,
+            key: a.record.key,
+            revision: a.record.revision,
+            change: a.change.into(),
+        })
+        .collect();
+    for a in &out {
+        if a.change != "unchanged" {
+            tracing::info!(target: "audit", event = "policy_applied", kind = %a.kind, policy = %a.key, change = %a.change, revision = a.revision, "policy changed");
+        }
+    }
+    shared.hub.changed();
+    Ok((rev, out))
+}
+
+/// All stored policies, parsed.
+pub(crate) fn all_resources(shared: &Shared) -> Vec<Resource> {
+    shared.store.policies().1.iter().filter_map(|p| Resource::parse_all(&p.json).ok()).flatten().collect()
+}
+
+/// The simulate API's decision for one request.
+pub(crate) fn simulate(
+    shared: &Shared,
+    req: &palisade_proto::v1::SimulateRequest,
+) -> Result<palisade_proto::v1::SimulateResponse, Status> {
+    palisade_certs::SpiffeId::parse_workload(&req.target)
+        .map_err(|e| Status::invalid_argument(format!("target: {e}")))?;
+    if !req.source.is_empty() {
+        palisade_certs::SpiffeId::parse_workload(&req.source)
+            .map_err(|e| Status::invalid_argument(format!("source: {e}")))?;
+    }
+    let resources = all_resources(shared);
+    let set = RuleSet::compile(&resources, &req.target, shared.default_allow_authenticated);
+    let headers: Vec<(String, String)> = req.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+    let preq = PolicyRequest {
+        source: (!req.source.is_empty()).then_some(req.source.as_str()),
+        method: (!req.method.is_empty()).then_some(req.method.as_str()),
+        path: (!req.path.is_empty()).then_some(req.path.as_str()),
+        port: u16::try_from(req.port).unwrap_or(0),
+        host: None,
+        headers: headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+    };
+    let d = set.decide(&preq);
+    let mut rate_limits = Vec::new();
+    for r in resources.iter().filter(|r| r.targets(&req.target)) {
+        if let Resource::RateLimitPolicy { spec, .. } = r {
+            for l in &spec.limits {
+                let method_ok = l.match_.methods.is_empty() || l.match_.methods.iter().any(|m| m == &req.method);
+                let path_ok = l.match_.paths.is_empty()
+                    || l.match_.paths.iter().any(|p| wildmatch::WildMatch::new(p).matches(&req.path));
+                if method_ok && path_ok {
+                    rate_limits.push(format!(
+                        "{}/{}: {}/{} {:?} key={} burst={} scope={:?}",
+                        r.key(),
+                        l.name,
+                        l.rate,
+                        l.period,
+                        l.algorithm,
+                        l.key,
+                        l.burst,
+                        l.scope
+                    ));
+                }
+            }
+        }
+    }
+    Ok(palisade_proto::v1::SimulateResponse {
+        decision: d.label().into(),
+        policy: d.policy.unwrap_or_default(),
+        rule: d.rule.map(|r| r as i64).unwrap_or(-1),
+        reason: d.reason,
+        rate_limits,
+    })
+}
+
+/// The PolicyDiscovery service.
+#[derive(Debug, Clone)]
+pub struct PolicyDiscoveryService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (String, Snapshot) {
+    let (revision, stored) = shared.store.policies();
+    let mut policies_json = Vec::new();
+    let mut rate_shares = HashMap::new();
+    for p in &stored {
+        let Ok(rs) = Resource::parse_all(&p.json) else { continue };
+        for r in rs.into_iter().filter(|r| r.targets(identity)) {
+            if let Resource::RateLimitPolicy { spec, .. } = &r {
+                for l in spec.limits.iter().filter(|l| l.scope == Scope::Cluster) {
+                    // The quota divided among the ready replicas, rounded up.
+                    rate_shares.insert(format!("{}/{}", r.key(), l.name), l.rate.div_ceil(hub.replicas(identity)));
+                }
+            }
+            policies_json.push(p.json.clone());
+        }
+    }
+    let endpoints = crate::discovery::endpoints(shared);
+    let snap = Snapshot {
+        version: format!("r{revision}"),
+        nonce: String::new(),
+        policies_json,
+        endpoints,
+        trust_bundle_der: shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+        default_allow_authenticated: shared.default_allow_authenticated,
+        rate_shares,
+    };
+    // The content fingerprint: what the sidecar would see, minus version/nonce.
+    let mut shares: Vec<_> = snap.rate_shares.iter().collect();
+    shares.sort();
+    let fingerprint =
+        format!("{:?}|{:?}|{:?}|{}", snap.policies_json, snap.endpoints, shares, snap.default_allow_authenticated);
+    (fingerprint, snap)
+}
+
+type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<Snapshot, Status>>;
+
+#[tonic::async_trait]
+impl PolicyDiscovery for PolicyDiscoveryService {
+    type StreamStream = SnapshotStream;
+
+    async fn stream(&self, req: Request<Streaming<DiscoveryRequest>>) -> Result<Response<SnapshotStream>, Status> {
+        let td = &self.shared.trust_domain;
+        let identity = match req.peer_certs().and_then(|c| palisade_certs::tls::peer_identity(Some(&c))) {
+            Some((id, _)) if id.trust_domain() == td && id.workload().is_some() => id.to_string(),
+            _ => {
+                return Err(Status::unauthenticated(
+                    "policy snapshots are served to workload certificates of this mesh only",
+                ));
+            }
+        };
+        let src = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream must start with the sidecar's inbound address"))?;
+        let key = if first.inbound_addr.is_empty() { identity.clone() } else { first.inbound_addr.clone() };
+        let shared = self.shared.clone();
+        let hub = &shared.hub;
+        hub.update(&key, |s| {
+            s.identity = identity.clone();
+            s.connected = true;
+        });
+        hub.changed(); // replica counts may change cluster-scope shares
+        tracing::info!(src.addr = %src, src.identity = %identity, proxy = %key, "sidecar subscribed to policy");
+
+        let (tx, rx) = mpsc::channel(4);
+        let sender_shared = shared.clone();
+        let (sender_key, sender_identity) = (key.clone(), identity.clone());
+        tokio::spawn(async move {
+            let hub = &sender_shared.hub;
+            let mut changes = hub.changes.subscribe();
+            let mut last = String::new();
+            loop {
+                let (fingerprint, mut snap) = build_snapshot(&sender_shared, &sender_identity, hub);
+                if fingerprint != last {
+                    snap.nonce = hub.nonce.fetch_add(1, Ordering::Relaxed).to_string();
+                    let version = snap.version.clone();
+                    if tx.send(Ok(snap)).await.is_err() {
+                        break;
+                    }
+                    hub.update(&sender_key, |s| s.sent = version);
+                    last = fingerprint;
+                }
+                tokio::select! {
+                    r = changes.changed() => {
+                        if r.is_err() { break; }
+                        tokio::time::sleep(DEBOUNCE).await;
+                        changes.mark_unchanged();
+                    }
+                    _ = tx.closed() => break,
+                }
+            }
+        });
+        let recv_shared = shared.clone();
+        tokio::spawn(async move {
+            let hub = &recv_shared.hub;
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) if m.error.is_empty() => hub.update(&key, |s| {
+                        s.acked = m.version;
+                        s.nacked = false;
+                    }),
+                    Ok(Some(m)) => {
+                        tracing::warn!(target: "audit", event = "policy_nack", proxy = %key, src.identity = %identity, version = %m.version, error = %m.error, "sidecar rejected a policy snapshot");
+                        hub.update(&key, |s| {
+                            s.nacked = true;
+                            s.last_nack = m.error;
+                        });
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            hub.update(&key, |s| s.connected = false);
+            hub.changed();
+            tracing::info!(proxy = %key, "sidecar policy stream closed");
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
