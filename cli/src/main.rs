@@ -16,12 +16,13 @@ use palisade_proto::v1::*;
 use tonic::transport::Channel;
 
 mod inspect;
+mod policy;
 mod table;
 
 /// Operate a Palisade mesh: join tokens, proxies, certificates, health.
 #[derive(Debug, Parser)]
 #[command(name = "palisadectl", version, about, long_about = None)]
-struct Cli {
+pub(crate) struct Cli {
     /// Control-plane address.
     #[arg(long, global = true, env = "PALISADE_CONTROL_PLANE", default_value = "https://127.0.0.1:7700")]
     control_plane: String,
@@ -43,6 +44,17 @@ struct Cli {
 enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+/// Prints a JSON value as JSON or YAML per `-o`.
+fn print_value(cli: &Cli, v: &serde_json::Value) -> Result<()> {
+    if cli.output == Output::Yaml {
+        print!("{}", serde_saphyr::to_string(v)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,6 +69,35 @@ enum Command {
     Cert(CertCmd),
     /// Check the control plane is reachable and healthy, the CA and the admin credential valid.
     Check,
+    /// Apply, validate, list, get and delete policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Explain authorization decisions.
+    #[command(subcommand)]
+    Authz(AuthzCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthzCmd {
+    /// What the callee's sidecar would decide for a request, and which rule decides.
+    Check {
+        /// Caller SPIFFE ID; omit for an unauthenticated (plaintext) caller.
+        #[arg(long)]
+        from: Option<String>,
+        /// Callee SPIFFE ID.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// NAME=VALUE, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Destination (app) port.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,9 +156,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Proxies => proxies(&cli).await,
         Command::Cert(CertCmd::Inspect { target, bundle }) => {
             let bundle = bundle.clone().or_else(|| cli.credentials.as_ref().map(|c| c.join("ca.pem")));
-            inspect::inspect(target, bundle.as_deref(), cli.output == Output::Json).await
+            inspect::inspect(target, bundle.as_deref(), cli.output != Output::Table).await
         }
         Command::Check => check(&cli).await,
+        Command::Policy(p) => policy::run(&cli, p).await,
+        Command::Authz(AuthzCmd::Check { from, to, method, path, headers, port }) => {
+            policy::check(&cli, from, to, method, path, headers, *port).await
+        }
     }
 }
 
@@ -173,12 +218,12 @@ async fn connect(cli: &Cli, creds: &Credentials) -> Result<Channel> {
     })
 }
 
-async fn admin(cli: &Cli) -> Result<AdminClient<Channel>> {
+pub(crate) async fn admin(cli: &Cli) -> Result<AdminClient<Channel>> {
     let creds = load_credentials(cli)?;
     Ok(AdminClient::new(connect(cli, &creds).await?))
 }
 
-fn status_err(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}: {}", code_name(s.code()), s.message())
 }
 
@@ -252,10 +297,10 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            if cli.output == Output::Json {
+            if cli.output != Output::Table {
                 let mut v = resp.info.as_ref().map(token_json).unwrap_or_default();
                 v["token"] = resp.token.into();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                print_value(cli, &serde_json::to_value(&v)?)?;
             } else {
                 println!("{}", resp.token);
                 if let Some(info) = &resp.info {
@@ -273,8 +318,8 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
         TokenCmd::List => {
             let tokens =
                 client.list_join_tokens(ListJoinTokensRequest {}).await.map_err(status_err)?.into_inner().tokens;
-            if cli.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&tokens.iter().map(token_json).collect::<Vec<_>>())?);
+            if cli.output != Output::Table {
+                print_value(cli, &serde_json::to_value(tokens.iter().map(token_json).collect::<Vec<_>>())?)?;
             } else {
                 let rows = tokens
                     .iter()
@@ -299,8 +344,8 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
                 .into_inner()
                 .info
                 .unwrap_or_default();
-            if cli.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&token_json(&info))?);
+            if cli.output != Output::Table {
+                print_value(cli, &serde_json::to_value(token_json(&info))?)?;
             } else {
                 println!("revoked token {} ({})", info.id, info.identity);
             }
@@ -316,7 +361,7 @@ async fn proxies(cli: &Cli) -> Result<()> {
     let state = |p: &ProxyInfo| {
         if ts(&p.cert_not_after).is_some_and(|t| t > now) { "valid" } else { "expired" }
     };
-    if cli.output == Output::Json {
+    if cli.output != Output::Table {
         let v: Vec<_> = proxies
             .iter()
             .map(|p| {
@@ -329,11 +374,13 @@ async fn proxies(cli: &Cli) -> Result<()> {
                     "cert_state": state(p),
                     "last_seen": time_str(ts(&p.last_seen)),
                     "attestation": p.attestation,
+                    "policy_version": p.policy_version,
+                    "sync_state": p.sync_state,
+                    "last_nack": p.last_nack,
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return print_value(cli, &serde_json::Value::Array(v));
     }
     let rows = proxies
         .iter()
@@ -345,10 +392,16 @@ async fn proxies(cli: &Cli) -> Result<()> {
                 format!("{} ({})", relative(ts(&p.cert_not_after)), state(p)),
                 relative(ts(&p.last_seen)),
                 p.attestation.clone(),
+                if p.policy_version.is_empty() { "-".into() } else { p.policy_version.clone() },
+                match (p.sync_state.as_str(), p.last_nack.is_empty()) {
+                    ("", _) => "-".into(),
+                    ("nacked", false) => format!("nacked: {}", p.last_nack),
+                    (s, _) => s.to_string(),
+                },
             ]
         })
         .collect();
-    table::print(&["IDENTITY", "INBOUND", "PEER", "CERT EXPIRES", "LAST SEEN", "ATTESTED BY"], rows);
+    table::print(&["IDENTITY", "INBOUND", "PEER", "CERT EXPIRES", "LAST SEEN", "ATTESTED BY", "POLICY", "SYNC"], rows);
     Ok(())
 }
 
@@ -424,10 +477,10 @@ async fn check(cli: &Cli) -> Result<()> {
         }
     }
     let all_ok = results.iter().all(|r| r.1);
-    if cli.output == Output::Json {
+    if cli.output != Output::Table {
         let v: Vec<_> =
             results.iter().map(|(n, ok, d)| serde_json::json!({"check": n, "ok": ok, "detail": d})).collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": all_ok, "checks": v}))?);
+        print_value(cli, &serde_json::to_value(serde_json::json!({"ok": all_ok, "checks": v}))?)?;
     } else {
         for (name, ok, detail) in &results {
             println!("{} {name}: {detail}", if *ok { "[ok]  " } else { "[FAIL]" });

@@ -77,6 +77,7 @@ pub struct Running {
     /// Where the admin credential was written.
     pub admin: pki::AdminCredential,
     shutdown: watch::Sender<bool>,
+    closing: watch::Sender<bool>,
     task: JoinHandle<()>,
     _lock: std::fs::File,
 }
@@ -84,6 +85,8 @@ pub struct Running {
 impl Running {
     /// Stops accepting, lets in-flight calls finish, and returns.
     pub async fn shutdown(self) {
+        // End the long-lived policy streams first, or draining would wait on them.
+        let _ = self.closing.send(true);
         let _ = self.shutdown.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
@@ -224,6 +227,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }
     });
 
+    let closing = shared.hub.closing.clone();
     let router = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .add_service(health_svc)
@@ -242,5 +246,5 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }
     });
     tracing::info!(listen = %addr, admin_credential = %admin.dir.display(), "control plane serving");
-    Ok(Running { addr, admin, shutdown, task, _lock: lock })
+    Ok(Running { addr, admin, shutdown, closing, task, _lock: lock })
 }

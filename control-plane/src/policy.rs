@@ -55,11 +55,18 @@ pub struct Hub {
     /// Keyed by the proxy's inbound address (or identity when it has none).
     pub status: Mutex<HashMap<String, SyncStatus>>,
     nonce: AtomicU64,
+    /// Set on shutdown: every stream ends so the server can drain.
+    pub closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for Hub {
     fn default() -> Self {
-        Self { changes: tokio::sync::watch::channel(0).0, status: Mutex::default(), nonce: AtomicU64::new(1) }
+        Self {
+            changes: tokio::sync::watch::channel(0).0,
+            status: Mutex::default(),
+            nonce: AtomicU64::new(1),
+            closing: tokio::sync::watch::channel(false).0,
+        }
     }
 }
 
@@ -288,6 +295,7 @@ impl PolicyDiscovery for PolicyDiscoveryService {
         tokio::spawn(async move {
             let hub = &sender_shared.hub;
             let mut changes = hub.changes.subscribe();
+            let mut closing = hub.closing.subscribe();
             let mut last = String::new();
             loop {
                 let (fingerprint, mut snap) = build_snapshot(&sender_shared, &sender_identity, hub);
@@ -307,6 +315,7 @@ impl PolicyDiscovery for PolicyDiscoveryService {
                         changes.mark_unchanged();
                     }
                     _ = tx.closed() => break,
+                    _ = closing.changed() => break,
                 }
             }
         });

@@ -24,6 +24,8 @@ pub struct AdminState {
     pub config: Config,
     pub svids: SvidStore,
     pub registry: Registry,
+    /// The policy in force (ready needs a first snapshot).
+    pub policy: crate::policy::PolicyState,
     /// Cancelled by `POST /shutdown` to start draining.
     pub shutdown: CancellationToken,
 }
@@ -78,9 +80,10 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if state.shutdown.is_cancelled() => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n"),
-        "/ready" => match state.svids.valid() {
-            Some(_) => text(StatusCode::OK, "ready\n"),
-            None => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid workload certificate yet\n"),
+        "/ready" => match (state.svids.valid(), state.policy.current()) {
+            (Some(_), Some(_)) => text(StatusCode::OK, "ready\n"),
+            (None, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid workload certificate yet\n"),
+            (_, None) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no policy from the control plane yet\n"),
         },
         "/metrics" => {
             let mut out = String::new();
@@ -107,6 +110,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "cert_not_after": svid.as_ref().map(|s| palisade_certs::svid::rfc3339::format(s.info.not_after)),
                 "cert_valid": svid.as_ref().is_some_and(|s| s.is_valid_at(now)),
                 "cert_chain_pem": svid.as_ref().map(|s| s.chain_pem()),
+                "policy_version": state.policy.current().map(|p| p.version.clone()),
                 "version": env!("CARGO_PKG_VERSION"),
             });
             let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&body).unwrap_or_default());

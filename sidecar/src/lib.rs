@@ -24,6 +24,7 @@ pub mod config;
 pub mod directory;
 pub mod identity;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 
 pub use config::Config;
@@ -124,7 +125,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     };
     let directory = Arc::new(directory::Directory::default());
     let directory_client = directory::DirectoryClient {
-        addr,
+        addr: addr.clone(),
         bundle: bundle.clone(),
         svids: svids.clone(),
         trust_domain: cfg.trust_domain.clone(),
@@ -141,8 +142,21 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         Arc::new(svids.clone()),
         &[proxy::ALPN_H2, proxy::ALPN_HTTP1, proxy::ALPN_TCP],
     )?;
+    let policy_state = policy::PolicyState::default();
+    let policy_client = policy::PolicyClient {
+        addr: addr.clone(),
+        bundle: bundle.clone(),
+        svids: svids.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        inbound_addr: advertised.map(|a| a.to_string()).unwrap_or_default(),
+        state: policy_state.clone(),
+        directory: directory.clone(),
+        metrics: metrics.clone(),
+    };
     let inbound = Arc::new(proxy::inbound::Inbound::new(
         cfg.app,
+        policy_state.clone(),
+        svids.clone(),
         tls,
         cfg.permissive(),
         metrics.clone(),
@@ -159,7 +173,17 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         access_log: cfg.access_log,
     });
 
-    let state = Arc::new(admin::AdminState { config: cfg, svids: svids.clone(), registry, shutdown: shutdown.clone() });
+    let state = Arc::new(admin::AdminState {
+        config: cfg,
+        svids: svids.clone(),
+        policy: policy_state,
+        registry,
+        shutdown: shutdown.clone(),
+    });
+    let stop = background_stop.clone();
+    background.spawn(async move {
+        tokio::select! { _ = policy_client.run() => {}, _ = stop.cancelled() => {} }
+    });
     let stop = background_stop.clone();
     background.spawn(async move {
         tokio::select! { _ = identity.run() => {}, _ = stop.cancelled() => {} }

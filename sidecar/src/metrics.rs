@@ -25,6 +25,17 @@ struct RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub action: &'static str,
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsFailureLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -60,6 +71,12 @@ pub struct Metrics {
     pub outbound: DirMetrics,
     pub tls_failures: Family<TlsFailureLabels, Counter>,
     pub identity_mismatch: Counter,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub rate_limited: Family<PolicyLabels, Counter>,
+    pub policy_revision: Gauge,
+    pub policy_updated: Gauge,
+    pub policy_nacks: Counter,
+    pub policy_stream_connected: Gauge,
     requests: Family<RequestLabels, Counter>,
     latency: Family<DirLabels, Histogram>,
     conns_open: Family<DirLabels, Gauge>,
@@ -100,6 +117,12 @@ impl Default for Metrics {
             outbound: dir(Direction::Outbound),
             tls_failures: Family::default(),
             identity_mismatch: Counter::default(),
+            decisions: Family::default(),
+            rate_limited: Family::default(),
+            policy_revision: Gauge::default(),
+            policy_updated: Gauge::default(),
+            policy_nacks: Counter::default(),
+            policy_stream_connected: Gauge::default(),
             requests,
             latency,
             conns_open,
@@ -182,6 +205,32 @@ impl Metrics {
             "tls_handshake_failures",
             "Failed TLS handshakes, by direction and reason",
             self.tls_failures.clone(),
+        );
+        reg.register(
+            "policy_decisions",
+            "Authorization decisions other than a plain allow by default, by action and policy",
+            self.decisions.clone(),
+        );
+        reg.register("rate_limited_requests", "Requests refused by a rate limit, by policy", self.rate_limited.clone());
+        reg.register(
+            "policy_revision",
+            "Control-plane revision of the policy snapshot in force",
+            self.policy_revision.clone(),
+        );
+        reg.register(
+            "policy_last_update_timestamp_seconds",
+            "Unix time the last snapshot was applied",
+            self.policy_updated.clone(),
+        );
+        reg.register(
+            "policy_nacks",
+            "Policy snapshots rejected (the previous stayed in force)",
+            self.policy_nacks.clone(),
+        );
+        reg.register(
+            "policy_stream_connected",
+            "1 while the policy stream to the control plane is open",
+            self.policy_stream_connected.clone(),
         );
         reg.register(
             "identity_mismatch",

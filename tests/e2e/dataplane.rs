@@ -32,7 +32,9 @@ pub(crate) async fn pair(
     client_args: &[&str],
 ) -> Pair {
     let tmp = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), cp_args).await.unwrap();
+    // These tests are about transport: any authenticated caller is allowed.
+    let cp_args = [&["--default-policy", "allow-authenticated"][..], cp_args].concat();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &cp_args).await.unwrap();
     let app_s = app.to_string();
     let mut sargs = vec!["--app", app_s.as_str()];
     sargs.extend_from_slice(server_args);
@@ -377,7 +379,9 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
 async fn a_service_registered_after_the_caller_is_reachable_at_once() {
     let app = HttpApp::start().await;
     let tmp = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--default-policy", "allow-authenticated"])
+        .await
+        .unwrap();
     let port = free_port();
     // A slow periodic refresh: only the on-miss refresh can find the new service in time.
     let client = Sidecar::meshed(

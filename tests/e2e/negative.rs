@@ -91,6 +91,22 @@ async fn strict_inbound_refuses_plaintext_and_permissive_marks_it_unauthenticate
     .await
     .unwrap();
     let pport: u16 = perm.inbound.rsplit(':').next().unwrap().parse().unwrap();
+    // Plaintext callers are unauthenticated: the mesh default does not let them in...
+    let refused = raw(pport, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    // ...a policy that names them does.
+    let policy = p.tmp.path().join("legacy.yaml");
+    std::fs::write(&policy, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: legacy-plaintext, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/legacy\"]}\n  action: ALLOW\n  rules:\n    - from: [{unauthenticated: true}]\n").unwrap();
+    let out = p.cp.ctl(&["policy", "apply", "-f", policy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually("policy reaches the permissive sidecar", Duration::from_secs(5), || async {
+        raw(pport, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await
+    .unwrap();
     let resp = raw(pport, b"GET /echo HTTP/1.1\r\nHost: x\r\nx-palisade-peer-identity: spiffe://cluster.local/ns/shop/sa/admin\r\nConnection: close\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(!resp.contains("x-palisade-peer-identity"), "spoofed identity must be stripped: {resp}");

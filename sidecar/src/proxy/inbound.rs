@@ -42,6 +42,10 @@ pub struct Inbound {
     pub opaque_ports: Vec<u16>,
     pub access_log: bool,
     app_authority: http::uri::Authority,
+    /// The policy in force (none yet: fail closed).
+    pub policy: crate::policy::PolicyState,
+    /// This workload's identity, for logs.
+    pub svids: palisade_certs::tls::SvidStore,
     app_pool: super::pool::AppPool,
 }
 
@@ -52,8 +56,11 @@ impl std::fmt::Debug for Inbound {
 }
 
 impl Inbound {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         app: SocketAddr,
+        policy: crate::policy::PolicyState,
+        svids: palisade_certs::tls::SvidStore,
         tls: rustls::ServerConfig,
         permissive: bool,
         metrics: Arc<Metrics>,
@@ -72,6 +79,8 @@ impl Inbound {
             app_authority: http::uri::Authority::try_from(app.to_string().as_str())
                 .expect("invariant: a SocketAddr is a valid authority"),
             app_pool: super::pool::AppPool::new(app),
+            policy,
+            svids,
         }
     }
 
@@ -187,6 +196,23 @@ impl Inbound {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        // L4 decision: only the caller and the port exist here.
+        let source = peer.map(ToString::to_string);
+        let verdict = self.policy.current().map(|e| {
+            e.authorize(&palisade_policy::Request {
+                source: source.as_deref(),
+                port: self.app.port(),
+                ..Default::default()
+            })
+        });
+        match verdict {
+            Some(d) if d.verdict == palisade_policy::Verdict::Allow => {}
+            other => {
+                let reason = other.map(|d| d.reason).unwrap_or_else(|| "no policy received yet (fail closed)".into());
+                tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, reason = %reason, "TCP connection refused");
+                return;
+            }
+        }
         let mut app = match TcpStream::connect(self.app).await {
             Ok(a) => a,
             Err(e) => {
@@ -228,6 +254,10 @@ impl Inbound {
             Protocol::Http2
         });
         let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
+        if let Some(refusal) = self.enforce(&req, peer.as_deref(), src, grpc) {
+            self.metrics.request(Direction::Inbound, refusal.status().as_u16(), start.elapsed());
+            return refusal;
+        }
         let resp = match self.forward(req, app_proto, upgrade).await {
             Ok(r) => r,
             Err((status, msg, e)) => {
@@ -240,6 +270,67 @@ impl Inbound {
             tracing::info!(target: "access", direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(ToString::to_string), http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
         }
         resp
+    }
+
+    /// Authorization, then rate limits. `Some` is the refusal to send back.
+    fn enforce(
+        &self,
+        req: &Request<Incoming>,
+        peer: Option<&SpiffeId>,
+        src: SocketAddr,
+        grpc: bool,
+    ) -> Option<Response<Body>> {
+        let me = self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
+        let source = peer.map(ToString::to_string);
+        let (method, path) = (req.method().as_str(), req.uri().path());
+        let Some(enforcer) = self.policy.current() else {
+            tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me, http.method = method, http.path = path, reason = "no policy received from the control plane yet (fail closed)", "request refused");
+            return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
+        };
+        let host =
+            req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()));
+        let headers = req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
+        let preq = palisade_policy::Request {
+            source: source.as_deref(),
+            method: Some(method),
+            path: Some(path),
+            port: self.app.port(),
+            host,
+            headers,
+        };
+        let d = enforcer.authorize(&preq);
+        let label = d.label();
+        let policy = d.policy.clone().unwrap_or_else(|| "default".into());
+        self.metrics
+            .decisions
+            .get_or_create(&crate::metrics::DecisionLabels { action: label, policy: policy.clone() })
+            .inc();
+        if label != "allow" {
+            tracing::info!(target: "audit", decision = label, src.addr = %src, src.identity = ?source, dst.identity = %me, http.method = method, http.path = path, policy = %policy, rule = ?d.rule, reason = %d.reason, "authorization decision");
+        }
+        if d.verdict == palisade_policy::Verdict::Deny {
+            return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
+        }
+        let limited = enforcer.rate_limit(&preq, src.ip())?;
+        self.metrics.rate_limited.get_or_create(&crate::metrics::PolicyLabels { policy: limited.policy.clone() }).inc();
+        tracing::info!(target: "audit", decision = "rate_limited", src.addr = %src, src.identity = ?source, dst.identity = %me, http.method = method, http.path = path, policy = %limited.policy, limit = %limited.limit, retry_after_ms = limited.outcome.retry_after.as_millis() as u64, "rate limited");
+        let mut resp = error_response(grpc, StatusCode::TOO_MANY_REQUESTS, "rate limited");
+        let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        let h = resp.headers_mut();
+        let policy_hdr =
+            format!("\"{}\";q={};w={}", limited.limit, limited.quota.rate, secs(limited.quota.period).max(1));
+        let state_hdr =
+            format!("\"{}\";r={};t={}", limited.limit, limited.outcome.remaining, secs(limited.outcome.reset_after));
+        for (name, value) in [
+            ("retry-after", secs(limited.outcome.retry_after).max(1).to_string()),
+            ("ratelimit-policy", policy_hdr),
+            ("ratelimit", state_hdr),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(name, v);
+            }
+        }
+        Some(resp)
     }
 
     async fn forward(

@@ -271,6 +271,16 @@ async fn bench(args: Args) -> Result<()> {
     let app_pid = app.id();
     let _app = AppGuard(app);
 
+    // A real ALLOW policy, so every mesh request is authorized as in production.
+    let policy = dir.join("allow.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-to-orders, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n      to: [{methods: [\"GET\"]}]\n",
+    )?;
+    let out = cp.ctl(&["policy", "apply", "-f", policy.to_str().context("path")?]);
+    if !out.status.success() {
+        bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
     let quiet = ["--log", "warn", "--directory-refresh", "2s"];
     let server = Sidecar::meshed(
         "bench-server",

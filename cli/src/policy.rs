@@ -1,0 +1,204 @@
+//! `palisadectl policy ...` and `palisadectl authz check`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Subcommand;
+use palisade_proto::v1::*;
+
+use crate::{Cli, Output, admin, print_value, status_err, table};
+
+/// Policy management.
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCmd {
+    /// Create or update the resources in FILE or in every .yaml/.yml/.json file of DIR
+    /// (validated locally first); prints each revision and the diff.
+    Apply {
+        /// A file, a directory, or - for standard input.
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// Validate locally and on the control plane, changing nothing; prints the diff.
+    Validate {
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// List stored policies.
+    List,
+    /// Show one policy.
+    Get {
+        /// AuthorizationPolicy or RateLimitPolicy.
+        kind: String,
+        /// namespace/name
+        key: String,
+    },
+    /// Delete one policy.
+    Delete { kind: String, key: String },
+}
+
+/// Reads FILE, DIR (sorted, .yaml/.yml/.json) or - into (name, text) pairs.
+fn read_documents(path: &Path) -> Result<Vec<(String, String)>> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        return Ok(vec![("stdin".into(), s)]);
+    }
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json")))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{} holds no .yaml, .yml or .json file", path.display());
+        }
+        return files
+            .iter()
+            .map(|f| {
+                Ok((
+                    f.display().to_string(),
+                    std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+                ))
+            })
+            .collect();
+    }
+    Ok(vec![(
+        path.display().to_string(),
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )])
+}
+
+/// The documents joined into one, after local validation of each.
+fn load(path: &Path) -> Result<String> {
+    let docs = read_documents(path)?;
+    let mut all = Vec::new();
+    for (name, text) in &docs {
+        let resources = palisade_policy::Resource::parse_all(text).map_err(|e| anyhow!("{name}: {e}"))?;
+        all.extend(resources);
+    }
+    if all.is_empty() {
+        bail!("{} holds no resource", path.display());
+    }
+    Ok(serde_json::to_string(&all)?)
+}
+
+fn print_applied(cli: &Cli, applied: &[AppliedPolicy]) -> Result<()> {
+    if cli.output != Output::Table {
+        let v: Vec<_> = applied
+            .iter()
+            .map(|a| serde_json::json!({"kind": a.kind, "key": a.key, "revision": a.revision, "change": a.change, "diff": a.diff}))
+            .collect();
+        return print_value(cli, &serde_json::Value::Array(v));
+    }
+    for a in applied {
+        let rev = if a.revision > 0 { format!(" (revision {})", a.revision) } else { String::new() };
+        println!("{} {} {}{rev}", a.kind, a.key, a.change);
+        if !a.diff.is_empty() {
+            print!("{}", a.diff);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<()> {
+    match cmd {
+        PolicyCmd::Apply { file } | PolicyCmd::Validate { file } => {
+            let document = load(file)?;
+            let mut c = admin(cli).await?;
+            let req = ApplyPolicyRequest { document };
+            let resp = if matches!(cmd, PolicyCmd::Apply { .. }) {
+                c.apply_policy(req).await
+            } else {
+                c.validate_policy(req).await
+            };
+            print_applied(cli, &resp.map_err(status_err)?.into_inner().applied)
+        }
+        PolicyCmd::List => {
+            let resp = admin(cli).await?.list_policies(ListPoliciesRequest {}).await.map_err(status_err)?.into_inner();
+            if cli.output != Output::Table {
+                let v: Vec<serde_json::Value> =
+                    resp.policies.iter().filter_map(|p| serde_json::from_str(&p.json).ok()).collect();
+                return print_value(cli, &serde_json::Value::Array(v));
+            }
+            let rows =
+                resp.policies.iter().map(|p| vec![p.kind.clone(), p.key.clone(), p.revision.to_string()]).collect();
+            table::print(&["KIND", "NAMESPACE/NAME", "REVISION"], rows);
+            println!("store revision {}", resp.revision);
+            Ok(())
+        }
+        PolicyCmd::Get { kind, key } => {
+            let p = admin(cli)
+                .await?
+                .get_policy(GetPolicyRequest { kind: kind.clone(), key: key.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let v: serde_json::Value = serde_json::from_str(&p.json)?;
+            if cli.output == Output::Json {
+                return print_value(cli, &v);
+            }
+            // Table output of one resource: YAML reads best.
+            print!("{}", serde_saphyr::to_string(&v)?);
+            Ok(())
+        }
+        PolicyCmd::Delete { kind, key } => {
+            let r = admin(cli)
+                .await?
+                .delete_policy(GetPolicyRequest { kind: kind.clone(), key: key.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("{kind} {key} deleted (revision {})", r.revision);
+            Ok(())
+        }
+    }
+}
+
+/// `authz check`: the simulate API.
+pub(crate) async fn check(
+    cli: &Cli,
+    from: &Option<String>,
+    to: &str,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    port: u16,
+) -> Result<()> {
+    let mut hmap = std::collections::HashMap::new();
+    for h in headers {
+        let (k, v) = h.split_once('=').ok_or_else(|| anyhow!("--header {h:?}: expected NAME=VALUE"))?;
+        hmap.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let resp = admin(cli)
+        .await?
+        .simulate(SimulateRequest {
+            source: from.clone().unwrap_or_default(),
+            target: to.to_string(),
+            method: method.to_string(),
+            path: path.to_string(),
+            headers: hmap,
+            port: u32::from(port),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let v = serde_json::json!({
+        "decision": resp.decision,
+        "policy": (!resp.policy.is_empty()).then_some(&resp.policy),
+        "rule": (resp.rule >= 0).then_some(resp.rule),
+        "reason": resp.reason,
+        "rate_limits": resp.rate_limits,
+    });
+    if cli.output != Output::Table {
+        return print_value(cli, &v);
+    }
+    println!("decision:    {}", resp.decision);
+    println!("policy:      {}", if resp.policy.is_empty() { "-" } else { &resp.policy });
+    println!("rule:        {}", if resp.rule >= 0 { resp.rule.to_string() } else { "-".into() });
+    println!("reason:      {}", resp.reason);
+    for l in &resp.rate_limits {
+        println!("rate limit:  {l}");
+    }
+    Ok(())
+}

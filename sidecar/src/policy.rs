@@ -1,0 +1,292 @@
+//! Policy in the sidecar: the last good snapshot from the control plane,
+//! compiled for this workload (authorization rules and rate limiters), and
+//! the client of `PolicyDiscovery.Stream` that keeps it current, ACKing what
+//! it could apply and NACKing (and ignoring) what it could not.
+//!
+//! Until a first snapshot arrives there is no enforcer and inbound traffic is
+//! refused (fail closed); once one has arrived, it stays in force while the
+//! control plane is away.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, SvidStore, TrustBundle};
+use palisade_policy::ratelimit::{Algorithm, Outcome, Quota, State};
+use palisade_policy::resource::{Limit, Scope};
+use palisade_policy::{Decision, Request, Resource, RuleSet};
+use palisade_proto::channel::ControlPlaneAddr;
+use palisade_proto::v1::policy_discovery_client::PolicyDiscoveryClient;
+use palisade_proto::v1::{DiscoveryRequest, Snapshot};
+use rustls_pki_types::CertificateDer;
+use wildmatch::WildMatch;
+
+use crate::directory::Directory;
+use crate::metrics::Metrics;
+
+/// Most keys one limit tracks; beyond, its state is reset (bounded memory).
+const MAX_KEYS: usize = 100_000;
+
+/// What a rate limit is keyed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Identity,
+    Header(String),
+    SourceIp,
+    None,
+}
+
+#[derive(Debug)]
+struct CompiledLimit {
+    policy: String,
+    name: String,
+    methods: Vec<String>,
+    paths: Vec<WildMatch>,
+    key: Key,
+    algorithm: Algorithm,
+    quota: Quota,
+    states: Mutex<HashMap<String, State>>,
+}
+
+impl CompiledLimit {
+    fn same_as(&self, other: &CompiledLimit) -> bool {
+        self.policy == other.policy
+            && self.name == other.name
+            && self.algorithm == other.algorithm
+            && self.quota == other.quota
+            && self.key == other.key
+    }
+}
+
+/// A refused request: which limit, and what to tell the caller.
+#[derive(Debug, Clone)]
+pub struct Limited {
+    pub policy: String,
+    pub limit: String,
+    pub quota: Quota,
+    pub outcome: Outcome,
+}
+
+/// A compiled snapshot.
+#[derive(Debug)]
+pub struct Enforcer {
+    /// The control-plane version it came from.
+    pub version: String,
+    rules: RuleSet,
+    limits: Vec<CompiledLimit>,
+    origin: Instant,
+}
+
+impl Enforcer {
+    /// Compiles a snapshot for `identity`, keeping the counters of limits
+    /// that did not change from `previous`.
+    pub fn compile(snap: &Snapshot, identity: &str, previous: Option<&Enforcer>) -> Result<Self, String> {
+        let mut resources = Vec::new();
+        for json in &snap.policies_json {
+            resources.extend(Resource::parse_all(json).map_err(|e| e.to_string())?);
+        }
+        let rules = RuleSet::compile(&resources, identity, snap.default_allow_authenticated);
+        let mut limits = Vec::new();
+        for r in &resources {
+            let Resource::RateLimitPolicy { spec, .. } = r else { continue };
+            if !r.targets(identity) {
+                continue;
+            }
+            for l in &spec.limits {
+                limits.push(compile_limit(&r.key(), l, &snap.rate_shares)?);
+            }
+        }
+        let origin = previous.map(|p| p.origin).unwrap_or_else(Instant::now);
+        if let Some(prev) = previous {
+            for l in &mut limits {
+                if let Some(old) = prev.limits.iter().find(|o| o.same_as(l)) {
+                    let states = std::mem::take(&mut *old.states.lock().unwrap_or_else(|p| p.into_inner()));
+                    *l.states.get_mut().unwrap_or_else(|p| p.into_inner()) = states;
+                }
+            }
+        }
+        Ok(Self { version: snap.version.clone(), rules, limits, origin })
+    }
+
+    /// The authorization decision.
+    pub fn authorize(&self, req: &Request<'_>) -> Decision {
+        self.rules.decide(req)
+    }
+
+    /// Applies the rate limits in order; the first that refuses wins.
+    pub fn rate_limit(&self, req: &Request<'_>, src_ip: IpAddr) -> Option<Limited> {
+        if self.limits.is_empty() {
+            return None;
+        }
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        for l in &self.limits {
+            let method_ok = l.methods.is_empty() || req.method.is_some_and(|m| l.methods.iter().any(|x| x == m));
+            let path_ok = l.paths.is_empty() || req.path.is_some_and(|p| l.paths.iter().any(|g| g.matches(p)));
+            if !(method_ok && path_ok) {
+                continue;
+            }
+            let key = match &l.key {
+                Key::Identity => req.source.unwrap_or("unauthenticated").to_string(),
+                Key::Header(h) => {
+                    req.headers.iter().find(|(n, _)| n == h).map(|(_, v)| v.to_string()).unwrap_or_default()
+                }
+                Key::SourceIp => src_ip.to_string(),
+                Key::None => String::new(),
+            };
+            let mut states = l.states.lock().unwrap_or_else(|p| p.into_inner());
+            if states.len() >= MAX_KEYS && !states.contains_key(&key) {
+                states.clear();
+            }
+            let state = states.entry(key).or_insert_with(|| l.algorithm.initial(&l.quota, now));
+            let outcome = l.algorithm.check(&l.quota, state, now);
+            if !outcome.allowed {
+                return Some(Limited { policy: l.policy.clone(), limit: l.name.clone(), quota: l.quota, outcome });
+            }
+        }
+        None
+    }
+}
+
+fn compile_limit(policy: &str, l: &Limit, shares: &HashMap<String, u64>) -> Result<CompiledLimit, String> {
+    let period =
+        palisade_policy::resource::parse_period(&l.period).map_err(|e| format!("{policy}/{}: period {e}", l.name))?;
+    let rate = match l.scope {
+        // This replica's share of the cluster quota, as the control plane divided it.
+        Scope::Cluster => *shares.get(&format!("{policy}/{}", l.name)).unwrap_or(&l.rate),
+        Scope::Sidecar => l.rate,
+    };
+    let key = match l.key.as_str() {
+        "identity" => Key::Identity,
+        "source_ip" => Key::SourceIp,
+        "none" => Key::None,
+        other => match other.strip_prefix("header:") {
+            Some(h) => Key::Header(h.to_ascii_lowercase()),
+            None => return Err(format!("{policy}/{}: unknown key {other:?}", l.name)),
+        },
+    };
+    Ok(CompiledLimit {
+        policy: policy.to_string(),
+        name: l.name.clone(),
+        methods: l.match_.methods.clone(),
+        paths: l.match_.paths.iter().map(|p| WildMatch::new(p)).collect(),
+        key,
+        algorithm: l.algorithm,
+        quota: Quota { rate: rate.max(1), period, burst: l.burst },
+        states: Mutex::new(HashMap::new()),
+    })
+}
+
+/// The enforcer in force, swapped atomically.
+#[derive(Debug, Default, Clone)]
+pub struct PolicyState {
+    current: Arc<RwLock<Option<Arc<Enforcer>>>>,
+}
+
+impl PolicyState {
+    pub fn current(&self) -> Option<Arc<Enforcer>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn set(&self, e: Enforcer) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(e));
+    }
+}
+
+/// Keeps the policy stream open.
+#[derive(Debug)]
+pub struct PolicyClient {
+    pub addr: ControlPlaneAddr,
+    pub bundle: TrustBundle,
+    pub svids: SvidStore,
+    pub trust_domain: palisade_certs::TrustDomain,
+    pub inbound_addr: String,
+    pub state: PolicyState,
+    pub directory: Arc<Directory>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl PolicyClient {
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if self.svids.valid().is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let mut connected = false;
+            match self.session(&mut connected).await {
+                Ok(()) => tracing::info!("policy stream closed by the control plane; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "policy stream failed; keeping the last good policy")
+                }
+            }
+            self.metrics.policy_stream_connected.set(0);
+            if connected {
+                backoff = Duration::from_millis(200);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn session(&self, connected: &mut bool) -> Result<(), String> {
+        let verifier =
+            SpiffeServerVerifier::new(self.bundle.clone(), PeerIdentity::Exact(self.trust_domain.control_plane()));
+        let tls = palisade_certs::tls::client_config(verifier, Some(Arc::new(self.svids.clone())))
+            .map_err(|e| e.to_string())?;
+        let channel = palisade_proto::channel::connect(&self.addr, Arc::new(tls), Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(DiscoveryRequest { inbound_addr: self.inbound_addr.clone(), ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = PolicyDiscoveryClient::new(channel);
+        let mut snapshots = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.metrics.policy_stream_connected.set(1);
+        *connected = true;
+        while let Some(snap) = snapshots.message().await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
+            let identity = self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
+            let previous = self.state.current();
+            let reply = match Enforcer::compile(&snap, &identity, previous.as_deref()) {
+                Ok(enforcer) => {
+                    self.directory.replace(
+                        snap.endpoints.iter().filter_map(|e| {
+                            Some((e.service.clone(), e.identity.parse().ok()?, e.address.parse().ok()?))
+                        }),
+                    );
+                    let roots: Vec<CertificateDer<'static>> =
+                        snap.trust_bundle_der.iter().cloned().map(CertificateDer::from).collect();
+                    if !roots.is_empty()
+                        && let Err(e) = self.bundle.replace(&roots)
+                    {
+                        tracing::warn!(error = %e, "ignoring an unusable trust bundle from the control plane");
+                    }
+                    let changed = previous.as_ref().is_none_or(|p| p.version != enforcer.version);
+                    self.state.set(enforcer);
+                    self.metrics.policy_revision.set(snap.version.trim_start_matches('r').parse().unwrap_or(0));
+                    self.metrics
+                        .policy_updated
+                        .set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+                    if changed {
+                        tracing::info!(version = %snap.version, policies = snap.policies_json.len(), "policy snapshot applied");
+                    }
+                    DiscoveryRequest { nonce: snap.nonce, version: snap.version, ..Default::default() }
+                }
+                Err(e) => {
+                    self.metrics.policy_nacks.inc();
+                    tracing::warn!(target: "audit", version = %snap.version, error = %e, "policy snapshot rejected (NACK); the previous policy stays in force");
+                    DiscoveryRequest { nonce: snap.nonce, version: snap.version, error: e, ..Default::default() }
+                }
+            };
+            if tx.send(reply).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
