@@ -228,7 +228,23 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (String, Snapsh
     let mut policies_json = Vec::new();
     let mut rate_shares = HashMap::new();
     for p in &stored {
-        let Ok(rs) = Resource::parse_all(&p.json) else { continue };
+        let rs = match Resource::parse_all(&p.json) {
+            Ok(rs) => rs,
+            Err(e) => {
+                // A stored resource this version cannot read (written by a newer
+                // control plane, or by hand): send it where its target points, so the
+                // sidecar's NACK makes the problem visible, rather than drop it silently.
+                tracing::warn!(policy = %p.key, error = %e, "stored policy is invalid");
+                let v: serde_json::Value = serde_json::from_str(&p.json).unwrap_or_default();
+                let targeted = v["spec"]["target"]["identities"].as_array().is_some_and(|ids| {
+                    ids.iter().filter_map(|i| i.as_str()).any(|g| wildmatch::WildMatch::new(g).matches(identity))
+                });
+                if targeted {
+                    policies_json.push(p.json.clone());
+                }
+                continue;
+            }
+        };
         for r in rs.into_iter().filter(|r| r.targets(identity)) {
             if let Resource::RateLimitPolicy { spec, .. } = &r {
                 for l in spec.limits.iter().filter(|l| l.scope == Scope::Cluster) {

@@ -7,3 +7,4 @@ mod identity;
 mod k8s;
 mod negative;
 mod operator_ca;
+mod policy;

@@ -1,0 +1,385 @@
+//! Policy end to end: applied with palisadectl, pushed by the control plane,
+//! enforced by the callee's real sidecar.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use palisade_tests::apps::HttpApp;
+use palisade_tests::{ControlPlane, Sidecar, eventually, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::dataplane::{ORDERS, WEB};
+
+const INVOICES: &str = "spiffe://cluster.local/ns/billing/sa/invoices";
+
+struct Mesh {
+    tmp: tempfile::TempDir,
+    cp: ControlPlane,
+    server: Sidecar,
+    web: Sidecar,
+    web_port: u16,
+    invoices: Sidecar,
+    invoices_port: u16,
+}
+
+async fn mesh(app: std::net::SocketAddr) -> Mesh {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
+    let server = Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &["--app", &app.to_string()]).await.unwrap();
+    let (web_port, invoices_port) = (free_port(), free_port());
+    let web =
+        Sidecar::meshed("web", &cp, tmp.path(), WEB, &["--upstream", &format!("127.0.0.1:{web_port}=orders.shop")])
+            .await
+            .unwrap();
+    let invoices = Sidecar::meshed(
+        "invoices",
+        &cp,
+        tmp.path(),
+        INVOICES,
+        &["--upstream", &format!("127.0.0.1:{invoices_port}=orders.shop")],
+    )
+    .await
+    .unwrap();
+    Mesh { tmp, cp, server, web, web_port, invoices, invoices_port }
+}
+
+impl Mesh {
+    /// Applies YAML with palisadectl and waits until the server sidecar runs it.
+    async fn apply(&self, name: &str, yaml: &str) -> serde_json::Value {
+        let f = self.tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&f, yaml).unwrap();
+        let out = self.cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap(), "-o", "json"]);
+        assert!(out.status.success(), "apply {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let want = format!("r{}", v[0]["revision"]);
+        eventually("the server sidecar runs the new policy", Duration::from_secs(5), || async {
+            (self.server.config().await?["policy_version"] == want.as_str()).then_some(())
+        })
+        .await
+        .unwrap();
+        v
+    }
+
+    fn check(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["authz", "check", "-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.cp.ctl(&all);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// Sends one request, returns the status line and the head.
+async fn call(port: u16, method: &str, path: &str, extra: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let body = if method == "POST" { "content-length: 0\r\n" } else { "" };
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: orders\r\n{extra}{body}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(resp: &str) -> u16 {
+    resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+const ALLOW_WEB: &str = r#"apiVersion: palisade.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: web-reads-api, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}
+  action: ALLOW
+  rules:
+    - from: [{identities: ["spiffe://cluster.local/ns/shop/sa/web"]}]
+      to: [{methods: ["GET"], paths: ["/api/*", "/echo"]}]
+      when: [{header: "x-tenant", values: ["acme"]}]
+---
+apiVersion: palisade.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: billing-reads, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}
+  action: ALLOW
+  rules:
+    - from: [{namespaces: ["billing"]}]
+      to: [{methods: ["GET"], paths: ["/hello"]}]
+"#;
+
+#[tokio::test]
+async fn authorization_is_enforced_by_the_callees_sidecar() {
+    let app = HttpApp::start().await;
+    let m = mesh(app.addr).await;
+    let t = "x-tenant: acme\r\n";
+
+    // Nothing allows yet: the mesh default denies.
+    assert_eq!(status(&call(m.web_port, "GET", "/api/items", t).await), 403);
+    let v = m.check(&["--from", WEB, "--to", ORDERS, "--method", "GET", "--path", "/api/items"]);
+    assert_eq!((v["decision"].as_str(), v["policy"].is_null(), v["rule"].is_null()), (Some("deny"), true, true), "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("mesh default"));
+
+    m.apply("allow", ALLOW_WEB).await;
+    let resp = call(m.web_port, "GET", "/echo", t).await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert!(resp.contains(WEB), "the app still learns the caller: {resp}");
+    for (what, method, path, extra) in [
+        ("no header", "GET", "/api/items", ""),
+        ("wrong header", "GET", "/api/items", "x-tenant: evil\r\n"),
+        ("method", "POST", "/api/items", t),
+        ("path", "GET", "/admin", t),
+    ] {
+        let resp = call(m.web_port, method, path, extra).await;
+        assert_eq!(status(&resp), 403, "{what}: {resp}");
+        assert!(!resp.contains("web-reads-api"), "the caller is not told which policy: {resp}");
+    }
+    // By namespace: billing may GET /hello, not /echo.
+    assert_eq!(status(&call(m.invoices_port, "GET", "/hello", "").await), 200);
+    assert_eq!(status(&call(m.invoices_port, "GET", "/echo", t).await), 403);
+    let v = m.check(&["--from", INVOICES, "--to", ORDERS, "--path", "/hello"]);
+    assert_eq!(
+        (v["decision"].as_str(), v["policy"].as_str(), v["rule"].as_i64()),
+        (Some("allow"), Some("shop/billing-reads"), Some(0))
+    );
+
+    // DENY beats ALLOW.
+    m.apply("deny", "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-secrets, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/*\"]}\n  action: DENY\n  rules:\n    - to: [{paths: [\"/api/secret*\"]}]\n").await;
+    assert_eq!(status(&call(m.web_port, "GET", "/api/secret/x", t).await), 403);
+    assert_eq!(status(&call(m.web_port, "GET", "/api/items", t).await), 404, "allowed, and the app has no such path");
+    let v = m.check(&["--from", WEB, "--to", ORDERS, "--path", "/api/secret/x", "--header", "x-tenant=acme"]);
+    assert_eq!(
+        (v["decision"].as_str(), v["policy"].as_str(), v["rule"].as_i64()),
+        (Some("deny"), Some("shop/no-secrets"), Some(0)),
+        "{v}"
+    );
+
+    // gRPC callers get grpc-status 7.
+    let resp = call(m.web_port, "POST", "/pkg.Svc/Method", "content-type: application/grpc\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200") && resp.contains("grpc-status: 7"), "{resp}");
+
+    // AUDIT never blocks; it is counted and logged.
+    m.apply("audit", "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: trial, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: AUDIT\n  rules:\n    - from: [{namespaces: [\"billing\"]}]\n").await;
+    assert_eq!(status(&call(m.web_port, "GET", "/echo", t).await), 200);
+    assert!(
+        m.server
+            .metric("palisade_policy_decisions_total{action=\"audit_deny\",policy=\"shop/web-reads-api\"}")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert!(
+        m.server.proc.logs().lines().any(|l| l.contains("audit") && l.contains("audit_deny")),
+        "{}",
+        m.server.proc.logs()
+    );
+    assert!(
+        m.server
+            .proc
+            .logs()
+            .lines()
+            .any(|l| l.contains("audit") && l.contains("decision=\"deny\"") && l.contains("shop/no-secrets"))
+    );
+
+    // The control plane knows what every proxy runs.
+    let proxies: serde_json::Value = serde_json::from_slice(&m.cp.ctl(&["proxies", "-o", "json"]).stdout).unwrap();
+    for p in proxies.as_array().unwrap() {
+        assert_eq!(p["sync_state"], "synced", "{p}");
+    }
+    let _ = (&m.web, &m.invoices, app.requests.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn rate_limits_admit_the_configured_rate_with_ratelimit_headers() {
+    let app = HttpApp::start().await;
+    let m = mesh(app.addr).await;
+    m.apply("allow-all", "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: all, namespace: shop}\nspec:\n  target: {identities: [\"*\"]}\n  action: ALLOW\n  rules:\n    - from: [{namespaces: [\"*\"]}]\n").await;
+    m.apply("limit", "apiVersion: palisade.dev/v1\nkind: RateLimitPolicy\nmetadata: {name: per-caller, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  limits:\n    - name: hello\n      match: {paths: [\"/hello\"]}\n      key: identity\n      algorithm: token_bucket\n      rate: 40\n      period: 1s\n      burst: 1\n").await;
+    // ~150 requests/s for 3 s on one keep-alive connection.
+    let tcp = TcpStream::connect(("127.0.0.1", m.web_port)).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let (mut ok, mut limited, mut other) = (0u32, 0u32, 0u32);
+    let mut headers = None;
+    let start = Instant::now();
+    let mut i = 0u32;
+    while start.elapsed() < Duration::from_secs(3) {
+        let due = start + Duration::from_micros(6_667) * i;
+        tokio::time::sleep_until(due.into()).await;
+        i += 1;
+        let req = hyper::Request::get("/hello")
+            .header("host", "orders")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let r = s.send_request(req).await.unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                headers.get_or_insert_with(|| r.headers().clone());
+            }
+            _ => other += 1,
+        }
+        http_body_util::BodyExt::collect(r.into_body()).await.unwrap();
+    }
+    let rate = f64::from(ok) / start.elapsed().as_secs_f64();
+    assert_eq!(other, 0);
+    assert!(
+        (rate - 40.0).abs() <= 4.0,
+        "admitted {ok} in {:?} = {rate:.1}/s for a 40/s limit ({limited} limited)",
+        start.elapsed()
+    );
+    let h = headers.expect("some requests were limited");
+    assert!(h.get("retry-after").and_then(|v| v.to_str().ok()).is_some_and(|v| v.parse::<u64>().is_ok()), "{h:?}");
+    assert_eq!(h["ratelimit-policy"], "\"hello\";q=40;w=1");
+    assert_eq!(h["retry-after"], "1", "a token comes back within 25 ms, announced as 1 s");
+    assert!(h["ratelimit"].to_str().unwrap().starts_with("\"hello\";r=0;t="), "{h:?}");
+    // Keyed by identity: invoices has its own budget.
+    assert_eq!(status(&call(m.invoices_port, "GET", "/hello", "").await), 200);
+    assert!(
+        m.server.metric("palisade_rate_limited_requests_total{policy=\"shop/per-caller\"}").await.unwrap()
+            >= f64::from(limited)
+    );
+    let v = m.check(&["--from", WEB, "--to", ORDERS, "--path", "/hello"]);
+    assert!(v["rate_limits"][0].as_str().unwrap().contains("shop/per-caller/hello"), "{v}");
+}
+
+#[tokio::test]
+async fn live_updates_apply_within_a_second_and_the_control_plane_can_die() {
+    let app = HttpApp::start().await;
+    let mut m = mesh(app.addr).await;
+    m.apply("allow", ALLOW_WEB).await;
+    // Traffic on one keep-alive connection, in the background, recording every outcome.
+    let port = m.web_port;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, u16)>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (log, stop) = (log.clone(), stop.clone());
+        tokio::spawn(async move {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+            tokio::spawn(conn);
+            while !stop.load(Ordering::SeqCst) {
+                let req = hyper::Request::get("/api/items")
+                    .header("host", "orders")
+                    .header("x-tenant", "acme")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let code = match s.send_request(req).await {
+                    Ok(r) => {
+                        let c = r.status().as_u16();
+                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                        c
+                    }
+                    Err(_) => 0,
+                };
+                log.lock().unwrap().push((Instant::now(), code));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    eventually("traffic flows", Duration::from_secs(5), || async { (log.lock().unwrap().len() > 20).then_some(()) })
+        .await
+        .unwrap();
+
+    // Kill the control plane outright: allowed traffic keeps flowing.
+    let mark = log.lock().unwrap().len();
+    m.cp.proc.child.kill().unwrap();
+    m.cp.proc.child.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let port_cp = m.cp.port;
+    let data = m.cp.data_dir.clone();
+    m.cp = ControlPlane::start_on(port_cp, &data, m.tmp.path(), &[]).await.unwrap();
+    eventually("sidecars resync", Duration::from_secs(15), || async {
+        let proxies: serde_json::Value = serde_json::from_slice(&m.cp.ctl(&["proxies", "-o", "json"]).stdout).ok()?;
+        proxies.as_array()?.iter().all(|p| p["sync_state"] == "synced").then_some(())
+    })
+    .await
+    .unwrap();
+    {
+        let after: Vec<u16> = log.lock().unwrap()[mark..].iter().map(|(_, c)| *c).collect();
+        assert!(
+            after.len() > 100 && after.iter().all(|c| *c == 404),
+            "allowed requests must not fail during the outage: {:?}",
+            after.iter().filter(|c| **c != 404).collect::<Vec<_>>()
+        );
+    }
+
+    // A DENY applied under traffic takes effect within a second; nothing fails otherwise.
+    let f = m.tmp.path().join("deny.yaml");
+    std::fs::write(&f, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: stop-web, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: DENY\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n").unwrap();
+    let out = m.cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap()]);
+    let applied = Instant::now();
+    assert!(out.status.success());
+    let first_403 = eventually("deny takes effect", Duration::from_secs(5), || async {
+        log.lock().unwrap().iter().find(|(t, c)| *t > applied && *c == 403).map(|(t, _)| *t)
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    traffic.await.unwrap();
+    let took = first_403 - applied;
+    assert!(took < Duration::from_secs(1), "policy took {took:?} to apply");
+    let codes: Vec<u16> = log.lock().unwrap().iter().map(|(_, c)| *c).collect();
+    assert!(
+        codes.iter().all(|c| *c == 404 || *c == 403),
+        "no request may fail: {:?}",
+        codes.iter().filter(|c| **c != 404 && **c != 403).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_snapshot_is_nacked_and_the_previous_policy_stays() {
+    let app = HttpApp::start().await;
+    let mut m = mesh(app.addr).await;
+    m.apply("allow", ALLOW_WEB).await;
+    // Force an invalid resource into the store behind the control plane's back.
+    m.cp.proc.terminate(Duration::from_secs(10)).unwrap();
+    let state_path = m.cp.data_dir.join("state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let bad = serde_json::json!({"kind": "RateLimitPolicy", "apiVersion": "palisade.dev/v1", "metadata": {"name": "broken", "namespace": "shop"},
+        "spec": {"target": {"identities": ["spiffe://cluster.local/ns/shop/sa/orders"]}, "limits": [{"name": "x", "algorithm": "token_bucket", "rate": 0, "period": "1s"}]}});
+    state["policies"]["RateLimitPolicy/shop/broken"] =
+        serde_json::json!({"kind": "RateLimitPolicy", "key": "shop/broken", "revision": 99, "json": bad.to_string()});
+    state["policy_revision"] = 99.into();
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let (port, data) = (m.cp.port, m.cp.data_dir.clone());
+    m.cp = ControlPlane::start_on(port, &data, m.tmp.path(), &[]).await.unwrap();
+    let server_addr = m.server.inbound.clone();
+    let nacked = eventually("the server sidecar NACKs", Duration::from_secs(15), || async {
+        let proxies: serde_json::Value = serde_json::from_slice(&m.cp.ctl(&["proxies", "-o", "json"]).stdout).ok()?;
+        proxies
+            .as_array()?
+            .iter()
+            .find(|p| p["inbound_addr"] == server_addr.as_str() && p["sync_state"] == "nacked")
+            .cloned()
+    })
+    .await
+    .unwrap();
+    assert!(nacked["last_nack"].as_str().unwrap().contains("rate"), "{nacked}");
+    let table = String::from_utf8(m.cp.ctl(&["proxies"]).stdout).unwrap();
+    assert!(table.contains("nacked:"), "{table}");
+    assert!(m.server.metric("palisade_policy_nacks_total").await.unwrap() >= 1.0);
+    // The previous policy is still enforced.
+    assert_eq!(status(&call(m.web_port, "GET", "/echo", "x-tenant: acme\r\n").await), 200);
+    assert_eq!(status(&call(m.web_port, "GET", "/echo", "").await), 403);
+}
+
+#[tokio::test]
+async fn tcp_connections_are_authorized_by_identity() {
+    let echo_app = palisade_tests::apps::tcp_echo().await;
+    let m = mesh(echo_app).await;
+    m.apply("tcp", "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-only, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n").await;
+    let talk = |port: u16| async move {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"\x00binary").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
+    };
+    assert_eq!(talk(m.web_port).await, b"echo:\x00binary");
+    assert_eq!(talk(m.invoices_port).await, b"", "invoices is not allowed: the connection closes");
+}
