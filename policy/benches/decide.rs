@@ -25,7 +25,13 @@ fn bench(c: &mut Criterion) {
     for n in [10usize, 10_000] {
         let set = RuleSet::compile(&policy(n), "spiffe://cluster.local/ns/shop/sa/orders", false);
         let caller = format!("spiffe://cluster.local/ns/n{}/sa/caller", n - 1);
-        let req = Request { source: Some(&caller), method: Some("GET"), path: Some("/api/items/42"), port: 8080, ..Default::default() };
+        let req = Request {
+            source: Some(&caller),
+            method: Some("GET"),
+            path: Some("/api/items/42"),
+            port: 8080,
+            ..Default::default()
+        };
         c.bench_function(&format!("decide/{n}_rules"), |b| b.iter(|| black_box(set.decide(black_box(&req)))));
     }
 }

@@ -109,6 +109,20 @@ impl Enforcer {
         Ok(Self { version: snap.version.clone(), rules, limits, origin })
     }
 
+    /// The compiled rate limits, for `/config`.
+    pub fn describe_limits(&self) -> Vec<serde_json::Value> {
+        self.limits
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "policy": l.policy, "name": l.name, "algorithm": l.algorithm, "rate": l.quota.rate,
+                    "period": humantime::format_duration(l.quota.period).to_string(), "burst": l.quota.burst,
+                    "keys": l.states.lock().map(|s| s.len()).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     /// The authorization decision.
     pub fn authorize(&self, req: &Request<'_>) -> Decision {
         self.rules.decide(req)

@@ -383,3 +383,77 @@ async fn tcp_connections_are_authorized_by_identity() {
     assert_eq!(talk(m.web_port).await, b"echo:\x00binary");
     assert_eq!(talk(m.invoices_port).await, b"", "invoices is not allowed: the connection closes");
 }
+
+#[tokio::test]
+async fn a_cluster_scope_limit_is_shared_by_the_replicas() {
+    let app = HttpApp::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--default-policy", "allow-authenticated"])
+        .await
+        .unwrap();
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push(
+            Sidecar::meshed(&format!("orders-{i}"), &cp, tmp.path(), ORDERS, &["--app", &app.addr.to_string()])
+                .await
+                .unwrap(),
+        );
+    }
+    let port = free_port();
+    let web = Sidecar::meshed("web", &cp, tmp.path(), WEB, &["--upstream", &format!("127.0.0.1:{port}=orders.shop")])
+        .await
+        .unwrap();
+    eventually("web sees the 3 replicas", Duration::from_secs(10), || async {
+        (web.metric("palisade_directory_endpoints").await? >= 4.0).then_some(())
+    })
+    .await
+    .unwrap();
+    let f = tmp.path().join("limit.yaml");
+    std::fs::write(&f, "apiVersion: palisade.dev/v1\nkind: RateLimitPolicy\nmetadata: {name: shared, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  limits:\n    - name: all\n      key: none\n      algorithm: token_bucket\n      rate: 60\n      period: 1s\n      burst: 5\n      scope: cluster\n").unwrap();
+    assert!(cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap()]).status.success());
+    for r in &replicas {
+        eventually("replica runs the limit", Duration::from_secs(5), || async {
+            (r.config().await?["policy_version"] == "r1").then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    // Let every replica receive its share (the quota divided by 3) before measuring.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let (mut ok, start) = (0u32, Instant::now());
+    let mut i = 0u32;
+    while start.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep_until((start + Duration::from_micros(5_000) * i).into()).await;
+        i += 1;
+        let req = hyper::Request::get("/hello")
+            .header("host", "orders")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let r = s.send_request(req).await.unwrap();
+        if r.status() == 200 {
+            ok += 1;
+        }
+        http_body_util::BodyExt::collect(r.into_body()).await.unwrap();
+    }
+    // Each replica first admits its burst of 5, then its share of the rate.
+    let rate = f64::from(ok - 15) / start.elapsed().as_secs_f64();
+    let mut limits = Vec::new();
+    for r in &replicas {
+        limits.push(r.config().await.unwrap()["rate_limits"].clone());
+    }
+    assert!(
+        (rate - 60.0).abs() <= 6.0,
+        "3 replicas admitted {rate:.1}/s in total for a cluster quota of 60/s; limits {limits:?}"
+    );
+    // A replica goes away: the quota is re-divided among the two left.
+    let gone = replicas.pop().unwrap();
+    drop(gone);
+    eventually("shares re-divided", Duration::from_secs(10), || async {
+        (replicas[0].config().await?["rate_limits"][0]["rate"] == 30).then_some(())
+    })
+    .await
+    .unwrap();
+}
