@@ -51,7 +51,8 @@ fn parse_args() -> Result<Option<Args>> {
             "--connections" => args.connections = val()?.parse()?,
             "-h" | "--help" => {
                 println!(
-                    "palisade-bench [--json FILE] [--duration 10s] [--rate 1000] [--load-rate 2000] [--connections 32]\n\n\
+                    "palisade-bench [--json FILE] [--duration 10s] [--rate 1000] [--load-rate 2000] [--connections 32]\n\
+                     palisade-bench push [STREAMS]   (policy push latency to STREAMS simulated sidecars, default 1000)\n\n\
                      Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
                      sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
                      Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
@@ -66,6 +67,11 @@ fn parse_args() -> Result<Option<Args>> {
 
 fn main() -> Result<()> {
     palisade_certs::install_default_provider();
+    if std::env::args().nth(1).as_deref() == Some("push") {
+        let streams = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(push::run(streams));
+    }
     let Some(args) = parse_args()? else {
         return run_app();
     };
@@ -432,5 +438,133 @@ impl Drop for AppGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// `palisade-bench push N`: N simulated sidecars (real certificates, one mTLS
+/// connection and one PolicyDiscovery stream each, in this process) subscribe
+/// to a real control plane; a policy is applied and the time until each
+/// stream receives the new snapshot is measured.
+mod push {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result, bail};
+    use palisade_certs::tls::Svid;
+    use palisade_certs::{SvidInfo, WorkloadKey};
+    use palisade_proto::v1::certify_request::Attestation;
+    use palisade_proto::v1::identity_client::IdentityClient;
+    use palisade_proto::v1::policy_discovery_client::PolicyDiscoveryClient;
+    use palisade_proto::v1::{ApplyPolicyRequest, CertifyRequest, DiscoveryRequest};
+    use palisade_tests::{ControlPlane, grpc};
+    use rustls_pki_types::CertificateDer;
+
+    const ID: &str = "spiffe://cluster.local/ns/bench/sa/sidecar";
+
+    pub(super) async fn run(streams: usize) -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--log", "warn"]).await?;
+        let bundle = std::fs::read_to_string(cp.bundle())?;
+        let token = cp.create_token(ID, &["--uses", &streams.to_string(), "--ttl", "1h"])?;
+        eprintln!("certifying and subscribing {streams} simulated sidecars...");
+        // (nonce, arrival) of every snapshot, per stream.
+        let arrivals: Arc<Mutex<Vec<Vec<(String, Instant)>>>> = Arc::new(Mutex::new(vec![Vec::new(); streams]));
+        let mut tasks = Vec::new();
+        for i in 0..streams {
+            let ch = grpc::channel(&cp.addr, &bundle, None).await?;
+            let key = WorkloadKey::generate()?;
+            let resp = IdentityClient::new(ch)
+                .certify(CertifyRequest {
+                    csr_der: key.csr_der(None)?,
+                    attestation: Some(Attestation::JoinToken(token.clone())),
+                    inbound_addr: String::new(),
+                })
+                .await?
+                .into_inner();
+            let chain: Vec<CertificateDer<'static>> =
+                resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
+            let (id, info) = SvidInfo::parse_svid(&chain[0])?;
+            let svid = Svid { certified: key.certified(chain)?, info, id };
+            let ch = grpc::channel(&cp.addr, &bundle, Some(svid)).await?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(DiscoveryRequest {
+                inbound_addr: format!("10.0.{}.{}:4143", i / 250, i % 250),
+                ..Default::default()
+            })
+            .await?;
+            let mut snaps = PolicyDiscoveryClient::new(ch)
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let arrivals = arrivals.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Ok(Some(s)) = snaps.message().await {
+                    arrivals.lock().expect("invariant: not poisoned")[i].push((s.version.clone(), Instant::now()));
+                    if tx
+                        .send(DiscoveryRequest { nonce: s.nonce, version: s.version, ..Default::default() })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }));
+        }
+        let wait_all = |version: Option<String>| {
+            let arrivals = arrivals.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let done = arrivals.lock().expect("invariant").iter().all(|a| match &version {
+                        None => !a.is_empty(),
+                        Some(v) => a.iter().any(|(x, _)| x == v),
+                    });
+                    if done {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        bail!("not every stream got the snapshot within 60 s");
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        wait_all(None).await?;
+        eprintln!("all {streams} streams hold a first snapshot; applying a policy...");
+
+        let admin = cp.admin_dir();
+        let chain = palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(admin.join("cert.pem"))?)
+            .map_err(anyhow::Error::msg)?;
+        let key = palisade_certs::SecretPem::new(std::fs::read_to_string(admin.join("key.pem"))?);
+        let (id, info) = SvidInfo::parse_svid(&chain[0])?;
+        let svid = Svid { certified: palisade_certs::csr::certified_key_from_pem(chain, &key)?, info, id };
+        let mut client =
+            palisade_proto::v1::admin_client::AdminClient::new(grpc::channel(&cp.addr, &bundle, Some(svid)).await?);
+        let doc = format!(
+            "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: pushed, namespace: bench}}\nspec:\n  target: {{identities: [\"{ID}\"]}}\n  action: ALLOW\n  rules:\n    - from: [{{namespaces: [\"bench\"]}}]\n"
+        );
+        let t0 = Instant::now();
+        let applied = client.apply_policy(ApplyPolicyRequest { document: doc }).await?.into_inner();
+        let version = format!("r{}", applied.applied.first().context("nothing applied")?.revision);
+        wait_all(Some(version.clone())).await?;
+        let mut lat: Vec<Duration> = arrivals
+            .lock()
+            .expect("invariant")
+            .iter()
+            .filter_map(|a| a.iter().find(|(v, _)| *v == version).map(|(_, t)| t.duration_since(t0)))
+            .collect();
+        lat.sort();
+        let q = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+        println!(
+            "policy push to {} streams: p50 {:?}, p99 {:?}, max {:?} (from the Apply call to receipt)",
+            lat.len(),
+            q(0.5),
+            q(0.99),
+            q(1.0)
+        );
+        for t in tasks {
+            t.abort();
+        }
+        Ok(())
     }
 }
