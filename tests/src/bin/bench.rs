@@ -461,14 +461,16 @@ mod push {
 
     const ID: &str = "spiffe://cluster.local/ns/bench/sa/sidecar";
 
+    type Arrivals = Arc<Mutex<Vec<Vec<(String, Instant)>>>>;
+
     pub(super) async fn run(streams: usize) -> Result<()> {
         let tmp = tempfile::tempdir()?;
         let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--log", "warn"]).await?;
         let bundle = std::fs::read_to_string(cp.bundle())?;
         let token = cp.create_token(ID, &["--uses", &streams.to_string(), "--ttl", "1h"])?;
         eprintln!("certifying and subscribing {streams} simulated sidecars...");
-        // (nonce, arrival) of every snapshot, per stream.
-        let arrivals: Arc<Mutex<Vec<Vec<(String, Instant)>>>> = Arc::new(Mutex::new(vec![Vec::new(); streams]));
+        // (version, arrival) of every snapshot, per stream.
+        let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); streams]));
         let mut tasks = Vec::new();
         for i in 0..streams {
             let ch = grpc::channel(&cp.addr, &bundle, None).await?;
