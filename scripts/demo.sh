@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The local demo: builds Palisade, starts a control plane, gives two services
-# (web and orders) sidecars with join tokens, shows their identities, then
-# sends web's plaintext HTTP through both sidecars over mTLS to orders.
+# (web and orders) sidecars with join tokens, shows their identities, sends
+# web's plaintext HTTP through both sidecars over mTLS to orders, and shows
+# policy at work: default deny, an allowed call, a denied call with its
+# explanation, and a rate-limited call.
 # Everything runs on 127.0.0.1; state lives in ./demo-data (removed on start).
 # Ctrl-C (or the end of the script with DEMO_KEEP unset) stops everything.
 set -euo pipefail
@@ -71,8 +73,27 @@ wait_for "directory" sh -c 'curl -s http://127.0.0.1:4191/metrics | grep -q "^pa
 step "palisadectl proxies"
 $B/palisadectl proxies
 
-step "curl -s http://127.0.0.1:9001/hello -H 'x-palisade-peer-identity: spoofed'    # web's app calls orders in plain HTTP"
+step "curl -s -w ' -> %{http_code}\\n' http://127.0.0.1:9001/hello    # no policy allows web yet: the mesh default denies"
+curl -s -w ' -> %{http_code}\n' http://127.0.0.1:9001/hello
+
+step "palisadectl policy apply -f scripts/demo/policy.yaml"
+$B/palisadectl policy apply -f scripts/demo/policy.yaml
+wait_for "policy on orders' sidecar" sh -c 'curl -s http://127.0.0.1:4192/config | grep -q "\"policy_version\": \"r1\""'
+
+step "curl -s http://127.0.0.1:9001/hello -H 'x-palisade-peer-identity: spoofed'    # allowed: web's app calls orders in plain HTTP"
 curl -s http://127.0.0.1:9001/hello -H 'x-palisade-peer-identity: spoofed'
+
+step "curl -s -X POST -w ' -> %{http_code}\\n' http://127.0.0.1:9001/hello    # denied: the policy allows GET only"
+curl -s -X POST -w ' -> %{http_code}\n' http://127.0.0.1:9001/hello
+step "palisadectl authz check --from spiffe://cluster.local/ns/shop/sa/web --to spiffe://cluster.local/ns/shop/sa/orders --method POST --path /hello"
+$B/palisadectl authz check --from spiffe://cluster.local/ns/shop/sa/web --to spiffe://cluster.local/ns/shop/sa/orders --method POST --path /hello
+
+step "for i in 1 2 3 4; do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:9001/hello; done; curl -si http://127.0.0.1:9001/hello    # 5 a minute per caller (one used above)"
+for i in 1 2 3 4; do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:9001/hello; done; echo
+curl -si http://127.0.0.1:9001/hello | tr -d '\r'
+
+step "palisadectl proxies    # every proxy's policy version and sync state"
+$B/palisadectl proxies
 
 step "curl -s --max-time 2 http://127.0.0.1:4144/hello    # plaintext straight to orders' sidecar: refused (STRICT mTLS)"
 curl -s --max-time 2 http://127.0.0.1:4144/hello || echo "(connection closed: exit $?)"

@@ -110,7 +110,10 @@ fn store_error(e: StoreError) -> Status {
 
 fn diff(old: Option<&str>, new: &str) -> String {
     let pretty = |s: &str| {
-        serde_json::from_str::<serde_json::Value>(s).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or_default()
+        serde_json::from_str::<serde_json::Value>(s)
+            .and_then(|v| serde_json::to_string_pretty(&v))
+            .map(|p| p + "\n")
+            .unwrap_or_default()
     };
     let (old, new) = (old.map(pretty).unwrap_or_default(), pretty(new));
     similar::TextDiff::from_lines(&old, &new).unified_diff().context_radius(2).to_string()
@@ -194,15 +197,21 @@ pub(crate) fn simulate(
                     || l.match_.paths.iter().any(|p| wildmatch::WildMatch::new(p).matches(&req.path));
                 if method_ok && path_ok {
                     rate_limits.push(format!(
-                        "{}/{}: {}/{} {:?} key={} burst={} scope={:?}",
+                        "{}/{}: {}/{} {} key={} burst={} scope={}",
                         r.key(),
                         l.name,
                         l.rate,
                         l.period,
-                        l.algorithm,
+                        serde_json::to_value(l.algorithm)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
                         l.key,
                         l.burst,
-                        l.scope
+                        serde_json::to_value(l.scope)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
                     ));
                 }
             }

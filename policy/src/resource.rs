@@ -48,7 +48,7 @@ pub struct Metadata {
 #[serde(deny_unknown_fields)]
 pub struct Target {
     /// SPIFFE IDs (globs: `*` matches within and across segments, `?` one character).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<String>,
 }
 
@@ -69,19 +69,19 @@ pub enum Action {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
     /// Caller SPIFFE IDs (globs).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<String>,
     /// Caller SPIFFE IDs that do not match (globs).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_identities: Vec<String>,
     /// Caller namespaces (globs).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
     /// Caller namespaces that do not match (globs).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
     /// `true`: matches only plaintext callers (PERMISSIVE mode); `false`: only authenticated ones.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unauthenticated: Option<bool>,
 }
 
@@ -90,16 +90,16 @@ pub struct Source {
 #[serde(deny_unknown_fields)]
 pub struct Operation {
     /// HTTP methods, upper case.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     /// Paths: exact (`/health`), or globs (`/api/*`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
     /// Destination ports.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
     /// Hosts / authorities (globs).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
 }
 
@@ -118,13 +118,13 @@ pub struct Condition {
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Callers; empty: any caller.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from: Vec<Source>,
     /// Operations; empty: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<Operation>,
     /// Header conditions; all must hold.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub when: Vec<Condition>,
 }
 
@@ -137,7 +137,7 @@ pub struct AuthorizationSpec {
     /// ALLOW, DENY or AUDIT.
     pub action: Action,
     /// Rules; a policy with none matches nothing (ALLOW with no rules allows nothing).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
 }
 
@@ -157,10 +157,10 @@ pub enum Scope {
 #[serde(deny_unknown_fields)]
 pub struct LimitMatch {
     /// Paths (exact or globs); empty: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
     /// Methods; empty: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
 }
 

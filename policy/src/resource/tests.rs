@@ -60,3 +60,22 @@ fn errors_name_the_resource_the_field_and_the_fix() {
     );
     assert!(e.contains("metadata.name"), "{e}");
 }
+
+#[test]
+fn the_shipped_examples_are_valid() {
+    let dirs = [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo"),
+    ];
+    let mut n = 0;
+    for dir in dirs {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                n += Resource::parse_all(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display())).len();
+            }
+        }
+    }
+    assert!(n >= 5, "found {n} resources");
+}
