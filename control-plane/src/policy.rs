@@ -88,12 +88,23 @@ impl Hub {
     }
 }
 
+/// YAML (multi-document) or JSON text -> validated resources.
+pub fn parse_text(text: &str) -> Result<Vec<Resource>, palisade_policy::PolicyError> {
+    let t = text.trim_start();
+    if t.starts_with('{') || t.starts_with('[') {
+        return Resource::parse_json(text);
+    }
+    let docs = serde_saphyr::from_multiple::<serde_json::Value>(text)
+        .map_err(|e| palisade_policy::PolicyError::Parse { what: "YAML".into(), message: e.to_string() })?;
+    Resource::from_values(docs)
+}
+
 /// Parses and validates a document; maps errors to INVALID_ARGUMENT.
 pub fn parse(document: &str) -> Result<Vec<Resource>, Status> {
     if document.trim().is_empty() {
         return Err(Status::invalid_argument("the document is empty"));
     }
-    let resources = Resource::parse_all(document).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let resources = parse_text(document).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut seen = std::collections::HashSet::new();
     for r in &resources {
         if !seen.insert((r.kind(), r.key())) {
@@ -162,7 +173,7 @@ pub(crate) fn apply(shared: &Shared, document: &str, dry_run: bool) -> Result<(u
 
 /// All stored policies, parsed.
 pub(crate) fn all_resources(shared: &Shared) -> Vec<Resource> {
-    shared.store.policies().1.iter().filter_map(|p| Resource::parse_all(&p.json).ok()).flatten().collect()
+    shared.store.policies().1.iter().filter_map(|p| Resource::parse_json(&p.json).ok()).flatten().collect()
 }
 
 /// The simulate API's decision for one request.
@@ -237,7 +248,7 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (String, Snapsh
     let mut policies_json = Vec::new();
     let mut rate_shares = HashMap::new();
     for p in &stored {
-        let rs = match Resource::parse_all(&p.json) {
+        let rs = match Resource::parse_json(&p.json) {
             Ok(rs) => rs,
             Err(e) => {
                 // A stored resource this version cannot read (written by a newer

@@ -18,7 +18,8 @@ fn policy(rules: usize) -> Vec<Resource> {
     }
     // A few generic rules too (namespace globs, DENY), as real meshes have.
     yaml.push_str("---\napiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  target: {identities: [\"*\"]}\n  action: DENY\n  rules:\n    - from: [{namespaces: [\"untrusted-*\"]}]\n    - to: [{paths: [\"/admin/*\"]}]\n");
-    Resource::parse_all(&yaml).expect("invariant: the benchmark policy is valid")
+    let docs = serde_saphyr::from_multiple::<serde_json::Value>(&yaml).expect("invariant: valid YAML");
+    Resource::from_values(docs).expect("invariant: the benchmark policy is valid")
 }
 
 fn bench(c: &mut Criterion) {

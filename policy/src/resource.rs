@@ -276,19 +276,19 @@ impl Resource {
         }
     }
 
-    /// Parses every document of a YAML (multi-document) or JSON text and validates each.
-    pub fn parse_all(text: &str) -> Result<Vec<Self>, PolicyError> {
-        let trimmed = text.trim_start();
-        let docs: Vec<serde_json::Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
-            match serde_json::from_str::<serde_json::Value>(text) {
-                Ok(serde_json::Value::Array(a)) => a,
-                Ok(v) => vec![v],
-                Err(e) => return Err(PolicyError::Parse { what: "JSON".into(), message: e.to_string() }),
-            }
-        } else {
-            serde_saphyr::from_multiple::<serde_json::Value>(text)
-                .map_err(|e| PolicyError::Parse { what: "YAML".into(), message: e.to_string() })?
-        };
+    /// Parses a JSON text (one resource, or an array of them) and validates each.
+    /// YAML is turned into JSON values by the caller (see [`Resource::from_values`]),
+    /// which keeps a YAML parser out of the sidecar.
+    pub fn parse_json(text: &str) -> Result<Vec<Self>, PolicyError> {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Array(a)) => Self::from_values(a),
+            Ok(v) => Self::from_values(vec![v]),
+            Err(e) => Err(PolicyError::Parse { what: "JSON".into(), message: e.to_string() }),
+        }
+    }
+
+    /// Validates already-parsed documents (empty ones are skipped).
+    pub fn from_values(docs: Vec<serde_json::Value>) -> Result<Vec<Self>, PolicyError> {
         docs.into_iter().filter(|d| !d.is_null()).enumerate().map(|(i, d)| Self::from_value(d, i)).collect()
     }
 

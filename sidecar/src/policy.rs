@@ -84,7 +84,7 @@ impl Enforcer {
     pub fn compile(snap: &Snapshot, identity: &str, previous: Option<&Enforcer>) -> Result<Self, String> {
         let mut resources = Vec::new();
         for json in &snap.policies_json {
-            resources.extend(Resource::parse_all(json).map_err(|e| e.to_string())?);
+            resources.extend(Resource::parse_json(json).map_err(|e| e.to_string())?);
         }
         let rules = RuleSet::compile(&resources, identity, snap.default_allow_authenticated);
         let mut limits = Vec::new();

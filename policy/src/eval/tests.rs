@@ -1,10 +1,21 @@
 use super::*;
+use crate::resource::PolicyError;
+
+/// YAML or JSON, as the CLI and control plane accept it.
+fn parse_all(text: &str) -> Result<Vec<Resource>, PolicyError> {
+    if text.trim_start().starts_with('{') {
+        return Resource::parse_json(text);
+    }
+    let docs = serde_saphyr::from_multiple::<serde_json::Value>(text)
+        .map_err(|e| PolicyError::Parse { what: "YAML".into(), message: e.to_string() })?;
+    Resource::from_values(docs)
+}
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 
 fn policies(yaml: &str) -> Vec<Resource> {
-    Resource::parse_all(yaml).unwrap()
+    parse_all(yaml).unwrap()
 }
 
 fn get<'a>(source: Option<&'a str>, method: &'a str, path: &'a str) -> Request<'a> {
