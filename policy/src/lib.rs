@@ -17,5 +17,20 @@ pub mod resource;
 pub use eval::{Decision, Request, RuleSet, Verdict};
 pub use resource::{PolicyError, Resource};
 
+#[cfg(test)]
+mod test_util {
+    use crate::{PolicyError, Resource};
+
+    /// YAML or JSON, as the CLI and control plane accept it.
+    pub(crate) fn parse_all(text: &str) -> Result<Vec<Resource>, PolicyError> {
+        if text.trim_start().starts_with('{') {
+            return Resource::parse_json(text);
+        }
+        let docs = serde_saphyr::from_multiple::<serde_json::Value>(text)
+            .map_err(|e| PolicyError::Parse { what: "YAML".into(), message: e.to_string() })?;
+        Resource::from_values(docs)
+    }
+}
+
 /// The `apiVersion` of every Palisade resource.
 pub const API_VERSION: &str = "palisade.dev/v1";

@@ -1,14 +1,6 @@
 use super::*;
 
-/// YAML or JSON, as the CLI and control plane accept it.
-fn parse_all(text: &str) -> Result<Vec<Resource>, PolicyError> {
-    if text.trim_start().starts_with('{') {
-        return Resource::parse_json(text);
-    }
-    let docs = serde_saphyr::from_multiple::<serde_json::Value>(text)
-        .map_err(|e| PolicyError::Parse { what: "YAML".into(), message: e.to_string() })?;
-    Resource::from_values(docs)
-}
+use crate::test_util::parse_all;
 
 fn err(yaml: &str) -> String {
     parse_all(yaml).unwrap_err().to_string()
