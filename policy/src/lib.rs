@@ -17,6 +17,9 @@ pub mod resource;
 pub use eval::{Decision, Request, RuleSet, Verdict};
 pub use resource::{PolicyError, Resource};
 
+/// The `apiVersion` of every Palisade resource.
+pub const API_VERSION: &str = "palisade.dev/v1";
+
 #[cfg(test)]
 mod test_util {
     use crate::{PolicyError, Resource};
@@ -31,6 +34,3 @@ mod test_util {
         Resource::from_values(docs)
     }
 }
-
-/// The `apiVersion` of every Palisade resource.
-pub const API_VERSION: &str = "palisade.dev/v1";

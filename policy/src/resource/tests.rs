@@ -1,5 +1,3 @@
-use super::*;
-
 use crate::test_util::parse_all;
 
 fn err(yaml: &str) -> String {
