@@ -44,7 +44,7 @@ pub struct Config {
     #[arg(long, env = "PALISADE_INBOUND", default_value = "127.0.0.1:4143")]
     pub inbound: SocketAddr,
 
-    /// Outbound listener (plaintext from the local app; transparent mode).
+    /// Outbound listener for redirected app traffic (bound with --transparent).
     #[arg(long, env = "PALISADE_OUTBOUND", default_value = "127.0.0.1:4140")]
     pub outbound: SocketAddr,
 
@@ -61,6 +61,15 @@ pub struct Config {
     /// (default: --inbound, unless it is a wildcard address).
     #[arg(long, env = "PALISADE_ADVERTISE")]
     pub advertise: Option<SocketAddr>,
+
+    /// Transparent mode (with the rules of `palisade-sidecar init`): bind --outbound for
+    /// redirected app traffic, and deliver inbound traffic to the app port it was addressed to.
+    #[arg(long, env = "PALISADE_TRANSPARENT")]
+    pub transparent: bool,
+
+    /// Transparent mode: traffic to destinations outside the mesh is passed through or denied.
+    #[arg(long, env = "PALISADE_EGRESS", default_value = "passthrough", value_parser = ["passthrough", "deny"])]
+    pub egress: String,
 
     /// Inbound mTLS mode: strict (mTLS only) or permissive (plaintext too, as unauthenticated).
     #[arg(long, env = "PALISADE_MTLS_MODE", default_value = "strict", value_parser = ["strict", "permissive"])]

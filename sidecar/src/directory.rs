@@ -25,6 +25,7 @@ use crate::proxy::peer::Peer;
 struct Snapshot {
     by_service: HashMap<String, Vec<Peer>>,
     by_addr: HashMap<SocketAddr, SpiffeId>,
+    by_ip: HashMap<std::net::IpAddr, SpiffeId>,
     loaded: bool,
 }
 
@@ -89,7 +90,13 @@ impl Directory {
         }
     }
 
-    /// The identity expected at `addr` (transparent mode's lookup).
+    /// The identity of the meshed pod at `ip` (transparent mode: the original
+    /// destination's IP; its port is the app's, redirected by the pod's rules).
+    pub fn identity_for_ip(&self, ip: std::net::IpAddr) -> Option<SpiffeId> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).by_ip.get(&ip).cloned()
+    }
+
+    /// The identity expected at `addr`.
     pub fn identity_at(&self, addr: &SocketAddr) -> Option<SpiffeId> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).by_addr.get(addr).cloned()
     }
@@ -100,6 +107,7 @@ impl Directory {
         let mut n = 0;
         for (service, identity, addr) in endpoints {
             snap.by_addr.insert(addr, identity.clone());
+            snap.by_ip.insert(addr.ip(), identity.clone());
             snap.by_service.entry(service).or_default().push(Peer { addr, identity });
             n += 1;
         }

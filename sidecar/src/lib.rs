@@ -23,6 +23,7 @@ pub mod admin;
 pub mod config;
 pub mod directory;
 pub mod identity;
+pub mod init;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -95,6 +96,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     // Bind everything first: a port conflict fails the start, not a later request.
     let admin_listener = bind("--admin", cfg.admin).await?;
     let inbound_listener = bind("--inbound", cfg.inbound).await?;
+    let outbound_listener = if cfg.transparent { Some(bind("--outbound", cfg.outbound).await?) } else { None };
     let mut upstream_listeners = Vec::new();
     for u in &cfg.upstreams {
         upstream_listeners.push((bind("--upstream", u.listen).await?, u.clone()));
@@ -153,7 +155,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         directory: directory.clone(),
         metrics: metrics.clone(),
     };
-    let inbound = Arc::new(proxy::inbound::Inbound::new(
+    let mut inbound = proxy::inbound::Inbound::new(
         cfg.app,
         policy_state.clone(),
         svids.clone(),
@@ -163,7 +165,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         cfg.limits.clone(),
         cfg.opaque_ports.clone(),
         cfg.access_log,
-    ));
+    );
+    inbound.transparent = cfg.transparent;
+    let inbound = Arc::new(inbound);
     let outbound = Arc::new(proxy::outbound::Outbound {
         directory,
         peers: Arc::new(proxy::peer::PeerClient::new(svids.clone(), bundle, metrics.clone())),
@@ -171,6 +175,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         limits: cfg.limits.clone(),
         opaque_ports: cfg.opaque_ports.clone(),
         access_log: cfg.access_log,
+        egress: if cfg.egress == "deny" { proxy::outbound::Egress::Deny } else { proxy::outbound::Egress::Passthrough },
     });
 
     let state = Arc::new(admin::AdminState {
@@ -194,6 +199,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     });
     background.spawn(admin::serve(admin_listener, state, background_stop.clone()));
     background.spawn(inbound.serve(inbound_listener, shutdown.clone(), connections.clone()));
+    if let Some(listener) = outbound_listener {
+        background.spawn(outbound.clone().serve_transparent(listener, shutdown.clone(), connections.clone()));
+    }
     for (listener, upstream) in upstream_listeners {
         background.spawn(outbound.clone().serve(listener, upstream, shutdown.clone(), connections.clone()));
     }

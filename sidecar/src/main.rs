@@ -7,6 +7,22 @@ const EXIT_CONFIG: i32 = 64;
 
 fn main() {
     palisade_certs::install_default_provider();
+    // `palisade-sidecar init`: the init container's job, then exit.
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        let init = palisade_sidecar::init::InitConfig::parse_from(std::env::args().skip(1));
+        match init.run() {
+            Ok(()) => {
+                if init.verify {
+                    println!("interception rules are in place");
+                }
+                std::process::exit(0)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1)
+            }
+        }
+    }
     let cfg = Config::parse();
     let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|e| {
         eprintln!("error: --log {:?}: {e}", cfg.log);

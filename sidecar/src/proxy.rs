@@ -165,6 +165,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The destination a connection had before an iptables REDIRECT (IPv4 or IPv6).
+pub fn original_dst(tcp: &tokio::net::TcpStream) -> Option<std::net::SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = match tcp.local_addr().ok()? {
+        std::net::SocketAddr::V4(_) => sock.original_dst_v4().ok()?,
+        std::net::SocketAddr::V6(_) => sock.original_dst_v6().ok()?,
+    };
+    addr.as_socket()
+}
+
 /// Whether an HTTP/1.1 request asks to switch protocols (WebSocket, ...).
 pub fn is_upgrade<B>(req: &http::Request<B>) -> bool {
     req.headers().contains_key(header::UPGRADE)

@@ -29,6 +29,25 @@ use super::{
 use crate::config::Limits;
 use crate::metrics::Metrics;
 
+/// One local app port and its connections.
+#[derive(Debug)]
+pub struct AppTarget {
+    pub addr: SocketAddr,
+    authority: http::uri::Authority,
+    pool: super::pool::AppPool,
+}
+
+impl AppTarget {
+    fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            authority: http::uri::Authority::try_from(addr.to_string().as_str())
+                .expect("invariant: a SocketAddr is a valid authority"),
+            pool: super::pool::AppPool::new(addr),
+        }
+    }
+}
+
 /// Time allowed for a TLS handshake (and the first byte before it).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,12 +60,13 @@ pub struct Inbound {
     pub limits: Limits,
     pub opaque_ports: Vec<u16>,
     pub access_log: bool,
-    app_authority: http::uri::Authority,
+    /// In transparent mode, the original destination port picks the app port.
+    pub transparent: bool,
+    apps: std::sync::Mutex<std::collections::HashMap<u16, Arc<AppTarget>>>,
     /// The policy in force (none yet: fail closed).
     pub policy: crate::policy::PolicyState,
     /// This workload's identity, for logs.
     pub svids: palisade_certs::tls::SvidStore,
-    app_pool: super::pool::AppPool,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -76,9 +96,8 @@ impl Inbound {
             limits,
             opaque_ports,
             access_log,
-            app_authority: http::uri::Authority::try_from(app.to_string().as_str())
-                .expect("invariant: a SocketAddr is a valid authority"),
-            app_pool: super::pool::AppPool::new(app),
+            transparent: false,
+            apps: std::sync::Mutex::new(std::collections::HashMap::from([(app.port(), Arc::new(AppTarget::new(app)))])),
             policy,
             svids,
         }
@@ -93,7 +112,22 @@ impl Inbound {
         .await;
     }
 
+    /// The app a connection is for: `--app`, or in transparent mode the same
+    /// host at the connection's original destination port.
+    fn app_for(&self, tcp: &TcpStream) -> Arc<AppTarget> {
+        let port = if self.transparent {
+            let listener_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+            super::original_dst(tcp).map(|o| o.port()).filter(|p| *p != listener_port)
+        } else {
+            None
+        };
+        let port = port.unwrap_or(self.app.port());
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        apps.entry(port).or_insert_with(|| Arc::new(AppTarget::new(SocketAddr::new(self.app.ip(), port)))).clone()
+    }
+
     async fn connection(self: Arc<Self>, tcp: TcpStream, src: SocketAddr, cancel: CancellationToken) {
+        let app = self.app_for(&tcp);
         let _guard = ConnGuard::new(self.metrics.clone(), Direction::Inbound);
         let _ = tcp.set_nodelay(true);
         let mut first = [0u8; 1];
@@ -108,7 +142,7 @@ impl Inbound {
                 tracing::warn!(target: "audit", decision = "deny", src.addr = %src, "plaintext connection refused (mTLS mode STRICT)");
                 return;
             }
-            return self.plaintext(io, src, cancel).await;
+            return self.plaintext(io, src, cancel, app).await;
         }
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(io)).await {
             Ok(Ok(tls)) => tls,
@@ -134,18 +168,18 @@ impl Inbound {
             Some(ALPN_H2) => {
                 let this = self.clone();
                 super::serve::http2(TokioIo::new(tls), &self.limits, cancel, move |req| {
-                    this.clone().request(req, Some(peer.clone()), src, None)
+                    this.clone().request(req, Some(peer.clone()), src, None, app.clone())
                 })
                 .await
             }
             Some(ALPN_HTTP1) => {
                 let this = self.clone();
                 super::serve::http1(TokioIo::new(tls), &self.limits, cancel, move |req| {
-                    this.clone().request(req, Some(peer.clone()), src, Some(Protocol::Http1))
+                    this.clone().request(req, Some(peer.clone()), src, Some(Protocol::Http1), app.clone())
                 })
                 .await
             }
-            Some(ALPN_TCP) => return self.tcp(tls, src, Some(&peer)).await,
+            Some(ALPN_TCP) => return self.tcp(tls, src, Some(&peer), &app).await,
             other => {
                 tracing::warn!(src.addr = %src, src.identity = %peer, alpn = ?other.map(String::from_utf8_lossy), "unknown ALPN; closing");
                 return;
@@ -157,11 +191,11 @@ impl Inbound {
     }
 
     /// PERMISSIVE mode: a plaintext client, detected like outbound traffic.
-    async fn plaintext<I>(self: Arc<Self>, mut io: I, src: SocketAddr, cancel: CancellationToken)
+    async fn plaintext<I>(self: Arc<Self>, mut io: I, src: SocketAddr, cancel: CancellationToken, app: Arc<AppTarget>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (proto, prefix) = if self.opaque_ports.contains(&self.app.port()) {
+        let (proto, prefix) = if self.opaque_ports.contains(&app.addr.port()) {
             (Protocol::Opaque, bytes::Bytes::new())
         } else {
             match detect(&mut io, self.limits.protocol_detect_timeout).await {
@@ -172,17 +206,17 @@ impl Inbound {
         let io = Prefixed::new(prefix, io);
         let this = self.clone();
         let result = match proto {
-            Protocol::Opaque => return self.tcp(io, src, None).await,
+            Protocol::Opaque => return self.tcp(io, src, None, &app).await,
             Protocol::Http1 => {
                 let io = super::h1guard::H1Guard::new(io, self.limits.max_header_bytes, self.limits.max_headers);
                 super::serve::http1(TokioIo::new(io), &self.limits, cancel, move |req| {
-                    this.clone().request(req, None, src, Some(Protocol::Http1))
+                    this.clone().request(req, None, src, Some(Protocol::Http1), app.clone())
                 })
                 .await
             }
             Protocol::Http2 => {
                 super::serve::http2(TokioIo::new(io), &self.limits, cancel, move |req| {
-                    this.clone().request(req, None, src, Some(Protocol::Http2))
+                    this.clone().request(req, None, src, Some(Protocol::Http2), app.clone())
                 })
                 .await
             }
@@ -192,7 +226,7 @@ impl Inbound {
         }
     }
 
-    async fn tcp<I>(&self, mut io: I, src: SocketAddr, peer: Option<&SpiffeId>)
+    async fn tcp<I>(&self, mut io: I, src: SocketAddr, peer: Option<&SpiffeId>, app_target: &AppTarget)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -201,7 +235,7 @@ impl Inbound {
         let verdict = self.policy.current().map(|e| {
             e.authorize(&palisade_policy::Request {
                 source: source.as_deref(),
-                port: self.app.port(),
+                port: app_target.addr.port(),
                 ..Default::default()
             })
         });
@@ -213,10 +247,10 @@ impl Inbound {
                 return;
             }
         }
-        let mut app = match TcpStream::connect(self.app).await {
+        let mut app = match TcpStream::connect(app_target.addr).await {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(src.addr = %src, src.identity = ?peer.map(ToString::to_string), dst.addr = %self.app, error = %e, "app unreachable for TCP");
+                tracing::warn!(src.addr = %src, src.identity = ?peer.map(ToString::to_string), dst.addr = %app_target.addr, error = %e, "app unreachable for TCP");
                 return;
             }
         };
@@ -235,6 +269,7 @@ impl Inbound {
         peer: Option<Arc<SpiffeId>>,
         src: SocketAddr,
         conn_proto: Option<Protocol>,
+        app: Arc<AppTarget>,
     ) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
@@ -254,11 +289,11 @@ impl Inbound {
             Protocol::Http2
         });
         let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
-        if let Some(refusal) = self.enforce(&req, peer.as_deref(), src, grpc) {
+        if let Some(refusal) = self.enforce(&req, peer.as_deref(), src, grpc, app.addr.port()) {
             self.metrics.request(Direction::Inbound, refusal.status().as_u16(), start.elapsed());
             return refusal;
         }
-        let resp = match self.forward(req, app_proto, upgrade).await {
+        let resp = match self.forward(req, app_proto, upgrade, &app).await {
             Ok(r) => r,
             Err((status, msg, e)) => {
                 tracing::warn!(direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(ToString::to_string), http.method = %method, http.path = %path, error = %e, "request to the app failed");
@@ -279,6 +314,7 @@ impl Inbound {
         peer: Option<&SpiffeId>,
         src: SocketAddr,
         grpc: bool,
+        app_port: u16,
     ) -> Option<Response<Body>> {
         let me = self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
         let source = peer.map(ToString::to_string);
@@ -294,7 +330,7 @@ impl Inbound {
             source: source.as_deref(),
             method: Some(method),
             path: Some(path),
-            port: self.app.port(),
+            port: app_port,
             host,
             headers,
         };
@@ -338,10 +374,11 @@ impl Inbound {
         mut req: Request<Incoming>,
         app_proto: Protocol,
         upgrade: bool,
+        app: &AppTarget,
     ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
         let malformed = |e: String| (StatusCode::BAD_REQUEST, "malformed request", e);
         if upgrade {
-            return self.upgrade(req).await;
+            return self.upgrade(req, app.addr).await;
         }
         super::strip_hop_by_hop(req.headers_mut());
         let timeout = self.limits.response_timeout;
@@ -359,17 +396,14 @@ impl Inbound {
             *req.uri_mut() = Uri::from(pq);
             *req.version_mut() = Version::HTTP_11;
             let req = req.map(|b| b.boxed_unsync());
-            tokio::time::timeout(timeout, self.app_pool.send_h1(req))
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(app_error)?
+            tokio::time::timeout(timeout, app.pool.send_h1(req)).await.map_err(|_| timed_out())?.map_err(app_error)?
         } else {
             // HTTP/2: the URI keeps the caller's :authority; the connection goes to the app.
             if req.uri().scheme().is_none() {
                 let mut parts = req.uri().clone().into_parts();
                 parts.scheme = Some(Scheme::HTTP);
                 if parts.authority.is_none() {
-                    parts.authority = Some(self.app_authority.clone());
+                    parts.authority = Some(app.authority.clone());
                 }
                 if parts.path_and_query.is_none() {
                     parts.path_and_query = Some(PathAndQuery::from_static("/"));
@@ -378,18 +412,19 @@ impl Inbound {
             }
             *req.version_mut() = Version::HTTP_2;
             let req = req.map(|b| b.boxed_unsync());
-            tokio::time::timeout(timeout, self.app_pool.send_h2(req))
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(app_error)?
+            tokio::time::timeout(timeout, app.pool.send_h2(req)).await.map_err(|_| timed_out())?.map_err(app_error)?
         };
         super::strip_hop_by_hop(resp.headers_mut());
         Ok(resp)
     }
 
-    async fn upgrade(&self, mut req: Request<Incoming>) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        app: SocketAddr,
+    ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
         let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", e);
-        let tcp = TcpStream::connect(self.app).await.map_err(|e| unavailable(e.to_string()))?;
+        let tcp = TcpStream::connect(app).await.map_err(|e| unavailable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| unavailable(e.to_string()))?;

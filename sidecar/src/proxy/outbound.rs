@@ -32,6 +32,33 @@ const CHUNK_CHECK_WAIT: Duration = Duration::from_millis(20);
 /// On a directory miss, how long a request waits for a fresh directory.
 const DIRECTORY_MISS_WAIT: Duration = Duration::from_secs(1);
 
+/// Where an outbound connection goes.
+#[derive(Debug, Clone)]
+pub enum Dest {
+    /// An explicit upstream: a sidecar of this service, from the directory.
+    Service(Arc<str>),
+    /// Transparent mode: the original destination, a meshed pod with this identity.
+    Peer(Peer),
+}
+
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Service(s) => f.write_str(s),
+            Self::Peer(p) => write!(f, "{}", p.addr),
+        }
+    }
+}
+
+/// What transparent mode does with traffic to destinations outside the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// Connect to the original destination in plaintext, as if there were no mesh.
+    Passthrough,
+    /// Close the connection.
+    Deny,
+}
+
 /// Shared state of the outbound side.
 #[derive(Debug)]
 pub struct Outbound {
@@ -41,6 +68,7 @@ pub struct Outbound {
     pub limits: Limits,
     pub opaque_ports: Vec<u16>,
     pub access_log: bool,
+    pub egress: Egress,
 }
 
 /// Why a request could not be carried; mapped to an answer in one place.
@@ -94,10 +122,57 @@ impl Outbound {
         tracker: TaskTracker,
     ) {
         let opaque = self.opaque_ports.contains(&upstream.listen.port());
-        let service: Arc<str> = upstream.service.into();
+        let dest = Arc::new(Dest::Service(upstream.service.into()));
         let limit = self.limits.max_connections;
         super::serve::accept_loop(listener, Direction::Outbound, limit, cancel.clone(), tracker, move |tcp, src| {
-            self.clone().connection(tcp, src, service.clone(), opaque, cancel.clone())
+            self.clone().connection(tcp, src, dest.clone(), opaque, cancel.clone())
+        })
+        .await;
+    }
+
+    /// Transparent mode: connections the pod's iptables rules redirected
+    /// here; the original destination (SO_ORIGINAL_DST) decides where they go.
+    pub async fn serve_transparent(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let local = listener.local_addr().ok();
+        let limit = self.limits.max_connections;
+        super::serve::accept_loop(listener, Direction::Outbound, limit, cancel.clone(), tracker, move |tcp, src| {
+            let this = self.clone();
+            let cancel = cancel.clone();
+            async move {
+                let Some(orig) = super::original_dst(&tcp) else {
+                    tracing::warn!(src.addr = %src, "no original destination: connect to an --upstream port, or redirect with `palisade-sidecar init`");
+                    return;
+                };
+                if Some(orig) == local {
+                    tracing::warn!(src.addr = %src, "refusing a connection addressed to the outbound listener itself (loop)");
+                    return;
+                }
+                match this.directory.identity_for_ip(orig.ip()) {
+                    Some(identity) => {
+                        let opaque = this.opaque_ports.contains(&orig.port());
+                        let dest = Arc::new(Dest::Peer(Peer { addr: orig, identity }));
+                        this.connection(tcp, src, dest, opaque, cancel).await;
+                    }
+                    None if this.egress == Egress::Deny => {
+                        tracing::warn!(target: "audit", decision = "deny", src.addr = %src, dst.addr = %orig, "egress to an unmeshed destination refused (--egress deny)");
+                    }
+                    None => {
+                        let _guard = ConnGuard::new(this.metrics.clone(), Direction::Outbound);
+                        match TcpStream::connect(orig).await {
+                            Ok(mut upstream) => {
+                                let mut io = Counted::new(tcp, this.metrics.clone(), Direction::Outbound);
+                                let _ = super::tcp::splice(&mut io, &mut upstream).await;
+                            }
+                            Err(e) => tracing::debug!(dst.addr = %orig, error = %e, "egress connect failed"),
+                        }
+                    }
+                }
+            }
         })
         .await;
     }
@@ -106,7 +181,7 @@ impl Outbound {
         self: Arc<Self>,
         tcp: TcpStream,
         src: SocketAddr,
-        service: Arc<str>,
+        dest: Arc<Dest>,
         opaque: bool,
         cancel: CancellationToken,
     ) {
@@ -126,13 +201,13 @@ impl Outbound {
         };
         let io = Prefixed::new(prefix, io);
         let result = match proto {
-            Protocol::Opaque => return self.tcp(io, src, &service).await,
+            Protocol::Opaque => return self.tcp(io, src, &dest).await,
             Protocol::Http1 => {
                 let this = self.clone();
                 let limits = self.limits.clone();
                 let io = super::h1guard::H1Guard::new(io, limits.max_header_bytes, limits.max_headers);
                 super::serve::http1(TokioIo::new(io), &limits, cancel, move |req| {
-                    this.clone().request(req, service.clone(), Protocol::Http1)
+                    this.clone().request(req, dest.clone(), Protocol::Http1)
                 })
                 .await
             }
@@ -140,7 +215,7 @@ impl Outbound {
                 let this = self.clone();
                 let limits = self.limits.clone();
                 super::serve::http2(TokioIo::new(io), &limits, cancel, move |req| {
-                    this.clone().request(req, service.clone(), Protocol::Http2)
+                    this.clone().request(req, dest.clone(), Protocol::Http2)
                 })
                 .await
             }
@@ -151,14 +226,14 @@ impl Outbound {
     }
 
     /// Opaque TCP: a dedicated mTLS connection, bytes spliced both ways.
-    async fn tcp<I>(&self, mut io: I, src: SocketAddr, service: &str)
+    async fn tcp<I>(&self, mut io: I, src: SocketAddr, dest: &Dest)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let peer = match self.pick(service).await {
+        let peer = match self.pick(dest).await {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(src.addr = %src, service, error = %e, "outbound TCP refused");
+                tracing::warn!(src.addr = %src, dst = %dest, error = %e, "outbound TCP refused");
                 return;
             }
         };
@@ -179,27 +254,31 @@ impl Outbound {
         }
     }
 
-    async fn pick(&self, service: &str) -> Result<Peer, ProxyError> {
+    async fn pick(&self, dest: &Dest) -> Result<Peer, ProxyError> {
+        let service = match dest {
+            Dest::Peer(p) => return Ok(p.clone()),
+            Dest::Service(s) => s,
+        };
         self.directory.pick_or_refresh(service, DIRECTORY_MISS_WAIT).await.map_err(|e| match e {
             LookupError::NotLoaded => ProxyError::NoDirectory,
             LookupError::Unknown => ProxyError::UnknownService(service.to_string()),
         })
     }
 
-    async fn request(self: Arc<Self>, req: Request<Incoming>, service: Arc<str>, app: Protocol) -> Response<Body> {
+    async fn request(self: Arc<Self>, req: Request<Incoming>, dest: Arc<Dest>, app: Protocol) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        let resp = match self.forward(req, &service, app).await {
+        let resp = match self.forward(req, &dest, app).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(direction = "outbound", service = %service, http.method = %method, http.path = %path, error = %e, "request failed");
+                tracing::warn!(direction = "outbound", dst = %dest, http.method = %method, http.path = %path, error = %e, "request failed");
                 e.response(grpc)
             }
         };
         self.metrics.request(Direction::Outbound, resp.status().as_u16(), start.elapsed());
         if self.access_log {
-            tracing::info!(target: "access", direction = "outbound", service = %service, http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
+            tracing::info!(target: "access", direction = "outbound", dst = %dest, http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
         }
         resp
     }
@@ -207,11 +286,11 @@ impl Outbound {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        service: &str,
+        dest: &Dest,
         app: Protocol,
     ) -> Result<Response<Body>, ProxyError> {
         if app == Protocol::Http1 && is_upgrade(&req) {
-            return self.upgrade(req, service).await;
+            return self.upgrade(req, dest).await;
         }
         check_framing(&req)?;
         if let Some(len) = content_length(&req)?
@@ -221,11 +300,11 @@ impl Outbound {
             return Err(ProxyError::TooLarge { limit: self.limits.max_request_body_bytes });
         }
         let chunked = req.headers().contains_key(TRANSFER_ENCODING);
-        let peer = self.pick(service).await?;
+        let peer = self.pick(dest).await?;
 
         // Rewrite for HTTP/2: absolute URI (authority from Host), no
         // hop-by-hop headers, the app's version carried in ORIG_PROTO.
-        let authority = authority_of(&req).unwrap_or_else(|| Authority::try_from(service).ok());
+        let authority = authority_of(&req).unwrap_or_else(|| Authority::try_from(dest.to_string()).ok());
         let mut parts = req.uri().clone().into_parts();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = authority;
@@ -276,8 +355,8 @@ impl Outbound {
 
     /// HTTP/1.1 Upgrade (WebSocket...): a dedicated mTLS connection speaking
     /// HTTP/1.1, then the two upgraded streams are spliced.
-    async fn upgrade(&self, mut req: Request<Incoming>, service: &str) -> Result<Response<Body>, ProxyError> {
-        let peer = self.pick(service).await?;
+    async fn upgrade(&self, mut req: Request<Incoming>, dest: &Dest) -> Result<Response<Body>, ProxyError> {
+        let peer = self.pick(dest).await?;
         let tls = self.peers.connect(&peer, ALPN_HTTP1).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(ProxyError::Upstream)?;
