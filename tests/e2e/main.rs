@@ -6,5 +6,6 @@ mod dataplane;
 mod identity;
 mod k8s;
 mod negative;
+mod netns;
 mod operator_ca;
 mod policy;
