@@ -1,0 +1,70 @@
+use super::*;
+
+fn deployment() -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {
+            "metadata": {"labels": {"app": "web"}, "annotations": {"palisade.dev/skip-outbound-ports": "5432"}},
+            "spec": {"containers": [{"name": "web", "image": "nginx"}]}
+        }}
+    })
+}
+
+#[test]
+fn injects_a_native_sidecar_and_is_idempotent() {
+    let mut d = deployment();
+    assert_eq!(inject_object(&mut d, &Config::default()).unwrap(), Outcome::Injected);
+    let spec = &d["spec"]["template"]["spec"];
+    let inits = spec["initContainers"].as_array().unwrap();
+    assert_eq!((inits[0]["name"].as_str(), inits[1]["name"].as_str()), (Some("palisade-init"), Some("palisade-proxy")));
+    assert_eq!(inits[1]["restartPolicy"], "Always");
+    assert!(inits[0]["args"].as_array().unwrap().iter().any(|a| a == "5432"));
+    assert_eq!(inits[0]["securityContext"]["capabilities"]["add"], json!(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(spec["containers"].as_array().unwrap().len(), 1, "the app's containers are untouched");
+    assert_eq!(d["spec"]["template"]["metadata"]["annotations"][keys::INJECTED], "true");
+    let before = d.clone();
+    assert_eq!(inject_object(&mut d, &Config::default()).unwrap(), Outcome::Skipped("already injected"));
+    assert_eq!(d, before);
+}
+
+#[test]
+fn honours_opt_out_and_rejects_bad_annotations() {
+    let mut d = deployment();
+    d["spec"]["template"]["metadata"]["annotations"][keys::INJECT] = json!("disabled");
+    assert!(matches!(inject_object(&mut d, &Config::default()).unwrap(), Outcome::Skipped(_)));
+    let mut d = deployment();
+    d["spec"]["template"]["metadata"]["annotations"][keys::SKIP_OUTBOUND_PORTS] = json!("5432,http");
+    assert!(matches!(inject_object(&mut d, &Config::default()), Err(InjectError::Annotation { .. })));
+}
+
+#[test]
+fn cronjobs_and_classic_sidecars() {
+    let mut cj = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"}, "spec": {"schedule": "* * * * *",
+        "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "job", "image": "busybox"}]}}}}}});
+    assert_eq!(inject_object(&mut cj, &Config::default()).unwrap(), Outcome::Injected);
+    assert!(cj.pointer("/spec/jobTemplate/spec/template/spec/initContainers/1/restartPolicy").is_some());
+    let mut d = deployment();
+    inject_object(&mut d, &Config { native_sidecar: false, ..Default::default() }).unwrap();
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["name"], "palisade-proxy");
+}
+
+#[test]
+fn admission_reviews_get_a_patch_that_applies() {
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "x"}]}});
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u1", "object": pod}});
+    let resp = admission_review(&review, &Config::default()).unwrap();
+    assert_eq!(resp["response"]["uid"], "u1");
+    assert_eq!(resp["response"]["allowed"], true);
+    use base64::Engine;
+    let patch: json_patch::Patch = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD.decode(resp["response"]["patch"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    assert_eq!(patched["spec"]["initContainers"][1]["name"], "palisade-proxy");
+    assert!(admission_review(&json!({"garbage": true}), &Config::default()).is_err());
+    let no_object = admission_review(&json!({"request": {"uid": "u2"}}), &Config::default()).unwrap();
+    assert_eq!(no_object["response"]["allowed"], false);
+}
