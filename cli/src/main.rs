@@ -16,6 +16,7 @@ use palisade_proto::v1::*;
 use tonic::transport::Channel;
 
 mod inspect;
+mod kube;
 mod policy;
 mod table;
 
@@ -75,6 +76,31 @@ enum Command {
     /// Explain authorization decisions.
     #[command(subcommand)]
     Authz(AuthzCmd),
+    /// Add the Palisade sidecar to Kubernetes workloads in a YAML file (offline;
+    /// the same code as the admission webhook). Pods, Deployments, StatefulSets,
+    /// DaemonSets, ReplicaSets, Jobs, CronJobs; other documents pass through.
+    Inject {
+        /// A YAML file (several documents allowed), or - for standard input.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Image with palisade-sidecar.
+        #[arg(long, default_value = "ghcr.io/palisade-mesh/palisade:0.1.0")]
+        image: String,
+        /// Control-plane address as pods see it.
+        #[arg(long, default_value = "https://palisade-control-plane.palisade-system.svc:7700")]
+        mesh_control_plane: String,
+        /// Classic sidecar container (Kubernetes < 1.29) instead of a native sidecar.
+        #[arg(long)]
+        classic_sidecar: bool,
+    },
+    /// Print the Kubernetes manifests that install Palisade (deploy/base).
+    Install {
+        /// Fill in a freshly generated root CA (Secret, trust bundle, webhook caBundle).
+        #[arg(long)]
+        generate_ca: bool,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +186,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Check => check(&cli).await,
         Command::Policy(p) => policy::run(&cli, p).await,
+        Command::Inject { file, image, mesh_control_plane, classic_sidecar } => {
+            kube::inject(file, image, mesh_control_plane, *classic_sidecar)
+        }
+        Command::Install { generate_ca, trust_domain } => kube::install(*generate_ca, trust_domain),
         Command::Authz(AuthzCmd::Check { from, to, method, path, headers, port }) => {
             policy::check(&cli, from, to, method, path, headers, *port).await
         }

@@ -58,6 +58,35 @@ pub struct Config {
     #[arg(long, env = "PALISADE_DEFAULT_POLICY", default_value = "deny", value_parser = ["deny", "allow-authenticated"])]
     pub default_policy: String,
 
+    /// Serve the sidecar-injection admission webhook (HTTPS, POST /mutate) here.
+    #[arg(long, env = "PALISADE_WEBHOOK_LISTEN")]
+    pub webhook_listen: Option<SocketAddr>,
+
+    /// DNS names of the webhook's certificate (the Service the API server calls).
+    #[arg(
+        long = "webhook-name",
+        env = "PALISADE_WEBHOOK_NAMES",
+        value_delimiter = ',',
+        default_value = "palisade-control-plane.palisade-system.svc"
+    )]
+    pub webhook_names: Vec<String>,
+
+    /// Image injected into pods.
+    #[arg(long, env = "PALISADE_PROXY_IMAGE", default_value = "ghcr.io/palisade-mesh/palisade:0.1.0")]
+    pub proxy_image: String,
+
+    /// Control-plane address injected into pods.
+    #[arg(
+        long,
+        env = "PALISADE_INJECT_CONTROL_PLANE",
+        default_value = "https://palisade-control-plane.palisade-system.svc:7700"
+    )]
+    pub inject_control_plane: String,
+
+    /// Inject classic sidecar containers (clusters older than Kubernetes 1.29).
+    #[arg(long, env = "PALISADE_CLASSIC_SIDECAR")]
+    pub classic_sidecar: bool,
+
     /// Enable Kubernetes ServiceAccount-token attestation (TokenReview).
     #[arg(long, env = "PALISADE_K8S_ATTESTATION")]
     pub k8s_attestation: bool,

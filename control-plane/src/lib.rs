@@ -28,6 +28,7 @@ pub mod identity;
 pub mod pki;
 pub mod policy;
 pub mod store;
+pub mod webhook;
 
 pub use config::Config;
 
@@ -228,6 +229,31 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     });
 
     let closing = shared.hub.closing.clone();
+    if let Some(addr) = cfg.webhook_listen {
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let webhook_cert = SvidStore::new();
+        pki::issue_server_cert(&ca, &td, &cfg.webhook_names, &[], &webhook_cert)?;
+        tokio::spawn(pki::rotate_server_cert(
+            ca.clone(),
+            td.clone(),
+            cfg.webhook_names.clone(),
+            vec![],
+            webhook_cert.clone(),
+        ));
+        let mut tls = rustls::ServerConfig::builder_with_provider(palisade_certs::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(webhook_cert));
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let inject = palisade_inject::Config {
+            image: cfg.proxy_image.clone(),
+            control_plane: cfg.inject_control_plane.clone(),
+            native_sidecar: !cfg.classic_sidecar,
+            ..Default::default()
+        };
+        tracing::info!(listen = %addr, "admission webhook serving POST /mutate");
+        tokio::spawn(webhook::serve(listener, Arc::new(tls), Arc::new(inject)));
+    }
     let router = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .add_service(health_svc)

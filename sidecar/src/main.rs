@@ -23,6 +23,11 @@ fn main() {
             }
         }
     }
+    // `palisade-sidecar wait-ready`: a classic sidecar's postStart hook holds
+    // the app's containers until the proxy is ready.
+    if std::env::args().nth(1).as_deref() == Some("wait-ready") {
+        std::process::exit(wait_ready(std::env::args().skip(2).collect()));
+    }
     let cfg = Config::parse();
     let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|e| {
         eprintln!("error: --log {:?}: {e}", cfg.log);
@@ -81,4 +86,29 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Polls `http://<admin>/ready` until 200 (exit 0) or the timeout (exit 1).
+fn wait_ready(args: Vec<String>) -> i32 {
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let admin = flag("--admin").unwrap_or_else(|| "127.0.0.1:4191".into());
+    let timeout = flag("--timeout")
+        .and_then(|t| humantime::parse_duration(&t).ok())
+        .unwrap_or(std::time::Duration::from_secs(120));
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        use std::io::{Read, Write};
+        if let Ok(mut s) = std::net::TcpStream::connect(&admin) {
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let _ =
+                s.write_all(format!("GET /ready HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes());
+            let mut head = [0u8; 12];
+            if s.read_exact(&mut head).is_ok() && &head[9..12] == b"200" {
+                return 0;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    eprintln!("error: the proxy at {admin} was not ready within {}", humantime::format_duration(timeout));
+    1
 }

@@ -1,0 +1,90 @@
+//! The mutating admission webhook: AdmissionReview v1 over HTTPS at
+//! `POST /mutate`, answered with the JSONPatch that injects Palisade
+//! (the same code as `palisadectl inject`). Bad input gets a clear
+//! `allowed: false` or HTTP 400, never a crash.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// Largest AdmissionReview accepted (the API server sends well under this).
+const MAX_BODY: usize = 4 << 20;
+
+fn reply(status: StatusCode, ct: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+    r
+}
+
+async fn handle(req: Request<Incoming>, cfg: Arc<palisade_inject::Config>) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/mutate" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", b"not found; the webhook is POST /mutate\n".to_vec());
+    }
+    if req.method() != Method::POST {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use POST\n".to_vec());
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return reply(StatusCode::BAD_REQUEST, "text/plain", format!("cannot read the request: {e}\n").into_bytes());
+        }
+    };
+    let review: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return reply(StatusCode::BAD_REQUEST, "text/plain", format!("not an AdmissionReview: {e}\n").into_bytes());
+        }
+    };
+    match palisade_inject::admission_review(&review, &cfg) {
+        Ok(resp) => {
+            let injected = resp["response"]["patch"].is_string();
+            let name = review["request"]["object"]["metadata"]["name"]
+                .as_str()
+                .or(review["request"]["object"]["metadata"]["generateName"].as_str())
+                .unwrap_or("");
+            tracing::info!(target: "audit", event = "admission", namespace = %review["request"]["namespace"].as_str().unwrap_or(""), pod = %name, injected, dry_run = review["request"]["dryRun"].as_bool().unwrap_or(false), "admission review answered");
+            reply(StatusCode::OK, "application/json", serde_json::to_vec(&resp).unwrap_or_default())
+        }
+        Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n").into_bytes()),
+    }
+}
+
+/// Serves the webhook on `listener` with `tls`.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, cfg: Arc<palisade_inject::Config>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, cfg) = (acceptor.clone(), cfg.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                _ => {
+                    tracing::debug!(src.addr = %peer, "webhook TLS handshake failed");
+                    return;
+                }
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let cfg = cfg.clone();
+                async move { Ok::<_, Infallible>(handle(req, cfg).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
