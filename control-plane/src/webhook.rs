@@ -34,7 +34,11 @@ async fn handle(req: Request<Incoming>, cfg: Arc<palisade_inject::Config>) -> Re
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return reply(StatusCode::BAD_REQUEST, "text/plain", format!("cannot read the request: {e}\n").into_bytes());
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("cannot read the request: {e}\n").into_bytes(),
+            );
         }
     };
     let review: serde_json::Value = match serde_json::from_slice(&body) {

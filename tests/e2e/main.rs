@@ -5,6 +5,7 @@ mod certify;
 mod dataplane;
 mod identity;
 mod k8s;
+mod kube;
 mod negative;
 mod netns;
 mod operator_ca;

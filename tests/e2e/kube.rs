@@ -1,0 +1,249 @@
+//! Kubernetes injection: the control plane's admission webhook answering real
+//! AdmissionReview JSON over HTTPS, the returned JSONPatch applied, and the
+//! results (and `palisadectl install` / `inject` output) validated against the
+//! Kubernetes 1.29 and 1.33 schemas with strict field checking
+//! (`kubernetes-validate`, installed by .ci/run; skipped with a message if absent).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use palisade_tests::{ControlPlane, free_port};
+use rustls_pki_types::ServerName;
+use serde_json::{Value, json};
+
+const WEBHOOK_NAME: &str = "palisade-control-plane.palisade-system.svc";
+
+/// Validates YAML/JSON documents against a Kubernetes version, strictly.
+fn validate(docs: &str, versions: &[&str]) -> Option<()> {
+    let available = Command::new("kubernetes-validate").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !available {
+        println!("SKIPPED schema validation: kubernetes-validate is not installed (pip install kubernetes-validate)");
+        return None;
+    }
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), docs).unwrap();
+    for v in versions {
+        let out = Command::new("kubernetes-validate").args(["--strict", "-k", v]).arg(f.path()).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.contains("ERROR"),
+            "Kubernetes {v} schema: {text}{}\n{docs}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Some(())
+}
+
+async fn post(port: u16, ca_pem: &str, body: Vec<u8>) -> (u16, String) {
+    let roots = palisade_certs::svid::root_store(&palisade_certs::ca::parse_pem_certs(ca_pem).unwrap()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(palisade_certs::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    // The API server checks the Service DNS name in the webhook's certificate.
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(WEBHOOK_NAME).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/mutate")
+        .header("host", WEBHOOK_NAME)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned())
+}
+
+fn review(uid: &str, pod: Value, dry_run: bool) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"}, "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop", "operation": "CREATE", "dryRun": dry_run, "object": pod, "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"}}
+    }))
+    .unwrap()
+}
+
+/// Applies the response's JSONPatch to `pod` (None when there is no patch).
+fn patched(pod: &Value, resp: &Value) -> Option<Value> {
+    let patch = resp["response"]["patch"].as_str()?;
+    assert_eq!(resp["response"]["patchType"], "JSONPatch");
+    let patch: json_patch::Patch =
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(patch).unwrap()).unwrap();
+    let mut out = pod.clone();
+    json_patch::patch(&mut out, &patch).unwrap();
+    Some(out)
+}
+
+fn pod_of_deployment() -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "web-5d8f7c-", "namespace": "shop", "labels": {"app": "web"}, "annotations": {"palisade.dev/skip-outbound-ports": "5432"}},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 80}]}]}})
+}
+
+#[tokio::test]
+async fn the_admission_webhook_injects_pods_and_refuses_garbage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cp =
+        ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--webhook-listen", &format!("127.0.0.1:{port}")])
+            .await
+            .unwrap();
+    let ca = std::fs::read_to_string(cp.bundle()).unwrap();
+    let mut validated = Vec::new();
+
+    // A Deployment's pod: injected; the patch applies and the result is a valid Pod.
+    let pod = pod_of_deployment();
+    let (status, body) = post(port, &ca, review("u-1", pod.clone(), false)).await;
+    assert_eq!(status, 200, "{body}");
+    let resp: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((resp["response"]["uid"].as_str(), resp["response"]["allowed"].as_bool()), (Some("u-1"), Some(true)));
+    let injected = patched(&pod, &resp).expect("a patch");
+    let inits = injected["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(inits[1]["name"], "palisade-proxy");
+    assert_eq!(inits[1]["restartPolicy"], "Always", "native sidecar");
+    assert_eq!(inits[1]["startupProbe"]["httpGet"]["path"], "/ready");
+    assert!(
+        injected["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "palisade")
+    );
+    validated.push(injected.clone());
+
+    // A Job's pod (restartPolicy Never): the native sidecar lets the Job complete.
+    let mut job_pod = pod_of_deployment();
+    job_pod["spec"]["restartPolicy"] = json!("Never");
+    let resp: Value = serde_json::from_str(&post(port, &ca, review("u-2", job_pod.clone(), false)).await.1).unwrap();
+    validated.push(patched(&job_pod, &resp).expect("a patch"));
+
+    // dryRun: same answer, no side effects to undo.
+    let resp: Value = serde_json::from_str(&post(port, &ca, review("u-3", pod.clone(), true)).await.1).unwrap();
+    assert!(patched(&pod, &resp).is_some());
+
+    // Already injected, and opted out: allowed, no patch.
+    let resp: Value = serde_json::from_str(&post(port, &ca, review("u-4", injected.clone(), false)).await.1).unwrap();
+    assert_eq!((resp["response"]["allowed"].as_bool(), resp["response"]["patch"].is_null()), (Some(true), true));
+    let mut opted_out = pod_of_deployment();
+    opted_out["metadata"]["annotations"]["palisade.dev/inject"] = json!("disabled");
+    let resp: Value = serde_json::from_str(&post(port, &ca, review("u-5", opted_out, false)).await.1).unwrap();
+    assert_eq!((resp["response"]["allowed"].as_bool(), resp["response"]["patch"].is_null()), (Some(true), true));
+
+    // A bad annotation: a clear refusal, not a crash.
+    let mut bad = pod_of_deployment();
+    bad["metadata"]["annotations"]["palisade.dev/skip-outbound-ports"] = json!("db");
+    let resp: Value = serde_json::from_str(&post(port, &ca, review("u-6", bad, false)).await.1).unwrap();
+    assert_eq!(resp["response"]["allowed"], false);
+    assert!(
+        resp["response"]["status"]["message"].as_str().unwrap().contains("palisade.dev/skip-outbound-ports"),
+        "{resp}"
+    );
+
+    // Garbage: HTTP 400 with a reason; the webhook keeps serving.
+    for garbage in [b"not json".to_vec(), b"{}".to_vec(), br#"{"request": {}}"#.to_vec()] {
+        let (status, body) = post(port, &ca, garbage).await;
+        assert_eq!(status, 400, "{body}");
+    }
+    let (status, _) = post(port, &ca, review("u-7", pod.clone(), false)).await;
+    assert_eq!(status, 200);
+
+    // The API server names a generateName pod before admission; the validator wants a name.
+    for d in &mut validated {
+        d["metadata"]["name"] = json!("web-5d8f7c-x7k2p");
+    }
+    let docs: Vec<String> = validated.iter().map(|d| serde_json::to_string(d).unwrap()).collect();
+    validate(&docs.join("\n---\n"), &["1.29.0", "1.33.0"]);
+    assert!(cp.proc.logs().contains("admission review answered"));
+}
+
+#[tokio::test]
+async fn install_and_inject_output_is_valid_kubernetes() {
+    let ctl = palisade_tests::bin("palisadectl");
+    let out = Command::new(&ctl).args(["install", "--generate-ca"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifests = String::from_utf8(out.stdout).unwrap();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Secret",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert!(manifests.contains(&format!("kind: {kind}")), "{kind} missing");
+    }
+    assert!(manifests.contains("BEGIN CERTIFICATE") && manifests.contains("tokenreviews"));
+    assert!(!manifests.contains("caBundle: ''") && !manifests.contains("caBundle: \"\""), "caBundle filled in");
+    validate(&manifests, &["1.29.0", "1.33.0"]);
+
+    let workloads = r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db, namespace: shop}
+spec:
+  serviceName: db
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}, annotations: {palisade.dev/opaque-ports: "5432"}}
+    spec: {containers: [{name: pg, image: postgres:16}]}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent, namespace: shop}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec: {containers: [{name: a, image: busybox}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: migrate, namespace: shop}
+spec:
+  template:
+    spec: {restartPolicy: Never, containers: [{name: m, image: busybox}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: shop, annotations: {palisade.dev/inject: disabled}}
+spec: {containers: [{name: c, image: busybox}]}
+"#;
+    let run = |input: &str, extra: &[&str]| {
+        let mut child = Command::new(&ctl)
+            .args(["inject", "-f", "-"])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (injected, report) = run(workloads, &[]);
+    assert!(report.contains("statefulset/db: injected") && report.contains("pod/opted-out: skipped"), "{report}");
+    assert_eq!(injected.matches("name: palisade-proxy").count(), 3);
+    validate(&injected, &["1.29.0", "1.33.0"]);
+    let (again, report) = run(&injected, &[]);
+    assert_eq!(again, injected, "injecting twice changes nothing");
+    assert!(report.contains("already injected"));
+    let (classic, _) = run(workloads, &["--classic-sidecar"]);
+    assert!(classic.contains("wait-ready"));
+    validate(&classic, &["1.29.0", "1.33.0"]);
+    let _ = Duration::ZERO;
+}
