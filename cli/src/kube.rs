@@ -1,6 +1,6 @@
 //! `palisadectl inject` and `palisadectl install`: Kubernetes YAML offline.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use base64::Engine;
@@ -36,7 +36,7 @@ fn print_docs(docs: &[Value]) -> Result<()> {
 }
 
 /// Injects every workload of a multi-document YAML file and prints the result.
-pub(crate) fn inject(file: &PathBuf, image: &str, control_plane: &str, classic: bool) -> Result<()> {
+pub(crate) fn inject(file: &Path, image: &str, control_plane: &str, classic: bool) -> Result<()> {
     let text = read_input(file)?;
     let mut docs: Vec<Value> = serde_saphyr::from_multiple(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
     docs.retain(|d| !d.is_null());
