@@ -189,6 +189,16 @@ async fn install_and_inject_output_is_valid_kubernetes() {
     assert!(manifests.contains("BEGIN CERTIFICATE") && manifests.contains("tokenreviews"));
     assert!(!manifests.contains("caBundle: ''") && !manifests.contains("caBundle: \"\""), "caBundle filled in");
     validate(&manifests, &["1.29.0", "1.33.0"]);
+    // The kustomize base itself, as files (what `kubectl apply -k deploy/base` renders).
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base");
+    let kustomization = std::fs::read_to_string(base.join("kustomization.yaml")).unwrap();
+    let rendered: Vec<String> = kustomization
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(|f| std::fs::read_to_string(base.join(f.trim())).unwrap())
+        .collect();
+    assert_eq!(rendered.len(), 5);
+    validate(&rendered.join("\n---\n"), &["1.29.0", "1.33.0"]);
 
     let workloads = r#"apiVersion: apps/v1
 kind: StatefulSet

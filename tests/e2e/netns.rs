@@ -289,6 +289,37 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
     assert_eq!(codes.iter().filter(|c| **c == 200).count(), 5, "{codes:?}");
     assert_eq!(codes.last(), Some(&429), "{codes:?}");
 
+    // Egress to an unmeshed destination passes through (the default).
+    procs.push(spawn_in(
+        &net,
+        "c",
+        "app-c",
+        &format!("python3 {} 8081 unmeshed", repo.join("scripts/demo/echo_app.py").display()),
+        logs,
+    ));
+    procs.push(spawn_in(&net, "c", "fwd-c", &format!("python3 -c \"import socket,threading\nl=socket.socket();l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);l.bind(('{C_IP}',8081));l.listen(8)\ndef pipe(a,b):\n  while True:\n    d=a.recv(4096)\n    if not d: b.shutdown(socket.SHUT_WR); return\n    b.sendall(d)\nwhile True:\n  c,_=l.accept(); u=socket.create_connection(('127.0.0.1',8081)); threading.Thread(target=pipe,args=(c,u)).start(); threading.Thread(target=pipe,args=(u,c)).start()\""), logs));
+    let (code, body) = eventually("egress passthrough", Duration::from_secs(10), || async {
+        let (code, body) = curl(&net, "a", &format!("http://{C_IP}:8081/out"));
+        (code == 200).then_some((code, body))
+    })
+    .await
+    .unwrap();
+    assert!(code == 200 && body.contains("\"caller\": null"), "plain egress, no identity: {body}");
+
+    // iptables-legacy works too, --verify fails where the rules are missing.
+    let verify_missing = net.exec("c", &format!("{} init --verify", bin("palisade-sidecar").display()));
+    assert!(!verify_missing.status.success(), "verify must fail without rules");
+    if sh("command -v iptables-legacy >/dev/null").status.success() {
+        for args in ["init --iptables iptables-legacy", "init --iptables iptables-legacy --verify"] {
+            let legacy = net.exec("c", &format!("{} {args}", bin("palisade-sidecar").display()));
+            assert!(legacy.status.success(), "iptables-legacy {args}: {}", String::from_utf8_lossy(&legacy.stderr));
+        }
+        // Take them away again: C is the unmeshed client below.
+        for cmd in ["iptables-legacy -t nat -F", "iptables-legacy -t nat -X"] {
+            assert!(net.exec("c", cmd).status.success());
+        }
+    }
+
     // An unmeshed client in a third namespace is refused under STRICT.
     let (code, _) = curl(&net, "c", &format!("http://{B_IP}:8080/hello"));
     assert_eq!(code, 0, "STRICT: the plaintext connection is closed without an answer");
