@@ -27,4 +27,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+# argv: PORT [NAME [HOST]] (HOST defaults to 127.0.0.1: behind a sidecar).
+host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+http.server.ThreadingHTTPServer((host, int(sys.argv[1])), Handler).serve_forever()

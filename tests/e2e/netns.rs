@@ -294,10 +294,9 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
         &net,
         "c",
         "app-c",
-        &format!("python3 {} 8081 unmeshed", repo.join("scripts/demo/echo_app.py").display()),
+        &format!("python3 {} 8081 unmeshed {C_IP}", repo.join("scripts/demo/echo_app.py").display()),
         logs,
     ));
-    procs.push(spawn_in(&net, "c", "fwd-c", &format!("python3 -c \"import socket,threading\nl=socket.socket();l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);l.bind(('{C_IP}',8081));l.listen(8)\ndef pipe(a,b):\n  while True:\n    d=a.recv(4096)\n    if not d: b.shutdown(socket.SHUT_WR); return\n    b.sendall(d)\nwhile True:\n  c,_=l.accept(); u=socket.create_connection(('127.0.0.1',8081)); threading.Thread(target=pipe,args=(c,u)).start(); threading.Thread(target=pipe,args=(u,c)).start()\""), logs));
     let (code, body) = eventually("egress passthrough", Duration::from_secs(10), || async {
         let (code, body) = curl(&net, "a", &format!("http://{C_IP}:8081/out"));
         (code == 200).then_some((code, body))
