@@ -43,6 +43,9 @@ pub struct InitConfig {
     /// The iptables binary (iptables, iptables-nft or iptables-legacy).
     #[arg(long, env = "PALISADE_IPTABLES", default_value = "iptables")]
     pub iptables: String,
+    /// Also write the same rules for IPv6 with this binary (dual-stack pods), e.g. ip6tables.
+    #[arg(long, env = "PALISADE_IP6TABLES")]
+    pub ip6tables: Option<String>,
     /// Print the commands instead of running them.
     #[arg(long)]
     pub dry_run: bool,
@@ -111,8 +114,17 @@ impl InitConfig {
         Ok(())
     }
 
-    /// Writes the rules (idempotently), or prints or verifies them.
+    /// Writes the rules (idempotently), or prints or verifies them, for IPv4
+    /// and, with --ip6tables, IPv6.
     pub fn run(&self) -> Result<(), InitError> {
+        self.run_one()?;
+        if let Some(bin) = &self.ip6tables {
+            Self { iptables: bin.clone(), ip6tables: None, ..self.clone() }.run_one()?;
+        }
+        Ok(())
+    }
+
+    fn run_one(&self) -> Result<(), InitError> {
         if self.verify {
             return self.check();
         }
@@ -166,7 +178,16 @@ mod tests {
 
     #[test]
     fn rules_exclude_the_proxy_loopback_admin_and_skipped_ports() {
-        let cfg = InitConfig::parse_from(["init", "--skip-inbound-ports", "22", "--skip-outbound-ports", "5432,6379"]);
+        let cfg = InitConfig::parse_from([
+            "init",
+            "--skip-inbound-ports",
+            "22",
+            "--skip-outbound-ports",
+            "5432,6379",
+            "--ip6tables",
+            "ip6tables",
+        ]);
+        assert_eq!(cfg.ip6tables.as_deref(), Some("ip6tables"));
         let rules = cfg.chain_rules().join("\n");
         for needle in [
             "--dport 4191 -j RETURN",

@@ -305,9 +305,18 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
     .unwrap();
     assert!(code == 200 && body.contains("\"caller\": null"), "plain egress, no identity: {body}");
 
-    // iptables-legacy works too, --verify fails where the rules are missing.
+    // iptables-legacy works too, and IPv6 rules; --verify fails where the rules are missing.
     let verify_missing = net.exec("c", &format!("{} init --verify", bin("palisade-sidecar").display()));
     assert!(!verify_missing.status.success(), "verify must fail without rules");
+    if sh("command -v ip6tables >/dev/null").status.success() {
+        for args in ["init --ip6tables ip6tables", "init --ip6tables ip6tables --verify"] {
+            let out = net.exec("c", &format!("{} {args}", bin("palisade-sidecar").display()));
+            assert!(out.status.success(), "{args}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        for cmd in ["iptables -t nat -F", "iptables -t nat -X", "ip6tables -t nat -F", "ip6tables -t nat -X"] {
+            assert!(net.exec("c", cmd).status.success(), "{cmd}");
+        }
+    }
     if sh("command -v iptables-legacy >/dev/null").status.success() {
         for args in ["init --iptables iptables-legacy", "init --iptables iptables-legacy --verify"] {
             let legacy = net.exec("c", &format!("{} {args}", bin("palisade-sidecar").display()));
@@ -360,6 +369,34 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
         403,
         "policy still decides for plaintext callers"
     );
+
+    // --egress deny: A may still call meshed B, but not unmeshed C.
+    let mut old_a = procs.remove(0);
+    assert!(old_a.terminate(Duration::from_secs(10)).unwrap().success());
+    let token = String::from_utf8(ctl(&format!("token create --identity {A_ID}")).stdout).unwrap().trim().to_string();
+    let token_file = shared.join("a2.token");
+    std::fs::write(&token_file, &token).unwrap();
+    must(&format!("chown 1337:1337 {0} && chmod 600 {0}", token_file.display()));
+    procs.push(spawn_in(
+        &net,
+        "a",
+        "sidecar-a-egress-deny",
+        &format!(
+            "setpriv --reuid=1337 --regid=1337 --clear-groups {} --transparent --egress deny --control-plane https://{CP_IP}:7700 --ca-bundle {} \
+             --join-token-file {} --inbound 0.0.0.0:4143 --advertise {A_IP}:4143 --outbound 127.0.0.1:4140 --app 127.0.0.1:8080 --admin 127.0.0.1:4191",
+            bin("palisade-sidecar").display(),
+            shared.join("ca.pem").display(),
+            token_file.display()
+        ),
+        logs,
+    ));
+    eventually("A reaches B again", Duration::from_secs(20), || async {
+        (curl(&net, "a", &format!("http://{B_IP}:8080/hello")).0 == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(curl(&net, "a", &format!("http://{C_IP}:8081/out")).0, 0, "egress to an unmeshed pod is refused");
+    assert!(procs.last().unwrap().logs().contains("egress to an unmeshed destination refused"));
 
     for mut p in procs {
         let _ = p.terminate(Duration::from_secs(5));
