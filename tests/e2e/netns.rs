@@ -175,13 +175,26 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
     .unwrap();
     std::fs::copy(data.join("admin/ca.pem"), shared.join("ca.pem")).unwrap();
 
+    // A sidecar in `pod` running as UID 1337, attested with a fresh join token.
+    let start_sidecar = |pod: &str, ip: &str, id: &str, name: &str, extra: &str| {
+        let token = String::from_utf8(ctl(&format!("token create --identity {id}")).stdout).unwrap().trim().to_string();
+        let token_file = shared.join(format!("{name}.token"));
+        std::fs::write(&token_file, &token).unwrap();
+        must(&format!("chown 1337:1337 {0} && chmod 600 {0}", token_file.display()));
+        let cmd = format!(
+            "setpriv --reuid=1337 --regid=1337 --clear-groups {} --transparent {extra} --control-plane https://{CP_IP}:7700 --ca-bundle {} \
+             --join-token-file {} --inbound 0.0.0.0:4143 --advertise {ip}:4143 --outbound 127.0.0.1:4140 --app 127.0.0.1:8080 \
+             --admin 127.0.0.1:4191 --directory-refresh 200ms",
+            bin("palisade-sidecar").display(),
+            shared.join("ca.pem").display(),
+            token_file.display()
+        );
+        spawn_in(&net, pod, name, &cmd, logs)
+    };
+
     // Pods: app(s), interception rules, the sidecar as UID 1337.
     let mut procs = Vec::new();
     for (pod, ip, id) in [("a", A_IP, A_ID), ("b", B_IP, B_ID)] {
-        let token = String::from_utf8(ctl(&format!("token create --identity {id}")).stdout).unwrap().trim().to_string();
-        let token_file = shared.join(format!("{pod}.token"));
-        std::fs::write(&token_file, &token).unwrap();
-        must(&format!("chown 1337:1337 {0} && chmod 600 {0}", token_file.display()));
         let init = net.exec(pod, &format!("{} init", bin("palisade-sidecar").display()));
         assert!(init.status.success(), "init: {}", String::from_utf8_lossy(&init.stderr));
         // Idempotent: twice leaves one set of rules, and --verify agrees.
@@ -190,19 +203,7 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
         assert!(verify.status.success(), "verify: {}", String::from_utf8_lossy(&verify.stderr));
         let rules = String::from_utf8(net.exec(pod, "iptables -t nat -S").stdout).unwrap();
         assert_eq!(rules.matches("-j PALISADE_INBOUND").count(), 1, "{rules}");
-        procs.push(spawn_in(
-            &net,
-            pod,
-            &format!("sidecar-{pod}"),
-            &format!(
-                "setpriv --reuid=1337 --regid=1337 --clear-groups {} --transparent --control-plane https://{CP_IP}:7700 --ca-bundle {} --join-token-file {} \
-                 --inbound 0.0.0.0:4143 --advertise {ip}:4143 --outbound 127.0.0.1:4140 --app 127.0.0.1:8080 --admin 127.0.0.1:4191 --directory-refresh 200ms",
-                bin("palisade-sidecar").display(),
-                shared.join("ca.pem").display(),
-                token_file.display()
-            ),
-            logs,
-        ));
+        procs.push(start_sidecar(pod, ip, id, &format!("sidecar-{pod}"), ""));
     }
     procs.push(spawn_in(
         &net,
@@ -335,23 +336,7 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
     // PERMISSIVE: B accepts plaintext, as unauthenticated, if a policy allows it.
     let mut old_b = procs.remove(1);
     assert!(old_b.terminate(Duration::from_secs(10)).unwrap().success(), "B's sidecar drains and exits 0");
-    let token = String::from_utf8(ctl(&format!("token create --identity {B_ID}")).stdout).unwrap().trim().to_string();
-    let token_file = shared.join("b2.token");
-    std::fs::write(&token_file, &token).unwrap();
-    must(&format!("chown 1337:1337 {0} && chmod 600 {0}", token_file.display()));
-    procs.push(spawn_in(
-        &net,
-        "b",
-        "sidecar-b-permissive",
-        &format!(
-            "setpriv --reuid=1337 --regid=1337 --clear-groups {} --transparent --mtls-mode permissive --control-plane https://{CP_IP}:7700 --ca-bundle {} \
-             --join-token-file {} --inbound 0.0.0.0:4143 --advertise {B_IP}:4143 --outbound 127.0.0.1:4140 --app 127.0.0.1:8080 --admin 127.0.0.1:4191",
-            bin("palisade-sidecar").display(),
-            shared.join("ca.pem").display(),
-            token_file.display()
-        ),
-        logs,
-    ));
+    procs.push(start_sidecar("b", B_IP, B_ID, "sidecar-b-permissive", "--mtls-mode permissive"));
     std::fs::write(&policy, format!(
         "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: public, namespace: shop}}\nspec:\n  target: {{identities: [\"{B_ID}\"]}}\n  action: ALLOW\n  rules:\n    - from: [{{unauthenticated: true}}]\n      to: [{{paths: [\"/public\"]}}]\n"
     )).unwrap();
@@ -373,23 +358,7 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
     // --egress deny: A may still call meshed B, but not unmeshed C.
     let mut old_a = procs.remove(0);
     assert!(old_a.terminate(Duration::from_secs(10)).unwrap().success());
-    let token = String::from_utf8(ctl(&format!("token create --identity {A_ID}")).stdout).unwrap().trim().to_string();
-    let token_file = shared.join("a2.token");
-    std::fs::write(&token_file, &token).unwrap();
-    must(&format!("chown 1337:1337 {0} && chmod 600 {0}", token_file.display()));
-    procs.push(spawn_in(
-        &net,
-        "a",
-        "sidecar-a-egress-deny",
-        &format!(
-            "setpriv --reuid=1337 --regid=1337 --clear-groups {} --transparent --egress deny --control-plane https://{CP_IP}:7700 --ca-bundle {} \
-             --join-token-file {} --inbound 0.0.0.0:4143 --advertise {A_IP}:4143 --outbound 127.0.0.1:4140 --app 127.0.0.1:8080 --admin 127.0.0.1:4191",
-            bin("palisade-sidecar").display(),
-            shared.join("ca.pem").display(),
-            token_file.display()
-        ),
-        logs,
-    ));
+    procs.push(start_sidecar("a", A_IP, A_ID, "sidecar-a-egress-deny", "--egress deny"));
     eventually("A reaches B again", Duration::from_secs(20), || async {
         (curl(&net, "a", &format!("http://{B_IP}:8080/hello")).0 == 200).then_some(())
     })
