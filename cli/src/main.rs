@@ -280,8 +280,25 @@ fn relative(t: Option<SystemTime>) -> String {
     let Some(t) = t else { return "-".into() };
     let now = SystemTime::now();
     match t.duration_since(now) {
-        Ok(d) => format!("in {}", humantime::format_duration(Duration::from_secs(d.as_secs()))),
-        Err(e) => format!("{} ago", humantime::format_duration(Duration::from_secs(e.duration().as_secs()))),
+        Ok(d) => format!("in {}", short(d)),
+        Err(e) => format!("{} ago", short(e.duration())),
+    }
+}
+
+/// A duration with its two largest units: `89d 2h`, `9m 58s`, `4s`.
+fn short(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, mins, secs) = (s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60);
+    let pair =
+        |a: u64, ua: &str, b: u64, ub: &str| if b == 0 { format!("{a}{ua}") } else { format!("{a}{ua} {b}{ub}") };
+    if days > 0 {
+        pair(days, "d", hours, "h")
+    } else if hours > 0 {
+        pair(hours, "h", mins, "m")
+    } else if mins > 0 {
+        pair(mins, "m", secs, "s")
+    } else {
+        format!("{secs}s")
     }
 }
 
@@ -496,7 +513,7 @@ async fn check(cli: &Cli) -> Result<()> {
                                 s.trust_domain,
                                 time_str(ca_after),
                                 relative(ca_after),
-                                humantime::format_duration(Duration::from_secs(s.cert_ttl_seconds))
+                                short(Duration::from_secs(s.cert_ttl_seconds))
                             ),
                         ));
                         results.push(("admin API authorized".into(), true, format!("as {}", s.caller_identity)));
