@@ -230,9 +230,9 @@ pub(crate) fn simulate(
     }
     Ok(palisade_proto::v1::SimulateResponse {
         decision: d.label().into(),
-        policy: d.policy.unwrap_or_default(),
+        policy: d.policy.as_deref().unwrap_or_default().to_string(),
         rule: d.rule.map(|r| r as i64).unwrap_or(-1),
-        reason: d.reason,
+        reason: d.reason(),
         rate_limits,
     })
 }

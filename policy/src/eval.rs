@@ -42,22 +42,54 @@ pub enum Verdict {
     Deny,
 }
 
+/// What a decision rests on (the reason text is built only when asked for:
+/// deciding must not allocate on the request path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// A DENY rule matched.
+    DenyRule,
+    /// An ALLOW rule matched.
+    AllowRule,
+    /// ALLOW policies target the workload and none matched.
+    NoAllowMatched,
+    /// No ALLOW policy; the mesh default allows authenticated callers.
+    DefaultAllowAuthenticated,
+    /// No ALLOW policy; the mesh default denies.
+    DefaultDeny,
+}
+
 /// A decision and what made it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// What is enforced.
     pub verdict: Verdict,
     /// `namespace/name` of the deciding policy, if one decided.
-    pub policy: Option<String>,
+    pub policy: Option<std::sync::Arc<str>>,
     /// Index of the deciding rule in that policy.
     pub rule: Option<usize>,
-    /// Why, for logs and `authz check`.
-    pub reason: String,
+    /// What the decision rests on; see [`Decision::reason`].
+    pub basis: Basis,
     /// AUDIT outcome: `Some(true)` would allow, `Some(false)` would deny.
     pub audit: Option<bool>,
 }
 
 impl Decision {
+    /// Why, for logs and `authz check`.
+    pub fn reason(&self) -> String {
+        let rule = |action: &str| {
+            format!("{action} rule {} of {} matched", self.rule.unwrap_or(0), self.policy.as_deref().unwrap_or("?"))
+        };
+        match self.basis {
+            Basis::DenyRule => rule("DENY"),
+            Basis::AllowRule => rule("ALLOW"),
+            Basis::NoAllowMatched => "ALLOW policies target this workload and none of their rules matched".into(),
+            Basis::DefaultAllowAuthenticated => {
+                "no ALLOW policy targets this workload; the mesh default allows authenticated callers".into()
+            }
+            Basis::DefaultDeny => "no ALLOW policy targets this workload; the mesh default is deny".into(),
+        }
+    }
+
     /// `allow`, `deny`, `audit_allow` or `audit_deny` (the names of `authz check`).
     pub fn label(&self) -> &'static str {
         match (self.verdict, self.audit) {
@@ -71,7 +103,7 @@ impl Decision {
 
 #[derive(Debug)]
 struct CompiledRule {
-    policy: String,
+    policy: std::sync::Arc<str>,
     index: usize,
     from: Vec<CompiledSource>,
     to: Vec<CompiledOp>,
@@ -136,7 +168,7 @@ fn namespace_of(id: &str) -> Option<&str> {
 impl Index {
     fn add(&mut self, policy: &str, index: usize, rule: &Rule) {
         let compiled = CompiledRule {
-            policy: policy.to_string(),
+            policy: policy.into(),
             index,
             from: rule.from.iter().map(compile_source).collect(),
             to: rule.to.iter().map(compile_op).collect(),
@@ -263,34 +295,30 @@ impl RuleSet {
     /// Decides one request.
     pub fn decide(&self, req: &Request<'_>) -> Decision {
         let audit = self.audit.present.then(|| self.audit.first_match(req).is_some());
-        let decided = |verdict, r: &CompiledRule, reason: String| Decision {
+        let decided = |verdict, r: &CompiledRule, basis| Decision {
             verdict,
             policy: Some(r.policy.clone()),
             rule: Some(r.index),
-            reason,
+            basis,
             audit,
         };
         if let Some(r) = self.deny.first_match(req) {
-            return decided(Verdict::Deny, r, format!("DENY rule {} of {} matched", r.index, r.policy));
+            return decided(Verdict::Deny, r, Basis::DenyRule);
         }
         if self.allow.present {
             return match self.allow.first_match(req) {
-                Some(r) => decided(Verdict::Allow, r, format!("ALLOW rule {} of {} matched", r.index, r.policy)),
-                None => Decision {
-                    verdict: Verdict::Deny,
-                    policy: None,
-                    rule: None,
-                    reason: "ALLOW policies target this workload and none of their rules matched".into(),
-                    audit,
-                },
+                Some(r) => decided(Verdict::Allow, r, Basis::AllowRule),
+                None => {
+                    Decision { verdict: Verdict::Deny, policy: None, rule: None, basis: Basis::NoAllowMatched, audit }
+                }
             };
         }
-        let (verdict, reason) = if self.default_allow_authenticated && req.source.is_some() {
-            (Verdict::Allow, "no ALLOW policy targets this workload; the mesh default allows authenticated callers")
+        let (verdict, basis) = if self.default_allow_authenticated && req.source.is_some() {
+            (Verdict::Allow, Basis::DefaultAllowAuthenticated)
         } else {
-            (Verdict::Deny, "no ALLOW policy targets this workload; the mesh default is deny")
+            (Verdict::Deny, Basis::DefaultDeny)
         };
-        Decision { verdict, policy: None, rule: None, reason: reason.into(), audit }
+        Decision { verdict, policy: None, rule: None, basis, audit }
     }
 }
 

@@ -45,7 +45,7 @@ fn allow_requires_every_part_to_match() {
     }
     // Another workload is not targeted: mesh default.
     let other = RuleSet::compile(&policies(BASE), WEB, false);
-    assert!(other.decide(&req).reason.contains("mesh default is deny"));
+    assert!(other.decide(&req).reason().contains("mesh default is deny"));
     let lenient = RuleSet::compile(&policies(BASE), WEB, true);
     assert_eq!(lenient.decide(&req).verdict, Verdict::Allow);
     assert_eq!(lenient.decide(&Request { source: None, ..req }).verdict, Verdict::Deny);

@@ -242,7 +242,7 @@ impl Inbound {
         match verdict {
             Some(d) if d.verdict == palisade_policy::Verdict::Allow => {}
             other => {
-                let reason = other.map(|d| d.reason).unwrap_or_else(|| "no policy received yet (fail closed)".into());
+                let reason = other.map(|d| d.reason()).unwrap_or_else(|| "no policy received yet (fail closed)".into());
                 tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, reason = %reason, "TCP connection refused");
                 return;
             }
@@ -316,11 +316,12 @@ impl Inbound {
         grpc: bool,
         app_port: u16,
     ) -> Option<Response<Body>> {
-        let me = self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
+        // Our identity, for audit lines only (tracing evaluates fields only when logging).
+        let me = || self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
         let source = peer.map(ToString::to_string);
         let (method, path) = (req.method().as_str(), req.uri().path());
         let Some(enforcer) = self.policy.current() else {
-            tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me, http.method = method, http.path = path, reason = "no policy received from the control plane yet (fail closed)", "request refused");
+            tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = "no policy received from the control plane yet (fail closed)", "request refused");
             return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         };
         let host =
@@ -336,20 +337,20 @@ impl Inbound {
         };
         let d = enforcer.authorize(&preq);
         let label = d.label();
-        let policy = d.policy.clone().unwrap_or_else(|| "default".into());
+        let policy = d.policy.as_deref().unwrap_or("default");
         self.metrics
             .decisions
-            .get_or_create(&crate::metrics::DecisionLabels { action: label, policy: policy.clone() })
+            .get_or_create(&crate::metrics::DecisionLabels { action: label, policy: policy.to_string() })
             .inc();
         if label != "allow" {
-            tracing::info!(target: "audit", decision = label, src.addr = %src, src.identity = ?source, dst.identity = %me, http.method = method, http.path = path, policy = %policy, rule = ?d.rule, reason = %d.reason, "authorization decision");
+            tracing::info!(target: "audit", decision = label, src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %policy, rule = ?d.rule, reason = %d.reason(), "authorization decision");
         }
         if d.verdict == palisade_policy::Verdict::Deny {
             return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
         let limited = enforcer.rate_limit(&preq, src.ip())?;
         self.metrics.rate_limited.get_or_create(&crate::metrics::PolicyLabels { policy: limited.policy.clone() }).inc();
-        tracing::info!(target: "audit", decision = "rate_limited", src.addr = %src, src.identity = ?source, dst.identity = %me, http.method = method, http.path = path, policy = %limited.policy, limit = %limited.limit, retry_after_ms = limited.outcome.retry_after.as_millis() as u64, "rate limited");
+        tracing::info!(target: "audit", decision = "rate_limited", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %limited.policy, limit = %limited.limit, retry_after_ms = limited.outcome.retry_after.as_millis() as u64, "rate limited");
         let mut resp = error_response(grpc, StatusCode::TOO_MANY_REQUESTS, "rate limited");
         let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
         let h = resp.headers_mut();
