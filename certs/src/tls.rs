@@ -335,10 +335,48 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    no_resumption(&mut cfg);
     Ok(cfg)
 }
 
-/// The verified peer identity of an accepted TLS connection, if it presented a certificate.
+/// Turns session resumption off on a server that authenticates clients.
+///
+/// A resumed TLS 1.3 session skips certificate verification: it carries the
+/// client certificate of the original handshake, which may have expired or
+/// been re-issued since. Every authorization must rest on a certificate that
+/// is valid now, so each connection does a full handshake (a sidecar keeps
+/// its few connections for long, so this costs little).
+pub fn no_resumption(cfg: &mut rustls::ServerConfig) {
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.ticketer = Arc::new(NoTickets);
+    cfg.send_tls13_tickets = 0;
+}
+
+/// A ticketer that never issues tickets (stateless resumption off).
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// The verified peer identity of an accepted TLS connection, if it presented
+/// a certificate that is valid now. A connection may outlive its client
+/// certificate: callers that authorize per call must not trust an identity
+/// whose certificate has expired since the handshake.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<(SpiffeId, SvidInfo)> {
-    SvidInfo::parse_svid(certs?.first()?).ok()
+    let (id, info) = SvidInfo::parse_svid(certs?.first()?).ok()?;
+    let now = SystemTime::now();
+    (info.not_before <= now && now < info.not_after).then_some((id, info))
 }

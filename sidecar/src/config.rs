@@ -80,6 +80,11 @@ pub struct Config {
     #[arg(long = "opaque-port", env = "PALISADE_OPAQUE_PORTS", value_delimiter = ',')]
     pub opaque_ports: Vec<u16>,
 
+    /// App ports that carry only HTTP: inbound bytes that are not an HTTP request are refused,
+    /// and a silent client is closed after --header-read-timeout instead of carried as TCP.
+    #[arg(long = "http-port", env = "PALISADE_HTTP_PORTS", value_delimiter = ',')]
+    pub http_ports: Vec<u16>,
+
     /// How often the directory is refreshed from the control plane.
     #[arg(long, env = "PALISADE_DIRECTORY_REFRESH", default_value = "2s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
@@ -135,6 +140,8 @@ pub enum ConfigError {
     Threads(usize),
     #[error("--max-header-bytes {0}: must be between 1024 and 1048576")]
     HeaderBytes(usize),
+    #[error("port {0} is both an --opaque-port and an --http-port; pick one")]
+    PortKind(u16),
 }
 
 /// An explicit outbound mapping: the app connects to `listen`, traffic goes to `service`.
@@ -226,6 +233,9 @@ impl Config {
                     return Err(ConfigError::TokenFile { flag, path: path.clone(), why: "not a regular file".into() });
                 }
             }
+        }
+        if let Some(p) = self.http_ports.iter().find(|p| self.opaque_ports.contains(p)) {
+            return Err(ConfigError::PortKind(*p));
         }
         if !(1..=64).contains(&self.threads) {
             return Err(ConfigError::Threads(self.threads));

@@ -155,18 +155,21 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         directory: directory.clone(),
         metrics: metrics.clone(),
     };
-    let mut inbound = proxy::inbound::Inbound::new(
-        cfg.app,
+    let inbound = proxy::inbound::Inbound::new(
+        proxy::inbound::InboundOptions {
+            app: cfg.app,
+            permissive: cfg.permissive(),
+            limits: cfg.limits.clone(),
+            opaque_ports: cfg.opaque_ports.clone(),
+            http_ports: cfg.http_ports.clone(),
+            access_log: cfg.access_log,
+            transparent: cfg.transparent,
+        },
+        tls,
         policy_state.clone(),
         svids.clone(),
-        tls,
-        cfg.permissive(),
         metrics.clone(),
-        cfg.limits.clone(),
-        cfg.opaque_ports.clone(),
-        cfg.access_log,
     );
-    inbound.transparent = cfg.transparent;
     let inbound = Arc::new(inbound);
     let outbound = Arc::new(proxy::outbound::Outbound {
         directory,

@@ -185,6 +185,13 @@ pub fn is_upgrade<B>(req: &http::Request<B>) -> bool {
             .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
+/// An upgrade request that was not switched: the connection closes after
+/// the answer. The framing guard stopped following the byte stream at the
+/// upgrade request, so nothing after it may be read as another request.
+pub fn no_upgrade<B>(resp: &mut Response<B>) {
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

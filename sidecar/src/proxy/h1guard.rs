@@ -8,8 +8,17 @@
 //! holds back each request head until it is complete, checks it with
 //! httparse, and either releases it or answers `400` itself and ends the
 //! connection. It follows body framing (Content-Length or chunked) to find
-//! the next head on keep-alive connections, and steps aside after an
-//! upgrade or CONNECT, or when a head is too large (hyper then answers 431).
+//! the next head on keep-alive connections, and steps aside only after an
+//! upgrade request (the handler then closes the connection unless the app
+//! switched protocols).
+//!
+//! Refused with 400 and the connection closed, before any byte reaches the
+//! app (RFC 9112 sections 2-7, RFC 9110 field rules): unparseable heads,
+//! bare LF line endings, Content-Length with Transfer-Encoding, several or
+//! invalid Content-Length values, a Transfer-Encoding other than `chunked`
+//! (or in HTTP/1.0), a missing or repeated Host in HTTP/1.1, CONNECT (the
+//! mesh tunnels nothing), and malformed or oversized chunk-size lines.
+//! A head larger than the limit is refused with 431.
 
 use std::io;
 use std::pin::Pin;
@@ -19,6 +28,9 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const REJECT: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 18\r\nconnection: close\r\n\r\nmalformed request\n";
+const REJECT_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\ncontent-length: 24\r\nconnection: close\r\n\r\nrequest head too large\n";
+/// Longest chunk-size line (size and extensions) followed.
+const MAX_CHUNK_LINE: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -32,31 +44,42 @@ enum State {
     ChunkData(u64),
     /// Reading trailer lines until an empty one.
     Trailers,
-    /// No more checking (upgrade, CONNECT, oversized head, unparseable chunking).
+    /// No more checking: an upgrade request was released (the handler closes
+    /// the connection after the answer unless the protocol switched).
     Passthrough,
-    /// Rejected: the 400 is written (or being written), then EOF.
-    Rejected,
+    /// Rejected: the answer is written (or being written), then EOF.
+    Rejected(&'static [u8]),
 }
 
 /// What a complete head implies.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Reject(&'static str),
+    TooLarge,
     Body(u64),
     Chunked,
     Passthrough,
 }
 
-/// Checks one complete request head.
+/// Whether `data` has a line feed not preceded by a carriage return.
+fn has_bare_lf(data: &[u8]) -> bool {
+    data.iter().enumerate().any(|(i, b)| *b == b'\n' && (i == 0 || data[i - 1] != b'\r'))
+}
+
+/// Checks one complete request head (ending in CRLF CRLF).
 fn check_head(head: &[u8], max_headers: usize) -> Verdict {
+    if has_bare_lf(head) {
+        return Verdict::Reject("bare LF line ending");
+    }
     let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
     let mut req = httparse::Request::new(&mut []);
     match req.parse_with_uninit_headers(head, &mut headers[..max_headers.min(128)]) {
         Ok(httparse::Status::Complete(_)) => {}
-        // Let hyper answer what it answers best (400/431) for the rest.
-        _ => return Verdict::Passthrough,
+        Err(httparse::Error::TooManyHeaders) => return Verdict::TooLarge,
+        _ => return Verdict::Reject("unparseable request head"),
     }
-    let (mut cls, mut te, mut upgrade) = (Vec::new(), None::<&[u8]>, false);
+    let (mut cls, mut te, mut upgrade, mut connection_upgrade, mut hosts) =
+        (Vec::new(), None::<&[u8]>, false, false, 0);
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             cls.push(h.value);
@@ -67,32 +90,54 @@ fn check_head(head: &[u8], max_headers: usize) -> Verdict {
             te = Some(h.value);
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= h.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+        } else if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
         }
+    }
+    let http11 = req.version == Some(1);
+    if http11 && hosts != 1 {
+        return Verdict::Reject("HTTP/1.1 request without exactly one Host");
+    }
+    if hosts > 1 {
+        return Verdict::Reject("several Host headers");
+    }
+    if req.method == Some("CONNECT") {
+        return Verdict::Reject("CONNECT is not tunnelled by the mesh");
     }
     if te.is_some() && !cls.is_empty() {
         return Verdict::Reject("both Content-Length and Transfer-Encoding");
     }
+    if te.is_some() && !http11 {
+        return Verdict::Reject("Transfer-Encoding in an HTTP/1.0 request");
+    }
     if cls.len() > 1 {
         return Verdict::Reject("several Content-Length headers");
     }
-    if upgrade || req.method == Some("CONNECT") {
-        return Verdict::Passthrough;
-    }
-    if let Some(te) = te {
-        return if te.eq_ignore_ascii_case(b"chunked") {
-            Verdict::Chunked
-        } else {
-            Verdict::Reject("unsupported Transfer-Encoding")
+    let body = match (te, cls.first()) {
+        (Some(te), _) if te.eq_ignore_ascii_case(b"chunked") => Verdict::Chunked,
+        (Some(_), _) => return Verdict::Reject("unsupported Transfer-Encoding"),
+        (None, None) => Verdict::Body(0),
+        (None, Some(v)) => {
+            match std::str::from_utf8(v).ok().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())) {
+                Some(s) => match s.parse() {
+                    Ok(n) => Verdict::Body(n),
+                    Err(_) => return Verdict::Reject("invalid Content-Length"),
+                },
+                None => return Verdict::Reject("invalid Content-Length"),
+            }
+        }
+    };
+    // A real upgrade (both headers) hands the connection over once the app
+    // switches; an Upgrade header alone is just a header.
+    if upgrade && connection_upgrade {
+        return match body {
+            Verdict::Body(0) => Verdict::Passthrough,
+            _ => Verdict::Reject("upgrade request with a body"),
         };
     }
-    match cls.first() {
-        None => Verdict::Body(0),
-        Some(v) => match std::str::from_utf8(v).ok().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-        {
-            Some(s) => s.parse().map(Verdict::Body).unwrap_or(Verdict::Reject("invalid Content-Length")),
-            None => Verdict::Reject("invalid Content-Length"),
-        },
-    }
+    body
 }
 
 /// The guarded IO.
@@ -107,6 +152,9 @@ pub struct H1Guard<T> {
     max_head: usize,
     max_headers: usize,
     reject_written: usize,
+    /// How much of a held-back head was already searched (a head sent a byte
+    /// at a time must not be rescanned from its start on every read).
+    scanned: usize,
 }
 
 impl<T> H1Guard<T> {
@@ -119,10 +167,86 @@ impl<T> H1Guard<T> {
             max_head,
             max_headers,
             reject_written: 0,
+            scanned: 0,
         }
     }
 
-    /// Moves what the framing allows from `pending` to `ready`.
+    fn reject(&mut self, why: &'static str, answer: &'static [u8]) {
+        tracing::warn!(target: "audit", decision = "deny", reason = why, "refused a malformed HTTP/1 request (400/431, connection closed)");
+        self.pending.clear();
+        self.state = State::Rejected(answer);
+    }
+
+    /// The state after a complete head, or a rejection.
+    fn after_head(&mut self, head: &[u8]) -> bool {
+        match check_head(head, self.max_headers) {
+            Verdict::Reject(why) => {
+                self.reject(why, REJECT);
+                return false;
+            }
+            Verdict::TooLarge => {
+                self.reject("too many header fields", REJECT_431);
+                return false;
+            }
+            Verdict::Body(0) => self.state = State::Head,
+            Verdict::Body(n) => self.state = State::Body(n),
+            Verdict::Chunked => self.state = State::ChunkSize,
+            Verdict::Passthrough => self.state = State::Passthrough,
+        }
+        true
+    }
+
+    /// A head still incomplete in `partial` (searched before up to `from`):
+    /// whether to keep waiting.
+    fn partial_head_ok(&mut self, partial: &[u8], from: usize) -> bool {
+        let bare_lf =
+            (from..partial.len()).any(|i| partial[i] == b'\n' && (i == 0 || partial[i - 1] != b'\r'));
+        if bare_lf {
+            self.reject("bare LF line ending", REJECT);
+            false
+        } else if partial.len() > self.max_head {
+            self.reject("request head too large", REJECT_431);
+            false
+        } else {
+            true
+        }
+    }
+
+    /// A chunk-size or trailer line (without its CRLF): the next state.
+    fn after_line(&mut self, text: &[u8]) -> bool {
+        if text.contains(&b'\n') || text.contains(&b'\r') {
+            self.reject("bare CR or LF in chunked framing", REJECT);
+            return false;
+        }
+        if self.state == State::Trailers {
+            self.state = if text.is_empty() { State::Head } else { State::Trailers };
+            return true;
+        }
+        // chunk-size = 1*HEXDIG, then optional BWS ";" extensions.
+        let size = text.split(|b| *b == b';').next().unwrap_or_default();
+        let size = size.trim_ascii_end();
+        let n = (!size.is_empty() && size.len() <= 16 && size.iter().all(u8::is_ascii_hexdigit))
+            .then(|| std::str::from_utf8(size).ok().and_then(|s| u64::from_str_radix(s, 16).ok()))
+            .flatten();
+        match n {
+            Some(0) => self.state = State::Trailers,
+            // The chunk's bytes, then its CRLF.
+            Some(n) => match n.checked_add(2) {
+                Some(with_crlf) => self.state = State::ChunkData(with_crlf),
+                None => {
+                    self.reject("chunk size out of range", REJECT);
+                    return false;
+                }
+            },
+            None => {
+                self.reject("invalid chunk size", REJECT);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Slow path: moves what the framing allows from `pending` to `ready`.
     fn advance(&mut self) {
         loop {
             match self.state {
@@ -131,80 +255,62 @@ impl<T> H1Guard<T> {
                     self.ready.unsplit(all);
                     return;
                 }
-                State::Rejected => return,
+                State::Rejected(_) => return,
                 State::Head => {
-                    // Blank lines between messages are allowed (RFC 9112 §2.2).
+                    // Empty lines between messages are allowed (RFC 9112 section 2.2).
                     while self.pending.starts_with(b"\r\n") {
                         let crlf = self.pending.split_to(2);
                         self.ready.unsplit(crlf);
+                        self.scanned = self.scanned.saturating_sub(2);
                     }
-                    let Some(end) = find(&self.pending, b"\r\n\r\n") else {
-                        if self.pending.len() > self.max_head {
-                            self.state = State::Passthrough;
-                            continue;
+                    let from = self.scanned.saturating_sub(3).min(self.pending.len());
+                    let Some(end) = find(&self.pending[from..], b"\r\n\r\n").map(|e| e + from) else {
+                        let partial = std::mem::take(&mut self.pending);
+                        let ok = self.partial_head_ok(&partial, from);
+                        if ok {
+                            self.scanned = partial.len();
+                            self.pending = partial;
                         }
                         return;
                     };
+                    self.scanned = 0;
                     let head = self.pending.split_to(end + 4);
-                    match check_head(&head, self.max_headers) {
-                        Verdict::Reject(why) => {
-                            tracing::warn!(reason = why, "refused an HTTP/1 request with ambiguous framing");
-                            self.state = State::Rejected;
-                            return;
-                        }
-                        Verdict::Body(0) => self.state = State::Head,
-                        Verdict::Body(n) => self.state = State::Body(n),
-                        Verdict::Chunked => self.state = State::ChunkSize,
-                        Verdict::Passthrough => self.state = State::Passthrough,
+                    if !self.after_head(&head) {
+                        return;
                     }
                     self.ready.unsplit(head);
                 }
-                State::Body(n) => {
+                State::Body(n) | State::ChunkData(n) => {
                     if self.pending.is_empty() {
                         return;
                     }
-                    let take = (n as usize).min(self.pending.len());
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(self.pending.len());
                     let part = self.pending.split_to(take);
                     self.ready.unsplit(part);
-                    let left = n - take as u64;
-                    self.state = if left == 0 { State::Head } else { State::Body(left) };
+                    self.state = self.state.consumed(take as u64);
                 }
                 State::ChunkSize | State::Trailers => {
                     let Some(end) = find(&self.pending, b"\r\n") else {
                         // Release the partial line; keep a copy to finish it on the fast path.
+                        if self.pending.len() > MAX_CHUNK_LINE {
+                            self.reject("chunk line too long", REJECT);
+                            return;
+                        }
                         let part = self.pending.split();
                         self.ready.extend_from_slice(&part);
                         self.pending = part;
-                        if self.pending.len() > 4096 {
-                            self.pending.clear();
-                            self.state = State::Passthrough;
-                        }
                         return;
                     };
                     let line = self.pending.split_to(end + 2);
-                    self.state = self.after_line(&line[..end]);
-                    self.ready.unsplit(line);
-                }
-                State::ChunkData(n) => {
-                    if self.pending.is_empty() {
+                    if !self.after_line(&line[..end]) {
                         return;
                     }
-                    let take = (n as usize).min(self.pending.len());
-                    let part = self.pending.split_to(take);
-                    self.ready.unsplit(part);
-                    let left = n - take as u64;
-                    self.state = if left == 0 { State::ChunkSize } else { State::ChunkData(left) };
+                    self.ready.unsplit(line);
                 }
             }
         }
     }
-}
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-impl<T> H1Guard<T> {
     /// Fast path: scans bytes just read into hyper's own buffer, without
     /// copying. Returns how many of them may be released; the rest (a partial
     /// head, or a rejected request) is held back or dropped.
@@ -213,18 +319,11 @@ impl<T> H1Guard<T> {
         while i < data.len() {
             match self.state {
                 State::Passthrough => return data.len(),
-                State::Rejected => return i,
-                State::Body(n) => {
-                    let take = (n as usize).min(data.len() - i);
+                State::Rejected(_) => return i,
+                State::Body(n) | State::ChunkData(n) => {
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(data.len() - i);
                     i += take;
-                    let left = n - take as u64;
-                    self.state = if left == 0 { State::Head } else { State::Body(left) };
-                }
-                State::ChunkData(n) => {
-                    let take = (n as usize).min(data.len() - i);
-                    i += take;
-                    let left = n - take as u64;
-                    self.state = if left == 0 { State::ChunkSize } else { State::ChunkData(left) };
+                    self.state = self.state.consumed(take as u64);
                 }
                 State::Head => {
                     if data[i..].starts_with(b"\r\n") {
@@ -233,61 +332,69 @@ impl<T> H1Guard<T> {
                     }
                     let Some(end) = find(&data[i..], b"\r\n\r\n") else {
                         // A partial head: hold it back until it is complete.
-                        self.pending.extend_from_slice(&data[i..]);
+                        if self.partial_head_ok(&data[i..], 0) {
+                            self.pending.extend_from_slice(&data[i..]);
+                        }
                         return i;
                     };
-                    let head = &data[i..i + end + 4];
-                    match check_head(head, self.max_headers) {
-                        Verdict::Reject(why) => {
-                            tracing::warn!(reason = why, "refused an HTTP/1 request with ambiguous framing");
-                            self.state = State::Rejected;
-                            return i;
-                        }
-                        Verdict::Body(0) => self.state = State::Head,
-                        Verdict::Body(n) => self.state = State::Body(n),
-                        Verdict::Chunked => self.state = State::ChunkSize,
-                        Verdict::Passthrough => self.state = State::Passthrough,
+                    if !self.after_head(&data[i..i + end + 4]) {
+                        return i;
                     }
                     i += end + 4;
                 }
                 State::ChunkSize | State::Trailers => {
-                    // Lines are short; keep a copy of a partial one in `pending`.
+                    // A CRLF split between two reads ends the line kept in `pending`.
+                    if self.pending.last() == Some(&b'\r') && data[i] == b'\n' {
+                        let mut text = std::mem::take(&mut self.pending);
+                        text.truncate(text.len() - 1);
+                        if !self.after_line(&text) {
+                            return i;
+                        }
+                        i += 1;
+                        continue;
+                    }
                     let Some(end) = find(&data[i..], b"\r\n") else {
                         // Chunk lines are released as they come, a copy kept to finish them.
                         self.pending.extend_from_slice(&data[i..]);
-                        if self.pending.len() > 4096 {
-                            self.pending.clear();
-                            self.state = State::Passthrough;
+                        if self.pending.len() > MAX_CHUNK_LINE {
+                            self.reject("chunk line too long", REJECT);
+                            return i;
                         }
                         return data.len();
                     };
-                    let state = if self.pending.is_empty() {
+                    let ok = if self.pending.is_empty() {
                         self.after_line(&data[i..i + end])
                     } else {
                         let mut text = std::mem::take(&mut self.pending);
                         text.extend_from_slice(&data[i..i + end]);
                         self.after_line(&text)
                     };
-                    self.state = state;
+                    if !ok {
+                        return i;
+                    }
                     i += end + 2;
                 }
             }
         }
         data.len()
     }
+}
 
-    fn after_line(&self, text: &[u8]) -> State {
-        if self.state == State::Trailers {
-            return if text.is_empty() { State::Head } else { State::Trailers };
-        }
-        let size = text.split(|b| *b == b';').next().unwrap_or_default();
-        match std::str::from_utf8(size).ok().and_then(|s| u64::from_str_radix(s.trim(), 16).ok()) {
-            Some(0) => State::Trailers,
-            Some(n) => State::ChunkData(n + 2),
-            // hyper will refuse the bad chunk; we stop following.
-            None => State::Passthrough,
+impl State {
+    /// After `n` bytes of a body or chunk.
+    fn consumed(self, n: u64) -> State {
+        match self {
+            State::Body(left) if left > n => State::Body(left - n),
+            State::Body(_) => State::Head,
+            State::ChunkData(left) if left > n => State::ChunkData(left - n),
+            State::ChunkData(_) => State::ChunkSize,
+            other => other,
         }
     }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for H1Guard<T> {
@@ -301,10 +408,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for H1Guard<T> {
                 this.ready.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            if this.state == State::Rejected {
-                // Answer 400 ourselves, then end the stream for hyper.
-                while this.reject_written < REJECT.len() {
-                    match Pin::new(&mut this.inner).poll_write(cx, &REJECT[this.reject_written..]) {
+            if let State::Rejected(answer) = this.state {
+                // Answer ourselves, then end the stream for hyper.
+                while this.reject_written < answer.len() {
+                    match Pin::new(&mut this.inner).poll_write(cx, &answer[this.reject_written..]) {
                         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break,
                         Poll::Ready(Ok(n)) => this.reject_written += n,
                         Poll::Pending => return Poll::Pending,
@@ -320,13 +427,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for H1Guard<T> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) if buf.filled().len() == before => {
-                    // EOF: release anything held (hyper reports the incomplete message).
-                    if holding_head {
-                        let rest = this.pending.split();
-                        this.ready.unsplit(rest);
-                        this.state = State::Passthrough;
-                        continue;
-                    }
+                    // EOF: an incomplete head is dropped (nothing of it reaches the app).
+                    this.pending.clear();
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Ok(())) => {
@@ -359,20 +461,39 @@ mod tests {
     fn verdicts() {
         let v = |h: &str| check_head(h.as_bytes(), 100);
         assert_eq!(v("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Verdict::Body(0));
-        assert_eq!(v("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"), Verdict::Body(5));
-        assert_eq!(v("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Verdict::Chunked);
-        assert!(matches!(
-            v("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Verdict::Reject(_)
-        ));
-        assert!(matches!(
-            v("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"),
-            Verdict::Reject(_)
-        ));
-        assert!(matches!(v("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"), Verdict::Reject(_)));
-        assert!(matches!(v("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Verdict::Reject(_)));
-        assert!(matches!(v("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"), Verdict::Reject(_)));
-        assert_eq!(v("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"), Verdict::Passthrough);
+        assert_eq!(v("GET / HTTP/1.0\r\n\r\n"), Verdict::Body(0));
+        assert_eq!(v("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"), Verdict::Body(5));
+        assert_eq!(v("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"), Verdict::Chunked);
+        assert_eq!(
+            v("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"),
+            Verdict::Passthrough
+        );
+        // An Upgrade header alone is no upgrade: the guard keeps following.
+        assert_eq!(v("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"), Verdict::Body(0));
+        for bad in [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1,1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            "GET / HTTP/1.1\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+            "GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\nContent-Length: 3\r\n\r\n",
+        ] {
+            assert!(matches!(v(bad), Verdict::Reject(_)), "{bad:?}: {:?}", v(bad));
+        }
+        let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(v(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")), Verdict::TooLarge);
     }
 
     async fn through(input: &[u8]) -> (Vec<u8>, Vec<u8>) {
@@ -385,8 +506,8 @@ mod tests {
         let (mut cr, mut cw) = tokio::io::split(client);
         let input = input.to_vec();
         tokio::spawn(async move {
-            cw.write_all(&input).await.unwrap();
-            cw.shutdown().await.unwrap();
+            let _ = cw.write_all(&input).await;
+            let _ = cw.shutdown().await;
         });
         // Read the answers concurrently: a small pipe would otherwise block the guard's 400.
         let answers = tokio::spawn(async move {
@@ -401,37 +522,67 @@ mod tests {
         (seen, answers.await.unwrap())
     }
 
+    const KEEP_ALIVE: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\r\nPOST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n10 ; a=b\r\n0123456789abcdef\r\n0\r\nT: v\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n";
+
     #[tokio::test]
     async fn passes_keep_alive_requests_and_bodies_untouched() {
-        let input = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\r\nPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: v\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
-        let (seen, answered) = through(input).await;
-        assert_eq!(seen, input.to_vec());
+        let (seen, answered) = through(KEEP_ALIVE).await;
+        assert_eq!(String::from_utf8_lossy(&seen), String::from_utf8_lossy(KEEP_ALIVE));
         assert!(answered.is_empty());
     }
 
     #[tokio::test]
     async fn fragmented_reads_give_the_same_stream() {
-        let input = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\r\nPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nT: v\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
         for pipe in [1, 2, 3, 7, 16] {
-            let (seen, answered) = through_pipe(input, pipe).await;
-            assert_eq!(String::from_utf8_lossy(&seen), String::from_utf8_lossy(input), "pipe {pipe}");
+            let (seen, answered) = through_pipe(KEEP_ALIVE, pipe).await;
+            assert_eq!(String::from_utf8_lossy(&seen), String::from_utf8_lossy(KEEP_ALIVE), "pipe {pipe}");
             assert!(answered.is_empty());
         }
-        let bad = b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        let bad = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
         for pipe in [1, 5] {
             let (seen, answered) = through_pipe(bad, pipe).await;
-            assert_eq!(seen, b"GET /a HTTP/1.1\r\n\r\n".to_vec(), "pipe {pipe}");
+            assert_eq!(seen, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "pipe {pipe}");
             assert!(answered.starts_with(b"HTTP/1.1 400"));
+        }
+    }
+
+    /// What follows a good request never reaches the parser when it is refused.
+    async fn refused_after_good(rest: &[u8], answer: &[u8]) {
+        let good = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let mut input = good.clone();
+        input.extend_from_slice(rest);
+        for pipe in [1 << 16, 3] {
+            let (seen, answered) = through_pipe(&input, pipe).await;
+            assert!(
+                seen.len() <= good.len() + rest.len() && seen.starts_with(&good),
+                "{:?}",
+                String::from_utf8_lossy(rest)
+            );
+            assert!(
+                !String::from_utf8_lossy(&seen[good.len()..]).contains("smuggled"),
+                "nothing after the refusal reaches the parser: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            assert!(answered.starts_with(answer), "{:?} -> {:?}", String::from_utf8_lossy(rest), String::from_utf8_lossy(&answered));
         }
     }
 
     #[tokio::test]
     async fn a_smuggling_attempt_after_a_good_request_is_cut_off() {
-        let good = b"GET /a HTTP/1.1\r\n\r\n".to_vec();
-        let mut input = good.clone();
-        input.extend_from_slice(b"POST /b HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n");
-        let (seen, answered) = through(&input).await;
-        assert_eq!(seen, good, "nothing of the bad request reaches the parser");
-        assert!(answered.starts_with(b"HTTP/1.1 400"));
+        refused_after_good(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 400").await;
+        // A chunk size that overflows u64 once its CRLF is counted.
+        refused_after_good(b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 400").await;
+        refused_after_good(b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\nx\r\n", b"HTTP/1.1 400").await;
+        refused_after_good(b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n", b"HTTP/1.1 400").await;
+        refused_after_good(b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 400").await;
+        refused_after_good(b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /smuggled HTTP/1.1\r\n\r\n", b"HTTP/1.1 400").await;
+        // Upgrade without Connection: upgrade no longer turns the guard off.
+        refused_after_good(b"GET /b HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\nPOST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 400").await;
+        refused_after_good(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 400").await;
+        // Bare LF requests are answered, not left hanging.
+        refused_after_good(b"GET /smuggled HTTP/1.1\nHost: x\n\n", b"HTTP/1.1 400").await;
+        refused_after_good(b"\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 400").await;
+        let huge = format!("GET /smuggled HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(70_000));
+        refused_after_good(huge.as_bytes(), b"HTTP/1.1 431").await;
     }
 }

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::HOST;
 use http::uri::{PathAndQuery, Scheme};
@@ -21,7 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::detect::{Prefixed, Protocol, detect};
+use bytes::BytesMut;
+
+use super::detect::{Detected, Prefixed, Protocol, detect_with};
 use super::tcp::{ConnGuard, Counted};
 use super::{
     ALPN_H2, ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, error_response, is_grpc, is_upgrade,
@@ -51,52 +53,82 @@ impl AppTarget {
 /// Time allowed for a TLS handshake (and the first byte before it).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Shared state of the inbound side.
-pub struct Inbound {
+/// How long a connection on which neither side has spoken may stay open.
+const SILENT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The verified caller of one connection, worked out once per connection:
+/// its identity as the policy subject and as the header value the app gets.
+#[derive(Debug)]
+pub struct Caller {
+    pub id: SpiffeId,
+    subject: String,
+    header: HeaderValue,
+    /// A connection may outlive the certificate it was opened with; requests
+    /// on it are refused from then on.
+    not_after: SystemTime,
+}
+
+impl Caller {
+    fn from_certs(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Option<Arc<Self>> {
+        let (id, info) = palisade_certs::tls::peer_identity(certs)?;
+        let subject = id.to_string();
+        let header = HeaderValue::from_str(&subject).ok()?;
+        Some(Arc::new(Self { id, subject, header, not_after: info.not_after }))
+    }
+
+    fn expired(&self) -> bool {
+        SystemTime::now() >= self.not_after
+    }
+}
+
+/// How the inbound side is set up (from the sidecar's flags).
+#[derive(Debug, Clone)]
+pub struct InboundOptions {
+    /// Where inbound traffic is delivered.
     pub app: SocketAddr,
-    pub tls: tokio_rustls::TlsAcceptor,
+    /// Plaintext callers are accepted (as unauthenticated).
     pub permissive: bool,
-    pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// App ports that carry opaque TCP (no detection).
     pub opaque_ports: Vec<u16>,
+    /// App ports that carry only HTTP: anything else is refused.
+    pub http_ports: Vec<u16>,
     pub access_log: bool,
     /// In transparent mode, the original destination port picks the app port.
     pub transparent: bool,
+}
+
+/// Shared state of the inbound side.
+pub struct Inbound {
+    opts: InboundOptions,
+    tls: tokio_rustls::TlsAcceptor,
+    metrics: Arc<Metrics>,
     apps: std::sync::Mutex<std::collections::HashMap<u16, Arc<AppTarget>>>,
-    /// The policy in force (none yet: fail closed).
-    pub policy: crate::policy::PolicyState,
+    /// The policy in force (none yet: not ready).
+    policy: crate::policy::PolicyState,
     /// This workload's identity, for logs.
-    pub svids: palisade_certs::tls::SvidStore,
+    svids: palisade_certs::tls::SvidStore,
 }
 
 impl std::fmt::Debug for Inbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbound").field("app", &self.app).field("permissive", &self.permissive).finish_non_exhaustive()
+        f.debug_struct("Inbound").field("opts", &self.opts).finish_non_exhaustive()
     }
 }
 
 impl Inbound {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        app: SocketAddr,
+        opts: InboundOptions,
+        tls: rustls::ServerConfig,
         policy: crate::policy::PolicyState,
         svids: palisade_certs::tls::SvidStore,
-        tls: rustls::ServerConfig,
-        permissive: bool,
         metrics: Arc<Metrics>,
-        limits: Limits,
-        opaque_ports: Vec<u16>,
-        access_log: bool,
     ) -> Self {
+        let app = opts.app;
         Self {
-            app,
+            opts,
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-            permissive,
             metrics,
-            limits,
-            opaque_ports,
-            access_log,
-            transparent: false,
             apps: std::sync::Mutex::new(std::collections::HashMap::from([(app.port(), Arc::new(AppTarget::new(app)))])),
             policy,
             svids,
@@ -105,7 +137,7 @@ impl Inbound {
 
     /// Accepts until cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken, tracker: TaskTracker) {
-        let limit = self.limits.max_connections;
+        let limit = self.opts.limits.max_connections;
         super::serve::accept_loop(listener, Direction::Inbound, limit, cancel.clone(), tracker, move |tcp, src| {
             self.clone().connection(tcp, src, cancel.clone())
         })
@@ -115,15 +147,17 @@ impl Inbound {
     /// The app a connection is for: `--app`, or in transparent mode the same
     /// host at the connection's original destination port.
     fn app_for(&self, tcp: &TcpStream) -> Arc<AppTarget> {
-        let port = if self.transparent {
+        let port = if self.opts.transparent {
             let listener_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
             super::original_dst(tcp).map(|o| o.port()).filter(|p| *p != listener_port)
         } else {
             None
         };
-        let port = port.unwrap_or(self.app.port());
+        let port = port.unwrap_or(self.opts.app.port());
         let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
-        apps.entry(port).or_insert_with(|| Arc::new(AppTarget::new(SocketAddr::new(self.app.ip(), port)))).clone()
+        apps.entry(port)
+            .or_insert_with(|| Arc::new(AppTarget::new(SocketAddr::new(self.opts.app.ip(), port))))
+            .clone()
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, src: SocketAddr, cancel: CancellationToken) {
@@ -137,12 +171,13 @@ impl Inbound {
         };
         let io = Counted::new(tcp, self.metrics.clone(), Direction::Inbound);
         if !is_tls {
-            if !self.permissive {
+            if !self.opts.permissive {
                 self.metrics.tls_failure(Direction::Inbound, "plaintext");
                 tracing::warn!(target: "audit", decision = "deny", src.addr = %src, "plaintext connection refused (mTLS mode STRICT)");
                 return;
             }
-            return self.plaintext(io, src, cancel, app).await;
+            // PERMISSIVE: a plaintext client, detected like any byte stream.
+            return self.stream(io, src, None, app, cancel).await;
         }
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(io)).await {
             Ok(Ok(tls)) => tls,
@@ -158,30 +193,34 @@ impl Inbound {
             }
         };
         let (_, session) = tls.get_ref();
-        let peer = palisade_certs::tls::peer_identity(session.peer_certificates()).map(|(id, _)| Arc::new(id));
         let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-        let Some(peer) = peer else {
-            // The verifier makes client certificates mandatory; this cannot pass it.
+        let Some(caller) = Caller::from_certs(session.peer_certificates()) else {
+            // The verifier makes valid client certificates mandatory; this cannot pass it.
             return;
         };
         let result = match alpn.as_deref() {
             Some(ALPN_H2) => {
                 let this = self.clone();
-                super::serve::http2(TokioIo::new(tls), &self.limits, cancel, move |req| {
-                    this.clone().request(req, Some(peer.clone()), src, None, app.clone())
+                super::serve::http2(TokioIo::new(tls), &self.opts.limits, cancel, move |req| {
+                    this.clone().request(req, Some(caller.clone()), src, None, app.clone())
                 })
                 .await
             }
             Some(ALPN_HTTP1) => {
                 let this = self.clone();
-                super::serve::http1(TokioIo::new(tls), &self.limits, cancel, move |req| {
-                    this.clone().request(req, Some(peer.clone()), src, Some(Protocol::Http1), app.clone())
+                let limits = &self.opts.limits;
+                let io = super::h1guard::H1Guard::new(tls, limits.max_header_bytes, limits.max_headers);
+                super::serve::http1(TokioIo::new(io), limits, cancel, move |req| {
+                    this.clone().request(req, Some(caller.clone()), src, Some(Protocol::Http1), app.clone())
                 })
                 .await
             }
-            Some(ALPN_TCP) => return self.tcp(tls, src, Some(&peer), &app).await,
+            // Whatever the calling sidecar decided, the bytes are looked at
+            // again here: HTTP is served as HTTP (identity header, L7 policy,
+            // framing guard, timeouts), never spliced past them.
+            Some(ALPN_TCP) => return self.stream(tls, src, Some(caller), app, cancel).await,
             other => {
-                tracing::warn!(src.addr = %src, src.identity = %peer, alpn = ?other.map(String::from_utf8_lossy), "unknown ALPN; closing");
+                tracing::warn!(src.addr = %src, src.identity = %caller.id, alpn = ?other.map(String::from_utf8_lossy), "unknown ALPN; closing");
                 return;
             }
         };
@@ -190,33 +229,121 @@ impl Inbound {
         }
     }
 
-    /// PERMISSIVE mode: a plaintext client, detected like outbound traffic.
-    async fn plaintext<I>(self: Arc<Self>, mut io: I, src: SocketAddr, cancel: CancellationToken, app: Arc<AppTarget>)
+    /// A byte stream from a caller (opaque TCP from a peer sidecar, or a
+    /// plaintext client in PERMISSIVE mode): detected here.
+    ///
+    /// A client that speaks first is classified however long it takes (up
+    /// to the header timeout); a silent client may be waiting for a
+    /// server-speaks-first app, so the app is connected and whoever speaks
+    /// first decides (an HTTP server never speaks first).
+    async fn stream<I>(self: Arc<Self>, mut io: I, src: SocketAddr, caller: Option<Arc<Caller>>, app: Arc<AppTarget>, cancel: CancellationToken)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (proto, prefix) = if self.opaque_ports.contains(&app.addr.port()) {
-            (Protocol::Opaque, bytes::Bytes::new())
-        } else {
-            match detect(&mut io, self.limits.protocol_detect_timeout).await {
-                Ok(d) => d,
-                Err(_) => return,
+        let port = app.addr.port();
+        if self.opts.opaque_ports.contains(&port) {
+            return self.tcp(io, src, caller.as_deref(), &app, None).await;
+        }
+        let declared_http = self.opts.http_ports.contains(&port);
+        let limits = &self.opts.limits;
+        let mut buf = BytesMut::with_capacity(64);
+        let first_wait = if declared_http { limits.header_read_timeout } else { limits.protocol_detect_timeout };
+        let proto = match detect_with(&mut io, &mut buf, first_wait).await {
+            Err(_) => return,
+            Ok(Detected::Known(p)) => p,
+            Ok(Detected::Eof) if buf.is_empty() => return,
+            Ok(Detected::Eof) => Protocol::Opaque,
+            Ok(Detected::TimedOut) if declared_http => {
+                tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?caller.as_ref().map(|c| c.subject.as_str()), "no HTTP request head in time on an HTTP port");
+                return;
+            }
+            Ok(Detected::TimedOut) if !buf.is_empty() => {
+                // The client spoke first: keep reading until it is clear.
+                let rest = limits.header_read_timeout.saturating_sub(first_wait);
+                match detect_with(&mut io, &mut buf, rest).await {
+                    Ok(Detected::Known(p)) => p,
+                    Ok(Detected::Eof) => Protocol::Opaque,
+                    _ => return,
+                }
+            }
+            Ok(Detected::TimedOut) => {
+                return self.first_speaker(io, buf, src, caller, app, cancel).await;
             }
         };
-        let io = Prefixed::new(prefix, io);
+        if declared_http && proto == Protocol::Opaque {
+            tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?caller.as_ref().map(|c| c.subject.as_str()), "non-HTTP bytes on a port declared HTTP (--http-port); closing");
+            return;
+        }
+        self.serve_as(proto, Prefixed::new(buf.freeze(), io), src, caller, app, cancel).await;
+    }
+
+    /// A silent client: connect the app, and let whoever speaks first decide.
+    async fn first_speaker<I>(
+        self: Arc<Self>,
+        mut io: I,
+        mut buf: BytesMut,
+        src: SocketAddr,
+        caller: Option<Arc<Caller>>,
+        app: Arc<AppTarget>,
+        cancel: CancellationToken,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        if !self.authorize_tcp(src, caller.as_deref(), &app) {
+            return;
+        }
+        let app_conn = match TcpStream::connect(app.addr).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(src.addr = %src, dst.addr = %app.addr, error = %e, "app unreachable for TCP");
+                return;
+            }
+        };
+        let _ = app_conn.set_nodelay(true);
+        let client_spoke = tokio::select! {
+            r = detect_with(&mut io, &mut buf, SILENT_TIMEOUT) => Some(r),
+            _ = app_conn.readable() => None,
+        };
+        let proto = match client_spoke {
+            None => Protocol::Opaque,
+            Some(Ok(Detected::Known(p))) => p,
+            Some(Ok(Detected::Eof)) if !buf.is_empty() => Protocol::Opaque,
+            Some(_) => return,
+        };
+        let io = Prefixed::new(buf.freeze(), io);
+        if proto != Protocol::Opaque {
+            drop(app_conn);
+            return self.serve_as(proto, io, src, caller, app, cancel).await;
+        }
+        self.tcp(io, src, caller.as_deref(), &app, Some(app_conn)).await;
+    }
+
+    /// Serves a detected stream.
+    async fn serve_as<I>(
+        self: Arc<Self>,
+        proto: Protocol,
+        io: I,
+        src: SocketAddr,
+        caller: Option<Arc<Caller>>,
+        app: Arc<AppTarget>,
+        cancel: CancellationToken,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let this = self.clone();
+        let limits = &self.opts.limits;
         let result = match proto {
-            Protocol::Opaque => return self.tcp(io, src, None, &app).await,
+            Protocol::Opaque => return self.tcp(io, src, caller.as_deref(), &app, None).await,
             Protocol::Http1 => {
-                let io = super::h1guard::H1Guard::new(io, self.limits.max_header_bytes, self.limits.max_headers);
-                super::serve::http1(TokioIo::new(io), &self.limits, cancel, move |req| {
-                    this.clone().request(req, None, src, Some(Protocol::Http1), app.clone())
+                let io = super::h1guard::H1Guard::new(io, limits.max_header_bytes, limits.max_headers);
+                super::serve::http1(TokioIo::new(io), limits, cancel, move |req| {
+                    this.clone().request(req, caller.clone(), src, Some(Protocol::Http1), app.clone())
                 })
                 .await
             }
             Protocol::Http2 => {
-                super::serve::http2(TokioIo::new(io), &self.limits, cancel, move |req| {
-                    this.clone().request(req, None, src, Some(Protocol::Http2), app.clone())
+                super::serve::http2(TokioIo::new(io), limits, cancel, move |req| {
+                    this.clone().request(req, caller.clone(), src, Some(Protocol::Http2), app.clone())
                 })
                 .await
             }
@@ -226,32 +353,47 @@ impl Inbound {
         }
     }
 
-    async fn tcp<I>(&self, mut io: I, src: SocketAddr, peer: Option<&SpiffeId>, app_target: &AppTarget)
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        // L4 decision: only the caller and the port exist here.
-        let source = peer.map(ToString::to_string);
+    /// The L4 decision: only the caller and the port exist here. DENY rules
+    /// that name HTTP fields match (deny errs on the side of denying); ALLOW
+    /// rules that name them do not.
+    fn authorize_tcp(&self, src: SocketAddr, caller: Option<&Caller>, app: &AppTarget) -> bool {
+        let source = caller.map(|c| c.subject.as_str());
         let verdict = self.policy.current().map(|e| {
-            e.authorize(&palisade_policy::Request {
-                source: source.as_deref(),
-                port: app_target.addr.port(),
-                ..Default::default()
-            })
+            e.authorize(&palisade_policy::Request { source, port: app.addr.port(), ..Default::default() })
         });
         match verdict {
-            Some(d) if d.verdict == palisade_policy::Verdict::Allow => {}
+            Some(d) if d.verdict == palisade_policy::Verdict::Allow => true,
             other => {
-                let reason = other.map(|d| d.reason()).unwrap_or_else(|| "no policy received yet (fail closed)".into());
+                let reason = other.map(|d| d.reason()).unwrap_or_else(|| "no policy received yet (not ready)".into());
                 tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, reason = %reason, "TCP connection refused");
-                return;
+                false
             }
         }
-        let mut app = match TcpStream::connect(app_target.addr).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(src.addr = %src, src.identity = ?peer.map(ToString::to_string), dst.addr = %app_target.addr, error = %e, "app unreachable for TCP");
-                return;
+    }
+
+    async fn tcp<I>(
+        &self,
+        mut io: I,
+        src: SocketAddr,
+        caller: Option<&Caller>,
+        app_target: &AppTarget,
+        connected: Option<TcpStream>,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut app = match connected {
+            Some(a) => a,
+            None => {
+                if !self.authorize_tcp(src, caller, app_target) {
+                    return;
+                }
+                match TcpStream::connect(app_target.addr).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(src.addr = %src, src.identity = ?caller.map(|c| c.subject.as_str()), dst.addr = %app_target.addr, error = %e, "app unreachable for TCP");
+                        return;
+                    }
+                }
             }
         };
         let _ = app.set_nodelay(true);
@@ -266,7 +408,7 @@ impl Inbound {
     async fn request(
         self: Arc<Self>,
         mut req: Request<Incoming>,
-        peer: Option<Arc<SpiffeId>>,
+        peer: Option<Arc<Caller>>,
         src: SocketAddr,
         conn_proto: Option<Protocol>,
         app: Arc<AppTarget>,
@@ -277,10 +419,8 @@ impl Inbound {
         let headers = req.headers_mut();
         // Never trust an identity header from outside.
         headers.remove(PEER_IDENTITY);
-        if let Some(id) = &peer
-            && let Ok(v) = HeaderValue::from_str(&id.to_string())
-        {
-            headers.insert(PEER_IDENTITY, v);
+        if let Some(c) = &peer {
+            headers.insert(PEER_IDENTITY, c.header.clone());
         }
         let orig = headers.remove(ORIG_PROTO);
         let app_proto = conn_proto.unwrap_or(if orig.as_ref().is_some_and(|v| v == "HTTP/1.1") {
@@ -296,13 +436,13 @@ impl Inbound {
         let resp = match self.forward(req, app_proto, upgrade, &app).await {
             Ok(r) => r,
             Err((status, msg, e)) => {
-                tracing::warn!(direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(ToString::to_string), http.method = %method, http.path = %path, error = %e, "request to the app failed");
+                tracing::warn!(direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, error = %e, "request to the app failed");
                 error_response(grpc, status, msg)
             }
         };
         self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
-        if self.access_log {
-            tracing::info!(target: "access", direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(ToString::to_string), http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
+        if self.opts.access_log {
+            tracing::info!(target: "access", direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
         }
         resp
     }
@@ -311,24 +451,31 @@ impl Inbound {
     fn enforce(
         &self,
         req: &Request<Incoming>,
-        peer: Option<&SpiffeId>,
+        peer: Option<&Caller>,
         src: SocketAddr,
         grpc: bool,
         app_port: u16,
     ) -> Option<Response<Body>> {
         // Our identity, for audit lines only (tracing evaluates fields only when logging).
         let me = || self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
-        let source = peer.map(ToString::to_string);
+        let source = peer.map(|c| c.subject.as_str());
         let (method, path) = (req.method().as_str(), req.uri().path());
-        let Some(enforcer) = self.policy.current() else {
-            tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = "no policy received from the control plane yet (fail closed)", "request refused");
+        if peer.is_some_and(Caller::expired) {
+            tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = "the caller's certificate expired after this connection was opened", "request refused");
             return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
+        }
+        let Some(enforcer) = self.policy.current() else {
+            // Not ready is not a policy decision: the caller may retry.
+            tracing::info!(src.addr = %src, src.identity = ?source, http.method = method, http.path = path, "request refused: no policy received from the control plane yet (not ready)");
+            let mut resp = error_response(grpc, StatusCode::SERVICE_UNAVAILABLE, "not ready");
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Some(resp);
         };
         let host =
             req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()));
         let headers = req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
         let preq = palisade_policy::Request {
-            source: source.as_deref(),
+            source,
             method: Some(method),
             path: Some(path),
             port: app_port,
@@ -382,7 +529,7 @@ impl Inbound {
             return self.upgrade(req, app.addr).await;
         }
         super::strip_hop_by_hop(req.headers_mut());
-        let timeout = self.limits.response_timeout;
+        let timeout = self.opts.limits.response_timeout;
         let timed_out = || (StatusCode::GATEWAY_TIMEOUT, "app timed out", "no response headers in time".to_string());
         let mut resp = if app_proto == Protocol::Http1 {
             // HTTP/1: Host carries the caller's authority.
@@ -442,6 +589,8 @@ impl Inbound {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let app_side = hyper::upgrade::on(&mut resp);
             tokio::spawn(super::outbound::splice_upgraded(caller_side, app_side));
+        } else {
+            super::no_upgrade(&mut resp);
         }
         Ok(resp.map(|b| b.boxed_unsync()))
     }

@@ -374,6 +374,8 @@ impl Outbound {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let server_side = hyper::upgrade::on(&mut resp);
             tokio::spawn(splice_upgraded(client_side, server_side));
+        } else {
+            super::no_upgrade(&mut resp);
         }
         Ok(resp.map(|b| b.boxed_unsync()))
     }
