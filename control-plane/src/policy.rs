@@ -203,7 +203,8 @@ pub(crate) fn simulate(
     for r in resources.iter().filter(|r| r.targets(&req.target)) {
         if let Resource::RateLimitPolicy { spec, .. } = r {
             for l in &spec.limits {
-                let method_ok = l.match_.methods.is_empty() || l.match_.methods.iter().any(|m| m == &req.method);
+                let method = (!req.method.is_empty()).then_some(req.method.as_str());
+                let method_ok = palisade_policy::eval::method_matches(&l.match_.methods, method);
                 let path_ok = l.match_.paths.is_empty()
                     || l.match_.paths.iter().any(|p| wildmatch::WildMatch::new(p).matches(&req.path));
                 if method_ok && path_ok {

@@ -135,6 +135,8 @@ struct Index {
     generic: Vec<usize>,
     /// Whether any policy of this action targets the workload (even with no rules).
     present: bool,
+    /// DENY rules match TCP connections even when they name HTTP fields.
+    deny: bool,
 }
 
 /// The rules that apply to one workload, compiled.
@@ -215,7 +217,7 @@ impl Index {
             if best.is_some_and(|b| b <= i) {
                 continue;
             }
-            if matches(&self.rules[i], req) {
+            if matches(&self.rules[i], req, self.deny) {
                 best = Some(i);
             }
         }
@@ -254,23 +256,46 @@ fn source_matches(s: &CompiledSource, req: &Request<'_>) -> bool {
         && !s.not_namespaces.iter().any(|g| ns.is_some_and(|v| g.matches(v)))
 }
 
-fn op_matches(o: &CompiledOp, req: &Request<'_>) -> bool {
-    (o.methods.is_empty() || req.method.is_some_and(|m| o.methods.iter().any(|x| x == "*" || x == m)))
-        && any_or_empty(&o.paths, req.path)
-        && (o.ports.is_empty() || o.ports.contains(&req.port))
-        && any_or_empty(&o.hosts, req.host)
+/// Whether `method` is one of `methods` (`*` is any). Methods compare
+/// without case: an app that reads `get` as GET must not let `get` past a
+/// rule written for GET.
+pub fn method_matches(methods: &[String], method: Option<&str>) -> bool {
+    methods.is_empty() || method.is_some_and(|m| methods.iter().any(|x| x == "*" || x.eq_ignore_ascii_case(m)))
 }
 
-fn matches(r: &CompiledRule, req: &Request<'_>) -> bool {
+/// `l4`: the request is a TCP connection and the rule a DENY rule. HTTP
+/// fields (methods, paths, hosts, headers) cannot be checked on a byte
+/// stream; a DENY rule that names them still matches (deny errs on the side
+/// of denying), while an ALLOW rule that names them never does.
+fn op_matches(o: &CompiledOp, req: &Request<'_>, l4: bool) -> bool {
+    (l4 || method_matches(&o.methods, req.method))
+        && (l4 || any_or_empty(&o.paths, req.path))
+        && (o.ports.is_empty() || o.ports.contains(&req.port))
+        && (l4 || any_or_empty(&o.hosts, req.host))
+}
+
+fn matches(r: &CompiledRule, req: &Request<'_>, deny: bool) -> bool {
+    let l4 = deny && req.is_tcp();
     (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, req)))
-        && (r.to.is_empty() || r.to.iter().any(|o| op_matches(o, req)))
-        && r.when.iter().all(|(h, vals)| req.headers.iter().any(|(n, v)| n == h && vals.iter().any(|g| g.matches(v))))
+        && (r.to.is_empty() || r.to.iter().any(|o| op_matches(o, req, l4)))
+        && (l4
+            || r.when
+                .iter()
+                .all(|(h, vals)| req.headers.iter().any(|(n, v)| n == h && vals.iter().any(|g| g.matches(v)))))
+}
+
+impl Request<'_> {
+    /// Whether this is a TCP connection (no HTTP fields at all).
+    pub fn is_tcp(&self) -> bool {
+        self.method.is_none() && self.path.is_none()
+    }
 }
 
 impl RuleSet {
     /// Compiles the authorization policies among `resources` that target `workload`.
     pub fn compile(resources: &[Resource], workload: &str, default_allow_authenticated: bool) -> Self {
         let mut set = RuleSet { default_allow_authenticated, ..Default::default() };
+        set.deny.deny = true;
         let mut sorted: Vec<&Resource> = resources.iter().collect();
         sorted.sort_by_key(|r| r.key());
         for r in sorted {

@@ -25,8 +25,10 @@ use wildmatch::WildMatch;
 use crate::directory::Directory;
 use crate::metrics::Metrics;
 
-/// Most keys one limit tracks; beyond, its state is reset (bounded memory).
-const MAX_KEYS: usize = 100_000;
+/// Most keys one limit tracks; beyond, the least recently used key's bucket
+/// is forgotten (bounded memory, and a caller inventing keys cannot reset
+/// everyone else's buckets).
+const MAX_KEYS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(100_000).expect("invariant: non-zero");
 
 /// What a rate limit is keyed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +48,7 @@ struct CompiledLimit {
     key: Key,
     algorithm: Algorithm,
     quota: Quota,
-    states: Mutex<HashMap<String, State>>,
+    states: Mutex<lru::LruCache<String, State>>,
 }
 
 impl CompiledLimit {
@@ -101,7 +103,10 @@ impl Enforcer {
         if let Some(prev) = previous {
             for l in &mut limits {
                 if let Some(old) = prev.limits.iter().find(|o| o.same_as(l)) {
-                    let states = std::mem::take(&mut *old.states.lock().unwrap_or_else(|p| p.into_inner()));
+                    let states = std::mem::replace(
+                        &mut *old.states.lock().unwrap_or_else(|p| p.into_inner()),
+                        lru::LruCache::new(MAX_KEYS),
+                    );
                     *l.states.get_mut().unwrap_or_else(|p| p.into_inner()) = states;
                 }
             }
@@ -135,7 +140,7 @@ impl Enforcer {
         }
         let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         for l in &self.limits {
-            let method_ok = l.methods.is_empty() || req.method.is_some_and(|m| l.methods.iter().any(|x| x == m));
+            let method_ok = palisade_policy::eval::method_matches(&l.methods, req.method);
             let path_ok = l.paths.is_empty() || req.path.is_some_and(|p| l.paths.iter().any(|g| g.matches(p)));
             if !(method_ok && path_ok) {
                 continue;
@@ -149,10 +154,7 @@ impl Enforcer {
                 Key::None => String::new(),
             };
             let mut states = l.states.lock().unwrap_or_else(|p| p.into_inner());
-            if states.len() >= MAX_KEYS && !states.contains_key(&key) {
-                states.clear();
-            }
-            let state = states.entry(key).or_insert_with(|| l.algorithm.initial(&l.quota, now));
+            let state = states.get_or_insert_mut(key, || l.algorithm.initial(&l.quota, now));
             let outcome = l.algorithm.check(&l.quota, state, now);
             if !outcome.allowed {
                 return Some(Limited { policy: l.policy.clone(), limit: l.name.clone(), quota: l.quota, outcome });
@@ -187,7 +189,7 @@ fn compile_limit(policy: &str, l: &Limit, shares: &HashMap<String, u64>) -> Resu
         key,
         algorithm: l.algorithm,
         quota: Quota { rate: rate.max(1), period, burst: l.burst },
-        states: Mutex::new(HashMap::new()),
+        states: Mutex::new(lru::LruCache::new(MAX_KEYS)),
     })
 }
 
@@ -302,5 +304,58 @@ impl PolicyClient {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enforcer(limit: &str) -> Enforcer {
+        let json = format!(
+            r#"{{"apiVersion":"palisade.dev/v1","kind":"RateLimitPolicy","metadata":{{"name":"l","namespace":"shop"}},
+            "spec":{{"target":{{"identities":["*"]}},"limits":[{limit}]}}}}"#
+        );
+        let snap = Snapshot { version: "r1".into(), policies_json: vec![json], ..Default::default() };
+        Enforcer::compile(&snap, "spiffe://cluster.local/ns/shop/sa/orders", None).unwrap()
+    }
+
+    fn req<'a>(method: &'a str, headers: Vec<(&'a str, &'a str)>) -> Request<'a> {
+        Request { method: Some(method), path: Some("/x"), headers, ..Default::default() }
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn a_star_method_limit_applies_to_every_method() {
+        let e = enforcer(
+            r#"{"name":"all","match":{"methods":["*"]},"key":"none","algorithm":"fixed_window","rate":1,"period":"1h","burst":0}"#,
+        );
+        assert!(e.rate_limit(&req("GET", vec![]), IP).is_none());
+        let limited = e.rate_limit(&req("post", vec![]), IP).expect("the second request of the hour is limited");
+        assert_eq!(limited.limit, "all");
+        let upper = enforcer(
+            r#"{"name":"gets","match":{"methods":["GET"]},"key":"none","algorithm":"fixed_window","rate":1,"period":"1h","burst":0}"#,
+        );
+        assert!(upper.rate_limit(&req("GET", vec![]), IP).is_none());
+        assert!(upper.rate_limit(&req("get", vec![]), IP).is_some(), "method case does not dodge a limit");
+    }
+
+    #[test]
+    fn inventing_keys_evicts_idle_buckets_not_active_ones() {
+        let e = enforcer(
+            r#"{"name":"per-tenant","key":"header:x-tenant","algorithm":"fixed_window","rate":1,"period":"1h","burst":0}"#,
+        );
+        assert!(e.rate_limit(&req("GET", vec![("x-tenant", "victim")]), IP).is_none());
+        let keys: Vec<String> = (0..MAX_KEYS.get() + 10).map(|i| format!("k{i}")).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let _ = e.rate_limit(&req("GET", vec![("x-tenant", k)]), IP);
+            if i % 1000 == 0 {
+                // The victim keeps calling: its bucket stays, and so does its limit.
+                assert!(e.rate_limit(&req("GET", vec![("x-tenant", "victim")]), IP).is_some(), "key {i}");
+            }
+        }
+        assert_eq!(e.limits[0].states.lock().unwrap().len(), MAX_KEYS.get(), "memory stays bounded");
+        assert!(e.rate_limit(&req("GET", vec![("x-tenant", "victim")]), IP).is_some());
     }
 }

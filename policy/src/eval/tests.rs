@@ -124,3 +124,55 @@ fn ten_thousand_exact_rules_are_indexed() {
     let d = set.decide(&get(Some("spiffe://cluster.local/ns/n9999/sa/s"), "GET", "/"));
     assert_eq!((d.verdict, d.rule), (Verdict::Allow, Some(9999)));
 }
+
+#[test]
+fn deny_rules_with_http_fields_match_tcp_connections_allow_rules_do_not() {
+    let yaml = r#"apiVersion: palisade.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}
+  action: DENY
+  rules:
+    - from: [{identities: ["spiffe://cluster.local/ns/shop/sa/web"]}]
+      to: [{methods: ["GET"], paths: ["/admin/*"], ports: [8080]}]
+      when: [{header: "x-tenant", values: ["acme"]}]
+---
+apiVersion: palisade.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: reads, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}
+  action: ALLOW
+  rules:
+    - to: [{methods: ["GET"], paths: ["/api/*"]}]
+"#;
+    let set = RuleSet::compile(&policies(yaml), ORDERS, false);
+    let tcp = |source, port| Request { source, port, ..Default::default() };
+    let d = set.decide(&tcp(Some(WEB), 8080));
+    assert_eq!((d.verdict, d.basis, d.policy.as_deref()), (Verdict::Deny, Basis::DenyRule, Some("shop/no-admin")));
+    // The DENY rule's caller and port still have to match.
+    let d = set.decide(&tcp(Some(ORDERS), 8080));
+    assert_eq!((d.verdict, d.basis), (Verdict::Deny, Basis::NoAllowMatched), "the ALLOW rule names HTTP fields");
+    assert_eq!(set.decide(&tcp(Some(WEB), 9090)).basis, Basis::NoAllowMatched);
+    // HTTP requests are matched on every field as before.
+    let mut req = get(Some(WEB), "GET", "/api/x");
+    assert_eq!(set.decide(&req).verdict, Verdict::Allow);
+    req.path = Some("/admin/x");
+    assert_eq!(set.decide(&req).basis, Basis::NoAllowMatched, "no x-tenant header: the DENY rule does not match");
+    req.headers = vec![("x-tenant", "acme")];
+    assert_eq!(set.decide(&req).basis, Basis::DenyRule);
+}
+
+#[test]
+fn methods_match_without_case_and_star_matches_any() {
+    let yaml = BASE.replace("[\"GET\"]", "[\"*\"]");
+    let set = RuleSet::compile(&policies(BASE), ORDERS, false);
+    let mut req = get(Some(WEB), "gEt", "/api/items");
+    req.headers = vec![("x-tenant", "acme")];
+    assert_eq!(set.decide(&req).verdict, Verdict::Allow);
+    let star = RuleSet::compile(&policies(&yaml), ORDERS, false);
+    assert_eq!(star.decide(&Request { method: Some("PROPFIND"), ..req.clone() }).verdict, Verdict::Allow);
+    assert!(method_matches(&["*".into()], Some("DELETE")));
+    assert!(!method_matches(&["*".into()], None), "a TCP connection has no method");
+}
