@@ -250,7 +250,9 @@ async fn connect(cli: &Cli, creds: &Credentials) -> Result<Channel> {
 
 pub(crate) async fn admin(cli: &Cli) -> Result<AdminClient<Channel>> {
     let creds = load_credentials(cli)?;
-    Ok(AdminClient::new(connect(cli, &creds).await?))
+    Ok(AdminClient::new(connect(cli, &creds).await?)
+        .max_decoding_message_size(palisade_proto::limits::MAX_ADMIN_MESSAGE_BYTES)
+        .max_encoding_message_size(palisade_proto::limits::MAX_ADMIN_MESSAGE_BYTES))
 }
 
 pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {

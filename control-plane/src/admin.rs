@@ -143,10 +143,8 @@ impl Admin for AdminService {
             .proxies()
             .into_iter()
             .map(|p| {
-                let sync = status
-                    .get(if p.inbound_addr.is_empty() { &p.identity } else { &p.inbound_addr })
-                    .cloned()
-                    .unwrap_or_default();
+                let sync =
+                    status.get(&crate::policy::status_key(&p.identity, &p.inbound_addr)).cloned().unwrap_or_default();
                 ProxyInfo {
                     policy_version: sync.acked.clone(),
                     sync_state: if sync.identity.is_empty() { String::new() } else { sync.state().to_string() },

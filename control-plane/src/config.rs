@@ -111,6 +111,26 @@ pub struct Config {
     #[arg(long, env = "PALISADE_K8S_AUDIENCE", default_value = "palisade")]
     pub k8s_audience: String,
 
+    /// Most connections open at once on the gRPC listener; beyond it new connections are closed.
+    #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Of those, most connections without a client certificate (first-time joins) open at once,
+    /// so an unauthenticated flood cannot crowd out sidecars and operators.
+    #[arg(long, env = "PALISADE_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = 256)]
+    pub max_unauthenticated_connections: usize,
+
+    /// Time allowed for a TLS handshake (gRPC and webhook listeners).
+    #[arg(long, env = "PALISADE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub handshake_timeout: Duration,
+
+    /// A connection whose peer sends nothing for this long is closed (the server pings every
+    /// 30s, so live clients always answer); connections without a client certificate get 15s.
+    #[arg(long, env = "PALISADE_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub idle_timeout: Duration,
+
     /// Log output format.
     #[arg(long, env = "PALISADE_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
@@ -127,6 +147,8 @@ pub enum ConfigError {
     CertTtl { value: String },
     #[error("--join-token-ttl {value}: must be between 10s and 30d")]
     JoinTokenTtl { value: String },
+    #[error("--{flag} {value}: {why}")]
+    Limit { flag: &'static str, value: String, why: &'static str },
 }
 
 impl Config {
@@ -138,6 +160,36 @@ impl Config {
         if self.join_token_ttl < Duration::from_secs(10) || self.join_token_ttl > Duration::from_secs(30 * 86400) {
             return Err(ConfigError::JoinTokenTtl {
                 value: humantime::format_duration(self.join_token_ttl).to_string(),
+            });
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(ConfigError::Limit {
+                flag: "max-connections",
+                value: self.max_connections.to_string(),
+                why: "must be between 1 and 1000000",
+            });
+        }
+        if self.max_unauthenticated_connections == 0 || self.max_unauthenticated_connections > self.max_connections {
+            return Err(ConfigError::Limit {
+                flag: "max-unauthenticated-connections",
+                value: self.max_unauthenticated_connections.to_string(),
+                why: "must be between 1 and --max-connections",
+            });
+        }
+        for (flag, d) in [("handshake-timeout", self.handshake_timeout), ("idle-timeout", self.idle_timeout)] {
+            if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+                return Err(ConfigError::Limit {
+                    flag,
+                    value: humantime::format_duration(d).to_string(),
+                    why: "must be between 1s and 1h",
+                });
+            }
+        }
+        if self.idle_timeout < Duration::from_secs(45) {
+            return Err(ConfigError::Limit {
+                flag: "idle-timeout",
+                value: humantime::format_duration(self.idle_timeout).to_string(),
+                why: "must be at least 45s (the server pings every 30s)",
             });
         }
         Ok(())

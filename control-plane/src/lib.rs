@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use palisade_certs::tls::{PeerIdentity, SpiffeClientVerifier, SvidStore, TrustBundle};
 use palisade_certs::{CertificateAuthority, TrustDomain};
+use palisade_proto::limits;
 use palisade_proto::v1::admin_server::AdminServer;
 use palisade_proto::v1::discovery_server::DiscoveryServer;
 use palisade_proto::v1::identity_server::IdentityServer;
@@ -23,6 +24,7 @@ use tokio::task::JoinHandle;
 pub mod admin;
 pub mod attest;
 pub mod config;
+mod conn;
 pub mod discovery;
 pub mod identity;
 pub mod pki;
@@ -80,6 +82,9 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     closing: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Stops everything else it started (accept loops, rotation, pruning).
+    stop: tokio_util::sync::CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
     _lock: std::fs::File,
 }
 
@@ -88,8 +93,11 @@ impl Running {
     pub async fn shutdown(self) {
         // End the long-lived policy streams first, or draining would wait on them.
         let _ = self.closing.send(true);
+        self.stop.cancel();
         let _ = self.shutdown.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        self.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
     }
 }
 
@@ -157,6 +165,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         default_allow_authenticated: cfg.default_policy == "allow-authenticated",
     });
 
+    // Everything spawned from here on stops with `stop` and is waited for on shutdown.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let spawn = |fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            tokio::select! { _ = fut => {}, _ = stop.cancelled() => {} }
+        });
+    };
+
     // Our own certificate, with the SPIFFE ID plus names for generic tools.
     let server_cert = SvidStore::new();
     let mut ips = vec![cfg.listen.ip()];
@@ -165,9 +183,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     }
     ips.dedup();
     pki::issue_server_cert(&ca, &td, &cfg.server_names, &ips, &server_cert)?;
-    tokio::spawn(pki::rotate_server_cert(ca.clone(), td.clone(), cfg.server_names.clone(), ips, server_cert.clone()));
+    spawn(Box::pin(pki::rotate_server_cert(ca.clone(), td.clone(), cfg.server_names.clone(), ips, server_cert.clone())));
     let prune_store = store.clone();
-    tokio::spawn(async move {
+    spawn(Box::pin(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(600)).await;
             let cutoff = attest::join_token::unix_now().saturating_sub(86400);
@@ -175,7 +193,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 tracing::warn!(error = %e, "cannot prune old tokens and proxy records");
             }
         }
-    });
+    }));
 
     let bundle =
         TrustBundle::new(ca.trust_bundle()).map_err(|e| StartError::Tls(rustls::Error::General(e.to_string())))?;
@@ -195,51 +213,27 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .map_err(|e| StartError::Reflection(e.to_string()))?;
 
     let (shutdown, mut shutdown_rx) = watch::channel(false);
-    let (conn_tx, conn_rx) = mpsc::channel(64);
-    let mut accept_shutdown = shutdown_rx.clone();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = accept_shutdown.changed() => break,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let conn_tx = conn_tx.clone();
-            // Handshake off the accept loop so one slow client blocks no one.
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::info!(target: "audit", event = "tls_handshake_failed", src.addr = %peer, error = %e, "TLS handshake failed")
-                    }
-                    Err(_) => tracing::info!(src.addr = %peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
+    let (conn_tx, conn_rx) = mpsc::channel::<std::io::Result<conn::Conn>>(64);
+    let limits = conn::Limits {
+        all: palisade_net::Limit::new("control-plane", cfg.max_connections),
+        unauthenticated: palisade_net::Limit::new("control-plane-unauthenticated", cfg.max_unauthenticated_connections),
+        handshake_timeout: cfg.handshake_timeout,
+        idle_timeout: cfg.idle_timeout,
+    };
+    tracker.spawn(conn::accept(listener, acceptor, limits, conn_tx, stop.clone(), tracker.clone()));
 
     let closing = shared.hub.closing.clone();
     if let Some(addr) = cfg.webhook_listen {
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let webhook_cert = SvidStore::new();
         pki::issue_server_cert(&ca, &td, &cfg.webhook_names, &[], &webhook_cert)?;
-        tokio::spawn(pki::rotate_server_cert(
+        spawn(Box::pin(pki::rotate_server_cert(
             ca.clone(),
             td.clone(),
             cfg.webhook_names.clone(),
             vec![],
             webhook_cert.clone(),
-        ));
+        )));
         let mut tls = rustls::ServerConfig::builder_with_provider(palisade_certs::provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
@@ -251,26 +245,39 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             native_sidecar: !cfg.classic_sidecar,
             ..Default::default()
         };
+        palisade_certs::tls::no_resumption(&mut tls);
         tracing::info!(listen = %addr, "admission webhook serving POST /mutate");
-        tokio::spawn(webhook::serve(listener, Arc::new(tls), Arc::new(inject)));
+        let limits = webhook::Limits { max_connections: 256, handshake_timeout: cfg.handshake_timeout };
+        tracker.spawn(webhook::serve(listener, Arc::new(tls), Arc::new(inject), limits, stop.clone(), tracker.clone()));
     }
     let router = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
+        // Pings keep live clients talking, so the idle timeout finds dead ones.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(256))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(IdentityServer::new(identity::IdentityService { shared: shared.clone() }))
         .add_service(DiscoveryServer::new(discovery::DiscoveryService { shared: shared.clone() }))
-        .add_service(PolicyDiscoveryServer::new(policy::PolicyDiscoveryService { shared: shared.clone() }))
-        .add_service(AdminServer::new(admin::AdminService { shared }));
+        .add_service(
+            PolicyDiscoveryServer::new(policy::PolicyDiscoveryService { shared: shared.clone() })
+                .max_encoding_message_size(limits::MAX_SNAPSHOT_BYTES),
+        )
+        .add_service(
+            AdminServer::new(admin::AdminService { shared })
+                .max_decoding_message_size(limits::MAX_ADMIN_MESSAGE_BYTES)
+                .max_encoding_message_size(limits::MAX_ADMIN_MESSAGE_BYTES),
+        );
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let task = tokio::spawn(async move {
-        let stop = async move {
+        let until = async move {
             let _ = shutdown_rx.changed().await;
         };
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, until).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
     tracing::info!(listen = %addr, admin_credential = %admin.dir.display(), "control plane serving");
-    Ok(Running { addr, admin, shutdown, closing, task, _lock: lock })
+    Ok(Running { addr, admin, shutdown, closing, task, stop, tracker, _lock: lock })
 }

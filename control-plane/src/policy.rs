@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use palisade_policy::resource::Scope;
+use palisade_proto::limits;
 use palisade_policy::{Request as PolicyRequest, Resource, RuleSet};
 use palisade_proto::v1::policy_discovery_server::PolicyDiscovery;
 use palisade_proto::v1::{AppliedPolicy, DiscoveryRequest, Snapshot};
@@ -34,6 +35,16 @@ pub struct SyncStatus {
     pub last_nack: String,
     pub connected: bool,
     pub nacked: bool,
+    /// Which stream owns the entry: a reconnect's new stream takes it over,
+    /// and the old stream closing late must not mark it disconnected.
+    pub stream: u64,
+}
+
+/// The sync-status key of a proxy: its verified identity, then the inbound
+/// address it registered. The identity comes from the client certificate,
+/// so a workload can only ever touch its own entries.
+pub fn status_key(identity: &str, inbound_addr: &str) -> String {
+    format!("{identity} {inbound_addr}")
 }
 
 impl SyncStatus {
@@ -52,7 +63,7 @@ impl SyncStatus {
 pub struct Hub {
     /// Bumped on every change that may alter a snapshot.
     changes: tokio::sync::watch::Sender<u64>,
-    /// Keyed by the proxy's inbound address (or identity when it has none).
+    /// Keyed by [`status_key`].
     pub status: Mutex<HashMap<String, SyncStatus>>,
     nonce: AtomicU64,
     /// Set on shutdown: every stream ends so the server can drain.
@@ -104,6 +115,13 @@ pub fn parse(document: &str) -> Result<Vec<Resource>, Status> {
     if document.trim().is_empty() {
         return Err(Status::invalid_argument("the document is empty"));
     }
+    if document.len() > limits::MAX_DOCUMENT_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the document is {} bytes; the largest accepted is {} bytes (split it into several applies)",
+            document.len(),
+            limits::MAX_DOCUMENT_BYTES
+        )));
+    }
     let resources = parse_text(document).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut seen = std::collections::HashSet::new();
     for r in &resources {
@@ -133,6 +151,7 @@ fn diff(old: Option<&str>, new: &str) -> String {
 /// Applies (or, with `dry_run`, only validates) a document.
 pub(crate) fn apply(shared: &Shared, document: &str, dry_run: bool) -> Result<(u64, Vec<AppliedPolicy>), Status> {
     let resources = parse(document)?;
+    check_budget(shared, &resources)?;
     if dry_run {
         let (rev, stored) = shared.store.policies();
         let by_id: HashMap<_, _> = stored.iter().map(|p| ((p.kind.clone(), p.key.clone()), p.json.clone())).collect();
@@ -169,6 +188,28 @@ pub(crate) fn apply(shared: &Shared, document: &str, dry_run: bool) -> Result<(u
     }
     shared.hub.changed();
     Ok((rev, out))
+}
+
+/// Refuses an apply after which the stored policies would not fit in a
+/// sidecar's snapshot: every sidecar must always be able to receive what it
+/// is sent, or it would keep enforcing a stale policy.
+fn check_budget(shared: &Shared, resources: &[Resource]) -> Result<(), Status> {
+    let (_, stored) = shared.store.policies();
+    let mut sizes: HashMap<(String, String), usize> =
+        stored.iter().map(|p| ((p.kind.clone(), p.key.clone()), p.json.len())).collect();
+    for r in resources {
+        sizes.insert((r.kind().to_string(), r.key()), r.to_json().len());
+    }
+    let total: usize = sizes.values().sum();
+    if total > limits::MAX_POLICY_BYTES {
+        return Err(Status::failed_precondition(format!(
+            "after this apply the stored policies would total {total} bytes (compact JSON); the limit is {} bytes, \
+             so that every sidecar's snapshot fits its {} byte message limit: delete or shrink policies first",
+            limits::MAX_POLICY_BYTES,
+            limits::MAX_SNAPSHOT_BYTES
+        )));
+    }
+    Ok(())
 }
 
 /// All stored policies, parsed.
@@ -316,12 +357,12 @@ impl PolicyDiscovery for PolicyDiscoveryService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("the stream must start with the sidecar's inbound address"))?;
-        let key = if first.inbound_addr.is_empty() { identity.clone() } else { first.inbound_addr.clone() };
+        let key = status_key(&identity, &first.inbound_addr);
         let shared = self.shared.clone();
         let hub = &shared.hub;
+        let stream_id = hub.nonce.fetch_add(1, Ordering::Relaxed);
         hub.update(&key, |s| {
-            s.identity = identity.clone();
-            s.connected = true;
+            *s = SyncStatus { identity: identity.clone(), connected: true, stream: stream_id, ..Default::default() };
         });
         hub.changed(); // replica counts may change cluster-scope shares
         tracing::info!(src.addr = %src, src.identity = %identity, proxy = %key, "sidecar subscribed to policy");
@@ -336,13 +377,21 @@ impl PolicyDiscovery for PolicyDiscoveryService {
             let mut last = String::new();
             loop {
                 let (fingerprint, mut snap) = build_snapshot(&sender_shared, &sender_identity, hub);
-                if fingerprint != last {
+                if fingerprint != last && prost::Message::encoded_len(&snap) > limits::MAX_SNAPSHOT_BYTES {
+                    // Apply keeps policies under budget; endpoints alone could still grow past it.
+                    tracing::error!(proxy = %sender_key, size = prost::Message::encoded_len(&snap), limit = limits::MAX_SNAPSHOT_BYTES, "snapshot too large for the sidecar; not sent (it keeps its last policy)");
+                    last = fingerprint;
+                } else if fingerprint != last {
                     snap.nonce = hub.nonce.fetch_add(1, Ordering::Relaxed).to_string();
                     let version = snap.version.clone();
                     if tx.send(Ok(snap)).await.is_err() {
                         break;
                     }
-                    hub.update(&sender_key, |s| s.sent = version);
+                    hub.update(&sender_key, |s| {
+                        if s.stream == stream_id {
+                            s.sent = version;
+                        }
+                    });
                     last = fingerprint;
                 }
                 tokio::select! {
@@ -362,20 +411,28 @@ impl PolicyDiscovery for PolicyDiscoveryService {
             loop {
                 match inbound.message().await {
                     Ok(Some(m)) if m.error.is_empty() => hub.update(&key, |s| {
-                        s.acked = m.version;
-                        s.nacked = false;
+                        if s.stream == stream_id {
+                            s.acked = m.version;
+                            s.nacked = false;
+                        }
                     }),
                     Ok(Some(m)) => {
                         tracing::warn!(target: "audit", event = "policy_nack", proxy = %key, src.identity = %identity, version = %m.version, error = %m.error, "sidecar rejected a policy snapshot");
                         hub.update(&key, |s| {
-                            s.nacked = true;
-                            s.last_nack = m.error;
+                            if s.stream == stream_id {
+                                s.nacked = true;
+                                s.last_nack = m.error;
+                            }
                         });
                     }
                     Ok(None) | Err(_) => break,
                 }
             }
-            hub.update(&key, |s| s.connected = false);
+            hub.update(&key, |s| {
+                if s.stream == stream_id {
+                    s.connected = false;
+                }
+            });
             hub.changed();
             tracing::info!(proxy = %key, "sidecar policy stream closed");
         });

@@ -19,3 +19,17 @@ pub mod channel;
 
 /// Re-exported so users of timestamps need no direct dependency.
 pub use prost_types;
+
+/// Size budgets shared by the control plane, the sidecar and the CLI, so
+/// what one side accepts the other can always carry.
+pub mod limits {
+    /// Largest policy document one `ApplyPolicy` / `ValidatePolicy` takes.
+    pub const MAX_DOCUMENT_BYTES: usize = 4 << 20;
+    /// Largest total of all stored policies (compact JSON): a sidecar's
+    /// snapshot holds at most all of them, plus endpoints and the bundle.
+    pub const MAX_POLICY_BYTES: usize = 4 << 20;
+    /// Largest Admin API message either way (a document in YAML, a list).
+    pub const MAX_ADMIN_MESSAGE_BYTES: usize = 8 << 20;
+    /// Largest snapshot on the policy stream; sidecars decode up to this.
+    pub const MAX_SNAPSHOT_BYTES: usize = 16 << 20;
+}

@@ -1,19 +1,22 @@
 //! The admin HTTP server (plain HTTP, bind it to loopback or the pod IP):
-//! `/live`, `/ready`, `/metrics` (Prometheus text), `/config` (JSON, public data only).
+//! `/live`, `/ready`, `/metrics` (Prometheus text) from anywhere; `/config`
+//! (JSON, public data only) and `PUT /shutdown` from inside the pod only.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::Config;
 use palisade_certs::tls::SvidStore;
@@ -26,36 +29,66 @@ pub struct AdminState {
     pub registry: Registry,
     /// The policy in force (ready needs a first snapshot).
     pub policy: crate::policy::PolicyState,
-    /// Cancelled by `POST /shutdown` to start draining.
+    /// Cancelled by `PUT /shutdown` to start draining.
     pub shutdown: CancellationToken,
 }
 
-/// Serves until `stop` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+/// Most admin connections open at once (probes and scrapes need a few).
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that sends nothing for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for a request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves until `stop` is cancelled, through the shared accept loop (with a
+/// small connection limit of its own, so a flood of admin connections cannot
+/// starve the data path of descriptors).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken, tracker: TaskTracker) {
+    let limit = palisade_net::Limit::new("admin", MAX_CONNECTIONS);
+    palisade_net::serve(listener, limit, stop, tracker, move |tcp, src, slot| {
         let state = state.clone();
-        tokio::spawn(async move {
+        async move {
+            let io = palisade_net::IdleTimeout::new(tcp, IDLE_TIMEOUT, Some(slot));
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                async move { Ok::<_, Infallible>(route(&state, src, req)) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(16 * 1024);
+            builder.http2().max_concurrent_streams(16);
+            if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
-        });
+        }
+    })
+    .await;
+}
+
+/// Why a state-changing or local-only admin request is refused, if it is.
+///
+/// Only the pod itself may use them: the peer must be on loopback (the admin
+/// port also listens on the pod IP for the kubelet). A browser on the node
+/// must not reach them either: they need PUT (which a cross-origin page
+/// cannot send without a preflight this server never answers), no `Origin`
+/// header (browsers send one with every PUT), and a Host that is an IP or
+/// `localhost` (DNS rebinding sends the attacker's name).
+fn local_only(src: SocketAddr, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    if !src.ip().is_loopback() {
+        return Some(text(StatusCode::FORBIDDEN, "only from inside the pod (loopback)\n"));
     }
+    if req.headers().contains_key(header::ORIGIN) {
+        return Some(text(StatusCode::FORBIDDEN, "not from a browser\n"));
+    }
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
+    let name = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    if name != "localhost" && name.parse::<std::net::IpAddr>().is_err() {
+        return Some(text(StatusCode::FORBIDDEN, "Host must be an IP address or localhost\n"));
+    }
+    None
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -65,12 +98,16 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(state: &AdminState, src: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.uri().path() == "/shutdown" {
-        if req.method() != Method::POST {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n");
+        if let Some(refused) = local_only(src, &req) {
+            tracing::warn!(target: "audit", decision = "deny", src.addr = %src, "admin /shutdown refused");
+            return refused;
         }
-        tracing::info!("shutdown requested on the admin endpoint; draining");
+        if req.method() != Method::PUT {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use PUT /shutdown (curl -X PUT http://127.0.0.1:4191/shutdown)\n");
+        }
+        tracing::info!(src.addr = %src, "shutdown requested on the admin endpoint; draining");
         state.shutdown.cancel();
         return text(StatusCode::OK, "draining\n");
     }
@@ -99,6 +136,9 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n"),
             }
         }
+        "/config" if local_only(src, &req).is_some() => {
+            local_only(src, &req).unwrap_or_else(|| text(StatusCode::FORBIDDEN, "forbidden\n"))
+        }
         "/config" => {
             let svid = state.svids.get();
             let now = SystemTime::now();
@@ -118,6 +158,6 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /config or POST /shutdown\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /config or PUT /shutdown\n"),
     }
 }

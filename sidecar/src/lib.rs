@@ -53,7 +53,7 @@ pub struct Running {
     pub inbound_addr: SocketAddr,
     /// The workload certificate store.
     pub svids: SvidStore,
-    /// Cancelled to start draining (SIGTERM or POST /shutdown).
+    /// Cancelled to start draining (SIGTERM or PUT /shutdown).
     pub shutdown: CancellationToken,
     /// Connections and in-flight requests.
     connections: TaskTracker,
@@ -200,7 +200,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     background.spawn(async move {
         tokio::select! { _ = directory_client.run() => {}, _ = stop.cancelled() => {} }
     });
-    background.spawn(admin::serve(admin_listener, state, background_stop.clone()));
+    background.spawn(admin::serve(admin_listener, state, background_stop.clone(), background.clone()));
     background.spawn(inbound.serve(inbound_listener, shutdown.clone(), connections.clone()));
     if let Some(listener) = outbound_listener {
         background.spawn(outbound.clone().serve_transparent(listener, shutdown.clone(), connections.clone()));

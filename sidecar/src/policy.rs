@@ -193,6 +193,14 @@ fn compile_limit(policy: &str, l: &Limit, shares: &HashMap<String, u64>) -> Resu
     })
 }
 
+/// `d` give or take a quarter, so sidecars that lost the control plane
+/// together do not come back in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
+    let spread = d / 2;
+    d - d / 4 + spread.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}
+
 /// The enforcer in force, swapped atomically.
 #[derive(Debug, Default, Clone)]
 pub struct PolicyState {
@@ -229,23 +237,28 @@ impl PolicyClient {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            let mut connected = false;
-            match self.session(&mut connected).await {
-                Ok(()) => tracing::info!("policy stream closed by the control plane; reconnecting"),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "policy stream failed; keeping the last good policy")
-                }
-            }
+            let mut received = false;
+            let result = self.session(&mut received).await;
             self.metrics.policy_stream_connected.set(0);
-            if connected {
+            // Start over quickly only after a stream that delivered: a stream
+            // that opens and then fails on every snapshot backs off like a
+            // refused connection.
+            if received {
                 backoff = Duration::from_millis(200);
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            let wait = jitter(backoff);
+            match result {
+                Ok(()) => tracing::info!(retry_in = ?wait, "policy stream closed by the control plane; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "policy stream failed; keeping the last good policy")
+                }
+            }
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
 
-    async fn session(&self, connected: &mut bool) -> Result<(), String> {
+    async fn session(&self, received: &mut bool) -> Result<(), String> {
         let verifier =
             SpiffeServerVerifier::new(self.bundle.clone(), PeerIdentity::Exact(self.trust_domain.control_plane()));
         let tls = palisade_certs::tls::client_config(verifier, Some(Arc::new(self.svids.clone())))
@@ -257,14 +270,14 @@ impl PolicyClient {
         tx.send(DiscoveryRequest { inbound_addr: self.inbound_addr.clone(), ..Default::default() })
             .await
             .map_err(|e| e.to_string())?;
-        let mut client = PolicyDiscoveryClient::new(channel);
+        let mut client = PolicyDiscoveryClient::new(channel)
+            .max_decoding_message_size(palisade_proto::limits::MAX_SNAPSHOT_BYTES);
         let mut snapshots = client
             .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner();
         self.metrics.policy_stream_connected.set(1);
-        *connected = true;
         while let Some(snap) = snapshots.message().await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
             let identity = self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
             let previous = self.state.current();
@@ -291,6 +304,7 @@ impl PolicyClient {
                     if changed {
                         tracing::info!(version = %snap.version, policies = snap.policies_json.len(), "policy snapshot applied");
                     }
+                    *received = true;
                     DiscoveryRequest { nonce: snap.nonce, version: snap.version, ..Default::default() }
                 }
                 Err(e) => {

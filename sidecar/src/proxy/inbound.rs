@@ -138,8 +138,12 @@ impl Inbound {
     /// Accepts until cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken, tracker: TaskTracker) {
         let limit = self.opts.limits.max_connections;
-        super::serve::accept_loop(listener, Direction::Inbound, limit, cancel.clone(), tracker, move |tcp, src| {
-            self.clone().connection(tcp, src, cancel.clone())
+        palisade_net::serve(listener, palisade_net::Limit::new("inbound", limit), cancel.clone(), tracker, move |tcp, src, slot| {
+            let conn = self.clone().connection(tcp, src, cancel.clone());
+            async move {
+                let _slot = slot;
+                conn.await
+            }
         })
         .await;
     }

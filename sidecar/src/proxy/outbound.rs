@@ -124,8 +124,12 @@ impl Outbound {
         let opaque = self.opaque_ports.contains(&upstream.listen.port());
         let dest = Arc::new(Dest::Service(upstream.service.into()));
         let limit = self.limits.max_connections;
-        super::serve::accept_loop(listener, Direction::Outbound, limit, cancel.clone(), tracker, move |tcp, src| {
-            self.clone().connection(tcp, src, dest.clone(), opaque, cancel.clone())
+        palisade_net::serve(listener, palisade_net::Limit::new("outbound", limit), cancel.clone(), tracker, move |tcp, src, slot| {
+            let conn = self.clone().connection(tcp, src, dest.clone(), opaque, cancel.clone());
+            async move {
+                let _slot = slot;
+                conn.await
+            }
         })
         .await;
     }
@@ -140,10 +144,11 @@ impl Outbound {
     ) {
         let local = listener.local_addr().ok();
         let limit = self.limits.max_connections;
-        super::serve::accept_loop(listener, Direction::Outbound, limit, cancel.clone(), tracker, move |tcp, src| {
+        palisade_net::serve(listener, palisade_net::Limit::new("outbound", limit), cancel.clone(), tracker, move |tcp, src, slot| {
             let this = self.clone();
             let cancel = cancel.clone();
             async move {
+                let _slot = slot;
                 let Some(orig) = super::original_dst(&tcp) else {
                     tracing::warn!(src.addr = %src, "no original destination: connect to an --upstream port, or redirect with `palisade-sidecar init`");
                     return;
