@@ -111,14 +111,20 @@ pub struct Config {
     #[arg(long, env = "PALISADE_K8S_AUDIENCE", default_value = "palisade")]
     pub k8s_audience: String,
 
-    /// Most connections open at once on the gRPC listener; beyond it new connections are closed.
+    /// Most connections with a client certificate (sidecars, operators) open at once on the
+    /// gRPC listener; beyond it new ones are closed.
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
-    /// Of those, most connections without a client certificate (first-time joins) open at once,
-    /// so an unauthenticated flood cannot crowd out sidecars and operators.
-    #[arg(long, env = "PALISADE_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = 256)]
+    /// Most connections still in their TLS handshake or without a client certificate (first-time
+    /// joins) open at once: what anyone on the network can open, kept apart so a flood of them
+    /// cannot crowd out sidecars and operators.
+    #[arg(long, env = "PALISADE_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = 512)]
     pub max_unauthenticated_connections: usize,
+
+    /// Of those, most from one source address.
+    #[arg(long, env = "PALISADE_MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP", default_value_t = 32)]
+    pub max_unauthenticated_connections_per_ip: usize,
 
     /// Time allowed for a TLS handshake (gRPC and webhook listeners).
     #[arg(long, env = "PALISADE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -169,12 +175,13 @@ impl Config {
                 why: "must be between 1 and 1000000",
             });
         }
-        if self.max_unauthenticated_connections == 0 || self.max_unauthenticated_connections > self.max_connections {
-            return Err(ConfigError::Limit {
-                flag: "max-unauthenticated-connections",
-                value: self.max_unauthenticated_connections.to_string(),
-                why: "must be between 1 and --max-connections",
-            });
+        for (flag, v) in [
+            ("max-unauthenticated-connections", self.max_unauthenticated_connections),
+            ("max-unauthenticated-connections-per-ip", self.max_unauthenticated_connections_per_ip),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(ConfigError::Limit { flag, value: v.to_string(), why: "must be between 1 and 1000000" });
+            }
         }
         for (flag, d) in [("handshake-timeout", self.handshake_timeout), ("idle-timeout", self.idle_timeout)] {
             if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {

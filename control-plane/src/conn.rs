@@ -24,17 +24,26 @@ const UNAUTHENTICATED_IDLE: Duration = Duration::from_secs(15);
 /// The listener's limits.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
-    pub(crate) all: Limit,
+    /// Connections with a verified client certificate.
+    pub(crate) authenticated: Limit,
+    /// Handshakes in progress and connections without a certificate, in
+    /// all and per source address: what anyone on the network can open.
     pub(crate) unauthenticated: Limit,
     pub(crate) handshake_timeout: Duration,
     pub(crate) idle_timeout: Duration,
 }
 
-/// One accepted, handshaken connection, holding its places under the limits.
+/// One accepted, handshaken connection, holding its place under the limits.
 #[derive(Debug)]
 pub(crate) struct Conn(IdleTimeout<TlsStream<TcpStream>>);
 
 /// Accepts until `stop`, handing handshaken connections to the gRPC server.
+///
+/// Until its handshake proves a client certificate, a connection holds a
+/// place under the unauthenticated limit; once proven, it moves to the
+/// authenticated one. A flood of anonymous connections therefore fills only
+/// the anonymous budget (delaying first-time joins at worst), never the
+/// places sidecars and operators use.
 pub(crate) async fn accept(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -43,8 +52,8 @@ pub(crate) async fn accept(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let all = limits.all.clone();
-    palisade_net::serve(listener, all, stop, tracker, move |tcp, src, slot| {
+    let unauthenticated = limits.unauthenticated.clone();
+    palisade_net::serve(listener, unauthenticated, stop, tracker, move |tcp, src, slot| {
         let (acceptor, limits, to_server) = (acceptor.clone(), limits.clone(), to_server.clone());
         async move {
             if let Some(conn) = handshake(tcp, src, slot, &acceptor, &limits).await {
@@ -58,7 +67,7 @@ pub(crate) async fn accept(
 async fn handshake(
     tcp: TcpStream,
     src: SocketAddr,
-    slot: Slot,
+    anonymous: Slot,
     acceptor: &tokio_rustls::TlsAcceptor,
     limits: &Limits,
 ) -> Option<Conn> {
@@ -75,16 +84,15 @@ async fn handshake(
         }
     };
     let authenticated = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-    let (slot, idle) = if authenticated {
-        (slot, limits.idle_timeout)
-    } else {
-        let Some(extra) = limits.unauthenticated.try_take() else {
-            tracing::warn!(src.addr = %src, limit = ?limits.unauthenticated, "too many connections without a client certificate; closing");
-            return None;
-        };
-        (slot.and(extra), UNAUTHENTICATED_IDLE)
+    if !authenticated {
+        return Some(Conn(IdleTimeout::new(tls, UNAUTHENTICATED_IDLE, Some(anonymous))));
+    }
+    let Some(slot) = limits.authenticated.try_take() else {
+        tracing::warn!(src.addr = %src, "connection limit reached (--max-connections); closing");
+        return None;
     };
-    Some(Conn(IdleTimeout::new(tls, idle, Some(slot))))
+    drop(anonymous);
+    Some(Conn(IdleTimeout::new(tls, limits.idle_timeout, Some(slot))))
 }
 
 impl tonic::transport::server::Connected for Conn {

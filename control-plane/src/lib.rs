@@ -215,8 +215,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let (conn_tx, conn_rx) = mpsc::channel::<std::io::Result<conn::Conn>>(64);
     let limits = conn::Limits {
-        all: palisade_net::Limit::new("control-plane", cfg.max_connections),
-        unauthenticated: palisade_net::Limit::new("control-plane-unauthenticated", cfg.max_unauthenticated_connections),
+        authenticated: palisade_net::Limit::new("control-plane", cfg.max_connections),
+        unauthenticated: palisade_net::Limit::new("control-plane-unauthenticated", cfg.max_unauthenticated_connections)
+            .per_ip(cfg.max_unauthenticated_connections_per_ip),
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,
     };

@@ -7,11 +7,12 @@
 //! It knows nothing of TLS or HTTP: handshake and request timeouts belong to
 //! the code that speaks those protocols.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,34 +31,73 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// (move it into the IO when the IO is handed to another task).
 #[derive(Debug)]
 pub struct Slot {
-    _permits: Vec<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
+    _ip: Option<IpPlace>,
 }
 
-impl Slot {
-    /// One slot holding both places (e.g. the listener's and a sub-limit's).
-    pub fn and(mut self, other: Slot) -> Slot {
-        self._permits.extend(other._permits);
-        self
+/// A place under a per-source-address limit.
+#[derive(Debug)]
+struct IpPlace {
+    ip: IpAddr,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for IpPlace {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
-/// A bound on how many connections are open at once.
+/// A bound on how many connections are open at once, in all and
+/// (optionally) from one source address.
 #[derive(Debug, Clone)]
 pub struct Limit {
     name: &'static str,
     max: usize,
     slots: Arc<Semaphore>,
+    per_ip: Option<(usize, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
 }
 
 impl Limit {
     /// At most `max` at once; `name` says which listener in logs.
     pub fn new(name: &'static str, max: usize) -> Self {
-        Self { name, max, slots: Arc::new(Semaphore::new(max)) }
+        Self { name, max, slots: Arc::new(Semaphore::new(max)), per_ip: None }
     }
 
-    /// A place, if one is free.
+    /// Also at most `max` at once from any one source address, so one
+    /// client cannot take every place.
+    pub fn per_ip(mut self, max: usize) -> Self {
+        self.per_ip = Some((max, Arc::default()));
+        self
+    }
+
+    /// A place, if one is free (ignoring any per-address limit).
     pub fn try_take(&self) -> Option<Slot> {
-        self.slots.clone().try_acquire_owned().ok().map(|p| Slot { _permits: vec![p] })
+        self.slots.clone().try_acquire_owned().ok().map(|p| Slot { _permit: p, _ip: None })
+    }
+
+    /// A place for a connection from `ip`, if one is free.
+    pub fn try_take_for(&self, ip: IpAddr) -> Option<Slot> {
+        let Some((max, counts)) = &self.per_ip else {
+            return self.try_take();
+        };
+        let place = {
+            let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
+            let n = all.entry(ip).or_default();
+            if *n >= *max {
+                return None;
+            }
+            *n += 1;
+            IpPlace { ip, counts: counts.clone() }
+        };
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(Slot { _permit: permit, _ip: Some(place) })
     }
 
     /// How many places are in use.
@@ -69,7 +109,8 @@ impl Limit {
 /// Accepts on `listener` until `cancel`, running `handle` for each connection
 /// as a task under `tracker` (so draining can wait for it), with at most
 /// `limit` connections open at once: beyond that, new connections are closed
-/// at once (and logged, at most once a second).
+/// at once (and logged, at most once a second). A per-address limit, if
+/// set, applies too.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     limit: Limit,
@@ -93,7 +134,7 @@ pub async fn serve<F, Fut>(
                 }
             },
         };
-        let Some(slot) = limit.try_take() else {
+        let Some(slot) = limit.try_take_for(src.ip()) else {
             if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 last_warning = Some(Instant::now());
                 tracing::warn!(listener = limit.name, src.addr = %src, limit = limit.max, "connection limit reached; closing new connections");
@@ -211,6 +252,20 @@ mod tests {
         .await
         .unwrap();
         cancel.cancel();
+    }
+
+    #[test]
+    fn one_address_cannot_take_every_place() {
+        let limit = Limit::new("test", 10).per_ip(3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let held: Vec<Slot> = (0..3).map(|_| limit.try_take_for(a).unwrap()).collect();
+        assert!(limit.try_take_for(a).is_none());
+        let other = limit.try_take_for(b).unwrap();
+        assert_eq!(limit.in_use(), 4);
+        drop(held);
+        assert!(limit.try_take_for(a).is_some());
+        drop(other);
     }
 
     #[tokio::test]

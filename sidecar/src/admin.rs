@@ -44,7 +44,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// small connection limit of its own, so a flood of admin connections cannot
 /// starve the data path of descriptors).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken, tracker: TaskTracker) {
-    let limit = palisade_net::Limit::new("admin", MAX_CONNECTIONS);
+    // Per address too: the kubelet's probes must get through a flood from elsewhere.
+    let limit = palisade_net::Limit::new("admin", MAX_CONNECTIONS).per_ip(MAX_CONNECTIONS / 4);
     palisade_net::serve(listener, limit, stop, tracker, move |tcp, src, slot| {
         let state = state.clone();
         async move {

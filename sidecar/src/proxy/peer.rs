@@ -57,7 +57,8 @@ pub struct PeerClient {
     metrics: Arc<Metrics>,
     /// rustls configs per (identity, ALPN), kept for session resumption.
     configs: Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>,
-    pool: Mutex<HashMap<Peer, http2::SendRequest<Body>>>,
+    /// Per peer: the connection, and the certificate of ours it was opened with.
+    pool: Mutex<HashMap<Peer, (http2::SendRequest<Body>, Arc<palisade_certs::tls::Svid>)>>,
 }
 
 impl PeerClient {
@@ -114,6 +115,9 @@ impl PeerClient {
         if let Some(s) = self.pooled(peer) {
             return Ok(s);
         }
+        // Taken before the handshake: if a renewal lands during it, the
+        // connection is only replaced once more than needed.
+        let ours = self.svids.valid().ok_or(PeerError::NoCertificate)?;
         let tls = self.connect(peer, ALPN_H2).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -130,14 +134,21 @@ impl PeerClient {
                 tracing::debug!(dst.addr = %addr, error = %e, "peer connection ended");
             }
         });
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.clone(), sender.clone());
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.clone(), (sender.clone(), ours));
         Ok(sender)
     }
 
     fn pooled(&self, peer: &Peer) -> Option<http2::SendRequest<Body>> {
+        let current = self.svids.get();
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         match pool.get(peer) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+            // A connection opened with a certificate we have since renewed is
+            // replaced: the peer refuses requests once that certificate has
+            // expired, and it must never be carried that far. Requests in
+            // flight on it finish; it closes when they have.
+            Some((s, ours)) if !s.is_closed() && current.as_ref().is_some_and(|c| Arc::ptr_eq(c, ours)) => {
+                Some(s.clone())
+            }
             Some(_) => {
                 pool.remove(peer);
                 None

@@ -1,0 +1,476 @@
+//! The attack suite: one test per hole an outside attack found, and per
+//! class (protocol-detection downgrade, smuggling on every HTTP/1 path,
+//! session resumption, connection floods on every listener, the admin
+//! endpoint from a browser, oversized policies, sync-status spoofing, not
+//! ready answered as a decision). Real processes, real TLS, loopback only;
+//! every loop is bounded in count and time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
+use palisade_certs::{SecretPem, TrustDomain, WorkloadKey};
+use palisade_tests::apps::HttpApp;
+use palisade_tests::{ControlPlane, Sidecar, eventually, free_port, grpc};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::dataplane::{ORDERS, WEB, pair};
+
+/// Sends `bytes` (after `delay`), returns what comes back until EOF or 5 s.
+async fn send(port: u16, delay: Duration, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tokio::time::sleep(delay).await;
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(resp: &str) -> u16 {
+    resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Applies YAML with palisadectl and waits until `sidecar` runs it.
+async fn apply(cp: &ControlPlane, dir: &std::path::Path, sidecar: &Sidecar, yaml: &str) {
+    let f = dir.join(format!("p{}.yaml", free_port()));
+    std::fs::write(&f, yaml).unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap(), "-o", "json"]);
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = format!("r{}", v[0]["revision"]);
+    eventually("the sidecar runs the new policy", Duration::from_secs(5), || async {
+        (sidecar.config().await?["policy_version"] == want.as_str()).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+const DENY_ADMIN: &str = "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: DENY\n  rules:\n    - to: [{paths: [\"/admin/*\"]}]\n    - to: [{methods: [\"GET\"], paths: [\"/private/*\"]}]\n";
+
+/// Finding 1: bytes the client sidecar did not recognise as HTTP (late, lower
+/// case, leading CRLF) are still HTTP at the server sidecar: L7 policy,
+/// identity header, framing guard and header timeout all apply.
+#[tokio::test]
+async fn protocol_detection_cannot_be_walked_around() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &["--header-read-timeout", "2s"], &["--protocol-detect-timeout", "200ms"]).await;
+    apply(&p.cp, p.tmp.path(), &p.server, DENY_ADMIN).await;
+    let late = Duration::from_millis(500);
+    let req = b"GET /admin/secret HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    assert_eq!(status(&send(p.port, Duration::ZERO, req).await), 403, "baseline");
+    assert_eq!(status(&send(p.port, late, req).await), 403, "sent after the client's detection gave up");
+    let lower = b"get /admin/secret HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    assert_eq!(status(&send(p.port, Duration::ZERO, lower).await), 403, "lower-case method");
+    assert_eq!(status(&send(p.port, late, lower).await), 403, "late and lower-case");
+    let private = b"get /private/x HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    assert_eq!(status(&send(p.port, late, private).await), 403, "a rule for GET also stops get");
+    let crlf = b"\r\n\r\nGET /admin/secret HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    assert_eq!(status(&send(p.port, Duration::ZERO, crlf).await), 403, "leading empty lines");
+    let long = format!("{} /admin/secret HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n", "GET".repeat(40));
+    let resp = send(p.port, late, long.as_bytes()).await;
+    assert!(resp.is_empty() || status(&resp) == 403, "an over-long method is no way past: {resp:?}");
+    assert_eq!(app.requests.load(Ordering::SeqCst), 0, "none reached the app");
+
+    // The identity header cannot be delivered by sending late.
+    let spoof = b"GET /echo HTTP/1.1\r\nHost: orders\r\nx-palisade-peer-identity: spiffe://cluster.local/ns/shop/sa/admin\r\nConnection: close\r\n\r\n";
+    let resp = send(p.port, late, spoof).await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert!(resp.contains(WEB) && !resp.contains("sa/admin"), "the app sees the verified caller only: {resp}");
+
+    // A slow client holding a partial head is cut off by the server's header timeout.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    tokio::time::sleep(late).await;
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: orders\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(r.is_ok(), "the connection must be closed, not held");
+    assert!(started.elapsed() < Duration::from_secs(8), "closed after about the header timeout");
+}
+
+/// Finding 1, L4: a DENY rule that names HTTP fields refuses TCP
+/// connections; an ALLOW rule that names them does not let them in.
+#[tokio::test]
+async fn tcp_connections_meet_deny_rules_with_http_fields() {
+    let echo = palisade_tests::apps::tcp_echo().await;
+    let p = pair(echo, &[], &[], &[]).await;
+    let tcp = |port: u16| async move {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"\x00\x01binary").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
+    };
+    assert_eq!(tcp(p.port).await, b"echo:\x00\x01binary", "allowed by the mesh default");
+    apply(&p.cp, p.tmp.path(), &p.server, DENY_ADMIN).await;
+    assert!(tcp(p.port).await.is_empty(), "a DENY rule naming paths refuses a TCP connection");
+    let out = p.cp.ctl(&["policy", "delete", "AuthorizationPolicy", "shop/no-admin"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    apply(&p.cp, p.tmp.path(), &p.server, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-api, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n      to: [{paths: [\"/api/*\"]}]\n").await;
+    assert!(tcp(p.port).await.is_empty(), "an ALLOW rule naming paths never matches a TCP connection");
+    apply(&p.cp, p.tmp.path(), &p.server, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-api, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n").await;
+    assert_eq!(tcp(p.port).await, b"echo:\x00\x01binary");
+}
+
+/// Finding 7: the smuggling corpus on every HTTP/1 path (the app's side of
+/// the client sidecar, PERMISSIVE plaintext at the server sidecar, and bytes
+/// the client carried as opaque TCP): 400 and close, nothing after reaches the app.
+#[tokio::test]
+async fn smuggling_corpus_is_refused_on_every_http1_path() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &["--mtls-mode", "permissive"], &["--protocol-detect-timeout", "100ms"]).await;
+    apply(&p.cp, p.tmp.path(), &p.server, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: all, namespace: shop}\nspec:\n  target: {identities: [\"*\"]}\n  action: ALLOW\n  rules:\n    - from: [{unauthenticated: true}]\n    - from: [{namespaces: [\"*\"]}]\n").await;
+    let inbound: u16 = p.server.inbound.rsplit(':').next().unwrap().parse().unwrap();
+    let corpus: &[(&str, &str)] = &[
+        ("CL+TE", "POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("TE+CL", "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"),
+        ("two CL", "POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"),
+        ("TE not chunked", "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
+        ("chunk size overflow", "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n"),
+        ("bad chunk size", "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"),
+        ("lone Upgrade", "GET /hello HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\nPOST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("CONNECT", "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n"),
+        ("bare LF", "GET /hello HTTP/1.1\nHost: x\n\n"),
+        ("two Host", "GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        ("no Host", "GET /hello HTTP/1.1\r\n\r\n"),
+        ("space before colon", "GET /hello HTTP/1.1\r\nHost: x\r\nContent-Length : 4\r\n\r\n"),
+        ("obs-fold", "GET /hello HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n"),
+    ];
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (path, port, delay) in [
+        ("outbound", p.port, Duration::ZERO),
+        ("carried as TCP", p.port, Duration::from_millis(300)),
+        ("inbound plaintext", inbound, Duration::ZERO),
+    ] {
+        for (name, bad) in corpus {
+            let before = app.requests.load(Ordering::SeqCst);
+            let input = format!("GET /hello HTTP/1.1\r\nHost: x\r\n\r\n{bad}{smuggled}");
+            let resp = send(port, delay, input.as_bytes()).await;
+            assert!(resp.starts_with("HTTP/1.1 200"), "{path}/{name}: the good request first: {resp:?}");
+            assert!(resp.contains("HTTP/1.1 400"), "{path}/{name}: refused with 400: {resp:?}");
+            let reached = app.requests.load(Ordering::SeqCst) - before;
+            // A lone Upgrade header is no upgrade: that request is legitimate.
+            let legitimate = if *name == "lone Upgrade" { 2 } else { 1 };
+            assert_eq!(reached, legitimate, "{path}/{name}: only the good requests reach the app");
+        }
+    }
+}
+
+/// Reads the admin credential as a client certificate resolver.
+fn admin_svid(cp: &ControlPlane) -> Svid {
+    let dir = cp.admin_dir();
+    let chain =
+        palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(dir.join("cert.pem")).unwrap()).unwrap();
+    let key = SecretPem::new(std::fs::read_to_string(dir.join("key.pem")).unwrap());
+    let certified = palisade_certs::csr::certified_key_from_pem(chain.clone(), &key).unwrap();
+    let (id, info) = palisade_certs::SvidInfo::parse_svid(&chain[0]).unwrap();
+    Svid { certified, info, id }
+}
+
+/// One TLS connection with `cfg`; returns how the handshake went.
+async fn handshake(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Option<rustls::HandshakeKind> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
+    let kind = tls.get_ref().1.handshake_kind();
+    // Read briefly so any session ticket the server sends is taken in.
+    let mut b = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_millis(300), tls.read(&mut b)).await;
+    kind
+}
+
+/// Finding 2: servers that authenticate clients never resume a session, so
+/// a certificate is checked, for validity too, on every connection.
+#[tokio::test]
+async fn client_authenticated_servers_never_resume_sessions() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let bundle = std::fs::read_to_string(p.cp.bundle()).unwrap();
+    let roots = palisade_certs::ca::parse_pem_certs(&bundle).unwrap();
+    let store = SvidStore::new();
+    store.set(admin_svid(&p.cp));
+    for (what, addr, expect) in [
+        ("control plane", format!("127.0.0.1:{}", p.cp.port), TrustDomain::default().control_plane()),
+        ("sidecar inbound", p.server.inbound.clone(), ORDERS.parse().unwrap()),
+    ] {
+        let verifier = SpiffeServerVerifier::new(TrustBundle::new(&roots).unwrap(), PeerIdentity::Exact(expect));
+        let mut cfg = palisade_certs::tls::client_config(verifier, Some(Arc::new(store.clone()))).unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let cfg = Arc::new(cfg);
+        let addr: SocketAddr = addr.parse().unwrap();
+        for i in 0..3 {
+            let kind = handshake(addr, cfg.clone()).await;
+            assert_eq!(kind, Some(rustls::HandshakeKind::Full), "{what}: connection {i} must be a full handshake");
+        }
+    }
+}
+
+/// Open descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Opens `n` TCP connections to `port` from the loopback address `src`, and holds them.
+async fn flood(src: &str, port: u16, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_secs(2), sock.connect(([127, 0, 0, 1], port).into())).await
+        {
+            held.push(s);
+        }
+    }
+    held
+}
+
+/// Whether the peer closed `s` within `within`.
+async fn closed(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 16];
+    matches!(tokio::time::timeout(within, s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+}
+
+/// Finding 3: anonymous connection floods fill only the anonymous budget
+/// (per source address too) and are cut at the handshake timeout; operators
+/// and sidecars keep working, and descriptors stay bounded.
+#[tokio::test]
+async fn control_plane_connection_floods_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        &tmp.path().join("data"),
+        tmp.path(),
+        &["--max-unauthenticated-connections", "64", "--max-unauthenticated-connections-per-ip", "16", "--handshake-timeout", "2s"],
+    )
+    .await
+    .unwrap();
+    let pid = cp.proc.child.id();
+    let baseline = fds(pid);
+    let mut held = flood("127.0.0.2", cp.port, 300).await;
+    held.extend(flood("127.0.0.3", cp.port, 100).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = fds(pid);
+    assert!(during <= baseline + 32 + 8, "descriptors bounded by the per-address limit: {baseline} -> {during}");
+    let out = cp.ctl(&["check"]);
+    assert!(out.status.success(), "operators are not locked out: {}", String::from_utf8_lossy(&out.stderr));
+    let sc = Sidecar::meshed("web", &cp, tmp.path(), WEB, &[]).await.unwrap();
+    assert!(sc.config().await.unwrap()["cert_valid"].as_bool().unwrap(), "sidecars still join");
+    // Connections that never handshake are closed at the handshake timeout.
+    let mut cut = 0;
+    for s in held.iter_mut().take(40) {
+        if closed(s, Duration::from_secs(5)).await {
+            cut += 1;
+        }
+    }
+    assert_eq!(cut, 40, "every held connection is closed (beyond the limit at once, the rest at the timeout)");
+    drop(held);
+    eventually("descriptors back near the baseline", Duration::from_secs(10), || async {
+        (fds(pid) <= baseline + 8).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Finding 4: the admin endpoint: a connection limit (per address too),
+/// state-changing endpoints from inside the pod only and never from a browser.
+#[tokio::test]
+async fn sidecar_admin_refuses_browsers_and_survives_floods() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let admin: SocketAddr = p.server.admin.parse().unwrap();
+    let ask = |req: String| async move { send(admin.port(), Duration::ZERO, req.as_bytes()).await };
+    let post = ask("POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await;
+    assert_eq!(status(&post), 405, "a browser can send POST cross-origin: {post}");
+    let origin = ask("PUT /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await;
+    assert_eq!(status(&origin), 403, "{origin}");
+    let rebound = ask("PUT /shutdown HTTP/1.1\r\nHost: evil.example:4191\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await;
+    assert_eq!(status(&rebound), 403, "DNS rebinding: {rebound}");
+    let config = ask("GET /config HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".into()).await;
+    assert_eq!(status(&config), 403, "{config}");
+    assert_eq!(p.server.get("/ready").await.unwrap().0, 200, "still serving");
+
+    // A flood from one address takes only its share; probes and traffic go on.
+    let pid = p.server.proc.child.id();
+    let baseline = fds(pid);
+    let held = flood("127.0.0.2", admin.port(), 300).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fds(pid) <= baseline + 16 + 8, "descriptors bounded: {baseline} -> {}", fds(pid));
+    assert_eq!(p.server.get("/ready").await.unwrap().0, 200, "the kubelet's probe still answers");
+    let resp = send(p.port, Duration::ZERO, b"GET /hello HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&resp), 200, "the data path is not starved: {resp}");
+    drop(held);
+
+    let put = ask("PUT /shutdown HTTP/1.1\r\nHost: 127.0.0.1:4191\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await;
+    assert_eq!(status(&put), 200, "{put}");
+    let mut server = p.server;
+    let code = server.proc.wait_exit(Duration::from_secs(35)).unwrap();
+    assert!(code.success(), "drains and exits 0");
+}
+
+/// A policy of about `bytes` bytes allowing many callers.
+fn big_policy(name: &str, bytes: usize) -> String {
+    let n = bytes / 60;
+    let ids: Vec<String> = (0..n).map(|i| format!("\"spiffe://cluster.local/ns/tenant-{i:07}/sa/caller\"")).collect();
+    format!(
+        "{{\"apiVersion\":\"palisade.dev/v1\",\"kind\":\"AuthorizationPolicy\",\"metadata\":{{\"name\":\"{name}\",\"namespace\":\"shop\"}},\"spec\":{{\"target\":{{\"identities\":[\"{ORDERS}\"]}},\"action\":\"ALLOW\",\"rules\":[{{\"from\":[{{\"identities\":[{}]}}]}}]}}}}",
+        ids.join(",")
+    )
+}
+
+/// Finding 5: what would push a sidecar's snapshot over its message limit is
+/// refused at apply, naming the size and the limit; validate takes what
+/// apply takes; the sidecar keeps in sync.
+#[tokio::test]
+async fn oversized_policies_are_refused_before_any_sidecar_chokes() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let first = p.tmp.path().join("big1.json");
+    std::fs::write(&first, big_policy("big1", 3 << 20)).unwrap();
+    let out = p.cp.ctl(&["policy", "validate", "-f", first.to_str().unwrap()]);
+    assert!(out.status.success(), "validate takes a 3 MB policy: {}", String::from_utf8_lossy(&out.stderr));
+    let out = p.cp.ctl(&["policy", "apply", "-f", first.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually("the sidecar runs the 3 MB policy", Duration::from_secs(10), || async {
+        (p.server.config().await?["policy_version"] == "r1").then_some(())
+    })
+    .await
+    .unwrap();
+    let second = p.tmp.path().join("big2.json");
+    std::fs::write(&second, big_policy("big2", 3 << 20)).unwrap();
+    for cmd in ["validate", "apply"] {
+        let out = p.cp.ctl(&["policy", cmd, "-f", second.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd}: refused");
+        assert!(err.contains("limit is 4194304 bytes") && err.contains("would total"), "{cmd}: {err}");
+    }
+    let huge = p.tmp.path().join("huge.json");
+    std::fs::write(&huge, big_policy("huge", 5 << 20)).unwrap();
+    let out = p.cp.ctl(&["policy", "apply", "-f", huge.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("largest accepted"), "{err}");
+    // Deleting still reaches the sidecar at once: its stream is healthy.
+    let out = p.cp.ctl(&["policy", "delete", "AuthorizationPolicy", "shop/big1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually("the deletion reaches the sidecar", Duration::from_secs(5), || async {
+        (p.server.config().await?["policy_version"] == "r2").then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(p.server.metric("palisade_policy_nacks_total").await, Some(0.0));
+}
+
+/// A workload certificate (and its key) for `identity`, from a join token.
+async fn workload_svid(cp: &ControlPlane, identity: &str) -> Svid {
+    use palisade_proto::v1::CertifyRequest;
+    use palisade_proto::v1::certify_request::Attestation;
+    let bundle = std::fs::read_to_string(cp.bundle()).unwrap();
+    let token = cp.create_token(identity, &[]).unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let ch = grpc::channel(&cp.addr, &bundle, None).await.unwrap();
+    let resp = palisade_proto::v1::identity_client::IdentityClient::new(ch)
+        .certify(CertifyRequest {
+            csr_der: key.csr_der(None).unwrap(),
+            attestation: Some(Attestation::JoinToken(token)),
+            inbound_addr: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain: Vec<_> = resp.cert_chain_der.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
+    let (id, info) = palisade_certs::SvidInfo::parse_svid(&chain[0]).unwrap();
+    Svid { certified: key.certified(chain).unwrap(), info, id }
+}
+
+fn proxies(cp: &ControlPlane) -> serde_json::Value {
+    let out = cp.ctl(&["proxies", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn orders_state(cp: &ControlPlane) -> String {
+    let v = proxies(cp);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["identity"] == ORDERS)
+        .map(|p| p["sync_state"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+/// Finding 6: a workload's certificate can only change its own sync state.
+#[tokio::test]
+async fn a_workload_cannot_rewrite_another_proxys_sync_state() {
+    use palisade_proto::v1::DiscoveryRequest;
+    use palisade_proto::v1::policy_discovery_client::PolicyDiscoveryClient;
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    eventually("orders is synced", Duration::from_secs(5), || async {
+        (orders_state(&p.cp) == "synced").then_some(())
+    })
+    .await
+    .unwrap();
+    let web = workload_svid(&p.cp, WEB).await;
+    let bundle = std::fs::read_to_string(p.cp.bundle()).unwrap();
+    let ch = grpc::channel(&p.cp.addr, &bundle, Some(web)).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    // Claim orders' inbound address, then NACK.
+    tx.send(DiscoveryRequest { inbound_addr: p.server.inbound.clone(), ..Default::default() }).await.unwrap();
+    let mut snaps = PolicyDiscoveryClient::new(ch)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = snaps.message().await.unwrap().unwrap();
+    tx.send(DiscoveryRequest { nonce: snap.nonce, version: snap.version, error: "spoofed".into(), ..Default::default() })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(orders_state(&p.cp), "synced", "{}", proxies(&p.cp));
+    drop(tx);
+    drop(snaps);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(orders_state(&p.cp), "synced", "closing the spoofing stream does not disconnect orders");
+}
+
+/// Finding 9: before a first policy, the answer is 503 with Retry-After
+/// (not ready), never a 403 policy decision.
+#[tokio::test]
+async fn not_ready_is_503_with_retry_after_not_a_decision() {
+    let app = HttpApp::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, cp.create_token(ORDERS, &[]).unwrap()).unwrap();
+    // The sidecar's control plane is unreachable: no certificate, no policy.
+    let mut cmd = std::process::Command::new(palisade_tests::bin("palisade-sidecar"));
+    let inbound = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    cmd.args(["--control-plane", &format!("https://127.0.0.1:{}", free_port())])
+        .arg("--ca-bundle")
+        .arg(cp.bundle())
+        .arg("--join-token-file")
+        .arg(&token)
+        .args(["--inbound", &inbound, "--admin", &admin, "--app", &app.addr.to_string(), "--mtls-mode", "permissive"]);
+    let _sc = palisade_tests::Proc::spawn("lonely", &mut cmd, tmp.path()).unwrap();
+    let port: u16 = inbound.rsplit(':').next().unwrap().parse().unwrap();
+    eventually("the inbound listener is bound", Duration::from_secs(10), || async {
+        TcpStream::connect(("127.0.0.1", port)).await.ok().map(drop)
+    })
+    .await
+    .unwrap();
+    let resp = eventually("the inbound listener answers", Duration::from_secs(10), || async {
+        let r = send(port, Duration::ZERO, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status(&resp), 503, "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("retry-after: 1"), "{resp}");
+    let grpc = send(port, Duration::ZERO, b"POST /pkg.Svc/M HTTP/1.1\r\nHost: x\r\ncontent-type: application/grpc\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+    assert!(grpc.contains("grpc-status: 14"), "gRPC callers get UNAVAILABLE: {grpc}");
+    assert_eq!(app.requests.load(Ordering::SeqCst), 0);
+}
