@@ -140,6 +140,8 @@ pub enum ConfigError {
     Threads(usize),
     #[error("--max-header-bytes {0}: must be between 1024 and 1048576")]
     HeaderBytes(usize),
+    #[error("--peer-keepalive {0}: must be between 500ms and 1h")]
+    PeerKeepalive(String),
     #[error("port {0} is both an --opaque-port and an --http-port; pick one")]
     PortKind(u16),
 }
@@ -197,6 +199,11 @@ pub struct Limits {
     /// Open connections per listener; beyond it new connections are closed at once.
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10000)]
     pub max_connections: usize,
+    /// HTTP/2 PING interval on pooled connections to peer sidecars, idle ones included: a dead
+    /// connection is found within this plus 5s, before a request is put on it.
+    #[arg(long, env = "PALISADE_PEER_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub peer_keepalive: Duration,
     /// On SIGTERM, how long in-flight requests and connections may finish before exit.
     #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
@@ -239,6 +246,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.threads) {
             return Err(ConfigError::Threads(self.threads));
+        }
+        if !(Duration::from_millis(500)..=Duration::from_secs(3600)).contains(&self.limits.peer_keepalive) {
+            return Err(ConfigError::PeerKeepalive(humantime::format_duration(self.limits.peer_keepalive).to_string()));
         }
         if !(1024..=1 << 20).contains(&self.limits.max_header_bytes) {
             return Err(ConfigError::HeaderBytes(self.limits.max_header_bytes));

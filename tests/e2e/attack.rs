@@ -474,3 +474,90 @@ async fn not_ready_is_503_with_retry_after_not_a_decision() {
     assert!(grpc.contains("grpc-status: 14"), "gRPC callers get UNAVAILABLE: {grpc}");
     assert_eq!(app.requests.load(Ordering::SeqCst), 0);
 }
+
+/// A TCP forwarder standing in for the network between two sidecars: it can
+/// silently drop every byte of the connections open so far (as when NAT
+/// state is lost), while new connections get through.
+struct Network {
+    addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Network {
+    async fn start(to: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let generation = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((a, _)) = listener.accept().await else { return };
+                let Ok(b) = TcpStream::connect(to).await else { continue };
+                let born = generation.load(Ordering::SeqCst);
+                let (ar, aw) = a.into_split();
+                let (br, bw) = b.into_split();
+                for (mut r, mut w) in [(ar, bw), (br, aw)].map(|(r, w)| (Box::new(r) as Box<dyn tokio::io::AsyncRead + Send + Unpin>, Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>)) {
+                    let generation = generation.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16384];
+                        while let Ok(n) = r.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            // After a cut, this connection's bytes go nowhere.
+                            if generation.load(Ordering::SeqCst) == born && w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        // Keep a cut connection open: nothing tells either side.
+                        if generation.load(Ordering::SeqCst) != born {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                        }
+                    });
+                }
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn cut_open_connections(&self) {
+        self.cut.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Finding 11: a pooled sidecar-to-sidecar connection that died quietly is
+/// found by its pings, and a request caught on it is retried on a new one:
+/// no failure the caller could not have avoided.
+#[tokio::test]
+async fn a_dead_pooled_connection_is_replaced_without_failing_requests() {
+    let app = HttpApp::start().await;
+    let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let net = Network::start(inbound).await;
+    let (inbound_s, advertise) = (inbound.to_string(), net.addr.to_string());
+    let p = pair(
+        app.addr,
+        &[],
+        &["--inbound", &inbound_s, "--advertise", &advertise],
+        &["--peer-keepalive", "1s"],
+    )
+    .await;
+    let get = b"GET /hello HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    for _ in 0..5 {
+        assert_eq!(status(&send(p.port, Duration::ZERO, get).await), 200);
+    }
+    // The pooled connection dies silently; the next request is caught on it.
+    net.cut_open_connections();
+    let started = Instant::now();
+    let resp = send(p.port, Duration::ZERO, get).await;
+    assert_eq!(status(&resp), 200, "retried on a new connection: {resp}\n{}", p.client.proc.logs());
+    assert!(started.elapsed() < Duration::from_secs(5), "found dead by its pings, not by a 30 s timeout");
+    // Again while idle: the ping finds it before any request does.
+    net.cut_open_connections();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (mut ok, mut failed) = (0, Vec::new());
+    for _ in 0..50 {
+        let r = send(p.port, Duration::ZERO, get).await;
+        if status(&r) == 200 { ok += 1 } else { failed.push(r) }
+    }
+    assert_eq!(ok, 50, "{failed:?}");
+}

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -334,20 +335,30 @@ impl Outbound {
         };
         let req = Request::from_parts(parts, body);
 
+        // A request that can be sent again safely (idempotent, no body) is
+        // kept, so a pooled connection found dead only once the request was
+        // on it (reset, GOAWAY, ping timeout) costs a retry, not a failure.
+        let replay = replayable(&req);
         let mut sender = self.peers.h2(&peer).await?;
         let send = async {
             let _ = sender.ready().await;
             match sender.try_send_request(req).await {
                 Ok(r) => Ok(r),
-                // The pooled connection died before the request left: retry once on a new one.
-                Err(mut e) => match e.take_message() {
-                    Some(req) => {
-                        self.peers.evict(&peer);
-                        let mut fresh = self.peers.h2(&peer).await?;
-                        fresh.send_request(req).await.map_err(ProxyError::Upstream)
-                    }
-                    None => Err(ProxyError::Upstream(e.into_error())),
-                },
+                Err(mut e) => {
+                    let retry = match e.take_message() {
+                        // It never left: always safe to send on a new connection.
+                        Some(req) => req,
+                        None => match replay {
+                            // No answer came: an idempotent request without a body may go again.
+                            Some(parts) => Request::from_parts(parts, super::full(Bytes::new())),
+                            _ => return Err(ProxyError::Upstream(e.into_error())),
+                        },
+                    };
+                    tracing::debug!(dst.addr = %peer.addr, error = %e.error(), "pooled connection failed; retrying on a new one");
+                    self.peers.evict(&peer);
+                    let mut fresh = self.peers.h2(&peer).await?;
+                    fresh.send_request(retry).await.map_err(ProxyError::Upstream)
+                }
             }
         };
         let mut resp = tokio::time::timeout(self.limits.response_timeout, send)
@@ -384,6 +395,21 @@ impl Outbound {
         }
         Ok(resp.map(|b| b.boxed_unsync()))
     }
+}
+
+/// A copy of a request that may be sent again: an idempotent method and no body.
+fn replayable(req: &Request<Body>) -> Option<http::request::Parts> {
+    use http_body::Body as _;
+    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy.into_parts().0)
 }
 
 /// Splices two upgraded HTTP/1.1 connections.

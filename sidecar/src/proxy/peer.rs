@@ -59,11 +59,13 @@ pub struct PeerClient {
     configs: Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>,
     /// Per peer: the connection, and the certificate of ours it was opened with.
     pool: Mutex<HashMap<Peer, (http2::SendRequest<Body>, Arc<palisade_certs::tls::Svid>)>>,
+    /// HTTP/2 PING interval on pooled connections.
+    keepalive: Duration,
 }
 
 impl PeerClient {
-    pub fn new(svids: SvidStore, bundle: TrustBundle, metrics: Arc<Metrics>) -> Self {
-        Self { svids, bundle, metrics, configs: Mutex::default(), pool: Mutex::default() }
+    pub fn new(svids: SvidStore, bundle: TrustBundle, metrics: Arc<Metrics>, keepalive: Duration) -> Self {
+        Self { svids, bundle, metrics, configs: Mutex::default(), pool: Mutex::default(), keepalive }
     }
 
     fn config(&self, id: &SpiffeId, alpn: &'static [u8]) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
@@ -121,8 +123,12 @@ impl PeerClient {
         let tls = self.connect(peer, ALPN_H2).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            // Idle pooled connections are pinged too, so one that died
+            // quietly (peer gone, NAT state lost) is found and dropped before
+            // a request is put on it.
+            .keep_alive_interval(self.keepalive)
+            .keep_alive_timeout(self.keepalive.min(Duration::from_secs(5)))
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .handshake(TokioIo::new(tls))
