@@ -2,6 +2,13 @@ use clap::Parser;
 use palisade_sidecar::{Config, StartError, start};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc rather than glibc malloc: after a flood of connections ends,
+/// its background thread hands the memory they held back to the system
+/// within seconds (glibc kept it: RSS stayed at its peak, and in a pod with
+/// a memory limit that is an OOM kill waiting for the next flood).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit status for configuration errors (EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
 

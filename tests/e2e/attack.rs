@@ -561,3 +561,42 @@ async fn a_dead_pooled_connection_is_replaced_without_failing_requests() {
     }
     assert_eq!(ok, 50, "{failed:?}");
 }
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Finding 8: an idle connection costs little before it sends a byte, and
+/// the memory a flood took goes back to the system once it ends.
+#[tokio::test]
+async fn memory_taken_by_a_connection_flood_comes_back() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let (server, client) = (p.server.proc.child.id(), p.client.proc.child.id());
+    let inbound: u16 = p.server.inbound.rsplit(':').next().unwrap().parse().unwrap();
+    let idle = rss_kb(server);
+    let silent = flood("127.0.0.2", inbound, 2000).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_conn = rss_kb(server).saturating_sub(idle) / silent.len().max(1) as u64;
+    assert!(silent.len() >= 1900 && per_conn <= 6, "{} silent connections cost {per_conn} KiB each", silent.len());
+    drop(silent);
+
+    // Connections that start a request and stall hold more; it is returned.
+    let before = rss_kb(client);
+    let mut stalled = flood("127.0.0.3", p.port, 2000).await;
+    for s in &mut stalled {
+        let _ = s.write_all(b"GET /hello HTTP/1.1\r\n").await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peak = rss_kb(client);
+    assert!(peak > before + 10_000, "the flood took memory: {before} -> {peak} KiB");
+    drop(stalled);
+    eventually("memory back near idle", Duration::from_secs(40), || async {
+        (rss_kb(client) <= before + 8_000).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {before} -> {peak} -> {} KiB", rss_kb(client)));
+}

@@ -181,8 +181,20 @@ impl Inbound {
                 return;
             }
             // PERMISSIVE: a plaintext client, detected like any byte stream.
-            return self.stream(io, src, None, app, cancel).await;
+            return Box::pin(self.stream(io, src, None, app, cancel)).await;
         }
+        // The rest of a connection's state is allocated once it has sent a
+        // first byte: an idle connection costs only this small future.
+        Box::pin(self.secured(io, src, app, cancel)).await;
+    }
+
+    async fn secured(
+        self: Arc<Self>,
+        io: Counted<TcpStream>,
+        src: SocketAddr,
+        app: Arc<AppTarget>,
+        cancel: CancellationToken,
+    ) {
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(io)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {

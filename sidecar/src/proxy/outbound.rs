@@ -206,6 +206,18 @@ impl Outbound {
             }
         };
         let io = Prefixed::new(prefix, io);
+        // Allocated only now: a connection still in detection costs little.
+        Box::pin(self.serve_as(proto, io, src, dest, cancel)).await;
+    }
+
+    async fn serve_as(
+        self: Arc<Self>,
+        proto: Protocol,
+        io: Prefixed<Counted<TcpStream>>,
+        src: SocketAddr,
+        dest: Arc<Dest>,
+        cancel: CancellationToken,
+    ) {
         let result = match proto {
             Protocol::Opaque => return self.tcp(io, src, &dest).await,
             Protocol::Http1 => {
