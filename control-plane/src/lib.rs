@@ -183,7 +183,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     }
     ips.dedup();
     pki::issue_server_cert(&ca, &td, &cfg.server_names, &ips, &server_cert)?;
-    spawn(Box::pin(pki::rotate_server_cert(ca.clone(), td.clone(), cfg.server_names.clone(), ips, server_cert.clone())));
+    spawn(Box::pin(pki::rotate_server_cert(
+        ca.clone(),
+        td.clone(),
+        cfg.server_names.clone(),
+        ips,
+        server_cert.clone(),
+    )));
     let prune_store = store.clone();
     spawn(Box::pin(async move {
         loop {

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use palisade_policy::resource::Scope;
-use palisade_proto::limits;
 use palisade_policy::{Request as PolicyRequest, Resource, RuleSet};
+use palisade_proto::limits;
 use palisade_proto::v1::policy_discovery_server::PolicyDiscovery;
 use palisade_proto::v1::{AppliedPolicy, DiscoveryRequest, Snapshot};
 use tokio::sync::mpsc;

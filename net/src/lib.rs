@@ -4,8 +4,13 @@
 //! for drain, accept errors (EMFILE...) that back off instead of spinning,
 //! and an idle timeout for connections whose peer has stopped talking.
 //!
-//! It knows nothing of TLS or HTTP: handshake and request timeouts belong to
-//! the code that speaks those protocols.
+//! It also holds the byte-level guards every data path puts in front of a
+//! parser: [`detect`] (what a connection speaks) and [`h1guard`] (HTTP/1
+//! framing that could smuggle a request). They depend on nothing heavier
+//! than `httparse`, so they are fuzzed on their own (see `fuzz/`).
+//!
+//! It knows nothing of TLS: handshake and request timeouts belong to the
+//! code that speaks those protocols.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,6 +28,46 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Implements `AsyncWrite` for a wrapper by delegating to its `inner` field.
+macro_rules! delegate_async_write {
+    ($ty:ident) => {
+        impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<T> {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+            }
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
+pub mod detect;
+pub mod h1guard;
+
 /// How long accepting pauses after an accept error (out of descriptors...).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -35,11 +80,14 @@ pub struct Slot {
     _ip: Option<IpPlace>,
 }
 
+/// Open connections per source address.
+type IpCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
 /// A place under a per-source-address limit.
 #[derive(Debug)]
 struct IpPlace {
     ip: IpAddr,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    counts: IpCounts,
 }
 
 impl Drop for IpPlace {
@@ -61,7 +109,7 @@ pub struct Limit {
     name: &'static str,
     max: usize,
     slots: Arc<Semaphore>,
-    per_ip: Option<(usize, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
+    per_ip: Option<(usize, IpCounts)>,
 }
 
 impl Limit {

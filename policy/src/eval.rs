@@ -268,10 +268,11 @@ pub fn method_matches(methods: &[String], method: Option<&str>) -> bool {
 /// stream; a DENY rule that names them still matches (deny errs on the side
 /// of denying), while an ALLOW rule that names them never does.
 fn op_matches(o: &CompiledOp, req: &Request<'_>, l4: bool) -> bool {
-    (l4 || method_matches(&o.methods, req.method))
-        && (l4 || any_or_empty(&o.paths, req.path))
-        && (o.ports.is_empty() || o.ports.contains(&req.port))
-        && (l4 || any_or_empty(&o.hosts, req.host))
+    let http = l4
+        || (method_matches(&o.methods, req.method)
+            && any_or_empty(&o.paths, req.path)
+            && any_or_empty(&o.hosts, req.host));
+    http && (o.ports.is_empty() || o.ports.contains(&req.port))
 }
 
 fn matches(r: &CompiledRule, req: &Request<'_>, deny: bool) -> bool {

@@ -106,7 +106,10 @@ fn route(state: &AdminState, src: SocketAddr, req: Request<Incoming>) -> Respons
             return refused;
         }
         if req.method() != Method::PUT {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "use PUT /shutdown (curl -X PUT http://127.0.0.1:4191/shutdown)\n");
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use PUT /shutdown (curl -X PUT http://127.0.0.1:4191/shutdown)\n",
+            );
         }
         tracing::info!(src.addr = %src, "shutdown requested on the admin endpoint; draining");
         state.shutdown.cancel();

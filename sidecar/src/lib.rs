@@ -173,7 +173,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let inbound = Arc::new(inbound);
     let outbound = Arc::new(proxy::outbound::Outbound {
         directory,
-        peers: Arc::new(proxy::peer::PeerClient::new(svids.clone(), bundle, metrics.clone(), cfg.limits.peer_keepalive)),
+        peers: Arc::new(proxy::peer::PeerClient::new(
+            svids.clone(),
+            bundle,
+            metrics.clone(),
+            cfg.limits.peer_keepalive,
+        )),
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
         opaque_ports: cfg.opaque_ports.clone(),

@@ -270,8 +270,8 @@ impl PolicyClient {
         tx.send(DiscoveryRequest { inbound_addr: self.inbound_addr.clone(), ..Default::default() })
             .await
             .map_err(|e| e.to_string())?;
-        let mut client = PolicyDiscoveryClient::new(channel)
-            .max_decoding_message_size(palisade_proto::limits::MAX_SNAPSHOT_BYTES);
+        let mut client =
+            PolicyDiscoveryClient::new(channel).max_decoding_message_size(palisade_proto::limits::MAX_SNAPSHOT_BYTES);
         let mut snapshots = client
             .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await

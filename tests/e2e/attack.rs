@@ -126,13 +126,25 @@ async fn smuggling_corpus_is_refused_on_every_http1_path() {
     apply(&p.cp, p.tmp.path(), &p.server, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: all, namespace: shop}\nspec:\n  target: {identities: [\"*\"]}\n  action: ALLOW\n  rules:\n    - from: [{unauthenticated: true}]\n    - from: [{namespaces: [\"*\"]}]\n").await;
     let inbound: u16 = p.server.inbound.rsplit(':').next().unwrap().parse().unwrap();
     let corpus: &[(&str, &str)] = &[
-        ("CL+TE", "POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-        ("TE+CL", "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"),
+        (
+            "CL+TE",
+            "POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "TE+CL",
+            "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        ),
         ("two CL", "POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"),
         ("TE not chunked", "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
-        ("chunk size overflow", "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n"),
+        (
+            "chunk size overflow",
+            "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+        ),
         ("bad chunk size", "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"),
-        ("lone Upgrade", "GET /hello HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\nPOST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        (
+            "lone Upgrade",
+            "GET /hello HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\nPOST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
         ("CONNECT", "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n"),
         ("bare LF", "GET /hello HTTP/1.1\nHost: x\n\n"),
         ("two Host", "GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
@@ -163,8 +175,7 @@ async fn smuggling_corpus_is_refused_on_every_http1_path() {
 /// Reads the admin credential as a client certificate resolver.
 fn admin_svid(cp: &ControlPlane) -> Svid {
     let dir = cp.admin_dir();
-    let chain =
-        palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(dir.join("cert.pem")).unwrap()).unwrap();
+    let chain = palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(dir.join("cert.pem")).unwrap()).unwrap();
     let key = SecretPem::new(std::fs::read_to_string(dir.join("key.pem")).unwrap());
     let certified = palisade_certs::csr::certified_key_from_pem(chain.clone(), &key).unwrap();
     let (id, info) = palisade_certs::SvidInfo::parse_svid(&chain[0]).unwrap();
@@ -244,7 +255,14 @@ async fn control_plane_connection_floods_are_bounded() {
     let cp = ControlPlane::start(
         &tmp.path().join("data"),
         tmp.path(),
-        &["--max-unauthenticated-connections", "64", "--max-unauthenticated-connections-per-ip", "16", "--handshake-timeout", "2s"],
+        &[
+            "--max-unauthenticated-connections",
+            "64",
+            "--max-unauthenticated-connections-per-ip",
+            "16",
+            "--handshake-timeout",
+            "2s",
+        ],
     )
     .await
     .unwrap();
@@ -283,11 +301,16 @@ async fn sidecar_admin_refuses_browsers_and_survives_floods() {
     let p = pair(app.addr, &[], &[], &[]).await;
     let admin: SocketAddr = p.server.admin.parse().unwrap();
     let ask = |req: String| async move { send(admin.port(), Duration::ZERO, req.as_bytes()).await };
-    let post = ask("POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await;
+    let post =
+        ask("POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into())
+            .await;
     assert_eq!(status(&post), 405, "a browser can send POST cross-origin: {post}");
     let origin = ask("PUT /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await;
     assert_eq!(status(&origin), 403, "{origin}");
-    let rebound = ask("PUT /shutdown HTTP/1.1\r\nHost: evil.example:4191\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await;
+    let rebound =
+        ask("PUT /shutdown HTTP/1.1\r\nHost: evil.example:4191\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            .into())
+        .await;
     assert_eq!(status(&rebound), 403, "DNS rebinding: {rebound}");
     let config = ask("GET /config HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".into()).await;
     assert_eq!(status(&config), 403, "{config}");
@@ -304,7 +327,9 @@ async fn sidecar_admin_refuses_browsers_and_survives_floods() {
     assert_eq!(status(&resp), 200, "the data path is not starved: {resp}");
     drop(held);
 
-    let put = ask("PUT /shutdown HTTP/1.1\r\nHost: 127.0.0.1:4191\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await;
+    let put =
+        ask("PUT /shutdown HTTP/1.1\r\nHost: 127.0.0.1:4191\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into())
+            .await;
     assert_eq!(status(&put), 200, "{put}");
     let mut server = p.server;
     let code = server.proc.wait_exit(Duration::from_secs(35)).unwrap();
@@ -425,9 +450,14 @@ async fn a_workload_cannot_rewrite_another_proxys_sync_state() {
         .unwrap()
         .into_inner();
     let snap = snaps.message().await.unwrap().unwrap();
-    tx.send(DiscoveryRequest { nonce: snap.nonce, version: snap.version, error: "spoofed".into(), ..Default::default() })
-        .await
-        .unwrap();
+    tx.send(DiscoveryRequest {
+        nonce: snap.nonce,
+        version: snap.version,
+        error: "spoofed".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(orders_state(&p.cp), "synced", "{}", proxies(&p.cp));
     drop(tx);
@@ -496,7 +526,12 @@ impl Network {
                 let born = generation.load(Ordering::SeqCst);
                 let (ar, aw) = a.into_split();
                 let (br, bw) = b.into_split();
-                for (mut r, mut w) in [(ar, bw), (br, aw)].map(|(r, w)| (Box::new(r) as Box<dyn tokio::io::AsyncRead + Send + Unpin>, Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>)) {
+                for (mut r, mut w) in [(ar, bw), (br, aw)].map(|(r, w)| {
+                    (
+                        Box::new(r) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    )
+                }) {
                     let generation = generation.clone();
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 16384];
@@ -534,13 +569,8 @@ async fn a_dead_pooled_connection_is_replaced_without_failing_requests() {
     let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let net = Network::start(inbound).await;
     let (inbound_s, advertise) = (inbound.to_string(), net.addr.to_string());
-    let p = pair(
-        app.addr,
-        &[],
-        &["--inbound", &inbound_s, "--advertise", &advertise],
-        &["--peer-keepalive", "1s"],
-    )
-    .await;
+    let p =
+        pair(app.addr, &[], &["--inbound", &inbound_s, "--advertise", &advertise], &["--peer-keepalive", "1s"]).await;
     let get = b"GET /hello HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
     for _ in 0..5 {
         assert_eq!(status(&send(p.port, Duration::ZERO, get).await), 200);
@@ -565,7 +595,9 @@ async fn a_dead_pooled_connection_is_replaced_without_failing_requests() {
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

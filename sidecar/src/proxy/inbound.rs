@@ -138,13 +138,19 @@ impl Inbound {
     /// Accepts until cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken, tracker: TaskTracker) {
         let limit = self.opts.limits.max_connections;
-        palisade_net::serve(listener, palisade_net::Limit::new("inbound", limit), cancel.clone(), tracker, move |tcp, src, slot| {
-            let conn = self.clone().connection(tcp, src, cancel.clone());
-            async move {
-                let _slot = slot;
-                conn.await
-            }
-        })
+        palisade_net::serve(
+            listener,
+            palisade_net::Limit::new("inbound", limit),
+            cancel.clone(),
+            tracker,
+            move |tcp, src, slot| {
+                let conn = self.clone().connection(tcp, src, cancel.clone());
+                async move {
+                    let _slot = slot;
+                    conn.await
+                }
+            },
+        )
         .await;
     }
 
@@ -159,9 +165,7 @@ impl Inbound {
         };
         let port = port.unwrap_or(self.opts.app.port());
         let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
-        apps.entry(port)
-            .or_insert_with(|| Arc::new(AppTarget::new(SocketAddr::new(self.opts.app.ip(), port))))
-            .clone()
+        apps.entry(port).or_insert_with(|| Arc::new(AppTarget::new(SocketAddr::new(self.opts.app.ip(), port)))).clone()
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, src: SocketAddr, cancel: CancellationToken) {
@@ -252,8 +256,14 @@ impl Inbound {
     /// to the header timeout); a silent client may be waiting for a
     /// server-speaks-first app, so the app is connected and whoever speaks
     /// first decides (an HTTP server never speaks first).
-    async fn stream<I>(self: Arc<Self>, mut io: I, src: SocketAddr, caller: Option<Arc<Caller>>, app: Arc<AppTarget>, cancel: CancellationToken)
-    where
+    async fn stream<I>(
+        self: Arc<Self>,
+        mut io: I,
+        src: SocketAddr,
+        caller: Option<Arc<Caller>>,
+        app: Arc<AppTarget>,
+        cancel: CancellationToken,
+    ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let port = app.addr.port();
@@ -374,9 +384,10 @@ impl Inbound {
     /// rules that name them do not.
     fn authorize_tcp(&self, src: SocketAddr, caller: Option<&Caller>, app: &AppTarget) -> bool {
         let source = caller.map(|c| c.subject.as_str());
-        let verdict = self.policy.current().map(|e| {
-            e.authorize(&palisade_policy::Request { source, port: app.addr.port(), ..Default::default() })
-        });
+        let verdict = self
+            .policy
+            .current()
+            .map(|e| e.authorize(&palisade_policy::Request { source, port: app.addr.port(), ..Default::default() }));
         match verdict {
             Some(d) if d.verdict == palisade_policy::Verdict::Allow => true,
             other => {
@@ -490,14 +501,8 @@ impl Inbound {
         let host =
             req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()));
         let headers = req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
-        let preq = palisade_policy::Request {
-            source,
-            method: Some(method),
-            path: Some(path),
-            port: app_port,
-            host,
-            headers,
-        };
+        let preq =
+            palisade_policy::Request { source, method: Some(method), path: Some(path), port: app_port, host, headers };
         let d = enforcer.authorize(&preq);
         let label = d.label();
         let policy = d.policy.as_deref().unwrap_or("default");

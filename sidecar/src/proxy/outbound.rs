@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -125,13 +125,19 @@ impl Outbound {
         let opaque = self.opaque_ports.contains(&upstream.listen.port());
         let dest = Arc::new(Dest::Service(upstream.service.into()));
         let limit = self.limits.max_connections;
-        palisade_net::serve(listener, palisade_net::Limit::new("outbound", limit), cancel.clone(), tracker, move |tcp, src, slot| {
-            let conn = self.clone().connection(tcp, src, dest.clone(), opaque, cancel.clone());
-            async move {
-                let _slot = slot;
-                conn.await
-            }
-        })
+        palisade_net::serve(
+            listener,
+            palisade_net::Limit::new("outbound", limit),
+            cancel.clone(),
+            tracker,
+            move |tcp, src, slot| {
+                let conn = self.clone().connection(tcp, src, dest.clone(), opaque, cancel.clone());
+                async move {
+                    let _slot = slot;
+                    conn.await
+                }
+            },
+        )
         .await;
     }
 

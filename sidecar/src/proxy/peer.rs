@@ -49,6 +49,9 @@ pub struct Peer {
 /// A client TLS config is specific to the identity expected and the ALPN.
 type ConfigKey = (SpiffeId, &'static [u8]);
 
+/// A pooled connection and the certificate of ours it was opened with.
+type Pooled = (http2::SendRequest<Body>, Arc<palisade_certs::tls::Svid>);
+
 /// The client side of sidecar-to-sidecar connections.
 #[derive(Debug)]
 pub struct PeerClient {
@@ -58,7 +61,7 @@ pub struct PeerClient {
     /// rustls configs per (identity, ALPN), kept for session resumption.
     configs: Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>,
     /// Per peer: the connection, and the certificate of ours it was opened with.
-    pool: Mutex<HashMap<Peer, (http2::SendRequest<Body>, Arc<palisade_certs::tls::Svid>)>>,
+    pool: Mutex<HashMap<Peer, Pooled>>,
     /// HTTP/2 PING interval on pooled connections.
     keepalive: Duration,
 }
