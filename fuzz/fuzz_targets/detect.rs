@@ -8,7 +8,7 @@ use palisade_net::detect::classify;
 
 fuzz_target!(|input: &[u8]| {
     let mut first = None;
-    for end in 0..=input.len().min(2100) {
+    for end in 0..=input.len().min(9000) {
         match (first, classify(&input[..end])) {
             (None, Some(p)) => first = Some(p),
             (Some(p), q) => assert_eq!(Some(p), q, "classification changed at {end}"),

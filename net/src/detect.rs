@@ -14,10 +14,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// A method token longer than this is still taken as HTTP/1 (hyper then
-/// parses or refuses it): what an HTTP server would read as a request must
-/// never be carried as opaque bytes, past the policy that names paths.
-const MAX_METHOD: usize = 1024;
+/// A first line longer than this without a line end is taken as HTTP/1
+/// (hyper then parses or refuses it): what an HTTP server would read as a
+/// request must never be carried as opaque bytes, past the policy.
+const MAX_LINE: usize = 8192;
 
 /// What a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +44,13 @@ fn is_tchar(b: u8) -> bool {
 
 /// Classifies a prefix; `None` means more bytes are needed.
 ///
-/// Deliberately lenient about HTTP/1: any token (any case, any length) then
-/// a space, after optional empty lines, is HTTP, because that is what a
-/// lenient HTTP server behind the sidecar would accept as a request.
+/// HTTP/1 is recognised by its first line, leniently, as a lenient server
+/// behind the sidecar would read it: optional empty lines, then a method
+/// token of any case and length, a space, and either a rest that names an
+/// HTTP version anywhere (`HTTP/`, any case) or a lone target (`/...`, `*`,
+/// `scheme://...`, an HTTP/0.9 request). Anything else (`get key`, `HELO x`,
+/// binary) is opaque. A first line that has not ended is waited for: until
+/// it ends nobody, the app included, can tell it is not a request.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {
         return None;
@@ -56,19 +60,36 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         return if n == H2_PREFACE.len() { Some(Protocol::Http2) } else { None };
     }
     // Empty lines before a request line are allowed (RFC 9112 section 2.2).
-    let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n')?;
-    if start > 0 && !buf[..start].iter().all(|b| *b == b'\n' || *b == b'\r') {
+    let Some(start) = buf.iter().position(|b| *b != b'\r' && *b != b'\n') else {
+        // Endless empty lines: hyper skips or refuses them, bounded.
+        return (buf.len() > MAX_LINE).then_some(Protocol::Http1);
+    };
+    let line = &buf[start..];
+    let end = line.iter().position(|b| *b == b'\n');
+    // Decided on the first MAX_LINE bytes alone, so more bytes never change it.
+    if end.unwrap_or(line.len()) > MAX_LINE {
+        let head = &line[..MAX_LINE];
+        let method = head.iter().take_while(|b| is_tchar(**b)).count();
+        let opaque = method == 0 || (method < head.len() && head[method] != b' ');
+        return Some(if opaque { Protocol::Opaque } else { Protocol::Http1 });
+    }
+    let method = line.iter().take_while(|b| is_tchar(**b)).count();
+    if method == line.len() {
+        return None;
+    }
+    if method == 0 || line[method] != b' ' {
         return Some(Protocol::Opaque);
     }
-    for (i, b) in buf[start..].iter().enumerate() {
-        match b {
-            b' ' if i > 0 => return Some(Protocol::Http1),
-            b if is_tchar(*b) && i < MAX_METHOD => {}
-            _ if i >= MAX_METHOD => return Some(Protocol::Http1),
-            _ => return Some(Protocol::Opaque),
-        }
-    }
-    None
+    let Some(end) = end else {
+        return None;
+    };
+    let rest = &line[method + 1..end];
+    let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
+    let names_version = rest.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"));
+    let lone_target = !rest.is_empty()
+        && !rest.contains(&b' ')
+        && (rest[0] == b'/' || rest == b"*" || rest.windows(3).any(|w| w == b"://"));
+    Some(if names_version || lone_target { Protocol::Http1 } else { Protocol::Opaque })
 }
 
 /// How detection ended.
@@ -93,9 +114,6 @@ pub async fn detect_with<T: AsyncRead + Unpin>(
         loop {
             if let Some(p) = classify(buf) {
                 return Ok::<_, io::Error>(Detected::Known(p));
-            }
-            if buf.len() >= 2 * MAX_METHOD {
-                return Ok(Detected::Known(Protocol::Opaque));
             }
             if io.read_buf(buf).await? == 0 {
                 return Ok(Detected::Eof);
@@ -153,23 +171,37 @@ mod tests {
     #[test]
     fn classifies_prefixes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"M-SEARCH * HTTP/1.1"), Some(Protocol::Http1));
+        assert_eq!(classify(b"M-SEARCH * HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"GET / HTTP/1.1"), None, "the line has not ended");
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Protocol::Http2));
         assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Opaque));
         assert_eq!(classify(b"hello"), None);
         assert_eq!(classify(b"hello\r\n"), Some(Protocol::Opaque));
         // What a lenient server reads as a request is HTTP, whatever its case or length.
-        assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Http1));
-        assert_eq!(classify(b"\r\nGET / HTTP/1.1"), Some(Protocol::Http1));
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"\r\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"\r\n"), None);
-        assert_eq!(classify(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ "), Some(Protocol::Http1));
-        assert_eq!(classify(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"), None);
-        assert_eq!(classify(&[b'A'; 2000]), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET /admin\r\n"), Some(Protocol::Http1), "HTTP/0.9");
+        assert_eq!(classify(b"GET http://x/admin\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET /a HTTP/1.1 junk\r\n"), Some(Protocol::Http1));
+        let long = [&b"GET".repeat(50)[..], b" /admin hTtP/1.1\r\n"].concat();
+        assert_eq!(classify(&long), Some(Protocol::Http1));
+        assert_eq!(classify(&[b'A'; 9000]), Some(Protocol::Http1));
+        assert_eq!(classify(&[&b"GET /"[..], &[b'a'; 9000]].concat()), Some(Protocol::Http1));
+        // Text protocols that are not HTTP stay opaque.
+        assert_eq!(classify(b"raw tcp bytes"), None);
+        assert_eq!(classify(b"raw tcp bytes\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"get key\r\n"), Some(Protocol::Opaque), "memcached");
+        assert_eq!(classify(b"HELO x\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"*1\r\n$4\r\nPING"), Some(Protocol::Opaque));
         assert_eq!(classify(b"\x00\x00\x00\x08"), Some(Protocol::Opaque));
+        // Bounded: endless empty lines or an endless first line are decided.
+        assert_eq!(classify(&b"\r\n".repeat(5000)), Some(Protocol::Http1));
+        let endless = [&[b'A'; 9000][..], b" \n"].concat();
+        assert_eq!(classify(&endless[..8300]), classify(&endless), "more bytes never change the answer");
     }
 
     #[tokio::test]
