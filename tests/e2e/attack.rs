@@ -632,3 +632,77 @@ async fn memory_taken_by_a_connection_flood_comes_back() {
     .await
     .unwrap_or_else(|e| panic!("{e}: {before} -> {peak} -> {} KiB", rss_kb(client)));
 }
+
+/// Connection floods on the data and webhook listeners: bounded by their
+/// limits, and service resumes once the flood ends.
+#[tokio::test]
+async fn data_and_webhook_listeners_bound_connection_floods() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &["--max-connections", "100"], &[]).await;
+    let get = b"GET /hello HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    assert_eq!(status(&send(p.port, Duration::ZERO, get).await), 200);
+    let pid = p.server.proc.child.id();
+    let inbound: u16 = p.server.inbound.rsplit(':').next().unwrap().parse().unwrap();
+    let baseline = fds(pid);
+    let held = flood("127.0.0.2", inbound, 300).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fds(pid) <= baseline + 100 + 8, "inbound bounded by --max-connections: {baseline} -> {}", fds(pid));
+    assert_eq!(status(&send(p.port, Duration::ZERO, get).await), 200, "the pooled connection keeps serving");
+    drop(held);
+    eventually("service after the flood", Duration::from_secs(15), || async {
+        (fds(pid) <= baseline + 8).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // The webhook: 256 connections at most, then it serves again.
+    let port = free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        &tmp.path().join("data"),
+        tmp.path(),
+        &["--webhook-listen", &format!("127.0.0.1:{port}"), "--handshake-timeout", "2s"],
+    )
+    .await
+    .unwrap();
+    let ca = std::fs::read_to_string(cp.bundle()).unwrap();
+    let cpid = cp.proc.child.id();
+    let baseline = fds(cpid);
+    let held = flood("127.0.0.2", port, 400).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fds(cpid) <= baseline + 256 + 8, "webhook bounded: {baseline} -> {}", fds(cpid));
+    drop(held);
+    let (code, body) =
+        crate::kube::post(port, &ca, crate::kube::review("u1", crate::kube::pod_of_deployment(), true)).await;
+    assert_eq!(code, 200, "{body}");
+}
+
+/// HTTP/2 rapid reset (CVE-2023-44487) on the app's side of a sidecar: the
+/// sidecar cuts the connection or absorbs it, and keeps serving.
+#[tokio::test]
+async fn http2_rapid_reset_is_absorbed() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let pid = p.client.proc.child.id();
+    let tcp = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < 20_000 && started.elapsed() < Duration::from_secs(20) {
+        let Ok(ready) = tokio::time::timeout(Duration::from_secs(2), client.clone().ready()).await else { break };
+        let Ok(c) = ready else { break };
+        client = c;
+        let req = http::Request::get("http://orders/slow?ms=1000").body(()).unwrap();
+        let Ok((_resp, mut stream)) = client.send_request(req, true) else { break };
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+    }
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(rss_kb(pid) < 200_000, "memory bounded after {sent} resets: {} KiB", rss_kb(pid));
+    assert_eq!(p.client.get("/live").await.unwrap().0, 200);
+    let get = b"GET /hello HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    assert_eq!(status(&send(p.port, Duration::ZERO, get).await), 200, "still serving after {sent} resets");
+    assert!(app.requests.load(Ordering::SeqCst) < 20_000, "not every reset stream became app work");
+}

@@ -40,7 +40,7 @@ fn validate(docs: &str, versions: &[&str]) -> Option<()> {
     Some(())
 }
 
-async fn post(port: u16, ca_pem: &str, body: Vec<u8>) -> (u16, String) {
+pub(crate) async fn post(port: u16, ca_pem: &str, body: Vec<u8>) -> (u16, String) {
     let roots = palisade_certs::svid::root_store(&palisade_certs::ca::parse_pem_certs(ca_pem).unwrap()).unwrap();
     let cfg = rustls::ClientConfig::builder_with_provider(palisade_certs::provider())
         .with_safe_default_protocol_versions()
@@ -65,7 +65,7 @@ async fn post(port: u16, ca_pem: &str, body: Vec<u8>) -> (u16, String) {
     (status, String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned())
 }
 
-fn review(uid: &str, pod: Value, dry_run: bool) -> Vec<u8> {
+pub(crate) fn review(uid: &str, pod: Value, dry_run: bool) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"}, "resource": {"group": "", "version": "v1", "resource": "pods"},
@@ -85,7 +85,7 @@ fn patched(pod: &Value, resp: &Value) -> Option<Value> {
     Some(out)
 }
 
-fn pod_of_deployment() -> Value {
+pub(crate) fn pod_of_deployment() -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"generateName": "web-5d8f7c-", "namespace": "shop", "labels": {"app": "web"}, "annotations": {"palisade.dev/skip-outbound-ports": "5432"}},
         "spec": {"serviceAccountName": "web", "containers": [{"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 80}]}]}})
