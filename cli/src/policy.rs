@@ -69,24 +69,12 @@ fn read_documents(path: &Path) -> Result<Vec<(String, String)>> {
     )])
 }
 
-/// YAML (multi-document) or JSON text -> validated resources (the same
-/// validation the control plane and the sidecars run).
-fn parse_text(text: &str) -> Result<Vec<palisade_policy::Resource>, palisade_policy::PolicyError> {
-    let t = text.trim_start();
-    if t.starts_with('{') || t.starts_with('[') {
-        return palisade_policy::Resource::parse_json(text);
-    }
-    let docs = serde_saphyr::from_multiple::<serde_json::Value>(text)
-        .map_err(|e| palisade_policy::PolicyError::Parse { what: "YAML".into(), message: e.to_string() })?;
-    palisade_policy::Resource::from_values(docs)
-}
-
 /// The documents joined into one, after local validation of each.
 fn load(path: &Path) -> Result<String> {
     let docs = read_documents(path)?;
     let mut all = Vec::new();
     for (name, text) in &docs {
-        let resources = parse_text(text).map_err(|e| anyhow!("{name}: {e}"))?;
+        let resources = palisade_policy::yaml::parse_text(text).map_err(|e| anyhow!("{name}: {e}"))?;
         all.extend(resources);
     }
     if all.is_empty() {

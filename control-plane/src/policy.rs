@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use palisade_policy::resource::Scope;
-use palisade_policy::{Request as PolicyRequest, Resource, RuleSet};
+use palisade_policy::{Enforcer, HeaderList, Inputs, Request as PolicyRequest, Resource};
 use palisade_proto::limits;
 use palisade_proto::v1::policy_discovery_server::PolicyDiscovery;
 use palisade_proto::v1::{AppliedPolicy, DiscoveryRequest, Snapshot};
@@ -99,17 +99,6 @@ impl Hub {
     }
 }
 
-/// YAML (multi-document) or JSON text -> validated resources.
-pub fn parse_text(text: &str) -> Result<Vec<Resource>, palisade_policy::PolicyError> {
-    let t = text.trim_start();
-    if t.starts_with('{') || t.starts_with('[') {
-        return Resource::parse_json(text);
-    }
-    let docs = serde_saphyr::from_multiple::<serde_json::Value>(text)
-        .map_err(|e| palisade_policy::PolicyError::Parse { what: "YAML".into(), message: e.to_string() })?;
-    Resource::from_values(docs)
-}
-
 /// Parses and validates a document; maps errors to INVALID_ARGUMENT.
 pub fn parse(document: &str) -> Result<Vec<Resource>, Status> {
     if document.trim().is_empty() {
@@ -122,7 +111,7 @@ pub fn parse(document: &str) -> Result<Vec<Resource>, Status> {
             limits::MAX_DOCUMENT_BYTES
         )));
     }
-    let resources = parse_text(document).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let resources = palisade_policy::yaml::parse_text(document).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut seen = std::collections::HashSet::new();
     for r in &resources {
         if !seen.insert((r.kind(), r.key())) {
@@ -229,47 +218,28 @@ pub(crate) fn simulate(
             .map_err(|e| Status::invalid_argument(format!("source: {e}")))?;
     }
     let resources = all_resources(shared);
-    let set = RuleSet::compile(&resources, &req.target, shared.default_allow_authenticated);
+    // The enforcer the target's sidecar runs, compiled the same way; only the
+    // cluster-scope shares are left at the full quota (they depend on replicas).
+    let inputs = Inputs {
+        version: "simulate",
+        resources: &resources,
+        default_allow_authenticated: shared.default_allow_authenticated,
+        rate_shares: &HashMap::new(),
+    };
+    let enforcer = Enforcer::compile(inputs, &req.target, None).map_err(|e| Status::internal(e.to_string()))?;
     let headers: Vec<(String, String)> = req.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let headers = HeaderList(&pairs);
     let preq = PolicyRequest {
         source: (!req.source.is_empty()).then_some(req.source.as_str()),
         method: (!req.method.is_empty()).then_some(req.method.as_str()),
         path: (!req.path.is_empty()).then_some(req.path.as_str()),
         port: u16::try_from(req.port).unwrap_or(0),
         host: None,
-        headers: headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        headers: &headers,
     };
-    let d = set.decide(&preq);
-    let mut rate_limits = Vec::new();
-    for r in resources.iter().filter(|r| r.targets(&req.target)) {
-        if let Resource::RateLimitPolicy { spec, .. } = r {
-            for l in &spec.limits {
-                let method = (!req.method.is_empty()).then_some(req.method.as_str());
-                let method_ok = palisade_policy::eval::method_matches(&l.match_.methods, method);
-                let path_ok = l.match_.paths.is_empty()
-                    || l.match_.paths.iter().any(|p| wildmatch::WildMatch::new(p).matches(&req.path));
-                if method_ok && path_ok {
-                    rate_limits.push(format!(
-                        "{}/{}: {}/{} {} key={} burst={} scope={}",
-                        r.key(),
-                        l.name,
-                        l.rate,
-                        l.period,
-                        serde_json::to_value(l.algorithm)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default(),
-                        l.key,
-                        l.burst,
-                        serde_json::to_value(l.scope)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default(),
-                    ));
-                }
-            }
-        }
-    }
+    let d = enforcer.authorize(&preq);
+    let rate_limits = enforcer.limits_for(&preq).iter().map(ToString::to_string).collect();
     Ok(palisade_proto::v1::SimulateResponse {
         decision: d.label().into(),
         policy: d.policy.as_deref().unwrap_or_default().to_string(),

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use palisade_policy::{Request, Resource, RuleSet};
+use palisade_policy::{HeaderList, Request, Resource, RuleSet};
 
 fuzz_target!(|input: &[u8]| {
     let Ok(text) = std::str::from_utf8(input) else { return };
@@ -17,7 +17,14 @@ fuzz_target!(|input: &[u8]| {
     let workload = "spiffe://cluster.local/ns/shop/sa/orders";
     let set = RuleSet::compile(&resources, workload, false);
     let source = Some("spiffe://cluster.local/ns/shop/sa/web");
-    let headers = vec![("x-tenant", "acme")];
-    let _ = set.decide(&Request { source, method: Some("GET"), path: Some("/api/x"), port: 8080, host: None, headers });
+    let headers = HeaderList(&[("x-tenant", "acme")]);
+    let _ = set.decide(&Request {
+        source,
+        method: Some("GET"),
+        path: Some("/api/x"),
+        port: 8080,
+        host: None,
+        headers: &headers,
+    });
     let _ = set.decide(&Request { source, port: 8080, ..Default::default() });
 });

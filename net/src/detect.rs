@@ -80,9 +80,7 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if method == 0 || line[method] != b' ' {
         return Some(Protocol::Opaque);
     }
-    let Some(end) = end else {
-        return None;
-    };
+    let end = end?;
     let rest = &line[method + 1..end];
     let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
     let names_version = rest.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"));

@@ -16,8 +16,32 @@ use wildmatch::WildMatch;
 
 use crate::resource::{Action, Condition, Operation, Resource, Rule, Source};
 
+/// A request's headers, read where they are (nothing is copied per request).
+pub trait Headers {
+    /// The first value of header `name` (given in lower case).
+    fn first(&self, name: &str) -> Option<&str>;
+    /// Whether any value of header `name` (lower case) satisfies `pred`.
+    fn any(&self, name: &str, pred: &mut dyn FnMut(&str) -> bool) -> bool;
+}
+
+/// Headers as a list of `(lower-case name, value)` pairs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeaderList<'a>(pub &'a [(&'a str, &'a str)]);
+
+impl Headers for HeaderList<'_> {
+    fn first(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+    fn any(&self, name: &str, pred: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.0.iter().any(|(n, v)| *n == name && pred(v))
+    }
+}
+
+/// No headers (TCP connections).
+pub static NO_HEADERS: HeaderList<'static> = HeaderList(&[]);
+
 /// The request as the callee's sidecar sees it.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Copy)]
 pub struct Request<'a> {
     /// The verified caller identity; `None` for plaintext (PERMISSIVE) callers.
     pub source: Option<&'a str>,
@@ -29,8 +53,26 @@ pub struct Request<'a> {
     pub port: u16,
     /// Host / authority.
     pub host: Option<&'a str>,
-    /// Headers, names in lower case.
-    pub headers: Vec<(&'a str, &'a str)>,
+    /// Headers.
+    pub headers: &'a dyn Headers,
+}
+
+impl Default for Request<'_> {
+    fn default() -> Self {
+        Self { source: None, method: None, path: None, port: 0, host: None, headers: &NO_HEADERS }
+    }
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("source", &self.source)
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("port", &self.port)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The enforced outcome.
@@ -65,6 +107,9 @@ pub struct Decision {
     pub verdict: Verdict,
     /// `namespace/name` of the deciding policy, if one decided.
     pub policy: Option<std::sync::Arc<str>>,
+    /// Its position in [`RuleSet::policies`] (for per-policy counters
+    /// resolved when the rule set is compiled).
+    pub policy_id: Option<usize>,
     /// Index of the deciding rule in that policy.
     pub rule: Option<usize>,
     /// What the decision rests on; see [`Decision::reason`].
@@ -104,6 +149,7 @@ impl Decision {
 #[derive(Debug)]
 struct CompiledRule {
     policy: std::sync::Arc<str>,
+    policy_id: usize,
     index: usize,
     from: Vec<CompiledSource>,
     to: Vec<CompiledOp>,
@@ -147,6 +193,8 @@ pub struct RuleSet {
     audit: Index,
     /// Mesh default when no ALLOW policy targets the workload.
     default_allow_authenticated: bool,
+    /// `namespace/name` of every policy compiled in, in order.
+    policies: Vec<std::sync::Arc<str>>,
 }
 
 fn globs(v: &[String]) -> Vec<WildMatch> {
@@ -168,9 +216,10 @@ fn namespace_of(id: &str) -> Option<&str> {
 }
 
 impl Index {
-    fn add(&mut self, policy: &str, index: usize, rule: &Rule) {
+    fn add(&mut self, policy: &std::sync::Arc<str>, policy_id: usize, index: usize, rule: &Rule) {
         let compiled = CompiledRule {
-            policy: policy.into(),
+            policy: policy.clone(),
+            policy_id,
             index,
             from: rule.from.iter().map(compile_source).collect(),
             to: rule.to.iter().map(compile_op).collect(),
@@ -279,10 +328,7 @@ fn matches(r: &CompiledRule, req: &Request<'_>, deny: bool) -> bool {
     let l4 = deny && req.is_tcp();
     (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, req)))
         && (r.to.is_empty() || r.to.iter().any(|o| op_matches(o, req, l4)))
-        && (l4
-            || r.when
-                .iter()
-                .all(|(h, vals)| req.headers.iter().any(|(n, v)| n == h && vals.iter().any(|g| g.matches(v)))))
+        && (l4 || r.when.iter().all(|(h, vals)| req.headers.any(h, &mut |v| vals.iter().any(|g| g.matches(v)))))
 }
 
 impl Request<'_> {
@@ -310,12 +356,20 @@ impl RuleSet {
                 Action::Audit => &mut set.audit,
             };
             index.present = true;
-            let key = r.key();
+            let key: std::sync::Arc<str> = r.key().into();
+            let id = set.policies.len();
+            set.policies.push(key.clone());
             for (i, rule) in spec.rules.iter().enumerate() {
-                index.add(&key, i, rule);
+                index.add(&key, id, i, rule);
             }
         }
         set
+    }
+
+    /// `namespace/name` of every authorization policy compiled in; a
+    /// decision's `policy_id` indexes this.
+    pub fn policies(&self) -> &[std::sync::Arc<str>] {
+        &self.policies
     }
 
     /// Decides one request.
@@ -324,6 +378,7 @@ impl RuleSet {
         let decided = |verdict, r: &CompiledRule, basis| Decision {
             verdict,
             policy: Some(r.policy.clone()),
+            policy_id: Some(r.policy_id),
             rule: Some(r.index),
             basis,
             audit,
@@ -334,9 +389,14 @@ impl RuleSet {
         if self.allow.present {
             return match self.allow.first_match(req) {
                 Some(r) => decided(Verdict::Allow, r, Basis::AllowRule),
-                None => {
-                    Decision { verdict: Verdict::Deny, policy: None, rule: None, basis: Basis::NoAllowMatched, audit }
-                }
+                None => Decision {
+                    verdict: Verdict::Deny,
+                    policy: None,
+                    policy_id: None,
+                    rule: None,
+                    basis: Basis::NoAllowMatched,
+                    audit,
+                },
             };
         }
         let (verdict, basis) = if self.default_allow_authenticated && req.source.is_some() {
@@ -344,7 +404,7 @@ impl RuleSet {
         } else {
             (Verdict::Deny, Basis::DefaultDeny)
         };
-        Decision { verdict, policy: None, rule: None, basis, audit }
+        Decision { verdict, policy: None, policy_id: None, rule: None, basis, audit }
     }
 }
 

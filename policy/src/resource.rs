@@ -173,9 +173,9 @@ pub struct Limit {
     /// Which requests count; absent: all.
     #[serde(default, rename = "match")]
     pub match_: LimitMatch,
-    /// `identity`, `header:<name>`, `source_ip` or `none`.
-    #[serde(default = "default_key")]
-    pub key: String,
+    /// What requests are counted by (`identity` when absent).
+    #[serde(default)]
+    pub key: LimitKey,
     /// The algorithm.
     pub algorithm: Algorithm,
     /// Requests per period.
@@ -190,8 +190,59 @@ pub struct Limit {
     pub scope: Scope,
 }
 
-fn default_key() -> String {
-    "identity".into()
+/// What a rate limit counts requests by: one bucket per value.
+///
+/// Written as `identity`, `header:<name>`, `source_ip` or `none`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+#[non_exhaustive]
+pub enum LimitKey {
+    /// The caller's verified SPIFFE ID (`unauthenticated` for plaintext callers).
+    #[default]
+    Identity,
+    /// The value of a request header (name in lower case); absent: empty.
+    Header(String),
+    /// The caller's IP address.
+    SourceIp,
+    /// One bucket for every request.
+    None,
+    /// Not a key: kept as written so validation can name it and the field.
+    #[doc(hidden)]
+    Unrecognised(String),
+}
+
+impl From<String> for LimitKey {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "identity" => Self::Identity,
+            "source_ip" => Self::SourceIp,
+            "none" => Self::None,
+            other => match other.strip_prefix("header:") {
+                Some(h) if !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) => {
+                    Self::Header(h.to_ascii_lowercase())
+                }
+                _ => Self::Unrecognised(s),
+            },
+        }
+    }
+}
+
+impl From<LimitKey> for String {
+    fn from(k: LimitKey) -> Self {
+        k.to_string()
+    }
+}
+
+impl std::fmt::Display for LimitKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Identity => f.write_str("identity"),
+            Self::Header(h) => write!(f, "header:{h}"),
+            Self::SourceIp => f.write_str("source_ip"),
+            Self::None => f.write_str("none"),
+            Self::Unrecognised(s) => f.write_str(s),
+        }
+    }
 }
 
 /// `RateLimitPolicy.spec`.
@@ -450,14 +501,10 @@ impl Resource {
                             "applies to token_bucket and leaky_bucket only; windows admit `rate` per period",
                         ));
                     }
-                    let key_ok = matches!(l.key.as_str(), "identity" | "source_ip" | "none")
-                        || l.key.strip_prefix("header:").is_some_and(|h| {
-                            !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-                        });
-                    if !key_ok {
+                    if let LimitKey::Unrecognised(k) = &l.key {
                         return Err(invalid(
                             format!("{base}.key"),
-                            &l.key,
+                            k,
                             "must be identity, header:<name>, source_ip or none",
                         ));
                     }

@@ -154,8 +154,8 @@ fn route(state: &AdminState, src: SocketAddr, req: Request<Incoming>) -> Respons
                 "cert_not_after": svid.as_ref().map(|s| palisade_certs::svid::rfc3339::format(s.info.not_after)),
                 "cert_valid": svid.as_ref().is_some_and(|s| s.is_valid_at(now)),
                 "cert_chain_pem": svid.as_ref().map(|s| s.chain_pem()),
-                "policy_version": state.policy.current().map(|p| p.version.clone()),
-                "rate_limits": state.policy.current().map(|p| p.describe_limits()),
+                "policy_version": state.policy.current().map(|p| p.enforcer.version.clone()),
+                "rate_limits": state.policy.current().map(|p| p.enforcer.describe_limits()),
                 "version": env!("CARGO_PKG_VERSION"),
             });
             let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&body).unwrap_or_default());

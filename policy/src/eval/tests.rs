@@ -3,6 +3,8 @@ use super::*;
 use crate::test_util::parse_all;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+static TENANT: HeaderList<'static> = HeaderList(&[("x-tenant", "acme")]);
+static EVIL: HeaderList<'static> = HeaderList(&[("x-tenant", "evil")]);
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 
 fn policies(yaml: &str) -> Vec<Resource> {
@@ -30,16 +32,16 @@ spec:
 fn allow_requires_every_part_to_match() {
     let set = RuleSet::compile(&policies(BASE), ORDERS, false);
     let mut req = get(Some(WEB), "GET", "/api/items");
-    req.headers = vec![("x-tenant", "acme")];
+    req.headers = &TENANT;
     let d = set.decide(&req);
     assert_eq!((d.verdict, d.policy.as_deref(), d.rule), (Verdict::Allow, Some("shop/web-reads-api"), Some(0)));
     for (what, r) in [
-        ("method", Request { method: Some("POST"), ..req.clone() }),
-        ("path", Request { path: Some("/admin"), ..req.clone() }),
-        ("port", Request { port: 9090, ..req.clone() }),
-        ("header", Request { headers: vec![("x-tenant", "evil")], ..req.clone() }),
-        ("caller", Request { source: Some(ORDERS), ..req.clone() }),
-        ("unauthenticated", Request { source: None, ..req.clone() }),
+        ("method", Request { method: Some("POST"), ..req }),
+        ("path", Request { path: Some("/admin"), ..req }),
+        ("port", Request { port: 9090, ..req }),
+        ("header", Request { headers: &EVIL, ..req }),
+        ("caller", Request { source: Some(ORDERS), ..req }),
+        ("unauthenticated", Request { source: None, ..req }),
     ] {
         assert_eq!(set.decide(&r).verdict, Verdict::Deny, "{what}");
     }
@@ -76,7 +78,7 @@ spec:
     );
     let set = RuleSet::compile(&policies(&yaml), ORDERS, false);
     let mut req = get(Some(WEB), "GET", "/api/admin/users");
-    req.headers = vec![("x-tenant", "acme")];
+    req.headers = &TENANT;
     let d = set.decide(&req);
     assert_eq!((d.verdict, d.policy.as_deref()), (Verdict::Deny, Some("shop/no-admin")));
     let ok = Request { path: Some("/api/items"), ..req };
@@ -160,7 +162,7 @@ spec:
     assert_eq!(set.decide(&req).verdict, Verdict::Allow);
     req.path = Some("/admin/x");
     assert_eq!(set.decide(&req).basis, Basis::NoAllowMatched, "no x-tenant header: the DENY rule does not match");
-    req.headers = vec![("x-tenant", "acme")];
+    req.headers = &TENANT;
     assert_eq!(set.decide(&req).basis, Basis::DenyRule);
 }
 
@@ -169,10 +171,10 @@ fn methods_match_without_case_and_star_matches_any() {
     let yaml = BASE.replace("[\"GET\"]", "[\"*\"]");
     let set = RuleSet::compile(&policies(BASE), ORDERS, false);
     let mut req = get(Some(WEB), "gEt", "/api/items");
-    req.headers = vec![("x-tenant", "acme")];
+    req.headers = &TENANT;
     assert_eq!(set.decide(&req).verdict, Verdict::Allow);
     let star = RuleSet::compile(&policies(&yaml), ORDERS, false);
-    assert_eq!(star.decide(&Request { method: Some("PROPFIND"), ..req.clone() }).verdict, Verdict::Allow);
+    assert_eq!(star.decide(&Request { method: Some("PROPFIND"), ..req }).verdict, Verdict::Allow);
     assert!(method_matches(&["*".into()], Some("DELETE")));
     assert!(!method_matches(&["*".into()], None), "a TCP connection has no method");
 }

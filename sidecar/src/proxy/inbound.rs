@@ -384,10 +384,12 @@ impl Inbound {
     /// rules that name them do not.
     fn authorize_tcp(&self, src: SocketAddr, caller: Option<&Caller>, app: &AppTarget) -> bool {
         let source = caller.map(|c| c.subject.as_str());
-        let verdict = self
-            .policy
-            .current()
-            .map(|e| e.authorize(&palisade_policy::Request { source, port: app.addr.port(), ..Default::default() }));
+        let verdict = self.policy.current().map(|p| {
+            let d =
+                p.enforcer.authorize(&palisade_policy::Request { source, port: app.addr.port(), ..Default::default() });
+            p.count(&d);
+            d
+        });
         match verdict {
             Some(d) if d.verdict == palisade_policy::Verdict::Allow => true,
             other => {
@@ -491,7 +493,7 @@ impl Inbound {
             tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = "the caller's certificate expired after this connection was opened", "request refused");
             return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
-        let Some(enforcer) = self.policy.current() else {
+        let Some(policy) = self.policy.current() else {
             // Not ready is not a policy decision: the caller may retry.
             tracing::info!(src.addr = %src, src.identity = ?source, http.method = method, http.path = path, "request refused: no policy received from the control plane yet (not ready)");
             let mut resp = error_response(grpc, StatusCode::SERVICE_UNAVAILABLE, "not ready");
@@ -500,24 +502,30 @@ impl Inbound {
         };
         let host =
             req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()));
-        let headers = req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
-        let preq =
-            palisade_policy::Request { source, method: Some(method), path: Some(path), port: app_port, host, headers };
-        let d = enforcer.authorize(&preq);
+        let headers = RequestHeaders(req.headers());
+        let preq = palisade_policy::Request {
+            source,
+            method: Some(method),
+            path: Some(path),
+            port: app_port,
+            host,
+            headers: &headers,
+        };
+        let d = policy.enforcer.authorize(&preq);
+        policy.count(&d);
         let label = d.label();
-        let policy = d.policy.as_deref().unwrap_or("default");
-        self.metrics
-            .decisions
-            .get_or_create(&crate::metrics::DecisionLabels { action: label, policy: policy.to_string() })
-            .inc();
         if label != "allow" {
+            let policy = d.policy.as_deref().unwrap_or("default");
             tracing::info!(target: "audit", decision = label, src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %policy, rule = ?d.rule, reason = %d.reason(), "authorization decision");
         }
         if d.verdict == palisade_policy::Verdict::Deny {
             return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
-        let limited = enforcer.rate_limit(&preq, src.ip())?;
-        self.metrics.rate_limited.get_or_create(&crate::metrics::PolicyLabels { policy: limited.policy.clone() }).inc();
+        let limited = policy.enforcer.rate_limit(&preq, src.ip())?;
+        self.metrics
+            .rate_limited
+            .get_or_create(&crate::metrics::PolicyLabels { policy: limited.policy.to_string() })
+            .inc();
         tracing::info!(target: "audit", decision = "rate_limited", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %limited.policy, limit = %limited.limit, retry_after_ms = limited.outcome.retry_after.as_millis() as u64, "rate limited");
         let mut resp = error_response(grpc, StatusCode::TOO_MANY_REQUESTS, "rate limited");
         let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
@@ -614,6 +622,18 @@ impl Inbound {
             super::no_upgrade(&mut resp);
         }
         Ok(resp.map(|b| b.boxed_unsync()))
+    }
+}
+
+/// A request's headers as the policy engine reads them: in place, no copy.
+struct RequestHeaders<'a>(&'a http::HeaderMap);
+
+impl palisade_policy::Headers for RequestHeaders<'_> {
+    fn first(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn any(&self, name: &str, pred: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.0.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(pred)
     }
 }
 

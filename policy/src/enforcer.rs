@@ -1,0 +1,264 @@
+//! The [`Enforcer`]: every policy that applies to one workload, compiled for
+//! it (authorization rules and rate limiters), and the one place a decision
+//! about a request is made. The sidecar runs it on every request; the
+//! control plane and `palisadectl authz check` run the same code to explain
+//! what a sidecar would do, so the two can never disagree.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wildmatch::WildMatch;
+
+use crate::eval::method_matches;
+use crate::ratelimit::{Algorithm, Outcome, Quota, State};
+use crate::resource::{Limit, LimitKey, Scope, parse_period};
+use crate::{Decision, PolicyError, Request, Resource, RuleSet};
+
+/// Most keys one limit tracks; beyond, the least recently used key's bucket
+/// is forgotten (bounded memory, and a caller inventing keys cannot reset
+/// everyone else's buckets).
+pub const MAX_KEYS: NonZeroUsize = NonZeroUsize::new(100_000).expect("invariant: non-zero");
+
+/// What an enforcer is compiled from: the policies a workload's sidecar
+/// received, and the control plane's division of cluster-scope quotas.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// The snapshot's version (shown in `/config`).
+    pub version: &'a str,
+    /// The policies (those that do not target the workload are skipped).
+    pub resources: &'a [Resource],
+    /// Mesh default when no ALLOW policy targets the workload.
+    pub default_allow_authenticated: bool,
+    /// `namespace/name/limit` -> this replica's share of a cluster-scope quota.
+    pub rate_shares: &'a HashMap<String, u64>,
+}
+
+#[derive(Debug)]
+struct CompiledLimit {
+    policy: Arc<str>,
+    name: Arc<str>,
+    methods: Vec<String>,
+    paths: Vec<WildMatch>,
+    key: LimitKey,
+    algorithm: Algorithm,
+    quota: Quota,
+    scope: Scope,
+    states: Mutex<lru::LruCache<String, State>>,
+}
+
+impl CompiledLimit {
+    /// The same limit (its counters carry over a recompile).
+    fn same_as(&self, other: &CompiledLimit) -> bool {
+        self.policy == other.policy
+            && self.name == other.name
+            && self.algorithm == other.algorithm
+            && self.quota == other.quota
+            && self.key == other.key
+    }
+
+    fn applies(&self, req: &Request<'_>) -> bool {
+        method_matches(&self.methods, req.method)
+            && (self.paths.is_empty() || req.path.is_some_and(|p| self.paths.iter().any(|g| g.matches(p))))
+    }
+
+    fn key_of(&self, req: &Request<'_>, src_ip: IpAddr) -> String {
+        match &self.key {
+            LimitKey::Identity => req.source.unwrap_or("unauthenticated").to_string(),
+            LimitKey::Header(h) => req.headers.first(h).unwrap_or_default().to_string(),
+            LimitKey::SourceIp => src_ip.to_string(),
+            LimitKey::None | LimitKey::Unrecognised(_) => String::new(),
+        }
+    }
+}
+
+/// A request a rate limit refused: which limit, and what to tell the caller.
+#[derive(Debug, Clone)]
+pub struct Limited {
+    /// `namespace/name` of the policy.
+    pub policy: Arc<str>,
+    /// The limit's name.
+    pub limit: Arc<str>,
+    /// Its numbers (this replica's share for cluster scope).
+    pub quota: Quota,
+    /// The check's outcome (retry after, remaining, reset).
+    pub outcome: Outcome,
+}
+
+/// A rate limit that applies to a request, for explanations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitInfo {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    /// The limit's name.
+    pub name: String,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// Requests per period (this replica's share for cluster scope).
+    pub rate: u64,
+    /// The period.
+    pub period: Duration,
+    /// Burst allowance.
+    pub burst: u64,
+    /// What requests are counted by.
+    pub key: LimitKey,
+    /// Where the quota lives.
+    pub scope: Scope,
+}
+
+impl std::fmt::Display for LimitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let algorithm = serde_json::to_value(self.algorithm).ok();
+        let scope = serde_json::to_value(self.scope).ok();
+        write!(
+            f,
+            "{}/{}: {}/{} {} key={} burst={} scope={}",
+            self.policy,
+            self.name,
+            self.rate,
+            humantime::format_duration(self.period),
+            algorithm.as_ref().and_then(|v| v.as_str()).unwrap_or_default(),
+            self.key,
+            self.burst,
+            scope.as_ref().and_then(|v| v.as_str()).unwrap_or_default(),
+        )
+    }
+}
+
+/// Every policy that applies to one workload, compiled: authorization, then
+/// rate limits (then, as they come, the next kinds).
+#[derive(Debug)]
+pub struct Enforcer {
+    /// The snapshot version it came from.
+    pub version: String,
+    rules: RuleSet,
+    limits: Vec<CompiledLimit>,
+    origin: Instant,
+}
+
+impl Enforcer {
+    /// Compiles `inputs` for the workload `identity`, keeping the counters
+    /// of limits that did not change from `previous`.
+    pub fn compile(inputs: Inputs<'_>, identity: &str, previous: Option<&Enforcer>) -> Result<Self, PolicyError> {
+        let rules = RuleSet::compile(inputs.resources, identity, inputs.default_allow_authenticated);
+        let mut limits = Vec::new();
+        for r in inputs.resources {
+            let Resource::RateLimitPolicy { spec, .. } = r else { continue };
+            if !r.targets(identity) {
+                continue;
+            }
+            let policy: Arc<str> = r.key().into();
+            for l in &spec.limits {
+                limits.push(compile_limit(&policy, l, inputs.rate_shares)?);
+            }
+        }
+        let origin = previous.map(|p| p.origin).unwrap_or_else(Instant::now);
+        if let Some(prev) = previous {
+            for l in &mut limits {
+                if let Some(old) = prev.limits.iter().find(|o| o.same_as(l)) {
+                    let states = std::mem::replace(
+                        &mut *old.states.lock().unwrap_or_else(|p| p.into_inner()),
+                        lru::LruCache::new(MAX_KEYS),
+                    );
+                    *l.states.get_mut().unwrap_or_else(|p| p.into_inner()) = states;
+                }
+            }
+        }
+        Ok(Self { version: inputs.version.to_string(), rules, limits, origin })
+    }
+
+    /// The authorization decision.
+    pub fn authorize(&self, req: &Request<'_>) -> Decision {
+        self.rules.decide(req)
+    }
+
+    /// `namespace/name` of every authorization policy in force; a decision's
+    /// `policy_id` indexes this.
+    pub fn policies(&self) -> &[Arc<str>] {
+        self.rules.policies()
+    }
+
+    /// Applies the rate limits in order; the first that refuses wins.
+    pub fn rate_limit(&self, req: &Request<'_>, src_ip: IpAddr) -> Option<Limited> {
+        if self.limits.is_empty() {
+            return None;
+        }
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        for l in self.limits.iter().filter(|l| l.applies(req)) {
+            let key = l.key_of(req, src_ip);
+            let mut states = l.states.lock().unwrap_or_else(|p| p.into_inner());
+            let state = states.get_or_insert_mut(key, || l.algorithm.initial(&l.quota, now));
+            let outcome = l.algorithm.check(&l.quota, state, now);
+            if !outcome.allowed {
+                return Some(Limited { policy: l.policy.clone(), limit: l.name.clone(), quota: l.quota, outcome });
+            }
+        }
+        None
+    }
+
+    /// The rate limits that apply to `req`, without counting it.
+    pub fn limits_for(&self, req: &Request<'_>) -> Vec<LimitInfo> {
+        self.limits.iter().filter(|l| l.applies(req)).map(info).collect()
+    }
+
+    /// The compiled rate limits with how many keys each tracks (`/config`).
+    pub fn describe_limits(&self) -> Vec<serde_json::Value> {
+        self.limits
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "policy": &*l.policy, "name": &*l.name, "algorithm": l.algorithm, "rate": l.quota.rate,
+                    "period": humantime::format_duration(l.quota.period).to_string(), "burst": l.quota.burst,
+                    "keys": l.states.lock().map(|s| s.len()).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
+
+fn info(l: &CompiledLimit) -> LimitInfo {
+    LimitInfo {
+        policy: l.policy.to_string(),
+        name: l.name.to_string(),
+        algorithm: l.algorithm,
+        rate: l.quota.rate,
+        period: l.quota.period,
+        burst: l.quota.burst,
+        key: l.key.clone(),
+        scope: l.scope,
+    }
+}
+
+fn compile_limit(policy: &Arc<str>, l: &Limit, shares: &HashMap<String, u64>) -> Result<CompiledLimit, PolicyError> {
+    let invalid = |field: &str, value: String, why: &str| PolicyError::Invalid {
+        resource: format!("RateLimitPolicy {policy}"),
+        field: format!("limit {}.{field}", l.name),
+        value,
+        why: why.into(),
+    };
+    let period = parse_period(&l.period).map_err(|why| invalid("period", l.period.clone(), why))?;
+    if let LimitKey::Unrecognised(k) = &l.key {
+        return Err(invalid("key", k.clone(), "must be identity, header:<name>, source_ip or none"));
+    }
+    let rate = match l.scope {
+        // This replica's share of the cluster quota, as the control plane divided it.
+        Scope::Cluster => *shares.get(&format!("{policy}/{}", l.name)).unwrap_or(&l.rate),
+        Scope::Sidecar => l.rate,
+    };
+    Ok(CompiledLimit {
+        policy: policy.clone(),
+        name: l.name.as_str().into(),
+        methods: l.match_.methods.clone(),
+        paths: l.match_.paths.iter().map(|p| WildMatch::new(p)).collect(),
+        key: l.key.clone(),
+        algorithm: l.algorithm,
+        quota: Quota { rate: rate.max(1), period, burst: l.burst },
+        scope: l.scope,
+        states: Mutex::new(lru::LruCache::new(MAX_KEYS)),
+    })
+}
+
+#[cfg(test)]
+mod tests;
