@@ -40,6 +40,14 @@ fn token_info(t: &TokenRecord) -> JoinTokenInfo {
     }
 }
 
+/// Runs blocking work (store writes, parsing large documents) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 impl AdminService {
     /// The caller must present the admin certificate; returns its facts.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(SpiffeId, palisade_certs::SvidInfo), Status> {
@@ -89,7 +97,8 @@ impl Admin for AdminService {
         if uses > MAX_TOKEN_USES {
             return Err(Status::invalid_argument(format!("uses must be at most {MAX_TOKEN_USES}")));
         }
-        let token = join_token::create(self.shared.store.as_ref(), &identity, ttl, uses).map_err(|e| {
+        let (store, id) = (self.shared.store.clone(), identity.clone());
+        let token = blocking(move || join_token::create(store.as_ref(), &id, ttl, uses)).await.map_err(|e| {
             tracing::error!(error = %e, "cannot store a join token");
             Status::unavailable("cannot persist the token; see the control plane log")
         })?;
@@ -119,7 +128,9 @@ impl Admin for AdminService {
     ) -> Result<Response<RevokeJoinTokenResponse>, Status> {
         self.authorize(&req)?;
         let id = req.into_inner().id;
-        match self.shared.store.revoke_token(&id) {
+        let store = self.shared.store.clone();
+        let revoke = id.clone();
+        match blocking(move || store.revoke_token(&revoke)).await {
             Ok(Some(t)) => {
                 tracing::info!(target: "audit", event = "join_token_revoked", token.id = %id, identity = %t.identity, "revoked a join token");
                 Ok(Response::new(RevokeJoinTokenResponse { info: Some(token_info(&t)) }))
@@ -180,13 +191,16 @@ impl Admin for AdminService {
 
     async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
         self.authorize(&req)?;
-        let (_, applied) = crate::policy::apply(&self.shared, &req.into_inner().document, false)?;
+        // Parsing, validating and writing the store block: off the async threads.
+        let (shared, document) = (self.shared.clone(), req.into_inner().document);
+        let (_, applied) = blocking(move || crate::policy::apply(&shared, &document, false)).await?;
         Ok(Response::new(ApplyPolicyResponse { applied }))
     }
 
     async fn validate_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
         self.authorize(&req)?;
-        let (_, applied) = crate::policy::apply(&self.shared, &req.into_inner().document, true)?;
+        let (shared, document) = (self.shared.clone(), req.into_inner().document);
+        let (_, applied) = blocking(move || crate::policy::apply(&shared, &document, true)).await?;
         Ok(Response::new(ApplyPolicyResponse { applied }))
     }
 
@@ -218,10 +232,11 @@ impl Admin for AdminService {
     async fn delete_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<DeletePolicyResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        match self.shared.store.delete_policy(&r.kind, &r.key) {
+        let (store, kind, key) = (self.shared.store.clone(), r.kind.clone(), r.key.clone());
+        match blocking(move || store.delete_policy(&kind, &key)).await {
             Ok(Some(revision)) => {
                 tracing::info!(target: "audit", event = "policy_deleted", kind = %r.kind, policy = %r.key, revision, "policy deleted");
-                self.shared.hub.changed();
+                self.shared.hub.policies_changed();
                 Ok(Response::new(DeletePolicyResponse { revision }))
             }
             Ok(None) => {

@@ -157,12 +157,13 @@ impl Identity for IdentityService {
             last_seen: unix_now(),
             attestation: attested.method.to_string(),
         };
-        if let Err(e) = shared.store.upsert_proxy(record, replaces.as_deref()) {
+        match crate::store::blocking(&shared.store, move |s| s.upsert_proxy(record, replaces.as_deref())).await {
+            // A new endpoint, or one that moved: snapshots carry the directory.
+            Ok(true) => shared.hub.endpoints_changed(),
+            Ok(false) => {}
             // The certificate is still good; the record is best-effort.
-            tracing::error!(error = %e, "cannot record the proxy");
+            Err(e) => tracing::error!(error = %e, "cannot record the proxy"),
         }
-        // The directory changed: snapshots carry it.
-        shared.hub.changed();
         tracing::info!(
             target: "audit",
             event = "certificate_issued",

@@ -61,8 +61,13 @@ impl SyncStatus {
 /// Change notification and sync bookkeeping shared by the streams.
 #[derive(Debug)]
 pub struct Hub {
-    /// Bumped on every change that may alter a snapshot.
-    changes: tokio::sync::watch::Sender<u64>,
+    /// Bumped when policies (or the replica counts their shares depend on) change.
+    policies: tokio::sync::watch::Sender<u64>,
+    /// Bumped when the directory changes (a proxy appeared, moved or left);
+    /// certificate renewals do not.
+    endpoints: tokio::sync::watch::Sender<u64>,
+    /// The stored policies parsed once per revision, shared by every stream.
+    parsed: Mutex<Option<Arc<Parsed>>>,
     /// Keyed by [`status_key`].
     pub status: Mutex<HashMap<String, SyncStatus>>,
     nonce: AtomicU64,
@@ -73,7 +78,9 @@ pub struct Hub {
 impl Default for Hub {
     fn default() -> Self {
         Self {
-            changes: tokio::sync::watch::channel(0).0,
+            policies: tokio::sync::watch::channel(0).0,
+            endpoints: tokio::sync::watch::channel(0).0,
+            parsed: Mutex::default(),
             status: Mutex::default(),
             nonce: AtomicU64::new(1),
             closing: tokio::sync::watch::channel(false).0,
@@ -81,10 +88,46 @@ impl Default for Hub {
     }
 }
 
+/// The stored policies at one revision, parsed once.
+#[derive(Debug)]
+pub struct Parsed {
+    revision: u64,
+    /// Each stored policy: its JSON, and what it parsed into (`None`: it does
+    /// not parse, and goes where its target points so a NACK shows it).
+    items: Vec<(String, Option<Vec<Resource>>)>,
+}
+
 impl Hub {
-    /// Wakes every stream to recompute its snapshot.
-    pub fn changed(&self) {
-        self.changes.send_modify(|v| *v += 1);
+    /// Wakes every stream: policies changed.
+    pub fn policies_changed(&self) {
+        self.policies.send_modify(|v| *v += 1);
+    }
+
+    /// Wakes every stream: the directory changed.
+    pub fn endpoints_changed(&self) {
+        self.endpoints.send_modify(|v| *v += 1);
+    }
+
+    /// The stored policies, parsed, at the store's current revision.
+    fn parsed(&self, shared: &Shared) -> Arc<Parsed> {
+        let mut cache = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        let current = shared.store.policy_revision();
+        if let Some(p) = cache.as_ref().filter(|p| p.revision == current) {
+            return p.clone();
+        }
+        let (revision, stored) = shared.store.policies();
+        let items = stored
+            .into_iter()
+            .map(|p| {
+                let parsed = Resource::parse_json(&p.json)
+                    .map_err(|e| tracing::warn!(policy = %p.key, error = %e, "stored policy is invalid"))
+                    .ok();
+                (p.json, parsed)
+            })
+            .collect();
+        let parsed = Arc::new(Parsed { revision, items });
+        *cache = Some(parsed.clone());
+        parsed
     }
 
     fn update(&self, key: &str, f: impl FnOnce(&mut SyncStatus)) {
@@ -175,7 +218,7 @@ pub(crate) fn apply(shared: &Shared, document: &str, dry_run: bool) -> Result<(u
             tracing::info!(target: "audit", event = "policy_applied", kind = %a.kind, policy = %a.key, change = %a.change, revision = a.revision, "policy changed");
         }
     }
-    shared.hub.changed();
+    shared.hub.policies_changed();
     Ok((rev, out))
 }
 
@@ -203,7 +246,7 @@ fn check_budget(shared: &Shared, resources: &[Resource]) -> Result<(), Status> {
 
 /// All stored policies, parsed.
 pub(crate) fn all_resources(shared: &Shared) -> Vec<Resource> {
-    shared.store.policies().1.iter().filter_map(|p| Resource::parse_json(&p.json).ok()).flatten().collect()
+    shared.hub.parsed(shared).items.iter().filter_map(|(_, r)| r.clone()).flatten().collect()
 }
 
 /// The simulate API's decision for one request.
@@ -255,54 +298,56 @@ pub struct PolicyDiscoveryService {
     pub(crate) shared: Arc<Shared>,
 }
 
-fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (String, Snapshot) {
-    let (revision, stored) = shared.store.policies();
+fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> Snapshot {
+    let parsed = hub.parsed(shared);
     let mut policies_json = Vec::new();
     let mut rate_shares = HashMap::new();
-    for p in &stored {
-        let rs = match Resource::parse_json(&p.json) {
-            Ok(rs) => rs,
-            Err(e) => {
-                // A stored resource this version cannot read (written by a newer
-                // control plane, or by hand): send it where its target points, so the
-                // sidecar's NACK makes the problem visible, rather than drop it silently.
-                tracing::warn!(policy = %p.key, error = %e, "stored policy is invalid");
-                let v: serde_json::Value = serde_json::from_str(&p.json).unwrap_or_default();
-                let targeted = v["spec"]["target"]["identities"].as_array().is_some_and(|ids| {
-                    ids.iter().filter_map(|i| i.as_str()).any(|g| wildmatch::WildMatch::new(g).matches(identity))
-                });
-                if targeted {
-                    policies_json.push(p.json.clone());
-                }
-                continue;
+    for (json, resources) in &parsed.items {
+        let Some(resources) = resources else {
+            // A stored resource this version cannot read (written by a newer
+            // control plane, or by hand): send it where its target points, so the
+            // sidecar's NACK makes the problem visible, rather than drop it silently.
+            let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+            let targeted = v["spec"]["target"]["identities"].as_array().is_some_and(|ids| {
+                ids.iter().filter_map(|i| i.as_str()).any(|g| wildmatch::WildMatch::new(g).matches(identity))
+            });
+            if targeted {
+                policies_json.push(json.clone());
             }
+            continue;
         };
-        for r in rs.into_iter().filter(|r| r.targets(identity)) {
-            if let Resource::RateLimitPolicy { spec, .. } = &r {
+        let mut targeted = false;
+        for r in resources.iter().filter(|r| r.targets(identity)) {
+            targeted = true;
+            if let Resource::RateLimitPolicy { spec, .. } = r {
                 for l in spec.limits.iter().filter(|l| l.scope == Scope::Cluster) {
                     // The quota divided among the ready replicas, rounded up.
                     rate_shares.insert(format!("{}/{}", r.key(), l.name), l.rate.div_ceil(hub.replicas(identity)));
                 }
             }
-            policies_json.push(p.json.clone());
+        }
+        if targeted {
+            policies_json.push(json.clone());
         }
     }
-    let endpoints = crate::discovery::endpoints(shared);
-    let snap = Snapshot {
-        version: format!("r{revision}"),
+    Snapshot {
+        version: format!("r{}", parsed.revision),
         nonce: String::new(),
         policies_json,
-        endpoints,
+        endpoints: crate::discovery::endpoints(shared),
         trust_bundle_der: shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
         default_allow_authenticated: shared.default_allow_authenticated,
         rate_shares,
-    };
-    // The content fingerprint: what the sidecar would see, minus version/nonce.
-    let mut shares: Vec<_> = snap.rate_shares.iter().collect();
-    shares.sort();
-    let fingerprint =
-        format!("{:?}|{:?}|{:?}|{}", snap.policies_json, snap.endpoints, shares, snap.default_allow_authenticated);
-    (fingerprint, snap)
+    }
+}
+
+/// Whether two snapshots carry the same content (versions and nonces aside).
+fn same_content(a: &Snapshot, b: &Snapshot) -> bool {
+    a.policies_json == b.policies_json
+        && a.endpoints == b.endpoints
+        && a.rate_shares == b.rate_shares
+        && a.trust_bundle_der == b.trust_bundle_der
+        && a.default_allow_authenticated == b.default_allow_authenticated
 }
 
 type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<Snapshot, Status>>;
@@ -334,7 +379,7 @@ impl PolicyDiscovery for PolicyDiscoveryService {
         hub.update(&key, |s| {
             *s = SyncStatus { identity: identity.clone(), connected: true, stream: stream_id, ..Default::default() };
         });
-        hub.changed(); // replica counts may change cluster-scope shares
+        hub.policies_changed(); // replica counts may change cluster-scope shares
         tracing::info!(src.addr = %src, src.identity = %identity, proxy = %key, "sidecar subscribed to policy");
 
         let (tx, rx) = mpsc::channel(4);
@@ -342,19 +387,22 @@ impl PolicyDiscovery for PolicyDiscoveryService {
         let (sender_key, sender_identity) = (key.clone(), identity.clone());
         tokio::spawn(async move {
             let hub = &sender_shared.hub;
-            let mut changes = hub.changes.subscribe();
+            let mut policies = hub.policies.subscribe();
+            let mut endpoints = hub.endpoints.subscribe();
             let mut closing = hub.closing.subscribe();
-            let mut last = String::new();
+            let mut last: Option<Snapshot> = None;
             loop {
-                let (fingerprint, mut snap) = build_snapshot(&sender_shared, &sender_identity, hub);
-                if fingerprint != last && prost::Message::encoded_len(&snap) > limits::MAX_SNAPSHOT_BYTES {
+                let mut snap = build_snapshot(&sender_shared, &sender_identity, hub);
+                if last.as_ref().is_some_and(|l| same_content(l, &snap)) {
+                    // Nothing this sidecar sees changed.
+                } else if prost::Message::encoded_len(&snap) > limits::MAX_SNAPSHOT_BYTES {
                     // Apply keeps policies under budget; endpoints alone could still grow past it.
                     tracing::error!(proxy = %sender_key, size = prost::Message::encoded_len(&snap), limit = limits::MAX_SNAPSHOT_BYTES, "snapshot too large for the sidecar; not sent (it keeps its last policy)");
-                    last = fingerprint;
-                } else if fingerprint != last {
+                    last = Some(snap);
+                } else {
                     snap.nonce = hub.nonce.fetch_add(1, Ordering::Relaxed).to_string();
                     let version = snap.version.clone();
-                    if tx.send(Ok(snap)).await.is_err() {
+                    if tx.send(Ok(snap.clone())).await.is_err() {
                         break;
                     }
                     hub.update(&sender_key, |s| {
@@ -362,17 +410,18 @@ impl PolicyDiscovery for PolicyDiscoveryService {
                             s.sent = version;
                         }
                     });
-                    last = fingerprint;
+                    last = Some(snap);
                 }
                 tokio::select! {
-                    r = changes.changed() => {
-                        if r.is_err() { break; }
-                        tokio::time::sleep(DEBOUNCE).await;
-                        changes.mark_unchanged();
-                    }
+                    r = policies.changed() => if r.is_err() { break },
+                    r = endpoints.changed() => if r.is_err() { break },
                     _ = tx.closed() => break,
                     _ = closing.changed() => break,
                 }
+                // Coalesce a burst of changes into one snapshot.
+                tokio::time::sleep(DEBOUNCE).await;
+                policies.mark_unchanged();
+                endpoints.mark_unchanged();
             }
         });
         let recv_shared = shared.clone();
@@ -403,7 +452,7 @@ impl PolicyDiscovery for PolicyDiscoveryService {
                     s.connected = false;
                 }
             });
-            hub.changed();
+            hub.policies_changed();
             tracing::info!(proxy = %key, "sidecar policy stream closed");
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -93,12 +93,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Gives back a use taken by `consume_token` when issuance failed afterwards.
     fn refund_token(&self, sha256: &str) -> Result<(), StoreError>;
     /// Inserts or replaces a proxy record; `replaces_serial` names the record a renewal supersedes.
-    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<(), StoreError>;
+    /// Records a proxy's certificate; returns whether the directory changed
+    /// (a new endpoint, or one that moved), which a renewal does not.
+    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<bool, StoreError>;
     fn proxies(&self) -> Vec<ProxyRecord>;
     /// Drops tokens and proxy records that ended before `cutoff`.
     fn prune(&self, cutoff: u64) -> Result<(), StoreError>;
     /// All policies and the current policy revision.
     fn policies(&self) -> (u64, Vec<PolicyRecord>);
+    /// The current policy revision alone (cheap).
+    fn policy_revision(&self) -> u64;
     /// Stores `(kind, key, json)` resources atomically under one new revision
     /// (no new revision if nothing changed).
     fn apply_policies(&self, resources: Vec<(String, String, String)>) -> Result<(u64, Vec<Applied>), StoreError>;
@@ -106,7 +110,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn delete_policy(&self, kind: &str, key: &str) -> Result<Option<u64>, StoreError>;
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct State {
     #[serde(default)]
     tokens: BTreeMap<String, TokenRecord>,
@@ -116,6 +120,19 @@ struct State {
     policies: BTreeMap<String, PolicyRecord>,
     #[serde(default)]
     policy_revision: u64,
+}
+
+/// Runs a store call off the async threads: the file store writes and
+/// fsyncs under its lock, which must not stall the runtime.
+pub async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> T + Send + 'static,
+) -> T {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// The embedded file store (`<data-dir>/state.json`).
@@ -141,15 +158,16 @@ impl FileStore {
 
     /// Applies `f` to the state and persists it; on a write error the
     /// in-memory change is rolled back, so memory never runs ahead of disk.
+    /// Changes the state and writes it (one serialisation, one atomic
+    /// write); a failed write leaves the state as it was. It blocks on the
+    /// disk: async callers run it with `spawn_blocking` (see [`blocking`]).
     fn mutate<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, StoreError> {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let before = serde_json::to_vec(&*guard).unwrap_or_default();
+        let before = guard.clone();
         let out = f(&mut guard);
         let bytes = serde_json::to_vec_pretty(&*guard).unwrap_or_default();
         if let Err(source) = palisade_certs::files::write_atomic(&self.path, &bytes, 0o600) {
-            if let Ok(old) = serde_json::from_slice(&before) {
-                *guard = old;
-            }
+            *guard = before;
             return Err(StoreError::Write { path: self.path.clone(), source });
         }
         Ok(out)
@@ -163,6 +181,10 @@ impl FileStore {
 impl Store for FileStore {
     fn policies(&self) -> (u64, Vec<PolicyRecord>) {
         self.read(|s| (s.policy_revision, s.policies.values().cloned().collect()))
+    }
+
+    fn policy_revision(&self) -> u64 {
+        self.read(|s| s.policy_revision)
     }
 
     fn apply_policies(&self, resources: Vec<(String, String, String)>) -> Result<(u64, Vec<Applied>), StoreError> {
@@ -268,16 +290,18 @@ impl Store for FileStore {
         })
     }
 
-    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<(), StoreError> {
+    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<bool, StoreError> {
         self.mutate(|s| {
-            if let Some(old) = replaces_serial {
-                s.proxies.remove(old);
-            }
+            let moved = match replaces_serial.and_then(|old| s.proxies.remove(old)) {
+                Some(old) => old.inbound_addr != p.inbound_addr || old.identity != p.identity,
+                None => true,
+            };
             // A sidecar restarted on the same inbound address replaces the old record.
             if !p.inbound_addr.is_empty() {
                 s.proxies.retain(|_, old| old.inbound_addr != p.inbound_addr);
             }
             s.proxies.insert(p.cert_serial.clone(), p);
+            moved
         })
     }
 

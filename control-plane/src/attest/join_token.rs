@@ -69,7 +69,9 @@ pub struct JoinTokenAttestor {
 impl Attestor for JoinTokenAttestor {
     async fn attest(&self, credential: &str) -> Result<Attested, AttestError> {
         let hash = sha256_hex(credential.trim());
-        let record = match self.store.consume_token(&hash, unix_now())? {
+        let (store, h) = (self.store.clone(), hash.clone());
+        let consumed = crate::store::blocking(&store, move |s| s.consume_token(&h, unix_now())).await;
+        let record = match consumed? {
             Ok(r) => r,
             Err(TokenRefusal::Unknown) => return Err(AttestError::UnknownToken),
             Err(TokenRefusal::Revoked(t)) => return Err(AttestError::RevokedToken { id: t.id }),
