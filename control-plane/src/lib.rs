@@ -16,7 +16,7 @@ use palisade_proto::limits;
 use palisade_proto::v1::admin_server::AdminServer;
 use palisade_proto::v1::discovery_server::DiscoveryServer;
 use palisade_proto::v1::identity_server::IdentityServer;
-use palisade_proto::v1::policy_discovery_server::PolicyDiscoveryServer;
+use palisade_proto::v1::mesh_config_server::MeshConfigServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -211,7 +211,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityServer<identity::IdentityService>>().await;
     health.set_serving::<AdminServer<admin::AdminService>>().await;
-    health.set_serving::<PolicyDiscoveryServer<policy::PolicyDiscoveryService>>().await;
+    health.set_serving::<MeshConfigServer<policy::MeshConfigService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(palisade_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -268,7 +268,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .add_service(IdentityServer::new(identity::IdentityService { shared: shared.clone() }))
         .add_service(DiscoveryServer::new(discovery::DiscoveryService { shared: shared.clone() }))
         .add_service(
-            PolicyDiscoveryServer::new(policy::PolicyDiscoveryService { shared: shared.clone() })
+            MeshConfigServer::new(policy::MeshConfigService { shared: shared.clone() })
                 .max_encoding_message_size(limits::MAX_SNAPSHOT_BYTES),
         )
         .add_service(

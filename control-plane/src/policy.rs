@@ -1,6 +1,6 @@
 //! Policy on the control plane: applying resources to the store (validated
 //! with the same code the sidecars use), simulating decisions, and
-//! `PolicyDiscovery.Stream`, which sends each sidecar a versioned snapshot of
+//! `MeshConfig.Stream`, which sends each sidecar a versioned snapshot of
 //! what targets it (its policies, rate-limit shares, the directory, the trust
 //! bundle) on every relevant change and records its ACKs and NACKs.
 
@@ -13,7 +13,7 @@ use std::time::Duration;
 use palisade_policy::resource::Scope;
 use palisade_policy::{Enforcer, HeaderList, Inputs, Request as PolicyRequest, Resource};
 use palisade_proto::limits;
-use palisade_proto::v1::policy_discovery_server::PolicyDiscovery;
+use palisade_proto::v1::mesh_config_server::MeshConfig;
 use palisade_proto::v1::{AppliedPolicy, DiscoveryRequest, Snapshot};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -292,9 +292,9 @@ pub(crate) fn simulate(
     })
 }
 
-/// The PolicyDiscovery service.
+/// The MeshConfig service.
 #[derive(Debug, Clone)]
-pub struct PolicyDiscoveryService {
+pub struct MeshConfigService {
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -353,7 +353,7 @@ fn same_content(a: &Snapshot, b: &Snapshot) -> bool {
 type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<Snapshot, Status>>;
 
 #[tonic::async_trait]
-impl PolicyDiscovery for PolicyDiscoveryService {
+impl MeshConfig for MeshConfigService {
     type StreamStream = SnapshotStream;
 
     async fn stream(&self, req: Request<Streaming<DiscoveryRequest>>) -> Result<Response<SnapshotStream>, Status> {
@@ -436,7 +436,8 @@ impl PolicyDiscovery for PolicyDiscoveryService {
                         }
                     }),
                     Ok(Some(m)) => {
-                        tracing::warn!(target: "audit", event = "policy_nack", proxy = %key, src.identity = %identity, version = %m.version, error = %m.error, "sidecar rejected a policy snapshot");
+                        let types: Vec<&String> = m.rejected.keys().collect();
+                        tracing::warn!(target: "audit", event = "config_nack", proxy = %key, src.identity = %identity, version = %m.version, rejected = ?types, error = %m.error, "sidecar rejected part of a config snapshot");
                         hub.update(&key, |s| {
                             if s.stream == stream_id {
                                 s.nacked = true;

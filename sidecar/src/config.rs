@@ -85,11 +85,6 @@ pub struct Config {
     #[arg(long = "http-port", env = "PALISADE_HTTP_PORTS", value_delimiter = ',')]
     pub http_ports: Vec<u16>,
 
-    /// How often the directory is refreshed from the control plane.
-    #[arg(long, env = "PALISADE_DIRECTORY_REFRESH", default_value = "2s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub directory_refresh: Duration,
-
     /// Runtime worker threads; 1 runs everything on one thread (lowest CPU and memory per request).
     #[arg(long, env = "PALISADE_THREADS", default_value_t = 1)]
     pub threads: usize,

@@ -2,8 +2,8 @@
 //! (`<service-account>.<namespace>`) -> peer sidecar endpoints with the
 //! identity each must present, and address -> identity (the lookup key for
 //! transparent interception, where the original destination is all we have).
-//! Refreshed from the control plane; the last good copy stays in use while
-//! the control plane is away.
+//! Pushed by the control plane on the config stream ([`crate::control`]) when
+//! it changes; the last good copy stays in use while the control plane is away.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,13 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use palisade_certs::SpiffeId;
-use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, SvidStore, TrustBundle};
-use palisade_proto::channel::ControlPlaneAddr;
-use palisade_proto::v1::ListEndpointsRequest;
-use palisade_proto::v1::discovery_client::DiscoveryClient;
-use tonic::transport::Channel;
 
-use crate::metrics::Metrics;
 use crate::proxy::peer::Peer;
 
 #[derive(Debug, Default)]
@@ -34,20 +28,13 @@ struct Snapshot {
 pub struct Directory {
     current: RwLock<Arc<Snapshot>>,
     next: AtomicUsize,
-    /// Asks the refresh loop for an early refresh (a lookup missed).
-    refresh_now: tokio::sync::Notify,
     /// Bumped on every received directory.
     version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Directory {
     fn default() -> Self {
-        Self {
-            current: RwLock::default(),
-            next: AtomicUsize::new(0),
-            refresh_now: tokio::sync::Notify::new(),
-            version: tokio::sync::watch::channel(0).0,
-        }
+        Self { current: RwLock::default(), next: AtomicUsize::new(0), version: tokio::sync::watch::channel(0).0 }
     }
 }
 
@@ -74,16 +61,16 @@ impl Directory {
         }
     }
 
-    /// Like [`pick`](Self::pick), but on a miss asks for an immediate refresh
-    /// and waits up to `wait` for it, so the first call to a service that
-    /// just registered does not fail.
-    pub async fn pick_or_refresh(&self, service: &str, wait: Duration) -> Result<Peer, LookupError> {
+    /// Like [`pick`](Self::pick), but on a miss waits up to `wait` for the
+    /// next directory the control plane pushes (it pushes one as soon as a
+    /// sidecar registers), so the first call to a service that just
+    /// registered does not fail.
+    pub async fn pick_or_wait(&self, service: &str, wait: Duration) -> Result<Peer, LookupError> {
+        let mut updates = self.version.subscribe();
+        updates.mark_unchanged();
         match self.pick(service) {
             Ok(p) => Ok(p),
             Err(_) => {
-                let mut updates = self.version.subscribe();
-                updates.mark_unchanged();
-                self.refresh_now.notify_one();
                 let _ = tokio::time::timeout(wait, updates.changed()).await;
                 self.pick(service)
             }
@@ -117,101 +104,25 @@ impl Directory {
     }
 }
 
-/// Polls the control plane for the directory.
-#[derive(Debug)]
-pub struct DirectoryClient {
-    pub addr: ControlPlaneAddr,
-    pub bundle: TrustBundle,
-    pub svids: SvidStore,
-    pub trust_domain: palisade_certs::TrustDomain,
-    pub directory: Arc<Directory>,
-    pub metrics: Arc<Metrics>,
-    pub refresh: Duration,
-}
-
-impl DirectoryClient {
-    pub async fn run(self) {
-        let mut channel: Option<Channel> = None;
-        let mut failures = 0u32;
-        loop {
-            // Without a certificate the control plane will not answer; wait for one.
-            if self.svids.valid().is_some() {
-                match self.refresh_once(&mut channel).await {
-                    Ok(n) => {
-                        tracing::debug!(endpoints = n, "directory refreshed");
-                        if failures > 0 {
-                            tracing::info!(endpoints = n, "directory refresh recovered");
-                        }
-                        failures = 0;
-                        self.metrics.directory_endpoints.set(n as i64);
-                    }
-                    Err(e) => {
-                        channel = None;
-                        failures += 1;
-                        self.metrics.directory_refresh_failures.inc();
-                        // Log the first failure and then every 30th, not every tick.
-                        if failures == 1 || failures.is_multiple_of(30) {
-                            tracing::warn!(error = %e, failures, "directory refresh failed; keeping the last good directory");
-                        }
-                    }
-                }
-            }
-            let wait = if self.svids.valid().is_some() { self.refresh } else { Duration::from_millis(100) };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.directory.refresh_now.notified() => {}
-            }
-        }
-    }
-
-    async fn refresh_once(&self, channel: &mut Option<Channel>) -> Result<usize, String> {
-        let ch = match channel {
-            Some(c) => c.clone(),
-            None => {
-                let verifier = SpiffeServerVerifier::new(
-                    self.bundle.clone(),
-                    PeerIdentity::Exact(self.trust_domain.control_plane()),
-                );
-                let tls = palisade_certs::tls::client_config(verifier, Some(Arc::new(self.svids.clone())))
-                    .map_err(|e| e.to_string())?;
-                let c = palisade_proto::channel::connect(&self.addr, Arc::new(tls), Duration::from_secs(5))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                *channel = Some(c.clone());
-                c
-            }
-        };
-        let resp = DiscoveryClient::new(ch)
-            .list_endpoints(ListEndpointsRequest {})
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-            .into_inner();
-        let entries = resp.endpoints.into_iter().filter_map(|e| {
-            let id: SpiffeId = e.identity.parse().ok()?;
-            let addr: SocketAddr = e.address.parse().ok()?;
-            Some((e.service, id, addr))
-        });
-        Ok(self.directory.replace(entries))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_miss_triggers_a_refresh_and_waits_for_it() {
+    async fn a_miss_waits_for_the_next_pushed_directory() {
         let d = Arc::new(Directory::default());
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
         d.replace([]);
         let d2 = d.clone();
-        let refresher = tokio::spawn(async move {
-            d2.refresh_now.notified().await;
+        let pusher = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             d2.replace([("web.shop".to_string(), id, "127.0.0.1:1".parse().unwrap())]);
         });
-        let p = d.pick_or_refresh("web.shop", Duration::from_secs(5)).await;
+        let p = d.pick_or_wait("web.shop", Duration::from_secs(5)).await;
         assert!(p.is_ok(), "{p:?}");
-        refresher.await.unwrap();
+        pusher.await.unwrap();
+        let missing = d.pick_or_wait("db.shop", Duration::from_millis(20)).await;
+        assert_eq!(missing, Err(LookupError::Unknown));
     }
 
     #[test]

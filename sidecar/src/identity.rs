@@ -7,9 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
+use palisade_certs::tls::{Svid, SvidStore, TrustBundle};
 use palisade_certs::{SvidInfo, TrustDomain, WorkloadKey};
-use palisade_proto::channel::ControlPlaneAddr;
 use palisade_proto::v1::CertifyRequest;
 use palisade_proto::v1::certify_request::Attestation;
 use palisade_proto::v1::identity_client::IdentityClient;
@@ -78,7 +77,9 @@ pub enum IdentityError {
 /// Drives certification and renewal.
 #[derive(Debug, Clone)]
 pub struct IdentityClientTask {
-    pub addr: ControlPlaneAddr,
+    /// The one way to the control plane (renewals ride its shared channel).
+    pub control: Arc<crate::control::ControlPlane>,
+    /// Roots to verify an issued chain against before using it.
     pub bundle: TrustBundle,
     pub trust_domain: TrustDomain,
     pub credential: Credential,
@@ -156,22 +157,37 @@ impl IdentityClientTask {
             Some(_) => None,
             None => Some(self.credential.attestation()?),
         };
-        let verifier =
-            SpiffeServerVerifier::new(self.bundle.clone(), PeerIdentity::Exact(self.trust_domain.control_plane()));
-        let resolver: Option<Arc<dyn rustls::client::ResolvesClientCert>> =
-            current.is_some().then(|| Arc::new(self.store.clone()) as Arc<dyn rustls::client::ResolvesClientCert>);
-        let tls = palisade_certs::tls::client_config(verifier, resolver)?;
-        // A fresh connection per call: renewals are rare, and each must
-        // present the certificate we hold now, not the one a pooled
-        // connection was opened with.
-        let channel = palisade_proto::channel::connect(&self.addr, Arc::new(tls), CALL_TIMEOUT).await?;
+        // Renewals go over the shared channel, which presents the certificate
+        // we hold now; a first attestation goes over a connection without one.
+        let channel = match current {
+            Some(_) => self.control.channel().await?,
+            None => None,
+        };
+        let channel = match channel {
+            Some(c) => c,
+            None => self.control.anonymous().await?,
+        };
         let key = WorkloadKey::generate()?;
         let csr = key.csr_der(current.as_ref().map(|s| &s.id))?;
-        let resp = IdentityClient::new(channel)
-            .certify(CertifyRequest { csr_der: csr, attestation, inbound_addr: self.inbound_addr.clone() })
-            .await
-            .map_err(|s| IdentityError::Refused { code: s.code(), message: s.message().to_string() })?
-            .into_inner();
+        let mut client = IdentityClient::new(channel);
+        let call =
+            client.certify(CertifyRequest { csr_der: csr, attestation, inbound_addr: self.inbound_addr.clone() });
+        let resp = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => {
+                if s.code() == tonic::Code::Unavailable {
+                    self.control.reset().await;
+                }
+                return Err(IdentityError::Refused { code: s.code(), message: s.message().to_string() });
+            }
+            Err(_) => {
+                self.control.reset().await;
+                return Err(IdentityError::Refused {
+                    code: tonic::Code::DeadlineExceeded,
+                    message: "no answer".into(),
+                });
+            }
+        };
 
         let chain: Vec<CertificateDer<'static>> = resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
         let bundle: Vec<CertificateDer<'static>> =
@@ -196,7 +212,7 @@ impl IdentityClientTask {
         certified
             .keys_match()
             .map_err(|e| IdentityError::BadResponse(format!("certificate is not for our key: {e}")))?;
-        self.bundle.replace(&bundle).map_err(|e| IdentityError::BadResponse(e.to_string()))?;
+        // The bundle itself is replaced from one place only: the config stream.
         Ok(Svid { certified, info, id })
     }
 }

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod directory;
 pub mod identity;
 pub mod init;
@@ -116,8 +117,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let background = TaskTracker::new();
 
     let advertised = cfg.advertise.or((!cfg.inbound.ip().is_unspecified()).then_some(inbound_addr));
+    let control =
+        Arc::new(control::ControlPlane::new(addr.clone(), cfg.trust_domain.clone(), bundle.clone(), svids.clone())?);
     let identity = IdentityClientTask {
-        addr: addr.clone(),
+        control: control.clone(),
         bundle: bundle.clone(),
         trust_domain: cfg.trust_domain.clone(),
         credential,
@@ -126,15 +129,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
     };
     let directory = Arc::new(directory::Directory::default());
-    let directory_client = directory::DirectoryClient {
-        addr: addr.clone(),
-        bundle: bundle.clone(),
-        svids: svids.clone(),
-        trust_domain: cfg.trust_domain.clone(),
-        directory: directory.clone(),
-        metrics: metrics.clone(),
-        refresh: cfg.directory_refresh,
-    };
 
     // Inbound: client certificates are mandatory and must be SVIDs of our trust domain.
     let verifier =
@@ -145,13 +139,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         &[proxy::ALPN_H2, proxy::ALPN_HTTP1, proxy::ALPN_TCP],
     )?;
     let policy_state = policy::PolicyState::default();
-    let policy_client = policy::PolicyClient {
-        addr: addr.clone(),
-        bundle: bundle.clone(),
-        svids: svids.clone(),
-        trust_domain: cfg.trust_domain.clone(),
+    let config_stream = control::ConfigStream {
+        control,
         inbound_addr: advertised.map(|a| a.to_string()).unwrap_or_default(),
-        state: policy_state.clone(),
+        bundle: bundle.clone(),
+        policy: policy_state.clone(),
         directory: directory.clone(),
         metrics: metrics.clone(),
     };
@@ -195,15 +187,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     });
     let stop = background_stop.clone();
     background.spawn(async move {
-        tokio::select! { _ = policy_client.run() => {}, _ = stop.cancelled() => {} }
+        tokio::select! { _ = config_stream.run() => {}, _ = stop.cancelled() => {} }
     });
     let stop = background_stop.clone();
     background.spawn(async move {
         tokio::select! { _ = identity.run() => {}, _ = stop.cancelled() => {} }
-    });
-    let stop = background_stop.clone();
-    background.spawn(async move {
-        tokio::select! { _ = directory_client.run() => {}, _ = stop.cancelled() => {} }
     });
     background.spawn(admin::serve(admin_listener, state, background_stop.clone(), background.clone()));
     background.spawn(inbound.serve(inbound_listener, shutdown.clone(), connections.clone()));

@@ -430,7 +430,7 @@ fn orders_state(cp: &ControlPlane) -> String {
 #[tokio::test]
 async fn a_workload_cannot_rewrite_another_proxys_sync_state() {
     use palisade_proto::v1::DiscoveryRequest;
-    use palisade_proto::v1::policy_discovery_client::PolicyDiscoveryClient;
+    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
     let app = HttpApp::start().await;
     let p = pair(app.addr, &[], &[], &[]).await;
     eventually("orders is synced", Duration::from_secs(5), || async {
@@ -444,11 +444,8 @@ async fn a_workload_cannot_rewrite_another_proxys_sync_state() {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     // Claim orders' inbound address, then NACK.
     tx.send(DiscoveryRequest { inbound_addr: p.server.inbound.clone(), ..Default::default() }).await.unwrap();
-    let mut snaps = PolicyDiscoveryClient::new(ch)
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut snaps =
+        MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     let snap = snaps.message().await.unwrap().unwrap();
     tx.send(DiscoveryRequest {
         nonce: snap.nonce,

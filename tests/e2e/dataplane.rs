@@ -383,16 +383,11 @@ async fn a_service_registered_after_the_caller_is_reachable_at_once() {
         .await
         .unwrap();
     let port = free_port();
-    // A slow periodic refresh: only the on-miss refresh can find the new service in time.
-    let client = Sidecar::meshed(
-        "client",
-        &cp,
-        tmp.path(),
-        WEB,
-        &["--upstream", &format!("127.0.0.1:{port}=orders.shop"), "--directory-refresh", "60s"],
-    )
-    .await
-    .unwrap();
+    // No polling: the directory the control plane pushes when the server registers finds it.
+    let client =
+        Sidecar::meshed("client", &cp, tmp.path(), WEB, &["--upstream", &format!("127.0.0.1:{port}=orders.shop")])
+            .await
+            .unwrap();
     eventually("first directory", Duration::from_secs(10), || async {
         (client.metric("palisade_directory_endpoints").await? >= 1.0).then_some(())
     })

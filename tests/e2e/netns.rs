@@ -186,7 +186,7 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
         let cmd = format!(
             "setpriv --reuid=1337 --regid=1337 --clear-groups {} --transparent {extra} --control-plane https://{CP_IP}:7700 --ca-bundle {} \
              --join-token-file {} --inbound 0.0.0.0:4143 --advertise {ip}:4143 --outbound 127.0.0.1:4140 --app 127.0.0.1:8080 \
-             --admin 127.0.0.1:4191 --directory-refresh 200ms",
+             --admin 127.0.0.1:4191",
             bin("palisade-sidecar").display(),
             shared.join("ca.pem").display(),
             token_file.display()

@@ -206,10 +206,6 @@ impl Sidecar {
         if flag("--inbound").is_none() {
             cmd.args(["--inbound", &inbound]);
         }
-        // Tests want a directory that follows registrations quickly.
-        if flag("--directory-refresh").is_none() {
-            cmd.args(["--directory-refresh", "200ms"]);
-        }
         cmd.args(args);
         Ok(Self { proc: Proc::spawn(name, &mut cmd, log_dir)?, admin, inbound })
     }

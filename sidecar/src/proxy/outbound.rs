@@ -283,7 +283,7 @@ impl Outbound {
             Dest::Peer(p) => return Ok(p.clone()),
             Dest::Service(s) => s,
         };
-        self.directory.pick_or_refresh(service, DIRECTORY_MISS_WAIT).await.map_err(|e| match e {
+        self.directory.pick_or_wait(service, DIRECTORY_MISS_WAIT).await.map_err(|e| match e {
             LookupError::NotLoaded => ProxyError::NoDirectory,
             LookupError::Unknown => ProxyError::UnknownService(service.to_string()),
         })

@@ -287,7 +287,7 @@ async fn bench(args: Args) -> Result<()> {
     if !out.status.success() {
         bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let quiet = ["--log", "warn", "--directory-refresh", "2s"];
+    let quiet = ["--log", "warn"];
     let server = Sidecar::meshed(
         "bench-server",
         &cp,
@@ -442,7 +442,7 @@ impl Drop for AppGuard {
 }
 
 /// `palisade-bench push N`: N simulated sidecars (real certificates, one mTLS
-/// connection and one PolicyDiscovery stream each, in this process) subscribe
+/// connection and one MeshConfig stream each, in this process) subscribe
 /// to a real control plane; a policy is applied and the time until each
 /// stream receives the new snapshot is measured.
 mod push {
@@ -454,7 +454,7 @@ mod push {
     use palisade_certs::{SvidInfo, WorkloadKey};
     use palisade_proto::v1::certify_request::Attestation;
     use palisade_proto::v1::identity_client::IdentityClient;
-    use palisade_proto::v1::policy_discovery_client::PolicyDiscoveryClient;
+    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
     use palisade_proto::v1::{ApplyPolicyRequest, CertifyRequest, DiscoveryRequest};
     use palisade_tests::{ControlPlane, grpc};
     use rustls_pki_types::CertificateDer;
@@ -494,10 +494,8 @@ mod push {
                 ..Default::default()
             })
             .await?;
-            let mut snaps = PolicyDiscoveryClient::new(ch)
-                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?
-                .into_inner();
+            let mut snaps =
+                MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
             let arrivals = arrivals.clone();
             tasks.push(tokio::spawn(async move {
                 while let Ok(Some(s)) = snaps.message().await {

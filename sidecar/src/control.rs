@@ -1,0 +1,271 @@
+//! The sidecar's one client of the control plane: one TLS configuration, one
+//! channel (authenticated with our current certificate, replaced when the
+//! certificate is renewed), shared by `Identity.Certify` renewals and the
+//! `MeshConfig.Stream` that carries everything else, each resource type
+//! applied by its own handler and ACKed or NACKed on its own:
+//!
+//! - `policies` -> the policy engine's enforcer ([`crate::policy`]),
+//! - `endpoints` -> the [`Directory`],
+//! - `trust_bundle` -> the roots every TLS verifier of this sidecar uses.
+//!
+//! The stream reconnects with exponential backoff and jitter; whatever was
+//! applied last stays in force while the control plane is away.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
+use palisade_certs::{SpiffeId, TrustDomain};
+use palisade_proto::channel::{ChannelError, ControlPlaneAddr};
+use palisade_proto::v1::mesh_config_client::MeshConfigClient;
+use palisade_proto::v1::{DiscoveryRequest, Snapshot};
+use rustls_pki_types::CertificateDer;
+use tonic::transport::Channel;
+
+use crate::directory::Directory;
+use crate::metrics::Metrics;
+use crate::policy::{InForce, PolicyState};
+
+/// Timeout to connect (TCP + TLS) and of one unary call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a live stream checks whether our certificate was renewed.
+const RENEWAL_CHECK: Duration = Duration::from_secs(2);
+
+/// The way to the control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    addr: ControlPlaneAddr,
+    trust_domain: TrustDomain,
+    svids: SvidStore,
+    /// Presents our current certificate (renewals, the stream).
+    authenticated: Arc<rustls::ClientConfig>,
+    /// Presents none (first attestation).
+    anonymous: Arc<rustls::ClientConfig>,
+    /// The shared channel and the certificate it was opened with.
+    channel: tokio::sync::Mutex<Option<(Channel, Arc<Svid>)>>,
+}
+
+impl ControlPlane {
+    /// Both TLS configurations verify the control plane's SPIFFE ID against
+    /// `bundle`, which the stream keeps current.
+    pub fn new(
+        addr: ControlPlaneAddr,
+        trust_domain: TrustDomain,
+        bundle: TrustBundle,
+        svids: SvidStore,
+    ) -> Result<Self, rustls::Error> {
+        let verifier = SpiffeServerVerifier::new(bundle, PeerIdentity::Exact(trust_domain.control_plane()));
+        let authenticated =
+            Arc::new(palisade_certs::tls::client_config(verifier.clone(), Some(Arc::new(svids.clone())))?);
+        let anonymous = Arc::new(palisade_certs::tls::client_config(verifier, None)?);
+        Ok(Self { addr, trust_domain, svids, authenticated, anonymous, channel: tokio::sync::Mutex::default() })
+    }
+
+    /// The trust domain we belong to.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The shared channel, presenting the certificate we hold now; `None`
+    /// when we hold no valid certificate. A channel opened with a certificate
+    /// since renewed is replaced: the control plane checks certificates on
+    /// every call and would refuse the old one once it expires.
+    pub async fn channel(&self) -> Result<Option<Channel>, ChannelError> {
+        let Some(ours) = self.svids.valid() else { return Ok(None) };
+        let mut slot = self.channel.lock().await;
+        if let Some((ch, with)) = slot.as_ref()
+            && Arc::ptr_eq(with, &ours)
+        {
+            return Ok(Some(ch.clone()));
+        }
+        let ch = palisade_proto::channel::connect(&self.addr, self.authenticated.clone(), CALL_TIMEOUT).await?;
+        *slot = Some((ch.clone(), ours));
+        Ok(Some(ch))
+    }
+
+    /// Forgets the shared channel (after a transport failure).
+    pub async fn reset(&self) {
+        *self.channel.lock().await = None;
+    }
+
+    /// A one-off channel presenting no certificate, for the first attestation.
+    pub async fn anonymous(&self) -> Result<Channel, ChannelError> {
+        palisade_proto::channel::connect(&self.addr, self.anonymous.clone(), CALL_TIMEOUT).await
+    }
+
+    /// Whether `svid` is still the certificate we hold.
+    fn still_current(&self, svid: &Arc<Svid>) -> bool {
+        self.svids.get().is_some_and(|s| Arc::ptr_eq(&s, svid))
+    }
+}
+
+/// Keeps the configuration stream open and applies what it carries.
+#[derive(Debug)]
+pub struct ConfigStream {
+    pub control: Arc<ControlPlane>,
+    pub inbound_addr: String,
+    pub bundle: TrustBundle,
+    pub policy: PolicyState,
+    pub directory: Arc<Directory>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What one snapshot did, type by type.
+#[derive(Debug, Default)]
+struct Applied {
+    rejected: HashMap<String, String>,
+}
+
+impl ConfigStream {
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let mut received = false;
+            let result = self.session(&mut received).await;
+            self.metrics.policy_stream_connected.set(0);
+            // Start over quickly only after a stream that delivered: a stream
+            // that opens and then fails on every snapshot backs off like a
+            // refused connection.
+            if received {
+                backoff = Duration::from_millis(200);
+            }
+            let wait = jitter(backoff);
+            match result {
+                Ok(Ended::Renewed) => continue,
+                Ok(Ended::NoCertificate) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Ok(Ended::ByServer) => {
+                    tracing::info!(retry_in = ?wait, "config stream closed by the control plane; reconnecting")
+                }
+                Err(e) => {
+                    self.metrics.directory_refresh_failures.inc();
+                    self.control.reset().await;
+                    tracing::warn!(error = %e, retry_in = ?wait, "config stream failed; keeping the last good configuration")
+                }
+            }
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn session(&self, received: &mut bool) -> Result<Ended, String> {
+        let Some(ours) = self.control.svids.valid() else { return Ok(Ended::NoCertificate) };
+        let Some(channel) = self.control.channel().await.map_err(|e| e.to_string())? else {
+            return Ok(Ended::NoCertificate);
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(DiscoveryRequest { inbound_addr: self.inbound_addr.clone(), ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client =
+            MeshConfigClient::new(channel).max_decoding_message_size(palisade_proto::limits::MAX_SNAPSHOT_BYTES);
+        let mut snapshots = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.metrics.policy_stream_connected.set(1);
+        let mut renewal = tokio::time::interval(RENEWAL_CHECK);
+        loop {
+            let snap = tokio::select! {
+                m = snapshots.message() => match m.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
+                    Some(snap) => snap,
+                    None => return Ok(Ended::ByServer),
+                },
+                _ = renewal.tick() => {
+                    // Reopen on the renewed certificate's channel.
+                    if self.control.still_current(&ours) { continue } else { return Ok(Ended::Renewed) }
+                }
+            };
+            let applied = self.apply(&snap, &ours.id);
+            if applied.rejected.is_empty() {
+                *received = true;
+            }
+            let error = applied.rejected.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ");
+            let reply = DiscoveryRequest {
+                nonce: snap.nonce,
+                version: snap.version,
+                error,
+                rejected: applied.rejected,
+                ..Default::default()
+            };
+            if tx.send(reply).await.is_err() {
+                return Ok(Ended::ByServer);
+            }
+        }
+    }
+
+    /// Applies each resource type of a snapshot on its own: one that fails
+    /// leaves that type's previous version in force and the others apply.
+    fn apply(&self, snap: &Snapshot, identity: &SpiffeId) -> Applied {
+        let mut out = Applied::default();
+        if let Err(e) = self.apply_bundle(snap) {
+            out.rejected.insert("trust_bundle".into(), e);
+        }
+        self.apply_endpoints(snap);
+        if let Err(e) = self.apply_policies(snap, identity) {
+            self.metrics.policy_nacks.inc();
+            tracing::warn!(target: "audit", version = %snap.version, error = %e, "policy snapshot rejected (NACK); the previous policy stays in force");
+            out.rejected.insert("policies".into(), e);
+        }
+        out
+    }
+
+    fn apply_bundle(&self, snap: &Snapshot) -> Result<(), String> {
+        let roots: Vec<CertificateDer<'static>> =
+            snap.trust_bundle_der.iter().cloned().map(CertificateDer::from).collect();
+        if roots.is_empty() {
+            return Ok(());
+        }
+        self.bundle.replace(&roots).map_err(|e| {
+            tracing::warn!(error = %e, "ignoring an unusable trust bundle from the control plane");
+            e.to_string()
+        })
+    }
+
+    fn apply_endpoints(&self, snap: &Snapshot) {
+        let entries = snap.endpoints.iter().filter_map(|e| {
+            let id: SpiffeId = e.identity.parse().ok()?;
+            let addr: SocketAddr = e.address.parse().ok()?;
+            Some((e.service.clone(), id, addr))
+        });
+        let n = self.directory.replace(entries);
+        self.metrics.directory_endpoints.set(n as i64);
+    }
+
+    fn apply_policies(&self, snap: &Snapshot, identity: &SpiffeId) -> Result<(), String> {
+        let previous = self.policy.current();
+        let in_force = InForce::compile(snap, &identity.to_string(), previous.as_deref(), &self.metrics)?;
+        let changed = previous.as_ref().is_none_or(|p| p.enforcer.version != in_force.enforcer.version);
+        self.policy.set(in_force);
+        self.metrics.policy_revision.set(snap.version.trim_start_matches('r').parse().unwrap_or(0));
+        self.metrics
+            .policy_updated
+            .set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+        if changed {
+            tracing::info!(version = %snap.version, policies = snap.policies_json.len(), "policy snapshot applied");
+        }
+        Ok(())
+    }
+}
+
+/// Why a stream session ended without an error.
+#[derive(Debug)]
+enum Ended {
+    ByServer,
+    /// Our certificate was renewed: reopen on a channel that presents it.
+    Renewed,
+    NoCertificate,
+}
+
+/// `d` give or take a quarter, so sidecars that lost the control plane
+/// together do not come back in lockstep.
+pub(crate) fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
+    let spread = d / 2;
+    d - d / 4 + spread.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}
