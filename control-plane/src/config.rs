@@ -55,8 +55,8 @@ pub struct Config {
 
     /// Mesh default for workloads no ALLOW policy targets: `deny`, or
     /// `allow-authenticated` (any mTLS caller of the mesh).
-    #[arg(long, env = "PALISADE_DEFAULT_POLICY", default_value = "deny", value_parser = ["deny", "allow-authenticated"])]
-    pub default_policy: String,
+    #[arg(long, env = "PALISADE_DEFAULT_POLICY", value_enum, default_value_t = DefaultPolicy::Deny)]
+    pub default_policy: DefaultPolicy,
 
     /// Serve the sidecar-injection admission webhook (HTTPS, POST /mutate) here.
     #[arg(long, env = "PALISADE_WEBHOOK_LISTEN")]
@@ -138,12 +138,32 @@ pub struct Config {
     pub idle_timeout: Duration,
 
     /// Log output format.
-    #[arg(long, env = "PALISADE_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
-    pub log_format: String,
+    #[arg(long, env = "PALISADE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `info,audit=debug`.
     #[arg(long, env = "PALISADE_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// Mesh default for workloads no ALLOW policy targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultPolicy {
+    /// Deny.
+    Deny,
+    /// Allow callers with a mesh certificate.
+    AllowAuthenticated,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people.
+    Human,
+    /// One JSON object a line.
+    Json,
 }
 
 /// Errors in flag combinations found after parsing.

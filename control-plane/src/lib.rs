@@ -162,7 +162,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             trust_domain: td.clone(),
         },
         hub: policy::Hub::default(),
-        default_allow_authenticated: cfg.default_policy == "allow-authenticated",
+        default_allow_authenticated: cfg.default_policy == config::DefaultPolicy::AllowAuthenticated,
     });
 
     // Everything spawned from here on stops with `stop` and is waited for on shutdown.

@@ -68,12 +68,12 @@ pub struct Config {
     pub transparent: bool,
 
     /// Transparent mode: traffic to destinations outside the mesh is passed through or denied.
-    #[arg(long, env = "PALISADE_EGRESS", default_value = "passthrough", value_parser = ["passthrough", "deny"])]
-    pub egress: String,
+    #[arg(long, env = "PALISADE_EGRESS", value_enum, default_value_t = Egress::Passthrough)]
+    pub egress: Egress,
 
     /// Inbound mTLS mode: strict (mTLS only) or permissive (plaintext too, as unauthenticated).
-    #[arg(long, env = "PALISADE_MTLS_MODE", default_value = "strict", value_parser = ["strict", "permissive"])]
-    pub mtls_mode: String,
+    #[arg(long, env = "PALISADE_MTLS_MODE", value_enum, default_value_t = MtlsMode::Strict)]
+    pub mtls_mode: MtlsMode,
 
     /// Ports whose traffic is opaque TCP: no protocol detection (server-speaks-first protocols).
     /// Matches the local port of an --upstream, or the app port for inbound plaintext.
@@ -101,8 +101,8 @@ pub struct Config {
     pub admin: SocketAddr,
 
     /// Log output format.
-    #[arg(long, env = "PALISADE_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
-    pub log_format: String,
+    #[arg(long, env = "PALISADE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
 
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "PALISADE_LOG", default_value = "info")]
@@ -114,6 +114,26 @@ impl std::fmt::Debug for Config {
         // Everything but the join token.
         f.write_str(&serde_json::to_string(self).unwrap_or_default())
     }
+}
+
+pub use crate::proxy::outbound::Egress;
+
+/// Inbound mTLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// mTLS only.
+    Strict,
+    /// Plaintext too, as unauthenticated.
+    Permissive,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 /// A flag value that cannot work, found before anything starts.
@@ -253,7 +273,7 @@ impl Config {
 
     /// Whether plaintext inbound connections are accepted.
     pub fn permissive(&self) -> bool {
-        self.mtls_mode == "permissive"
+        self.mtls_mode == MtlsMode::Permissive
     }
 
     /// The inbound address to register in the directory, if reachable.

@@ -175,7 +175,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         limits: cfg.limits.clone(),
         opaque_ports: cfg.opaque_ports.clone(),
         access_log: cfg.access_log,
-        egress: if cfg.egress == "deny" { proxy::outbound::Egress::Deny } else { proxy::outbound::Egress::Passthrough },
+        egress: cfg.egress,
     });
 
     let state = Arc::new(admin::AdminState {

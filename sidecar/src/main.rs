@@ -41,7 +41,7 @@ fn main() {
         std::process::exit(EXIT_CONFIG)
     });
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cfg.log_format == "json" {
+    if cfg.log_format == palisade_sidecar::config::LogFormat::Json {
         fmt.json().init()
     } else {
         fmt.init()

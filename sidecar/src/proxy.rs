@@ -12,6 +12,9 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use std::time::Duration;
+
+use peer::PeerError;
 
 pub mod body;
 pub use palisade_net::{detect, h1guard};
@@ -21,6 +24,57 @@ pub mod peer;
 pub mod pool;
 pub mod serve;
 pub mod tcp;
+
+/// Why a request could not be carried, on either side; mapped to what the
+/// caller sees in one place ([`ProxyError::response`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no directory from the control plane yet")]
+    NoDirectory,
+    #[error("service {0} has no registered sidecar")]
+    UnknownService(String),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("upstream: {0}")]
+    Upstream(hyper::Error),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("malformed request body: {0}")]
+    BadBody(hyper::Error),
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("app unreachable: {0}")]
+    AppUnavailable(String),
+    #[error("app failed: {0}")]
+    AppFailed(String),
+    #[error("app sent no response headers within {0:?}")]
+    AppTimeout(Duration),
+}
+
+impl ProxyError {
+    pub fn response(&self, grpc: bool) -> Response<Body> {
+        let (status, msg) = match self {
+            Self::NoDirectory | Self::UnknownService(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no endpoint for the service")
+            }
+            Self::Peer(PeerError::IdentityMismatch { .. }) => (StatusCode::BAD_GATEWAY, "upstream identity mismatch"),
+            Self::Peer(PeerError::Connect { .. } | PeerError::Timeout { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable")
+            }
+            Self::Peer(PeerError::NoCertificate) => (StatusCode::SERVICE_UNAVAILABLE, "sidecar has no identity yet"),
+            Self::Peer(_) | Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream failed"),
+            Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            Self::BadBody(_) | Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "malformed request"),
+            Self::AppUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "app unavailable"),
+            Self::AppFailed(_) => (StatusCode::BAD_GATEWAY, "app failed"),
+            Self::AppTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "app timed out"),
+        };
+        error_response(grpc, status, msg)
+    }
+}
 
 /// The body type of every request and response the proxy builds or forwards.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;

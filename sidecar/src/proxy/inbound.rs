@@ -26,7 +26,8 @@ use bytes::BytesMut;
 use super::detect::{Detected, Prefixed, Protocol, detect_with};
 use super::tcp::{ConnGuard, Counted};
 use super::{
-    ALPN_H2, ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, error_response, is_grpc, is_upgrade,
+    ALPN_H2, ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, ProxyError, error_response, is_grpc,
+    is_upgrade,
 };
 use crate::config::Limits;
 use crate::metrics::Metrics;
@@ -464,9 +465,9 @@ impl Inbound {
         }
         let resp = match self.forward(req, app_proto, upgrade, &app).await {
             Ok(r) => r,
-            Err((status, msg, e)) => {
+            Err(e) => {
                 tracing::warn!(direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, error = %e, "request to the app failed");
-                error_response(grpc, status, msg)
+                e.response(grpc)
             }
         };
         self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
@@ -552,14 +553,13 @@ impl Inbound {
         app_proto: Protocol,
         upgrade: bool,
         app: &AppTarget,
-    ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
-        let malformed = |e: String| (StatusCode::BAD_REQUEST, "malformed request", e);
+    ) -> Result<Response<Body>, ProxyError> {
         if upgrade {
             return self.upgrade(req, app.addr).await;
         }
         super::strip_hop_by_hop(req.headers_mut());
         let timeout = self.opts.limits.response_timeout;
-        let timed_out = || (StatusCode::GATEWAY_TIMEOUT, "app timed out", "no response headers in time".to_string());
+        let timed_out = |_| ProxyError::AppTimeout(timeout);
         let mut resp = if app_proto == Protocol::Http1 {
             // HTTP/1: Host carries the caller's authority.
             if !req.headers().contains_key(HOST)
@@ -573,7 +573,7 @@ impl Inbound {
             *req.uri_mut() = Uri::from(pq);
             *req.version_mut() = Version::HTTP_11;
             let req = req.map(|b| b.boxed_unsync());
-            tokio::time::timeout(timeout, app.pool.send_h1(req)).await.map_err(|_| timed_out())?.map_err(app_error)?
+            tokio::time::timeout(timeout, app.pool.send_h1(req)).await.map_err(timed_out)?.map_err(app_error)?
         } else {
             // HTTP/2: the URI keeps the caller's :authority; the connection goes to the app.
             if req.uri().scheme().is_none() {
@@ -585,22 +585,19 @@ impl Inbound {
                 if parts.path_and_query.is_none() {
                     parts.path_and_query = Some(PathAndQuery::from_static("/"));
                 }
-                *req.uri_mut() = Uri::from_parts(parts).map_err(|e| malformed(e.to_string()))?;
+                *req.uri_mut() =
+                    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
             }
             *req.version_mut() = Version::HTTP_2;
             let req = req.map(|b| b.boxed_unsync());
-            tokio::time::timeout(timeout, app.pool.send_h2(req)).await.map_err(|_| timed_out())?.map_err(app_error)?
+            tokio::time::timeout(timeout, app.pool.send_h2(req)).await.map_err(timed_out)?.map_err(app_error)?
         };
         super::strip_hop_by_hop(resp.headers_mut());
         Ok(resp)
     }
 
-    async fn upgrade(
-        &self,
-        mut req: Request<Incoming>,
-        app: SocketAddr,
-    ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
-        let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", e);
+    async fn upgrade(&self, mut req: Request<Incoming>, app: SocketAddr) -> Result<Response<Body>, ProxyError> {
+        let unavailable = |e: String| ProxyError::AppUnavailable(e);
         let tcp = TcpStream::connect(app).await.map_err(|e| unavailable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let (mut sender, conn) =
@@ -613,8 +610,7 @@ impl Inbound {
         let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(pq);
         let req = req.map(|b| b.boxed_unsync());
-        let mut resp =
-            sender.send_request(req).await.map_err(|e| (StatusCode::BAD_GATEWAY, "app failed", e.to_string()))?;
+        let mut resp = sender.send_request(req).await.map_err(|e| ProxyError::AppFailed(e.to_string()))?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let app_side = hyper::upgrade::on(&mut resp);
             tokio::spawn(super::outbound::splice_upgraded(caller_side, app_side));
@@ -637,10 +633,10 @@ impl palisade_policy::Headers for RequestHeaders<'_> {
     }
 }
 
-fn app_error(e: super::pool::AppError) -> (StatusCode, &'static str, String) {
+fn app_error(e: super::pool::AppError) -> ProxyError {
     match e {
-        super::pool::AppError::Connect { .. } => (StatusCode::SERVICE_UNAVAILABLE, "app unavailable", e.to_string()),
-        super::pool::AppError::Http(_) => (StatusCode::BAD_GATEWAY, "app failed", e.to_string()),
+        super::pool::AppError::Connect { .. } => ProxyError::AppUnavailable(e.to_string()),
+        super::pool::AppError::Http(_) => ProxyError::AppFailed(e.to_string()),
     }
 }
 

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::detect::{Prefixed, Protocol, detect};
-use super::peer::{Peer, PeerClient, PeerError};
+use super::peer::{Peer, PeerClient};
 use super::tcp::{ConnGuard, Counted};
-use super::{ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, error_response, is_grpc, is_upgrade};
+use super::{ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, ProxyError, is_grpc, is_upgrade};
 use crate::config::{Limits, Upstream};
 use crate::directory::{Directory, LookupError};
 use crate::metrics::Metrics;
@@ -52,7 +52,8 @@ impl std::fmt::Display for Dest {
 }
 
 /// What transparent mode does with traffic to destinations outside the mesh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Egress {
     /// Connect to the original destination in plaintext, as if there were no mesh.
     Passthrough,
@@ -70,47 +71,6 @@ pub struct Outbound {
     pub opaque_ports: Vec<u16>,
     pub access_log: bool,
     pub egress: Egress,
-}
-
-/// Why a request could not be carried; mapped to an answer in one place.
-#[derive(Debug, thiserror::Error)]
-enum ProxyError {
-    #[error("no directory from the control plane yet")]
-    NoDirectory,
-    #[error("service {0} has no registered sidecar")]
-    UnknownService(String),
-    #[error(transparent)]
-    Peer(#[from] PeerError),
-    #[error("upstream: {0}")]
-    Upstream(hyper::Error),
-    #[error("upstream did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("request body exceeds {limit} bytes")]
-    TooLarge { limit: u64 },
-    #[error("malformed request body: {0}")]
-    BadBody(hyper::Error),
-    #[error("malformed request: {0}")]
-    BadRequest(&'static str),
-}
-
-impl ProxyError {
-    fn response(&self, grpc: bool) -> Response<Body> {
-        let (status, msg) = match self {
-            Self::NoDirectory | Self::UnknownService(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "no endpoint for the service")
-            }
-            Self::Peer(PeerError::IdentityMismatch { .. }) => (StatusCode::BAD_GATEWAY, "upstream identity mismatch"),
-            Self::Peer(PeerError::Connect { .. } | PeerError::Timeout { .. }) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable")
-            }
-            Self::Peer(PeerError::NoCertificate) => (StatusCode::SERVICE_UNAVAILABLE, "sidecar has no identity yet"),
-            Self::Peer(_) | Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream failed"),
-            Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
-            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
-            Self::BadBody(_) | Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "malformed request"),
-        };
-        error_response(grpc, status, msg)
-    }
 }
 
 impl Outbound {
