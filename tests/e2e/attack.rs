@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
 use palisade_certs::{SecretPem, TrustDomain, WorkloadKey};
 use palisade_tests::apps::HttpApp;
-use palisade_tests::{ControlPlane, Sidecar, eventually, free_port, grpc};
+use palisade_tests::{ControlPlane, Sidecar, eventually, free_port, grpc, rss_kb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -587,15 +587,6 @@ async fn a_dead_pooled_connection_is_replaced_without_failing_requests() {
         if status(&r) == 200 { ok += 1 } else { failed.push(r) }
     }
     assert_eq!(ok, 50, "{failed:?}");
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Finding 8: an idle connection costs little before it sends a byte, and

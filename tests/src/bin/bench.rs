@@ -223,15 +223,6 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn cpu_seconds(pid: u32) -> f64 {
     let ticks = 100.0; // CLK_TCK on Linux
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -311,7 +302,7 @@ async fn bench(args: Args) -> Result<()> {
     .await?;
     let mesh_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let pids = [server.proc.child.id(), client.proc.child.id()];
-    let idle = pids.map(rss_kb);
+    let idle = pids.map(palisade_tests::rss_kb);
 
     // Warm up both paths (connections, pools, TLS).
     closed_loop(app_addr, 4, Duration::from_secs(1)).await?;
@@ -339,7 +330,7 @@ async fn bench(args: Args) -> Result<()> {
         tokio::spawn(async move {
             while sampling.load(Ordering::Relaxed) {
                 for (i, pid) in pids.iter().enumerate() {
-                    peak[i].fetch_max(rss_kb(*pid), Ordering::Relaxed);
+                    peak[i].fetch_max(palisade_tests::rss_kb(*pid), Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
