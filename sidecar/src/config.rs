@@ -233,17 +233,34 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     s.collect_str(&humantime::format_duration(*d))
 }
 
+/// What validation turns the flags into, once: the values `start` runs on
+/// that had to be parsed or read (the rest of the flags are typed by clap).
+#[derive(Debug)]
+pub struct Validated {
+    pub control_plane: palisade_proto::channel::ControlPlaneAddr,
+    /// The trust anchors of `--ca-bundle`.
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub credential: crate::identity::Credential,
+}
+
 impl Config {
-    /// Checks what can be checked before starting.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        palisade_proto::channel::ControlPlaneAddr::parse(&self.control_plane)?;
+    /// Checks everything that can be checked before starting, and returns
+    /// what it parsed so nothing is parsed twice.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let control_plane = palisade_proto::channel::ControlPlaneAddr::parse(&self.control_plane)?;
         let pem = std::fs::read_to_string(&self.ca_bundle)
             .map_err(|e| ConfigError::CaBundle { path: self.ca_bundle.clone(), why: e.to_string() })?;
-        palisade_certs::ca::parse_pem_certs(&pem)
+        let roots = palisade_certs::ca::parse_pem_certs(&pem)
             .map_err(|why| ConfigError::CaBundle { path: self.ca_bundle.clone(), why })?;
-        if self.join_token.is_none() && self.join_token_file.is_none() && self.k8s_token_file.is_none() {
-            return Err(ConfigError::NoAttestation);
-        }
+        palisade_certs::svid::root_store(&roots)
+            .map_err(|e| ConfigError::CaBundle { path: self.ca_bundle.clone(), why: e.to_string() })?;
+        use crate::identity::Credential;
+        let credential = match (&self.join_token, &self.join_token_file, &self.k8s_token_file) {
+            (Some(t), _, _) => Credential::JoinToken(t.clone()),
+            (None, Some(p), _) => Credential::JoinTokenFile(p.clone()),
+            (None, None, Some(p)) => Credential::K8sTokenFile(p.clone()),
+            (None, None, None) => return Err(ConfigError::NoAttestation),
+        };
         for (flag, path) in [("join-token-file", &self.join_token_file), ("k8s-token-file", &self.k8s_token_file)] {
             if let Some(path) = path {
                 let meta = std::fs::metadata(path).map_err(|e| ConfigError::TokenFile {
@@ -268,7 +285,7 @@ impl Config {
         if !(1024..=1 << 20).contains(&self.limits.max_header_bytes) {
             return Err(ConfigError::HeaderBytes(self.limits.max_header_bytes));
         }
-        Ok(())
+        Ok(Validated { control_plane, roots, credential })
     }
 
     /// Whether plaintext inbound connections are accepted.

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_certs::tls::{PeerIdentity, SpiffeClientVerifier, SvidStore, TrustBundle};
-use palisade_proto::channel::ControlPlaneAddr;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +29,7 @@ pub mod policy;
 pub mod proxy;
 
 pub use config::Config;
-use identity::{Credential, IdentityClientTask};
+use identity::IdentityClientTask;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,17 +81,8 @@ async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// Validates the config, binds every listener, and starts serving.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
-    cfg.validate()?;
-    let addr = ControlPlaneAddr::parse(&cfg.control_plane).map_err(config::ConfigError::from)?;
-    let pem = std::fs::read_to_string(&cfg.ca_bundle).map_err(|e| StartError::Bundle(e.to_string()))?;
-    let roots = palisade_certs::ca::parse_pem_certs(&pem).map_err(StartError::Bundle)?;
+    let config::Validated { control_plane: addr, roots, credential } = cfg.validate()?;
     let bundle = TrustBundle::new(&roots).map_err(|e| StartError::Bundle(e.to_string()))?;
-    let credential = match (&cfg.join_token, &cfg.join_token_file, &cfg.k8s_token_file) {
-        (Some(t), _, _) => Credential::JoinToken(t.clone()),
-        (None, Some(p), _) => Credential::JoinTokenFile(p.clone()),
-        (None, None, Some(p)) => Credential::K8sTokenFile(p.clone()),
-        (None, None, None) => return Err(config::ConfigError::NoAttestation.into()),
-    };
 
     // Bind everything first: a port conflict fails the start, not a later request.
     let admin_listener = bind("--admin", cfg.admin).await?;
