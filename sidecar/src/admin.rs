@@ -140,10 +140,10 @@ fn route(state: &AdminState, src: SocketAddr, req: Request<Incoming>) -> Respons
                 Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n"),
             }
         }
-        "/config" if local_only(src, &req).is_some() => {
-            local_only(src, &req).unwrap_or_else(|| text(StatusCode::FORBIDDEN, "forbidden\n"))
-        }
         "/config" => {
+            if let Some(refused) = local_only(src, &req) {
+                return refused;
+            }
             let svid = state.svids.get();
             let now = SystemTime::now();
             let body = json!({
