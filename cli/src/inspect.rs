@@ -1,6 +1,7 @@
 //! `palisadectl cert inspect`: read a certificate chain from a PEM file or
 //! from a live TLS endpoint, show its SVID facts, and verify it.
 
+use palisade_cmd::outln;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -55,7 +56,26 @@ impl ServerCertVerifier for Capture {
     }
 }
 
+/// `HOST:PORT` from `HOST:PORT`, `https://HOST:PORT` or `https://HOST:PORT/path`.
+fn endpoint(target: &str) -> Result<(String, String)> {
+    let rest = match target.split_once("://") {
+        Some(("https", rest)) => rest,
+        Some((scheme, _)) => bail!("{target}: only https:// endpoints carry certificates, not {scheme}://"),
+        None => target,
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let parsed: http::uri::Authority =
+        authority.parse().map_err(|_| anyhow!("{target:?} is neither a readable PEM file nor HOST:PORT"))?;
+    if parsed.port_u16().is_none() {
+        bail!("{target}: missing port (HOST:PORT, e.g. 127.0.0.1:7700)");
+    }
+    let host = parsed.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    Ok((host, authority.to_string()))
+}
+
 async fn fetch_chain(target: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let (host, target) = endpoint(target)?;
+    let target = target.as_str();
     let capture = Arc::new(Capture { chain: Mutex::new(Vec::new()), provider: palisade_certs::provider() });
     let mut cfg = rustls::ClientConfig::builder_with_provider(palisade_certs::provider())
         .with_safe_default_protocol_versions()?
@@ -63,12 +83,14 @@ async fn fetch_chain(target: &str) -> Result<Vec<CertificateDer<'static>>> {
         .with_custom_certificate_verifier(capture.clone())
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let host = target.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']')).unwrap_or(target);
-    let name = ServerName::try_from(host.to_string()).map_err(|e| anyhow!("{target}: {e}"))?;
+    let name = ServerName::try_from(host).map_err(|e| anyhow!("{target}: {e}"))?;
     let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(target))
         .await
         .map_err(|_| anyhow!("connecting to {target} timed out"))?
-        .with_context(|| format!("cannot connect to {target}"))?;
+        .map_err(|e| {
+            let (failure, detail) = palisade_proto::channel::Failure::of(&e);
+            anyhow!("cannot connect to {target}: {}", failure.explain(&detail))
+        })?;
     // The handshake may fail after the server's certificate arrived (e.g. it
     // demands a client certificate); the chain is captured either way.
     let result = tokio::time::timeout(
@@ -80,7 +102,11 @@ async fn fetch_chain(target: &str) -> Result<Vec<CertificateDer<'static>>> {
     if chain.is_empty() {
         match result {
             Ok(Err(e)) => {
-                bail!("TLS handshake with {target} failed before a certificate was received: {e}")
+                let (failure, detail) = palisade_proto::channel::Failure::of(&e);
+                bail!(
+                    "TLS handshake with {target} failed before a certificate was received: {}",
+                    failure.explain(&detail)
+                )
             }
             _ => bail!("{target} sent no certificate"),
         }
@@ -97,6 +123,9 @@ pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, json: bool) -> 
     } else {
         bail!("{target:?} is neither a readable PEM file nor HOST:PORT");
     };
+    if chain.is_empty() {
+        bail!("{target}: no certificate in it (expected PEM blocks BEGIN CERTIFICATE)");
+    }
     let info = SvidInfo::parse(&chain[0])?;
     let now = SystemTime::now();
     let svid_check = SvidInfo::parse_svid(&chain[0]).map(|_| ()).map_err(|e| e.to_string());
@@ -125,33 +154,33 @@ pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, json: bool) -> 
             "chain_error": verification.as_ref().and_then(|r| r.as_ref().err()),
             "bundle": bundle.map(|b| b.display().to_string()),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
+        outln!(
             "SPIFFE ID:   {}",
             info.spiffe_id
                 .as_ref()
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| format!("none ({})", svid_check.as_ref().err().cloned().unwrap_or_default()))
         );
-        println!("Subject:     {}", if info.subject.is_empty() { "(empty)" } else { &info.subject });
-        println!("Issuer:      {}", info.issuer);
-        println!("Serial:      {}", info.serial);
-        println!("Not before:  {}", rfc3339::format(info.not_before));
-        println!("Not after:   {}", rfc3339::format(info.not_after));
+        outln!("Subject:     {}", if info.subject.is_empty() { "(empty)" } else { &info.subject });
+        outln!("Issuer:      {}", info.issuer);
+        outln!("Serial:      {}", info.serial);
+        outln!("Not before:  {}", rfc3339::format(info.not_before));
+        outln!("Not after:   {}", rfc3339::format(info.not_after));
         let left_s = if left.is_zero() {
             "EXPIRED".to_string()
         } else {
             humantime::format_duration(Duration::from_secs(left.as_secs())).to_string()
         };
-        println!("Time left:   {left_s}");
-        println!("Chain:       {} certificate(s)", chain.len());
+        outln!("Time left:   {left_s}");
+        outln!("Chain:       {} certificate(s)", chain.len());
         match &verification {
-            None => println!("Verified:    not checked (pass --bundle FILE or --credentials DIR)"),
+            None => outln!("Verified:    not checked (pass --bundle FILE or --credentials DIR)"),
             Some(Ok(())) => {
-                println!("Verified:    yes, against {}", bundle.map(|b| b.display().to_string()).unwrap_or_default())
+                outln!("Verified:    yes, against {}", bundle.map(|b| b.display().to_string()).unwrap_or_default())
             }
-            Some(Err(e)) => println!("Verified:    NO: {e}"),
+            Some(Err(e)) => outln!("Verified:    NO: {e}"),
         }
     }
     if let Some(Err(e)) = verification {

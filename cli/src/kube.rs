@@ -1,5 +1,6 @@
 //! `palisadectl inject` and `palisadectl install`: Kubernetes YAML offline.
 
+use palisade_cmd::{out, outln};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
@@ -28,9 +29,9 @@ fn read_input(file: &Path) -> Result<String> {
 fn print_docs(docs: &[Value]) -> Result<()> {
     for (i, d) in docs.iter().enumerate() {
         if i > 0 {
-            println!("---");
+            outln!("---");
         }
-        print!("{}", serde_saphyr::to_string(d)?);
+        out!("{}", serde_saphyr::to_string(d)?);
     }
     Ok(())
 }

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use palisade_certs::SvidInfo;
 use palisade_certs::svid::rfc3339;
 use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
+use palisade_cmd::{out, outln};
 use palisade_proto::channel::ControlPlaneAddr;
 use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::*;
@@ -20,11 +21,19 @@ mod kube;
 mod policy;
 mod table;
 
-/// Operate a Palisade mesh: join tokens, proxies, certificates, health.
+/// Operate a Palisade mesh: join tokens, proxies, certificates, policies, health.
 #[derive(Debug, Parser)]
-#[command(name = "palisadectl", version, about, long_about = None)]
+#[command(name = "palisadectl", version, about, long_about = None, propagate_version = true)]
 pub(crate) struct Cli {
-    /// Control-plane address.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How commands that talk to the control plane reach it, and how they print.
+/// Offered only on those commands (and their subcommands).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Online {
+    /// Control-plane address (https://HOST:PORT).
     #[arg(long, global = true, env = "PALISADE_CONTROL_PLANE", default_value = "https://127.0.0.1:7700")]
     control_plane: String,
 
@@ -36,24 +45,24 @@ pub(crate) struct Cli {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
-
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
+    /// Human-readable text.
     Table,
+    /// JSON.
     Json,
+    /// YAML.
     Yaml,
 }
 
 /// Prints a JSON value as JSON or YAML per `-o`.
-fn print_value(cli: &Cli, v: &serde_json::Value) -> Result<()> {
-    if cli.output == Output::Yaml {
-        print!("{}", serde_saphyr::to_string(v)?);
+fn print_value(output: Output, v: &serde_json::Value) -> Result<()> {
+    if output == Output::Yaml {
+        out!("{}", serde_saphyr::to_string(v)?);
     } else {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        outln!("{}", serde_json::to_string_pretty(v)?);
     }
     Ok(())
 }
@@ -61,21 +70,43 @@ fn print_value(cli: &Cli, v: &serde_json::Value) -> Result<()> {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create, list and revoke join tokens (first-certificate attestation).
-    #[command(subcommand)]
-    Token(TokenCmd),
-    /// List proxies holding certificates: identity, address, cert expiry, last seen.
-    Proxies,
+    Token {
+        #[command(flatten)]
+        online: Online,
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// List proxies holding certificates: identity, address, cert expiry, last seen, policy sync.
+    Proxies {
+        #[command(flatten)]
+        online: Online,
+    },
     /// Certificate tools.
     #[command(subcommand)]
     Cert(CertCmd),
     /// Check the control plane is reachable and healthy, the CA and the admin credential valid.
-    Check,
+    Check {
+        #[command(flatten)]
+        online: Online,
+        /// Retry until every check passes or this time has passed (e.g. 10s), for scripts
+        /// that have just started the control plane.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
+    },
     /// Apply, validate, list, get and delete policies.
-    #[command(subcommand)]
-    Policy(policy::PolicyCmd),
+    Policy {
+        #[command(flatten)]
+        online: Online,
+        #[command(subcommand)]
+        cmd: policy::PolicyCmd,
+    },
     /// Explain authorization decisions.
-    #[command(subcommand)]
-    Authz(AuthzCmd),
+    Authz {
+        #[command(flatten)]
+        online: Online,
+        #[command(subcommand)]
+        cmd: AuthzCmd,
+    },
     /// Add the Palisade sidecar to Kubernetes workloads in a YAML file (offline;
     /// the same code as the admission webhook). Pods, Deployments, StatefulSets,
     /// DaemonSets, ReplicaSets, Jobs, CronJobs; other documents pass through.
@@ -98,8 +129,20 @@ enum Command {
         /// Fill in a freshly generated root CA (Secret, trust bundle, webhook caBundle).
         #[arg(long)]
         generate_ca: bool,
+        /// Trust domain of the generated CA.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+    },
+    /// Print a shell completion script: `source <(palisadectl completion bash)`.
+    Completion {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for palisadectl and each of its subcommands into DIR.
+    Man {
+        /// Directory to write palisadectl.1, palisadectl-token.1, ... into (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
 }
 
@@ -113,16 +156,18 @@ enum AuthzCmd {
         /// Callee SPIFFE ID.
         #[arg(long)]
         to: String,
-        #[arg(long, default_value = "GET")]
+        /// HTTP method of the request (any case: get is GET).
+        #[arg(long, default_value = "GET", value_parser = parse_method)]
         method: String,
+        /// Request path, e.g. /api/orders.
         #[arg(long, default_value = "/")]
         path: String,
-        /// NAME=VALUE, repeatable.
+        /// Request header NAME=VALUE, repeatable.
         #[arg(long = "header")]
         headers: Vec<String>,
-        /// Destination (app) port.
-        #[arg(long, default_value_t = 0)]
-        port: u16,
+        /// The app port the request is addressed to (rules naming ports match only when it is given).
+        #[arg(long)]
+        port: Option<u16>,
     },
 }
 
@@ -137,7 +182,7 @@ enum TokenCmd {
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
         /// How many certificates the token may obtain.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         uses: u32,
     },
     /// List join tokens (ids and state; never the secrets).
@@ -154,46 +199,94 @@ enum CertCmd {
     /// Show a certificate's SPIFFE ID, issuer, validity and time left, and
     /// verify its chain against a trust bundle.
     Inspect {
-        /// A PEM file (leaf first) or a HOST:PORT serving TLS.
+        /// A PEM file (leaf first), or a TLS endpoint: HOST:PORT or https://HOST:PORT.
         target: String,
         /// Trust bundle (PEM) to verify against; default: <credentials>/ca.pem.
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// Directory holding the admin credential; its ca.pem is the default bundle.
+        #[arg(long, env = "PALISADE_CREDENTIALS")]
+        credentials: Option<PathBuf>,
+        /// Output format (table or json).
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// An HTTP method token (RFC 9110), upper-cased: policies name methods in upper case.
+fn parse_method(s: &str) -> Result<String, String> {
+    let token = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err("not an HTTP method; use e.g. GET, POST, DELETE".into());
+    }
+    Ok(s.to_ascii_uppercase())
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 10s, 5m or 1h"))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     palisade_certs::install_default_provider();
-    let cli = Cli::parse();
+    let cli: Cli = palisade_cmd::parse();
     if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(palisade_cmd::EXIT_FAILURE);
     }
 }
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Token(t) => token(&cli, t).await,
-        Command::Proxies => proxies(&cli).await,
-        Command::Cert(CertCmd::Inspect { target, bundle }) => {
-            let bundle = bundle.clone().or_else(|| cli.credentials.as_ref().map(|c| c.join("ca.pem")));
-            inspect::inspect(target, bundle.as_deref(), cli.output != Output::Table).await
+        Command::Token { online, cmd } => token(online, cmd).await,
+        Command::Proxies { online } => proxies(online).await,
+        Command::Cert(CertCmd::Inspect { target, bundle, credentials, output }) => {
+            let bundle = bundle.clone().or_else(|| credentials.as_ref().map(|c| c.join("ca.pem")));
+            inspect::inspect(target, bundle.as_deref(), *output != Output::Table).await
         }
-        Command::Check => check(&cli).await,
-        Command::Policy(p) => policy::run(&cli, p).await,
+        Command::Check { online, wait } => check(online, *wait).await,
+        Command::Policy { online, cmd } => policy::run(online, cmd).await,
         Command::Inject { file, image, mesh_control_plane, classic_sidecar } => {
             kube::inject(file, image, mesh_control_plane, *classic_sidecar)
         }
         Command::Install { generate_ca, trust_domain } => kube::install(*generate_ca, trust_domain),
-        Command::Authz(AuthzCmd::Check { from, to, method, path, headers, port }) => {
-            policy::check(&cli, from, to, method, path, headers, *port).await
+        Command::Authz { online, cmd: AuthzCmd::Check { from, to, method, path, headers, port } } => {
+            policy::check(online, from, to, method, path, headers, *port).await
         }
+        Command::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "palisadectl", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
+            Ok(())
+        }
+        Command::Man { dir } => man(dir),
     }
+}
+
+/// Man pages for the command and each subcommand, named as `man` expects
+/// (`palisadectl-policy-apply.1`).
+fn man(dir: &std::path::Path) -> Result<()> {
+    fn write(cmd: clap::Command, name: String, dir: &std::path::Path, written: &mut Vec<String>) -> Result<()> {
+        let cmd = cmd.name(name.clone()).bin_name(name.replace('-', " "));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        let file = dir.join(format!("{name}.1"));
+        std::fs::write(&file, page).with_context(|| format!("cannot write {}", file.display()))?;
+        written.push(file.display().to_string());
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            write(sub.clone(), format!("{name}-{}", sub.get_name()), dir, written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut written = Vec::new();
+    write(cmd, "palisadectl".into(), dir, &mut written)?;
+    for w in written {
+        outln!("{w}");
+    }
+    Ok(())
 }
 
 /// The admin credential loaded from disk.
@@ -202,7 +295,7 @@ struct Credentials {
     svid: Svid,
 }
 
-fn load_credentials(cli: &Cli) -> Result<Credentials> {
+fn load_credentials(cli: &Online) -> Result<Credentials> {
     let dir = cli
         .credentials
         .as_ref()
@@ -225,7 +318,7 @@ fn load_credentials(cli: &Cli) -> Result<Credentials> {
     Ok(Credentials { bundle, svid: Svid { certified, info, id } })
 }
 
-async fn connect(cli: &Cli, creds: &Credentials) -> Result<Channel> {
+async fn connect(cli: &Online, creds: &Credentials) -> Result<Channel> {
     let addr = ControlPlaneAddr::parse(&cli.control_plane)?;
     let now = SystemTime::now();
     if !creds.svid.is_valid_at(now) {
@@ -244,11 +337,19 @@ async fn connect(cli: &Cli, creds: &Credentials) -> Result<Channel> {
     });
     let tls = palisade_certs::tls::client_config(verifier, Some(Arc::new(store)))?;
     palisade_proto::channel::connect(&addr, Arc::new(tls), Duration::from_secs(10)).await.map_err(|e| {
-        anyhow!("{e}\nhint: is the control plane running at {addr}? (--control-plane / PALISADE_CONTROL_PLANE)")
+        use palisade_proto::channel::{ChannelError, Failure};
+        let hint = match &e {
+            ChannelError::Connect { failure: Failure::UnknownCa | Failure::ClientRejected, .. } => format!(
+                "hint: --credentials / PALISADE_CREDENTIALS ({}) must be the admin directory of the control plane at {addr}",
+                cli.credentials.as_ref().map(|c| c.display().to_string()).unwrap_or_default()
+            ),
+            _ => format!("hint: the address comes from --control-plane / PALISADE_CONTROL_PLANE ({addr})"),
+        };
+        anyhow!("{e}\n{hint}")
     })
 }
 
-pub(crate) async fn admin(cli: &Cli) -> Result<AdminClient<Channel>> {
+pub(crate) async fn admin(cli: &Online) -> Result<AdminClient<Channel>> {
     let creds = load_credentials(cli)?;
     Ok(AdminClient::new(connect(cli, &creds).await?)
         .max_decoding_message_size(palisade_proto::limits::MAX_ADMIN_MESSAGE_BYTES)
@@ -329,13 +430,10 @@ fn token_state(t: &JoinTokenInfo) -> &'static str {
     }
 }
 
-async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
+async fn token(cli: &Online, cmd: &TokenCmd) -> Result<()> {
     let mut client = admin(cli).await?;
     match cmd {
         TokenCmd::Create { identity, ttl, uses } => {
-            if *uses == 0 {
-                bail!("--uses must be at least 1");
-            }
             palisade_certs::SpiffeId::parse_workload(identity).map_err(|e| anyhow!("--identity: {e}"))?;
             let resp = client
                 .create_join_token(CreateJoinTokenRequest {
@@ -349,9 +447,9 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
             if cli.output != Output::Table {
                 let mut v = resp.info.as_ref().map(token_json).unwrap_or_default();
                 v["token"] = resp.token.into();
-                print_value(cli, &serde_json::to_value(&v)?)?;
+                print_value(cli.output, &serde_json::to_value(&v)?)?;
             } else {
-                println!("{}", resp.token);
+                outln!("{}", resp.token);
                 if let Some(info) = &resp.info {
                     eprintln!(
                         "token {} for {} expires {} ({}), {} use(s); it is shown only once",
@@ -368,7 +466,7 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
             let tokens =
                 client.list_join_tokens(ListJoinTokensRequest {}).await.map_err(status_err)?.into_inner().tokens;
             if cli.output != Output::Table {
-                print_value(cli, &serde_json::to_value(tokens.iter().map(token_json).collect::<Vec<_>>())?)?;
+                print_value(cli.output, &serde_json::to_value(tokens.iter().map(token_json).collect::<Vec<_>>())?)?;
             } else {
                 let rows = tokens
                     .iter()
@@ -394,16 +492,16 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
                 .info
                 .unwrap_or_default();
             if cli.output != Output::Table {
-                print_value(cli, &serde_json::to_value(token_json(&info))?)?;
+                print_value(cli.output, &serde_json::to_value(token_json(&info))?)?;
             } else {
-                println!("revoked token {} ({})", info.id, info.identity);
+                outln!("revoked token {} ({})", info.id, info.identity);
             }
         }
     }
     Ok(())
 }
 
-async fn proxies(cli: &Cli) -> Result<()> {
+async fn proxies(cli: &Online) -> Result<()> {
     let mut client = admin(cli).await?;
     let proxies = client.list_proxies(ListProxiesRequest {}).await.map_err(status_err)?.into_inner().proxies;
     let now = SystemTime::now();
@@ -429,7 +527,7 @@ async fn proxies(cli: &Cli) -> Result<()> {
                 })
             })
             .collect();
-        return print_value(cli, &serde_json::Value::Array(v));
+        return print_value(cli.output, &serde_json::Value::Array(v));
     }
     let rows = proxies
         .iter()
@@ -454,7 +552,37 @@ async fn proxies(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-async fn check(cli: &Cli) -> Result<()> {
+/// `check`, retried while `--wait` allows, until every check passes.
+async fn check(cli: &Online, wait: Option<Duration>) -> Result<()> {
+    let deadline = wait.map(|w| std::time::Instant::now() + w);
+    loop {
+        let results = checks(cli).await;
+        let all_ok = results.iter().all(|r| r.1);
+        if all_ok || deadline.is_none_or(|d| std::time::Instant::now() >= d) {
+            return report_checks(cli, &results);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn report_checks(cli: &Online, results: &[(String, bool, String)]) -> Result<()> {
+    let all_ok = results.iter().all(|r| r.1);
+    if cli.output != Output::Table {
+        let v: Vec<_> =
+            results.iter().map(|(n, ok, d)| serde_json::json!({"check": n, "ok": ok, "detail": d})).collect();
+        print_value(cli.output, &serde_json::to_value(serde_json::json!({"ok": all_ok, "checks": v}))?)?;
+    } else {
+        for (name, ok, detail) in results {
+            outln!("{} {name}: {detail}", if *ok { "[ok]  " } else { "[FAIL]" });
+        }
+    }
+    if !all_ok {
+        bail!("some checks failed");
+    }
+    Ok(())
+}
+
+async fn checks(cli: &Online) -> Vec<(String, bool, String)> {
     let mut results: Vec<(String, bool, String)> = Vec::new();
     let creds = load_credentials(cli);
     match &creds {
@@ -525,18 +653,24 @@ async fn check(cli: &Cli) -> Result<()> {
             }
         }
     }
-    let all_ok = results.iter().all(|r| r.1);
-    if cli.output != Output::Table {
-        let v: Vec<_> =
-            results.iter().map(|(n, ok, d)| serde_json::json!({"check": n, "ok": ok, "detail": d})).collect();
-        print_value(cli, &serde_json::to_value(serde_json::json!({"ok": all_ok, "checks": v}))?)?;
-    } else {
-        for (name, ok, detail) in &results {
-            println!("{} {name}: {detail}", if *ok { "[ok]  " } else { "[FAIL]" });
-        }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_and_subcommand_has_help() {
+        let cmd = super::Cli::command();
+        cmd.clone().debug_assert();
+        assert_eq!(palisade_cmd::undocumented(&cmd), Vec::<String>::new());
     }
-    if !all_ok {
-        bail!("some checks failed");
+
+    #[test]
+    fn methods_are_tokens_in_upper_case() {
+        assert_eq!(super::parse_method("get").unwrap(), "GET");
+        assert!(super::parse_method("GE T").is_err());
+        assert!(super::parse_method("").is_err());
     }
-    Ok(())
 }

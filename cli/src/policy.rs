@@ -6,7 +6,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use palisade_proto::v1::*;
 
-use crate::{Cli, Output, admin, print_value, status_err, table};
+use crate::{Online, Output, admin, print_value, status_err, table};
+use palisade_cmd::{out, outln};
 
 /// Policy management.
 #[derive(Debug, Subcommand)]
@@ -17,23 +18,34 @@ pub(crate) enum PolicyCmd {
         /// A file, a directory, or - for standard input.
         #[arg(short, long)]
         file: PathBuf,
+        /// Then wait (up to this long, e.g. 30s) until every connected proxy enforces the result;
+        /// exit 1 if one rejects it or time runs out.
+        #[arg(long, value_parser = crate::parse_duration)]
+        wait: Option<std::time::Duration>,
     },
-    /// Validate locally and on the control plane, changing nothing; prints the diff.
+    /// Validate locally and on the control plane, changing nothing; prints the diff
+    /// and warnings (identities of another trust domain, or that no workload has).
     Validate {
+        /// A file, a directory, or - for standard input.
         #[arg(short, long)]
         file: PathBuf,
     },
     /// List stored policies.
     List,
-    /// Show one policy.
+    /// Show one policy (YAML; JSON with -o json).
     Get {
-        /// AuthorizationPolicy or RateLimitPolicy.
+        /// AuthorizationPolicy or RateLimitPolicy (any case; plural, or short: ap, rlp).
         kind: String,
-        /// namespace/name
+        /// NAMESPACE/NAME
         key: String,
     },
     /// Delete one policy.
-    Delete { kind: String, key: String },
+    Delete {
+        /// AuthorizationPolicy or RateLimitPolicy (any case; plural, or short: ap, rlp).
+        kind: String,
+        /// NAMESPACE/NAME
+        key: String,
+    },
 }
 
 /// Reads FILE, DIR (sorted, .yaml/.yml/.json) or - into (name, text) pairs.
@@ -83,27 +95,27 @@ fn load(path: &Path) -> Result<String> {
     Ok(serde_json::to_string(&all)?)
 }
 
-fn print_applied(cli: &Cli, applied: &[AppliedPolicy]) -> Result<()> {
+fn print_applied(cli: &Online, applied: &[AppliedPolicy]) -> Result<()> {
     if cli.output != Output::Table {
         let v: Vec<_> = applied
             .iter()
             .map(|a| serde_json::json!({"kind": a.kind, "key": a.key, "revision": a.revision, "change": a.change, "diff": a.diff}))
             .collect();
-        return print_value(cli, &serde_json::Value::Array(v));
+        return print_value(cli.output, &serde_json::Value::Array(v));
     }
     for a in applied {
         let rev = if a.revision > 0 { format!(" (revision {})", a.revision) } else { String::new() };
-        println!("{} {} {}{rev}", a.kind, a.key, a.change);
+        outln!("{} {} {}{rev}", a.kind, a.key, a.change);
         if !a.diff.is_empty() {
-            print!("{}", a.diff);
+            out!("{}", a.diff);
         }
     }
     Ok(())
 }
 
-pub(crate) async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<()> {
+pub(crate) async fn run(cli: &Online, cmd: &PolicyCmd) -> Result<()> {
     match cmd {
-        PolicyCmd::Apply { file } | PolicyCmd::Validate { file } => {
+        PolicyCmd::Apply { file, .. } | PolicyCmd::Validate { file } => {
             let document = load(file)?;
             let mut c = admin(cli).await?;
             let req = ApplyPolicyRequest { document };
@@ -112,19 +124,28 @@ pub(crate) async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<()> {
             } else {
                 c.validate_policy(req).await
             };
-            print_applied(cli, &resp.map_err(status_err)?.into_inner().applied)
+            let resp = resp.map_err(status_err)?.into_inner();
+            for w in &resp.warnings {
+                eprintln!("warning: {w}");
+            }
+            print_applied(cli, &resp.applied)?;
+            if let PolicyCmd::Apply { wait: Some(wait), .. } = cmd {
+                let revision = resp.applied.iter().map(|a| a.revision).max().unwrap_or(0);
+                wait_synced(&mut c, revision, *wait).await?;
+            }
+            Ok(())
         }
         PolicyCmd::List => {
             let resp = admin(cli).await?.list_policies(ListPoliciesRequest {}).await.map_err(status_err)?.into_inner();
             if cli.output != Output::Table {
                 let v: Vec<serde_json::Value> =
                     resp.policies.iter().filter_map(|p| serde_json::from_str(&p.json).ok()).collect();
-                return print_value(cli, &serde_json::Value::Array(v));
+                return print_value(cli.output, &serde_json::Value::Array(v));
             }
             let rows =
                 resp.policies.iter().map(|p| vec![p.kind.clone(), p.key.clone(), p.revision.to_string()]).collect();
             table::print(&["KIND", "NAMESPACE/NAME", "REVISION"], rows);
-            println!("store revision {}", resp.revision);
+            outln!("store revision {}", resp.revision);
             Ok(())
         }
         PolicyCmd::Get { kind, key } => {
@@ -136,10 +157,10 @@ pub(crate) async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<()> {
                 .into_inner();
             let v: serde_json::Value = serde_json::from_str(&p.json)?;
             if cli.output == Output::Json {
-                return print_value(cli, &v);
+                return print_value(cli.output, &v);
             }
             // Table output of one resource: YAML reads best.
-            print!("{}", serde_saphyr::to_string(&v)?);
+            out!("{}", serde_saphyr::to_string(&v)?);
             Ok(())
         }
         PolicyCmd::Delete { kind, key } => {
@@ -149,21 +170,52 @@ pub(crate) async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!("{kind} {key} deleted (revision {})", r.revision);
+            outln!("{} {key} deleted (revision {})", palisade_policy::canonical_kind(kind).unwrap_or(kind), r.revision);
             Ok(())
         }
     }
 }
 
+/// Waits until every connected proxy's snapshot reflects `revision` and is
+/// ACKed; fails on a NACK or when `wait` runs out.
+async fn wait_synced(
+    c: &mut palisade_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    revision: u64,
+    wait: std::time::Duration,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let proxies = c.list_proxies(ListProxiesRequest {}).await.map_err(status_err)?.into_inner().proxies;
+        let connected: Vec<_> =
+            proxies.iter().filter(|p| !p.sync_state.is_empty() && p.sync_state != "disconnected").collect();
+        if let Some(p) = connected.iter().find(|p| p.sync_state == "nacked") {
+            bail!("{} ({}) rejected the policy: {}", p.identity, p.inbound_addr, p.last_nack);
+        }
+        let behind: Vec<_> = connected
+            .iter()
+            .filter(|p| p.policy_revision_evaluated < revision || p.sync_state != "synced")
+            .map(|p| format!("{} ({})", p.identity, p.inbound_addr))
+            .collect();
+        if behind.is_empty() {
+            eprintln!("in force on {} connected proxies", connected.len());
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("not in force within {} on: {}", humantime::format_duration(wait), behind.join(", "));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// `authz check`: the simulate API.
 pub(crate) async fn check(
-    cli: &Cli,
+    cli: &Online,
     from: &Option<String>,
     to: &str,
     method: &str,
     path: &str,
     headers: &[String],
-    port: u16,
+    port: Option<u16>,
 ) -> Result<()> {
     let mut hmap = std::collections::HashMap::new();
     for h in headers {
@@ -178,7 +230,7 @@ pub(crate) async fn check(
             method: method.to_string(),
             path: path.to_string(),
             headers: hmap,
-            port: u32::from(port),
+            port: port.map(u32::from).unwrap_or(0),
         })
         .await
         .map_err(status_err)?
@@ -191,14 +243,14 @@ pub(crate) async fn check(
         "rate_limits": resp.rate_limits,
     });
     if cli.output != Output::Table {
-        return print_value(cli, &v);
+        return print_value(cli.output, &v);
     }
-    println!("decision:    {}", resp.decision);
-    println!("policy:      {}", if resp.policy.is_empty() { "-" } else { &resp.policy });
-    println!("rule:        {}", if resp.rule >= 0 { resp.rule.to_string() } else { "-".into() });
-    println!("reason:      {}", resp.reason);
+    outln!("decision:    {}", resp.decision);
+    outln!("policy:      {}", if resp.policy.is_empty() { "-" } else { &resp.policy });
+    outln!("rule:        {}", if resp.rule >= 0 { resp.rule.to_string() } else { "-".into() });
+    outln!("reason:      {}", resp.reason);
     for l in &resp.rate_limits {
-        println!("rate limit:  {l}");
+        outln!("rate limit:  {l}");
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Plain aligned tables for terminal output.
 
+use palisade_cmd::outln;
 /// Prints `rows` under `headers`, columns padded to their widest cell.
 pub(crate) fn print(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -17,11 +18,11 @@ pub(crate) fn print(headers: &[&str], rows: Vec<Vec<String>>) {
                 out.push_str(&format!("{cell:<w$}   "));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(headers.to_vec());
     if rows.is_empty() {
-        println!("(none)");
+        outln!("(none)");
     }
     for row in &rows {
         line(row.iter().map(String::as_str).collect());

@@ -82,8 +82,8 @@ impl Admin for AdminService {
         let identity = SpiffeId::parse_workload(&req.identity).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if identity.trust_domain() != td {
             return Err(Status::invalid_argument(format!(
-                "identity {identity} is in trust domain {:?}, but this control plane issues identities in {td:?}",
-                identity.trust_domain().as_str()
+                "identity {identity} is in trust domain {}, but this control plane issues identities in {td}",
+                identity.trust_domain()
             )));
         }
         let ttl = match req.ttl_seconds {
@@ -160,6 +160,7 @@ impl Admin for AdminService {
                     policy_version: sync.acked.clone(),
                     sync_state: if sync.identity.is_empty() { String::new() } else { sync.state().to_string() },
                     last_nack: sync.last_nack.clone(),
+                    policy_revision_evaluated: sync.evaluated,
                     identity: p.identity,
                     inbound_addr: p.inbound_addr,
                     peer_addr: p.peer_addr,
@@ -193,20 +194,20 @@ impl Admin for AdminService {
         self.authorize(&req)?;
         // Parsing, validating and writing the store block: off the async threads.
         let (shared, document) = (self.shared.clone(), req.into_inner().document);
-        let (_, applied) = blocking(move || crate::policy::apply(&shared, &document, false)).await?;
-        Ok(Response::new(ApplyPolicyResponse { applied }))
+        let (_, applied, warnings) = blocking(move || crate::policy::apply(&shared, &document, false)).await?;
+        Ok(Response::new(ApplyPolicyResponse { applied, warnings }))
     }
 
     async fn validate_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
         self.authorize(&req)?;
         let (shared, document) = (self.shared.clone(), req.into_inner().document);
-        let (_, applied) = blocking(move || crate::policy::apply(&shared, &document, true)).await?;
-        Ok(Response::new(ApplyPolicyResponse { applied }))
+        let (_, applied, warnings) = blocking(move || crate::policy::apply(&shared, &document, true)).await?;
+        Ok(Response::new(ApplyPolicyResponse { applied, warnings }))
     }
 
     async fn get_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<PolicyRecord>, Status> {
         self.authorize(&req)?;
-        let r = req.into_inner();
+        let r = policy_ref(req.into_inner())?;
         self.shared
             .store
             .policies()
@@ -231,7 +232,7 @@ impl Admin for AdminService {
 
     async fn delete_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<DeletePolicyResponse>, Status> {
         self.authorize(&req)?;
-        let r = req.into_inner();
+        let r = policy_ref(req.into_inner())?;
         let (store, kind, key) = (self.shared.store.clone(), r.kind.clone(), r.key.clone());
         match blocking(move || store.delete_policy(&kind, &key)).await {
             Ok(Some(revision)) => {
@@ -252,5 +253,25 @@ impl Admin for AdminService {
     async fn simulate(&self, req: Request<SimulateRequest>) -> Result<Response<SimulateResponse>, Status> {
         self.authorize(&req)?;
         Ok(Response::new(crate::policy::simulate(&self.shared, &req.into_inner())?))
+    }
+}
+
+/// A policy reference as users type it: the kind in any case, plural or
+/// short (`authorizationpolicy`, `ap`), and the key as `NAMESPACE/NAME`.
+fn policy_ref(r: GetPolicyRequest) -> Result<GetPolicyRequest, Status> {
+    let kind = palisade_policy::canonical_kind(&r.kind).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "unknown policy kind {:?}; use {} (any case; plural and short names ap, rlp work too)",
+            r.kind,
+            palisade_policy::KINDS.join(" or ")
+        ))
+    })?;
+    match r.key.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(GetPolicyRequest { kind: kind.to_string(), key: r.key })
+        }
+        _ => {
+            Err(Status::invalid_argument(format!("policy key {:?} is not NAMESPACE/NAME, e.g. shop/web-reads", r.key)))
+        }
     }
 }

@@ -18,7 +18,7 @@ pub struct Config {
     pub data_dir: PathBuf,
 
     /// Address the gRPC API (TLS) listens on.
-    #[arg(long, env = "PALISADE_LISTEN", default_value = "127.0.0.1:7700")]
+    #[arg(long, env = "PALISADE_LISTEN", default_value = "127.0.0.1:7700", value_parser = palisade_cmd::socket_addr)]
     pub listen: SocketAddr,
 
     /// SPIFFE trust domain of every identity this control plane issues.
@@ -59,7 +59,7 @@ pub struct Config {
     pub default_policy: DefaultPolicy,
 
     /// Serve the sidecar-injection admission webhook (HTTPS, POST /mutate) here.
-    #[arg(long, env = "PALISADE_WEBHOOK_LISTEN")]
+    #[arg(long, env = "PALISADE_WEBHOOK_LISTEN", value_parser = palisade_cmd::socket_addr)]
     pub webhook_listen: Option<SocketAddr>,
 
     /// DNS names of the webhook's certificate (the Service the API server calls).

@@ -64,8 +64,8 @@ impl Identity for IdentityService {
             {
                 return Err(refuse(
                     Status::permission_denied(format!(
-                        "CSR asks for {uri} in foreign trust domain {:?}; this control plane issues identities in {td:?} only",
-                        id.trust_domain().as_str()
+                        "CSR asks for {uri} in foreign trust domain {}; this control plane issues identities in {td} only",
+                        id.trust_domain()
                     )),
                     &src,
                     uri,

@@ -1,27 +1,21 @@
-use clap::Parser;
+use palisade_cmd::{EXIT_USAGE, LogStyle};
 use palisade_control_plane::{Config, start};
-use tracing_subscriber::EnvFilter;
-
-/// Exit status for configuration errors (EX_USAGE).
-const EXIT_CONFIG: i32 = 64;
 
 #[tokio::main]
 async fn main() {
     palisade_certs::install_default_provider();
-    let cfg = Config::parse();
-    let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|e| {
-        eprintln!("error: --log {:?}: {e}", cfg.log);
-        std::process::exit(EXIT_CONFIG)
-    });
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cfg.log_format == palisade_control_plane::config::LogFormat::Json {
-        fmt.json().init()
-    } else {
-        fmt.init()
+    let cfg: Config = palisade_cmd::parse();
+    let style = match cfg.log_format {
+        palisade_control_plane::config::LogFormat::Json => LogStyle::Json,
+        palisade_control_plane::config::LogFormat::Human => LogStyle::Human,
+    };
+    if let Err(e) = palisade_cmd::init_logging("--log", &cfg.log, style) {
+        eprintln!("error: {e}");
+        std::process::exit(EXIT_USAGE)
     }
     if let Err(e) = cfg.validate() {
         eprintln!("error: {e}");
-        std::process::exit(EXIT_CONFIG);
+        std::process::exit(EXIT_USAGE);
     }
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting palisade-control-plane");
     let running = match start(cfg).await {
@@ -45,5 +39,17 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_has_help() {
+        let cmd = super::Config::command();
+        cmd.clone().debug_assert();
+        assert_eq!(palisade_cmd::undocumented(&cmd), Vec::<String>::new());
     }
 }

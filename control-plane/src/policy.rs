@@ -35,6 +35,9 @@ pub struct SyncStatus {
     pub last_nack: String,
     pub connected: bool,
     pub nacked: bool,
+    /// The store's policy revision this proxy's snapshot was last computed
+    /// from (sent, or found unchanged): `policy apply --wait` waits for it.
+    pub evaluated: u64,
     /// Which stream owns the entry: a reconnect's new stream takes it over,
     /// and the old stream closing late must not mark it disconnected.
     pub stream: u64,
@@ -181,9 +184,14 @@ fn diff(old: Option<&str>, new: &str) -> String {
 }
 
 /// Applies (or, with `dry_run`, only validates) a document.
-pub(crate) fn apply(shared: &Shared, document: &str, dry_run: bool) -> Result<(u64, Vec<AppliedPolicy>), Status> {
+pub(crate) fn apply(
+    shared: &Shared,
+    document: &str,
+    dry_run: bool,
+) -> Result<(u64, Vec<AppliedPolicy>, Vec<String>), Status> {
     let resources = parse(document)?;
     check_budget(shared, &resources)?;
+    let warnings = warnings(shared, &resources);
     if dry_run {
         let (rev, stored) = shared.store.policies();
         let by_id: HashMap<_, _> = stored.iter().map(|p| ((p.kind.clone(), p.key.clone()), p.json.clone())).collect();
@@ -197,7 +205,7 @@ pub(crate) fn apply(shared: &Shared, document: &str, dry_run: bool) -> Result<(u
                 diff: diff(by_id.get(&(r.kind().to_string(), r.key())).map(String::as_str), &r.to_json()),
             })
             .collect();
-        return Ok((rev, out));
+        return Ok((rev, out, warnings));
     }
     let (rev, applied) = shared
         .store
@@ -219,7 +227,47 @@ pub(crate) fn apply(shared: &Shared, document: &str, dry_run: bool) -> Result<(u
         }
     }
     shared.hub.policies_changed();
-    Ok((rev, out))
+    Ok((rev, out, warnings))
+}
+
+/// Identities a policy names that can never match, or that no workload the
+/// control plane knows has (registered proxies, join tokens): valid, but
+/// most likely a mistake, so `apply` and `validate` say so.
+fn warnings(shared: &Shared, resources: &[Resource]) -> Vec<String> {
+    let td = shared.trust_domain.as_str();
+    let known: std::collections::HashSet<String> = shared
+        .store
+        .proxies()
+        .into_iter()
+        .map(|p| p.identity)
+        .chain(shared.store.tokens().into_iter().map(|t| t.identity))
+        .collect();
+    let mut out = Vec::new();
+    for r in resources {
+        for (path, pattern) in r.identity_patterns() {
+            let glob = |s: &str| s.contains(['*', '?']);
+            let named_td = pattern.strip_prefix("spiffe://").map(|rest| rest.split('/').next().unwrap_or_default());
+            let msg = match named_td {
+                Some(other) if !glob(other) && other != td => {
+                    format!("{pattern:?} is in trust domain {other}, but this mesh's is {td}: it never matches")
+                }
+                _ if glob(pattern) => {
+                    if known.iter().any(|k| wildmatch::WildMatch::new(pattern).matches(k)) || known.is_empty() {
+                        continue;
+                    }
+                    format!(
+                        "{pattern:?} matches no workload known to the control plane yet (registered proxies, join tokens)"
+                    )
+                }
+                _ if known.contains(pattern) => continue,
+                _ => format!(
+                    "no workload known to the control plane has {pattern:?} (registered proxies, join tokens); a typo?"
+                ),
+            };
+            out.push(format!("{} {}: {path}: {msg}", r.kind(), r.key()));
+        }
+    }
+    out
 }
 
 /// Refuses an apply after which the stored policies would not fit in a
@@ -298,7 +346,8 @@ pub struct MeshConfigService {
     pub(crate) shared: Arc<Shared>,
 }
 
-fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> Snapshot {
+/// The snapshot for one sidecar, and the store policy revision it reflects.
+fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64) {
     let parsed = hub.parsed(shared);
     let mut policies_json = Vec::new();
     let mut rate_shares = HashMap::new();
@@ -330,7 +379,7 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> Snapshot {
             policies_json.push(json.clone());
         }
     }
-    Snapshot {
+    let snapshot = Snapshot {
         version: format!("r{}", parsed.revision),
         nonce: String::new(),
         policies_json,
@@ -338,7 +387,8 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> Snapshot {
         trust_bundle_der: shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
         default_allow_authenticated: shared.default_allow_authenticated,
         rate_shares,
-    }
+    };
+    (snapshot, parsed.revision)
 }
 
 /// Whether two snapshots carry the same content (versions and nonces aside).
@@ -392,9 +442,14 @@ impl MeshConfig for MeshConfigService {
             let mut closing = hub.closing.subscribe();
             let mut last: Option<Snapshot> = None;
             loop {
-                let mut snap = build_snapshot(&sender_shared, &sender_identity, hub);
+                let (mut snap, evaluated) = build_snapshot(&sender_shared, &sender_identity, hub);
                 if last.as_ref().is_some_and(|l| same_content(l, &snap)) {
                     // Nothing this sidecar sees changed.
+                    hub.update(&sender_key, |s| {
+                        if s.stream == stream_id {
+                            s.evaluated = evaluated;
+                        }
+                    });
                 } else if prost::Message::encoded_len(&snap) > limits::MAX_SNAPSHOT_BYTES {
                     // Apply keeps policies under budget; endpoints alone could still grow past it.
                     tracing::error!(proxy = %sender_key, size = prost::Message::encoded_len(&snap), limit = limits::MAX_SNAPSHOT_BYTES, "snapshot too large for the sidecar; not sent (it keeps its last policy)");
@@ -408,6 +463,7 @@ impl MeshConfig for MeshConfigService {
                     hub.update(&sender_key, |s| {
                         if s.stream == stream_id {
                             s.sent = version;
+                            s.evaluated = evaluated;
                         }
                     });
                     last = Some(snap);

@@ -20,7 +20,7 @@ pub mod yaml;
 
 pub use enforcer::{Enforcer, Inputs, Limited};
 pub use eval::{Decision, HeaderList, Headers, Request, RuleSet, Verdict};
-pub use resource::{LimitKey, PolicyError, Resource};
+pub use resource::{KINDS, LimitKey, PolicyError, Resource, canonical_kind};
 
 /// The `apiVersion` of every Palisade resource.
 pub const API_VERSION: &str = "palisade.dev/v1";

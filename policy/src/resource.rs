@@ -287,8 +287,22 @@ struct Envelope {
     #[serde(rename = "apiVersion")]
     api_version: Option<String>,
     kind: Option<String>,
-    metadata: Option<Metadata>,
+    metadata: Option<serde_json::Value>,
     spec: Option<serde_json::Value>,
+}
+
+/// The policy kinds, as `kind:` spells them.
+pub const KINDS: [&str; 2] = ["AuthorizationPolicy", "RateLimitPolicy"];
+
+/// The kind a user meant, the way kubectl reads kinds: any case, singular or
+/// plural (`authorizationpolicies`), or the short name (`ap`, `rlp`).
+pub fn canonical_kind(s: &str) -> Option<&'static str> {
+    let k = s.to_ascii_lowercase();
+    match k.as_str() {
+        "authorizationpolicy" | "authorizationpolicies" | "ap" => Some(KINDS[0]),
+        "ratelimitpolicy" | "ratelimitpolicies" | "rlp" => Some(KINDS[1]),
+        _ => None,
+    }
 }
 
 impl Resource {
@@ -312,6 +326,31 @@ impl Resource {
             Self::RateLimitPolicy { spec, .. } => &spec.target,
         };
         t.identities.iter().any(|g| wildmatch::WildMatch::new(g).matches(identity))
+    }
+
+    /// Every SPIFFE ID pattern the policy names, with its field path:
+    /// the targets, and for authorization policies the callers of each rule.
+    pub fn identity_patterns(&self) -> Vec<(String, &str)> {
+        let (target, rules) = match self {
+            Self::AuthorizationPolicy { spec, .. } => (&spec.target, spec.rules.as_slice()),
+            Self::RateLimitPolicy { spec, .. } => (&spec.target, &[][..]),
+        };
+        let mut out: Vec<(String, &str)> = target
+            .identities
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (format!("spec.target.identities[{i}]"), g.as_str()))
+            .collect();
+        for (r, rule) in rules.iter().enumerate() {
+            for (f, from) in rule.from.iter().enumerate() {
+                for (name, list) in [("identities", &from.identities), ("notIdentities", &from.not_identities)] {
+                    for (i, g) in list.iter().enumerate() {
+                        out.push((format!("spec.rules[{r}].from[{f}].{name}[{i}]"), g.as_str()));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Canonical JSON (what the control plane stores and sends).
@@ -350,7 +389,8 @@ impl Resource {
         let missing =
             |field: &str| PolicyError::Parse { what: what.clone(), message: format!("missing field `{field}`") };
         let kind = env.kind.ok_or_else(|| missing("kind"))?;
-        let metadata = env.metadata.ok_or_else(|| missing("metadata"))?;
+        let metadata: Metadata = serde_json::from_value(env.metadata.ok_or_else(|| missing("metadata"))?)
+            .map_err(|e| PolicyError::Parse { what: what.clone(), message: format!("metadata: {e}") })?;
         let api_version = env.api_version.ok_or_else(|| missing("apiVersion"))?;
         let name = format!("{kind} {}/{}", metadata.namespace, metadata.name);
         let invalid = |field: &str, value: &str, why: &str| PolicyError::Invalid {

@@ -17,13 +17,109 @@ pub enum ChannelError {
     /// The address is not `https://host:port`.
     #[error("control-plane address {addr:?} is invalid: {why}; expected https://HOST:PORT")]
     InvalidAddress { addr: String, why: String },
-    /// Connecting or the TLS handshake failed.
-    #[error("cannot connect to the control plane at {addr}: {source}")]
+    /// Connecting or the TLS handshake failed; `failure` says why, for hints.
+    #[error("cannot connect to the control plane at {addr}: {}", failure.explain(detail))]
     Connect {
         addr: String,
+        failure: Failure,
+        detail: String,
         #[source]
         source: tonic::transport::Error,
     },
+}
+
+/// Why a connection to a TLS server failed, as far as the user can act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Nothing listens at the address.
+    Refused,
+    /// The host name does not resolve.
+    Resolve,
+    /// No answer in time.
+    TimedOut,
+    /// The server did not answer in TLS (a plain-HTTP port, another service).
+    NotTls,
+    /// The server's certificate is not signed by the bundle we trust.
+    UnknownCa,
+    /// The server's certificate has expired (or is not valid yet).
+    Expired,
+    /// The server's certificate is signed by our CA but names another identity.
+    WrongIdentity,
+    /// The server refused our client certificate.
+    ClientRejected,
+    /// Anything else; the detail says what.
+    Other,
+}
+
+impl Failure {
+    /// Works out why from an error chain (tonic -> io -> rustls).
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> (Self, String) {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        let mut last = e.to_string();
+        while let Some(err) = cur {
+            last = err.to_string();
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return (Self::Refused, last),
+                    std::io::ErrorKind::TimedOut => return (Self::TimedOut, last),
+                    _ => {}
+                }
+                if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    return (Self::of_tls(tls), tls.to_string());
+                }
+                if last.contains("failed to lookup address") || last.contains("Name or service not known") {
+                    return (Self::Resolve, last);
+                }
+            }
+            if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+                return (Self::of_tls(tls), tls.to_string());
+            }
+            if last == "timed out" || last.contains("deadline has elapsed") {
+                return (Self::TimedOut, last);
+            }
+            cur = err.source();
+        }
+        (Self::Other, last)
+    }
+
+    fn of_tls(e: &rustls::Error) -> Self {
+        use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+        match e {
+            E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
+                Self::NotTls
+            }
+            E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => Self::UnknownCa,
+            E::InvalidCertificate(
+                C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+            ) => Self::Expired,
+            E::InvalidCertificate(_) => Self::WrongIdentity,
+            E::AlertReceived(
+                A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateExpired
+                | A::CertificateRequired
+                | A::CertificateUnknown
+                | A::AccessDenied
+                | A::DecryptError,
+            ) => Self::ClientRejected,
+            _ => Self::Other,
+        }
+    }
+
+    /// The cause and the fix, in words.
+    pub fn explain(self, detail: &str) -> String {
+        match self {
+            Self::Refused => "connection refused: nothing is listening there; is it running, and is the address right?".into(),
+            Self::Resolve => format!("the host name does not resolve ({detail})"),
+            Self::TimedOut => "no answer in time: is the address right, or is a firewall dropping the connection?".into(),
+            Self::NotTls => format!("not a TLS port: the server there does not speak TLS (a plain-HTTP port, or another service?) ({detail})"),
+            Self::UnknownCa => "TLS: the server's certificate is not signed by the CA bundle you gave (a bundle from another control plane? use the ca.pem of the control plane at this address)".into(),
+            Self::Expired => format!("TLS: the server's certificate is not valid now (expired, or a clock is wrong) ({detail})"),
+            Self::WrongIdentity => format!("TLS: the server presented another identity than expected ({detail})"),
+            Self::ClientRejected => format!("TLS: the server refused our certificate ({detail}): is the credential from this mesh, and still valid?"),
+            Self::Other => detail.to_string(),
+        }
+    }
 }
 
 /// A parsed `https://host:port` control-plane address.
@@ -98,10 +194,10 @@ pub async fn connect(
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });
-    endpoint
-        .connect_with_connector(svc)
-        .await
-        .map_err(|source| ChannelError::Connect { addr: addr.to_string(), source })
+    endpoint.connect_with_connector(svc).await.map_err(|source| {
+        let (failure, detail) = Failure::of(&source);
+        ChannelError::Connect { addr: addr.to_string(), failure, detail, source }
+    })
 }
 
 fn bracket(host: &str) -> String {

@@ -41,15 +41,15 @@ pub struct Config {
     pub trust_domain: TrustDomain,
 
     /// Inbound listener (mTLS from other sidecars), registered with the control plane.
-    #[arg(long, env = "PALISADE_INBOUND", default_value = "127.0.0.1:4143")]
+    #[arg(long, env = "PALISADE_INBOUND", default_value = "127.0.0.1:4143", value_parser = palisade_cmd::socket_addr)]
     pub inbound: SocketAddr,
 
     /// Outbound listener for redirected app traffic (bound with --transparent).
-    #[arg(long, env = "PALISADE_OUTBOUND", default_value = "127.0.0.1:4140")]
+    #[arg(long, env = "PALISADE_OUTBOUND", default_value = "127.0.0.1:4140", value_parser = palisade_cmd::socket_addr)]
     pub outbound: SocketAddr,
 
     /// Where inbound traffic is delivered: the local application.
-    #[arg(long, env = "PALISADE_APP", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "PALISADE_APP", default_value = "127.0.0.1:8080", value_parser = palisade_cmd::socket_addr)]
     pub app: SocketAddr,
 
     /// Explicit outbound mapping LOCAL_HOST:PORT=SERVICE (repeatable), SERVICE is <service-account>.<namespace>:
@@ -59,7 +59,7 @@ pub struct Config {
 
     /// Address registered in the directory for peers to reach --inbound
     /// (default: --inbound, unless it is a wildcard address).
-    #[arg(long, env = "PALISADE_ADVERTISE")]
+    #[arg(long, env = "PALISADE_ADVERTISE", value_parser = palisade_cmd::socket_addr)]
     pub advertise: Option<SocketAddr>,
 
     /// Transparent mode (with the rules of `palisade-sidecar init`): bind --outbound for
@@ -97,7 +97,7 @@ pub struct Config {
     pub limits: Limits,
 
     /// Admin HTTP server: /live, /ready, /metrics, /config.
-    #[arg(long, env = "PALISADE_ADMIN", default_value = "127.0.0.1:4191")]
+    #[arg(long, env = "PALISADE_ADMIN", default_value = "127.0.0.1:4191", value_parser = palisade_cmd::socket_addr)]
     pub admin: SocketAddr,
 
     /// Log output format.

@@ -1,6 +1,7 @@
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use palisade_cmd::{EXIT_FAILURE, EXIT_USAGE, LogStyle};
+use palisade_sidecar::init::InitConfig;
 use palisade_sidecar::{Config, StartError, start};
-use tracing_subscriber::EnvFilter;
 
 /// jemalloc rather than glibc malloc: after a flood of connections ends,
 /// its background thread hands the memory they held back to the system
@@ -9,42 +10,51 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Exit status for configuration errors (EX_USAGE).
-const EXIT_CONFIG: i32 = 64;
+/// `palisade-sidecar wait-ready`: a classic sidecar's postStart hook holds
+/// the app's containers until the proxy is ready.
+#[derive(Debug, clap::Parser)]
+#[command(about = "Wait until the proxy's admin endpoint answers /ready with 200 (a classic sidecar's postStart hook)")]
+struct WaitReady {
+    /// The proxy's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:4191")]
+    admin: String,
+    /// Give up (exit 1) after this long.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 30s or 2m"))
+}
+
+/// The whole command line: the proxy's flags, or one of its subcommands.
+fn command() -> clap::Command {
+    Config::command()
+        .subcommand(InitConfig::command().name("init"))
+        .subcommand(WaitReady::command().name("wait-ready"))
+        .args_conflicts_with_subcommands(true)
+        .subcommand_negates_reqs(true)
+}
 
 fn main() {
     palisade_certs::install_default_provider();
-    // `palisade-sidecar init`: the init container's job, then exit.
-    if std::env::args().nth(1).as_deref() == Some("init") {
-        let init = palisade_sidecar::init::InitConfig::parse_from(std::env::args().skip(1));
-        match init.run() {
-            Ok(()) => {
-                if init.verify {
-                    println!("interception rules are in place");
-                }
-                std::process::exit(0)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(1)
-            }
+    let matches = palisade_cmd::matches(command());
+    let cfg = match matches.subcommand() {
+        Some(("init", m)) => {
+            std::process::exit(init(InitConfig::from_arg_matches(m).unwrap_or_else(|e| palisade_cmd::exit_on(e))))
         }
-    }
-    // `palisade-sidecar wait-ready`: a classic sidecar's postStart hook holds
-    // the app's containers until the proxy is ready.
-    if std::env::args().nth(1).as_deref() == Some("wait-ready") {
-        std::process::exit(wait_ready(std::env::args().skip(2).collect()));
-    }
-    let cfg = Config::parse();
-    let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|e| {
-        eprintln!("error: --log {:?}: {e}", cfg.log);
-        std::process::exit(EXIT_CONFIG)
-    });
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cfg.log_format == palisade_sidecar::config::LogFormat::Json {
-        fmt.json().init()
-    } else {
-        fmt.init()
+        Some(("wait-ready", m)) => {
+            std::process::exit(wait_ready(&WaitReady::from_arg_matches(m).unwrap_or_else(|e| palisade_cmd::exit_on(e))))
+        }
+        _ => Config::from_arg_matches(&matches).unwrap_or_else(|e| palisade_cmd::exit_on(e)),
+    };
+    let style = match cfg.log_format {
+        palisade_sidecar::config::LogFormat::Json => LogStyle::Json,
+        palisade_sidecar::config::LogFormat::Human => LogStyle::Human,
+    };
+    if let Err(e) = palisade_cmd::init_logging("--log", &cfg.log, style) {
+        eprintln!("error: {e}");
+        std::process::exit(EXIT_USAGE)
     }
     // One thread by default: a sidecar's work is small per request, and a
     // single thread avoids cross-thread wake-ups and per-thread memory.
@@ -55,9 +65,25 @@ fn main() {
     };
     let runtime = runtime.unwrap_or_else(|e| {
         eprintln!("error: cannot start the runtime: {e}");
-        std::process::exit(1)
+        std::process::exit(EXIT_FAILURE)
     });
     std::process::exit(runtime.block_on(run(cfg)));
+}
+
+/// `palisade-sidecar init`: the init container's job, then exit.
+fn init(init: InitConfig) -> i32 {
+    match init.run() {
+        Ok(()) => {
+            if init.verify {
+                println!("interception rules are in place");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILURE
+        }
+    }
 }
 
 async fn run(cfg: Config) -> i32 {
@@ -67,7 +93,7 @@ async fn run(cfg: Config) -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            return if matches!(e, StartError::Config(_) | StartError::Bundle(_)) { EXIT_CONFIG } else { 1 };
+            return if matches!(e, StartError::Config(_) | StartError::Bundle(_)) { EXIT_USAGE } else { EXIT_FAILURE };
         }
     };
     let shutdown = running.shutdown.clone();
@@ -96,16 +122,12 @@ async fn wait_for_signal() {
 }
 
 /// Polls `http://<admin>/ready` until 200 (exit 0) or the timeout (exit 1).
-fn wait_ready(args: Vec<String>) -> i32 {
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let admin = flag("--admin").unwrap_or_else(|| "127.0.0.1:4191".into());
-    let timeout = flag("--timeout")
-        .and_then(|t| humantime::parse_duration(&t).ok())
-        .unwrap_or(std::time::Duration::from_secs(120));
-    let deadline = std::time::Instant::now() + timeout;
+fn wait_ready(args: &WaitReady) -> i32 {
+    let admin = &args.admin;
+    let deadline = std::time::Instant::now() + args.timeout;
     while std::time::Instant::now() < deadline {
         use std::io::{Read, Write};
-        if let Ok(mut s) = std::net::TcpStream::connect(&admin) {
+        if let Ok(mut s) = std::net::TcpStream::connect(admin) {
             let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
             let _ =
                 s.write_all(format!("GET /ready HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes());
@@ -116,6 +138,16 @@ fn wait_ready(args: Vec<String>) -> i32 {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    eprintln!("error: the proxy at {admin} was not ready within {}", humantime::format_duration(timeout));
-    1
+    eprintln!("error: the proxy at {admin} was not ready within {}", humantime::format_duration(args.timeout));
+    EXIT_FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_flag_and_subcommand_has_help() {
+        let cmd = super::command();
+        cmd.clone().debug_assert();
+        assert_eq!(palisade_cmd::undocumented(&cmd), Vec::<String>::new());
+    }
 }

@@ -1,0 +1,152 @@
+//! The conventions every Palisade program keeps as a command-line tool, in
+//! one place so the three binaries cannot drift apart:
+//!
+//! - exit status 0 for `--help` and `--version` (on every subcommand), 64
+//!   (`EX_USAGE`) for a usage error or a bad flag value, clap's own errors
+//!   included, and 1 when the program cannot do its job;
+//! - colour only on a terminal, never with `NO_COLOR` set (log files and
+//!   pipes get plain text);
+//! - a closed pipe on standard output (`palisadectl install | head`) ends the
+//!   program quietly instead of a panic.
+
+use std::io::{IsTerminal, Write};
+
+/// Exit status for a usage error or a bad flag value (sysexits.h `EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+/// Exit status when the program cannot do what was asked.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// Parses the process's arguments. `--help`/`--version` print and exit 0;
+/// any usage error prints clap's message (with colour only where allowed)
+/// and exits [`EXIT_USAGE`].
+pub fn parse<T: clap::Parser>() -> T {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse`] over the given arguments (the first is the program name).
+pub fn parse_from<T, I, A>(args: I) -> T
+where
+    T: clap::Parser,
+    I: IntoIterator<Item = A>,
+    A: Into<std::ffi::OsString> + Clone,
+{
+    let mut matches = matches_from(T::command(), args);
+    T::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| exit_on(e))
+}
+
+/// Matches the process's arguments against a hand-assembled command (one
+/// whose subcommands come from several structs), with [`parse`]'s exits.
+pub fn matches(cmd: clap::Command) -> clap::ArgMatches {
+    matches_from(cmd, std::env::args_os())
+}
+
+fn matches_from<I, A>(cmd: clap::Command, args: I) -> clap::ArgMatches
+where
+    I: IntoIterator<Item = A>,
+    A: Into<std::ffi::OsString> + Clone,
+{
+    let color = if color_allowed(&std::io::stderr()) { clap::ColorChoice::Auto } else { clap::ColorChoice::Never };
+    cmd.color(color).try_get_matches_from(args).unwrap_or_else(|e| exit_on(e))
+}
+
+/// Prints a clap error (or help/version) and exits with the convention's status.
+pub fn exit_on(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let code = match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+        _ => EXIT_USAGE,
+    };
+    // clap prints help to stdout and errors to stderr; a closed pipe is not an error.
+    let _ = e.print();
+    std::process::exit(code)
+}
+
+/// Whether a stream may carry ANSI colour: it is a terminal and `NO_COLOR`
+/// (<https://no-color.org>) is unset or empty.
+pub fn color_allowed(stream: &impl IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Log output: human-readable lines or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStyle {
+    Human,
+    Json,
+}
+
+/// Installs the global `tracing` subscriber writing to standard error.
+/// `filter` is an `EnvFilter` directive (`info`, `palisade=debug,audit=info`);
+/// a bad one is a usage error and the message names `flag`.
+pub fn init_logging(flag: &str, filter: &str, style: LogStyle) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("{flag} {filter:?}: {e}"))?;
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(color_allowed(&std::io::stderr()));
+    match style {
+        LogStyle::Json => fmt.json().init(),
+        LogStyle::Human => fmt.init(),
+    }
+    Ok(())
+}
+
+/// Writes to standard output; when the reader has gone away (a closed pipe)
+/// the program ends quietly with status 0, as `head` expects of its writers.
+/// Any other write error ends it with [`EXIT_FAILURE`].
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "error: cannot write to standard output: {e}");
+        std::process::exit(EXIT_FAILURE);
+    }
+}
+
+/// `print!` that ends the program quietly on a closed pipe (see [`write_stdout`]).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` that ends the program quietly on a closed pipe (see [`write_stdout`]).
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Checks a command tree against the conventions a user relies on: every
+/// argument and subcommand has help text. Returns what is missing, by path.
+pub fn undocumented(cmd: &clap::Command) -> Vec<String> {
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if matches!(id, "help" | "version") || a.is_hide_set() {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for s in cmd.get_subcommands() {
+            if s.is_hide_set() || s.get_name() == "help" {
+                continue;
+            }
+            let sub = format!("{path} {}", s.get_name());
+            if s.get_about().is_none() && s.get_long_about().is_none() {
+                missing.push(sub.clone());
+            }
+            walk(s, &sub, missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(cmd, cmd.get_name(), &mut missing);
+    missing
+}
+
+/// A listen or connect address flag: `IP:PORT`, with a message that says so.
+pub fn socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse().map_err(|_| "expected IP:PORT such as 127.0.0.1:7700 or [::]:7700 (not a host name)".to_string())
+}
