@@ -29,4 +29,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 # argv: PORT [NAME [HOST]] (HOST defaults to 127.0.0.1: behind a sidecar).
 host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
-http.server.ThreadingHTTPServer((host, int(sys.argv[1])), Handler).serve_forever()
+try:
+    server = http.server.ThreadingHTTPServer((host, int(sys.argv[1])), Handler)
+except OSError as e:
+    sys.exit(f"error: cannot listen on {host}:{sys.argv[1]}: {e.strerror}")
+server.serve_forever()

@@ -22,8 +22,10 @@ const WEBHOOK_NAME: &str = "palisade-control-plane.palisade-system.svc";
 fn validate(docs: &str, versions: &[&str]) -> Option<()> {
     let available = Command::new("kubernetes-validate").arg("--version").output().is_ok_and(|o| o.status.success());
     if !available {
-        assert!(std::env::var("CI").is_err(), "CI=true and kubernetes-validate is not installed");
-        println!("SKIPPED schema validation: kubernetes-validate is not installed (pip install kubernetes-validate)");
+        palisade_tests::skip(
+            "Kubernetes schema validation",
+            "kubernetes-validate is not installed (pip install kubernetes-validate)",
+        );
         return None;
     }
     let f = tempfile::NamedTempFile::new().unwrap();

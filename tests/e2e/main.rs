@@ -11,3 +11,4 @@ mod negative;
 mod netns;
 mod operator_ca;
 mod policy;
+mod walkthrough;

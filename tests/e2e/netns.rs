@@ -135,9 +135,7 @@ print(out.decode())
 #[tokio::test]
 async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
     if let Some(why) = missing_prerequisite() {
-        // CI installs everything: there, a test that cannot run fails.
-        assert!(std::env::var("CI").is_err(), "CI=true and the two-pod test cannot run: {why}");
-        println!("SKIPPED two_pods_talk_plain_http_and_tcp_carried_over_mtls: {why}");
+        palisade_tests::skip("two_pods_talk_plain_http_and_tcp_carried_over_mtls", &why);
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -1,0 +1,36 @@
+//! The README's walk-throughs, run as a newcomer types them, with their
+//! outputs compared to what the README shows (scripts/demo/walkthrough.py):
+//! the README cannot drift from the binaries.
+
+use std::process::Command;
+
+use palisade_tests::{bin_dir, repo_root};
+
+#[test]
+fn readme_walkthrough_runs_as_written() {
+    let root = repo_root();
+    let runner = root.join("scripts/demo/walkthrough.py");
+    // The comparison itself: loose where output varies, strict elsewhere.
+    let selftest = Command::new("python3").arg(&runner).arg("--self-test").output().expect("python3 runs");
+    assert!(selftest.status.success(), "{}", String::from_utf8_lossy(&selftest.stderr));
+
+    // A scratch directory with the repository's scripts, so the user's own
+    // ./demo-data is left alone.
+    let scratch = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(root.join("scripts"), scratch.path().join("scripts")).unwrap();
+    let out = Command::new("python3")
+        .arg(&runner)
+        .args(["--check", "--cwd"])
+        .arg(scratch.path())
+        .arg(root.join("README.md"))
+        .env("PALISADE_BIN_DIR", bin_dir())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the README walk-through does not run as written:\n{}\n--- output\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("outputs matched the README"), "{stdout}");
+}
