@@ -115,9 +115,17 @@ impl IdentityClientTask {
                         Some(left) => {
                             tracing::warn!(error = %e, cert_time_left = %humantime::format_duration(Duration::from_secs(left.as_secs())), retry_in = ?backoff, "certificate renewal failed; keeping the current certificate")
                         }
-                        None => {
-                            tracing::error!(error = %e, retry_in = ?backoff, "cannot obtain a workload certificate")
-                        }
+                        None => match (&e, &self.credential) {
+                            (
+                                IdentityError::Refused { code: tonic::Code::Unauthenticated, .. },
+                                Credential::JoinTokenFile(f),
+                            ) => {
+                                tracing::error!(error = %e, retry_in = ?backoff, fix = %format!("write a new token (palisadectl token create) into {}: it is read again on every attempt", f.display()), "cannot obtain a workload certificate")
+                            }
+                            _ => {
+                                tracing::error!(error = %e, retry_in = ?backoff, "cannot obtain a workload certificate")
+                            }
+                        },
                     }
                     // While the current cert is valid, retry at least three
                     // times before it expires, whatever the backoff says.

@@ -3,6 +3,7 @@
 
 mod attack;
 mod certify;
+mod cli;
 mod dataplane;
 mod identity;
 mod k8s;

@@ -1,0 +1,389 @@
+//! What a newcomer meets first: the three programs behave like command-line
+//! tools (help on every subcommand, exit 64 on usage errors, quiet on a
+//! closed pipe, colour only on a terminal), and errors name their cause.
+
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use palisade_tests::{ControlPlane, Sidecar, bin, eventually, free_port};
+
+const BINARIES: [&str; 3] = ["palisadectl", "palisade-sidecar", "palisade-control-plane"];
+
+fn run(binary: &str, args: &[&str]) -> Output {
+    Command::new(bin(binary)).args(args).env("NO_COLOR", "1").output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The subcommands `--help` lists under "Commands:" (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    let Some(start) = help.find("Commands:\n") else { return Vec::new() };
+    help[start + 10..]
+        .lines()
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn help_on_every_subcommand_exits_0() {
+    let mut seen = 0;
+    for binary in BINARIES {
+        let mut todo = vec![Vec::<String>::new()];
+        while let Some(path) = todo.pop() {
+            let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+            args.push("--help");
+            let out = run(binary, &args);
+            let help = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(out.status.success(), "{binary} {args:?} exited {:?}: {}", out.status, text(&out));
+            assert!(help.contains("Usage:"), "{binary} {args:?}: {help}");
+            // The usage line names the whole command, not just the subcommand.
+            assert!(help.contains(&format!("Usage: {binary}")), "{binary} {args:?}: {help}");
+            seen += 1;
+            for sub in subcommands(&help) {
+                let mut p = path.clone();
+                p.push(sub);
+                todo.push(p);
+            }
+        }
+        // `help` as a subcommand works where there are subcommands.
+        if binary != "palisade-control-plane" {
+            let out = run(binary, &["help"]);
+            assert!(out.status.success(), "{binary} help: {}", text(&out));
+        }
+        assert!(run(binary, &["--version"]).status.success());
+    }
+    // palisadectl's tree, the sidecar's two subcommands, the control plane.
+    assert!(seen >= 25, "only {seen} help pages found");
+    let sidecar = String::from_utf8_lossy(&run("palisade-sidecar", &["--help"]).stdout).to_string();
+    assert_eq!(subcommands(&sidecar), ["init", "wait-ready"]);
+}
+
+#[test]
+fn usage_errors_exit_64_on_all_three_binaries() {
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("palisade-control-plane", &["--listen", "localhost", "--data-dir", "/nonexistent"], "expected IP:PORT"),
+        ("palisade-control-plane", &["--no-such-flag"], "unexpected argument"),
+        ("palisade-control-plane", &["--data-dir", "/tmp/x", "--cert-ttl", "soon"], "--cert-ttl"),
+        (
+            "palisade-sidecar",
+            &["--ca-bundle", "x", "--upstream", "29005=orders.shop"],
+            "LOCAL_HOST:PORT is not an IP:PORT",
+        ),
+        ("palisade-sidecar", &["--ca-bundle", "x", "--admin", "localhost:4191"], "expected IP:PORT"),
+        ("palisade-sidecar", &[], "--ca-bundle"),
+        ("palisade-sidecar", &["wait-ready", "--bogus"], "unexpected argument"),
+        ("palisade-sidecar", &["init", "--inbound-port", "x"], "--inbound-port"),
+        ("palisadectl", &["token", "create"], "--identity"),
+        ("palisadectl", &["token", "create", "--identity", "x", "--uses", "0"], "--uses"),
+        ("palisadectl", &["authz", "check", "--to", "x", "--method", "GE T"], "not an HTTP method"),
+        ("palisadectl", &["inject", "-f", "-", "-o", "json"], "unexpected argument '-o'"),
+        ("palisadectl", &["install", "--control-plane", "https://x:1"], "unexpected argument"),
+        ("palisadectl", &[], "Usage"),
+    ];
+    for (binary, args, says) in cases {
+        let out = run(binary, args);
+        assert_eq!(out.status.code(), Some(64), "{binary} {args:?}: {}", text(&out));
+        assert!(text(&out).contains(says), "{binary} {args:?} should say {says:?}: {}", text(&out));
+    }
+}
+
+#[test]
+fn wait_ready_help_answers_at_once() {
+    let start = std::time::Instant::now();
+    let out = run("palisade-sidecar", &["wait-ready", "--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--timeout"));
+    assert!(start.elapsed() < Duration::from_secs(10), "wait-ready --help waited");
+    // Nothing listening: it gives up after --timeout with a message and exit 1.
+    let port = free_port();
+    let out = run("palisade-sidecar", &["wait-ready", "--admin", &format!("127.0.0.1:{port}"), "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("was not ready within 1s"), "{}", text(&out));
+}
+
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    let mut child = Command::new(bin("palisadectl"))
+        .args(["install", "--generate-ca"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    drop(child.stdout.take()); // as `| head -c 16` does
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+}
+
+/// Runs a command under a pseudo-terminal (util-linux `script`), so that
+/// colour decisions see a TTY.
+fn under_tty(cmd: &str, no_color: bool) -> String {
+    let mut c = Command::new("script");
+    c.args(["-qec", cmd, "/dev/null"]).env_remove("NO_COLOR");
+    if no_color {
+        c.env("NO_COLOR", "1");
+    }
+    let out = c.output().expect("script (util-linux) runs");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let ctl = bin("palisadectl");
+    let bad = format!("{} token create", ctl.display());
+    assert!(under_tty(&bad, false).contains('\x1b'), "a terminal gets colour: {:?}", under_tty(&bad, false));
+    assert!(!under_tty(&bad, true).contains('\x1b'), "NO_COLOR: {:?}", under_tty(&bad, true));
+    // Not a terminal: no escape codes, NO_COLOR or not.
+    let out = Command::new(&ctl).args(["token", "create"]).env_remove("NO_COLOR").output().unwrap();
+    assert!(!text(&out).contains('\x1b'), "{:?}", text(&out));
+}
+
+#[tokio::test]
+async fn daemon_logs_have_no_colour_when_not_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), tmp.path(), &[]).await.unwrap();
+    let sc = Sidecar::meshed("web", &cp, tmp.path(), "spiffe://cluster.local/ns/shop/sa/web", &[]).await.unwrap();
+    for logs in [cp.proc.logs(), sc.proc.logs()] {
+        assert!(logs.contains("INFO"), "{logs}");
+        assert!(!logs.contains('\x1b'), "escape codes in a log file: {logs:?}");
+    }
+    // Under a terminal, the same program colours its log unless NO_COLOR is set.
+    let cmd = format!(
+        "{} --data-dir {} --listen 127.0.0.1:1 --ca-cert /nonexistent --ca-key /nonexistent",
+        bin("palisade-control-plane").display(),
+        tmp.path().join("cp2").display()
+    );
+    assert!(under_tty(&cmd, false).contains('\x1b'), "{:?}", under_tty(&cmd, false));
+    assert!(!under_tty(&cmd, true).contains('\x1b'), "{:?}", under_tty(&cmd, true));
+}
+
+#[test]
+fn completions_and_man_pages() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run("palisadectl", &["completion", shell]);
+        assert!(out.status.success() && out.stdout.len() > 1000, "{shell}: {}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("policy"), "{shell}");
+    }
+    // The bash script parses and defines the completion function.
+    let script = run("palisadectl", &["completion", "bash"]).stdout;
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("palisadectl.bash");
+    std::fs::write(&f, script).unwrap();
+    let check = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p palisadectl", f.display()))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("_palisadectl"));
+
+    let dir = tmp.path().join("man");
+    let out = run("palisadectl", &["man", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    for page in
+        ["palisadectl.1", "palisadectl-policy-apply.1", "palisadectl-token-create.1", "palisadectl-completion.1"]
+    {
+        let body = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(body.starts_with(".ie") || body.contains(".TH"), "{page}: {body}");
+    }
+    let apply = std::fs::read_to_string(dir.join("palisadectl-policy-apply.1")).unwrap();
+    assert!(apply.contains("wait"), "{apply}");
+}
+
+/// A plain-HTTP server on a free port (python3), for "not a TLS port".
+fn plain_http() -> (std::process::Child, u16) {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, port)
+}
+
+#[tokio::test]
+async fn connection_errors_name_the_cause_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), tmp.path(), &[]).await.unwrap();
+    let other = ControlPlane::start(&tmp.path().join("other"), tmp.path(), &[]).await.unwrap();
+    let (mut http, http_port) = plain_http();
+    let ctl = |addr: &str| {
+        Command::new(bin("palisadectl"))
+            .args(["proxies", "--control-plane", addr])
+            .env("PALISADE_CREDENTIALS", cp.admin_dir())
+            .output()
+            .unwrap()
+    };
+    let cases = [
+        (format!("https://127.0.0.1:{}", free_port()), "connection refused: nothing is listening there"),
+        (other.addr.clone(), "not signed by the CA bundle you gave"),
+        (format!("https://127.0.0.1:{http_port}"), "not a TLS port"),
+    ];
+    for (addr, says) in &cases {
+        let out = ctl(addr);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{addr}: {err}");
+        assert!(err.contains(says), "{addr} should say {says:?}: {err}");
+        assert!(!err.contains("transport error"), "{err}");
+    }
+    // A CA mismatch points at the credential directory, not at a stopped server.
+    let err = String::from_utf8_lossy(&ctl(&other.addr).stderr).to_string();
+    assert!(err.contains("must be the admin directory of the control plane at"), "{err}");
+    assert!(!err.contains("running"), "{err}");
+
+    // The sidecar says the same, in its log, while it retries.
+    let token = cp.create_token("spiffe://cluster.local/ns/shop/sa/web", &[]).unwrap();
+    let mut cmd = Command::new(bin("palisade-sidecar"));
+    cmd.args(["--control-plane", &other.addr])
+        .arg("--ca-bundle")
+        .arg(cp.bundle())
+        .args(["--join-token", &token, "--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--inbound", &format!("127.0.0.1:{}", free_port())]);
+    let sc = palisade_tests::Proc::spawn("sidecar-wrong-ca", &mut cmd, tmp.path()).unwrap();
+    eventually("the sidecar to name the CA mismatch", Duration::from_secs(10), || {
+        let logs = sc.logs();
+        async move { logs.contains("not signed by the CA bundle you gave").then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", sc.logs()));
+
+    // cert inspect: URLs work; a plain port is named as such.
+    let out = cp.ctl(&["cert", "inspect", &format!("{}/", cp.addr)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("spiffe://cluster.local/palisade/control-plane"));
+    let out = cp.ctl(&["cert", "inspect", &format!("127.0.0.1:{http_port}")]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("not a TLS port"), "{}", text(&out));
+    let _ = http.kill();
+}
+
+#[tokio::test]
+async fn policy_commands_read_input_as_users_type_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), tmp.path(), &[]).await.unwrap();
+    cp.create_token("spiffe://cluster.local/ns/shop/sa/orders", &[]).unwrap();
+    cp.create_token("spiffe://cluster.local/ns/shop/sa/web", &[]).unwrap();
+    let write = |name: &str, body: &str| {
+        let f = tmp.path().join(name);
+        std::fs::write(&f, body).unwrap();
+        f
+    };
+    let policy = write(
+        "p.yaml",
+        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n      to: [{methods: [GET]}]\n",
+    );
+    let out = cp.ctl(&["policy", "apply", "-f", policy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("warning"), "{}", text(&out));
+
+    // Kinds as kubectl reads them.
+    for kind in ["AuthorizationPolicy", "authorizationpolicy", "authorizationpolicies", "ap"] {
+        let out = cp.ctl(&["policy", "get", kind, "shop/p"]);
+        assert!(out.status.success(), "{kind}: {}", text(&out));
+        assert!(text(&out).contains("kind: AuthorizationPolicy"), "{}", text(&out));
+    }
+    let out = cp.ctl(&["policy", "get", "Policy", "shop/p"]);
+    assert!(text(&out).contains("unknown policy kind \"Policy\""), "{}", text(&out));
+    let out = cp.ctl(&["policy", "get", "ap", "p"]);
+    assert!(text(&out).contains("INVALID_ARGUMENT") && text(&out).contains("is not NAMESPACE/NAME"), "{}", text(&out));
+
+    // Methods in any case.
+    let check = |method: &str| {
+        let out = cp.ctl(&[
+            "authz",
+            "check",
+            "-o",
+            "json",
+            "--from",
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "--to",
+            "spiffe://cluster.local/ns/shop/sa/orders",
+            "--method",
+            method,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["decision"].as_str().unwrap().to_string()
+    };
+    assert_eq!(check("get"), "allow");
+    assert_eq!(check("GET"), "allow");
+    assert_eq!(check("post"), "deny");
+
+    // A missing metadata field is named with its path.
+    let bad = write(
+        "bad.yaml",
+        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: ALLOW}\n",
+    );
+    let out = cp.ctl(&["policy", "validate", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("metadata: missing field `namespace`"), "{}", text(&out));
+
+    // Valid but surely not meant: warnings, with the field path.
+    let odd = write(
+        "odd.yaml",
+        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: odd, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orderz\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://other.example/ns/shop/sa/web\"]}]\n",
+    );
+    let out = cp.ctl(&["policy", "validate", "-f", odd.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: AuthorizationPolicy shop/odd: spec.target.identities[0]: no workload known to the control plane has \"spiffe://cluster.local/ns/shop/sa/orderz\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("spec.rules[0].from[0].identities[0]: \"spiffe://other.example/ns/shop/sa/web\" is in trust domain other.example, but this mesh's is cluster.local: it never matches"),
+        "{err}"
+    );
+
+    // A token for another trust domain: said in words, not Debug output.
+    let out = cp.ctl(&["token", "create", "--identity", "spiffe://other.example/ns/shop/sa/web"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out)
+            .contains("is in trust domain other.example, but this control plane issues identities in cluster.local"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("TrustDomain("), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn a_used_up_token_says_how_to_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), tmp.path(), &[]).await.unwrap();
+    let token = cp.create_token("spiffe://cluster.local/ns/shop/sa/web", &[]).unwrap();
+    let file = tmp.path().join("web.token");
+    std::fs::write(&file, &token).unwrap();
+    let first = Sidecar::spawn("first", &cp, tmp.path(), &["--join-token-file", file.to_str().unwrap()]).unwrap();
+    first.wait_ready().await.unwrap();
+    drop(first);
+    // A second sidecar with the same, used, token: the log says what to do.
+    let again = Sidecar::spawn("again", &cp, tmp.path(), &["--join-token-file", file.to_str().unwrap()]).unwrap();
+    let expected = format!("write a new token (palisadectl token create) into {}", file.display());
+    eventually("the fix in the log", Duration::from_secs(10), || {
+        let logs = again.proc.logs();
+        let expected = expected.clone();
+        async move { (logs.contains("has been used up") && logs.contains(&expected)).then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", again.proc.logs()));
+    // And writing a new token into the file is enough.
+    let fresh = cp.create_token("spiffe://cluster.local/ns/shop/sa/web", &[]).unwrap();
+    std::fs::write(&file, fresh).unwrap();
+    again.wait_ready().await.unwrap();
+}
