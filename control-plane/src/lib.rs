@@ -217,6 +217,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
+    // v1alpha too: older clients (grpcio-reflection, grpcurl's fallback) speak only it.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(palisade_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
 
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let (conn_tx, conn_rx) = mpsc::channel::<std::io::Result<conn::Conn>>(64);
@@ -265,6 +271,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .max_concurrent_streams(Some(256))
         .add_service(health_svc)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(IdentityServer::new(identity::IdentityService { shared: shared.clone() }))
         .add_service(DiscoveryServer::new(discovery::DiscoveryService { shared: shared.clone() }))
         .add_service(

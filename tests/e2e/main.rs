@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binaries on loopback with real TLS.
 //! Run with `cargo build --bins && cargo nextest run` (see tests/README.md).
 
+mod api;
 mod attack;
 mod certify;
 mod cli;
