@@ -101,7 +101,7 @@ impl InitConfig {
 
     fn must(&self, args: Vec<String>) -> Result<(), InitError> {
         if self.dry_run {
-            println!("{} -t nat {}", self.iptables, args.join(" "));
+            palisade_cmd::outln!("{} -t nat {}", self.iptables, args.join(" "));
             return Ok(());
         }
         let out = self.iptables(&args)?;

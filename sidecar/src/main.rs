@@ -75,7 +75,7 @@ fn init(init: InitConfig) -> i32 {
     match init.run() {
         Ok(()) => {
             if init.verify {
-                println!("interception rules are in place");
+                palisade_cmd::outln!("interception rules are in place");
             }
             0
         }
