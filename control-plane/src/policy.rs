@@ -267,8 +267,18 @@ fn warnings(shared: &Shared, resources: &[Resource]) -> Vec<String> {
             out.push(format!("{} {}: {path}: {msg}", r.kind(), r.key()));
         }
     }
+    // A policy naming thousands of future tenants must not get a reply of
+    // megabytes: the first few say what is wrong, a count says how often.
+    if out.len() > MAX_WARNINGS {
+        let more = out.len() - MAX_WARNINGS;
+        out.truncate(MAX_WARNINGS);
+        out.push(format!("... and {more} more identities like these"));
+    }
     out
 }
+
+/// Warnings returned by one apply or validate, at most.
+const MAX_WARNINGS: usize = 20;
 
 /// Refuses an apply after which the stored policies would not fit in a
 /// sidecar's snapshot: every sidecar must always be able to receive what it

@@ -353,6 +353,21 @@ async fn policy_commands_read_input_as_users_type_it() {
         "{err}"
     );
 
+    // Thousands of unknown identities: a bounded list and a count.
+    let ids: Vec<String> = (0..500).map(|i| format!("\"spiffe://cluster.local/ns/t{i}/sa/x\"")).collect();
+    let many = write(
+        "many.yaml",
+        &format!(
+            "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: many, namespace: shop}}\nspec:\n  target: {{identities: [{}]}}\n  action: ALLOW\n",
+            ids.join(",")
+        ),
+    );
+    let out = cp.ctl(&["policy", "validate", "-f", many.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().filter(|l| l.starts_with("warning:")).count(), 21, "{err}");
+    assert!(err.contains("... and 480 more identities like these"), "{err}");
+
     // A token for another trust domain: said in words, not Debug output.
     let out = cp.ctl(&["token", "create", "--identity", "spiffe://other.example/ns/shop/sa/web"]);
     assert!(!out.status.success());
