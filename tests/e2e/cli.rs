@@ -83,6 +83,7 @@ fn usage_errors_exit_64_on_all_three_binaries() {
         ("palisadectl", &["authz", "check", "--to", "x", "--method", "GE T"], "not an HTTP method"),
         ("palisadectl", &["inject", "-f", "-", "-o", "json"], "unexpected argument '-o'"),
         ("palisadectl", &["install", "--control-plane", "https://x:1"], "unexpected argument"),
+        ("palisadectl", &["-o", "json", "install"], "unexpected argument '-o'"),
         ("palisadectl", &[], "Usage"),
     ];
     for (binary, args, says) in cases {
