@@ -225,10 +225,23 @@ impl Sidecar {
     /// Starts a sidecar with `args` added (attestation etc.), free admin and
     /// inbound ports unless `args` names them.
     pub fn spawn(name: &str, cp: &ControlPlane, log_dir: &Path, args: &[&str]) -> Result<Self> {
+        Self::spawn_under(&[], name, cp, log_dir, args)
+    }
+
+    /// [`Sidecar::spawn`] with the binary run by a wrapper command
+    /// (`valgrind --tool=callgrind ...`); empty: run directly.
+    pub fn spawn_under(wrapper: &[&str], name: &str, cp: &ControlPlane, log_dir: &Path, args: &[&str]) -> Result<Self> {
         let flag = |f: &str| args.iter().position(|a| *a == f).and_then(|i| args.get(i + 1)).map(|s| s.to_string());
         let admin = flag("--admin").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let inbound = flag("--inbound").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
-        let mut cmd = Command::new(bin("palisade-sidecar"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin("palisade-sidecar"));
+                c
+            }
+            None => Command::new(bin("palisade-sidecar")),
+        };
         cmd.args(["--control-plane", &cp.addr]).arg("--ca-bundle").arg(cp.bundle());
         if flag("--admin").is_none() {
             cmd.args(["--admin", &admin]);
@@ -242,11 +255,28 @@ impl Sidecar {
 
     /// Creates a join token for `identity` and starts a sidecar with it, ready.
     pub async fn meshed(name: &str, cp: &ControlPlane, log_dir: &Path, identity: &str, args: &[&str]) -> Result<Self> {
+        Self::meshed_under(&[], name, cp, log_dir, identity, args).await
+    }
+
+    /// [`Sidecar::meshed`] under a wrapper command (see [`Sidecar::spawn_under`]).
+    pub async fn meshed_under(
+        wrapper: &[&str],
+        name: &str,
+        cp: &ControlPlane,
+        log_dir: &Path,
+        identity: &str,
+        args: &[&str],
+    ) -> Result<Self> {
         let token = cp.create_token(identity, &[])?;
         let mut all = vec!["--join-token", token.as_str()];
         all.extend_from_slice(args);
-        let sc = Self::spawn(name, cp, log_dir, &all)?;
-        sc.wait_ready().await?;
+        let sc = Self::spawn_under(wrapper, name, cp, log_dir, &all)?;
+        let slow = if wrapper.is_empty() { 20 } else { 120 };
+        eventually("sidecar /ready", Duration::from_secs(slow), || async {
+            (sc.get("/ready").await?.0 == 200).then_some(())
+        })
+        .await
+        .with_context(|| sc.proc.logs())?;
         Ok(sc)
     }
 

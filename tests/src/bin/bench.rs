@@ -72,6 +72,12 @@ fn main() -> Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(push::run(streams));
     }
+    if std::env::args().nth(1).as_deref() == Some("instructions") {
+        let requests = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(2000);
+        let json = std::env::args().nth(3).map(PathBuf::from);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(instructions(requests, json));
+    }
     let Some(args) = parse_args()? else {
         return run_app();
     };
@@ -425,6 +431,144 @@ async fn bench(args: Args) -> Result<()> {
 }
 
 struct AppGuard(std::process::Child);
+
+/// `requests` requests over 4 keep-alive connections, each connection
+/// sending back-to-back: a fixed workload, the same every run.
+async fn fixed(addr: SocketAddr, requests: u64) -> Result<()> {
+    let per = requests.div_ceil(4);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut s = connect(addr).await?;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                one(&mut s).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// `palisade-bench instructions [REQUESTS] [JSON]`: user-space instructions
+/// per request of each sidecar (valgrind callgrind), counted only while the
+/// fixed workload runs. Instruction counts do not depend on what else the
+/// machine is doing, so a change's effect shows without timing noise.
+async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
+    for tool in ["valgrind", "callgrind_control"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("{tool} is not installed (apt-get install valgrind)");
+        }
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let bins = palisade_tests::bin_dir();
+    eprintln!(
+        "binaries: {} ({})",
+        bins.display(),
+        if bins.ends_with("release") { "release" } else { "NOT a release build" }
+    );
+    let cp = ControlPlane::start(&dir.join("data"), dir, &["--log", "warn"]).await?;
+    let mut app_cmd = Command::new(std::env::current_exe()?);
+    app_cmd.arg("app").stdout(Stdio::piped());
+    let mut app = app_cmd.spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.take().context("app stdout")?), &mut line)?;
+    let app_addr: SocketAddr = format!("127.0.0.1:{}", line.trim()).parse()?;
+    let _app = AppGuard(app);
+    let policy = dir.join("allow.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-to-orders, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n      to: [{methods: [\"GET\"]}]\n",
+    )?;
+    let out = cp.ctl(&["policy", "apply", "-f", policy.to_str().context("path")?]);
+    if !out.status.success() {
+        bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out_file = format!("--callgrind-out-file={}/callgrind.%p", dir.display());
+    let wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", out_file.as_str()];
+    let quiet = ["--log", "warn"];
+    let server = Sidecar::meshed_under(
+        &wrapper,
+        "server",
+        &cp,
+        dir,
+        "spiffe://cluster.local/ns/shop/sa/orders",
+        &[&["--app", &app_addr.to_string()][..], &quiet].concat(),
+    )
+    .await?;
+    let port = free_port();
+    let client = Sidecar::meshed_under(
+        &wrapper,
+        "client",
+        &cp,
+        dir,
+        "spiffe://cluster.local/ns/shop/sa/web",
+        &[&["--upstream", &format!("127.0.0.1:{port}=orders.shop")][..], &quiet].concat(),
+    )
+    .await?;
+    eventually("directory", Duration::from_secs(60), || async {
+        (client.metric("palisade_directory_endpoints").await? >= 1.0).then_some(())
+    })
+    .await?;
+    let mesh: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    // Warm-up: connections, pools, TLS sessions, lazily built state.
+    fixed(mesh, 200).await?;
+    let sides = [("client", client.proc.child.id()), ("server", server.proc.child.id())];
+    let control = |args: &[&str], pid: u32| -> Result<()> {
+        let out = Command::new("callgrind_control").args(args).arg(pid.to_string()).output()?;
+        if !out.status.success() {
+            bail!("callgrind_control {args:?} {pid}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    for (_, pid) in sides {
+        control(&["-i", "on"], pid)?;
+    }
+    let start = Instant::now();
+    fixed(mesh, requests).await?;
+    let took = start.elapsed();
+    for (_, pid) in sides {
+        control(&["-i", "off"], pid)?;
+        control(&["-d"], pid)?;
+    }
+    let mut per_request = Vec::new();
+    for (side, pid) in sides {
+        let prefix = format!("callgrind.{pid}.");
+        let dump = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+            .max()
+            .with_context(|| format!("no callgrind dump for the {side} sidecar"))?;
+        let text = std::fs::read_to_string(&dump)?;
+        let total: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("totals: ").or_else(|| l.strip_prefix("summary: ")))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("{}: no totals line", dump.display()))?;
+        per_request.push((side, total as f64 / requests as f64));
+    }
+    println!(
+        "user-space instructions per request (callgrind Ir, {requests} requests over 4 connections, {took:.1?} under valgrind):"
+    );
+    for (side, ir) in &per_request {
+        println!("  {side} sidecar  {ir:>10.0}");
+    }
+    let total: f64 = per_request.iter().map(|(_, ir)| ir).sum();
+    println!("  both        {total:>10.0}");
+    if let Some(path) = json {
+        let v = serde_json::json!({
+            "requests": requests,
+            "client_ir_per_request": per_request[0].1,
+            "server_ir_per_request": per_request[1].1,
+            "total_ir_per_request": total,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
 impl Drop for AppGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
