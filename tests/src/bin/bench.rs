@@ -452,6 +452,33 @@ async fn fixed(addr: SocketAddr, requests: u64) -> Result<()> {
     Ok(())
 }
 
+/// The Ir of a callgrind dump: the sum of its self-cost lines (`LINE COST`,
+/// or `+N COST` / `-N COST` / `* COST` with compressed positions), leaving
+/// out the inclusive costs of calls (the line after `calls=`).
+fn callgrind_cost(text: &str) -> Option<u64> {
+    let mut total = 0u64;
+    let mut after_calls = false;
+    let mut any = false;
+    for line in text.lines() {
+        if line.starts_with("calls=") {
+            after_calls = true;
+            continue;
+        }
+        let first = line.chars().next();
+        let is_cost = matches!(first, Some('0'..='9' | '+' | '-' | '*'));
+        if is_cost {
+            if !after_calls {
+                let mut parts = line.split_whitespace();
+                let _position = parts.next();
+                total += parts.next().and_then(|c| c.parse::<u64>().ok()).unwrap_or(0);
+                any = true;
+            }
+            after_calls = false;
+        }
+    }
+    any.then_some(total)
+}
+
 /// `palisade-bench instructions [REQUESTS] [JSON]`: user-space instructions
 /// per request of each sidecar (valgrind callgrind), counted only while the
 /// fixed workload runs. Instruction counts do not depend on what else the
@@ -462,8 +489,11 @@ async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
             bail!("{tool} is not installed (apt-get install valgrind)");
         }
     }
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
+    let tmp = tempfile::Builder::new().prefix("palisade-instructions-").tempdir()?;
+    // PALISADE_BENCH_KEEP=1 keeps the dumps for callgrind_annotate.
+    let keep = std::env::var_os("PALISADE_BENCH_KEEP").is_some();
+    let dir = tmp.path().to_path_buf();
+    let dir = dir.as_path();
     let bins = palisade_tests::bin_dir();
     eprintln!(
         "binaries: {} ({})",
@@ -519,6 +549,13 @@ async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
     let sides = [("client", client.proc.child.id()), ("server", server.proc.child.id())];
     let control = |args: &[&str], pid: u32| -> Result<()> {
         let out = Command::new("callgrind_control").args(args).arg(pid.to_string()).output()?;
+        if std::env::var_os("PALISADE_BENCH_DEBUG").is_some() {
+            eprintln!(
+                "callgrind_control {args:?} {pid}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         if !out.status.success() {
             bail!("callgrind_control {args:?} {pid}: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -543,11 +580,12 @@ async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
             .max()
             .with_context(|| format!("no callgrind dump for the {side} sidecar"))?;
         let text = std::fs::read_to_string(&dump)?;
-        let total: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("totals: ").or_else(|| l.strip_prefix("summary: ")))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .with_context(|| format!("{}: no totals line", dump.display()))?;
+        if std::env::var_os("PALISADE_BENCH_DEBUG").is_some() {
+            eprintln!("{}: {}", dump.display(), text.lines().take(30).collect::<Vec<_>>().join("\n"));
+        }
+        // `summary:` counts from the last zeroing, which instrumentation
+        // toggles do not move; the cost lines are what ran instrumented.
+        let total = callgrind_cost(&text).with_context(|| format!("{}: no cost lines", dump.display()))?;
         per_request.push((side, total as f64 / requests as f64));
     }
     println!(
@@ -566,6 +604,9 @@ async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
             "total_ir_per_request": total,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    }
+    if keep {
+        eprintln!("callgrind dumps kept in {}", tmp.keep().display());
     }
     Ok(())
 }
