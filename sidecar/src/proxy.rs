@@ -149,7 +149,23 @@ fn grpc_code(status: StatusCode) -> &'static str {
 
 /// Removes connection-specific (hop-by-hop) headers, which must not cross a
 /// proxy (RFC 9110 §7.6.1) and are illegal in HTTP/2.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    *n == header::CONNECTION
+        || *n == header::TRANSFER_ENCODING
+        || *n == header::UPGRADE
+        || *n == header::PROXY_AUTHENTICATE
+        || *n == header::PROXY_AUTHORIZATION
+        || *n == header::TE
+        || n.as_str() == "keep-alive"
+        || n.as_str() == "proxy-connection"
+}
+
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (standard ones
+    // compare as enums) instead of a hashed removal per hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

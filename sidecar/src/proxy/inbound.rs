@@ -463,7 +463,9 @@ impl Inbound {
             self.metrics.request(Direction::Inbound, refusal.status().as_u16(), start.elapsed());
             return refusal;
         }
-        let resp = match self.forward(req, app_proto, upgrade, &app).await {
+        // Boxed: the forward's state (the app call) is allocated once
+        // instead of being moved with this future at every step.
+        let resp = match Box::pin(self.forward(req, app_proto, upgrade, &app)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, error = %e, "request to the app failed");
@@ -555,7 +557,7 @@ impl Inbound {
         app: &AppTarget,
     ) -> Result<Response<Body>, ProxyError> {
         if upgrade {
-            return self.upgrade(req, app.addr).await;
+            return Box::pin(self.upgrade(req, app.addr)).await;
         }
         super::strip_hop_by_hop(req.headers_mut());
         let timeout = self.opts.limits.response_timeout;

@@ -253,7 +253,9 @@ impl Outbound {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        let resp = match self.forward(req, &dest, app).await {
+        // Boxed: the forward's state is allocated once instead of being
+        // moved with this future at every step.
+        let resp = match Box::pin(self.forward(req, &dest, app)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(direction = "outbound", dst = %dest, http.method = %method, http.path = %path, error = %e, "request failed");
@@ -274,7 +276,7 @@ impl Outbound {
         app: Protocol,
     ) -> Result<Response<Body>, ProxyError> {
         if app == Protocol::Http1 && is_upgrade(&req) {
-            return self.upgrade(req, dest).await;
+            return Box::pin(self.upgrade(req, dest)).await;
         }
         check_framing(&req)?;
         if let Some(len) = content_length(&req)?
@@ -307,7 +309,7 @@ impl Outbound {
         *req.version_mut() = Version::HTTP_2;
         let (parts, body) = req.into_parts();
         let body = if app == Protocol::Http1 && chunked {
-            super::body::check_first_frame(body, CHUNK_CHECK_WAIT).await.map_err(ProxyError::BadBody)?
+            Box::pin(super::body::check_first_frame(body, CHUNK_CHECK_WAIT)).await.map_err(ProxyError::BadBody)?
         } else {
             body.boxed_unsync()
         };
@@ -317,7 +319,13 @@ impl Outbound {
         // kept, so a pooled connection found dead only once the request was
         // on it (reset, GOAWAY, ping timeout) costs a retry, not a failure.
         let replay = replayable(&req);
-        let mut sender = self.peers.h2(&peer).await?;
+        // The pooled connection without an await; opening one (TLS, HTTP/2
+        // handshake) is boxed so a request on a pooled connection does not
+        // carry its state.
+        let mut sender = match self.peers.pooled(&peer) {
+            Some(s) => s,
+            None => Box::pin(self.peers.h2(&peer)).await?,
+        };
         let send = async {
             let _ = sender.ready().await;
             match sender.try_send_request(req).await {
@@ -334,7 +342,7 @@ impl Outbound {
                     };
                     tracing::debug!(dst.addr = %peer.addr, error = %e.error(), "pooled connection failed; retrying on a new one");
                     self.peers.evict(&peer);
-                    let mut fresh = self.peers.h2(&peer).await?;
+                    let mut fresh = Box::pin(self.peers.h2(&peer)).await?;
                     fresh.send_request(retry).await.map_err(ProxyError::Upstream)
                 }
             }

@@ -147,7 +147,8 @@ impl PeerClient {
         Ok(sender)
     }
 
-    fn pooled(&self, peer: &Peer) -> Option<http2::SendRequest<Body>> {
+    /// The pooled HTTP/2 connection to `peer`, if there is a usable one.
+    pub fn pooled(&self, peer: &Peer) -> Option<http2::SendRequest<Body>> {
         let current = self.svids.get();
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         match pool.get(peer) {

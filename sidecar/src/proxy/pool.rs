@@ -68,15 +68,9 @@ impl AppPool {
                     }
                 }
                 Some(_) => continue,
-                None => {
-                    let (s, conn) = http1::handshake(TokioIo::new(tcp(self.addr).await?)).await?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "app connection ended");
-                        }
-                    });
-                    break s;
-                }
+                // The connect is boxed: a request on a pooled connection
+                // must not carry (and move) the connect's state.
+                None => break Box::pin(self.connect_h1()).await?,
             }
         };
         let resp = sender.send_request(req).await?;
@@ -84,17 +78,30 @@ impl AppPool {
         Ok(resp.map(|body| ReturnOnEnd { body, sender: Some(sender), pool }.boxed_unsync()))
     }
 
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, AppError> {
+        let (s, conn) = http1::handshake(TokioIo::new(tcp(self.addr).await?)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "app connection ended");
+            }
+        });
+        Ok(s)
+    }
+
     /// Sends an HTTP/2 request on the shared connection (opened on demand,
     /// reopened once if it died before the request left).
     pub async fn send_h2(&self, req: Request<Body>) -> Result<Response<Body>, AppError> {
-        let mut sender = self.h2_sender().await?;
+        let mut sender = match self.cached_h2() {
+            Some(s) => s,
+            None => Box::pin(self.h2_sender()).await?,
+        };
         let _ = sender.ready().await;
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    self.h2_sender().await?.send_request(req).await?
+                    Box::pin(self.h2_sender()).await?.send_request(req).await?
                 }
                 None => return Err(e.into_error().into()),
             },
@@ -102,8 +109,12 @@ impl AppPool {
         Ok(resp.map(|b| b.boxed_unsync()))
     }
 
+    fn cached_h2(&self) -> Option<http2::SendRequest<Body>> {
+        self.h2.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|s| !s.is_closed())
+    }
+
     async fn h2_sender(&self) -> Result<http2::SendRequest<Body>, AppError> {
-        let cached = || self.h2.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|s| !s.is_closed());
+        let cached = || self.cached_h2();
         if let Some(s) = cached() {
             return Ok(s);
         }

@@ -50,8 +50,10 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + 'static + Clone,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    // Each stream is a task; its future is boxed so spawning it moves a
+    // pointer, not the whole request state.
     let svc = hyper::service::service_fn(move |req| {
-        let fut = handler(req);
+        let fut = Box::pin(handler(req));
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
