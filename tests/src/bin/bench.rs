@@ -254,8 +254,23 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-async fn bench(args: Args) -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+/// The measured set-up: a control plane with an ALLOW policy, the app (a
+/// child process), a server sidecar in front of it and a client sidecar
+/// with an upstream to it, every sidecar run under `wrapper` (empty: directly).
+struct Mesh {
+    // Kept running for the sidecars' renewals and config streams.
+    _cp: ControlPlane,
+    app_addr: SocketAddr,
+    app_pid: u32,
+    _app: AppGuard,
+    server: Sidecar,
+    client: Sidecar,
+    mesh_addr: SocketAddr,
+    // Last: the processes above are stopped before their directory goes.
+    _tmp: tempfile::TempDir,
+}
+
+async fn mesh(tmp: tempfile::TempDir, wrapper: &[&str]) -> Result<Mesh> {
     let dir = tmp.path();
     let bins = palisade_tests::bin_dir();
     eprintln!(
@@ -272,7 +287,7 @@ async fn bench(args: Args) -> Result<()> {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.take().context("app stdout")?), &mut line)?;
     let app_addr: SocketAddr = format!("127.0.0.1:{}", line.trim()).parse()?;
     let app_pid = app.id();
-    let _app = AppGuard(app);
+    let app = AppGuard(app);
 
     // A real ALLOW policy, so every mesh request is authorized as in production.
     let policy = dir.join("allow.yaml");
@@ -285,7 +300,8 @@ async fn bench(args: Args) -> Result<()> {
         bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let quiet = ["--log", "warn"];
-    let server = Sidecar::meshed(
+    let server = Sidecar::meshed_under(
+        wrapper,
         "bench-server",
         &cp,
         dir,
@@ -294,7 +310,8 @@ async fn bench(args: Args) -> Result<()> {
     )
     .await?;
     let port = free_port();
-    let client = Sidecar::meshed(
+    let client = Sidecar::meshed_under(
+        wrapper,
         "bench-client",
         &cp,
         dir,
@@ -302,11 +319,17 @@ async fn bench(args: Args) -> Result<()> {
         &[&["--upstream", &format!("127.0.0.1:{port}=orders.shop")][..], &quiet].concat(),
     )
     .await?;
-    eventually("directory", Duration::from_secs(10), || async {
+    eventually("directory", Duration::from_secs(60), || async {
         (client.metric("palisade_directory_endpoints").await? >= 1.0).then_some(())
     })
     .await?;
     let mesh_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    Ok(Mesh { _cp: cp, app_addr, app_pid, _app: app, server, client, mesh_addr, _tmp: tmp })
+}
+
+async fn bench(args: Args) -> Result<()> {
+    let m = mesh(tempfile::tempdir()?, &[]).await?;
+    let (app_addr, app_pid, mesh_addr, server, client) = (m.app_addr, m.app_pid, m.mesh_addr, &m.server, &m.client);
     let pids = [server.proc.child.id(), client.proc.child.id()];
     let idle = pids.map(palisade_tests::rss_kb);
 
@@ -426,7 +449,6 @@ async fn bench(args: Args) -> Result<()> {
         std::fs::write(&p, serde_json::to_vec_pretty(&out)?)?;
         eprintln!("wrote {}", p.display());
     }
-    drop((client, server));
     Ok(())
 }
 
@@ -493,57 +515,10 @@ async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
     // PALISADE_BENCH_KEEP=1 keeps the dumps for callgrind_annotate.
     let keep = std::env::var_os("PALISADE_BENCH_KEEP").is_some();
     let dir = tmp.path().to_path_buf();
-    let dir = dir.as_path();
-    let bins = palisade_tests::bin_dir();
-    eprintln!(
-        "binaries: {} ({})",
-        bins.display(),
-        if bins.ends_with("release") { "release" } else { "NOT a release build" }
-    );
-    let cp = ControlPlane::start(&dir.join("data"), dir, &["--log", "warn"]).await?;
-    let mut app_cmd = Command::new(std::env::current_exe()?);
-    app_cmd.arg("app").stdout(Stdio::piped());
-    let mut app = app_cmd.spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.take().context("app stdout")?), &mut line)?;
-    let app_addr: SocketAddr = format!("127.0.0.1:{}", line.trim()).parse()?;
-    let _app = AppGuard(app);
-    let policy = dir.join("allow.yaml");
-    std::fs::write(
-        &policy,
-        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-to-orders, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n      to: [{methods: [\"GET\"]}]\n",
-    )?;
-    let out = cp.ctl(&["policy", "apply", "-f", policy.to_str().context("path")?]);
-    if !out.status.success() {
-        bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
     let out_file = format!("--callgrind-out-file={}/callgrind.%p", dir.display());
     let wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", out_file.as_str()];
-    let quiet = ["--log", "warn"];
-    let server = Sidecar::meshed_under(
-        &wrapper,
-        "server",
-        &cp,
-        dir,
-        "spiffe://cluster.local/ns/shop/sa/orders",
-        &[&["--app", &app_addr.to_string()][..], &quiet].concat(),
-    )
-    .await?;
-    let port = free_port();
-    let client = Sidecar::meshed_under(
-        &wrapper,
-        "client",
-        &cp,
-        dir,
-        "spiffe://cluster.local/ns/shop/sa/web",
-        &[&["--upstream", &format!("127.0.0.1:{port}=orders.shop")][..], &quiet].concat(),
-    )
-    .await?;
-    eventually("directory", Duration::from_secs(60), || async {
-        (client.metric("palisade_directory_endpoints").await? >= 1.0).then_some(())
-    })
-    .await?;
-    let mesh: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let m = mesh(tmp, &wrapper).await?;
+    let (mesh, client, server, dir) = (m.mesh_addr, &m.client, &m.server, dir.as_path());
     // Warm-up: connections, pools, TLS sessions, lazily built state.
     fixed(mesh, 200).await?;
     let sides = [("client", client.proc.child.id()), ("server", server.proc.child.id())];
@@ -606,7 +581,9 @@ async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
     }
     if keep {
-        eprintln!("callgrind dumps kept in {}", tmp.keep().display());
+        drop(m.client);
+        drop(m.server);
+        eprintln!("callgrind dumps kept in {}", m._tmp.keep().display());
     }
     Ok(())
 }
@@ -742,5 +719,15 @@ mod push {
             t.abort();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn callgrind_cost_sums_self_costs_not_call_costs() {
+        let dump = "events: Ir\nsummary: 0\n\nob=(1) x\nfl=(1) a.c\nfn=(1) f\n10 100\n+2 50\ncfn=(2) g\ncalls=3 20\n* 9999\n-1 7\nfn=(2) g\n20 30\ntotals: 0\n";
+        assert_eq!(super::callgrind_cost(dump), Some(100 + 50 + 7 + 30));
+        assert_eq!(super::callgrind_cost("events: Ir\n"), None);
     }
 }
