@@ -10,7 +10,7 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wildmatch::WildMatch;
+use crate::eval::Pattern;
 
 use crate::eval::method_matches;
 use crate::ratelimit::{Algorithm, Outcome, Quota, State};
@@ -41,7 +41,7 @@ struct CompiledLimit {
     policy: Arc<str>,
     name: Arc<str>,
     methods: Vec<String>,
-    paths: Vec<WildMatch>,
+    paths: Vec<Pattern>,
     key: LimitKey,
     algorithm: Algorithm,
     quota: Quota,
@@ -251,7 +251,7 @@ fn compile_limit(policy: &Arc<str>, l: &Limit, shares: &HashMap<String, u64>) ->
         policy: policy.clone(),
         name: l.name.as_str().into(),
         methods: l.match_.methods.clone(),
-        paths: l.match_.paths.iter().map(|p| WildMatch::new(p)).collect(),
+        paths: l.match_.paths.iter().map(|p| Pattern::new(p)).collect(),
         key: l.key.clone(),
         algorithm: l.algorithm,
         quota: Quota { rate: rate.max(1), period, burst: l.burst },

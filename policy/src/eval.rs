@@ -14,6 +14,28 @@ use std::collections::HashMap;
 
 use wildmatch::WildMatch;
 
+/// A pattern of a rule: a glob, or, without `*` or `?`, an exact string,
+/// compared without the glob matcher (most rules name exact identities and
+/// paths, and this runs for every request).
+#[derive(Debug, Clone)]
+pub(crate) enum Pattern {
+    Exact(String),
+    Glob(WildMatch),
+}
+
+impl Pattern {
+    pub(crate) fn new(s: &str) -> Self {
+        if s.contains(['*', '?']) { Self::Glob(WildMatch::new(s)) } else { Self::Exact(s.to_string()) }
+    }
+
+    pub(crate) fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(e) => e == value,
+            Self::Glob(g) => g.matches(value),
+        }
+    }
+}
+
 use crate::resource::{Action, Condition, Operation, Resource, Rule, Source};
 
 /// A request's headers, read where they are (nothing is copied per request).
@@ -153,24 +175,24 @@ struct CompiledRule {
     index: usize,
     from: Vec<CompiledSource>,
     to: Vec<CompiledOp>,
-    when: Vec<(String, Vec<WildMatch>)>,
+    when: Vec<(String, Vec<Pattern>)>,
 }
 
 #[derive(Debug)]
 struct CompiledSource {
-    identities: Vec<WildMatch>,
-    not_identities: Vec<WildMatch>,
-    namespaces: Vec<WildMatch>,
-    not_namespaces: Vec<WildMatch>,
+    identities: Vec<Pattern>,
+    not_identities: Vec<Pattern>,
+    namespaces: Vec<Pattern>,
+    not_namespaces: Vec<Pattern>,
     unauthenticated: Option<bool>,
 }
 
 #[derive(Debug)]
 struct CompiledOp {
     methods: Vec<String>,
-    paths: Vec<WildMatch>,
+    paths: Vec<Pattern>,
     ports: Vec<u16>,
-    hosts: Vec<WildMatch>,
+    hosts: Vec<Pattern>,
 }
 
 /// Rules of one action, indexed by exact caller identity.
@@ -197,8 +219,8 @@ pub struct RuleSet {
     policies: Vec<std::sync::Arc<str>>,
 }
 
-fn globs(v: &[String]) -> Vec<WildMatch> {
-    v.iter().map(|s| WildMatch::new(s)).collect()
+fn globs(v: &[String]) -> Vec<Pattern> {
+    v.iter().map(|s| Pattern::new(s)).collect()
 }
 
 fn is_exact(s: &str) -> bool {
@@ -288,7 +310,7 @@ fn compile_op(o: &Operation) -> CompiledOp {
     CompiledOp { methods: o.methods.clone(), paths: globs(&o.paths), ports: o.ports.clone(), hosts: globs(&o.hosts) }
 }
 
-fn any_or_empty(list: &[WildMatch], value: Option<&str>) -> bool {
+fn any_or_empty(list: &[Pattern], value: Option<&str>) -> bool {
     list.is_empty() || value.is_some_and(|v| list.iter().any(|g| g.matches(v)))
 }
 
@@ -347,7 +369,7 @@ impl RuleSet {
         sorted.sort_by_key(|r| r.key());
         for r in sorted {
             let Resource::AuthorizationPolicy { spec, .. } = r else { continue };
-            if !spec.target.identities.iter().any(|g| WildMatch::new(g).matches(workload)) {
+            if !spec.target.identities.iter().any(|g| Pattern::new(g).matches(workload)) {
                 continue;
             }
             let index = match spec.action {
