@@ -18,14 +18,28 @@ fn readme_walkthrough_runs_as_written() {
     // ./demo-data is left alone.
     let scratch = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(root.join("scripts"), scratch.path().join("scripts")).unwrap();
-    let out = Command::new("python3")
-        .arg(&runner)
-        .args(["--check", "--cwd"])
-        .arg(scratch.path())
-        .arg(root.join("README.md"))
-        .env("PALISADE_BIN_DIR", bin_dir())
-        .output()
-        .expect("python3 runs");
+    let walk = || {
+        Command::new("python3")
+            .arg(&runner)
+            .args(["--check", "--cwd"])
+            .arg(scratch.path())
+            .arg(root.join("README.md"))
+            .env("PALISADE_BIN_DIR", bin_dir())
+            .output()
+            .expect("python3 runs")
+    };
+
+    // One of its ports taken (another demo still running): it says so and
+    // fails before starting anything, instead of printing wrong answers.
+    let taken = std::net::TcpListener::bind("127.0.0.1:9001").expect("port 9001 is free for the walk-through");
+    let out = walk();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("needs 127.0.0.1 ports 9001, and something already listens there"), "{stderr}");
+    assert!(!scratch.path().join("demo-data").exists(), "it started something");
+    drop(taken);
+
+    let out = walk();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
