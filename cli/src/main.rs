@@ -694,9 +694,7 @@ mod tests {
 
     #[test]
     fn every_flag_and_subcommand_has_help() {
-        let cmd = super::Cli::command();
-        cmd.clone().debug_assert();
-        assert_eq!(palisade_cmd::undocumented(&cmd), Vec::<String>::new());
+        palisade_cmd::assert_documented(super::Cli::command());
     }
 
     #[test]

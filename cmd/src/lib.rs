@@ -67,25 +67,28 @@ pub fn color_allowed(stream: &impl IsTerminal) -> bool {
     stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// Log output: human-readable lines or one JSON object per line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogStyle {
+/// Log output format (`--log-format`), shared by the daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people.
     Human,
+    /// One JSON object a line.
     Json,
 }
 
 /// Installs the global `tracing` subscriber writing to standard error.
 /// `filter` is an `EnvFilter` directive (`info`, `palisade=debug,audit=info`);
 /// a bad one is a usage error and the message names `flag`.
-pub fn init_logging(flag: &str, filter: &str, style: LogStyle) -> Result<(), String> {
+pub fn init_logging(flag: &str, filter: &str, format: LogFormat) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("{flag} {filter:?}: {e}"))?;
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(color_allowed(&std::io::stderr()));
-    match style {
-        LogStyle::Json => fmt.json().init(),
-        LogStyle::Human => fmt.init(),
+    match format {
+        LogFormat::Json => fmt.json().init(),
+        LogFormat::Human => fmt.init(),
     }
     Ok(())
 }
@@ -115,6 +118,13 @@ macro_rules! out {
 macro_rules! outln {
     () => { $crate::write_stdout(format_args!("\n")) };
     ($($arg:tt)*) => { $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Panics unless the command tree is consistent (clap's own debug checks)
+/// and documented (see [`undocumented`]): each binary's unit test calls it.
+pub fn assert_documented(cmd: clap::Command) {
+    cmd.clone().debug_assert();
+    assert_eq!(undocumented(&cmd), Vec::<String>::new(), "flags or subcommands without help text");
 }
 
 /// Checks a command tree against the conventions a user relies on: every

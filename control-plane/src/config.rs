@@ -156,15 +156,7 @@ pub enum DefaultPolicy {
     AllowAuthenticated,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// For people.
-    Human,
-    /// One JSON object a line.
-    Json,
-}
+pub use palisade_cmd::LogFormat;
 
 /// Errors in flag combinations found after parsing.
 #[derive(Debug, thiserror::Error)]

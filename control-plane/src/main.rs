@@ -1,15 +1,11 @@
-use palisade_cmd::{EXIT_USAGE, LogStyle};
+use palisade_cmd::EXIT_USAGE;
 use palisade_control_plane::{Config, start};
 
 #[tokio::main]
 async fn main() {
     palisade_certs::install_default_provider();
     let cfg: Config = palisade_cmd::parse();
-    let style = match cfg.log_format {
-        palisade_control_plane::config::LogFormat::Json => LogStyle::Json,
-        palisade_control_plane::config::LogFormat::Human => LogStyle::Human,
-    };
-    if let Err(e) = palisade_cmd::init_logging("--log", &cfg.log, style) {
+    if let Err(e) = palisade_cmd::init_logging("--log", &cfg.log, cfg.log_format) {
         eprintln!("error: {e}");
         std::process::exit(EXIT_USAGE)
     }
@@ -48,8 +44,6 @@ mod tests {
 
     #[test]
     fn every_flag_has_help() {
-        let cmd = super::Config::command();
-        cmd.clone().debug_assert();
-        assert_eq!(palisade_cmd::undocumented(&cmd), Vec::<String>::new());
+        palisade_cmd::assert_documented(super::Config::command());
     }
 }

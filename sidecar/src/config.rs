@@ -128,13 +128,7 @@ pub enum MtlsMode {
     Permissive,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Human,
-    Json,
-}
+pub use palisade_cmd::LogFormat;
 
 /// A flag value that cannot work, found before anything starts.
 #[derive(Debug, thiserror::Error)]

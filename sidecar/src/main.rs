@@ -1,5 +1,5 @@
 use clap::{CommandFactory, FromArgMatches};
-use palisade_cmd::{EXIT_FAILURE, EXIT_USAGE, LogStyle};
+use palisade_cmd::{EXIT_FAILURE, EXIT_USAGE};
 use palisade_sidecar::init::InitConfig;
 use palisade_sidecar::{Config, StartError, start};
 
@@ -48,11 +48,7 @@ fn main() {
         }
         _ => Config::from_arg_matches(&matches).unwrap_or_else(|e| palisade_cmd::exit_on(e)),
     };
-    let style = match cfg.log_format {
-        palisade_sidecar::config::LogFormat::Json => LogStyle::Json,
-        palisade_sidecar::config::LogFormat::Human => LogStyle::Human,
-    };
-    if let Err(e) = palisade_cmd::init_logging("--log", &cfg.log, style) {
+    if let Err(e) = palisade_cmd::init_logging("--log", &cfg.log, cfg.log_format) {
         eprintln!("error: {e}");
         std::process::exit(EXIT_USAGE)
     }
@@ -146,8 +142,6 @@ fn wait_ready(args: &WaitReady) -> i32 {
 mod tests {
     #[test]
     fn every_flag_and_subcommand_has_help() {
-        let cmd = super::command();
-        cmd.clone().debug_assert();
-        assert_eq!(palisade_cmd::undocumented(&cmd), Vec::<String>::new());
+        palisade_cmd::assert_documented(super::command());
     }
 }
