@@ -80,12 +80,54 @@ pub fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// A TCP port on 127.0.0.1 that no other caller of `free_port` — in this
+/// process or in another test process — is handed while this one lives.
+///
+/// Ports come from below the kernel's ephemeral range, so neither `bind(0)`
+/// nor an outgoing connection can take one between the test choosing it and
+/// the child process binding it. Each port is claimed with an exclusive lock
+/// on a file under the temporary directory, held until the process exits
+/// (a crashed test leaves no stale claim), and checked free by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("invariant: loopback is available")
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<(u16, std::fs::File)>> = Mutex::new(Vec::new());
+
+    let (low, high) = claimable_ports();
+    let dir = std::env::temp_dir().join("palisade-test-ports");
+    std::fs::create_dir_all(&dir).expect("invariant: the temporary directory is writable");
+    let span = u32::from(high - low);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    for i in 0..span {
+        let port = low + ((seed.wrapping_add(i)) % span) as u16;
+        if held.iter().any(|(p, _)| *p == port) {
+            continue;
+        }
+        let Ok(file) =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        if file.try_lock().is_err() || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        held.push((port, file));
+        return port;
+    }
+    panic!("no free TCP port on 127.0.0.1 in {low}..{high}");
+}
+
+/// The ports `free_port` hands out: those outside the ephemeral range.
+fn claimable_ports() -> (u16, u16) {
+    let range: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .map(|s| s.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    match range[..] {
+        [low, _] if low > 11_000 => (10_000, low),
+        [_, high] if high < 64_000 => (high + 1, 65_535),
+        _ => (10_000, 32_768),
+    }
 }
 
 /// A child process killed on drop, its stderr captured in a log file.
