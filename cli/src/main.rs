@@ -115,8 +115,15 @@ enum Command {
         #[arg(short, long)]
         file: PathBuf,
         /// Image with palisade-sidecar.
-        #[arg(long, default_value = "ghcr.io/palisade-mesh/palisade:0.1.0")]
+        #[arg(long, default_value = palisade_inject::IMAGE)]
         image: String,
+        /// The mesh's trust bundle (PEM), written into each pod's spec.
+        /// Default: ca.pem of --credentials.
+        #[arg(long)]
+        ca_bundle: Option<PathBuf>,
+        /// Admin credential directory whose ca.pem is the trust bundle.
+        #[arg(long, env = "PALISADE_CREDENTIALS")]
+        credentials: Option<PathBuf>,
         /// Control-plane address as pods see it.
         #[arg(long, default_value = "https://palisade-control-plane.palisade-system.svc:7700")]
         mesh_control_plane: String,
@@ -132,6 +139,14 @@ enum Command {
         /// Trust domain of the generated CA.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// Image of the control plane and of injected sidecars.
+        #[arg(long, default_value = palisade_inject::IMAGE)]
+        image: String,
+        /// With --generate-ca: write an admin credential for palisadectl
+        /// (ca.pem, cert.pem, key.pem) into this new directory, on this
+        /// machine only; the cluster never holds it.
+        #[arg(long, requires = "generate_ca")]
+        credentials_out: Option<PathBuf>,
     },
     /// Print a shell completion script: `source <(palisadectl completion bash)`.
     Completion {
@@ -246,10 +261,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Check { online, wait } => check(online, *wait).await,
         Command::Policy { online, cmd } => policy::run(online, cmd).await,
-        Command::Inject { file, image, mesh_control_plane, classic_sidecar } => {
-            kube::inject(file, image, mesh_control_plane, *classic_sidecar)
+        Command::Inject { file, image, ca_bundle, credentials, mesh_control_plane, classic_sidecar } => {
+            let bundle = ca_bundle.clone().or_else(|| credentials.as_ref().map(|c| c.join("ca.pem")));
+            kube::inject(file, image, bundle.as_deref(), mesh_control_plane, *classic_sidecar)
         }
-        Command::Install { generate_ca, trust_domain } => kube::install(*generate_ca, trust_domain),
+        Command::Install { generate_ca, trust_domain, image, credentials_out } => {
+            kube::install(*generate_ca, trust_domain, image, credentials_out.as_deref())
+        }
         Command::Authz { online, cmd: AuthzCmd::Check { from, to, method, path, headers, port } } => {
             policy::check(online, from, to, method, path, headers, *port).await
         }

@@ -13,6 +13,7 @@ use std::io::{IsTerminal, Write};
 
 /// Exit status for a usage error or a bad flag value (sysexits.h `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
+
 /// Exit status when the program cannot do what was asked.
 pub const EXIT_FAILURE: i32 = 1;
 

@@ -72,7 +72,7 @@ pub struct Config {
     pub webhook_names: Vec<String>,
 
     /// Image injected into pods.
-    #[arg(long, env = "PALISADE_PROXY_IMAGE", default_value = "ghcr.io/palisade-mesh/palisade:0.1.0")]
+    #[arg(long, env = "PALISADE_PROXY_IMAGE", default_value = palisade_inject::IMAGE)]
     pub proxy_image: String,
 
     /// Control-plane address injected into pods.

@@ -256,6 +256,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             image: cfg.proxy_image.clone(),
             control_plane: cfg.inject_control_plane.clone(),
             native_sidecar: !cfg.classic_sidecar,
+            trust_bundle_pem: ca.trust_bundle_pem(),
             ..Default::default()
         };
         palisade_certs::tls::no_resumption(&mut tls);

@@ -30,7 +30,9 @@ pub enum PkiError {
     Ca { path: PathBuf, source: CaError },
     #[error("{0}")]
     Issue(#[from] CaError),
-    #[error("CA key file {path} has mode {mode:o}; it must not be readable by group or others (chmod 600)")]
+    #[error(
+        "CA key file {path} has mode {mode:o}; it must be readable by no one else (chmod 600; group read only for a group of this process, as Kubernetes fsGroup mounts give)"
+    )]
     KeyMode { path: PathBuf, mode: u32 },
     #[error("admin credential: {0}")]
     Key(#[from] palisade_certs::CsrError),
@@ -45,17 +47,53 @@ fn write(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
     r.map_err(|source| PkiError::Io { what: "write", path: path.to_path_buf(), source })
 }
 
+/// A CA key file must be readable only by this process. Mode 0600/0400 is
+/// that; so is group read (0440/0640) when the group is one this process
+/// is in and the file belongs to root or to us: that is how Kubernetes
+/// mounts a Secret with `fsGroup` (root:fsGroup, mode 0440 whatever
+/// `defaultMode` says), and only the pod's own processes hold that group.
+/// Group write or execute and any bit for others are refused.
 fn check_key_mode(path: &Path) -> Result<(), PkiError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|source| PkiError::Io { what: "stat", path: path.to_path_buf(), source })?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(PkiError::KeyMode { path: path.to_path_buf(), mode });
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta =
+        std::fs::metadata(path).map_err(|source| PkiError::Io { what: "stat", path: path.to_path_buf(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    let refuse = || Err(PkiError::KeyMode { path: path.to_path_buf(), mode });
+    if mode & 0o007 != 0 || mode & 0o030 != 0 {
+        return refuse();
+    }
+    if mode & 0o040 != 0 {
+        let ids = process_ids();
+        let owner_ok = meta.uid() == 0 || Some(meta.uid()) == ids.uid;
+        if !owner_ok || !ids.groups.contains(&meta.gid()) {
+            return refuse();
+        }
+        tracing::info!(path = %path.display(), mode = format!("{mode:o}"), gid = meta.gid(), "CA key is readable by this process's group (a Kubernetes fsGroup mount); accepted");
     }
     Ok(())
+}
+
+/// This process's effective user and every group it holds (effective and
+/// supplementary), from /proc/self/status.
+struct ProcessIds {
+    uid: Option<u32>,
+    groups: Vec<u32>,
+}
+
+fn process_ids() -> ProcessIds {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    // "Uid:/Gid:" list real, effective, saved, filesystem ids.
+    let uid = field("Uid:").get(1).copied();
+    let mut groups = field("Groups:");
+    groups.extend(field("Gid:").get(1));
+    ProcessIds { uid, groups }
 }
 
 /// Loads the operator's CA, or the one in `<data>/ca/`, or generates and saves a new root.
@@ -178,6 +216,48 @@ pub async fn rotate_server_cert(
             Err(e) => {
                 tracing::error!(error = %e, "cannot reissue the control plane's server certificate; retrying in 1m")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn key_with(dir: &Path, mode: u32, gid: Option<u32>) -> PathBuf {
+        let p = dir.join(format!("key-{mode:o}-{gid:?}"));
+        std::fs::write(&p, "k").unwrap();
+        if let Some(g) = gid {
+            std::os::unix::fs::chown(&p, None, Some(g)).unwrap();
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn ca_key_must_be_readable_by_this_process_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = process_ids();
+        let own_group = *ours.groups.first().expect("a process has a group");
+        for mode in [0o600, 0o400] {
+            assert!(check_key_mode(&key_with(dir.path(), mode, None)).is_ok(), "{mode:o}");
+        }
+        // Kubernetes Secret with fsGroup: group read for a group we hold.
+        for mode in [0o440, 0o640] {
+            assert!(check_key_mode(&key_with(dir.path(), mode, Some(own_group))).is_ok(), "{mode:o}");
+        }
+        // Others, group write, or any group bit when the group is not ours.
+        for mode in [0o604, 0o644, 0o444, 0o660, 0o470, 0o450] {
+            let err = check_key_mode(&key_with(dir.path(), mode, Some(own_group))).unwrap_err().to_string();
+            assert!(err.contains(&format!("has mode {mode:o}")), "{mode:o}: {err}");
+        }
+        if ours.uid == Some(0) {
+            let foreign = (1..65000).find(|g| !ours.groups.contains(g)).unwrap();
+            let p = key_with(dir.path(), 0o440, Some(foreign));
+            assert!(check_key_mode(&p).is_err(), "group {foreign} is not ours");
+        } else {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root, where a foreign group can be set");
         }
     }
 }

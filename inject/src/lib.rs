@@ -2,7 +2,8 @@
 //! container that writes the iptables rules, and the proxy as a native
 //! sidecar (an init container with `restartPolicy: Always`, so the app starts
 //! after the proxy is ready and Jobs complete) — plus the projected
-//! ServiceAccount token it attests with and the trust bundle.
+//! ServiceAccount token it attests with and the trust bundle (inline, so an
+//! injected pod needs nothing in its namespace but itself).
 //!
 //! One code path for the mutating admission webhook (AdmissionReview v1 in,
 //! JSONPatch out) and for `palisadectl inject` (YAML in, YAML out). It works
@@ -11,6 +12,12 @@
 #![warn(missing_docs)]
 
 use serde_json::{Map, Value, json};
+
+/// The container image of this version: what `scripts/image.sh` builds and
+/// what the install manifests, `palisadectl install`/`inject` and the
+/// control plane's injection webhook use unless told otherwise. Push it to
+/// your registry under another name and pass `--image` (or kustomize's `images:`).
+pub const IMAGE: &str = concat!("localhost/palisade:", env!("CARGO_PKG_VERSION"));
 
 /// Annotation and label keys.
 pub mod keys {
@@ -37,8 +44,10 @@ pub struct Config {
     pub image: String,
     /// Control-plane address as seen from pods.
     pub control_plane: String,
-    /// ConfigMap holding `ca.pem`.
-    pub trust_bundle_configmap: String,
+    /// The mesh's trust anchors (PEM), written into each injected pod's spec
+    /// (`PALISADE_CA_BUNDLE_PEM`): a pod in any namespace has them without a
+    /// ConfigMap there. Required. A root rotation reaches pods created after it.
+    pub trust_bundle_pem: String,
     /// UID of the proxy (excluded from interception).
     pub proxy_uid: u32,
     /// Native sidecar (Kubernetes >= 1.29) or a classic container held until ready.
@@ -48,9 +57,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            image: "ghcr.io/palisade-mesh/palisade:0.1.0".into(),
+            image: IMAGE.into(),
             control_plane: "https://palisade-control-plane.palisade-system.svc:7700".into(),
-            trust_bundle_configmap: "palisade-trust-bundle".into(),
+            trust_bundle_pem: String::new(),
             proxy_uid: 1337,
             native_sidecar: true,
         }
@@ -81,6 +90,9 @@ pub enum InjectError {
         /// JSON path expected.
         path: &'static str,
     },
+    /// No trust bundle was given to inject.
+    #[error("no trust bundle to inject (the mesh's CA certificates, PEM)")]
+    NoTrustBundle,
     /// An annotation holds an unusable value.
     #[error("annotation {key}={value:?}: {why}")]
     Annotation {
@@ -121,6 +133,9 @@ pub fn inject_pod(metadata: &mut Value, spec: &mut Value, cfg: &Config) -> Resul
         });
     if already {
         return Ok(Outcome::Skipped("already injected"));
+    }
+    if !cfg.trust_bundle_pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(InjectError::NoTrustBundle);
     }
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Ok(Outcome::Skipped("hostNetwork pods share the node's network namespace"));
@@ -169,7 +184,7 @@ pub fn inject_pod(metadata: &mut Value, spec: &mut Value, cfg: &Config) -> Resul
         json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
         json!({"name": "PALISADE_ADVERTISE", "value": format!("$(POD_IP):{inbound_port}")}),
         json!({"name": "PALISADE_CONTROL_PLANE", "value": cfg.control_plane}),
-        json!({"name": "PALISADE_CA_BUNDLE", "value": "/var/run/palisade/trust/ca.pem"}),
+        json!({"name": "PALISADE_CA_BUNDLE_PEM", "value": cfg.trust_bundle_pem}),
         json!({"name": "PALISADE_K8S_TOKEN_FILE", "value": "/var/run/palisade/token/token"}),
         json!({"name": "PALISADE_TRANSPARENT", "value": "true"}),
         json!({"name": "PALISADE_INBOUND", "value": format!("0.0.0.0:{inbound_port}")}),
@@ -184,6 +199,7 @@ pub fn inject_pod(metadata: &mut Value, spec: &mut Value, cfg: &Config) -> Resul
     let mut proxy = json!({
         "name": "palisade-proxy",
         "image": cfg.image,
+        "args": ["sidecar"],
         "env": env,
         "ports": [{"name": "palisade-in", "containerPort": inbound_port}, {"name": "palisade-admin", "containerPort": ADMIN_PORT}],
         "readinessProbe": probe(3, 5),
@@ -194,8 +210,7 @@ pub fn inject_pod(metadata: &mut Value, spec: &mut Value, cfg: &Config) -> Resul
             "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}
         },
         "volumeMounts": [
-            {"name": "palisade-token", "mountPath": "/var/run/palisade/token", "readOnly": true},
-            {"name": "palisade-trust", "mountPath": "/var/run/palisade/trust", "readOnly": true}
+            {"name": "palisade-token", "mountPath": "/var/run/palisade/token", "readOnly": true}
         ]
     });
     let spec_obj = spec.as_object_mut().ok_or(InjectError::NoPodSpec { kind: "Pod".into(), path: "spec" })?;
@@ -216,7 +231,6 @@ pub fn inject_pod(metadata: &mut Value, spec: &mut Value, cfg: &Config) -> Resul
     spec_obj.insert("initContainers".into(), Value::Array(inits));
     let mut volumes: Vec<Value> = spec_obj.get("volumes").and_then(Value::as_array).cloned().unwrap_or_default();
     volumes.push(json!({"name": "palisade-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "palisade", "expirationSeconds": 3600, "path": "token"}}]}}));
-    volumes.push(json!({"name": "palisade-trust", "configMap": {"name": cfg.trust_bundle_configmap}}));
     spec_obj.insert("volumes".into(), Value::Array(volumes));
     let meta = metadata.as_object_mut().expect("invariant: made an object above");
     let annotations = meta.entry("annotations").or_insert_with(|| json!({}));

@@ -1,5 +1,26 @@
 use super::*;
 
+const BUNDLE: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+fn cfg() -> Config {
+    Config { trust_bundle_pem: BUNDLE.into(), ..Default::default() }
+}
+
+#[test]
+fn the_trust_bundle_travels_in_the_pod_spec_not_a_configmap() {
+    let mut d = deployment();
+    inject_object(&mut d, &cfg()).unwrap();
+    let spec = &d["spec"]["template"]["spec"];
+    let env = spec["initContainers"][1]["env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e["name"] == "PALISADE_CA_BUNDLE_PEM" && e["value"] == BUNDLE));
+    let volumes = serde_json::to_string(&spec["volumes"]).unwrap();
+    assert!(!volumes.contains("configMap"), "no namespace-local ConfigMap is needed: {volumes}");
+    assert_eq!(spec["initContainers"][1]["args"], json!(["sidecar"]));
+    assert_eq!(spec["initContainers"][1]["image"], IMAGE);
+    let mut d = deployment();
+    assert_eq!(inject_object(&mut d, &Config::default()), Err(InjectError::NoTrustBundle));
+}
+
 fn deployment() -> Value {
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -14,7 +35,7 @@ fn deployment() -> Value {
 #[test]
 fn injects_a_native_sidecar_and_is_idempotent() {
     let mut d = deployment();
-    assert_eq!(inject_object(&mut d, &Config::default()).unwrap(), Outcome::Injected);
+    assert_eq!(inject_object(&mut d, &cfg()).unwrap(), Outcome::Injected);
     let spec = &d["spec"]["template"]["spec"];
     let inits = spec["initContainers"].as_array().unwrap();
     assert_eq!((inits[0]["name"].as_str(), inits[1]["name"].as_str()), (Some("palisade-init"), Some("palisade-proxy")));
@@ -24,7 +45,7 @@ fn injects_a_native_sidecar_and_is_idempotent() {
     assert_eq!(spec["containers"].as_array().unwrap().len(), 1, "the app's containers are untouched");
     assert_eq!(d["spec"]["template"]["metadata"]["annotations"][keys::INJECTED], "true");
     let before = d.clone();
-    assert_eq!(inject_object(&mut d, &Config::default()).unwrap(), Outcome::Skipped("already injected"));
+    assert_eq!(inject_object(&mut d, &cfg()).unwrap(), Outcome::Skipped("already injected"));
     assert_eq!(d, before);
 }
 
@@ -32,20 +53,20 @@ fn injects_a_native_sidecar_and_is_idempotent() {
 fn honours_opt_out_and_rejects_bad_annotations() {
     let mut d = deployment();
     d["spec"]["template"]["metadata"]["annotations"][keys::INJECT] = json!("disabled");
-    assert!(matches!(inject_object(&mut d, &Config::default()).unwrap(), Outcome::Skipped(_)));
+    assert!(matches!(inject_object(&mut d, &cfg()).unwrap(), Outcome::Skipped(_)));
     let mut d = deployment();
     d["spec"]["template"]["metadata"]["annotations"][keys::SKIP_OUTBOUND_PORTS] = json!("5432,http");
-    assert!(matches!(inject_object(&mut d, &Config::default()), Err(InjectError::Annotation { .. })));
+    assert!(matches!(inject_object(&mut d, &cfg()), Err(InjectError::Annotation { .. })));
 }
 
 #[test]
 fn cronjobs_and_classic_sidecars() {
     let mut cj = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"}, "spec": {"schedule": "* * * * *",
         "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "job", "image": "busybox"}]}}}}}});
-    assert_eq!(inject_object(&mut cj, &Config::default()).unwrap(), Outcome::Injected);
+    assert_eq!(inject_object(&mut cj, &cfg()).unwrap(), Outcome::Injected);
     assert!(cj.pointer("/spec/jobTemplate/spec/template/spec/initContainers/1/restartPolicy").is_some());
     let mut d = deployment();
-    inject_object(&mut d, &Config { native_sidecar: false, ..Default::default() }).unwrap();
+    inject_object(&mut d, &Config { native_sidecar: false, ..cfg() }).unwrap();
     assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["name"], "palisade-proxy");
 }
 
@@ -53,7 +74,7 @@ fn cronjobs_and_classic_sidecars() {
 fn admission_reviews_get_a_patch_that_applies() {
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "x"}]}});
     let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u1", "object": pod}});
-    let resp = admission_review(&review, &Config::default()).unwrap();
+    let resp = admission_review(&review, &cfg()).unwrap();
     assert_eq!(resp["response"]["uid"], "u1");
     assert_eq!(resp["response"]["allowed"], true);
     use base64::Engine;
@@ -64,7 +85,7 @@ fn admission_reviews_get_a_patch_that_applies() {
     let mut patched = pod.clone();
     json_patch::patch(&mut patched, &patch).unwrap();
     assert_eq!(patched["spec"]["initContainers"][1]["name"], "palisade-proxy");
-    assert!(admission_review(&json!({"garbage": true}), &Config::default()).is_err());
-    let no_object = admission_review(&json!({"request": {"uid": "u2"}}), &Config::default()).unwrap();
+    assert!(admission_review(&json!({"garbage": true}), &cfg()).is_err());
+    let no_object = admission_review(&json!({"request": {"uid": "u2"}}), &cfg()).unwrap();
     assert_eq!(no_object["response"]["allowed"], false);
 }

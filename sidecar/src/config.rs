@@ -19,8 +19,14 @@ pub struct Config {
 
     /// Trust anchor: PEM bundle of the mesh root(s), used to verify the
     /// control plane (e.g. <control-plane data dir>/admin/ca.pem).
-    #[arg(long, env = "PALISADE_CA_BUNDLE")]
-    pub ca_bundle: PathBuf,
+    #[arg(long, env = "PALISADE_CA_BUNDLE", required_unless_present = "ca_bundle_pem")]
+    pub ca_bundle: Option<PathBuf>,
+
+    /// The same trust anchors given as PEM text instead of a file (injected
+    /// pods carry them in their spec, so no ConfigMap has to exist in the namespace).
+    #[arg(long, env = "PALISADE_CA_BUNDLE_PEM", conflicts_with = "ca_bundle")]
+    #[serde(skip)]
+    pub ca_bundle_pem: Option<String>,
 
     /// Join token for the first certificate (from `palisadectl token create`).
     /// Prefer --join-token-file: command lines are visible to other users.
@@ -135,8 +141,8 @@ pub use palisade_cmd::LogFormat;
 pub enum ConfigError {
     #[error("--control-plane: {0}")]
     ControlPlane(#[from] palisade_proto::channel::ChannelError),
-    #[error("--ca-bundle {path}: {why}")]
-    CaBundle { path: PathBuf, why: String },
+    #[error("{from}: {why}")]
+    CaBundle { from: String, why: String },
     #[error(
         "no attestation credential: pass --join-token-file FILE (or --join-token, or --k8s-token-file in Kubernetes)"
     )]
@@ -242,12 +248,22 @@ impl Config {
     /// what it parsed so nothing is parsed twice.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
         let control_plane = palisade_proto::channel::ControlPlaneAddr::parse(&self.control_plane)?;
-        let pem = std::fs::read_to_string(&self.ca_bundle)
-            .map_err(|e| ConfigError::CaBundle { path: self.ca_bundle.clone(), why: e.to_string() })?;
+        let (from, pem) = match (&self.ca_bundle, &self.ca_bundle_pem) {
+            (_, Some(pem)) => ("--ca-bundle-pem".to_string(), pem.clone()),
+            (Some(path), None) => {
+                let from = format!("--ca-bundle {}", path.display());
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::CaBundle { from: from.clone(), why: e.to_string() })?;
+                (from, pem)
+            }
+            (None, None) => {
+                return Err(ConfigError::CaBundle { from: "--ca-bundle".into(), why: "required".into() });
+            }
+        };
         let roots = palisade_certs::ca::parse_pem_certs(&pem)
-            .map_err(|why| ConfigError::CaBundle { path: self.ca_bundle.clone(), why })?;
+            .map_err(|why| ConfigError::CaBundle { from: from.clone(), why })?;
         palisade_certs::svid::root_store(&roots)
-            .map_err(|e| ConfigError::CaBundle { path: self.ca_bundle.clone(), why: e.to_string() })?;
+            .map_err(|e| ConfigError::CaBundle { from: from.clone(), why: e.to_string() })?;
         use crate::identity::Credential;
         let credential = match (&self.join_token, &self.join_token_file, &self.k8s_token_file) {
             (Some(t), _, _) => Credential::JoinToken(t.clone()),

@@ -115,6 +115,9 @@ async fn the_admission_webhook_injects_pods_and_refuses_garbage() {
     assert_eq!(inits[1]["name"], "palisade-proxy");
     assert_eq!(inits[1]["restartPolicy"], "Always", "native sidecar");
     assert_eq!(inits[1]["startupProbe"]["httpGet"]["path"], "/ready");
+    // The control plane's own trust bundle, in the pod spec.
+    let env = inits[1]["env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e["name"] == "PALISADE_CA_BUNDLE_PEM" && e["value"] == ca.as_str()));
     assert!(
         injected["spec"]["volumes"]
             .as_array()
@@ -172,9 +175,32 @@ async fn the_admission_webhook_injects_pods_and_refuses_garbage() {
 #[tokio::test]
 async fn install_and_inject_output_is_valid_kubernetes() {
     let ctl = palisade_tests::bin("palisadectl");
-    let out = Command::new(&ctl).args(["install", "--generate-ca"]).output().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("admin");
+    let out = Command::new(&ctl).args(["install", "--generate-ca", "--credentials-out"]).arg(&creds).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let manifests = String::from_utf8(out.stdout).unwrap();
+    // The admin credential stays on this machine: key 0600, nothing of it in the manifests.
+    use std::os::unix::fs::PermissionsExt;
+    let key_mode = std::fs::metadata(creds.join("key.pem")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let admin_cert = std::fs::read_to_string(creds.join("cert.pem")).unwrap();
+    let admin_key = std::fs::read_to_string(creds.join("key.pem")).unwrap();
+    let first_line = |pem: &str| pem.lines().nth(1).unwrap().to_string();
+    assert!(!manifests.contains(&first_line(&admin_cert)) && !manifests.contains(&first_line(&admin_key)));
+    let bundle = std::fs::read_to_string(creds.join("ca.pem")).unwrap();
+    assert!(manifests.contains(&first_line(&bundle)), "the Secret and trust ConfigMap hold the same CA");
+    // One image, from the workspace version, everywhere; --image replaces it everywhere.
+    let image = format!("localhost/palisade:{}", env!("CARGO_PKG_VERSION"));
+    assert!(manifests.contains(&format!("image: {image}")), "{manifests}");
+    let other = Command::new(&ctl).args(["install", "--image", "registry.example/mesh/palisade:9"]).output().unwrap();
+    let other = String::from_utf8(other.stdout).unwrap();
+    assert!(!other.contains(&image) && other.contains("--proxy-image=registry.example/mesh/palisade:9"), "{other}");
+    // --credentials-out never overwrites.
+    let again =
+        Command::new(&ctl).args(["install", "--generate-ca", "--credentials-out"]).arg(&creds).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     for kind in [
         "Namespace",
         "ServiceAccount",
@@ -236,7 +262,8 @@ spec: {containers: [{name: c, image: busybox}]}
 "#;
     let run = |input: &str, extra: &[&str]| {
         let mut child = Command::new(&ctl)
-            .args(["inject", "-f", "-"])
+            .args(["inject", "-f", "-", "--credentials"])
+            .arg(&creds)
             .args(extra)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -251,6 +278,14 @@ spec: {containers: [{name: c, image: busybox}]}
     let (injected, report) = run(workloads, &[]);
     assert!(report.contains("statefulset/db: injected") && report.contains("pod/opted-out: skipped"), "{report}");
     assert_eq!(injected.matches("name: palisade-proxy").count(), 3);
+    // The trust bundle travels in each pod's spec: no ConfigMap needed in the namespace.
+    assert_eq!(injected.matches("PALISADE_CA_BUNDLE_PEM").count(), 3);
+    assert!(!injected.contains("configMap"), "{injected}");
+    assert_eq!(injected.matches(&first_line(&bundle)).count(), 3, "the install's CA, in every pod");
+    // Without a bundle, inject says where to get one.
+    let none = Command::new(&ctl).args(["inject", "-f", "-"]).env_remove("PALISADE_CREDENTIALS").output().unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("--ca-bundle FILE or --credentials DIR"));
     validate(&injected, &["1.29.0", "1.33.0"]);
     let (again, report) = run(&injected, &[]);
     assert_eq!(again, injected, "injecting twice changes nothing");

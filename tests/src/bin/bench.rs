@@ -52,7 +52,9 @@ fn parse_args() -> Result<Option<Args>> {
             "-h" | "--help" => {
                 println!(
                     "palisade-bench [--json FILE] [--duration 10s] [--rate 1000] [--load-rate 2000] [--connections 32]\n\
-                     palisade-bench push [STREAMS]   (policy push latency to STREAMS simulated sidecars, default 1000)\n\n\
+                     palisade-bench push [STREAMS]   (policy push latency to STREAMS simulated sidecars, default 1000)\n\
+                     palisade-bench instructions [N] [JSON]   (user-space instructions per request, under callgrind)\n\
+                     palisade-bench mesh   (the set-up left running for wrk/strace/perf until stdin closes)\n\n\
                      Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
                      sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
                      Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
@@ -77,6 +79,10 @@ fn main() -> Result<()> {
         let json = std::env::args().nth(3).map(PathBuf::from);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(instructions(requests, json));
+    }
+    if std::env::args().nth(1).as_deref() == Some("mesh") {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(serve_mesh());
     }
     let Some(args) = parse_args()? else {
         return run_app();
@@ -505,6 +511,22 @@ fn callgrind_cost(text: &str) -> Option<u64> {
 /// per request of each sidecar (valgrind callgrind), counted only while the
 /// fixed workload runs. Instruction counts do not depend on what else the
 /// machine is doing, so a change's effect shows without timing noise.
+/// `palisade-bench mesh`: the measured set-up, left running for outside
+/// tools (wrk, strace, perf) until stdin closes; prints where it is.
+async fn serve_mesh() -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("palisade-mesh-").tempdir()?;
+    let m = mesh(tmp, &[]).await?;
+    println!(
+        "mesh={} app={} client_pid={} server_pid={}",
+        m.mesh_addr,
+        m.app_addr,
+        m.client.proc.child.id(),
+        m.server.proc.child.id()
+    );
+    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await??;
+    Ok(())
+}
+
 async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
     for tool in ["valgrind", "callgrind_control"] {
         if Command::new(tool).arg("--version").output().is_err() {
