@@ -6,6 +6,7 @@
 #
 #   ./scripts/image.sh              build (root; needs podman, runc, debootstrap)
 #   ./scripts/image.sh --base-only  only make the base image
+#   ./scripts/image.sh --debug      from the debug build, tagged <version>-debug (what tests use)
 #
 # Where docker.io is reachable, `docker build -t palisade .` builds the same
 # image from source (the Dockerfile's default `runtime` stage) instead.
@@ -15,11 +16,13 @@ cd "$(dirname "$0")/.."
 export CONTAINERS_CONF="$PWD/deploy/podman/containers.conf"
 
 base_only=0
+profile=release
 for a in "$@"; do
   case "$a" in
     --base-only) base_only=1 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown argument $a (use --base-only or --help)" >&2; exit 64 ;;
+    --debug) profile=debug ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument $a (use --base-only, --debug or --help)" >&2; exit 64 ;;
   esac
 done
 for t in podman runc debootstrap; do
@@ -31,6 +34,7 @@ version=$(cargo metadata --no-deps --format-version 1 \
   | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="palisade-cmd"))')
 base=localhost/palisade-base:bookworm
 image=localhost/palisade:$version
+[ "$profile" = debug ] && image=$image-debug
 
 # 1. The base: Debian bookworm minbase with iptables, made once and kept.
 if ! podman image exists "$base"; then
@@ -50,12 +54,16 @@ if [ "$base_only" = 1 ]; then
   exit 0
 fi
 
-# 2. The binaries, built here (release), into the build context.
-cargo build --release --locked --bins -p palisade-control-plane -p palisade-sidecar -p palisadectl -p palisade-cmd >&2
+# 2. The binaries, built here, into the build context.
+if [ "$profile" = release ]; then
+  cargo build --release --locked --bins -p palisade-control-plane -p palisade-sidecar -p palisadectl -p palisade-cmd >&2
+else
+  cargo build --locked --bins -p palisade-control-plane -p palisade-sidecar -p palisadectl -p palisade-cmd >&2
+fi
 rm -rf image-bin && mkdir image-bin
 trap 'rm -rf image-bin' EXIT
 for b in palisade palisade-control-plane palisade-sidecar palisadectl; do
-  cp "target/release/$b" image-bin/
+  cp "target/$profile/$b" image-bin/
 done
 strip image-bin/* 2>/dev/null || true
 

@@ -12,5 +12,6 @@ mod kube;
 mod negative;
 mod netns;
 mod operator_ca;
+mod podman;
 mod policy;
 mod walkthrough;
