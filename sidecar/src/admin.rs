@@ -29,6 +29,9 @@ pub struct AdminState {
     pub registry: Registry,
     /// The policy in force (ready needs a first snapshot).
     pub policy: crate::policy::PolicyState,
+    /// The mesh directory (ready needs a first one: until then an app's
+    /// first calls could not be told from calls leaving the mesh).
+    pub directory: Arc<crate::directory::Directory>,
     /// Cancelled by `PUT /shutdown` to start draining.
     pub shutdown: CancellationToken,
 }
@@ -121,10 +124,13 @@ fn route(state: &AdminState, src: SocketAddr, req: Request<Incoming>) -> Respons
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if state.shutdown.is_cancelled() => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n"),
-        "/ready" => match (state.svids.valid(), state.policy.current()) {
-            (Some(_), Some(_)) => text(StatusCode::OK, "ready\n"),
-            (None, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid workload certificate yet\n"),
-            (_, None) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no policy from the control plane yet\n"),
+        "/ready" => match (state.svids.valid(), state.policy.current(), state.directory.loaded()) {
+            (Some(_), Some(_), true) => text(StatusCode::OK, "ready\n"),
+            (None, _, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid workload certificate yet\n"),
+            (_, None, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no policy from the control plane yet\n"),
+            (_, _, false) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no service directory from the control plane yet\n")
+            }
         },
         "/metrics" => {
             let mut out = String::new();

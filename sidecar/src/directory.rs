@@ -48,6 +48,11 @@ pub enum LookupError {
 }
 
 impl Directory {
+    /// Whether a directory has been received from the control plane.
+    pub fn loaded(&self) -> bool {
+        *self.version.borrow() > 0
+    }
+
     /// Picks a peer for `service`, round robin.
     pub fn pick(&self, service: &str) -> Result<Peer, LookupError> {
         let snap = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();

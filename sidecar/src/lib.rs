@@ -154,7 +154,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     );
     let inbound = Arc::new(inbound);
     let outbound = Arc::new(proxy::outbound::Outbound {
-        directory,
+        directory: directory.clone(),
         peers: Arc::new(proxy::peer::PeerClient::new(
             svids.clone(),
             bundle,
@@ -172,6 +172,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         config: cfg,
         svids: svids.clone(),
         policy: policy_state,
+        directory,
         registry,
         shutdown: shutdown.clone(),
     });

@@ -11,9 +11,10 @@ What podman cannot express, and what stands in for it:
   proxy reads it with PALISADE_JOIN_TOKEN_FILE at the same path;
 - status.podIP in the downward API: the pod's IP is assigned up front
   (podman kube play --ip), so PALISADE_ADVERTISE names it directly;
-- podman 4.3 removes a finished "once" init container while tearing down and
-  can race with it: the pod asks for "always" init containers (kept, rerun
-  on a pod restart), which changes nothing for a single start;
+- podman 4.3 applies the pod's restartPolicy (default Always) to init
+  containers too: it restarts the init container once it has finished, and
+  the pod never settles (in Kubernetes an init container runs once). The pod
+  gets restartPolicy OnFailure, which is what init containers have there;
 - podman 4.3 publishes every containerPort on the host (Kubernetes only
   documents them without hostPort), so two pods would collide on 4143: the
   `ports` lists are dropped.
@@ -25,8 +26,9 @@ import yaml
 pod_ip, token_dir = sys.argv[1], sys.argv[2]
 docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
 for doc in docs:
-    doc["metadata"].setdefault("annotations", {})["io.podman.annotations.init.container.type"] = "always"
     spec = doc["spec"]
+    if spec.get("restartPolicy", "Always") == "Always":
+        spec["restartPolicy"] = "OnFailure"
     for c in spec.get("initContainers", []) + spec["containers"]:
         c.pop("ports", None)
     inits = spec.get("initContainers", [])
