@@ -133,9 +133,12 @@ fn pods_run_the_image_with_the_injected_yaml() {
 
     // The image, as scripts/image.sh builds it (from this build's binaries),
     // and the test apps on the same base.
-    let built = must(&format!("{}/scripts/image.sh --debug", repo.display()));
+    // PALISADE_PODMAN_RELEASE=1: the release image, as users build it (for
+    // the README's start-to-ready figure); otherwise this build's binaries.
+    let release = std::env::var_os("PALISADE_PODMAN_RELEASE").is_some();
+    let built = must(&format!("{}/scripts/image.sh{}", repo.display(), if release { "" } else { " --debug" }));
     let image = built.lines().last().expect("image.sh prints the tag last").trim().to_string();
-    assert!(image.starts_with("localhost/palisade:") && image.ends_with("-debug"), "{image}");
+    assert!(image.starts_with("localhost/palisade:") && image.ends_with("-debug") != release, "{image}");
     must(&format!(
         "cd {} && podman build --quiet --network host -t localhost/palisade-testapp:e2e -f tests/podman/app.Containerfile .",
         repo.display()
