@@ -174,3 +174,217 @@ fn write_admin_credential(
     palisade_certs::files::write_public(&dir.join("ca.pem"), &ca.trust_bundle_pem())?;
     Ok(())
 }
+
+/// What `palisadectl check --kubernetes` reads: one `kubectl get` of every
+/// object it looks at, as JSON (a `List`).
+pub(crate) const KUBECTL_GET: &[&str] =
+    &["get", "deployments,pods,configmaps,mutatingwebhookconfigurations", "--all-namespaces", "-o", "json"];
+
+/// Reads the cluster state with kubectl, or from a file holding the output of
+/// `kubectl get deployments,pods,configmaps,mutatingwebhookconfigurations -A -o json`.
+pub(crate) fn cluster_state(kubectl: &str, file: Option<&Path>) -> Result<Value> {
+    let text = match file {
+        Some(f) => read_input(f)?,
+        None => {
+            let out = std::process::Command::new(kubectl)
+                .args(KUBECTL_GET)
+                .output()
+                .with_context(|| format!("cannot run {kubectl} (is kubectl installed and on PATH?)"))?;
+            if !out.status.success() {
+                return Err(anyhow!(
+                    "{kubectl} {}: {}",
+                    KUBECTL_GET.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            String::from_utf8(out.stdout).context("kubectl printed something that is not UTF-8")?
+        }
+    };
+    serde_json::from_str(&text).context("the cluster state is not kubectl's JSON (-o json)")
+}
+
+/// One finding: what was checked, whether it is fine, and what to do.
+pub(crate) type Finding = (String, bool, String);
+
+const SYSTEM_NS: &str = "palisade-system";
+const CP_NAME: &str = "palisade-control-plane";
+
+fn items<'a>(state: &'a Value, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    state["items"].as_array().into_iter().flatten().filter(move |i| i["kind"] == kind)
+}
+
+fn name_of(obj: &Value) -> String {
+    format!(
+        "{}/{}",
+        obj["metadata"]["namespace"].as_str().unwrap_or("-"),
+        obj["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+/// Containers of a pod that are waiting to pull their image, with the reason.
+fn pull_failures(pod: &Value) -> Vec<(String, String, String)> {
+    let spec_images: Vec<(String, String)> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod["spec"][k].as_array().into_iter().flatten())
+        .map(|c| (c["name"].as_str().unwrap_or("").to_string(), c["image"].as_str().unwrap_or("").to_string()))
+        .collect();
+    ["initContainerStatuses", "containerStatuses"]
+        .iter()
+        .flat_map(|k| pod["status"][k].as_array().into_iter().flatten())
+        .filter_map(|s| {
+            let reason = s["state"]["waiting"]["reason"].as_str()?;
+            matches!(reason, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull").then(
+                || {
+                    let name = s["name"].as_str().unwrap_or("").to_string();
+                    let image =
+                        spec_images.iter().find(|(n, _)| *n == name).map(|(_, i)| i.clone()).unwrap_or_default();
+                    (name, image, reason.to_string())
+                },
+            )
+        })
+        .collect()
+}
+
+fn pull_fix(image: &str) -> String {
+    format!(
+        "the nodes cannot pull {image}: push it to a registry they reach and re-run `palisadectl install --image \
+         REGISTRY/palisade:TAG` (or load it into the nodes, e.g. `kind load docker-image {image}`)"
+    )
+}
+
+fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
+    palisade_certs::ca::parse_pem_certs(pem).map(|c| c.into_iter().map(|d| d.to_vec()).collect()).unwrap_or_default()
+}
+
+/// What is wrong with a Palisade install, in the terms of its fix. `bundle`:
+/// the mesh's trust anchors as the operator knows them (the credential's
+/// ca.pem); without it the `palisade-trust-bundle` ConfigMap stands in.
+pub(crate) fn cluster_findings(state: &Value, bundle: Option<&str>) -> Vec<Finding> {
+    let mut out: Vec<Finding> = Vec::new();
+    let deployment = items(state, "Deployment")
+        .find(|d| d["metadata"]["name"] == CP_NAME && d["metadata"]["namespace"] == SYSTEM_NS);
+    let Some(deployment) = deployment else {
+        out.push((
+            "control plane installed".into(),
+            false,
+            format!("no Deployment {SYSTEM_NS}/{CP_NAME}: `palisadectl install --generate-ca --credentials-out DIR | kubectl apply -f -`"),
+        ));
+        return out;
+    };
+    let available = deployment["status"]["availableReplicas"].as_u64().unwrap_or(0);
+    let cp_pods: Vec<&Value> = items(state, "Pod")
+        .filter(|p| {
+            p["metadata"]["namespace"] == SYSTEM_NS && p["metadata"]["labels"]["app.kubernetes.io/name"] == CP_NAME
+        })
+        .collect();
+    let mut cp_detail = format!("{available} replica(s) available");
+    let mut cp_ok = available > 0;
+    for pod in &cp_pods {
+        for (_, image, reason) in pull_failures(pod) {
+            cp_ok = false;
+            cp_detail = format!("pod {} {reason}: {}", name_of(pod), pull_fix(&image));
+        }
+        for s in pod["status"]["containerStatuses"].as_array().into_iter().flatten() {
+            if s["state"]["waiting"]["reason"] == "CrashLoopBackOff" {
+                cp_ok = false;
+                let last = s["lastState"]["terminated"]["message"].as_str().unwrap_or("").trim();
+                cp_detail = format!(
+                    "pod {} keeps exiting{}: `kubectl -n {SYSTEM_NS} logs deploy/{CP_NAME}` says why",
+                    name_of(pod),
+                    if last.is_empty() { String::new() } else { format!(" ({last})") }
+                );
+            }
+        }
+    }
+    out.push(("control plane running".into(), cp_ok, cp_detail));
+
+    // The trust anchors: the operator's, or the install's ConfigMap.
+    let configmap = items(state, "ConfigMap")
+        .find(|c| c["metadata"]["name"] == "palisade-trust-bundle" && c["metadata"]["namespace"] == SYSTEM_NS)
+        .and_then(|c| c["data"]["ca.pem"].as_str())
+        .unwrap_or("");
+    let anchors = pem_certs(bundle.unwrap_or(configmap));
+    if anchors.is_empty() {
+        out.push((
+            "trust bundle".into(),
+            false,
+            format!("no trust bundle to compare with: pass --credentials DIR, or fill the ConfigMap {SYSTEM_NS}/palisade-trust-bundle"),
+        ));
+        return out;
+    }
+
+    // The webhook: the API server calls it only if caBundle is the CA that
+    // signed the control plane's webhook certificate.
+    use base64::Engine;
+    for hook in items(state, "MutatingWebhookConfiguration")
+        .filter(|w| w["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("palisade")))
+    {
+        for h in hook["webhooks"].as_array().into_iter().flatten() {
+            let b64 = h["clientConfig"]["caBundle"].as_str().unwrap_or("");
+            let decoded = base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_default();
+            let certs = pem_certs(&String::from_utf8_lossy(&decoded));
+            let ok = !certs.is_empty() && certs.iter().all(|c| anchors.contains(c));
+            out.push((
+                format!("webhook {}", h["name"].as_str().unwrap_or("?")),
+                ok,
+                if ok {
+                    "caBundle is the mesh CA".into()
+                } else {
+                    "caBundle is not the mesh CA: the API server refuses to call the webhook and pods are not created \
+                     (failurePolicy Fail); re-apply the manifests `palisadectl install` printed with this CA"
+                        .into()
+                },
+            ));
+        }
+    }
+
+    // Injected pods: the image pulls, and they carry the current anchors.
+    let mut injected = 0;
+    for pod in items(state, "Pod").filter(|p| p["metadata"]["annotations"]["palisade.dev/injected"] == "true") {
+        injected += 1;
+        let who = name_of(pod);
+        for (container, image, reason) in pull_failures(pod) {
+            if container.starts_with("palisade-") {
+                out.push((format!("pod {who}"), false, format!("{container} {reason}: {}", pull_fix(&image))));
+            }
+        }
+        let proxy = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|k| pod["spec"][k].as_array().into_iter().flatten())
+            .find(|c| c["name"] == "palisade-proxy");
+        let env = proxy.and_then(|p| p["env"].as_array()).cloned().unwrap_or_default();
+        let inline = env.iter().find(|e| e["name"] == "PALISADE_CA_BUNDLE_PEM").and_then(|e| e["value"].as_str());
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+        match inline {
+            Some(pem) if pem_certs(pem).iter().any(|c| anchors.contains(c)) => {}
+            Some(_) => out.push((
+                format!("pod {who}"),
+                false,
+                format!(
+                    "carries another trust bundle (injected before the CA changed): its sidecar cannot verify the \
+                     control plane; restart its workload (`kubectl -n {ns} rollout restart deployment/NAME`)"
+                ),
+            )),
+            None => {
+                let has_configmap = items(state, "ConfigMap")
+                    .any(|c| c["metadata"]["name"] == "palisade-trust-bundle" && c["metadata"]["namespace"] == ns);
+                out.push((
+                    format!("pod {who}"),
+                    false,
+                    if has_configmap {
+                        "injected by an older Palisade (trust bundle from a ConfigMap): restart its workload so the \
+                         webhook injects the bundle into the pod spec"
+                            .into()
+                    } else {
+                        format!(
+                            "trust bundle missing in namespace {ns}: the pod waits for ConfigMap palisade-trust-bundle \
+                             there; restart its workload so the webhook injects the bundle into the pod spec"
+                        )
+                    },
+                ));
+            }
+        }
+    }
+    out.push(("injected pods".into(), true, format!("{injected} found")));
+    out
+}

@@ -92,6 +92,17 @@ enum Command {
         /// that have just started the control plane.
         #[arg(long, value_parser = parse_duration)]
         wait: Option<Duration>,
+        /// Also check the Kubernetes install, read with `kubectl get
+        /// deployments,pods,configmaps,mutatingwebhookconfigurations -A -o json`:
+        /// control plane pods, image pulls, the webhook's CA, injected pods' trust bundles.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: read that command's saved output from FILE (or -) instead of running kubectl.
+        #[arg(long, requires = "kubernetes")]
+        kubernetes_state: Option<PathBuf>,
+        /// With --kubernetes: the kubectl to run.
+        #[arg(long, default_value = "kubectl", requires = "kubernetes")]
+        kubectl: String,
     },
     /// Apply, validate, list, get and delete policies.
     Policy {
@@ -259,7 +270,10 @@ async fn run(cli: Cli) -> Result<()> {
             let bundle = bundle.clone().or_else(|| credentials.as_ref().map(|c| c.join("ca.pem")));
             inspect::inspect(target, bundle.as_deref(), *output != Output::Table).await
         }
-        Command::Check { online, wait } => check(online, *wait).await,
+        Command::Check { online, wait, kubernetes, kubernetes_state, kubectl } => {
+            let cluster = kubernetes.then(|| (kubectl.as_str(), kubernetes_state.as_deref()));
+            check(online, *wait, cluster).await
+        }
         Command::Policy { online, cmd } => policy::run(online, cmd).await,
         Command::Inject { file, image, ca_bundle, credentials, mesh_control_plane, classic_sidecar } => {
             let bundle = ca_bundle.clone().or_else(|| credentials.as_ref().map(|c| c.join("ca.pem")));
@@ -603,10 +617,25 @@ async fn proxies(cli: &Online) -> Result<()> {
 }
 
 /// `check`, retried while `--wait` allows, until every check passes.
-async fn check(cli: &Online, wait: Option<Duration>) -> Result<()> {
+async fn check(cli: &Online, wait: Option<Duration>, cluster: Option<(&str, Option<&std::path::Path>)>) -> Result<()> {
     let deadline = wait.map(|w| std::time::Instant::now() + w);
     loop {
-        let results = checks(cli).await;
+        let mut results = checks(cli).await;
+        if let Some((kubectl, file)) = cluster {
+            for r in results.iter_mut().filter(|r| r.0 == "control plane reachable" && !r.1) {
+                r.2.push_str(
+                    "; in a cluster, reach it with `kubectl -n palisade-system port-forward svc/palisade-control-plane \
+                     7700:7700` and --control-plane https://127.0.0.1:7700",
+                );
+            }
+            match kube::cluster_state(kubectl, file) {
+                Ok(state) => {
+                    let bundle = cli.credentials.as_ref().and_then(|d| std::fs::read_to_string(d.join("ca.pem")).ok());
+                    results.extend(kube::cluster_findings(&state, bundle.as_deref()));
+                }
+                Err(e) => results.push(("kubernetes".into(), false, format!("{e:#}"))),
+            }
+        }
         let all_ok = results.iter().all(|r| r.1);
         if all_ok || deadline.is_none_or(|d| std::time::Instant::now() >= d) {
             return report_checks(cli, &results);

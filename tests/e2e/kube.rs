@@ -295,3 +295,137 @@ spec: {containers: [{name: c, image: busybox}]}
     validate(&classic, &["1.29.0", "1.33.0"]);
     let _ = Duration::ZERO;
 }
+
+/// `palisadectl check --kubernetes` on cluster states built from the real
+/// `install` and `inject` output, with the statuses a kubelet reports added
+/// (no API server runs here: kubectl's JSON is read from a file).
+#[test]
+fn check_reports_what_is_wrong_with_a_cluster_install() {
+    if !Command::new("python3").args(["-c", "import yaml"]).status().is_ok_and(|s| s.success()) {
+        palisade_tests::skip("check_reports_what_is_wrong_with_a_cluster_install", "python3 lacks PyYAML");
+        return;
+    }
+    let ctl = palisade_tests::bin("palisadectl");
+    let tmp = tempfile::tempdir().unwrap();
+    let to_json = |yaml: &[u8]| -> Vec<Value> {
+        let mut child = Command::new("python3")
+            .args(["-c", "import sys,yaml,json; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), yaml).unwrap();
+        serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let install = |creds: &std::path::Path| {
+        let out =
+            Command::new(&ctl).args(["install", "--generate-ca", "--credentials-out"]).arg(creds).output().unwrap();
+        assert!(out.status.success());
+        to_json(&out.stdout)
+    };
+    let (creds, other_creds) = (tmp.path().join("admin"), tmp.path().join("other"));
+    let manifests = install(&creds);
+    let other = install(&other_creds);
+    let inject = |creds: &std::path::Path| {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {containers: [{name: app, image: web:1}]}\n";
+        let file = tmp.path().join("pod.yaml");
+        std::fs::write(&file, pod).unwrap();
+        let out =
+            Command::new(&ctl).args(["inject", "-f"]).arg(&file).arg("--credentials").arg(creds).output().unwrap();
+        assert!(out.status.success());
+        to_json(&out.stdout).remove(0)
+    };
+    let deployment = manifests.iter().find(|d| d["kind"] == "Deployment").unwrap().clone();
+    let cp_pod = |waiting: Option<&str>| {
+        let template = &deployment["spec"]["template"];
+        let state = match waiting {
+            Some(reason) => json!({"waiting": {"reason": reason}}),
+            None => json!({"running": {}}),
+        };
+        json!({"kind": "Pod", "metadata": {"name": "palisade-control-plane-7d9f-x2", "namespace": "palisade-system",
+            "labels": template["metadata"]["labels"]}, "spec": template["spec"],
+            "status": {"containerStatuses": [{"name": "control-plane", "state": state}]}})
+    };
+    let state = |items: Vec<Value>| {
+        let f = tmp.path().join("state.json");
+        std::fs::write(&f, serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List", "items": items})).unwrap())
+            .unwrap();
+        f
+    };
+    let check = |file: &std::path::Path| -> Value {
+        let out = Command::new(&ctl)
+            .args([
+                "check",
+                "-o",
+                "json",
+                "--control-plane",
+                "https://127.0.0.1:9",
+                "--kubernetes",
+                "--kubernetes-state",
+            ])
+            .arg(file)
+            .arg("--credentials")
+            .arg(&creds)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "the control plane is not reachable here");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let find = |report: &Value, name: &str| -> (bool, String) {
+        let c = report["checks"].as_array().unwrap().iter().find(|c| c["check"] == name).unwrap_or_else(|| {
+            panic!("no check {name:?} in {report}");
+        });
+        (c["ok"].as_bool().unwrap(), c["detail"].as_str().unwrap().to_string())
+    };
+
+    // A healthy install: everything but the unreachable control plane passes.
+    let mut healthy: Vec<Value> = manifests.clone();
+    healthy
+        .iter_mut()
+        .filter(|d| d["kind"] == "Deployment")
+        .for_each(|d| d["status"] = json!({"availableReplicas": 1}));
+    healthy.push(cp_pod(None));
+    let mut web = inject(&creds);
+    web["status"] = json!({"containerStatuses": [{"name": "app", "state": {"running": {}}}]});
+    healthy.push(web.clone());
+    let report = check(&state(healthy.clone()));
+    let (ok, detail) = find(&report, "control plane reachable");
+    assert!(
+        !ok && detail.contains("kubectl -n palisade-system port-forward svc/palisade-control-plane 7700:7700"),
+        "{detail}"
+    );
+    assert_eq!(find(&report, "control plane running"), (true, "1 replica(s) available".into()));
+    assert!(find(&report, "webhook inject.palisade.dev").0);
+    assert_eq!(find(&report, "injected pods"), (true, "1 found".into()));
+    let failed: Vec<&Value> = report["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).collect();
+    assert_eq!(failed.len(), 1, "only the control plane connection fails: {failed:?}");
+
+    // Image pull, a webhook with another CA, a pod with another bundle, and
+    // a pod injected the old way in a namespace without the ConfigMap.
+    let mut broken: Vec<Value> =
+        manifests.iter().filter(|d| d["kind"] != "MutatingWebhookConfiguration").cloned().collect();
+    broken.push(other.iter().find(|d| d["kind"] == "MutatingWebhookConfiguration").unwrap().clone());
+    broken.push(cp_pod(Some("ImagePullBackOff")));
+    let mut stale = inject(&other_creds);
+    stale["metadata"]["name"] = json!("stale");
+    broken.push(stale);
+    let mut old = web.clone();
+    old["metadata"]["name"] = json!("old");
+    let env = old.pointer_mut("/spec/initContainers/1/env").unwrap().as_array_mut().unwrap();
+    env.retain(|e| e["name"] != "PALISADE_CA_BUNDLE_PEM");
+    broken.push(old);
+    let report = check(&state(broken));
+    let (ok, detail) = find(&report, "control plane running");
+    assert!(!ok && detail.contains("ImagePullBackOff") && detail.contains("--image"), "{detail}");
+    let (ok, detail) = find(&report, "webhook inject.palisade.dev");
+    assert!(!ok && detail.contains("not the mesh CA"), "{detail}");
+    let (ok, detail) = find(&report, "pod shop/stale");
+    assert!(!ok && detail.contains("another trust bundle") && detail.contains("rollout restart"), "{detail}");
+    let (ok, detail) = find(&report, "pod shop/old");
+    assert!(!ok && detail.contains("trust bundle missing in namespace shop"), "{detail}");
+
+    // Nothing installed.
+    let report = check(&state(vec![web]));
+    let (ok, detail) = find(&report, "control plane installed");
+    assert!(!ok && detail.contains("palisadectl install"), "{detail}");
+}
