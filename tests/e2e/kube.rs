@@ -193,6 +193,8 @@ async fn install_and_inject_output_is_valid_kubernetes() {
     // One image, from the workspace version, everywhere; --image replaces it everywhere.
     let image = format!("localhost/palisade:{}", env!("CARGO_PKG_VERSION"));
     assert!(manifests.contains(&format!("image: {image}")), "{manifests}");
+    let base_cp = std::fs::read_to_string(palisade_tests::repo_root().join("deploy/base/control-plane.yaml")).unwrap();
+    assert!(base_cp.contains(&format!("image: {image}")), "deploy/base names the workspace version's image");
     let other = Command::new(&ctl).args(["install", "--image", "registry.example/mesh/palisade:9"]).output().unwrap();
     let other = String::from_utf8(other.stdout).unwrap();
     assert!(!other.contains(&image) && other.contains("--proxy-image=registry.example/mesh/palisade:9"), "{other}");
