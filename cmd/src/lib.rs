@@ -79,17 +79,21 @@ pub enum LogFormat {
 }
 
 /// Installs the global `tracing` subscriber writing to standard error.
-/// `filter` is an `EnvFilter` directive (`info`, `palisade=debug,audit=info`);
-/// a bad one is a usage error and the message names `flag`.
+/// `filter` is a list of directives, `LEVEL` and `TARGET=LEVEL` separated by
+/// commas (`info`, `info,audit=debug`, `palisade_sidecar::proxy=trace`); a
+/// bad one is a usage error and the message names `flag`. (Targets, not
+/// EnvFilter: span-field directives are not needed, and EnvFilter's regex
+/// engine was a tenth of the sidecar's resident code.)
 pub fn init_logging(flag: &str, filter: &str, format: LogFormat) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("{flag} {filter:?}: {e}"))?;
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(color_allowed(&std::io::stderr()));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let targets: tracing_subscriber::filter::Targets =
+        filter.parse().map_err(|e| format!("{flag} {filter:?}: {e} (expected LEVEL or TARGET=LEVEL, comma-separated)"))?;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(color_allowed(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(targets);
     match format {
-        LogFormat::Json => fmt.json().init(),
-        LogFormat::Human => fmt.init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Human => registry.with(fmt).init(),
     }
     Ok(())
 }

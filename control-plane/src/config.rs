@@ -141,7 +141,7 @@ pub struct Config {
     #[arg(long, env = "PALISADE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
 
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `info,audit=debug`.
+    /// Log filter: LEVEL and TARGET=LEVEL directives, comma-separated, e.g. `info` or `info,audit=debug`.
     #[arg(long, env = "PALISADE_LOG", default_value = "info")]
     pub log: String,
 }

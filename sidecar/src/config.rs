@@ -110,7 +110,7 @@ pub struct Config {
     #[arg(long, env = "PALISADE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
 
-    /// Log filter (tracing EnvFilter syntax).
+    /// Log filter: LEVEL and TARGET=LEVEL directives, comma-separated.
     #[arg(long, env = "PALISADE_LOG", default_value = "info")]
     pub log: String,
 }
