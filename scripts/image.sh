@@ -32,7 +32,8 @@ done
 
 version=$(cargo metadata --no-deps --format-version 1 \
   | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="palisade-cmd"))')
-base=localhost/palisade-base:bookworm
+# The tag names the recipe below: change it when the recipe changes.
+base=localhost/palisade-base:bookworm-r2
 image=localhost/palisade:$version
 [ "$profile" = debug ] && image=$image-debug
 
@@ -43,9 +44,11 @@ if ! podman image exists "$base"; then
   echo "making $base with debootstrap (a few minutes, once)..." >&2
   debootstrap --variant=minbase --include=iptables bookworm "$root" http://deb.debian.org/debian >"$root.log" 2>&1 \
     || { tail -20 "$root.log" >&2; echo "error: debootstrap failed (log: $root.log)" >&2; exit 1; }
-  # Nothing a container needs: package lists, caches, docs, logs.
+  # Nothing a container needs: package lists, caches, docs, logs, message
+  # translations and iconv modules (the programs log in English, UTF-8 only).
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
-         "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/var/log/*
+         "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/var/log/* \
+         "$root"/usr/share/locale/* "$root"/usr/lib/x86_64-linux-gnu/gconv
   tar -C "$root" -c . | podman import --change 'CMD ["/bin/bash"]' - "$base" >/dev/null
   rm -f "$root.log"
 fi
@@ -68,6 +71,12 @@ done
 strip image-bin/* 2>/dev/null || true
 
 # 3. The image: the Dockerfile's prebuilt stage on the local base.
+previous=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 podman build --quiet --target prebuilt --build-arg "BASE_IMAGE=$base" --build-arg "VERSION=$version" \
   -t "$image" -f Dockerfile . >&2
+# The image this tag named before is left untagged: remove it (unless a container uses it).
+current=$(podman image inspect --format '{{.Id}}' "$image")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "$image"
