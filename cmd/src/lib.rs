@@ -87,9 +87,11 @@ pub enum LogFormat {
 pub fn init_logging(flag: &str, filter: &str, format: LogFormat) -> Result<(), String> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let targets: tracing_subscriber::filter::Targets =
-        filter.parse().map_err(|e| format!("{flag} {filter:?}: {e} (expected LEVEL or TARGET=LEVEL, comma-separated)"))?;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(color_allowed(&std::io::stderr()));
+    let targets: tracing_subscriber::filter::Targets = filter
+        .parse()
+        .map_err(|e| format!("{flag} {filter:?}: {e} (expected LEVEL or TARGET=LEVEL, comma-separated)"))?;
+    let fmt =
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(color_allowed(&std::io::stderr()));
     let registry = tracing_subscriber::registry().with(targets);
     match format {
         LogFormat::Json => registry.with(fmt.json()).init(),

@@ -43,8 +43,12 @@ fn main() -> ExitCode {
             return ExitCode::from(palisade_cmd::EXIT_USAGE as u8);
         }
     };
-    // The programs are installed beside this one.
-    let dir = std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from)).unwrap_or_default();
+    // The programs are installed beside this one (never looked up in the
+    // working directory or PATH).
+    let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from)) else {
+        eprintln!("error: cannot tell where palisade is installed (/proc/self/exe is unreadable)");
+        return ExitCode::from(127);
+    };
     let path = dir.join(program);
     let err = Command::new(&path).args(prefix).args(args).exec();
     eprintln!("error: cannot run {}: {err}", path.display());
