@@ -241,6 +241,23 @@ async fn bad_configuration_exits_64_with_a_clear_message() {
     let out = Command::new(palisade_tests::bin("palisade-sidecar")).arg("--ca-bundle").arg(&bundle).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // The inline form injected pods use: the same checks, named by its flag;
+    // and neither form at all is a usage error too.
+    let out = Command::new(palisade_tests::bin("palisade-sidecar"))
+        .args(["--join-token", "x"])
+        .env("PALISADE_CA_BUNDLE_PEM", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca-bundle-pem:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(palisade_tests::bin("palisade-sidecar")).args(["--join-token", "x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-bundle"), "{}", String::from_utf8_lossy(&out.stderr));
+
     let out = Command::new(palisade_tests::bin("palisadectl"))
         .args(["token", "list"])
         .env_remove("PALISADE_CREDENTIALS")
