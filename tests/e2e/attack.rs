@@ -694,3 +694,92 @@ async fn http2_rapid_reset_is_absorbed() {
     assert_eq!(status(&send(p.port, Duration::ZERO, get).await), 200, "still serving after {sent} resets");
     assert!(app.requests.load(Ordering::SeqCst) < 20_000, "not every reset stream became app work");
 }
+
+/// The CA key's mode decision: a key others can read, a group can write, or
+/// a group the control plane is not in can read stops it at start (it never
+/// serves); group read for its own group (a Kubernetes fsGroup mount) starts.
+#[tokio::test]
+async fn a_ca_key_readable_by_anyone_else_stops_the_control_plane() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    drop(ControlPlane::start(&data, tmp.path(), &[]).await.unwrap());
+    let key = data.join("ca/ca-key.pem");
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let own_gid = std::fs::metadata(&key).unwrap().gid();
+    let is_root = palisade_tests::missing_root_and_tools(&[]).is_none();
+    let mut cases = vec![(0o444, own_gid), (0o604, own_gid), (0o460, own_gid), (0o640 | 0o002, own_gid)];
+    if is_root {
+        cases.push((0o440, 54_321)); // a group the control plane does not hold
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root, where a foreign group can be set");
+    }
+    for (mode, gid) in cases {
+        if gid != own_gid {
+            std::os::unix::fs::chown(&key, None, Some(gid)).unwrap();
+        }
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut child = std::process::Command::new(palisade_tests::bin("palisade-control-plane"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mode {mode:o} group {gid}: the control plane started");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "mode {mode:o} group {gid}");
+        assert!(err.contains(&format!("has mode {:o}", mode & 0o777)), "mode {mode:o} group {gid}: {err}");
+        assert!(!err.contains("BEGIN"), "no key material in the error");
+        std::os::unix::fs::chown(&key, None, Some(own_gid)).unwrap();
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let cp = ControlPlane::start(&data, tmp.path(), &[]).await.expect("group read for its own group starts");
+    drop(cp);
+}
+
+/// `palisadectl check --kubernetes` reads what kubectl (or a file) gives it:
+/// garbage, the wrong shape, or a huge hostile document is a failed check
+/// with a clear message, never a panic.
+#[test]
+fn check_kubernetes_survives_garbage_cluster_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = palisade_tests::bin("palisadectl");
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let odd_items = r#"{"kind":"List","items":[{"kind":"Deployment","metadata":{"name":"palisade-control-plane","namespace":"palisade-system"},"status":{"availableReplicas":"x"}},{"kind":"Pod","metadata":{"annotations":{"palisade.dev/injected":"true"}},"spec":{"initContainers":"no"}},{"kind":"MutatingWebhookConfiguration","metadata":{"name":"palisade-x"},"webhooks":[{"clientConfig":{"caBundle":"%%%not base64"}}]}]}"#;
+    for (name, body) in
+        [("garbage", "not json at all"), ("deep", deep.as_str()), ("wrong", "[1,2,3]"), ("odd", odd_items)]
+    {
+        let f = tmp.path().join(name);
+        std::fs::write(&f, body).unwrap();
+        let out = std::process::Command::new(&ctl)
+            .args([
+                "check",
+                "-o",
+                "json",
+                "--control-plane",
+                "https://127.0.0.1:9",
+                "--kubernetes",
+                "--kubernetes-state",
+            ])
+            .arg(&f)
+            .env_remove("PALISADE_CREDENTIALS")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{name}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["ok"], false, "{name}");
+    }
+}
