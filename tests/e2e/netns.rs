@@ -20,20 +20,7 @@ const A_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const B_ID: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 
 fn missing_prerequisite() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if uid.as_deref() != Some("0") {
-        return Some("not running as root".into());
-    }
-    for tool in ["ip", "iptables", "tcpdump", "setpriv", "curl", "python3"] {
-        if !Command::new("sh")
-            .args(["-c", &format!("command -v {tool} >/dev/null")])
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
+    palisade_tests::missing_root_and_tools(&["ip", "iptables", "tcpdump", "setpriv", "curl", "python3"])
 }
 
 fn sh(cmd: &str) -> Output {

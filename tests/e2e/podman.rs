@@ -26,14 +26,9 @@ const CP_CONTAINER: &str = "palisade-e2e-cp";
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
 fn missing_prerequisite() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if uid.as_deref() != Some("0") {
-        return Some("not running as root".into());
-    }
-    for tool in ["podman", "runc", "debootstrap", "python3", "curl", "nsenter", "iptables"] {
-        if !sh(&format!("command -v {tool} >/dev/null")).status.success() {
-            return Some(format!("{tool} is not installed (apt-get install podman runc debootstrap)"));
-        }
+    let tools = ["podman", "runc", "debootstrap", "python3", "curl", "nsenter", "iptables"];
+    if let Some(why) = palisade_tests::missing_root_and_tools(&tools) {
+        return Some(format!("{why} (apt-get install podman runc debootstrap)"));
     }
     if !sh("python3 -c 'import yaml'").status.success() {
         return Some("python3 lacks PyYAML (pip install pyyaml)".into());

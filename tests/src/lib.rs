@@ -47,6 +47,20 @@ pub fn skip(test: &str, why: &str) {
     }
 }
 
+/// Why a test that needs root and these programs on PATH cannot run here,
+/// or None when it can.
+pub fn missing_root_and_tools(tools: &[&str]) -> Option<String> {
+    let uid = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+    });
+    if uid.as_deref() != Some("0") {
+        return Some("not running as root".into());
+    }
+    let on_path =
+        |t: &str| std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()));
+    tools.iter().find(|t| !on_path(t)).map(|t| format!("{t} is not installed"))
+}
+
 /// The repository root (README.md, scripts/).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("invariant: tests/ is in the repository").to_path_buf()
