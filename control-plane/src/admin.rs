@@ -187,6 +187,7 @@ impl Admin for AdminService {
             caller_identity: caller.to_string(),
             caller_cert_not_after: Some(caller_info.not_after.into()),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            oauth_issuer: self.shared.oauth.as_ref().map(|o| o.issuer().to_string()).unwrap_or_default(),
         }))
     }
 
@@ -254,6 +255,51 @@ impl Admin for AdminService {
         self.authorize(&req)?;
         Ok(Response::new(crate::policy::simulate(&self.shared, &req.into_inner())?))
     }
+
+    async fn create_api_key(&self, req: Request<CreateApiKeyRequest>) -> Result<Response<CreateApiKeyResponse>, Status> {
+        self.authorize(&req)?;
+        let (shared, req) = (self.shared.clone(), req.into_inner());
+        Ok(Response::new(blocking(move || crate::credentials::create_api_key(&shared, req)).await?))
+    }
+
+    async fn list_api_keys(&self, req: Request<ListApiKeysRequest>) -> Result<Response<ListApiKeysResponse>, Status> {
+        self.authorize(&req)?;
+        let keys = self.shared.store.api_keys().iter().map(crate::credentials::key_info).collect();
+        Ok(Response::new(ListApiKeysResponse { keys }))
+    }
+
+    async fn revoke_api_key(&self, req: Request<RevokeApiKeyRequest>) -> Result<Response<ApiKeyInfo>, Status> {
+        self.authorize(&req)?;
+        let (shared, name) = (self.shared.clone(), req.into_inner().name);
+        Ok(Response::new(blocking(move || crate::credentials::revoke_api_key(&shared, &name)).await?))
+    }
+
+    async fn create_o_auth_client(
+        &self,
+        req: Request<CreateOAuthClientRequest>,
+    ) -> Result<Response<CreateOAuthClientResponse>, Status> {
+        self.authorize(&req)?;
+        let (shared, req) = (self.shared.clone(), req.into_inner());
+        Ok(Response::new(blocking(move || crate::credentials::create_oauth_client(&shared, req)).await?))
+    }
+
+    async fn list_o_auth_clients(
+        &self,
+        req: Request<ListOAuthClientsRequest>,
+    ) -> Result<Response<ListOAuthClientsResponse>, Status> {
+        self.authorize(&req)?;
+        let clients = self.shared.store.oauth_clients().iter().map(crate::credentials::client_info).collect();
+        Ok(Response::new(ListOAuthClientsResponse { clients }))
+    }
+
+    async fn delete_o_auth_client(
+        &self,
+        req: Request<DeleteOAuthClientRequest>,
+    ) -> Result<Response<OAuthClientInfo>, Status> {
+        self.authorize(&req)?;
+        let (shared, id) = (self.shared.clone(), req.into_inner().client_id);
+        Ok(Response::new(blocking(move || crate::credentials::delete_oauth_client(&shared, &id)).await?))
+    }
 }
 
 /// A policy reference as users type it: the kind in any case, plural or
@@ -261,7 +307,7 @@ impl Admin for AdminService {
 fn policy_ref(r: GetPolicyRequest) -> Result<GetPolicyRequest, Status> {
     let kind = palisade_policy::canonical_kind(&r.kind).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "unknown policy kind {:?}; use {} (any case; plural and short names ap, rlp work too)",
+            "unknown policy kind {:?}; use {} (any case; plural and short names ap, rlp, authn work too)",
             r.kind,
             palisade_policy::KINDS.join(" or ")
         ))

@@ -137,6 +137,44 @@ pub struct Config {
     #[serde(serialize_with = "humantime_serde_compat::serialize")]
     pub idle_timeout: Duration,
 
+    /// Serve the mesh's OAuth 2.0 token service (client credentials grant,
+    /// HTTPS with the control plane's CA) here: POST /oauth2/token,
+    /// /.well-known/jwks.json, /.well-known/oauth-authorization-server.
+    #[arg(long, env = "PALISADE_OAUTH_LISTEN", value_parser = palisade_cmd::socket_addr)]
+    pub oauth_listen: Option<SocketAddr>,
+
+    /// `iss` of the mesh's tokens and the base of its URLs. Default:
+    /// https://<--oauth-listen> (https://localhost:<port> for 0.0.0.0).
+    #[arg(long, env = "PALISADE_OAUTH_ISSUER", requires = "oauth_listen")]
+    pub oauth_issuer: Option<String>,
+
+    /// Lifetime of the access tokens the token service issues (10s to 24h).
+    #[arg(long, env = "PALISADE_OAUTH_TOKEN_TTL", default_value = "10m", value_parser = parse_duration)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub oauth_token_ttl: Duration,
+
+    /// A new token-signing key every this long (the next one is published
+    /// ahead, the old one kept while its tokens live).
+    #[arg(long, env = "PALISADE_OAUTH_KEY_ROTATION", default_value = "30days", value_parser = parse_duration)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub oauth_key_rotation: Duration,
+
+    /// CA certificates (PEM) trusted to serve the key sets policies name by
+    /// jwksUri. Default: the system's, /etc/ssl/certs/ca-certificates.crt.
+    #[arg(long, env = "PALISADE_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
+
+    /// How often key sets named by jwksUri are fetched again.
+    #[arg(long, env = "PALISADE_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub jwks_refresh: Duration,
+
+    /// Least time between two fetches of one key set (refreshes asked for by
+    /// sidecars that saw an unknown `kid` included).
+    #[arg(long, env = "PALISADE_JWKS_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub jwks_min_refresh_interval: Duration,
+
     /// Log output format.
     #[arg(long, env = "PALISADE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -167,6 +205,8 @@ pub enum ConfigError {
     JoinTokenTtl { value: String },
     #[error("--{flag} {value}: {why}")]
     Limit { flag: &'static str, value: String, why: &'static str },
+    #[error("--{flag} {value}: must be between {min} and {max}")]
+    Range { flag: &'static str, value: String, min: String, max: String },
 }
 
 impl Config {
@@ -204,6 +244,34 @@ impl Config {
                 });
             }
         }
+        let secs = Duration::from_secs;
+        for (flag, d, min, max) in [
+            ("oauth-token-ttl", self.oauth_token_ttl, secs(10), secs(86400)),
+            ("oauth-key-rotation", self.oauth_key_rotation, secs(4), secs(365 * 86400)),
+            ("jwks-refresh", self.jwks_refresh, secs(1), secs(86400)),
+            ("jwks-min-refresh-interval", self.jwks_min_refresh_interval, secs(1), secs(3600)),
+        ] {
+            if d < min || d > max {
+                return Err(ConfigError::Range {
+                    flag,
+                    value: humantime::format_duration(d).to_string(),
+                    min: humantime::format_duration(min).to_string(),
+                    max: humantime::format_duration(max).to_string(),
+                });
+            }
+        }
+        if let Some(iss) = &self.oauth_issuer {
+            let ok = iss.strip_prefix("https://").is_some_and(|r| !r.is_empty())
+                && !iss.ends_with('/')
+                && !iss.contains(['?', '#', ' ']);
+            if !ok {
+                return Err(ConfigError::Limit {
+                    flag: "oauth-issuer",
+                    value: iss.clone(),
+                    why: "must be an https:// URL without a trailing slash, query or fragment",
+                });
+            }
+        }
         if self.idle_timeout < Duration::from_secs(45) {
             return Err(ConfigError::Limit {
                 flag: "idle-timeout",
@@ -212,6 +280,20 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The mesh's OAuth issuer, when the token service is on.
+    pub fn issuer_url(&self) -> Option<String> {
+        let addr = self.oauth_listen?;
+        Some(self.oauth_issuer.clone().unwrap_or_else(|| {
+            if addr.ip().is_unspecified() {
+                format!("https://localhost:{}", addr.port())
+            } else {
+                format!("https://{addr}")
+            }
+        }))
     }
 }
 

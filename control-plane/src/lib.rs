@@ -25,8 +25,12 @@ pub mod admin;
 pub mod attest;
 pub mod config;
 mod conn;
+mod credentials;
 pub mod discovery;
+pub mod https;
 pub mod identity;
+pub mod jwks;
+pub mod oauth;
 pub mod pki;
 pub mod policy;
 pub mod store;
@@ -49,6 +53,10 @@ pub(crate) struct Shared {
     pub(crate) attestors: Attestors,
     pub(crate) hub: policy::Hub,
     pub(crate) default_allow_authenticated: bool,
+    /// The mesh's OAuth token service, when on.
+    pub(crate) oauth: Option<Arc<oauth::TokenService>>,
+    /// Key sets fetched for `jwksUri`.
+    pub(crate) jwks: Arc<jwks::JwksCache>,
 }
 
 /// Why the control plane could not start.
@@ -70,6 +78,10 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    OAuth(#[from] oauth::OAuthError),
+    #[error("--jwks-ca-file: {0}")]
+    JwksCa(String),
 }
 
 /// A running control plane.
@@ -77,6 +89,8 @@ pub enum StartError {
 pub struct Running {
     /// The bound gRPC address.
     pub addr: SocketAddr,
+    /// The bound OAuth token service address, when on.
+    pub oauth_addr: Option<SocketAddr>,
     /// Where the admin credential was written.
     pub admin: pki::AdminCredential,
     shutdown: watch::Sender<bool>,
@@ -150,6 +164,25 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     } else {
         None
     };
+    // Bind the token service's port before any state changes too.
+    let oauth_listener = match cfg.oauth_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
+        None => None,
+    };
+    let oauth = match cfg.issuer_url() {
+        Some(issuer) => Some(Arc::new(oauth::TokenService::open(
+            data,
+            oauth::Settings { issuer, token_ttl: cfg.oauth_token_ttl, key_rotation: cfg.oauth_key_rotation },
+            store.clone(),
+        )?)),
+        None => None,
+    };
+    let roots = jwks::load_roots(
+        cfg.jwks_ca_file.as_deref().unwrap_or(std::path::Path::new("/etc/ssl/certs/ca-certificates.crt")),
+        cfg.jwks_ca_file.is_some(),
+    )
+    .map_err(StartError::JwksCa)?;
+    let jwks = Arc::new(jwks::JwksCache::new(roots, cfg.jwks_refresh, cfg.jwks_min_refresh_interval)?);
     let shared = Arc::new(Shared {
         ca: ca.clone(),
         trust_domain: td.clone(),
@@ -163,6 +196,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         },
         hub: policy::Hub::default(),
         default_allow_authenticated: cfg.default_policy == config::DefaultPolicy::AllowAuthenticated,
+        oauth: oauth.clone(),
+        jwks: jwks.clone(),
     });
 
     // Everything spawned from here on stops with `stop` and is waited for on shutdown.
@@ -200,6 +235,67 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             }
         }
     }));
+
+    // Key sets named by jwksUri: fetched when a policy names them, refreshed, pushed on change.
+    let fetch_shared = shared.clone();
+    spawn(Box::pin(async move {
+        let mut policies = fetch_shared.hub.subscribe_policies();
+        loop {
+            let wanted = policy::jwks_uris(&fetch_shared);
+            if fetch_shared.jwks.fetch_due(&wanted).await {
+                fetch_shared.hub.policies_changed();
+            }
+            let tick = fetch_shared.jwks.tick();
+            tokio::select! {
+                _ = fetch_shared.jwks.wait(tick) => {}
+                _ = policies.changed() => {}
+            }
+        }
+    }));
+    let mut oauth_addr = None;
+    if let (Some(listener), Some(service)) = (oauth_listener, oauth) {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr: cfg.oauth_listen.unwrap_or(addr), source })?;
+        oauth_addr = Some(addr);
+        // Its certificate names the issuer's host too, so clients that trust the mesh CA verify it.
+        let (mut names, mut ips) = (cfg.server_names.clone(), vec![addr.ip(), std::net::IpAddr::from([127, 0, 0, 1])]);
+        let host = service.issuer().trim_start_matches("https://").split(['/', ':']).next().unwrap_or("").to_string();
+        match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) if !host.is_empty() => names.push(host),
+            Err(_) => {}
+        }
+        ips.retain(|ip| !ip.is_unspecified());
+        ips.dedup();
+        names.dedup();
+        let cert = SvidStore::new();
+        pki::issue_server_cert(&ca, &td, &names, &ips, &cert)?;
+        spawn(Box::pin(pki::rotate_server_cert(ca.clone(), td.clone(), names, ips, cert.clone())));
+        let mut tls = rustls::ServerConfig::builder_with_provider(palisade_certs::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(cert));
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        palisade_certs::tls::no_resumption(&mut tls);
+        let rotating = (service.clone(), shared.clone());
+        spawn(Box::pin(async move {
+            let (service, shared) = rotating;
+            loop {
+                tokio::time::sleep(service.check_interval()).await;
+                match service.rotate_if_due(attest::join_token::unix_now()) {
+                    Ok(true) => shared.hub.policies_changed(),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot rotate the OAuth signing key"),
+                }
+            }
+        }));
+        tracing::info!(listen = %addr, issuer = %service.issuer(), "OAuth token service serving POST /oauth2/token");
+        let limits = https::Limits { max_connections: 1024, handshake_timeout: cfg.handshake_timeout };
+        tracker.spawn(https::serve("oauth", listener, Arc::new(tls), limits, stop.clone(), tracker.clone(), move |req, peer| {
+            service.clone().handle(req, peer)
+        }));
+    }
 
     let bundle =
         TrustBundle::new(ca.trust_bundle()).map_err(|e| StartError::Tls(rustls::Error::General(e.to_string())))?;
@@ -261,7 +357,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         };
         palisade_certs::tls::no_resumption(&mut tls);
         tracing::info!(listen = %addr, "admission webhook serving POST /mutate");
-        let limits = webhook::Limits { max_connections: 256, handshake_timeout: cfg.handshake_timeout };
+        let limits = https::Limits { max_connections: 256, handshake_timeout: cfg.handshake_timeout };
         tracker.spawn(webhook::serve(listener, Arc::new(tls), Arc::new(inject), limits, stop.clone(), tracker.clone()));
     }
     let router = tonic::transport::Server::builder()
@@ -294,5 +390,5 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }
     });
     tracing::info!(listen = %addr, admin_credential = %admin.dir.display(), "control plane serving");
-    Ok(Running { addr, admin, shutdown, closing, task, stop, tracker, _lock: lock })
+    Ok(Running { addr, oauth_addr, admin, shutdown, closing, task, stop, tracker, _lock: lock })
 }

@@ -106,6 +106,11 @@ impl Hub {
         self.policies.send_modify(|v| *v += 1);
     }
 
+    /// A receiver that sees every policy change.
+    pub fn subscribe_policies(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.policies.subscribe()
+    }
+
     /// Wakes every stream: the directory changed.
     pub fn endpoints_changed(&self) {
         self.endpoints.send_modify(|v| *v += 1);
@@ -191,7 +196,9 @@ pub(crate) fn apply(
 ) -> Result<(u64, Vec<AppliedPolicy>, Vec<String>), Status> {
     let resources = parse(document)?;
     check_budget(shared, &resources)?;
-    let warnings = warnings(shared, &resources);
+    check_issuers(shared, &resources)?;
+    let mut warnings = warnings(shared, &resources);
+    warnings.extend(fetch_new_key_sets(shared, &resources));
     if dry_run {
         let (rev, stored) = shared.store.policies();
         let by_id: HashMap<_, _> = stored.iter().map(|p| ((p.kind.clone(), p.key.clone()), p.json.clone())).collect();
@@ -277,6 +284,64 @@ fn warnings(shared: &Shared, resources: &[Resource]) -> Vec<String> {
     out
 }
 
+/// A JWT issuer without keys must be the mesh's own (whose keys the control plane holds).
+fn check_issuers(shared: &Shared, resources: &[Resource]) -> Result<(), Status> {
+    let mesh = shared.oauth.as_ref().map(|o| o.issuer());
+    for r in resources {
+        let Resource::AuthenticationPolicy { spec, .. } = r else { continue };
+        for (i, j) in spec.jwt.iter().enumerate() {
+            if j.jwks.is_some() || j.jwks_uri.is_some() || Some(j.issuer.as_str()) == mesh {
+                continue;
+            }
+            let why = match mesh {
+                Some(m) => format!("only the mesh's own issuer ({m}) may leave them out"),
+                None => "the mesh's token service is off (start the control plane with --oauth-listen to issue tokens)"
+                    .to_string(),
+            };
+            return Err(Status::invalid_argument(format!(
+                "{} {}: spec.jwt[{i}]: issuer {:?} has no keys: give jwks (inline) or jwksUri; {why}",
+                r.kind(),
+                r.key(),
+                j.issuer
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every `jwksUri` the stored policies name.
+pub(crate) fn jwks_uris(shared: &Shared) -> Vec<String> {
+    let mut out: Vec<String> = all_resources(shared).iter().flat_map(key_set_uris).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn key_set_uris(r: &Resource) -> Vec<String> {
+    match r {
+        Resource::AuthenticationPolicy { spec, .. } => spec.jwt.iter().filter_map(|j| j.jwks_uri.clone()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Fetches key sets an apply names for the first time, so the policy
+/// arrives at the sidecars with its keys, and says when one cannot be had.
+fn fetch_new_key_sets(shared: &Shared, resources: &[Resource]) -> Vec<String> {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else { return Vec::new() };
+    let mut out = Vec::new();
+    for uri in resources.iter().flat_map(key_set_uris) {
+        if shared.jwks.get(&uri).is_some() {
+            continue;
+        }
+        if let Err(e) = handle.block_on(shared.jwks.fetch(&uri)) {
+            out.push(format!(
+                "jwksUri {uri} cannot be fetched now ({e}); the control plane keeps trying, and tokens of its issuer are refused until it succeeds"
+            ));
+        }
+    }
+    out
+}
+
 /// Warnings returned by one apply or validate, at most.
 const MAX_WARNINGS: usize = 20;
 
@@ -325,12 +390,28 @@ pub(crate) fn simulate(
         version: "simulate",
         resources: &resources,
         default_allow_authenticated: shared.default_allow_authenticated,
-        rate_shares: &HashMap::new(),
+        ..Inputs::none()
     };
     let enforcer = Enforcer::compile(inputs, &req.target, None).map_err(|e| Status::internal(e.to_string()))?;
     let headers: Vec<(String, String)> = req.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
     let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let headers = HeaderList(&pairs);
+    let mut claims = serde_json::Map::new();
+    for (k, v) in &req.claims {
+        // A JSON value (`["a","b"]`, `3`), or else the text itself.
+        let value = serde_json::from_str::<serde_json::Value>(v)
+            .ok()
+            .filter(|v| !v.is_string())
+            .unwrap_or_else(|| serde_json::Value::String(v.clone()));
+        claims.insert(k.clone(), value);
+    }
+    let given = (!req.principal.is_empty() || !req.api_key.is_empty() || !claims.is_empty()).then(|| {
+        palisade_policy::Authenticated::given(
+            (!req.principal.is_empty()).then(|| req.principal.clone()),
+            (!req.api_key.is_empty()).then(|| req.api_key.clone()),
+            claims,
+        )
+    });
     let preq = PolicyRequest {
         source: (!req.source.is_empty()).then_some(req.source.as_str()),
         method: (!req.method.is_empty()).then_some(req.method.as_str()),
@@ -338,6 +419,7 @@ pub(crate) fn simulate(
         port: u16::try_from(req.port).unwrap_or(0),
         host: None,
         headers: &headers,
+        auth: given.as_ref(),
     };
     let d = enforcer.authorize(&preq);
     let rate_limits = enforcer.limits_for(&preq).iter().map(ToString::to_string).collect();
@@ -361,6 +443,8 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64)
     let parsed = hub.parsed(shared);
     let mut policies_json = Vec::new();
     let mut rate_shares = HashMap::new();
+    let mut jwks = HashMap::new();
+    let mut wants_api_keys = false;
     for (json, resources) in &parsed.items {
         let Some(resources) = resources else {
             // A stored resource this version cannot read (written by a newer
@@ -378,6 +462,20 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64)
         let mut targeted = false;
         for r in resources.iter().filter(|r| r.targets(identity)) {
             targeted = true;
+            if let Resource::AuthenticationPolicy { spec, .. } = r {
+                wants_api_keys |= spec.api_keys.is_some();
+                for j in &spec.jwt {
+                    if let Some(uri) = &j.jwks_uri {
+                        if let Some(set) = shared.jwks.get(uri) {
+                            jwks.insert(uri.clone(), set);
+                        }
+                    } else if j.jwks.is_none()
+                        && let Some(o) = shared.oauth.as_ref().filter(|o| o.issuer() == j.issuer)
+                    {
+                        jwks.insert(j.issuer.clone(), o.jwks_json());
+                    }
+                }
+            }
             if let Resource::RateLimitPolicy { spec, .. } = r {
                 for l in spec.limits.iter().filter(|l| l.scope == Scope::Cluster) {
                     // The quota divided among the ready replicas, rounded up.
@@ -397,6 +495,8 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64)
         trust_bundle_der: shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
         default_allow_authenticated: shared.default_allow_authenticated,
         rate_shares,
+        api_keys: if wants_api_keys { crate::credentials::api_keys_for(shared, identity) } else { Vec::new() },
+        jwks,
     };
     (snapshot, parsed.revision)
 }
@@ -408,6 +508,8 @@ fn same_content(a: &Snapshot, b: &Snapshot) -> bool {
         && a.rate_shares == b.rate_shares
         && a.trust_bundle_der == b.trust_bundle_der
         && a.default_allow_authenticated == b.default_allow_authenticated
+        && a.api_keys == b.api_keys
+        && a.jwks == b.jwks
 }
 
 type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<Snapshot, Status>>;
@@ -495,6 +597,12 @@ impl MeshConfig for MeshConfigService {
             let hub = &recv_shared.hub;
             loop {
                 match inbound.message().await {
+                    Ok(Some(m)) if !m.jwks_refresh.is_empty() => {
+                        // A sidecar saw a `kid` its key sets lack: fetch them again (rate limited).
+                        for uri in m.jwks_refresh.iter().take(16) {
+                            recv_shared.jwks.request_refresh(uri);
+                        }
+                    }
                     Ok(Some(m)) if m.error.is_empty() => hub.update(&key, |s| {
                         if s.stream == stream_id {
                             s.acked = m.version;

@@ -63,6 +63,33 @@ impl PolicyRecord {
     }
 }
 
+/// An API key as stored: its SHA-256, never the key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiKeyRecord {
+    /// Unique name (what authorization rules match).
+    pub name: String,
+    pub principal: String,
+    pub sha256: String,
+    /// Only workloads in this namespace accept it; empty: any targeted workload.
+    #[serde(default)]
+    pub namespace: String,
+    pub created_at: u64,
+    /// 0: never expires.
+    pub expires_at: u64,
+    pub revoked: bool,
+}
+
+/// An OAuth client of the mesh's token service: its secret's SHA-256, never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OAuthClientRecord {
+    pub client_id: String,
+    pub name: String,
+    pub secret_sha256: String,
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+    pub created_at: u64,
+}
+
 /// What applying one resource did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
@@ -108,6 +135,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn apply_policies(&self, resources: Vec<(String, String, String)>) -> Result<(u64, Vec<Applied>), StoreError>;
     /// Deletes a policy; the new revision, or `None` if it did not exist.
     fn delete_policy(&self, kind: &str, key: &str) -> Result<Option<u64>, StoreError>;
+    /// Adds an API key; `false` if one with that name exists (revoked or not).
+    fn put_api_key(&self, k: ApiKeyRecord) -> Result<bool, StoreError>;
+    fn api_keys(&self) -> Vec<ApiKeyRecord>;
+    /// Marks a key revoked; `None` if unknown.
+    fn revoke_api_key(&self, name: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Adds an OAuth client; `false` if one with that name exists.
+    fn put_oauth_client(&self, c: OAuthClientRecord) -> Result<bool, StoreError>;
+    fn oauth_clients(&self) -> Vec<OAuthClientRecord>;
+    /// Deletes a client by id; `None` if unknown.
+    fn delete_oauth_client(&self, client_id: &str) -> Result<Option<OAuthClientRecord>, StoreError>;
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -120,6 +157,10 @@ struct State {
     policies: BTreeMap<String, PolicyRecord>,
     #[serde(default)]
     policy_revision: u64,
+    #[serde(default)]
+    api_keys: BTreeMap<String, ApiKeyRecord>,
+    #[serde(default)]
+    oauth_clients: BTreeMap<String, OAuthClientRecord>,
 }
 
 /// Runs a store call off the async threads: the file store writes and
@@ -236,6 +277,47 @@ impl Store for FileStore {
             s.policy_revision += 1;
             Some(s.policy_revision)
         })
+    }
+
+    fn put_api_key(&self, k: ApiKeyRecord) -> Result<bool, StoreError> {
+        if self.read(|s| s.api_keys.contains_key(&k.name)) {
+            return Ok(false);
+        }
+        self.mutate(|s| s.api_keys.insert(k.name.clone(), k).is_none())
+    }
+
+    fn api_keys(&self) -> Vec<ApiKeyRecord> {
+        self.read(|s| s.api_keys.values().cloned().collect())
+    }
+
+    fn revoke_api_key(&self, name: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        if !self.read(|s| s.api_keys.contains_key(name)) {
+            return Ok(None);
+        }
+        self.mutate(|s| {
+            s.api_keys.get_mut(name).map(|k| {
+                k.revoked = true;
+                k.clone()
+            })
+        })
+    }
+
+    fn put_oauth_client(&self, c: OAuthClientRecord) -> Result<bool, StoreError> {
+        if self.read(|s| s.oauth_clients.values().any(|o| o.name == c.name)) {
+            return Ok(false);
+        }
+        self.mutate(|s| s.oauth_clients.insert(c.client_id.clone(), c).is_none())
+    }
+
+    fn oauth_clients(&self) -> Vec<OAuthClientRecord> {
+        self.read(|s| s.oauth_clients.values().cloned().collect())
+    }
+
+    fn delete_oauth_client(&self, client_id: &str) -> Result<Option<OAuthClientRecord>, StoreError> {
+        if !self.read(|s| s.oauth_clients.contains_key(client_id)) {
+            return Ok(None);
+        }
+        self.mutate(|s| s.oauth_clients.remove(client_id))
     }
 
     fn put_token(&self, t: TokenRecord) -> Result<(), StoreError> {
@@ -378,6 +460,40 @@ mod tests {
         assert!(matches!(store.consume_token("h", 100).unwrap(), Err(TokenRefusal::Expired(_))));
         store.revoke_token("abc").unwrap().unwrap();
         assert!(matches!(store.consume_token("h", 10).unwrap(), Err(TokenRefusal::Revoked(_))));
+    }
+
+    #[test]
+    fn api_keys_and_oauth_clients_are_unique_revocable_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let key = ApiKeyRecord {
+            name: "ci".into(),
+            principal: "team/ci".into(),
+            sha256: "ab".into(),
+            namespace: String::new(),
+            created_at: 1,
+            expires_at: 0,
+            revoked: false,
+        };
+        assert!(store.put_api_key(key.clone()).unwrap());
+        assert!(!store.put_api_key(key).unwrap(), "names are unique");
+        assert!(store.revoke_api_key("ci").unwrap().unwrap().revoked);
+        assert!(store.revoke_api_key("nope").unwrap().is_none());
+        let client = OAuthClientRecord {
+            client_id: "c1".into(),
+            name: "billing".into(),
+            secret_sha256: "cd".into(),
+            scopes: vec!["a".into()],
+            audiences: vec![],
+            created_at: 1,
+        };
+        assert!(store.put_oauth_client(client.clone()).unwrap());
+        assert!(!store.put_oauth_client(OAuthClientRecord { client_id: "c2".into(), ..client }).unwrap());
+        let reopened = FileStore::open(dir.path()).unwrap();
+        assert!(reopened.api_keys()[0].revoked);
+        assert_eq!(reopened.oauth_clients().len(), 1);
+        assert!(reopened.delete_oauth_client("c1").unwrap().is_some());
+        assert!(reopened.oauth_clients().is_empty());
     }
 
     #[test]

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use crate::eval::Pattern;
 
+use crate::authn::{Authenticator, Outcome as AuthnOutcome};
 use crate::eval::method_matches;
 use crate::ratelimit::{Algorithm, Outcome, Quota, State};
+use crate::resource::AuthenticationSpec;
 use crate::resource::{Limit, LimitKey, Scope, parse_period};
 use crate::{Decision, PolicyError, Request, Resource, RuleSet};
 
@@ -34,6 +36,29 @@ pub struct Inputs<'a> {
     pub default_allow_authenticated: bool,
     /// `namespace/name/limit` -> this replica's share of a cluster-scope quota.
     pub rate_shares: &'a HashMap<String, u64>,
+    /// JWT key sets the control plane holds for issuers named by `jwksUri`
+    /// (keyed by the URI) or without keys (the mesh's own issuer, keyed by `iss`).
+    pub jwks: &'a HashMap<String, String>,
+    /// The API keys this workload may accept (hashes only).
+    pub api_keys: &'a [crate::ApiKey],
+}
+
+static NO_SHARES: std::sync::LazyLock<HashMap<String, u64>> = std::sync::LazyLock::new(HashMap::new);
+static NO_JWKS: std::sync::LazyLock<HashMap<String, String>> = std::sync::LazyLock::new(HashMap::new);
+
+impl Inputs<'static> {
+    /// Nothing: no policies, deny by default, no shares, keys or key sets
+    /// (fill in what you have with `..Inputs::none()`).
+    pub fn none() -> Self {
+        Self {
+            version: "",
+            resources: &[],
+            default_allow_authenticated: false,
+            rate_shares: &NO_SHARES,
+            jwks: &NO_JWKS,
+            api_keys: &[],
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -69,6 +94,8 @@ impl CompiledLimit {
             LimitKey::Identity => req.source.unwrap_or("unauthenticated").to_string(),
             LimitKey::Header(h) => req.headers.first(h).unwrap_or_default().to_string(),
             LimitKey::SourceIp => src_ip.to_string(),
+            LimitKey::Principal => req.auth.and_then(|a| a.principal.as_deref()).unwrap_or("anonymous").to_string(),
+            LimitKey::ApiKey => req.auth.and_then(|a| a.api_key.as_deref()).unwrap_or("none").to_string(),
             LimitKey::None | LimitKey::Unrecognised(_) => String::new(),
         }
     }
@@ -133,6 +160,7 @@ impl std::fmt::Display for LimitInfo {
 pub struct Enforcer {
     /// The snapshot version it came from.
     pub version: String,
+    authn: Option<Authenticator>,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
     origin: Instant,
@@ -143,6 +171,16 @@ impl Enforcer {
     /// of limits that did not change from `previous`.
     pub fn compile(inputs: Inputs<'_>, identity: &str, previous: Option<&Enforcer>) -> Result<Self, PolicyError> {
         let rules = RuleSet::compile(inputs.resources, identity, inputs.default_allow_authenticated);
+        let authn_specs: Vec<&AuthenticationSpec> = inputs
+            .resources
+            .iter()
+            .filter(|r| r.targets(identity))
+            .filter_map(|r| match r {
+                Resource::AuthenticationPolicy { spec, .. } => Some(spec),
+                _ => None,
+            })
+            .collect();
+        let authn = Authenticator::compile(&authn_specs, inputs.jwks, inputs.api_keys);
         let mut limits = Vec::new();
         for r in inputs.resources {
             let Resource::RateLimitPolicy { spec, .. } = r else { continue };
@@ -166,7 +204,21 @@ impl Enforcer {
                 }
             }
         }
-        Ok(Self { version: inputs.version.to_string(), rules, limits, origin })
+        Ok(Self { version: inputs.version.to_string(), authn, rules, limits, origin })
+    }
+
+    /// Authenticates a request's credential (`now`: unix seconds). Without
+    /// an `AuthenticationPolicy` every request is anonymous.
+    pub fn authenticate(&self, headers: &dyn crate::Headers, now: u64) -> AuthnOutcome {
+        match &self.authn {
+            Some(a) => a.authenticate(headers, now),
+            None => AuthnOutcome::Anonymous,
+        }
+    }
+
+    /// The request authentication in force, if a policy asks for one.
+    pub fn authenticator(&self) -> Option<&Authenticator> {
+        self.authn.as_ref()
     }
 
     /// The authorization decision.
@@ -240,7 +292,11 @@ fn compile_limit(policy: &Arc<str>, l: &Limit, shares: &HashMap<String, u64>) ->
     };
     let period = parse_period(&l.period).map_err(|why| invalid("period", l.period.clone(), why))?;
     if let LimitKey::Unrecognised(k) = &l.key {
-        return Err(invalid("key", k.clone(), "must be identity, header:<name>, source_ip or none"));
+        return Err(invalid(
+            "key",
+            k.clone(),
+            "must be identity, header:<name>, source_ip, principal, api_key or none",
+        ));
     }
     let rate = match l.scope {
         // This replica's share of the cluster quota, as the control plane divided it.

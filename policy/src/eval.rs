@@ -77,11 +77,13 @@ pub struct Request<'a> {
     pub host: Option<&'a str>,
     /// Headers.
     pub headers: &'a dyn Headers,
+    /// The verified request credential (JWT or API key), if any.
+    pub auth: Option<&'a crate::authn::Authenticated>,
 }
 
 impl Default for Request<'_> {
     fn default() -> Self {
-        Self { source: None, method: None, path: None, port: 0, host: None, headers: &NO_HEADERS }
+        Self { source: None, method: None, path: None, port: 0, host: None, headers: &NO_HEADERS, auth: None }
     }
 }
 
@@ -93,6 +95,7 @@ impl std::fmt::Debug for Request<'_> {
             .field("path", &self.path)
             .field("port", &self.port)
             .field("host", &self.host)
+            .field("principal", &self.auth.and_then(|a| a.principal.as_deref()))
             .finish_non_exhaustive()
     }
 }
@@ -175,7 +178,13 @@ struct CompiledRule {
     index: usize,
     from: Vec<CompiledSource>,
     to: Vec<CompiledOp>,
-    when: Vec<(String, Vec<Pattern>)>,
+    when: Vec<(When, Vec<Pattern>)>,
+}
+
+#[derive(Debug)]
+enum When {
+    Header(String),
+    Claim(String),
 }
 
 #[derive(Debug)]
@@ -185,6 +194,10 @@ struct CompiledSource {
     namespaces: Vec<Pattern>,
     not_namespaces: Vec<Pattern>,
     unauthenticated: Option<bool>,
+    request_principals: Vec<Pattern>,
+    not_request_principals: Vec<Pattern>,
+    api_keys: Vec<Pattern>,
+    not_api_keys: Vec<Pattern>,
 }
 
 #[derive(Debug)]
@@ -245,7 +258,17 @@ impl Index {
             index,
             from: rule.from.iter().map(compile_source).collect(),
             to: rule.to.iter().map(compile_op).collect(),
-            when: rule.when.iter().map(|c: &Condition| (c.header.to_ascii_lowercase(), globs(&c.values))).collect(),
+            when: rule
+                .when
+                .iter()
+                .map(|c: &Condition| {
+                    let what = match (&c.header, &c.claim) {
+                        (Some(h), _) => When::Header(h.to_ascii_lowercase()),
+                        (None, claim) => When::Claim(claim.clone().unwrap_or_default()),
+                    };
+                    (what, globs(&c.values))
+                })
+                .collect(),
         };
         let id = self.rules.len();
         // Indexable: every `from` entry names only exact identities.
@@ -259,6 +282,7 @@ impl Index {
                         && s.namespaces.is_empty()
                         && s.not_namespaces.is_empty()
                         && s.unauthenticated.is_none()
+                        && !s.names_request_principal()
                         && !s.identities.is_empty()
                         && s.identities.iter().all(|i| is_exact(i));
                     only_ids.then_some(&s.identities)
@@ -303,6 +327,10 @@ fn compile_source(s: &Source) -> CompiledSource {
         namespaces: globs(&s.namespaces),
         not_namespaces: globs(&s.not_namespaces),
         unauthenticated: s.unauthenticated,
+        request_principals: globs(&s.request_principals),
+        not_request_principals: globs(&s.not_request_principals),
+        api_keys: globs(&s.api_keys),
+        not_api_keys: globs(&s.not_api_keys),
     }
 }
 
@@ -314,17 +342,37 @@ fn any_or_empty(list: &[Pattern], value: Option<&str>) -> bool {
     list.is_empty() || value.is_some_and(|v| list.iter().any(|g| g.matches(v)))
 }
 
-fn source_matches(s: &CompiledSource, req: &Request<'_>) -> bool {
+/// `l4`: a TCP connection judged by a DENY rule: request credentials cannot
+/// exist there, and a DENY rule that names them still matches.
+fn source_matches(s: &CompiledSource, req: &Request<'_>, l4: bool) -> bool {
     if let Some(want_unauth) = s.unauthenticated
         && want_unauth != req.source.is_none()
     {
         return false;
     }
     let ns = req.source.and_then(namespace_of);
-    any_or_empty(&s.identities, req.source)
+    let workload = any_or_empty(&s.identities, req.source)
         && any_or_empty(&s.namespaces, ns)
         && !s.not_identities.iter().any(|g| req.source.is_some_and(|v| g.matches(v)))
-        && !s.not_namespaces.iter().any(|g| ns.is_some_and(|v| g.matches(v)))
+        && !s.not_namespaces.iter().any(|g| ns.is_some_and(|v| g.matches(v)));
+    if !workload || l4 {
+        return workload;
+    }
+    let principal = req.auth.and_then(|a| a.principal.as_deref());
+    let key = req.auth.and_then(|a| a.api_key.as_deref());
+    any_or_empty(&s.request_principals, principal)
+        && any_or_empty(&s.api_keys, key)
+        && !s.not_request_principals.iter().any(|g| principal.is_some_and(|v| g.matches(v)))
+        && !s.not_api_keys.iter().any(|g| key.is_some_and(|v| g.matches(v)))
+}
+
+fn condition_holds(what: &When, values: &[Pattern], req: &Request<'_>) -> bool {
+    match what {
+        When::Header(h) => req.headers.any(h, &mut |v| values.iter().any(|g| g.matches(v))),
+        When::Claim(c) => {
+            req.auth.is_some_and(|a| a.claim_values(c).iter().any(|v| values.iter().any(|g| g.matches(v))))
+        }
+    }
 }
 
 /// Whether `method` is one of `methods` (`*` is any). Methods compare
@@ -348,9 +396,9 @@ fn op_matches(o: &CompiledOp, req: &Request<'_>, l4: bool) -> bool {
 
 fn matches(r: &CompiledRule, req: &Request<'_>, deny: bool) -> bool {
     let l4 = deny && req.is_tcp();
-    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, req)))
+    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, req, l4)))
         && (r.to.is_empty() || r.to.iter().any(|o| op_matches(o, req, l4)))
-        && (l4 || r.when.iter().all(|(h, vals)| req.headers.any(h, &mut |v| vals.iter().any(|g| g.matches(v)))))
+        && (l4 || r.when.iter().all(|(what, vals)| condition_holds(what, vals, req)))
 }
 
 impl Request<'_> {

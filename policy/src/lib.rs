@@ -1,8 +1,9 @@
-//! Palisade policy, the one policy engine: the `AuthorizationPolicy` and
-//! `RateLimitPolicy` resources (apiVersion `palisade.dev/v1`), typed, parsed
+//! Palisade policy, the one policy engine: the `AuthorizationPolicy`,
+//! `RateLimitPolicy` and `AuthenticationPolicy` resources (apiVersion `palisade.dev/v1`), typed, parsed
 //! from JSON (and YAML with the `yaml` feature), validated with precise
 //! errors, and compiled for one workload into an [`Enforcer`] that makes
-//! every decision about a request (authorization, then rate limits). The
+//! every decision about a request (authentication, authorization, then rate
+//! limits). The
 //! sidecar runs the enforcer; the control plane and the CLI run the same
 //! enforcer to validate and explain, so the two sides judge alike.
 //!
@@ -11,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod authn;
 pub mod enforcer;
 pub mod eval;
 pub mod ratelimit;
@@ -18,6 +20,7 @@ pub mod resource;
 #[cfg(feature = "yaml")]
 pub mod yaml;
 
+pub use authn::{ApiKey, Authenticated, Failure as AuthnFailure, Outcome as AuthnOutcome};
 pub use enforcer::{Enforcer, Inputs, Limited};
 pub use eval::{Decision, HeaderList, Headers, Request, RuleSet, Verdict};
 pub use resource::{KINDS, LimitKey, PolicyError, Resource, canonical_kind};

@@ -83,6 +83,30 @@ pub struct Source {
     /// `true`: matches only plaintext callers (PERMISSIVE mode); `false`: only authenticated ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unauthenticated: Option<bool>,
+    /// Request principals (`<iss>/<sub>` of a verified JWT, or the principal
+    /// of an API key), globs. The request must carry a verified credential.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    /// Request principals that do not match (globs); a request without one matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
+    /// Names of API keys (globs) the request must have been authenticated with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<String>,
+    /// Names of API keys (globs) that do not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_api_keys: Vec<String>,
+}
+
+impl Source {
+    /// Whether the entry names anything about the request's credential (as
+    /// opposed to the calling workload).
+    pub fn names_request_principal(&self) -> bool {
+        !(self.request_principals.is_empty()
+            && self.not_request_principals.is_empty()
+            && self.api_keys.is_empty()
+            && self.not_api_keys.is_empty())
+    }
 }
 
 /// What a request does.
@@ -103,13 +127,19 @@ pub struct Operation {
     pub hosts: Vec<String>,
 }
 
-/// A header condition.
+/// A condition on a request header or on a claim of the verified token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
     /// Header name (case-insensitive).
-    pub header: String,
-    /// Accepted values (globs); the header must be present with one of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// Claim of the verified JWT (`scope`, `tenant`, or a dotted path such
+    /// as `realm.roles`). List-valued claims, and the space-separated
+    /// `scope`/`scp` strings, match when any element does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+    /// Accepted values (globs); the header or claim must be present with one of them.
     pub values: Vec<String>,
 }
 
@@ -192,7 +222,7 @@ pub struct Limit {
 
 /// What a rate limit counts requests by: one bucket per value.
 ///
-/// Written as `identity`, `header:<name>`, `source_ip` or `none`.
+/// Written as `identity`, `header:<name>`, `source_ip`, `principal`, `api_key` or `none`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 #[non_exhaustive]
@@ -206,6 +236,11 @@ pub enum LimitKey {
     SourceIp,
     /// One bucket for every request.
     None,
+    /// The request principal (`<iss>/<sub>` or an API key's principal;
+    /// `anonymous` without one): per-client quotas.
+    Principal,
+    /// The name of the API key the request was authenticated with (`none` without one).
+    ApiKey,
     /// Not a key: kept as written so validation can name it and the field.
     #[doc(hidden)]
     Unrecognised(String),
@@ -217,6 +252,8 @@ impl From<String> for LimitKey {
             "identity" => Self::Identity,
             "source_ip" => Self::SourceIp,
             "none" => Self::None,
+            "principal" => Self::Principal,
+            "api_key" => Self::ApiKey,
             other => match other.strip_prefix("header:") {
                 Some(h) if !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) => {
                     Self::Header(h.to_ascii_lowercase())
@@ -240,6 +277,8 @@ impl std::fmt::Display for LimitKey {
             Self::Header(h) => write!(f, "header:{h}"),
             Self::SourceIp => f.write_str("source_ip"),
             Self::None => f.write_str("none"),
+            Self::Principal => f.write_str("principal"),
+            Self::ApiKey => f.write_str("api_key"),
             Self::Unrecognised(s) => f.write_str(s),
         }
     }
@@ -253,6 +292,150 @@ pub struct RateLimitSpec {
     pub target: Target,
     /// Limits, checked in order.
     pub limits: Vec<Limit>,
+}
+
+/// Whether requests must carry a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthnMode {
+    /// A request without a valid credential is refused (401).
+    #[default]
+    Required,
+    /// A request without a credential passes unauthenticated (authorization
+    /// decides); one with an invalid credential is still refused.
+    Optional,
+}
+
+/// Where a token is read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenHeader {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// What precedes the token in the value (`Bearer ` for `Authorization`;
+    /// compared without case); empty: the whole value.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+/// A claim copied into a request header for the app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeader {
+    /// The claim (top-level name, or a dotted path).
+    pub claim: String,
+    /// The header the app receives it in; any copy sent by the caller is removed first.
+    pub header: String,
+}
+
+/// One JWT issuer a workload accepts tokens from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtIssuer {
+    /// The exact `iss` tokens carry.
+    pub issuer: String,
+    /// Tokens must carry at least one of these in `aud`.
+    pub audiences: Vec<String>,
+    /// The issuer's keys, inline (a JWKS document: `{"keys": [...]}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
+    /// Where the control plane fetches the issuer's keys (https); sidecars
+    /// never fetch, they receive the keys with their policy. Neither `jwks`
+    /// nor `jwksUri`: the mesh's own OAuth issuer, whose keys the control
+    /// plane holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// Accepted signature algorithms (default: RS256, PS256, ES256, ES384, EdDSA).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub algorithms: Vec<String>,
+    /// Where tokens are read (default: `Authorization: Bearer <token>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<TokenHeader>,
+    /// Pass the token on to the app (default: removed before the app).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_token: bool,
+    /// Claims given to the app as request headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims_to_headers: Vec<ClaimToHeader>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat` (default 60s, at most 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew: Option<String>,
+    /// The `typ` header tokens must carry (e.g. `at+jwt`), when the issuer declares one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typ: Option<String>,
+}
+
+/// Where API keys are read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeys {
+    /// The header (default `x-api-key`); it never reaches the app.
+    #[serde(default = "default_api_key_header")]
+    pub header: String,
+}
+
+fn default_api_key_header() -> String {
+    "x-api-key".into()
+}
+
+/// `AuthenticationPolicy.spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthenticationSpec {
+    /// Workloads it applies to.
+    pub target: Target,
+    /// `required` (default) or `optional`.
+    #[serde(default)]
+    pub mode: AuthnMode,
+    /// JWT issuers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt: Vec<JwtIssuer>,
+    /// API keys (created with `palisadectl apikey create`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<ApiKeys>,
+}
+
+/// The JWS algorithms a JWT issuer may use: asymmetric only (never `none`,
+/// never an HMAC algorithm, whose key would be the public one).
+pub const JWT_ALGORITHMS: [&str; 5] = ["RS256", "PS256", "ES256", "ES384", "EdDSA"];
+
+/// Longest clock skew an issuer may be given.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Parses an issuer's `clockSkew` (default 60s).
+pub fn parse_clock_skew(s: Option<&str>) -> Result<Duration, &'static str> {
+    let Some(s) = s else { return Ok(Duration::from_secs(60)) };
+    let d = humantime::parse_duration(s).map_err(|_| "is not a duration; use e.g. 30s or 2m")?;
+    if d > MAX_CLOCK_SKEW {
+        return Err("must be at most 5m");
+    }
+    Ok(d)
+}
+
+/// Headers a policy may not have Palisade write: the identity headers
+/// Palisade owns, and those that change how a request is routed or framed.
+pub fn reserved_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.starts_with("x-palisade-")
+        || n.starts_with(':')
+        || [
+            "host",
+            "authorization",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "te",
+            "trailer",
+            "keep-alive",
+            "proxy-authorization",
+            "cookie",
+        ]
+        .contains(&n.as_str())
+}
+
+fn header_name_ok(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 128 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
 }
 
 /// A parsed, validated resource.
@@ -279,6 +462,16 @@ pub enum Resource {
         /// The policy.
         spec: RateLimitSpec,
     },
+    /// A request-authentication policy.
+    AuthenticationPolicy {
+        /// Always [`crate::API_VERSION`].
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        /// Name and namespace.
+        metadata: Metadata,
+        /// The policy.
+        spec: AuthenticationSpec,
+    },
 }
 
 #[derive(Deserialize)]
@@ -292,7 +485,7 @@ struct Envelope {
 }
 
 /// The policy kinds, as `kind:` spells them.
-pub const KINDS: [&str; 2] = ["AuthorizationPolicy", "RateLimitPolicy"];
+pub const KINDS: [&str; 3] = ["AuthorizationPolicy", "RateLimitPolicy", "AuthenticationPolicy"];
 
 /// The kind a user meant, the way kubectl reads kinds: any case, singular or
 /// plural (`authorizationpolicies`), or the short name (`ap`, `rlp`).
@@ -301,6 +494,7 @@ pub fn canonical_kind(s: &str) -> Option<&'static str> {
     match k.as_str() {
         "authorizationpolicy" | "authorizationpolicies" | "ap" => Some(KINDS[0]),
         "ratelimitpolicy" | "ratelimitpolicies" | "rlp" => Some(KINDS[1]),
+        "authenticationpolicy" | "authenticationpolicies" | "authn" => Some(KINDS[2]),
         _ => None,
     }
 }
@@ -315,17 +509,24 @@ impl Resource {
     /// The metadata.
     pub fn metadata(&self) -> &Metadata {
         match self {
-            Self::AuthorizationPolicy { metadata, .. } | Self::RateLimitPolicy { metadata, .. } => metadata,
+            Self::AuthorizationPolicy { metadata, .. }
+            | Self::RateLimitPolicy { metadata, .. }
+            | Self::AuthenticationPolicy { metadata, .. } => metadata,
+        }
+    }
+
+    /// The workloads it applies to.
+    pub fn target(&self) -> &Target {
+        match self {
+            Self::AuthorizationPolicy { spec, .. } => &spec.target,
+            Self::RateLimitPolicy { spec, .. } => &spec.target,
+            Self::AuthenticationPolicy { spec, .. } => &spec.target,
         }
     }
 
     /// Whether this policy applies to the workload `identity`.
     pub fn targets(&self, identity: &str) -> bool {
-        let t = match self {
-            Self::AuthorizationPolicy { spec, .. } => &spec.target,
-            Self::RateLimitPolicy { spec, .. } => &spec.target,
-        };
-        t.identities.iter().any(|g| wildmatch::WildMatch::new(g).matches(identity))
+        self.target().identities.iter().any(|g| wildmatch::WildMatch::new(g).matches(identity))
     }
 
     /// Every SPIFFE ID pattern the policy names, with its field path:
@@ -333,7 +534,7 @@ impl Resource {
     pub fn identity_patterns(&self) -> Vec<(String, &str)> {
         let (target, rules) = match self {
             Self::AuthorizationPolicy { spec, .. } => (&spec.target, spec.rules.as_slice()),
-            Self::RateLimitPolicy { spec, .. } => (&spec.target, &[][..]),
+            _ => (self.target(), &[][..]),
         };
         let mut out: Vec<(String, &str)> = target
             .identities
@@ -363,6 +564,7 @@ impl Resource {
         match self {
             Self::AuthorizationPolicy { .. } => "AuthorizationPolicy",
             Self::RateLimitPolicy { .. } => "RateLimitPolicy",
+            Self::AuthenticationPolicy { .. } => "AuthenticationPolicy",
         }
     }
 
@@ -413,11 +615,16 @@ impl Resource {
             "RateLimitPolicy" => {
                 Self::RateLimitPolicy { api_version, metadata, spec: serde_json::from_value(spec).map_err(spec_err)? }
             }
+            "AuthenticationPolicy" => Self::AuthenticationPolicy {
+                api_version,
+                metadata,
+                spec: serde_json::from_value(spec).map_err(spec_err)?,
+            },
             other => {
                 return Err(invalid(
                     "kind",
                     other,
-                    "is not a Palisade policy kind; use AuthorizationPolicy or RateLimitPolicy",
+                    "is not a Palisade policy kind; use AuthorizationPolicy, RateLimitPolicy or AuthenticationPolicy",
                 ));
             }
         };
@@ -449,10 +656,7 @@ impl Resource {
                 ));
             }
         }
-        let target = match self {
-            Self::AuthorizationPolicy { spec, .. } => &spec.target,
-            Self::RateLimitPolicy { spec, .. } => &spec.target,
-        };
+        let target = self.target();
         if target.identities.is_empty() {
             return Err(invalid(
                 "spec.target.identities".into(),
@@ -472,13 +676,30 @@ impl Resource {
                             && src.not_identities.is_empty()
                             && src.namespaces.is_empty()
                             && src.not_namespaces.is_empty()
-                            && src.unauthenticated.is_none();
+                            && src.unauthenticated.is_none()
+                            && !src.names_request_principal();
                         if empty {
                             return Err(invalid(
                                 base,
                                 "{}",
-                                "is empty; name identities, namespaces or unauthenticated, or drop it to match any caller",
+                                "is empty; name identities, namespaces, requestPrincipals, apiKeys or unauthenticated, or drop it to match any caller",
                             ));
+                        }
+                        for (list, field) in [
+                            (&src.request_principals, "requestPrincipals"),
+                            (&src.not_request_principals, "notRequestPrincipals"),
+                            (&src.api_keys, "apiKeys"),
+                            (&src.not_api_keys, "notApiKeys"),
+                        ] {
+                            for (i, p) in list.iter().enumerate() {
+                                if p.is_empty() || p.len() > 512 || p.chars().any(char::is_control) {
+                                    return Err(invalid(
+                                        format!("{base}.{field}[{i}]"),
+                                        p,
+                                        "must be a non-empty pattern (requestPrincipals: <issuer>/<subject>, globs allowed)",
+                                    ));
+                                }
+                            }
                         }
                         for (list, field) in [(&src.identities, "identities"), (&src.not_identities, "notIdentities")] {
                             for (i, id) in list.iter().enumerate() {
@@ -502,10 +723,21 @@ impl Resource {
                     }
                     for (w, c) in rule.when.iter().enumerate() {
                         let base = format!("spec.rules[{r}].when[{w}]");
-                        if c.header.is_empty()
-                            || !c.header.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-                        {
-                            return Err(invalid(format!("{base}.header"), &c.header, "must be an HTTP header name"));
+                        match (&c.header, &c.claim) {
+                            (Some(h), None) if !header_name_ok(h) => {
+                                return Err(invalid(format!("{base}.header"), h, "must be an HTTP header name"));
+                            }
+                            (None, Some(claim)) if claim.is_empty() || claim.len() > 256 => {
+                                return Err(invalid(format!("{base}.claim"), claim, "must name a claim"));
+                            }
+                            (Some(_), None) | (None, Some(_)) => {}
+                            _ => {
+                                return Err(invalid(
+                                    base,
+                                    "",
+                                    "must name exactly one of header (a request header) or claim (of the verified token)",
+                                ));
+                            }
                         }
                         if c.values.is_empty() {
                             return Err(invalid(format!("{base}.values"), "", "must list at least one value"));
@@ -545,7 +777,7 @@ impl Resource {
                         return Err(invalid(
                             format!("{base}.key"),
                             k,
-                            "must be identity, header:<name>, source_ip or none",
+                            "must be identity, header:<name>, source_ip, principal, api_key or none",
                         ));
                     }
                     let op = Operation {
@@ -556,9 +788,108 @@ impl Resource {
                     check_operation(&op, &format!("{base}.match")).map_err(|(f, v, why)| invalid(f, &v, why))?;
                 }
             }
+            Self::AuthenticationPolicy { spec, .. } => {
+                validate_authn(spec).map_err(|(f, v, why)| invalid(f, &v, &why))?;
+            }
         }
         Ok(())
     }
+}
+
+fn validate_authn(spec: &AuthenticationSpec) -> Result<(), (String, String, String)> {
+    let err = |f: String, v: &str, why: &str| Err((f, v.to_string(), why.to_string()));
+    if spec.jwt.is_empty() && spec.api_keys.is_none() {
+        return err(
+            "spec".into(),
+            "",
+            "names no credential; give jwt (issuers) and/or apiKeys, or delete the policy to stop authenticating",
+        );
+    }
+    if let Some(k) = &spec.api_keys {
+        if !header_name_ok(&k.header) || reserved_header(&k.header) {
+            return err(
+                "spec.apiKeys.header".into(),
+                &k.header,
+                "must be an HTTP header name Palisade does not reserve (e.g. x-api-key)",
+            );
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, j) in spec.jwt.iter().enumerate() {
+        let base = format!("spec.jwt[{i}]");
+        if j.issuer.is_empty() || j.issuer.len() > 512 || j.issuer.chars().any(char::is_control) {
+            return err(format!("{base}.issuer"), &j.issuer, "must be the exact `iss` of the issuer's tokens");
+        }
+        if !seen.insert(j.issuer.as_str()) {
+            return err(format!("{base}.issuer"), &j.issuer, "appears twice; list each issuer once");
+        }
+        if j.audiences.is_empty() {
+            return err(
+                format!("{base}.audiences"),
+                "",
+                "must list at least one audience: a token for another API must not be accepted here",
+            );
+        }
+        for (a, aud) in j.audiences.iter().enumerate() {
+            if aud.is_empty() {
+                return err(format!("{base}.audiences[{a}]"), aud, "must not be empty");
+            }
+        }
+        match (&j.jwks, &j.jwks_uri) {
+            (Some(_), Some(_)) => {
+                return err(format!("{base}.jwks"), "", "and jwksUri are both given; keep one");
+            }
+            (Some(jwks), None) => {
+                if let Err(why) = crate::authn::Jwks::parse(&jwks.to_string()) {
+                    return err(format!("{base}.jwks"), "", &why);
+                }
+            }
+            (None, Some(uri)) => {
+                let ok = uri.strip_prefix("https://").is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+                    && uri.len() <= 2048
+                    && !uri.chars().any(|c| c.is_whitespace() || c.is_control());
+                if !ok {
+                    return err(format!("{base}.jwksUri"), uri, "must be an https:// URL");
+                }
+            }
+            (None, None) => {}
+        }
+        for (a, alg) in j.algorithms.iter().enumerate() {
+            if !JWT_ALGORITHMS.contains(&alg.as_str()) {
+                return err(
+                    format!("{base}.algorithms[{a}]"),
+                    alg,
+                    "is not accepted; use RS256, PS256, ES256, ES384 or EdDSA (never none or an HMAC algorithm)",
+                );
+            }
+        }
+        for (h, th) in j.from_headers.iter().enumerate() {
+            if !header_name_ok(&th.name) || th.name.to_ascii_lowercase().starts_with("x-palisade-") {
+                return err(format!("{base}.fromHeaders[{h}].name"), &th.name, "must be an HTTP header name");
+            }
+        }
+        for (c, ch) in j.claims_to_headers.iter().enumerate() {
+            if ch.claim.is_empty() || ch.claim.len() > 256 {
+                return err(format!("{base}.claimsToHeaders[{c}].claim"), &ch.claim, "must name a claim");
+            }
+            if !header_name_ok(&ch.header) || reserved_header(&ch.header) {
+                return err(
+                    format!("{base}.claimsToHeaders[{c}].header"),
+                    &ch.header,
+                    "must be an HTTP header name Palisade does not reserve (x-palisade-*, host, authorization...)",
+                );
+            }
+        }
+        if let Err(why) = parse_clock_skew(j.clock_skew.as_deref()) {
+            return err(format!("{base}.clockSkew"), j.clock_skew.as_deref().unwrap_or_default(), why);
+        }
+        if let Some(t) = &j.typ
+            && (t.is_empty() || t.len() > 64)
+        {
+            return err(format!("{base}.typ"), t, "must be a media type such as at+jwt");
+        }
+    }
+    Ok(())
 }
 
 /// Parses a limit period: `1s`..`24h`.

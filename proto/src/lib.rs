@@ -16,6 +16,7 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("palisade_descriptor");
 
 pub mod channel;
+mod redact;
 
 /// Re-exported so users of timestamps need no direct dependency.
 pub use prost_types;

@@ -16,8 +16,7 @@ const IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn enforcer_with(yaml: &str, shares: &HashMap<String, u64>) -> Enforcer {
     let resources = parse_all(yaml).unwrap();
-    let inputs =
-        Inputs { version: "r1", resources: &resources, default_allow_authenticated: false, rate_shares: shares };
+    let inputs = Inputs { version: "r1", resources: &resources, rate_shares: shares, ..Inputs::none() };
     Enforcer::compile(inputs, ORDERS, None).unwrap()
 }
 
@@ -38,7 +37,15 @@ fn limit(fields: &str) -> String {
 }
 
 fn http<'a>(source: Option<&'a str>, method: &'a str, path: &'a str, headers: &'a HeaderList<'a>) -> Request<'a> {
-    Request { source, method: Some(method), path: Some(path), port: 8080, host: Some("orders.shop"), headers }
+    Request {
+        source,
+        method: Some(method),
+        path: Some(path),
+        port: 8080,
+        host: Some("orders.shop"),
+        headers,
+        auth: None,
+    }
 }
 
 const NONE: HeaderList<'static> = HeaderList(&[]);
@@ -144,8 +151,7 @@ fn cluster_scope_uses_this_replicas_share_and_counters_survive_a_recompile() {
         assert!(e.rate_limit(&get, IP).is_none());
     }
     let resources = parse_all(&yaml).unwrap();
-    let inputs =
-        Inputs { version: "r2", resources: &resources, default_allow_authenticated: false, rate_shares: &shares };
+    let inputs = Inputs { version: "r2", resources: &resources, rate_shares: &shares, ..Inputs::none() };
     let again = Enforcer::compile(inputs, ORDERS, Some(&e)).unwrap();
     assert!(again.rate_limit(&get, IP).is_some(), "the used quota carries over an unchanged limit");
 }
@@ -156,4 +162,47 @@ fn other_workloads_policies_are_left_out() {
     let e = enforcer(&yaml);
     assert!(e.policies().is_empty());
     assert_eq!(e.authorize(&http(Some(WEB), "GET", "/", &NONE)).basis, Basis::DefaultDeny);
+}
+
+#[test]
+fn request_principals_api_keys_and_claims_in_rules_and_limits() {
+    let yaml = format!(
+        "{}---\n{}",
+        authz(&format!(
+            "{{from: [{{identities: [\"{WEB}\"], requestPrincipals: [\"https://idp/*\"]}}], when: [{{claim: scope, values: [\"orders.write\"]}}]}}\n    - {{from: [{{apiKeys: [\"ci-*\"]}}], to: [{{methods: [GET]}}]}}"
+        )),
+        limit("key: principal")
+    );
+    let e = enforcer(&yaml);
+    let claims = |scope: &str| serde_json::json!({"scope": scope}).as_object().unwrap().clone();
+    let jwt = crate::Authenticated::given(Some("https://idp/c1".into()), None, claims("orders.read orders.write"));
+    let reader = crate::Authenticated::given(Some("https://idp/c2".into()), None, claims("orders.read"));
+    let key = crate::Authenticated::given(Some("team/ci".into()), Some("ci-main".into()), Default::default());
+    let with = |auth, source, method| Request { auth: Some(auth), ..http(source, method, "/x", &NONE) };
+    // Workload AND principal AND claim.
+    assert_eq!(e.authorize(&with(&jwt, Some(WEB), "POST")).verdict, Verdict::Allow);
+    assert_eq!(e.authorize(&with(&jwt, Some(INVOICES), "POST")).verdict, Verdict::Deny, "another workload");
+    assert_eq!(e.authorize(&with(&reader, Some(WEB), "POST")).verdict, Verdict::Deny, "scope missing");
+    assert_eq!(e.authorize(&http(Some(WEB), "POST", "/x", &NONE)).verdict, Verdict::Deny, "no credential");
+    // An API key by name, from any workload.
+    assert_eq!(e.authorize(&with(&key, Some(INVOICES), "GET")).rule, Some(1));
+    assert_eq!(e.authorize(&with(&key, Some(INVOICES), "POST")).verdict, Verdict::Deny);
+    // Per-principal quota: one each.
+    assert!(e.rate_limit(&with(&jwt, Some(WEB), "GET"), IP).is_none());
+    assert!(e.rate_limit(&with(&jwt, Some(WEB), "GET"), IP).is_some());
+    assert!(e.rate_limit(&with(&reader, Some(WEB), "GET"), IP).is_none(), "another client's own bucket");
+}
+
+#[test]
+fn a_deny_naming_principals_holds_for_tcp_and_not_principals_catches_anonymous() {
+    let yaml = format!(
+        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: d, namespace: shop}}\nspec:\n  target: {{identities: [\"{ORDERS}\"]}}\n  action: DENY\n  rules:\n    - from: [{{notRequestPrincipals: [\"*\"]}}]\n      to: [{{paths: [\"/admin/*\"]}}]\n"
+    );
+    let e = enforcer(&yaml);
+    let tcp = Request { source: Some(WEB), port: 8080, ..Default::default() };
+    assert_eq!(e.authorize(&tcp).verdict, Verdict::Deny);
+    assert_eq!(e.authorize(&http(Some(WEB), "GET", "/admin/x", &NONE)).basis, crate::eval::Basis::DenyRule);
+    let p = crate::Authenticated::given(Some("https://idp/c1".into()), None, Default::default());
+    let d = e.authorize(&Request { auth: Some(&p), ..http(Some(WEB), "GET", "/admin/x", &NONE) });
+    assert_ne!(d.basis, crate::eval::Basis::DenyRule);
 }

@@ -79,3 +79,42 @@ fn the_shipped_examples_are_valid() {
     }
     assert!(n >= 5, "found {n} resources");
 }
+
+#[test]
+fn authentication_policies_are_validated_with_field_paths() {
+    let head = "apiVersion: palisade.dev/v1\nkind: AuthenticationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  target: {identities: [\"*\"]}\n";
+    let ok = parse_all(&format!(
+        "{head}  mode: optional\n  apiKeys: {{header: x-api-key}}\n  jwt:\n    - issuer: https://idp.example\n      audiences: [orders]\n      jwksUri: https://idp.example/jwks.json\n      claimsToHeaders: [{{claim: tenant, header: x-tenant}}]\n      typ: at+jwt\n"
+    ))
+    .unwrap();
+    assert_eq!(ok[0].kind(), "AuthenticationPolicy");
+    let cases = [
+        ("", "spec: \"\" names no credential"),
+        ("  jwt: [{issuer: i, audiences: []}]\n", "spec.jwt[0].audiences"),
+        ("  jwt: [{issuer: i, audiences: [a], jwksUri: http://idp/jwks}]\n", "spec.jwt[0].jwksUri"),
+        (
+            "  jwt: [{issuer: i, audiences: [a], algorithms: [HS256]}]\n",
+            "spec.jwt[0].algorithms[0]: \"HS256\" is not accepted",
+        ),
+        ("  jwt: [{issuer: i, audiences: [a], algorithms: [none]}]\n", "spec.jwt[0].algorithms[0]"),
+        ("  jwt: [{issuer: i, audiences: [a], jwks: {keys: []}}]\n", "spec.jwt[0].jwks"),
+        (
+            "  jwt: [{issuer: i, audiences: [a], claimsToHeaders: [{claim: sub, header: x-palisade-peer-identity}]}]\n",
+            "spec.jwt[0].claimsToHeaders[0].header",
+        ),
+        ("  jwt: [{issuer: i, audiences: [a], clockSkew: 1h}]\n", "spec.jwt[0].clockSkew"),
+        ("  jwt: [{issuer: i, audiences: [a]}, {issuer: i, audiences: [b]}]\n", "spec.jwt[1].issuer"),
+        ("  apiKeys: {header: authorization}\n", "spec.apiKeys.header"),
+        ("  mode: sometimes\n  apiKeys: {}\n", "sometimes"),
+    ];
+    for (body, want) in cases {
+        let e = err(&format!("{head}{body}"));
+        assert!(e.contains(want), "{body}: {e}");
+    }
+    let authz = "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  target: {identities: [\"*\"]}\n  action: ALLOW\n  rules:\n";
+    let e = err(&format!("{authz}    - when: [{{header: x, claim: tier, values: [a]}}]\n"));
+    assert!(e.contains("spec.rules[0].when[0]") && e.contains("exactly one"), "{e}");
+    let e = err(&format!("{authz}    - from: [{{requestPrincipals: [\"\"]}}]\n"));
+    assert!(e.contains("spec.rules[0].from[0].requestPrincipals[0]"), "{e}");
+    assert!(parse_all(&format!("{authz}    - from: [{{apiKeys: [ci], requestPrincipals: [\"https://idp/*\"]}}]\n      when: [{{claim: scope, values: [read]}}]\n")).is_ok());
+}

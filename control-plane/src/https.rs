@@ -1,0 +1,75 @@
+//! The control plane's small HTTPS listeners (the admission webhook, the
+//! OAuth token service): TLS with a handshake timeout, a connection limit,
+//! an idle timeout, bounded header reads, then a handler per request.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A listener's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+}
+
+/// A connection that sends nothing for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A small response.
+pub fn reply(status: StatusCode, ct: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+    r
+}
+
+/// Serves `handler` on `listener` with `tls` until `stop`.
+pub async fn serve<H, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: Limits,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let limit = palisade_net::Limit::new(name, limits.max_connections);
+    palisade_net::serve(listener, limit, stop, tracker, move |tcp, peer: SocketAddr, slot| {
+        let (acceptor, handler) = (acceptor.clone(), handler.clone());
+        async move {
+            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                _ => {
+                    tracing::debug!(src.addr = %peer, listener = name, "TLS handshake failed");
+                    return;
+                }
+            };
+            let io = palisade_net::IdleTimeout::new(tls, IDLE_TIMEOUT, Some(slot));
+            let svc = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req, peer).await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+            builder.http2().max_concurrent_streams(64);
+            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+        }
+    })
+    .await;
+}

@@ -1,0 +1,211 @@
+//! JWT key sets named by `jwksUri`: fetched by the control plane over
+//! HTTPS, checked, cached and refreshed, and pushed to the sidecars with
+//! their policy, so that sidecars never reach out to an identity provider.
+//!
+//! A set is fetched when a policy first names it, every refresh interval
+//! after that, and when a sidecar saw a token whose `kid` is not in it (the
+//! issuer may have rotated), at most once per minimum interval per URI. A
+//! failed fetch keeps the last good set.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use palisade_policy::authn::{Jwks, MAX_JWKS_BYTES};
+use tokio::net::TcpStream;
+
+/// Time allowed for one fetch, connection included.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct Entry {
+    /// The last good set, as fetched (compact JSON).
+    json: Option<String>,
+    fetched: Option<Instant>,
+    attempted: Option<Instant>,
+    requested: bool,
+}
+
+/// The cache of fetched key sets.
+pub struct JwksCache {
+    entries: Mutex<HashMap<String, Entry>>,
+    tls: Arc<rustls::ClientConfig>,
+    refresh: Duration,
+    min_interval: Duration,
+    wake: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for JwksCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksCache").field("refresh", &self.refresh).field("min_interval", &self.min_interval).finish()
+    }
+}
+
+impl JwksCache {
+    /// `roots`: the CAs whose servers are trusted to serve key sets.
+    pub fn new(roots: rustls::RootCertStore, refresh: Duration, min_interval: Duration) -> Result<Self, rustls::Error> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(palisade_certs::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            entries: Mutex::default(),
+            tls: Arc::new(tls),
+            refresh,
+            min_interval,
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The last good set fetched from `uri`.
+    pub fn get(&self, uri: &str) -> Option<String> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(uri).and_then(|e| e.json.clone())
+    }
+
+    /// A sidecar saw a `kid` missing from `uri`'s set: fetch it again soon
+    /// (at most once per minimum interval).
+    pub fn request_refresh(&self, uri: &str) {
+        let mut all = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = all.get_mut(uri) {
+            e.requested = true;
+            drop(all);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The URIs due for a fetch among `wanted`, and forgets the others.
+    fn due(&self, wanted: &[String]) -> Vec<String> {
+        let mut all = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|k, _| wanted.contains(k));
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for uri in wanted {
+            let e = all.entry(uri.clone()).or_insert(Entry { json: None, fetched: None, attempted: None, requested: false });
+            let since_attempt = e.attempted.map(|a| now - a);
+            let due = match (e.fetched, since_attempt) {
+                (_, Some(s)) if s < self.min_interval => false,
+                (None, _) => true,
+                (Some(f), _) => e.requested || now - f >= self.refresh,
+            };
+            if due {
+                e.attempted = Some(now);
+                e.requested = false;
+                out.push(uri.clone());
+            }
+        }
+        out
+    }
+
+    /// Records a fetch; `true` if the set changed.
+    fn store(&self, uri: &str, result: Result<String, String>) -> bool {
+        let mut all = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = all.get_mut(uri) else { return false };
+        match result {
+            Ok(json) => {
+                e.fetched = Some(Instant::now());
+                let changed = e.json.as_deref() != Some(json.as_str());
+                if changed {
+                    tracing::info!(target: "audit", event = "jwks_fetched", jwks_uri = %uri, "JWT key set fetched");
+                }
+                e.json = Some(json);
+                changed
+            }
+            Err(why) => {
+                tracing::warn!(jwks_uri = %uri, error = %why, kept_last_good = e.json.is_some(), "cannot fetch a JWT key set; tokens of its issuer are refused until it can be fetched, unless a last good set is kept");
+                false
+            }
+        }
+    }
+
+    /// Fetches every due URI among `wanted`; `true` if any set changed.
+    pub async fn fetch_due(&self, wanted: &[String]) -> bool {
+        let mut changed = false;
+        for uri in self.due(wanted) {
+            let result = self.fetch(&uri).await;
+            changed |= self.store(&uri, result);
+        }
+        changed
+    }
+
+    /// Waits until a refresh is requested or `max` passes.
+    pub async fn wait(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.wake.notified()).await;
+    }
+
+    /// How often the fetch loop should look (a fraction of the refresh interval).
+    pub fn tick(&self) -> Duration {
+        (self.refresh / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// Fetches and checks one key set.
+    pub async fn fetch(&self, uri: &str) -> Result<String, String> {
+        tokio::time::timeout(FETCH_TIMEOUT, self.fetch_inner(uri))
+            .await
+            .map_err(|_| format!("no answer within {}s", FETCH_TIMEOUT.as_secs()))?
+    }
+
+    async fn fetch_inner(&self, uri: &str) -> Result<String, String> {
+        let parsed: Uri = uri.parse().map_err(|e| format!("not a URL: {e}"))?;
+        if parsed.scheme_str() != Some("https") {
+            return Err("only https:// key set URLs are fetched".into());
+        }
+        let host = parsed.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = parsed.port_u16().unwrap_or(443);
+        let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("cannot connect: {e}"))?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("bad host name: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("HTTP: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let authority = parsed.authority().map(|a| a.as_str().to_string()).unwrap_or(host);
+        let req = Request::get(parsed.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .header(header::HOST, authority)
+            .header(header::ACCEPT, "application/json, application/jwk-set+json")
+            .header(header::USER_AGENT, concat!("palisade-control-plane/", env!("CARGO_PKG_VERSION")))
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
+        if resp.status() != StatusCode::OK {
+            return Err(format!("HTTP status {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("cannot read the body (at most {MAX_JWKS_BYTES} bytes): {e}"))?
+            .to_bytes();
+        let text = std::str::from_utf8(&body).map_err(|_| "the body is not UTF-8")?;
+        Jwks::parse(text).map_err(|why| format!("the key set {why}"))?;
+        // Stored compact, so an unchanged set compares equal however it was formatted.
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Ok(v.to_string())
+    }
+}
+
+/// The roots a `--jwks-ca-file` names; a missing default file gives none.
+pub fn load_roots(path: &std::path::Path, explicit: bool) -> Result<rustls::RootCertStore, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(path) {
+        Ok(it) => it.collect::<Result<_, _>>().map_err(|e| format!("{}: {e}", path.display()))?,
+        Err(e) if !explicit => {
+            tracing::warn!(path = %path.display(), error = %e, "no CA file for jwksUri servers: key sets can be given inline (jwks) only; pass --jwks-ca-file");
+            return Ok(roots);
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let (_, bad) = roots.add_parsable_certificates(certs);
+    if bad > 0 {
+        tracing::debug!(path = %path.display(), skipped = bad, "skipped unusable CA certificates");
+    }
+    Ok(roots)
+}
