@@ -16,6 +16,7 @@ use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::*;
 use tonic::transport::Channel;
 
+mod creds;
 mod inspect;
 mod kube;
 mod policy;
@@ -111,6 +112,20 @@ enum Command {
         #[command(subcommand)]
         cmd: policy::PolicyCmd,
     },
+    /// Create, list and revoke API keys (request authentication).
+    Apikey {
+        #[command(flatten)]
+        online: Online,
+        #[command(subcommand)]
+        cmd: creds::ApiKeyCmd,
+    },
+    /// The mesh's OAuth 2.0 token service: its clients.
+    Oauth {
+        #[command(flatten)]
+        online: Online,
+        #[command(subcommand)]
+        cmd: creds::OAuthCmd,
+    },
     /// Explain authorization decisions.
     Authz {
         #[command(flatten)]
@@ -194,6 +209,15 @@ enum AuthzCmd {
         /// The app port the request is addressed to (rules naming ports match only when it is given).
         #[arg(long)]
         port: Option<u16>,
+        /// The request principal, as if its credential verified: `<iss>/<sub>` of a JWT, or an API key's principal.
+        #[arg(long)]
+        principal: Option<String>,
+        /// The name of the API key the request carries.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// A claim of the verified token NAME=VALUE (VALUE may be JSON, e.g. roles=["a","b"]), repeatable.
+        #[arg(long = "claim")]
+        claims: Vec<String>,
     },
 }
 
@@ -282,9 +306,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Install { generate_ca, trust_domain, image, credentials_out } => {
             kube::install(*generate_ca, trust_domain, image, credentials_out.as_deref())
         }
-        Command::Authz { online, cmd: AuthzCmd::Check { from, to, method, path, headers, port } } => {
-            policy::check(online, from, to, method, path, headers, *port).await
+        Command::Authz {
+            online,
+            cmd: AuthzCmd::Check { from, to, method, path, headers, port, principal, api_key, claims },
+        } => {
+            let req = policy::CheckRequest { from, to, method, path, headers, port: *port, principal, api_key, claims };
+            policy::check(online, req).await
         }
+        Command::Apikey { online, cmd } => creds::apikey(online, cmd).await,
+        Command::Oauth { online, cmd } => creds::oauth(online, cmd).await,
         Command::Completion { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(*shell, &mut Cli::command(), "palisadectl", &mut script);

@@ -207,30 +207,43 @@ async fn wait_synced(
     }
 }
 
+/// What `authz check` asks about.
+#[derive(Debug)]
+pub(crate) struct CheckRequest<'a> {
+    pub(crate) from: &'a Option<String>,
+    pub(crate) to: &'a str,
+    pub(crate) method: &'a str,
+    pub(crate) path: &'a str,
+    pub(crate) headers: &'a [String],
+    pub(crate) port: Option<u16>,
+    pub(crate) principal: &'a Option<String>,
+    pub(crate) api_key: &'a Option<String>,
+    pub(crate) claims: &'a [String],
+}
+
 /// `authz check`: the simulate API.
-pub(crate) async fn check(
-    cli: &Online,
-    from: &Option<String>,
-    to: &str,
-    method: &str,
-    path: &str,
-    headers: &[String],
-    port: Option<u16>,
-) -> Result<()> {
-    let mut hmap = std::collections::HashMap::new();
-    for h in headers {
-        let (k, v) = h.split_once('=').ok_or_else(|| anyhow!("--header {h:?}: expected NAME=VALUE"))?;
-        hmap.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-    }
+pub(crate) async fn check(cli: &Online, r: CheckRequest<'_>) -> Result<()> {
+    let pairs = |list: &[String], flag: &str| -> Result<std::collections::HashMap<String, String>> {
+        let mut out = std::collections::HashMap::new();
+        for h in list {
+            let (k, v) = h.split_once('=').ok_or_else(|| anyhow!("--{flag} {h:?}: expected NAME=VALUE"))?;
+            out.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        Ok(out)
+    };
+    let hmap = pairs(r.headers, "header")?.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
     let resp = admin(cli)
         .await?
         .simulate(SimulateRequest {
-            source: from.clone().unwrap_or_default(),
-            target: to.to_string(),
-            method: method.to_string(),
-            path: path.to_string(),
+            source: r.from.clone().unwrap_or_default(),
+            target: r.to.to_string(),
+            method: r.method.to_string(),
+            path: r.path.to_string(),
             headers: hmap,
-            port: port.map(u32::from).unwrap_or(0),
+            port: r.port.map(u32::from).unwrap_or(0),
+            principal: r.principal.clone().unwrap_or_default(),
+            api_key: r.api_key.clone().unwrap_or_default(),
+            claims: pairs(r.claims, "claim")?,
         })
         .await
         .map_err(status_err)?

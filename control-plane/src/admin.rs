@@ -256,7 +256,10 @@ impl Admin for AdminService {
         Ok(Response::new(crate::policy::simulate(&self.shared, &req.into_inner())?))
     }
 
-    async fn create_api_key(&self, req: Request<CreateApiKeyRequest>) -> Result<Response<CreateApiKeyResponse>, Status> {
+    async fn create_api_key(
+        &self,
+        req: Request<CreateApiKeyRequest>,
+    ) -> Result<Response<CreateApiKeyResponse>, Status> {
         self.authorize(&req)?;
         let (shared, req) = (self.shared.clone(), req.into_inner());
         Ok(Response::new(blocking(move || crate::credentials::create_api_key(&shared, req)).await?))

@@ -36,7 +36,7 @@ fn store_error(e: StoreError) -> Status {
 }
 
 /// The public facts of an API key.
-pub fn key_info(k: &ApiKeyRecord) -> ApiKeyInfo {
+pub(crate) fn key_info(k: &ApiKeyRecord) -> ApiKeyInfo {
     ApiKeyInfo {
         name: k.name.clone(),
         principal: k.principal.clone(),
@@ -48,7 +48,7 @@ pub fn key_info(k: &ApiKeyRecord) -> ApiKeyInfo {
 }
 
 /// The public facts of an OAuth client.
-pub fn client_info(c: &OAuthClientRecord) -> OAuthClientInfo {
+pub(crate) fn client_info(c: &OAuthClientRecord) -> OAuthClientInfo {
     OAuthClientInfo {
         client_id: c.client_id.clone(),
         name: c.name.clone(),
@@ -146,7 +146,9 @@ pub(crate) fn create_oauth_client(
     }
     // RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
     let scope_ok = |s: &String| {
-        !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
     };
     if req.scopes.len() > 32 || !req.scopes.iter().all(scope_ok) {
         return Err(Status::invalid_argument(
@@ -167,7 +169,10 @@ pub(crate) fn create_oauth_client(
         created_at: unix_now(),
     };
     if !shared.store.put_oauth_client(record.clone()).map_err(store_error)? {
-        return Err(Status::already_exists(format!("an OAuth client named {:?} exists; choose another name", req.name)));
+        return Err(Status::already_exists(format!(
+            "an OAuth client named {:?} exists; choose another name",
+            req.name
+        )));
     }
     tracing::info!(target: "audit", event = "oauth_client_created", client_id = %record.client_id, name = %record.name, scopes = ?record.scopes, audiences = ?record.audiences, "OAuth client created");
     Ok(CreateOAuthClientResponse {

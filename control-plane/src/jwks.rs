@@ -84,7 +84,12 @@ impl JwksCache {
         let now = Instant::now();
         let mut out = Vec::new();
         for uri in wanted {
-            let e = all.entry(uri.clone()).or_insert(Entry { json: None, fetched: None, attempted: None, requested: false });
+            let e = all.entry(uri.clone()).or_insert(Entry {
+                json: None,
+                fetched: None,
+                attempted: None,
+                requested: false,
+            });
             let since_attempt = e.attempted.map(|a| now - a);
             let due = match (e.fetched, since_attempt) {
                 (_, Some(s)) if s < self.min_interval => false,

@@ -292,9 +292,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }));
         tracing::info!(listen = %addr, issuer = %service.issuer(), "OAuth token service serving POST /oauth2/token");
         let limits = https::Limits { max_connections: 1024, handshake_timeout: cfg.handshake_timeout };
-        tracker.spawn(https::serve("oauth", listener, Arc::new(tls), limits, stop.clone(), tracker.clone(), move |req, peer| {
-            service.clone().handle(req, peer)
-        }));
+        tracker.spawn(https::serve(
+            "oauth",
+            listener,
+            Arc::new(tls),
+            limits,
+            stop.clone(),
+            tracker.clone(),
+            move |req, peer| service.clone().handle(req, peer),
+        ));
     }
 
     let bundle =

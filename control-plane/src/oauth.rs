@@ -125,7 +125,10 @@ pub struct TokenService {
 impl std::fmt::Debug for TokenService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kids: Vec<String> = self.keys.read().map(|k| k.iter().map(|k| k.kid.clone()).collect()).unwrap_or_default();
-        f.debug_struct("TokenService").field("issuer", &self.settings.issuer).field("kids", &kids).finish_non_exhaustive()
+        f.debug_struct("TokenService")
+            .field("issuer", &self.settings.issuer)
+            .field("kids", &kids)
+            .finish_non_exhaustive()
     }
 }
 
@@ -146,7 +149,8 @@ impl TokenService {
         let mut keys = Vec::new();
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let stored: Vec<StoredKey> = serde_json::from_slice(&bytes).map_err(|e| err(format!("corrupt: {e}")))?;
+                let stored: Vec<StoredKey> =
+                    serde_json::from_slice(&bytes).map_err(|e| err(format!("corrupt: {e}")))?;
                 for k in stored {
                     let pkcs8 = STANDARD.decode(&k.pkcs8).map_err(|e| err(format!("corrupt key: {e}")))?;
                     keys.push(SigningKey::from_pkcs8(pkcs8, k.created, k.active_from).map_err(err)?);
@@ -250,7 +254,13 @@ impl TokenService {
     }
 
     /// Signs an access token for `client`.
-    fn issue(&self, client: &OAuthClientRecord, scopes: &[String], aud: Vec<String>, now: u64) -> Result<String, String> {
+    fn issue(
+        &self,
+        client: &OAuthClientRecord,
+        scopes: &[String],
+        aud: Vec<String>,
+        now: u64,
+    ) -> Result<String, String> {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         let key = keys
             .iter()
@@ -270,11 +280,8 @@ impl TokenService {
             "client_id": client.client_id,
             "scope": scopes.join(" "),
         });
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
+        let input =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
         let sig = key.pair.sign(&SystemRandom::new(), input.as_bytes()).map_err(|e| e.to_string())?;
         Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
     }
@@ -283,7 +290,9 @@ impl TokenService {
     fn locked(&self, client: Option<&str>, addr: std::net::IpAddr) -> Option<Duration> {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let check = |entry: Option<&(u32, Instant)>, max: u32| {
-            entry.filter(|(n, at)| *n >= max && at.elapsed() < FAILURE_WINDOW).map(|(_, at)| FAILURE_WINDOW - at.elapsed())
+            entry
+                .filter(|(n, at)| *n >= max && at.elapsed() < FAILURE_WINDOW)
+                .map(|(_, at)| FAILURE_WINDOW - at.elapsed())
         };
         let by_addr = f.by_addr.as_mut().and_then(|m| check(m.get(&addr), MAX_FAILURES_PER_ADDR));
         let by_client =
@@ -316,8 +325,13 @@ impl TokenService {
             return reply(StatusCode::NOT_FOUND, "application/json", br#"{"error":"not_found"}"#.to_vec());
         }
         if req.method() != want {
-            let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "application/json", br#"{"error":"method_not_allowed"}"#.to_vec());
-            r.headers_mut().insert(header::ALLOW, HeaderValue::from_str(want.as_str()).unwrap_or(HeaderValue::from_static("GET")));
+            let mut r = reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "application/json",
+                br#"{"error":"method_not_allowed"}"#.to_vec(),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_str(want.as_str()).unwrap_or(HeaderValue::from_static("GET")));
             return r;
         }
         match path.as_str() {
@@ -351,14 +365,16 @@ impl TokenService {
             refuse("too_many_failures_from_address", None);
             return Err(too_many(wait));
         }
-        let form_ct = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+        let form_ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+            v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
         if !form_ct {
             refuse("not_a_form", None);
-            return Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "send application/x-www-form-urlencoded"));
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "send application/x-www-form-urlencoded",
+            ));
         }
         let basic = match req.headers().get_all(header::AUTHORIZATION).iter().count() {
             0 => None,
@@ -386,7 +402,11 @@ impl TokenService {
         let (id, secret) = match (basic, get("client_id"), get("client_secret")) {
             (Some(_), _, Some(_)) => {
                 refuse("two_client_authentication_methods", None);
-                return Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "use one client authentication method"));
+                return Err(oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "use one client authentication method",
+                ));
             }
             (Some((id, secret)), body_id, None) => {
                 if body_id.is_some_and(|b| b != id) {
@@ -431,7 +451,11 @@ impl TokenService {
                 let asked: Vec<String> = s.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect();
                 if asked.iter().any(|a| !client.scopes.contains(a)) {
                     refuse("invalid_scope", Some(&id));
-                    return Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", "a requested scope is not granted to this client"));
+                    return Err(oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_scope",
+                        "a requested scope is not granted to this client",
+                    ));
                 }
                 asked
             }
@@ -440,7 +464,11 @@ impl TokenService {
             Some(a) if client.audiences.iter().any(|c| c == a) => vec![a.to_string()],
             Some(_) => {
                 refuse("invalid_target", Some(&id));
-                return Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_target", "the requested audience is not granted to this client"));
+                return Err(oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_target",
+                    "the requested audience is not granted to this client",
+                ));
             }
             None if client.audiences.is_empty() => vec![self.settings.issuer.clone()],
             None => client.audiences.clone(),
@@ -465,7 +493,11 @@ impl TokenService {
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Full<Bytes>> {
-    let mut r = reply(status, "application/json", json!({"error": error, "error_description": description}).to_string().into_bytes());
+    let mut r = reply(
+        status,
+        "application/json",
+        json!({"error": error, "error_description": description}).to_string().into_bytes(),
+    );
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
@@ -545,7 +577,9 @@ mod tests {
             key_rotation: Duration::from_secs(3600),
         };
         let svc = TokenService::open(dir.path(), settings.clone(), store.clone()).unwrap();
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("oauth-keys.json")).unwrap().permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("oauth-keys.json")).unwrap().permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600);
         let first = svc.kids();
         let t0 = svc.keys.read().unwrap()[0].active_from;
@@ -562,7 +596,8 @@ mod tests {
             created_at: 0,
         };
         let kid_of = |t: &str| {
-            let h: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(t.split('.').next().unwrap()).unwrap()).unwrap();
+            let h: Value =
+                serde_json::from_slice(&URL_SAFE_NO_PAD.decode(t.split('.').next().unwrap()).unwrap()).unwrap();
             h["kid"].as_str().unwrap().to_string()
         };
         assert_eq!(kid_of(&svc.issue(&client, &[], vec!["a".into()], t0 + 3600 - 10).unwrap()), first[0]);

@@ -64,5 +64,6 @@ pub async fn serve(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    crate::https::serve("webhook", listener, tls, limits, stop, tracker, move |req, _peer| handle(req, cfg.clone())).await;
+    crate::https::serve("webhook", listener, tls, limits, stop, tracker, move |req, _peer| handle(req, cfg.clone()))
+        .await;
 }

@@ -162,6 +162,7 @@ fn route(state: &AdminState, src: SocketAddr, req: Request<Incoming>) -> Respons
                 "cert_chain_pem": svid.as_ref().map(|s| s.chain_pem()),
                 "policy_version": state.policy.current().map(|p| p.enforcer.version.clone()),
                 "rate_limits": state.policy.current().map(|p| p.enforcer.describe_limits()),
+                "authentication": state.policy.current().and_then(|p| p.enforcer.authenticator().map(|a| a.describe())),
                 "version": env!("CARGO_PKG_VERSION"),
             });
             let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&body).unwrap_or_default());

@@ -180,6 +180,16 @@ impl ConfigStream {
                     // Reopen on the renewed certificate's channel.
                     if self.control.still_current(&ours) { continue } else { return Ok(Ended::Renewed) }
                 }
+                _ = self.policy.refresh().notify.notified() => {
+                    let jwks_refresh = self.policy.refresh().take();
+                    if !jwks_refresh.is_empty() {
+                        tracing::info!(jwks_uris = ?jwks_refresh, "a token named a key this sidecar lacks; asking the control plane to fetch the key set again");
+                        if tx.send(DiscoveryRequest { jwks_refresh, ..Default::default() }).await.is_err() {
+                            return Ok(Ended::ByServer);
+                        }
+                    }
+                    continue;
+                }
             };
             let applied = self.apply(&snap, &ours.id);
             if applied.rejected.is_empty() {

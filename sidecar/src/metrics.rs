@@ -36,6 +36,14 @@ pub struct PolicyLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthnLabels {
+    /// `verified` or `refused`.
+    pub result: &'static str,
+    /// `jwt`, `api_key` or `both` when verified; the refusal's reason otherwise.
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsFailureLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -73,6 +81,7 @@ pub struct Metrics {
     pub identity_mismatch: Counter,
     pub decisions: Family<DecisionLabels, Counter>,
     pub rate_limited: Family<PolicyLabels, Counter>,
+    pub authn: Family<AuthnLabels, Counter>,
     pub policy_revision: Gauge,
     pub policy_updated: Gauge,
     pub policy_nacks: Counter,
@@ -119,6 +128,7 @@ impl Default for Metrics {
             identity_mismatch: Counter::default(),
             decisions: Family::default(),
             rate_limited: Family::default(),
+            authn: Family::default(),
             policy_revision: Gauge::default(),
             policy_updated: Gauge::default(),
             policy_nacks: Counter::default(),
@@ -212,6 +222,11 @@ impl Metrics {
             self.decisions.clone(),
         );
         reg.register("rate_limited_requests", "Requests refused by a rate limit, by policy", self.rate_limited.clone());
+        reg.register(
+            "request_authentications",
+            "Request credentials (JWT, API key) checked, by result and reason (credential kind when verified)",
+            self.authn.clone(),
+        );
         reg.register(
             "policy_revision",
             "Control-plane revision of the policy snapshot in force",

@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use palisade_policy::{Decision, Enforcer, Inputs, Resource};
+use palisade_policy::{ApiKey, Decision, Enforcer, Inputs, Resource};
 use palisade_proto::v1::Snapshot;
 use prometheus_client::metrics::counter::Counter;
 
@@ -40,11 +40,23 @@ impl InForce {
         for json in &snap.policies_json {
             resources.extend(Resource::parse_json(json).map_err(|e| e.to_string())?);
         }
+        let api_keys: Vec<ApiKey> = snap
+            .api_keys
+            .iter()
+            .map(|k| ApiKey {
+                name: k.name.clone(),
+                principal: k.principal.clone(),
+                sha256: k.sha256.clone(),
+                expires_at: k.expires_at,
+            })
+            .collect();
         let inputs = Inputs {
             version: &snap.version,
             resources: &resources,
             default_allow_authenticated: snap.default_allow_authenticated,
             rate_shares: &snap.rate_shares,
+            jwks: &snap.jwks,
+            api_keys: &api_keys,
         };
         let enforcer = Enforcer::compile(inputs, identity, previous.map(|p| &p.enforcer)).map_err(|e| e.to_string())?;
         let counters = |policy: &str| {
@@ -73,9 +85,55 @@ impl InForce {
 #[derive(Debug, Default, Clone)]
 pub struct PolicyState {
     current: Arc<RwLock<Option<Arc<InForce>>>>,
+    refresh: Arc<KeySetRefresh>,
+}
+
+/// Key sets (by jwksUri) in which a token's `kid` was missing, for the
+/// control plane to fetch again; asked at most once per URI per interval.
+#[derive(Debug, Default)]
+pub struct KeySetRefresh {
+    pending: std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
+    pub notify: tokio::sync::Notify,
+}
+
+/// Least time between two refresh requests for one key set.
+const REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl KeySetRefresh {
+    /// The URIs to ask about now.
+    pub fn take(&self) -> Vec<String> {
+        let mut all = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter_mut()
+            .filter(|(_, (due, _))| *due)
+            .map(|(k, (due, _))| {
+                *due = false;
+                k.clone()
+            })
+            .collect()
+    }
 }
 
 impl PolicyState {
+    /// Asks the control plane to fetch `uri` again (rate limited).
+    pub fn request_refresh(&self, uri: &str) {
+        let mut all = self.refresh.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if all.len() > 64 && !all.contains_key(uri) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let e = all.entry(uri.to_string()).or_insert((false, now - REFRESH_INTERVAL));
+        if now - e.1 >= REFRESH_INTERVAL {
+            *e = (true, now);
+            drop(all);
+            self.refresh.notify.notify_one();
+        }
+    }
+
+    /// The refresh requests, for the config stream.
+    pub fn refresh(&self) -> &KeySetRefresh {
+        &self.refresh
+    }
+
     pub fn current(&self) -> Option<Arc<InForce>> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

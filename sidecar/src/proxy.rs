@@ -82,6 +82,10 @@ pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 /// The verified SPIFFE ID of the caller, set by the server sidecar for the app.
 /// Any copy arriving from outside is removed first, so it cannot be spoofed.
 pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-palisade-peer-identity");
+
+/// The verified request principal (`<iss>/<sub>` of a JWT, or an API key's
+/// principal) the app receives; removed from every incoming request first.
+pub const REQUEST_PRINCIPAL: HeaderName = HeaderName::from_static("x-palisade-request-principal");
 /// The app's HTTP version, carried between sidecars (absent: HTTP/2).
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-palisade-orig-proto");
 /// ALPN between sidecars: multiplexed HTTP.
@@ -140,6 +144,7 @@ pub fn error_response(grpc: bool, status: StatusCode, message: &'static str) -> 
 fn grpc_code(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 | 413 | 431 => "13", // INTERNAL: the request could not be carried
+        401 => "16",             // UNAUTHENTICATED
         403 => "7",              // PERMISSION_DENIED
         429 => "8",              // RESOURCE_EXHAUSTED
         504 => "4",              // DEADLINE_EXCEEDED

@@ -26,11 +26,12 @@ use bytes::BytesMut;
 use super::detect::{Detected, Prefixed, Protocol, detect_with};
 use super::tcp::{ConnGuard, Counted};
 use super::{
-    ALPN_H2, ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, ProxyError, error_response, is_grpc,
-    is_upgrade,
+    ALPN_H2, ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, ProxyError, REQUEST_PRINCIPAL,
+    error_response, is_grpc, is_upgrade,
 };
 use crate::config::Limits;
-use crate::metrics::Metrics;
+use crate::metrics::{AuthnLabels, Metrics};
+use palisade_policy::AuthnOutcome;
 
 /// One local app port and its connections.
 #[derive(Debug)]
@@ -458,8 +459,10 @@ impl Inbound {
         } else {
             Protocol::Http2
         });
+        // Never trust a principal header from outside either.
+        headers.remove(REQUEST_PRINCIPAL);
         let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
-        if let Some(refusal) = self.enforce(&req, peer.as_deref(), src, grpc, app.addr.port()) {
+        if let Err(refusal) = self.enforce(&mut req, peer.as_deref(), src, grpc, app.addr.port()) {
             self.metrics.request(Direction::Inbound, refusal.status().as_u16(), start.elapsed());
             return refusal;
         }
@@ -479,33 +482,58 @@ impl Inbound {
         resp
     }
 
-    /// Authorization, then rate limits. `Some` is the refusal to send back.
+    /// Authentication, authorization, then rate limits; on success the
+    /// request's credential headers are rewritten for the app. `Err` is the
+    /// refusal to send back.
     fn enforce(
         &self,
-        req: &Request<Incoming>,
+        req: &mut Request<Incoming>,
         peer: Option<&Caller>,
         src: SocketAddr,
         grpc: bool,
         app_port: u16,
-    ) -> Option<Response<Body>> {
+    ) -> Result<(), Response<Body>> {
         // Our identity, for audit lines only (tracing evaluates fields only when logging).
         let me = || self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
         let source = peer.map(|c| c.subject.as_str());
         let (method, path) = (req.method().as_str(), req.uri().path());
         if peer.is_some_and(Caller::expired) {
             tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = "the caller's certificate expired after this connection was opened", "request refused");
-            return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
+            return Err(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
         let Some(policy) = self.policy.current() else {
             // Not ready is not a policy decision: the caller may retry.
             tracing::info!(src.addr = %src, src.identity = ?source, http.method = method, http.path = path, "request refused: no policy received from the control plane yet (not ready)");
             let mut resp = error_response(grpc, StatusCode::SERVICE_UNAVAILABLE, "not ready");
             resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return Some(resp);
+            return Err(resp);
         };
+        let headers = RequestHeaders(req.headers());
+        let auth = match policy.enforcer.authenticate(&headers, unix_now()) {
+            AuthnOutcome::Anonymous => None,
+            AuthnOutcome::Verified(a) => {
+                let kind = match (a.api_key.is_some(), a.claims.is_empty()) {
+                    (true, true) => "api_key",
+                    (true, false) => "both",
+                    _ => "jwt",
+                };
+                self.metrics.authn.get_or_create(&AuthnLabels { result: "verified", reason: kind }).inc();
+                Some(a)
+            }
+            AuthnOutcome::Refused(f) => {
+                self.metrics.authn.get_or_create(&AuthnLabels { result: "refused", reason: f.reason() }).inc();
+                if let palisade_policy::AuthnFailure::UnknownKey(Some(uri)) = &f {
+                    self.policy.request_refresh(uri);
+                }
+                tracing::info!(target: "audit", decision = "unauthenticated", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = f.reason(), "request credential refused");
+                let mut resp = error_response(grpc, StatusCode::UNAUTHORIZED, "unauthenticated");
+                resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static(f.challenge()));
+                return Err(resp);
+            }
+        };
+        let principal = auth.as_ref().and_then(|a| a.principal.as_deref());
         let host =
             req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()));
-        let headers = RequestHeaders(req.headers());
         let preq = palisade_policy::Request {
             source,
             method: Some(method),
@@ -513,40 +541,30 @@ impl Inbound {
             port: app_port,
             host,
             headers: &headers,
+            auth: auth.as_deref(),
         };
         let d = policy.enforcer.authorize(&preq);
         policy.count(&d);
         let label = d.label();
         if label != "allow" {
             let policy = d.policy.as_deref().unwrap_or("default");
-            tracing::info!(target: "audit", decision = label, src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %policy, rule = ?d.rule, reason = %d.reason(), "authorization decision");
+            tracing::info!(target: "audit", decision = label, src.addr = %src, src.identity = ?source, request.principal = ?principal, dst.identity = %me(), http.method = method, http.path = path, policy = %policy, rule = ?d.rule, reason = %d.reason(), "authorization decision");
         }
         if d.verdict == palisade_policy::Verdict::Deny {
-            return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
+            return Err(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
-        let limited = policy.enforcer.rate_limit(&preq, src.ip())?;
-        self.metrics
-            .rate_limited
-            .get_or_create(&crate::metrics::PolicyLabels { policy: limited.policy.to_string() })
-            .inc();
-        tracing::info!(target: "audit", decision = "rate_limited", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %limited.policy, limit = %limited.limit, retry_after_ms = limited.outcome.retry_after.as_millis() as u64, "rate limited");
-        let mut resp = error_response(grpc, StatusCode::TOO_MANY_REQUESTS, "rate limited");
-        let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-        let h = resp.headers_mut();
-        let policy_hdr =
-            format!("\"{}\";q={};w={}", limited.limit, limited.quota.rate, secs(limited.quota.period).max(1));
-        let state_hdr =
-            format!("\"{}\";r={};t={}", limited.limit, limited.outcome.remaining, secs(limited.outcome.reset_after));
-        for (name, value) in [
-            ("retry-after", secs(limited.outcome.retry_after).max(1).to_string()),
-            ("ratelimit-policy", policy_hdr),
-            ("ratelimit", state_hdr),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert(name, v);
-            }
+        if let Some(limited) = policy.enforcer.rate_limit(&preq, src.ip()) {
+            self.metrics
+                .rate_limited
+                .get_or_create(&crate::metrics::PolicyLabels { policy: limited.policy.to_string() })
+                .inc();
+            tracing::info!(target: "audit", decision = "rate_limited", src.addr = %src, src.identity = ?source, request.principal = ?principal, dst.identity = %me(), http.method = method, http.path = path, policy = %limited.policy, limit = %limited.limit, retry_after_ms = limited.outcome.retry_after.as_millis() as u64, "rate limited");
+            return Err(rate_limited(grpc, &limited));
         }
-        Some(resp)
+        if let Some(authn) = policy.enforcer.authenticator() {
+            rewrite_credentials(req.headers_mut(), authn, auth.as_deref());
+        }
+        Ok(())
     }
 
     async fn forward(
@@ -621,6 +639,59 @@ impl Inbound {
         }
         Ok(resp.map(|b| b.boxed_unsync()))
     }
+}
+
+/// The 429 answer, with `Retry-After` and the RateLimit headers.
+fn rate_limited(grpc: bool, limited: &palisade_policy::Limited) -> Response<Body> {
+    let mut resp = error_response(grpc, StatusCode::TOO_MANY_REQUESTS, "rate limited");
+    let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let h = resp.headers_mut();
+    let policy_hdr = format!("\"{}\";q={};w={}", limited.limit, limited.quota.rate, secs(limited.quota.period).max(1));
+    let state_hdr =
+        format!("\"{}\";r={};t={}", limited.limit, limited.outcome.remaining, secs(limited.outcome.reset_after));
+    for (name, value) in [
+        ("retry-after", secs(limited.outcome.retry_after).max(1).to_string()),
+        ("ratelimit-policy", policy_hdr),
+        ("ratelimit", state_hdr),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    resp
+}
+
+/// What the app receives of a request's credentials: never a copy of a
+/// claim header or a principal the caller wrote, never an API key, the token
+/// only when the issuer says `forwardToken`; then the verified claims and
+/// principal.
+fn rewrite_credentials(
+    h: &mut http::HeaderMap,
+    authn: &palisade_policy::authn::Authenticator,
+    auth: Option<&palisade_policy::Authenticated>,
+) {
+    for name in authn.claim_headers().iter().chain(authn.api_key_headers()) {
+        h.remove(name.as_str());
+    }
+    let Some(a) = auth else { return };
+    if !a.claims.is_empty() && !a.forward_token {
+        // The token's own header (the verified JWT came from one of these).
+        for name in authn.credential_headers().filter(|n| !authn.api_key_headers().iter().any(|k| k == n)) {
+            h.remove(name);
+        }
+    }
+    for (name, value) in &a.claim_headers {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            h.insert(n, v);
+        }
+    }
+    if let Some(p) = a.principal.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+        h.insert(REQUEST_PRINCIPAL, p);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A request's headers as the policy engine reads them: in place, no copy.
