@@ -805,14 +805,14 @@ fn validate_authn(spec: &AuthenticationSpec) -> Result<(), (String, String, Stri
             "names no credential; give jwt (issuers) and/or apiKeys, or delete the policy to stop authenticating",
         );
     }
-    if let Some(k) = &spec.api_keys {
-        if !header_name_ok(&k.header) || reserved_header(&k.header) {
-            return err(
-                "spec.apiKeys.header".into(),
-                &k.header,
-                "must be an HTTP header name Palisade does not reserve (e.g. x-api-key)",
-            );
-        }
+    if let Some(k) = &spec.api_keys
+        && (!header_name_ok(&k.header) || reserved_header(&k.header))
+    {
+        return err(
+            "spec.apiKeys.header".into(),
+            &k.header,
+            "must be an HTTP header name Palisade does not reserve (e.g. x-api-key)",
+        );
     }
     let mut seen = std::collections::HashSet::new();
     for (i, j) in spec.jwt.iter().enumerate() {

@@ -3,6 +3,7 @@
 
 mod api;
 mod attack;
+mod authn;
 mod certify;
 mod cli;
 mod dataplane;

@@ -462,7 +462,7 @@ impl Inbound {
         // Never trust a principal header from outside either.
         headers.remove(REQUEST_PRINCIPAL);
         let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
-        if let Err(refusal) = self.enforce(&mut req, peer.as_deref(), src, grpc, app.addr.port()) {
+        if let Some(refusal) = self.enforce(&mut req, peer.as_deref(), src, grpc, app.addr.port()) {
             self.metrics.request(Direction::Inbound, refusal.status().as_u16(), start.elapsed());
             return refusal;
         }
@@ -483,7 +483,7 @@ impl Inbound {
     }
 
     /// Authentication, authorization, then rate limits; on success the
-    /// request's credential headers are rewritten for the app. `Err` is the
+    /// request's credential headers are rewritten for the app. `Some` is the
     /// refusal to send back.
     fn enforce(
         &self,
@@ -492,21 +492,21 @@ impl Inbound {
         src: SocketAddr,
         grpc: bool,
         app_port: u16,
-    ) -> Result<(), Response<Body>> {
+    ) -> Option<Response<Body>> {
         // Our identity, for audit lines only (tracing evaluates fields only when logging).
         let me = || self.svids.get().map(|s| s.id.to_string()).unwrap_or_default();
         let source = peer.map(|c| c.subject.as_str());
         let (method, path) = (req.method().as_str(), req.uri().path());
         if peer.is_some_and(Caller::expired) {
             tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = "the caller's certificate expired after this connection was opened", "request refused");
-            return Err(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
+            return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
         let Some(policy) = self.policy.current() else {
             // Not ready is not a policy decision: the caller may retry.
             tracing::info!(src.addr = %src, src.identity = ?source, http.method = method, http.path = path, "request refused: no policy received from the control plane yet (not ready)");
             let mut resp = error_response(grpc, StatusCode::SERVICE_UNAVAILABLE, "not ready");
             resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return Err(resp);
+            return Some(resp);
         };
         let headers = RequestHeaders(req.headers());
         let auth = match policy.enforcer.authenticate(&headers, unix_now()) {
@@ -528,7 +528,7 @@ impl Inbound {
                 tracing::info!(target: "audit", decision = "unauthenticated", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = f.reason(), "request credential refused");
                 let mut resp = error_response(grpc, StatusCode::UNAUTHORIZED, "unauthenticated");
                 resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static(f.challenge()));
-                return Err(resp);
+                return Some(resp);
             }
         };
         let principal = auth.as_ref().and_then(|a| a.principal.as_deref());
@@ -551,7 +551,7 @@ impl Inbound {
             tracing::info!(target: "audit", decision = label, src.addr = %src, src.identity = ?source, request.principal = ?principal, dst.identity = %me(), http.method = method, http.path = path, policy = %policy, rule = ?d.rule, reason = %d.reason(), "authorization decision");
         }
         if d.verdict == palisade_policy::Verdict::Deny {
-            return Err(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
+            return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
         if let Some(limited) = policy.enforcer.rate_limit(&preq, src.ip()) {
             self.metrics
@@ -559,12 +559,12 @@ impl Inbound {
                 .get_or_create(&crate::metrics::PolicyLabels { policy: limited.policy.to_string() })
                 .inc();
             tracing::info!(target: "audit", decision = "rate_limited", src.addr = %src, src.identity = ?source, request.principal = ?principal, dst.identity = %me(), http.method = method, http.path = path, policy = %limited.policy, limit = %limited.limit, retry_after_ms = limited.outcome.retry_after.as_millis() as u64, "rate limited");
-            return Err(rate_limited(grpc, &limited));
+            return Some(rate_limited(grpc, &limited));
         }
         if let Some(authn) = policy.enforcer.authenticator() {
             rewrite_credentials(req.headers_mut(), authn, auth.as_deref());
         }
-        Ok(())
+        None
     }
 
     async fn forward(
