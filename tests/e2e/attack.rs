@@ -783,3 +783,139 @@ fn check_kubernetes_survives_garbage_cluster_state() {
         assert_eq!(report["ok"], false, "{name}");
     }
 }
+
+/// The OAuth token endpoint, attacked: malformed and oversized requests get
+/// a precise OAuth error and nothing more, guessing secrets locks the client
+/// and then the address out, and a connection flood is bounded.
+#[tokio::test]
+async fn the_token_endpoint_refuses_malformed_requests_guessing_and_floods() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cp = ControlPlane::start(
+        &tmp.path().join("data"),
+        tmp.path(),
+        &["--oauth-listen", &format!("127.0.0.1:{port}"), "--handshake-timeout", "2s"],
+    )
+    .await
+    .unwrap();
+    let out = cp.ctl(&["oauth", "client", "create", "--name", "svc", "--scopes", "read", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let client: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, secret) = (client["client_id"].as_str().unwrap(), client["client_secret"].as_str().unwrap());
+    let cacert = cp.bundle().to_str().unwrap().to_string();
+    let url = format!("https://127.0.0.1:{port}/oauth2/token");
+    let curl = |args: &[&str]| -> (u16, String, String) {
+        let mut all = vec!["-s", "--http1.1", "-D", "-", "-o", "-", "--cacert", cacert.as_str()];
+        all.extend_from_slice(args);
+        let out = std::process::Command::new("curl").args(&all).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let code = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (code, head.to_ascii_lowercase(), body.to_string())
+    };
+    let basic = format!("{id}:{secret}");
+    let post_secret = format!("client_secret={secret}");
+    let big = format!("grant_type=client_credentials&pad={}", "x".repeat(20_000));
+    let many: String = (0..40).map(|i| format!("p{i}=1&")).collect::<String>() + "grant_type=client_credentials";
+    let cases: Vec<(Vec<&str>, u16, &str)> = vec![
+        (vec!["-u", &basic, "--data-binary", &big, &url], 400, "invalid_request"),
+        (vec!["-u", &basic, "-d", &many, &url], 400, "invalid_request"),
+        (
+            vec!["-u", &basic, "-d", "grant_type=client_credentials&grant_type=client_credentials", &url],
+            400,
+            "invalid_request",
+        ),
+        (
+            vec!["-u", &basic, "-H", "content-type: text/plain", "-d", "grant_type=client_credentials", &url],
+            400,
+            "invalid_request",
+        ),
+        (vec!["-u", &basic, "-d", "grant_type=client_credentials", "-d", &post_secret, &url], 400, "invalid_request"),
+        (vec!["-H", "authorization: Basic !!!", "-d", "grant_type=client_credentials", &url], 401, "invalid_client"),
+        (vec!["-H", "authorization: Bearer x", "-d", "grant_type=client_credentials", &url], 401, "invalid_client"),
+        (vec!["-u", &basic, "-d", "grant_type=client_credentials&client_id=someone-else", &url], 401, "invalid_client"),
+        (vec!["-u", &basic, "-d", "scope=read", &url], 400, "invalid_request"),
+        (vec!["-u", &basic, "-d", "grant_type=client_credentials&audience=payments", &url], 400, "invalid_target"),
+    ];
+    for (i, (args, code, error)) in cases.iter().enumerate() {
+        let (c, _, body) = curl(args);
+        assert_eq!(c, *code, "case {i}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert_eq!(v["error"], *error, "case {i}: {body}");
+        assert!(!body.contains(secret), "the secret is never echoed");
+    }
+    let (c, head, _) = curl(&[&url]);
+    assert_eq!(c, 405);
+    assert!(head.contains("allow: post"), "{head}");
+    assert_eq!(curl(&[&format!("https://127.0.0.1:{port}/admin")]).0, 404);
+    assert_eq!(curl(&["-u", &basic, "-d", "grant_type=client_credentials", &url]).0, 200, "still serves");
+
+    // A connection flood (more than the listener's 1024) is bounded, and it serves again after.
+    let pid = cp.proc.child.id();
+    let baseline = fds(pid);
+    let held = flood("127.0.0.2", port, 1100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fds(pid) <= baseline + 1024 + 8, "token listener bounded: {baseline} -> {}", fds(pid));
+    drop(held);
+    eventually("the token endpoint after the flood", Duration::from_secs(15), || async {
+        (curl(&["-u", &basic, "-d", "grant_type=client_credentials", &url]).0 == 200).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Guessing: 5 wrong secrets lock the client out (429, even with the right secret);
+    // guessing across many client ids locks the address out.
+    for _ in 0..5 {
+        assert_eq!(curl(&["-u", &format!("{id}:guess"), "-d", "grant_type=client_credentials", &url]).0, 401);
+    }
+    let (c, head, _) = curl(&["-u", &basic, "-d", "grant_type=client_credentials", &url]);
+    assert_eq!(c, 429);
+    assert!(head.contains("retry-after:"), "{head}");
+    for i in 0..20 {
+        let guess = format!("pc_guess{i}:guess");
+        let c = curl(&["-u", &guess, "-d", "grant_type=client_credentials", &url]).0;
+        assert!(c == 401 || c == 429, "{c}");
+    }
+    assert_eq!(curl(&["-u", "pc_other:x", "-d", "grant_type=client_credentials", &url]).0, 429, "address locked out");
+    assert!(!cp.proc.logs().contains(secret), "the secret never reaches the log");
+}
+
+/// Garbage and forged credentials at a sidecar are cheap refusals: each is a
+/// 401 (never cached, never a crash), and the sidecar keeps serving.
+#[tokio::test]
+async fn floods_of_garbage_credentials_are_refused_and_the_sidecar_keeps_serving() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let policy = format!(
+        "apiVersion: palisade.dev/v1\nkind: AuthenticationPolicy\nmetadata: {{name: keys, namespace: shop}}\nspec:\n  target: {{identities: [\"{ORDERS}\"]}}\n  apiKeys: {{}}\n  jwt: [{{issuer: https://idp, audiences: [a], jwks: {{keys: [{{kty: OKP, crv: Ed25519, kid: k, x: 11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo}}]}}}}]\n---\napiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: any, namespace: shop}}\nspec:\n  target: {{identities: [\"{ORDERS}\"]}}\n  action: ALLOW\n  rules: [{{}}]\n"
+    );
+    apply(&p.cp, p.tmp.path(), &p.server, &policy).await;
+    let out = p.cp.ctl(&["apikey", "create", "--name", "good", "--principal", "p", "-o", "json"]);
+    let key = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["key"].as_str().unwrap().to_string();
+    let good = format!("GET /hello HTTP/1.1\r\nHost: orders\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n");
+    eventually("the key reaches the sidecar", Duration::from_secs(5), || async {
+        (status(&send(p.port, Duration::ZERO, good.as_bytes()).await) == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    let pid = p.server.proc.child.id();
+    let before = rss_kb(pid);
+    let started = Instant::now();
+    let mut n = 0;
+    while n < 400 && started.elapsed() < Duration::from_secs(30) {
+        let garbage = match n % 4 {
+            0 => format!(
+                "authorization: Bearer eyJhbGciOiJFZERTQSIsImtpZCI6ImsifQ.eyJpc3MiOiJodHRwczovL2lkcCJ9.{n:0>86}"
+            ),
+            1 => format!("authorization: Bearer {}", "A".repeat(7000 + n)),
+            2 => format!("x-api-key: pal_{n}"),
+            _ => format!("authorization: Bearer {n}.{n}.{n}\r\nauthorization: Bearer x.y.z"),
+        };
+        let req = format!("GET /hello HTTP/1.1\r\nHost: orders\r\n{garbage}\r\nConnection: close\r\n\r\n");
+        assert_eq!(status(&send(p.port, Duration::ZERO, req.as_bytes()).await), 401, "{garbage}");
+        n += 1;
+    }
+    assert_eq!(status(&send(p.port, Duration::ZERO, good.as_bytes()).await), 200);
+    let after = rss_kb(pid);
+    assert!(after < before + 8 * 1024, "RSS grew from {before} kB to {after} kB on refused credentials");
+}
