@@ -48,7 +48,22 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
+/// How long an API key change waits for the connected sidecars to run it.
+const CREDENTIALS_PUSH_WAIT: Duration = Duration::from_secs(2);
+
 impl AdminService {
+    /// Pushes a credentials change and waits until the connected sidecars
+    /// run it, so a key works (or is refused) everywhere once the call returns.
+    async fn credentials_pushed(&self) {
+        let generation = self.shared.hub.credentials_changed();
+        if !self.shared.hub.settled(generation, CREDENTIALS_PUSH_WAIT).await {
+            tracing::warn!(
+                generation,
+                "some sidecars have not applied the API key change yet; they will when they reconnect"
+            );
+        }
+    }
+
     /// The caller must present the admin certificate; returns its facts.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(SpiffeId, palisade_certs::SvidInfo), Status> {
         let src = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -262,7 +277,9 @@ impl Admin for AdminService {
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
         self.authorize(&req)?;
         let (shared, req) = (self.shared.clone(), req.into_inner());
-        Ok(Response::new(blocking(move || crate::credentials::create_api_key(&shared, req)).await?))
+        let created = blocking(move || crate::credentials::create_api_key(&shared, req)).await?;
+        self.credentials_pushed().await;
+        Ok(Response::new(created))
     }
 
     async fn list_api_keys(&self, req: Request<ListApiKeysRequest>) -> Result<Response<ListApiKeysResponse>, Status> {
@@ -274,7 +291,9 @@ impl Admin for AdminService {
     async fn revoke_api_key(&self, req: Request<RevokeApiKeyRequest>) -> Result<Response<ApiKeyInfo>, Status> {
         self.authorize(&req)?;
         let (shared, name) = (self.shared.clone(), req.into_inner().name);
-        Ok(Response::new(blocking(move || crate::credentials::revoke_api_key(&shared, &name)).await?))
+        let revoked = blocking(move || crate::credentials::revoke_api_key(&shared, &name)).await?;
+        self.credentials_pushed().await;
+        Ok(Response::new(revoked))
     }
 
     async fn create_o_auth_client(

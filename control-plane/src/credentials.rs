@@ -16,6 +16,12 @@ use crate::attest::join_token::unix_now;
 use crate::oauth::{hex, random_b64};
 use crate::store::{ApiKeyRecord, OAuthClientRecord, StoreError};
 
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("invariant: the system RNG works");
+    b
+}
+
 /// Longest API key lifetime.
 const MAX_KEY_TTL: Duration = Duration::from_secs(365 * 86400);
 
@@ -96,7 +102,6 @@ pub(crate) fn create_api_key(shared: &Shared, req: CreateApiKeyRequest) -> Resul
         )));
     }
     tracing::info!(target: "audit", event = "api_key_created", name = %record.name, principal = %record.principal, namespace = %record.namespace, expires_at = record.expires_at, "API key created");
-    shared.hub.policies_changed();
     Ok(CreateApiKeyResponse { key, info: Some(key_info(&record)) })
 }
 
@@ -105,7 +110,6 @@ pub(crate) fn revoke_api_key(shared: &Shared, name: &str) -> Result<ApiKeyInfo, 
     match shared.store.revoke_api_key(name).map_err(store_error)? {
         Some(k) => {
             tracing::info!(target: "audit", event = "api_key_revoked", name = %k.name, principal = %k.principal, "API key revoked");
-            shared.hub.policies_changed();
             Ok(key_info(&k))
         }
         None => Err(Status::not_found(format!("no API key named {name:?}; list them with `palisadectl apikey list`"))),
@@ -161,7 +165,8 @@ pub(crate) fn create_oauth_client(
     }
     let secret = format!("pcs_{}", random_b64(32));
     let record = OAuthClientRecord {
-        client_id: format!("pc_{}", random_b64(12)),
+        // Not a secret: hex, so that logs and tools show it plainly.
+        client_id: format!("pc-{}", crate::oauth::hex(&random_bytes::<10>())),
         name: req.name.clone(),
         secret_sha256: hex(&palisade_policy::authn::sha256(secret.as_bytes())),
         scopes: req.scopes,

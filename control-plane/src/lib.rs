@@ -243,7 +243,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         loop {
             let wanted = policy::jwks_uris(&fetch_shared);
             if fetch_shared.jwks.fetch_due(&wanted).await {
-                fetch_shared.hub.policies_changed();
+                fetch_shared.hub.credentials_changed();
             }
             let tick = fetch_shared.jwks.tick();
             tokio::select! {
@@ -284,7 +284,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             loop {
                 tokio::time::sleep(service.check_interval()).await;
                 match service.rotate_if_due(attest::join_token::unix_now()) {
-                    Ok(true) => shared.hub.policies_changed(),
+                    Ok(true) => {
+                        shared.hub.credentials_changed();
+                    }
                     Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "cannot rotate the OAuth signing key"),
                 }

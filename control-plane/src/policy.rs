@@ -38,6 +38,9 @@ pub struct SyncStatus {
     /// The store's policy revision this proxy's snapshot was last computed
     /// from (sent, or found unchanged): `policy apply --wait` waits for it.
     pub evaluated: u64,
+    /// The credentials generation (API keys, key sets) its snapshot was last
+    /// computed from: `apikey create` and `revoke` wait for it.
+    pub credentials: u64,
     /// Which stream owns the entry: a reconnect's new stream takes it over,
     /// and the old stream closing late must not mark it disconnected.
     pub stream: u64,
@@ -74,6 +77,9 @@ pub struct Hub {
     /// Keyed by [`status_key`].
     pub status: Mutex<HashMap<String, SyncStatus>>,
     nonce: AtomicU64,
+    /// Bumped when request credentials change (API keys, fetched key sets,
+    /// the mesh's signing keys): it is part of the snapshot version.
+    credentials: AtomicU64,
     /// Set on shutdown: every stream ends so the server can drain.
     pub closing: tokio::sync::watch::Sender<bool>,
 }
@@ -86,6 +92,7 @@ impl Default for Hub {
             parsed: Mutex::default(),
             status: Mutex::default(),
             nonce: AtomicU64::new(1),
+            credentials: AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
         }
     }
@@ -104,6 +111,34 @@ impl Hub {
     /// Wakes every stream: policies changed.
     pub fn policies_changed(&self) {
         self.policies.send_modify(|v| *v += 1);
+    }
+
+    /// Request credentials changed: every stream rebuilds its snapshot, under
+    /// a new version. Returns the new generation.
+    pub fn credentials_changed(&self) -> u64 {
+        let generation = self.credentials.fetch_add(1, Ordering::SeqCst) + 1;
+        self.policies_changed();
+        generation
+    }
+
+    /// Waits (up to `timeout`) until every connected proxy runs a snapshot
+    /// computed at credentials generation `generation` or later; `false` if
+    /// some did not in time.
+    pub async fn settled(&self, generation: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let done = {
+                let all = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                all.values().filter(|s| s.connected).all(|s| s.credentials >= generation && s.acked == s.sent)
+            };
+            if done {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// A receiver that sees every policy change.
@@ -439,7 +474,7 @@ pub struct MeshConfigService {
 }
 
 /// The snapshot for one sidecar, and the store policy revision it reflects.
-fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64) {
+fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64, u64) {
     let parsed = hub.parsed(shared);
     let mut policies_json = Vec::new();
     let mut rate_shares = HashMap::new();
@@ -487,8 +522,11 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64)
             policies_json.push(json.clone());
         }
     }
+    let generation = hub.credentials.load(Ordering::SeqCst);
+    let version =
+        if generation == 0 { format!("r{}", parsed.revision) } else { format!("r{}-c{generation}", parsed.revision) };
     let snapshot = Snapshot {
-        version: format!("r{}", parsed.revision),
+        version,
         nonce: String::new(),
         policies_json,
         endpoints: crate::discovery::endpoints(shared),
@@ -498,7 +536,7 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64)
         api_keys: if wants_api_keys { crate::credentials::api_keys_for(shared, identity) } else { Vec::new() },
         jwks,
     };
-    (snapshot, parsed.revision)
+    (snapshot, parsed.revision, generation)
 }
 
 /// Whether two snapshots carry the same content (versions and nonces aside).
@@ -554,12 +592,13 @@ impl MeshConfig for MeshConfigService {
             let mut closing = hub.closing.subscribe();
             let mut last: Option<Snapshot> = None;
             loop {
-                let (mut snap, evaluated) = build_snapshot(&sender_shared, &sender_identity, hub);
+                let (mut snap, evaluated, generation) = build_snapshot(&sender_shared, &sender_identity, hub);
                 if last.as_ref().is_some_and(|l| same_content(l, &snap)) {
                     // Nothing this sidecar sees changed.
                     hub.update(&sender_key, |s| {
                         if s.stream == stream_id {
                             s.evaluated = evaluated;
+                            s.credentials = generation;
                         }
                     });
                 } else if prost::Message::encoded_len(&snap) > limits::MAX_SNAPSHOT_BYTES {
@@ -576,6 +615,7 @@ impl MeshConfig for MeshConfigService {
                         if s.stream == stream_id {
                             s.sent = version;
                             s.evaluated = evaluated;
+                            s.credentials = generation;
                         }
                     });
                     last = Some(snap);

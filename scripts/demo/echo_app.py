@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A tiny demo app: answers every request with what it received, including
-the caller identity the Palisade sidecar put in x-palisade-peer-identity."""
+the caller identity the Palisade sidecar put in x-palisade-peer-identity and,
+when the request carried a verified credential, its principal."""
 import http.server
 import json
 import sys
@@ -10,11 +11,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        body = json.dumps({
+        seen = {
             "app": sys.argv[2] if len(sys.argv) > 2 else "app",
             "path": self.path,
             "caller": self.headers.get("x-palisade-peer-identity"),
-        }).encode() + b"\n"
+        }
+        # With request authentication: the verified principal and any claim headers.
+        for name, header in (("principal", "x-palisade-request-principal"), ("client", "x-client-id")):
+            if self.headers.get(header):
+                seen[name] = self.headers.get(header)
+        body = json.dumps(seen).encode() + b"\n"
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))

@@ -252,7 +252,9 @@ impl ConfigStream {
         let in_force = InForce::compile(snap, &identity.to_string(), previous.as_deref(), &self.metrics)?;
         let changed = previous.as_ref().is_none_or(|p| p.enforcer.version != in_force.enforcer.version);
         self.policy.set(in_force);
-        self.metrics.policy_revision.set(snap.version.trim_start_matches('r').parse().unwrap_or(0));
+        // `r<revision>`, or `r<revision>-c<generation>` once credentials changed.
+        let revision = snap.version.trim_start_matches('r').split('-').next().unwrap_or_default();
+        self.metrics.policy_revision.set(revision.parse().unwrap_or(0));
         self.metrics
             .policy_updated
             .set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));

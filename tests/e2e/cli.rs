@@ -406,3 +406,50 @@ async fn a_used_up_token_says_how_to_recover() {
     std::fs::write(&file, fresh).unwrap();
     again.wait_ready().await.unwrap();
 }
+
+/// The README's reference stays true: every flag of the two servers, every
+/// palisadectl command and every sidecar metric is in it.
+#[test]
+fn the_readme_reference_names_every_flag_command_and_metric() {
+    let readme = std::fs::read_to_string(palisade_tests::repo_root().join("README.md")).unwrap();
+    let help = |bin: &str, args: &[&str]| {
+        let out = std::process::Command::new(palisade_tests::bin(bin)).args(args).arg("--help").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mut missing = Vec::new();
+    for bin in ["palisade-control-plane", "palisade-sidecar"] {
+        // The option lines: `  -x, --flag <VALUE>` or `      --flag <VALUE>`.
+        let text = help(bin, &[]);
+        let options = text.lines().filter(|l| l.trim_start().starts_with('-'));
+        for flag in options.filter_map(|l| l.split_whitespace().find(|w| w.starts_with("--"))) {
+            let flag = flag.trim_end_matches([',', '.']).split(['=', '[', '<']).next().unwrap_or_default();
+            if flag.len() > 2 && !["--help", "--version"].contains(&flag) && !readme.contains(&format!("`{flag}")) {
+                missing.push(format!("{bin} {flag}"));
+            }
+        }
+    }
+    let top = help("palisadectl", &[]);
+    let commands: Vec<&str> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 10, "{top}");
+    for c in commands {
+        if !readme.contains(&format!("| `{c}")) && !readme.contains(&format!("`{c} ")) {
+            missing.push(format!("palisadectl {c}"));
+        }
+    }
+    let metrics = std::fs::read_to_string(palisade_tests::repo_root().join("sidecar/src/metrics.rs")).unwrap();
+    for name in
+        metrics.split("reg.register(").skip(1).filter_map(|r| r.trim_start().strip_prefix('"')?.split('"').next())
+    {
+        if !readme.contains(&format!("palisade_{name}")) {
+            missing.push(format!("metric palisade_{name}"));
+        }
+    }
+    assert!(missing.is_empty(), "the README reference lacks: {missing:?}");
+}
