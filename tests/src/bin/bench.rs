@@ -54,7 +54,8 @@ fn parse_args() -> Result<Option<Args>> {
                     "palisade-bench [--json FILE] [--duration 10s] [--rate 1000] [--load-rate 2000] [--connections 32]\n\
                      palisade-bench push [STREAMS]   (policy push latency to STREAMS simulated sidecars, default 1000)\n\
                      palisade-bench instructions [N] [JSON]   (user-space instructions per request, under callgrind)\n\
-                     palisade-bench mesh   (the set-up left running for wrk/strace/perf until stdin closes)\n\n\
+                     palisade-bench mesh   (the set-up left running for wrk/strace/perf until stdin closes)\n\
+                     palisade-bench authn [RATE] [SECONDS]   (server sidecar CPU per request: plain, JWT cached, JWT cold)\n\n\
                      Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
                      sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
                      Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
@@ -79,6 +80,12 @@ fn main() -> Result<()> {
         let json = std::env::args().nth(3).map(PathBuf::from);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(instructions(requests, json));
+    }
+    if std::env::args().nth(1).as_deref() == Some("authn") {
+        let rate = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+        let secs = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(authn::run(rate, Duration::from_secs(secs)));
     }
     if std::env::args().nth(1).as_deref() == Some("mesh") {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -129,8 +136,17 @@ async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendReq
 }
 
 async fn one(s: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -> Result<()> {
+    one_with(s, None).await
+}
+
+/// One request, with an `Authorization` value when given.
+async fn one_with(s: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, auth: Option<&str>) -> Result<()> {
     s.ready().await?;
-    let req = hyper::Request::get("/").header("host", "orders.shop").body(Empty::new())?;
+    let mut req = hyper::Request::get("/").header("host", "orders.shop");
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let req = req.body(Empty::new())?;
     let resp = s.send_request(req).await?;
     if resp.status() != 200 {
         bail!("status {}", resp.status());
@@ -175,19 +191,36 @@ async fn closed_loop(addr: SocketAddr, conns: usize, dur: Duration) -> Result<f6
 /// Open loop at `rate`: requests are due at fixed intervals whatever the
 /// responses do; latency counts from the due time (coordinated omission).
 async fn open_loop(addr: SocketAddr, rate: u64, conns: usize, dur: Duration) -> Result<(Histogram<u64>, u64)> {
+    open_loop_with(addr, rate, conns, dur, Arc::new(Vec::new())).await
+}
+
+/// [`open_loop`] with request credentials: none (empty), one reused for every
+/// request, or a different one for each (taken in turn).
+async fn open_loop_with(
+    addr: SocketAddr,
+    rate: u64,
+    conns: usize,
+    dur: Duration,
+    auth: Arc<Vec<String>>,
+) -> Result<(Histogram<u64>, u64)> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Instant>(100_000);
+    let next = Arc::new(AtomicU64::new(0));
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let mut workers = Vec::new();
     for _ in 0..conns {
         let mut s = connect(addr).await?;
-        let rx = rx.clone();
+        let (rx, auth, next) = (rx.clone(), auth.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("invariant: valid bounds");
             let mut errors = 0u64;
             loop {
                 let due = { rx.lock().await.recv().await };
                 let Some(due) = due else { break };
-                if one(&mut s).await.is_err() {
+                let credential = match auth.len() {
+                    0 => None,
+                    n => Some(auth[next.fetch_add(1, Ordering::Relaxed) as usize % n].as_str()),
+                };
+                if one_with(&mut s, credential).await.is_err() {
                     errors += 1;
                 }
                 let _ = h.record(due.elapsed().as_micros().max(1) as u64);
@@ -751,5 +784,80 @@ mod tests {
         let dump = "events: Ir\nsummary: 0\n\nob=(1) x\nfl=(1) a.c\nfn=(1) f\n10 100\n+2 50\ncfn=(2) g\ncalls=3 20\n* 9999\n-1 7\nfn=(2) g\n20 30\ntotals: 0\n";
         assert_eq!(super::callgrind_cost(dump), Some(100 + 50 + 7 + 30));
         assert_eq!(super::callgrind_cost("events: Ir\n"), None);
+    }
+}
+
+/// The cost of request authentication at the callee's sidecar: its CPU per
+/// request on the plain mesh path, with one ES256 token reused (verified
+/// once, then from the cache), and with a new token on every request (a
+/// signature check each time), at the same open-loop rate.
+mod authn {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use ring::rand::SystemRandom;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+
+    const ISS: &str = "https://idp.bench";
+
+    fn policy(jwks: &serde_json::Value) -> String {
+        format!(
+            "apiVersion: palisade.dev/v1\nkind: AuthenticationPolicy\nmetadata: {{name: bench, namespace: shop}}\nspec:\n  target: {{identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}}\n  jwt: [{{issuer: \"{ISS}\", audiences: [orders], jwks: {jwks}}}]\n---\napiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: web-to-orders, namespace: shop}}\nspec:\n  target: {{identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}}\n  action: ALLOW\n  rules:\n    - from: [{{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"], requestPrincipals: [\"{ISS}/*\"]}}]\n      to: [{{methods: [\"GET\"]}}]\n      when: [{{claim: scope, values: [orders.read]}}]\n"
+        )
+    }
+
+    pub(super) async fn run(rate: u64, dur: Duration) -> Result<()> {
+        let rng = SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let p = key.public_key().as_ref();
+        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "b1", "x": B64.encode(&p[1..33]), "y": B64.encode(&p[33..65])}]});
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 3600;
+        let header = B64.encode(br#"{"alg":"ES256","kid":"b1","typ":"JWT"}"#);
+        let mint = |n: u64| -> Result<String> {
+            let claims = serde_json::json!({"iss": ISS, "sub": format!("client-{n}"), "aud": "orders", "exp": exp, "scope": "orders.read", "jti": n});
+            let input = format!("{header}.{}", B64.encode(claims.to_string()));
+            let sig = key.sign(&rng, input.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(format!("Bearer {input}.{}", B64.encode(sig.as_ref())))
+        };
+        let m = mesh(tempfile::tempdir()?, &[]).await?;
+        let server = m.server.proc.child.id();
+        let measure = |auth: Arc<Vec<String>>| async move {
+            // Warm up connections and pools with the case's first credential.
+            let first = Arc::new(auth.iter().take(1).cloned().collect::<Vec<_>>());
+            open_loop_with(m.mesh_addr, 200, 4, Duration::from_millis(500), first).await?;
+            let c0 = cpu_seconds(server);
+            let (h, errors) = open_loop_with(m.mesh_addr, rate, 16, dur, auth).await?;
+            let per_request_us = (cpu_seconds(server) - c0) / (dur.as_secs_f64() * rate as f64) * 1e6;
+            anyhow::Ok((per_request_us, ms(&h, 0.5), ms(&h, 0.99), errors))
+        };
+        eprintln!("plain mesh path at {rate} rps for {dur:?}...");
+        let plain = measure(Arc::new(Vec::new())).await?;
+        let f = m._tmp.path().join("bench-authn.yaml");
+        std::fs::write(&f, policy(&jwks))?;
+        let out = m._cp.ctl(&["policy", "apply", "-f", f.to_str().context("path")?, "--wait", "10s"]);
+        if !out.status.success() {
+            bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        eprintln!("one token reused (cached) ...");
+        let cached = measure(Arc::new(vec![mint(0)?])).await?;
+        let n = (dur.as_secs_f64() * rate as f64) as u64 + 1;
+        eprintln!("minting {n} distinct tokens ...");
+        let tokens: Vec<String> = (1..=n).map(mint).collect::<Result<_>>()?;
+        eprintln!("a new token on every request (cold) ...");
+        let cold = measure(Arc::new(tokens)).await?;
+        println!("machine: {}", machine());
+        println!("server sidecar at {rate} rps, {:?} per case, HTTP/1.1 keep-alive through the client sidecar:", dur);
+        println!(
+            "{:<28} {:>16} {:>14} {:>10} {:>10} {:>8}",
+            "", "CPU us/request", "added (us)", "p50 ms", "p99 ms", "errors"
+        );
+        for (name, r) in [("plain mesh path", plain), ("JWT, cached token", cached), ("JWT, new token each time", cold)]
+        {
+            println!("{:<28} {:>16.1} {:>+14.1} {:>10.3} {:>10.3} {:>8}", name, r.0, r.0 - plain.0, r.1, r.2, r.3);
+        }
+        Ok(())
     }
 }
