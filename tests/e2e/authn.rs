@@ -546,6 +546,10 @@ spec:
     assert_eq!(status(&call(m.port, "GET", "/echo", &[("x-api-key", "pal_guess")]).await), 401);
     assert_eq!(status(&call(m.port, "GET", "/echo", &[("x-api-key", &foreign)]).await), 401);
     assert_eq!(status(&call(m.port, "GET", "/echo", &[]).await), 401);
+    // gRPC callers get status 16 (UNAUTHENTICATED), with the challenge.
+    let r = call(m.port, "POST", "/echo.Echo/Say", &[("content-type", "application/grpc")]).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains("grpc-status: 16"), "{r}");
+    assert_eq!(header(&r, "www-authenticate"), Some("Bearer realm=\"palisade\""));
     // Per-key quota: ci's 3, then 429; batch has its own.
     for _ in 0..3 {
         assert_eq!(status(&call(m.port, "GET", "/hello", &[("x-api-key", &ci)]).await), 200);
