@@ -578,6 +578,11 @@ impl Authenticator {
         Some(a)
     }
 
+    /// Whether a request must carry a valid credential (`mode: required`).
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
     /// Headers that must never reach the app from the caller: the claim
     /// headers (Palisade writes them), and the credentials it consumed.
     pub fn claim_headers(&self) -> &[String] {

@@ -584,3 +584,36 @@ spec:
     assert_eq!(listed.as_array().unwrap().iter().find(|k| k["name"] == "ci").unwrap()["revoked"], true);
     let _ = &m.web;
 }
+
+/// Opaque TCP cannot carry a request credential: once an AuthenticationPolicy
+/// requires one, TCP connections to the workload are refused, and counted.
+#[tokio::test]
+async fn required_authentication_closes_the_opaque_tcp_way_around() {
+    let echo = palisade_tests::apps::tcp_echo().await;
+    let p = crate::dataplane::pair(echo, &[], &[], &[]).await;
+    let talk = || async {
+        let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+        s.write_all(b"\x00\x01binary payload").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
+    };
+    assert_eq!(talk().await, b"echo:\x00\x01binary payload", "allowed before");
+    let f = p.tmp.path().join("authn.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "apiVersion: palisade.dev/v1\nkind: AuthenticationPolicy\nmetadata: {{name: keys, namespace: shop}}\nspec:\n  target: {{identities: [\"{ORDERS}\"]}}\n  apiKeys: {{}}\n"
+        ),
+    )
+    .unwrap();
+    let out = p.cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap(), "--wait", "10s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(talk().await, b"", "refused once a credential is required");
+    let metrics = p.server.get("/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains("palisade_request_authentications_total{result=\"refused\",reason=\"missing_credential\"} 1"),
+        "{metrics}"
+    );
+}

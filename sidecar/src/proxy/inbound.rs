@@ -386,7 +386,14 @@ impl Inbound {
     /// rules that name them do not.
     fn authorize_tcp(&self, src: SocketAddr, caller: Option<&Caller>, app: &AppTarget) -> bool {
         let source = caller.map(|c| c.subject.as_str());
-        let verdict = self.policy.current().map(|p| {
+        let policy = self.policy.current();
+        // Opaque TCP carries no request credential: where one is required, it is refused.
+        if policy.as_ref().and_then(|p| p.enforcer.authenticator()).is_some_and(|a| a.required()) {
+            self.metrics.authn.get_or_create(&AuthnLabels { result: "refused", reason: "missing_credential" }).inc();
+            tracing::info!(target: "audit", decision = "unauthenticated", src.addr = %src, src.identity = ?source, reason = "an AuthenticationPolicy requires a request credential and opaque TCP carries none", "TCP connection refused");
+            return false;
+        }
+        let verdict = policy.map(|p| {
             let d =
                 p.enforcer.authorize(&palisade_policy::Request { source, port: app.addr.port(), ..Default::default() });
             p.count(&d);
