@@ -456,6 +456,33 @@ pub(crate) fn simulate(
         headers: &headers,
         auth: given.as_ref(),
     };
+    // Authentication comes first: where a credential is required and the
+    // request carries none, the sidecar answers 401 before any rule.
+    let required_by: Vec<String> = resources
+        .iter()
+        .filter(|r| r.targets(&req.target))
+        .filter_map(|r| match r {
+            Resource::AuthenticationPolicy { spec, .. }
+                if spec.mode == palisade_policy::resource::AuthnMode::Required =>
+            {
+                Some(r.key())
+            }
+            _ => None,
+        })
+        .collect();
+    if given.is_none() && !required_by.is_empty() {
+        return Ok(palisade_proto::v1::SimulateResponse {
+            decision: "unauthenticated".into(),
+            policy: required_by[0].clone(),
+            rule: -1,
+            reason: format!(
+                "AuthenticationPolicy {} requires a request credential and this request carries none (401); \
+                 give --principal or --api-key to check one that does",
+                required_by.join(", ")
+            ),
+            rate_limits: Vec::new(),
+        });
+    }
     let d = enforcer.authorize(&preq);
     let rate_limits = enforcer.limits_for(&preq).iter().map(ToString::to_string).collect();
     Ok(palisade_proto::v1::SimulateResponse {

@@ -326,6 +326,13 @@ async fn mesh_oauth_tokens_from_a_real_client_are_enforced_through_two_sidecars(
     let deny = check("POST", "orders.read");
     assert_eq!(deny["decision"], "deny", "{deny}");
     assert!(deny["reason"].as_str().unwrap().contains("none of their rules matched"), "{deny}");
+    let anonymous: serde_json::Value =
+        serde_json::from_str(&m.ctl(&[
+            "authz", "check", "--from", WEB, "--to", ORDERS, "--method", "GET", "--path", "/echo", "-o", "json",
+        ]))
+        .unwrap();
+    assert_eq!(anonymous["decision"], "unauthenticated", "{anonymous}");
+    assert_eq!(anonymous["policy"], "shop/orders-api", "{anonymous}");
     let allow = check("POST", "orders.read orders.write");
     assert_eq!((allow["decision"].as_str(), allow["rule"].as_i64()), (Some("allow"), Some(1)), "{allow}");
 
