@@ -260,6 +260,16 @@ impl Config {
                 });
             }
         }
+        // Keys stay published while their tokens live: keep the set well under
+        // the 64 keys a sidecar accepts.
+        let live = (self.oauth_token_ttl.as_secs() + 60) / self.oauth_key_rotation.as_secs().max(1);
+        if live > 32 {
+            return Err(ConfigError::Limit {
+                flag: "oauth-key-rotation",
+                value: humantime::format_duration(self.oauth_key_rotation).to_string(),
+                why: "is too short for --oauth-token-ttl: at most 32 keys may be live at once (rotation >= (token TTL + 60s) / 32)",
+            });
+        }
         if let Some(iss) = &self.oauth_issuer {
             let ok = iss.strip_prefix("https://").is_some_and(|r| !r.is_empty())
                 && !iss.ends_with('/')

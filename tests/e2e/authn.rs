@@ -624,3 +624,68 @@ async fn required_authentication_closes_the_opaque_tcp_way_around() {
         "{metrics}"
     );
 }
+
+/// The mesh's signing key rotates by `kid`: the next key reaches the
+/// sidecars before it signs, so tokens of the old and the new key both pass.
+#[tokio::test]
+async fn the_mesh_signing_key_rotates_without_a_refused_token() {
+    let app = HttpApp::start().await;
+    let oauth_port = free_port();
+    let listen = format!("127.0.0.1:{oauth_port}");
+    let m =
+        mesh(&["--oauth-listen", &listen, "--oauth-key-rotation", "4s", "--oauth-token-ttl", "60s"], app.addr).await;
+    let issuer = format!("https://{listen}");
+    let created: serde_json::Value = serde_json::from_str(&m.ctl(&[
+        "oauth",
+        "client",
+        "create",
+        "--name",
+        "svc",
+        "--scopes",
+        "orders.read",
+        "--audiences",
+        "orders",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    m.apply("mesh", &mesh_policies(&issuer)).await;
+    let cacert = m.cp.bundle().to_str().unwrap().to_string();
+    let basic = format!("{}:{}", created["client_id"].as_str().unwrap(), created["client_secret"].as_str().unwrap());
+    let token = || async {
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", "--cacert", &cacert, "-u", &basic, "-d", "grant_type=client_credentials"])
+            .arg(format!("{issuer}/oauth2/token"))
+            .output()
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["access_token"].as_str().unwrap().to_string()
+    };
+    let kid = |t: &str| {
+        use base64::Engine;
+        let h = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t.split('.').next().unwrap()).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&h).unwrap()["kid"].as_str().unwrap().to_string()
+    };
+    let first = token().await;
+    let mut kids = vec![kid(&first)];
+    let mut tokens = vec![first];
+    // Over ~10 s: every token issued is accepted at once, whatever key signed it.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let t = token().await;
+        let bearer = format!("Bearer {t}");
+        let r = call(m.port, "GET", "/echo", &[("authorization", &bearer)]).await;
+        assert_eq!(status(&r), 200, "token of key {} refused: {r}", kid(&t));
+        if !kids.contains(&kid(&t)) {
+            kids.push(kid(&t));
+        }
+        tokens.push(t);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(kids.len() >= 2, "the key rotated: {kids:?}");
+    // A token of the first key still passes while it lives.
+    let bearer = format!("Bearer {}", tokens[0]);
+    assert_eq!(status(&call(m.port, "GET", "/echo", &[("authorization", &bearer)]).await), 200);
+    assert_eq!(m.refused("unknown_key").await, 0.0);
+}
