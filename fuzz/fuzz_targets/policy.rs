@@ -25,6 +25,21 @@ fuzz_target!(|input: &[u8]| {
         port: 8080,
         host: None,
         headers: &headers,
+        auth: None,
     });
     let _ = set.decide(&Request { source, port: 8080, ..Default::default() });
+    // With a verified request credential, and through the whole enforcer
+    // (authentication compiled from any AuthenticationPolicy in the input).
+    let claims = serde_json::json!({"scope": "a b", "roles": ["x"], "n": {"k": 1}});
+    let auth = palisade_policy::Authenticated::given(
+        Some("https://idp/u".into()),
+        Some("ci".into()),
+        claims.as_object().cloned().unwrap_or_default(),
+    );
+    let _ =
+        set.decide(&Request { source, method: Some("POST"), path: Some("/"), auth: Some(&auth), ..Default::default() });
+    let inputs = palisade_policy::Inputs { resources: &resources, ..palisade_policy::Inputs::none() };
+    if let Ok(e) = palisade_policy::Enforcer::compile(inputs, workload, None) {
+        let _ = e.authenticate(&headers, 1_800_000_000);
+    }
 });
