@@ -13,8 +13,9 @@
 //!   required, `nbf` and `iat` checked, all with the issuer's clock skew;
 //! - a size limit on the token, strict base64url (no padding, no stray bits).
 //!
-//! Verified tokens are cached (bounded, keyed by their SHA-256) until they
-//! expire, so a client that reuses its token costs a hash and a lookup.
+//! Verified tokens are cached (bounded, keyed by the token itself, compared
+//! whole) until they expire, so a client that reuses its token costs a
+//! lookup: no hash an attacker could collide, no signature check.
 //! API keys are known only by their SHA-256: the sidecar never holds a key.
 //!
 //! Signatures are checked with `ring`, the crypto library the TLS stack
@@ -39,8 +40,12 @@ use crate::resource::{AuthenticationSpec, AuthnMode, JWT_ALGORITHMS, parse_clock
 /// The largest token accepted, in bytes (an access token is a few hundred).
 pub const MAX_TOKEN_BYTES: usize = 8192;
 
-/// Verified tokens remembered per workload.
-const CACHE_ENTRIES: NonZeroUsize = NonZeroUsize::new(4096).expect("invariant: non-zero");
+/// Verified tokens remembered per token header, per workload.
+const CACHE_ENTRIES: NonZeroUsize = NonZeroUsize::new(1024).expect("invariant: non-zero");
+
+/// Larger tokens are verified every time (bounds the cache's memory at
+/// about 2 MiB a header).
+const MAX_CACHED_TOKEN_BYTES: usize = 2048;
 
 /// Keys tried for a token without `kid` (each try is a signature check).
 const MAX_KEYLESS_TRIES: usize = 4;
@@ -203,6 +208,23 @@ impl Authenticated {
     }
 }
 
+/// Whether any value of claim `name` (as [`Authenticated::claim_values`]
+/// reads it) satisfies `pred`, without copying the strings.
+pub(crate) fn claim_any(claims: &Map<String, Value>, name: &str, pred: &mut dyn FnMut(&str) -> bool) -> bool {
+    let mut scalar = |v: &Value| match v {
+        Value::String(s) => pred(s),
+        Value::Number(n) => pred(&n.to_string()),
+        Value::Bool(b) => pred(if *b { "true" } else { "false" }),
+        _ => false,
+    };
+    match claim_at(claims, name) {
+        Some(Value::String(s)) if name == "scope" || name == "scp" => s.split(' ').filter(|s| !s.is_empty()).any(pred),
+        Some(Value::Array(a)) => a.iter().any(scalar),
+        Some(v) => scalar(v),
+        None => false,
+    }
+}
+
 fn claim_at<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     if let Some(v) = claims.get(name) {
         return Some(v);
@@ -269,7 +291,8 @@ pub struct Authenticator {
     api_keys: HashMap<[u8; 32], ApiKeyEntry>,
     /// Every header a claim may be copied into: removed from every request first.
     claim_headers: Vec<String>,
-    cache: Mutex<lru::LruCache<[u8; 32], Arc<Authenticated>>>,
+    /// Verified tokens, one cache per entry of `locations`.
+    cache: Vec<Mutex<lru::LruCache<Box<str>, Arc<Authenticated>>>>,
 }
 
 #[derive(Debug)]
@@ -301,7 +324,7 @@ impl Authenticator {
             api_key_headers: Vec::new(),
             api_keys: HashMap::new(),
             claim_headers: Vec::new(),
-            cache: Mutex::new(lru::LruCache::new(CACHE_ENTRIES)),
+            cache: Vec::new(),
         };
         for spec in specs {
             if let Some(k) = &spec.api_keys {
@@ -360,6 +383,7 @@ impl Authenticator {
                 });
             }
         }
+        a.cache = a.locations.iter().map(|_| Mutex::new(lru::LruCache::new(CACHE_ENTRIES))).collect();
         if !a.api_key_headers.is_empty() {
             for k in api_keys {
                 if let Some(hash) = unhex(&k.sha256) {
@@ -492,18 +516,13 @@ impl Authenticator {
         if found.value.len() > MAX_TOKEN_BYTES {
             return Err(Failure::TooLarge);
         }
-        // Keyed by where the token was read too: an issuer accepts tokens
-        // only from its own headers.
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(&[found.location as u8]);
-        ctx.update(found.value.as_bytes());
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(ctx.finish().as_ref());
-        let hit = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&digest).cloned();
+        // One cache per header: an issuer accepts tokens only from its own headers.
+        let cache = &self.cache[found.location];
+        let hit = cache.lock().unwrap_or_else(|p| p.into_inner()).get(found.value).cloned();
         if let Some(a) = hit {
             // The time checks again (the rest cannot change while this enforcer lives).
             if a.expires_at <= now {
-                self.cache.lock().unwrap_or_else(|p| p.into_inner()).pop(&digest);
+                cache.lock().unwrap_or_else(|p| p.into_inner()).pop(found.value);
                 return Err(Failure::Expired);
             }
             if a.not_before > now {
@@ -511,8 +530,11 @@ impl Authenticator {
             }
             return Ok(a);
         }
+        let token = found.value;
         let a = Arc::new(self.verify(found, now)?);
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(digest, a.clone());
+        if token.len() <= MAX_CACHED_TOKEN_BYTES {
+            cache.lock().unwrap_or_else(|p| p.into_inner()).put(token.into(), a.clone());
+        }
         Ok(a)
     }
 

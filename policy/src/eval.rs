@@ -369,9 +369,9 @@ fn source_matches(s: &CompiledSource, req: &Request<'_>, l4: bool) -> bool {
 fn condition_holds(what: &When, values: &[Pattern], req: &Request<'_>) -> bool {
     match what {
         When::Header(h) => req.headers.any(h, &mut |v| values.iter().any(|g| g.matches(v))),
-        When::Claim(c) => {
-            req.auth.is_some_and(|a| a.claim_values(c).iter().any(|v| values.iter().any(|g| g.matches(v))))
-        }
+        When::Claim(c) => req
+            .auth
+            .is_some_and(|a| crate::authn::claim_any(&a.claims, c, &mut |v| values.iter().any(|g| g.matches(v)))),
     }
 }
 

@@ -55,7 +55,8 @@ fn parse_args() -> Result<Option<Args>> {
                      palisade-bench push [STREAMS]   (policy push latency to STREAMS simulated sidecars, default 1000)\n\
                      palisade-bench instructions [N] [JSON]   (user-space instructions per request, under callgrind)\n\
                      palisade-bench mesh   (the set-up left running for wrk/strace/perf until stdin closes)\n\
-                     palisade-bench authn [RATE] [SECONDS]   (server sidecar CPU per request: plain, JWT cached, JWT cold)\n\n\
+                     palisade-bench authn [RATE] [SECONDS]   (server sidecar CPU per request: plain, JWT cached, JWT cold)\n\
+                     palisade-bench authn instructions [N]   (the same three cases in instructions per request, under callgrind)\n\n\
                      Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
                      sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
                      Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
@@ -82,9 +83,13 @@ fn main() -> Result<()> {
         return rt.block_on(instructions(requests, json));
     }
     if std::env::args().nth(1).as_deref() == Some("authn") {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        if std::env::args().nth(2).as_deref() == Some("instructions") {
+            let requests = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(2000);
+            return rt.block_on(authn::instructions(requests));
+        }
         let rate = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
         let secs = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(authn::run(rate, Duration::from_secs(secs)));
     }
     if std::env::args().nth(1).as_deref() == Some("mesh") {
@@ -496,13 +501,24 @@ struct AppGuard(std::process::Child);
 /// `requests` requests over 4 keep-alive connections, each connection
 /// sending back-to-back: a fixed workload, the same every run.
 async fn fixed(addr: SocketAddr, requests: u64) -> Result<()> {
+    fixed_with(addr, requests, Arc::new(Vec::new())).await
+}
+
+/// [`fixed`] with request credentials (see [`open_loop_with`]).
+async fn fixed_with(addr: SocketAddr, requests: u64, auth: Arc<Vec<String>>) -> Result<()> {
     let per = requests.div_ceil(4);
+    let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let mut s = connect(addr).await?;
+        let (auth, next) = (auth.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..per {
-                one(&mut s).await?;
+                let credential = match auth.len() {
+                    0 => None,
+                    n => Some(auth[next.fetch_add(1, Ordering::Relaxed) as usize % n].as_str()),
+                };
+                one_with(&mut s, credential).await?;
             }
             Ok::<_, anyhow::Error>(())
         }));
@@ -560,23 +576,25 @@ async fn serve_mesh() -> Result<()> {
     Ok(())
 }
 
-async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
+/// A mesh whose sidecars run under callgrind, instrumentation off until asked.
+async fn mesh_under_callgrind() -> Result<(Mesh, PathBuf)> {
     for tool in ["valgrind", "callgrind_control"] {
         if Command::new(tool).arg("--version").output().is_err() {
             bail!("{tool} is not installed (apt-get install valgrind)");
         }
     }
     let tmp = tempfile::Builder::new().prefix("palisade-instructions-").tempdir()?;
-    // PALISADE_BENCH_KEEP=1 keeps the dumps for callgrind_annotate.
-    let keep = std::env::var_os("PALISADE_BENCH_KEEP").is_some();
     let dir = tmp.path().to_path_buf();
     let out_file = format!("--callgrind-out-file={}/callgrind.%p", dir.display());
     let wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", out_file.as_str()];
-    let m = mesh(tmp, &wrapper).await?;
-    let (mesh, client, server, dir) = (m.mesh_addr, &m.client, &m.server, dir.as_path());
-    // Warm-up: connections, pools, TLS sessions, lazily built state.
-    fixed(mesh, 200).await?;
-    let sides = [("client", client.proc.child.id()), ("server", server.proc.child.id())];
+    Ok((mesh(tmp, &wrapper).await?, dir))
+}
+
+/// User-space instructions per request of each sidecar (client, server)
+/// while `requests` requests run with the credentials `auth` (see
+/// [`open_loop_with`]).
+async fn count_ir(m: &Mesh, dir: &std::path::Path, requests: u64, auth: Arc<Vec<String>>) -> Result<[f64; 2]> {
+    let sides = [("client", m.client.proc.child.id()), ("server", m.server.proc.child.id())];
     let control = |args: &[&str], pid: u32| -> Result<()> {
         let out = Command::new("callgrind_control").args(args).arg(pid.to_string()).output()?;
         if std::env::var_os("PALISADE_BENCH_DEBUG").is_some() {
@@ -591,46 +609,72 @@ async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
         }
         Ok(())
     };
+    let before: Vec<usize> = sides.iter().map(|(_, pid)| dumps(dir, *pid).len()).collect();
     for (_, pid) in sides {
         control(&["-i", "on"], pid)?;
     }
-    let start = Instant::now();
-    fixed(mesh, requests).await?;
-    let took = start.elapsed();
+    fixed_with(m.mesh_addr, requests, auth).await?;
     for (_, pid) in sides {
         control(&["-i", "off"], pid)?;
         control(&["-d"], pid)?;
     }
-    let mut per_request = Vec::new();
-    for (side, pid) in sides {
-        let prefix = format!("callgrind.{pid}.");
-        let dump = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
-            .max()
-            .with_context(|| format!("no callgrind dump for the {side} sidecar"))?;
-        let text = std::fs::read_to_string(&dump)?;
+    let mut out = [0.0; 2];
+    for (i, (side, pid)) in sides.iter().enumerate() {
+        let all = dumps(dir, *pid);
+        let dump = all
+            .get(before[i]..)
+            .and_then(|new| new.last())
+            .with_context(|| format!("no new callgrind dump for the {side} sidecar"))?;
+        let text = std::fs::read_to_string(dump)?;
         if std::env::var_os("PALISADE_BENCH_DEBUG").is_some() {
             eprintln!("{}: {}", dump.display(), text.lines().take(30).collect::<Vec<_>>().join("\n"));
         }
         // `summary:` counts from the last zeroing, which instrumentation
         // toggles do not move; the cost lines are what ran instrumented.
         let total = callgrind_cost(&text).with_context(|| format!("{}: no cost lines", dump.display()))?;
-        per_request.push((side, total as f64 / requests as f64));
+        out[i] = total as f64 / requests as f64;
     }
+    Ok(out)
+}
+
+/// The callgrind dumps of process `pid`, oldest first.
+fn dumps(dir: &std::path::Path, pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("callgrind.{pid}.");
+    let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|it| {
+            it.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter_map(|p| {
+                    let n = p.file_name()?.to_str()?.strip_prefix(&prefix)?.parse().ok()?;
+                    Some((n, p))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    all.sort();
+    all.into_iter().map(|(_, p)| p).collect()
+}
+
+async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
+    // PALISADE_BENCH_KEEP=1 keeps the dumps for callgrind_annotate.
+    let keep = std::env::var_os("PALISADE_BENCH_KEEP").is_some();
+    let (m, dir) = mesh_under_callgrind().await?;
+    // Warm-up: connections, pools, TLS sessions, lazily built state.
+    fixed(m.mesh_addr, 200).await?;
+    let start = Instant::now();
+    let [client, server] = count_ir(&m, &dir, requests, Arc::new(Vec::new())).await?;
+    let took = start.elapsed();
     println!(
         "user-space instructions per request (callgrind Ir, {requests} requests over 4 connections, {took:.1?} under valgrind):"
     );
-    for (side, ir) in &per_request {
-        println!("  {side} sidecar  {ir:>10.0}");
-    }
-    let total: f64 = per_request.iter().map(|(_, ir)| ir).sum();
+    println!("  client sidecar  {client:>10.0}");
+    println!("  server sidecar  {server:>10.0}");
+    let total = client + server;
     println!("  both        {total:>10.0}");
     if let Some(path) = json {
         let v = serde_json::json!({
             "requests": requests,
-            "client_ir_per_request": per_request[0].1,
-            "server_ir_per_request": per_request[1].1,
+            "client_ir_per_request": client,
+            "server_ir_per_request": server,
             "total_ir_per_request": total,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
@@ -806,22 +850,76 @@ mod authn {
         )
     }
 
-    pub(super) async fn run(rate: u64, dur: Duration) -> Result<()> {
-        let rng = SystemRandom::new();
-        let pkcs8 =
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let p = key.public_key().as_ref();
-        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "b1", "x": B64.encode(&p[1..33]), "y": B64.encode(&p[33..65])}]});
-        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 3600;
-        let header = B64.encode(br#"{"alg":"ES256","kid":"b1","typ":"JWT"}"#);
-        let mint = |n: u64| -> Result<String> {
-            let claims = serde_json::json!({"iss": ISS, "sub": format!("client-{n}"), "aud": "orders", "exp": exp, "scope": "orders.read", "jti": n});
+    /// The issuer's key set, and a minter of tokens for client `n`.
+    struct Issuer {
+        jwks: serde_json::Value,
+        key: EcdsaKeyPair,
+        exp: u64,
+    }
+
+    impl Issuer {
+        fn new() -> Result<Self> {
+            let rng = SystemRandom::new();
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let p = key.public_key().as_ref();
+            let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "b1", "x": B64.encode(&p[1..33]), "y": B64.encode(&p[33..65])}]});
+            let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 3600;
+            Ok(Self { jwks, key, exp })
+        }
+
+        fn mint(&self, n: u64) -> Result<String> {
+            let header = B64.encode(br#"{"alg":"ES256","kid":"b1","typ":"JWT"}"#);
+            let claims = serde_json::json!({"iss": ISS, "sub": format!("client-{n}"), "aud": "orders", "exp": self.exp, "scope": "orders.read", "jti": n});
             let input = format!("{header}.{}", B64.encode(claims.to_string()));
-            let sig = key.sign(&rng, input.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let sig = self.key.sign(&SystemRandom::new(), input.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(format!("Bearer {input}.{}", B64.encode(sig.as_ref())))
-        };
+        }
+
+        fn apply(&self, m: &Mesh) -> Result<()> {
+            let f = m._tmp.path().join("bench-authn.yaml");
+            std::fs::write(&f, policy(&self.jwks))?;
+            let out = m._cp.ctl(&["policy", "apply", "-f", f.to_str().context("path")?, "--wait", "60s"]);
+            if !out.status.success() {
+                bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        }
+    }
+
+    /// Instructions per request (callgrind) for the same three cases.
+    pub(super) async fn instructions(requests: u64) -> Result<()> {
+        let issuer = Issuer::new()?;
+        let (m, dir) = mesh_under_callgrind().await?;
+        fixed(m.mesh_addr, 200).await?;
+        eprintln!("plain mesh path, {requests} requests under callgrind ...");
+        let plain = count_ir(&m, &dir, requests, Arc::new(Vec::new())).await?;
+        issuer.apply(&m)?;
+        let cached_token = Arc::new(vec![issuer.mint(0)?]);
+        fixed_with(m.mesh_addr, 8, cached_token.clone()).await?;
+        eprintln!("one token reused (cached) ...");
+        let cached = count_ir(&m, &dir, requests, cached_token).await?;
+        let tokens: Vec<String> = (1..=requests).map(|n| issuer.mint(n)).collect::<Result<_>>()?;
+        eprintln!("a new token on every request (cold) ...");
+        let cold = count_ir(&m, &dir, requests, Arc::new(tokens)).await?;
+        println!("user-space instructions per request (callgrind Ir), {requests} requests over 4 connections:");
+        println!("{:<28} {:>14} {:>14} {:>14}", "", "client sidecar", "server sidecar", "server added");
+        for (name, r) in [("plain mesh path", plain), ("JWT, cached token", cached), ("JWT, new token each time", cold)]
+        {
+            println!("{:<28} {:>14.0} {:>14.0} {:>+14.0}", name, r[0], r[1], r[1] - plain[1]);
+        }
+        if std::env::var_os("PALISADE_BENCH_KEEP").is_some() {
+            drop(m.client);
+            drop(m.server);
+            eprintln!("callgrind dumps (one per case, in order) kept in {}", m._tmp.keep().display());
+        }
+        Ok(())
+    }
+
+    pub(super) async fn run(rate: u64, dur: Duration) -> Result<()> {
+        let issuer = Issuer::new()?;
         let m = mesh(tempfile::tempdir()?, &[]).await?;
         let server = m.server.proc.child.id();
         let measure = |auth: Arc<Vec<String>>| async move {
@@ -835,17 +933,12 @@ mod authn {
         };
         eprintln!("plain mesh path at {rate} rps for {dur:?}...");
         let plain = measure(Arc::new(Vec::new())).await?;
-        let f = m._tmp.path().join("bench-authn.yaml");
-        std::fs::write(&f, policy(&jwks))?;
-        let out = m._cp.ctl(&["policy", "apply", "-f", f.to_str().context("path")?, "--wait", "10s"]);
-        if !out.status.success() {
-            bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        issuer.apply(&m)?;
         eprintln!("one token reused (cached) ...");
-        let cached = measure(Arc::new(vec![mint(0)?])).await?;
+        let cached = measure(Arc::new(vec![issuer.mint(0)?])).await?;
         let n = (dur.as_secs_f64() * rate as f64) as u64 + 1;
         eprintln!("minting {n} distinct tokens ...");
-        let tokens: Vec<String> = (1..=n).map(mint).collect::<Result<_>>()?;
+        let tokens: Vec<String> = (1..=n).map(|i| issuer.mint(i)).collect::<Result<_>>()?;
         eprintln!("a new token on every request (cold) ...");
         let cold = measure(Arc::new(tokens)).await?;
         println!("machine: {}", machine());
