@@ -15,6 +15,7 @@
 pub mod authn;
 pub mod enforcer;
 pub mod eval;
+pub mod path;
 pub mod ratelimit;
 pub mod resource;
 #[cfg(feature = "yaml")]

@@ -919,3 +919,47 @@ async fn floods_of_garbage_credentials_are_refused_and_the_sidecar_keeps_serving
     let after = rss_kb(pid);
     assert!(after < before + 8 * 1024, "RSS grew from {before} kB to {after} kB on refused credentials");
 }
+
+/// A DENY on `/admin/*` cannot be walked around by spelling the path
+/// another way: every encoding, dot segment and doubled slash is decided on
+/// the normalised path (and the app receives that path), and disguised
+/// separators, encoded controls and overlong UTF-8 are refused outright.
+#[tokio::test]
+async fn no_path_encoding_walks_around_a_deny() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    apply(&p.cp, p.tmp.path(), &p.server, DENY_ADMIN).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n");
+    let cases = [
+        ("/admin/x", 403),
+        ("/%61dmin/x", 403),
+        ("/adm%69n/x", 403),
+        ("/%41dmin/x", 404), // `A`: paths are case-sensitive, /Admin is another resource
+        ("/x/../admin/x", 403),
+        ("/x/%2e%2e/admin/x", 403),
+        ("/x/%2E%2E/admin/x", 403),
+        ("/x/.%2e/admin/x", 403),
+        ("//admin/x", 403),
+        ("/./admin/./x", 403),
+        ("/../../admin/x", 403),
+        ("/admin%2fx", 400),
+        ("/admin%2Fx", 400),
+        ("/admin%5cx", 400),
+        ("/%c0%ae%c0%ae/admin/x", 400),
+        ("/%e0%80%afadmin/x", 400),
+        ("/admin%00/x", 400),
+        ("/admin%", 400),
+        ("/private/../admin/y", 403),
+    ];
+    let before = app.requests.load(Ordering::SeqCst);
+    for (path, want) in cases {
+        let resp = send(p.port, Duration::ZERO, get(path).as_bytes()).await;
+        assert_eq!(status(&resp), want, "{path}: {resp}");
+    }
+    // Only the /Admin request reached the app (404 there); nothing under /admin did.
+    assert_eq!(app.requests.load(Ordering::SeqCst) - before, 1);
+    // What the app receives is the normal form.
+    let resp = send(p.port, Duration::ZERO, get("/x/%2e%2e/%65cho?a=%2e%2e").as_bytes()).await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert!(resp.contains("\"uri\":\"/echo?a=%2e%2e\""), "the query is untouched: {resp}");
+}

@@ -468,6 +468,14 @@ impl Inbound {
         });
         // Never trust a principal header from outside either.
         headers.remove(REQUEST_PRINCIPAL);
+        // One spelling per resource: policy decides on, and the app receives,
+        // the normalised path, so no encoding walks around a rule.
+        if let Err(reason) = normalize_path(&mut req) {
+            tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, reason, "request path refused");
+            let resp = error_response(grpc, StatusCode::BAD_REQUEST, "bad request path");
+            self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
+            return resp;
+        }
         let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
         if let Some(refusal) = self.enforce(&mut req, peer.as_deref(), src, grpc, app.addr.port()) {
             self.metrics.request(Direction::Inbound, refusal.status().as_u16(), start.elapsed());
@@ -646,6 +654,24 @@ impl Inbound {
         }
         Ok(resp.map(|b| b.boxed_unsync()))
     }
+}
+
+/// Replaces the request's path with its normal form (`palisade_policy::path`);
+/// `Err` is why the path is refused.
+fn normalize_path<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+    let normal = match palisade_policy::path::normalize(req.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(p)) => p,
+        Err(e) => return Err(e.reason()),
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| "unparsable_normal_path")?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| "unparsable_normal_path")?;
+    Ok(())
 }
 
 /// The 429 answer, with `Retry-After` and the RateLimit headers.
