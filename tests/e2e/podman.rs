@@ -190,9 +190,10 @@ fn pods_run_the_image_with_the_injected_yaml() {
     // The control plane in its own container: the Deployment's user and
     // arguments, its state on a volume, its gRPC port published to the host.
     let port = palisade_tests::free_port();
+    let oauth_port = palisade_tests::free_port();
     let started = Instant::now();
     must(&format!(
-        "podman run -d --name {CP_CONTAINER} --network {NET} --ip {CP_IP} -p 127.0.0.1:{port}:7700 \
+        "podman run -d --name {CP_CONTAINER} --network {NET} --ip {CP_IP} -p 127.0.0.1:{port}:7700 -p 127.0.0.1:{oauth_port}:7443 \
          --user 65532:65532 --read-only --cap-drop ALL -v {data}:/var/lib/palisade -v {ca}:/etc/palisade/ca:ro \
          {image} {args} --server-name=localhost",
         data = data.display(),
@@ -220,6 +221,17 @@ fn pods_run_the_image_with_the_injected_yaml() {
     });
     println!("control plane ready {:?} after podman run", started.elapsed());
     assert!(!logs(CP_CONTAINER).contains("has mode"), "the fsGroup-mounted CA key is accepted");
+    // The install's token service answers under its Service name, with a
+    // certificate of the mesh CA for that name.
+    let meta = must(&format!(
+        "curl -s --cacert {ca} --resolve palisade-control-plane.palisade-system.svc:{oauth_port}:127.0.0.1 \
+         https://palisade-control-plane.palisade-system.svc:{oauth_port}/.well-known/oauth-authorization-server",
+        ca = admin.join("ca.pem").display()
+    ));
+    assert!(
+        meta.contains("\"issuer\":\"https://palisade-control-plane.palisade-system.svc:7443\""),
+        "token service metadata: {meta}"
+    );
 
     // Policy: web may GET /api/* on orders, at most 3 at once then 1 per minute.
     let policy = dir.join("policy.yaml");
