@@ -329,7 +329,7 @@ impl Admin for AdminService {
 fn policy_ref(r: GetPolicyRequest) -> Result<GetPolicyRequest, Status> {
     let kind = palisade_policy::canonical_kind(&r.kind).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "unknown policy kind {:?}; use {} (any case; plural and short names ap, rlp, authn work too)",
+            "unknown policy kind {:?}; use {} (any case; plural and short names ap, rlp, authn, tp work too)",
             r.kind,
             palisade_policy::KINDS.join(" or ")
         ))

@@ -161,6 +161,7 @@ pub struct Enforcer {
     /// The snapshot version it came from.
     pub version: String,
     authn: Option<Authenticator>,
+    rewrites: crate::traffic::Rewrites,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
     origin: Instant,
@@ -181,6 +182,20 @@ impl Enforcer {
             })
             .collect();
         let authn = Authenticator::compile(&authn_specs, inputs.jwks, inputs.api_keys);
+        let mut traffic: Vec<&Resource> = inputs
+            .resources
+            .iter()
+            .filter(|r| matches!(r, Resource::TrafficPolicy { .. }) && r.targets(identity))
+            .collect();
+        traffic.sort_by_key(|r| r.key());
+        let traffic_specs: Vec<&crate::traffic::TrafficSpec> = traffic
+            .iter()
+            .filter_map(|r| match r {
+                Resource::TrafficPolicy { spec, .. } => Some(&**spec),
+                _ => None,
+            })
+            .collect();
+        let rewrites = crate::traffic::Rewrites::compile(&traffic_specs);
         let mut limits = Vec::new();
         for r in inputs.resources {
             let Resource::RateLimitPolicy { spec, .. } = r else { continue };
@@ -204,7 +219,7 @@ impl Enforcer {
                 }
             }
         }
-        Ok(Self { version: inputs.version.to_string(), authn, rules, limits, origin })
+        Ok(Self { version: inputs.version.to_string(), authn, rewrites, rules, limits, origin })
     }
 
     /// Authenticates a request's credential (`now`: unix seconds). Without
@@ -214,6 +229,11 @@ impl Enforcer {
             Some(a) => a.authenticate(headers, now),
             None => AuthnOutcome::Anonymous,
         }
+    }
+
+    /// The header changes TrafficPolicies ask for (policy order).
+    pub fn rewrites(&self) -> &crate::traffic::Rewrites {
+        &self.rewrites
     }
 
     /// The request authentication in force, if a policy asks for one.

@@ -472,6 +472,16 @@ pub enum Resource {
         /// The policy.
         spec: AuthenticationSpec,
     },
+    /// A traffic policy (header rewriting, security headers).
+    TrafficPolicy {
+        /// Always [`crate::API_VERSION`].
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        /// Name and namespace.
+        metadata: Metadata,
+        /// The policy.
+        spec: Box<crate::traffic::TrafficSpec>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -485,7 +495,7 @@ struct Envelope {
 }
 
 /// The policy kinds, as `kind:` spells them.
-pub const KINDS: [&str; 3] = ["AuthorizationPolicy", "RateLimitPolicy", "AuthenticationPolicy"];
+pub const KINDS: [&str; 4] = ["AuthorizationPolicy", "RateLimitPolicy", "AuthenticationPolicy", "TrafficPolicy"];
 
 /// The kind a user meant, the way kubectl reads kinds: any case, singular or
 /// plural (`authorizationpolicies`), or the short name (`ap`, `rlp`).
@@ -495,6 +505,7 @@ pub fn canonical_kind(s: &str) -> Option<&'static str> {
         "authorizationpolicy" | "authorizationpolicies" | "ap" => Some(KINDS[0]),
         "ratelimitpolicy" | "ratelimitpolicies" | "rlp" => Some(KINDS[1]),
         "authenticationpolicy" | "authenticationpolicies" | "authn" => Some(KINDS[2]),
+        "trafficpolicy" | "trafficpolicies" | "tp" => Some(KINDS[3]),
         _ => None,
     }
 }
@@ -511,7 +522,8 @@ impl Resource {
         match self {
             Self::AuthorizationPolicy { metadata, .. }
             | Self::RateLimitPolicy { metadata, .. }
-            | Self::AuthenticationPolicy { metadata, .. } => metadata,
+            | Self::AuthenticationPolicy { metadata, .. }
+            | Self::TrafficPolicy { metadata, .. } => metadata,
         }
     }
 
@@ -521,6 +533,7 @@ impl Resource {
             Self::AuthorizationPolicy { spec, .. } => &spec.target,
             Self::RateLimitPolicy { spec, .. } => &spec.target,
             Self::AuthenticationPolicy { spec, .. } => &spec.target,
+            Self::TrafficPolicy { spec, .. } => &spec.target,
         }
     }
 
@@ -565,6 +578,7 @@ impl Resource {
             Self::AuthorizationPolicy { .. } => "AuthorizationPolicy",
             Self::RateLimitPolicy { .. } => "RateLimitPolicy",
             Self::AuthenticationPolicy { .. } => "AuthenticationPolicy",
+            Self::TrafficPolicy { .. } => "TrafficPolicy",
         }
     }
 
@@ -620,11 +634,14 @@ impl Resource {
                 metadata,
                 spec: serde_json::from_value(spec).map_err(spec_err)?,
             },
+            "TrafficPolicy" => {
+                Self::TrafficPolicy { api_version, metadata, spec: serde_json::from_value(spec).map_err(spec_err)? }
+            }
             other => {
                 return Err(invalid(
                     "kind",
                     other,
-                    "is not a Palisade policy kind; use AuthorizationPolicy, RateLimitPolicy or AuthenticationPolicy",
+                    "is not a Palisade policy kind; use AuthorizationPolicy, RateLimitPolicy, AuthenticationPolicy or TrafficPolicy",
                 ));
             }
         };
@@ -790,6 +807,9 @@ impl Resource {
             }
             Self::AuthenticationPolicy { spec, .. } => {
                 validate_authn(spec).map_err(|(f, v, why)| invalid(f, &v, &why))?;
+            }
+            Self::TrafficPolicy { spec, .. } => {
+                crate::traffic::validate(spec).map_err(|(f, v, why)| invalid(f, &v, &why))?;
             }
         }
         Ok(())

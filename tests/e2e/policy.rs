@@ -458,3 +458,70 @@ async fn a_cluster_scope_limit_is_shared_by_the_replicas() {
     .await
     .unwrap();
 }
+
+/// TrafficPolicy at the callee: request headers rewritten with the caller's
+/// identity, security headers on the app's answers and on the sidecar's own
+/// refusals, leaks removed; the identity headers stay Palisade's.
+#[tokio::test]
+async fn traffic_policies_rewrite_headers_and_add_security_headers() {
+    let app = HttpApp::start().await;
+    let m = mesh(app.addr).await;
+    m.apply("allow", ALLOW_WEB).await;
+    let tp = r#"apiVersion: palisade.dev/v1
+kind: TrafficPolicy
+metadata: {name: orders-headers, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}
+  requestHeaders:
+    set: {x-caller: "${caller}", x-request-id: "${request_id}"}
+    remove: [x-debug]
+  responseHeaders:
+    add: {x-served-by: orders}
+  securityHeaders:
+    hsts: true
+    contentTypeOptions: true
+    frameOptions: DENY
+    contentSecurityPolicy: {value: "default-src 'self'", always: true}
+    referrerPolicy: no-referrer
+    removeServerHeaders: true
+"#;
+    m.apply("traffic", tp).await;
+    let t = "x-tenant: acme\r\nx-debug: 1\r\n";
+    let r = call(m.web_port, "GET", "/echo", t).await;
+    assert_eq!(status(&r), 200, "{r}");
+    let body: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let h = &body["headers"];
+    assert_eq!(h["x-caller"], "spiffe://cluster.local/ns/shop/sa/web");
+    assert!(h.get("x-debug").is_none(), "{h}");
+    assert_eq!(h["x-request-id"].as_str().map(str::len), Some(24), "a fresh request id: {h}");
+    let head = r.to_ascii_lowercase();
+    for want in [
+        "strict-transport-security: max-age=31536000; includesubdomains",
+        "x-content-type-options: nosniff",
+        "x-frame-options: deny",
+        "content-security-policy: default-src 'self'",
+        "referrer-policy: no-referrer",
+        "x-served-by: orders",
+    ] {
+        assert!(head.contains(want), "{want}: {r}");
+    }
+    // The app's own header is kept unless the policy says always; leaks go.
+    let r = call(m.web_port, "GET", "/api/leaky", t).await.to_ascii_lowercase();
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(!r.contains("server: apache") && !r.contains("x-powered-by"), "{r}");
+    assert!(r.contains("x-frame-options: allowall") && !r.contains("x-frame-options: deny"), "the app's own: {r}");
+    assert!(r.contains("content-security-policy: default-src 'self'"), "always: {r}");
+    let r2 = call(m.web_port, "GET", "/leaky", t).await.to_ascii_lowercase();
+    assert_eq!(status(&r2), 403, "not allowed by the ALLOW rule: {r2}");
+    assert!(r2.contains("strict-transport-security:") && r2.contains("x-served-by: orders"), "refusals too: {r2}");
+    // A caller's x-request-id is kept.
+    let r = call(m.web_port, "GET", "/echo", "x-tenant: acme\r\nx-request-id: abc-1\r\n").await;
+    assert!(r.contains("\"x-request-id\":\"abc-1\""), "{r}");
+    // A policy cannot write the identity headers Palisade owns.
+    let f = m.tmp.path().join("forge.yaml");
+    std::fs::write(&f, tp.replace("x-caller", "x-palisade-peer-identity")).unwrap();
+    let out = m.cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("spec.requestHeaders.set.x-palisade-peer-identity"), "{err}");
+}

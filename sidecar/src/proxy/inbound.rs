@@ -477,19 +477,39 @@ impl Inbound {
             return resp;
         }
         let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
-        if let Some(refusal) = self.enforce(&mut req, peer.as_deref(), src, grpc, app.addr.port()) {
+        let refusal = self.enforce(&mut req, peer.as_deref(), src, grpc, app.addr.port());
+        // TrafficPolicy header changes: the request's now, the response's below.
+        let policy = self.policy.current();
+        let rewrites = policy.as_ref().map(|p| p.enforcer.rewrites()).filter(|r| !r.is_empty());
+        let request_id = rewrites.map(|r| request_id(req.headers(), r));
+        let principal = req.headers().get(REQUEST_PRINCIPAL).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let vars = palisade_policy::traffic::Vars {
+            caller: peer.as_deref().map(|c| c.subject.as_str()),
+            principal: principal.as_deref(),
+            request_id: request_id.as_ref().and_then(|r| r.as_deref()),
+        };
+        if let Some(mut refusal) = refusal {
+            if let Some(r) = rewrites {
+                apply_header_ops(refusal.headers_mut(), &r.response, &vars);
+            }
             self.metrics.request(Direction::Inbound, refusal.status().as_u16(), start.elapsed());
             return refusal;
         }
+        if let Some(r) = rewrites {
+            apply_header_ops(req.headers_mut(), &r.request, &vars);
+        }
         // Boxed: the forward's state (the app call) is allocated once
         // instead of being moved with this future at every step.
-        let resp = match Box::pin(self.forward(req, app_proto, upgrade, &app)).await {
+        let mut resp = match Box::pin(self.forward(req, app_proto, upgrade, &app)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, error = %e, "request to the app failed");
                 e.response(grpc)
             }
         };
+        if let Some(r) = rewrites {
+            apply_header_ops(resp.headers_mut(), &r.response, &vars);
+        }
         self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
         if self.opts.access_log {
             tracing::info!(target: "access", direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
@@ -672,6 +692,50 @@ fn normalize_path<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| "unparsable_normal_path")?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| "unparsable_normal_path")?;
     Ok(())
+}
+
+/// `${request_id}`: the request's `x-request-id`, or a new one when a
+/// request change names it (`None`: no change uses it).
+fn request_id(h: &http::HeaderMap, r: &palisade_policy::traffic::Rewrites) -> Option<String> {
+    if !r.request_uses(palisade_policy::traffic::Var::RequestId) {
+        return None;
+    }
+    if let Some(v) = h.get("x-request-id").and_then(|v| v.to_str().ok()).filter(|v| v.len() <= 128) {
+        return Some(v.to_string());
+    }
+    let mut id = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).ok()?;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Applies TrafficPolicy header changes (names and values were validated
+/// when the policy was; a variable's value that is not a valid header value
+/// leaves that header out).
+fn apply_header_ops(
+    h: &mut http::HeaderMap,
+    ops: &[palisade_policy::traffic::Op],
+    vars: &palisade_policy::traffic::Vars<'_>,
+) {
+    use palisade_policy::traffic::Op;
+    for op in ops {
+        let (name, template) = match op {
+            Op::Remove(name) => {
+                h.remove(name.as_str());
+                continue;
+            }
+            Op::Set(n, t) | Op::Add(n, t) | Op::Default(n, t) => (n, t),
+        };
+        let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else { continue };
+        if matches!(op, Op::Default(..)) && h.contains_key(&name) {
+            continue;
+        }
+        let Ok(value) = HeaderValue::from_str(&template.render(vars)) else { continue };
+        if matches!(op, Op::Add(..)) {
+            h.append(name, value);
+        } else {
+            h.insert(name, value);
+        }
+    }
 }
 
 /// The 429 answer, with `Retry-After` and the RateLimit headers.

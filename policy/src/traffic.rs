@@ -1,0 +1,410 @@
+//! `TrafficPolicy`: what the callee's sidecar does to a request's and a
+//! response's headers: request and response header rewriting (`set`, `add`,
+//! `remove`, with the variables `${caller}`, `${principal}` and
+//! `${request_id}`) and the security headers browsers rely on.
+//!
+//! The headers Palisade owns (`x-palisade-*`) and those that frame or route
+//! a message (`host`, `content-length`, `transfer-encoding`, ...) cannot be
+//! named: a policy can never forge an identity or break framing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::resource::{Target, reserved_header};
+
+/// Header changes of one direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    /// Replace (or create) these headers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// Append a value (keeping any the message has).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    /// Remove these headers (`server`, `x-powered-by`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// One security header: its value, set when the app did not set one
+/// (`"max-age=31536000"`), or with `always: true` replacing the app's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Setting {
+    /// `true`: the recommended value; `false`: none.
+    Flag(bool),
+    /// This value, when the app did not set one.
+    Value(String),
+    /// This value, and whether it replaces the app's.
+    Full {
+        /// The value.
+        value: String,
+        /// Replace the app's value too.
+        #[serde(default)]
+        always: bool,
+    },
+}
+
+/// `securityHeaders`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecurityHeaders {
+    /// `Strict-Transport-Security` (`true`: `max-age=31536000; includeSubDomains`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<Setting>,
+    /// `X-Content-Type-Options` (`true`: `nosniff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type_options: Option<Setting>,
+    /// `X-Frame-Options` (`true`: `DENY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_options: Option<Setting>,
+    /// `Content-Security-Policy` (`true`: `default-src 'none'; frame-ancestors 'none'`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_security_policy: Option<Setting>,
+    /// `Referrer-Policy` (`true`: `no-referrer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrer_policy: Option<Setting>,
+    /// `Permissions-Policy` (`true`: `camera=(), microphone=(), geolocation=()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions_policy: Option<Setting>,
+    /// Remove headers that tell attackers what runs behind (`Server`,
+    /// `X-Powered-By`, `X-AspNet-Version`, `X-AspNetMvc-Version`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remove_server_headers: bool,
+}
+
+/// `TrafficPolicy.spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficSpec {
+    /// Workloads it applies to (the callee).
+    pub target: Target,
+    /// Changes to requests before the app receives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderOps>,
+    /// Changes to responses before the caller receives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderOps>,
+    /// Security headers added to responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_headers: Option<SecurityHeaders>,
+}
+
+/// The variables a header value may use.
+pub const VARIABLES: [&str; 3] = ["caller", "principal", "request_id"];
+
+const LEAKS: [&str; 4] = ["server", "x-powered-by", "x-aspnet-version", "x-aspnetmvc-version"];
+
+fn name_ok(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 128 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+}
+
+/// A header value template: text and `${variable}` parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Var(Var),
+}
+
+/// A variable of a header value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Var {
+    /// The caller's SPIFFE ID (empty for plaintext callers).
+    Caller,
+    /// The request principal (empty without a verified credential).
+    Principal,
+    /// The request's `x-request-id`, or a new one.
+    RequestId,
+}
+
+fn parse_template(v: &str) -> Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    let mut rest = v;
+    while let Some(i) = rest.find("${") {
+        if i > 0 {
+            parts.push(Part::Text(rest[..i].to_string()));
+        }
+        let end = rest[i..].find('}').ok_or("has `${` without a closing `}`")?;
+        let var = match &rest[i + 2..i + end] {
+            "caller" => Var::Caller,
+            "principal" => Var::Principal,
+            "request_id" => Var::RequestId,
+            other => {
+                return Err(format!(
+                    "names the unknown variable {other:?}; use ${{caller}}, ${{principal}} or ${{request_id}}"
+                ));
+            }
+        };
+        parts.push(Part::Var(var));
+        rest = &rest[i + end + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest.to_string()));
+    }
+    Ok(parts)
+}
+
+fn value_ok(v: &str) -> bool {
+    v.len() <= 4096 && v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+/// Validates a spec; errors are `(field path, value, why)`.
+pub(crate) fn validate(spec: &TrafficSpec) -> Result<(), (String, String, String)> {
+    let err = |f: String, v: &str, why: &str| Err((f, v.to_string(), why.to_string()));
+    for (dir, ops) in [("requestHeaders", &spec.request_headers), ("responseHeaders", &spec.response_headers)] {
+        let Some(ops) = ops else { continue };
+        for (kind, map) in [("set", &ops.set), ("add", &ops.add)] {
+            for (name, value) in map {
+                let f = format!("spec.{dir}.{kind}.{name}");
+                if !name_ok(name) || reserved_header(name) {
+                    return err(
+                        f,
+                        name,
+                        "must be a header name Palisade does not reserve (x-palisade-*, host, content-length, ...)",
+                    );
+                }
+                if !value_ok(value) {
+                    return err(f, value, "must be visible ASCII, at most 4096 bytes");
+                }
+                if let Err(why) = parse_template(value) {
+                    return err(f, value, &why);
+                }
+            }
+        }
+        for (i, name) in ops.remove.iter().enumerate() {
+            if !name_ok(name) || reserved_header(name) {
+                return err(format!("spec.{dir}.remove[{i}]"), name, "must be a header name Palisade does not reserve");
+            }
+        }
+    }
+    if let Some(sec) = &spec.security_headers {
+        for (field, setting) in sec.settings() {
+            let value = match setting {
+                Setting::Flag(_) => continue,
+                Setting::Value(v) | Setting::Full { value: v, .. } => v,
+            };
+            if value.is_empty() || !value_ok(value) {
+                return err(format!("spec.securityHeaders.{field}"), value, "must be a non-empty visible ASCII value");
+            }
+        }
+    }
+    Ok(())
+}
+
+impl SecurityHeaders {
+    fn settings(&self) -> Vec<(&'static str, &Setting)> {
+        [
+            ("hsts", &self.hsts),
+            ("contentTypeOptions", &self.content_type_options),
+            ("frameOptions", &self.frame_options),
+            ("contentSecurityPolicy", &self.content_security_policy),
+            ("referrerPolicy", &self.referrer_policy),
+            ("permissionsPolicy", &self.permissions_policy),
+        ]
+        .into_iter()
+        .filter_map(|(f, s)| s.as_ref().map(|s| (f, s)))
+        .collect()
+    }
+}
+
+/// One compiled header change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Replace or create.
+    Set(String, Template),
+    /// Append.
+    Add(String, Template),
+    /// Set only when the message has none.
+    Default(String, Template),
+    /// Remove.
+    Remove(String),
+}
+
+/// A header value, with variables filled in per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(Vec<Part>);
+
+/// Per-request values of the variables.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Vars<'a> {
+    /// The caller's SPIFFE ID.
+    pub caller: Option<&'a str>,
+    /// The request principal.
+    pub principal: Option<&'a str>,
+    /// The request id.
+    pub request_id: Option<&'a str>,
+}
+
+impl Template {
+    fn literal(s: &str) -> Self {
+        Self(vec![Part::Text(s.to_string())])
+    }
+
+    /// Whether it uses `var`.
+    pub fn uses(&self, var: Var) -> bool {
+        self.0.contains(&Part::Var(var))
+    }
+
+    /// The value for one request.
+    pub fn render(&self, vars: &Vars<'_>) -> String {
+        let mut out = String::new();
+        for p in &self.0 {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Var(Var::Caller) => out.push_str(vars.caller.unwrap_or_default()),
+                Part::Var(Var::Principal) => out.push_str(vars.principal.unwrap_or_default()),
+                Part::Var(Var::RequestId) => out.push_str(vars.request_id.unwrap_or_default()),
+            }
+        }
+        out
+    }
+}
+
+/// The header changes of every TrafficPolicy that targets a workload, in
+/// policy order (a later `set` of the same header wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rewrites {
+    /// Applied to requests before the app.
+    pub request: Vec<Op>,
+    /// Applied to responses (the app's, and the sidecar's own refusals).
+    pub response: Vec<Op>,
+}
+
+impl Rewrites {
+    /// Compiles the specs (already validated).
+    pub fn compile(specs: &[&TrafficSpec]) -> Self {
+        let mut out = Self::default();
+        let ops = |ops: &HeaderOps, into: &mut Vec<Op>| {
+            for name in &ops.remove {
+                into.push(Op::Remove(name.to_ascii_lowercase()));
+            }
+            for (name, v) in &ops.set {
+                into.push(Op::Set(name.to_ascii_lowercase(), Template(parse_template(v).unwrap_or_default())));
+            }
+            for (name, v) in &ops.add {
+                into.push(Op::Add(name.to_ascii_lowercase(), Template(parse_template(v).unwrap_or_default())));
+            }
+        };
+        for spec in specs {
+            if let Some(r) = &spec.request_headers {
+                ops(r, &mut out.request);
+            }
+            if let Some(sec) = &spec.security_headers {
+                if sec.remove_server_headers {
+                    out.response.extend(LEAKS.iter().map(|h| Op::Remove((*h).to_string())));
+                }
+                let defaults = [
+                    ("strict-transport-security", &sec.hsts, "max-age=31536000; includeSubDomains"),
+                    ("x-content-type-options", &sec.content_type_options, "nosniff"),
+                    ("x-frame-options", &sec.frame_options, "DENY"),
+                    (
+                        "content-security-policy",
+                        &sec.content_security_policy,
+                        "default-src 'none'; frame-ancestors 'none'",
+                    ),
+                    ("referrer-policy", &sec.referrer_policy, "no-referrer"),
+                    ("permissions-policy", &sec.permissions_policy, "camera=(), microphone=(), geolocation=()"),
+                ];
+                for (name, setting, recommended) in defaults {
+                    let name = name.to_string();
+                    match setting {
+                        None | Some(Setting::Flag(false)) => {}
+                        Some(Setting::Flag(true)) => {
+                            out.response.push(Op::Default(name, Template::literal(recommended)))
+                        }
+                        Some(Setting::Value(v)) | Some(Setting::Full { value: v, always: false }) => {
+                            out.response.push(Op::Default(name, Template::literal(v)))
+                        }
+                        Some(Setting::Full { value, always: true }) => {
+                            out.response.push(Op::Set(name, Template::literal(value)))
+                        }
+                    }
+                }
+            }
+            if let Some(r) = &spec.response_headers {
+                ops(r, &mut out.response);
+            }
+        }
+        out
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
+    }
+
+    /// Whether any request change uses `var` (so the caller computes it only then).
+    pub fn request_uses(&self, var: Var) -> bool {
+        self.request.iter().any(|op| match op {
+            Op::Set(_, t) | Op::Add(_, t) | Op::Default(_, t) => t.uses(var),
+            Op::Remove(_) => false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml_like: serde_json::Value) -> TrafficSpec {
+        serde_json::from_value(yaml_like).unwrap()
+    }
+
+    #[test]
+    fn compiles_in_order_with_security_defaults_and_variables() {
+        let s = spec(serde_json::json!({
+            "target": {"identities": ["*"]},
+            "requestHeaders": {"set": {"x-caller": "${caller} via ${principal}"}, "remove": ["x-debug"]},
+            "responseHeaders": {"add": {"x-served-by": "orders"}},
+            "securityHeaders": {"hsts": true, "frameOptions": "SAMEORIGIN", "contentSecurityPolicy": {"value": "default-src 'self'", "always": true}, "removeServerHeaders": true},
+        }));
+        validate(&s).unwrap();
+        let r = Rewrites::compile(&[&s]);
+        assert_eq!(r.request[0], Op::Remove("x-debug".into()));
+        let Op::Set(name, t) = &r.request[1] else { panic!() };
+        assert_eq!(name, "x-caller");
+        let vars = Vars { caller: Some("spiffe://td/ns/a/sa/b"), principal: Some("idp/u"), request_id: None };
+        assert_eq!(t.render(&vars), "spiffe://td/ns/a/sa/b via idp/u");
+        assert!(r.request_uses(Var::Caller) && !r.request_uses(Var::RequestId));
+        assert!(r.response.contains(&Op::Remove("server".into())));
+        assert!(r.response.contains(&Op::Default(
+            "strict-transport-security".into(),
+            Template::literal("max-age=31536000; includeSubDomains")
+        )));
+        assert!(r.response.contains(&Op::Default("x-frame-options".into(), Template::literal("SAMEORIGIN"))));
+        assert!(
+            r.response.contains(&Op::Set("content-security-policy".into(), Template::literal("default-src 'self'")))
+        );
+        assert_eq!(r.response.last(), Some(&Op::Add("x-served-by".into(), Template::literal("orders"))));
+    }
+
+    #[test]
+    fn owned_and_framing_headers_and_bad_values_are_refused() {
+        for (body, field) in [
+            (
+                serde_json::json!({"requestHeaders": {"set": {"x-palisade-peer-identity": "spiffe://evil"}}}),
+                "spec.requestHeaders.set.x-palisade-peer-identity",
+            ),
+            (
+                serde_json::json!({"requestHeaders": {"set": {"x-palisade-request-principal": "admin"}}}),
+                "spec.requestHeaders.set.x-palisade-request-principal",
+            ),
+            (
+                serde_json::json!({"responseHeaders": {"set": {"content-length": "0"}}}),
+                "spec.responseHeaders.set.content-length",
+            ),
+            (serde_json::json!({"requestHeaders": {"remove": ["host"]}}), "spec.requestHeaders.remove[0]"),
+            (serde_json::json!({"requestHeaders": {"add": {"x-a": "line\nbreak"}}}), "spec.requestHeaders.add.x-a"),
+            (serde_json::json!({"requestHeaders": {"add": {"x-a": "${secret}"}}}), "spec.requestHeaders.add.x-a"),
+            (serde_json::json!({"requestHeaders": {"add": {"x-a": "${caller"}}}), "spec.requestHeaders.add.x-a"),
+            (serde_json::json!({"securityHeaders": {"hsts": ""}}), "spec.securityHeaders.hsts"),
+        ] {
+            let mut v = body;
+            v["target"] = serde_json::json!({"identities": ["*"]});
+            let (f, _, _) = validate(&spec(v)).unwrap_err();
+            assert_eq!(f, field);
+        }
+    }
+}
