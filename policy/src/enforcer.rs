@@ -162,6 +162,7 @@ pub struct Enforcer {
     pub version: String,
     authn: Option<Authenticator>,
     rewrites: crate::traffic::Rewrites,
+    checks: crate::traffic::Checks,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
     origin: Instant,
@@ -196,6 +197,9 @@ impl Enforcer {
             })
             .collect();
         let rewrites = crate::traffic::Rewrites::compile(&traffic_specs);
+        let keyed: Vec<(String, &crate::traffic::TrafficSpec)> =
+            traffic.iter().map(|r| r.key()).zip(traffic_specs.iter().copied()).collect();
+        let checks = crate::traffic::Checks::compile(&keyed);
         let mut limits = Vec::new();
         for r in inputs.resources {
             let Resource::RateLimitPolicy { spec, .. } = r else { continue };
@@ -219,7 +223,7 @@ impl Enforcer {
                 }
             }
         }
-        Ok(Self { version: inputs.version.to_string(), authn, rewrites, rules, limits, origin })
+        Ok(Self { version: inputs.version.to_string(), authn, rewrites, checks, rules, limits, origin })
     }
 
     /// Authenticates a request's credential (`now`: unix seconds). Without
@@ -234,6 +238,11 @@ impl Enforcer {
     /// The header changes TrafficPolicies ask for (policy order).
     pub fn rewrites(&self) -> &crate::traffic::Rewrites {
         &self.rewrites
+    }
+
+    /// The request checks TrafficPolicies ask for (`validation`).
+    pub fn checks(&self) -> &crate::traffic::Checks {
+        &self.checks
     }
 
     /// The request authentication in force, if a policy asks for one.

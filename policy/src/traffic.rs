@@ -90,6 +90,105 @@ pub struct TrafficSpec {
     /// Security headers added to responses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_headers: Option<SecurityHeaders>,
+    /// What requests must look like before the app sees them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Validation>,
+}
+
+/// `validation`: requests that do not hold to it never reach the app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Validation {
+    /// Allowed methods (upper case); others get 405 with `Allow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Allowed media types of a request body (`application/json`, `text/*`;
+    /// parameters such as `charset` ignored); a body of another type gets 415.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content_types: Vec<String>,
+    /// Largest request body: a larger `Content-Length` gets 413 at once, and
+    /// a streamed body is cut (413) when it passes the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+}
+
+/// Why a request failed a TrafficPolicy's validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    /// 405, 413 or 415.
+    pub status: u16,
+    /// For the audit log.
+    pub reason: String,
+    /// For 405: the methods allowed (the `Allow` header).
+    pub allow: Option<String>,
+}
+
+/// The request checks of every TrafficPolicy that targets a workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checks {
+    each: Vec<(String, Validation)>,
+}
+
+/// The media type of a `Content-Type` value, lower case, without parameters.
+fn media_type(ct: &str) -> String {
+    ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+impl Checks {
+    /// Compiles `(policy key, spec)` pairs (already validated).
+    pub fn compile(specs: &[(String, &TrafficSpec)]) -> Self {
+        Self { each: specs.iter().filter_map(|(k, s)| Some((k.clone(), s.validation.clone()?))).collect() }
+    }
+
+    /// Whether there is nothing to check.
+    pub fn is_empty(&self) -> bool {
+        self.each.is_empty()
+    }
+
+    /// Checks a request's head: its method, its body's media type (when it
+    /// has a body) and its declared length. `Ok` carries the smallest body
+    /// limit, for streamed bodies.
+    pub fn check(
+        &self,
+        method: &str,
+        content_type: Option<&str>,
+        content_length: Option<u64>,
+        has_body: bool,
+    ) -> Result<Option<u64>, Invalid> {
+        let mut cap: Option<u64> = None;
+        for (policy, v) in &self.each {
+            let invalid = |status, reason: String, allow| Invalid { policy: policy.clone(), status, reason, allow };
+            if !v.methods.is_empty() && !v.methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
+                return Err(invalid(405, format!("method {method} is not allowed"), Some(v.methods.join(", "))));
+            }
+            if has_body && !v.content_types.is_empty() {
+                let mt = content_type.map(media_type).unwrap_or_default();
+                let ok = v.content_types.iter().any(|want| {
+                    let want = want.to_ascii_lowercase();
+                    match want.strip_suffix("/*") {
+                        Some(top) => mt.split('/').next() == Some(top) && mt.contains('/'),
+                        None => want == mt,
+                    }
+                });
+                if !ok {
+                    return Err(invalid(415, format!("content type {mt:?} is not allowed"), None));
+                }
+            }
+            if let Some(max) = v.max_body_bytes {
+                if content_length.is_some_and(|l| l > max) {
+                    return Err(invalid(
+                        413,
+                        format!("a body of {} bytes is over the {max} byte limit", content_length.unwrap_or(0)),
+                        None,
+                    ));
+                }
+                cap = Some(cap.map_or(max, |c| c.min(max)));
+            }
+        }
+        Ok(cap)
+    }
 }
 
 /// The variables a header value may use.
@@ -177,6 +276,35 @@ pub(crate) fn validate(spec: &TrafficSpec) -> Result<(), (String, String, String
             if !name_ok(name) || reserved_header(name) {
                 return err(format!("spec.{dir}.remove[{i}]"), name, "must be a header name Palisade does not reserve");
             }
+        }
+    }
+    if let Some(v) = &spec.validation {
+        for (i, m) in v.methods.iter().enumerate() {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                return err(
+                    format!("spec.validation.methods[{i}]"),
+                    m,
+                    "must be an HTTP method in upper case (GET, POST, ...)",
+                );
+            }
+        }
+        for (i, ct) in v.content_types.iter().enumerate() {
+            let ok = ct.split_once('/').is_some_and(|(t, s)| {
+                let token = |x: &str| {
+                    !x.is_empty() && x.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+                };
+                token(t) && (s == "*" || token(s))
+            });
+            if !ok {
+                return err(
+                    format!("spec.validation.contentTypes[{i}]"),
+                    ct,
+                    "must be a media type such as application/json, or text/*",
+                );
+            }
+        }
+        if v.max_body_bytes == Some(0) {
+            return err("spec.validation.maxBodyBytes".into(), "0", "must be at least 1 (leave it out for no limit)");
         }
     }
     if let Some(sec) = &spec.security_headers {
@@ -347,6 +475,24 @@ impl Rewrites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_checks_method_media_type_and_length() {
+        let s = spec(serde_json::json!({"target": {"identities": ["*"]},
+            "validation": {"methods": ["GET", "POST"], "contentTypes": ["application/json", "text/*"], "maxBodyBytes": 100}}));
+        validate(&s).unwrap();
+        let c = Checks::compile(&[("shop/v".into(), &s)]);
+        assert_eq!(c.check("GET", None, None, false), Ok(Some(100)));
+        let e = c.check("DELETE", None, None, false).unwrap_err();
+        assert_eq!((e.status, e.allow.as_deref()), (405, Some("GET, POST")));
+        assert_eq!(c.check("POST", Some("application/json; charset=utf-8"), Some(10), true), Ok(Some(100)));
+        assert_eq!(c.check("POST", Some("Text/Plain"), Some(10), true), Ok(Some(100)));
+        assert_eq!(c.check("POST", Some("application/xml"), Some(10), true).unwrap_err().status, 415);
+        assert_eq!(c.check("POST", None, Some(10), true).unwrap_err().status, 415);
+        assert_eq!(c.check("POST", Some("application/json"), Some(101), true).unwrap_err().status, 413);
+        let bad = spec(serde_json::json!({"target": {"identities": ["*"]}, "validation": {"contentTypes": ["json"]}}));
+        assert_eq!(validate(&bad).unwrap_err().0, "spec.validation.contentTypes[0]");
+    }
 
     fn spec(yaml_like: serde_json::Value) -> TrafficSpec {
         serde_json::from_value(yaml_like).unwrap()

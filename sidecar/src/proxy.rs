@@ -145,6 +145,8 @@ fn grpc_code(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 | 413 | 431 => "13", // INTERNAL: the request could not be carried
         401 => "16",             // UNAUTHENTICATED
+        405 => "12",             // UNIMPLEMENTED
+        415 => "3",              // INVALID_ARGUMENT
         403 => "7",              // PERMISSION_DENIED
         429 => "8",              // RESOURCE_EXHAUSTED
         504 => "4",              // DEADLINE_EXCEEDED

@@ -525,3 +525,53 @@ spec:
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("spec.requestHeaders.set.x-palisade-peer-identity"), "{err}");
 }
+
+/// TrafficPolicy validation before the app: a method not allowed is 405
+/// with `Allow`, a body of another media type 415, a body over the limit 413
+/// (declared, or streamed without a length); what passes reaches the app
+/// byte for byte, and nothing refused reaches it at all.
+#[tokio::test]
+async fn traffic_policy_validation_refuses_bad_requests_before_the_app() {
+    let app = HttpApp::start().await;
+    let m = mesh(app.addr).await;
+    let allow = "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-any, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n";
+    m.apply("allow", allow).await;
+    let tp = "apiVersion: palisade.dev/v1\nkind: TrafficPolicy\nmetadata: {name: orders-input, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  validation: {methods: [GET, POST], contentTypes: [application/json], maxBodyBytes: 64}\n";
+    m.apply("validation", tp).await;
+    let raw = |head: String, body: &'static [u8]| {
+        let port = m.web_port;
+        async move {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(body).await.unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let before = app.requests.load(Ordering::SeqCst);
+    let r = call(m.web_port, "DELETE", "/echo", "").await;
+    assert_eq!(status(&r), 405, "{r}");
+    assert!(r.to_ascii_lowercase().contains("allow: get, post"), "{r}");
+    let head = |ct: &str, framing: &str| {
+        format!("POST /echo HTTP/1.1\r\nHost: orders\r\ncontent-type: {ct}\r\n{framing}Connection: close\r\n\r\n")
+    };
+    let r = raw(head("text/plain", "content-length: 2\r\n"), b"hi").await;
+    assert_eq!(status(&r), 415, "{r}");
+    let big: &'static [u8] = &[b'x'; 100];
+    let r = raw(head("application/json", "content-length: 100\r\n"), big).await;
+    assert_eq!(status(&r), 413, "declared: {r}");
+    let chunked_big: &'static [u8] = b"40\r\n0000000000000000000000000000000000000000000000000000000000000000\r\n10\r\n0000000000000000\r\n0\r\n\r\n";
+    let r = raw(head("application/json", "transfer-encoding: chunked\r\n"), chunked_big).await;
+    assert_eq!(status(&r), 413, "streamed: {r}");
+    assert_eq!(app.requests.load(Ordering::SeqCst), before, "nothing refused reached the app");
+    let r = raw(head("application/json; charset=utf-8", "content-length: 11\r\n"), b"{\"a\": [1]}\n").await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(r.contains(r#""body":"{\"a\": [1]}\n""#), "byte for byte: {r}");
+    let r =
+        raw(head("application/json", "transfer-encoding: chunked\r\n"), b"5\r\n{\"b\":\r\n3\r\n 2}\r\n0\r\n\r\n").await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(r.contains(r#""body":"{\"b\": 2}""#), "streamed within the limit: {r}");
+    let r = call(m.web_port, "GET", "/hello", "").await;
+    assert_eq!(status(&r), 200, "a GET without a body needs no content type: {r}");
+}

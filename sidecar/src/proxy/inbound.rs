@@ -543,6 +543,34 @@ impl Inbound {
             resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             return Some(resp);
         };
+        // TrafficPolicy validation comes before authentication: malformed input is refused first.
+        let checks = policy.enforcer.checks();
+        if !checks.is_empty() {
+            let h = req.headers();
+            let ct = h.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let len = h.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            let has_body = !hyper::body::Body::is_end_stream(req.body());
+            match checks.check(method, ct, len, has_body) {
+                Ok(Some(max)) => {
+                    req.extensions_mut().insert(BodyCap(max));
+                }
+                Ok(None) => {}
+                Err(invalid) => {
+                    tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %invalid.policy, reason = %invalid.reason, "request refused by validation");
+                    let (status, message) = match invalid.status {
+                        405 => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+                        415 => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type"),
+                        _ => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+                    };
+                    let mut resp = error_response(grpc, status, message);
+                    if let Some(allow) = invalid.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                        resp.headers_mut().insert(http::header::ALLOW, allow);
+                    }
+                    return Some(resp);
+                }
+            }
+        }
+        let (method, path) = (req.method().as_str(), req.uri().path());
         let headers = RequestHeaders(req.headers());
         let auth = match policy.enforcer.authenticate(&headers, unix_now()) {
             AuthnOutcome::Anonymous => None,
@@ -615,6 +643,7 @@ impl Inbound {
         super::strip_hop_by_hop(req.headers_mut());
         let timeout = self.opts.limits.response_timeout;
         let timed_out = |_| ProxyError::AppTimeout(timeout);
+        let mut req = capped(req, timeout).await?;
         let mut resp = if app_proto == Protocol::Http1 {
             // HTTP/1: Host carries the caller's authority.
             if !req.headers().contains_key(HOST)
@@ -627,7 +656,6 @@ impl Inbound {
             let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
             *req.uri_mut() = Uri::from(pq);
             *req.version_mut() = Version::HTTP_11;
-            let req = req.map(|b| b.boxed_unsync());
             tokio::time::timeout(timeout, app.pool.send_h1(req)).await.map_err(timed_out)?.map_err(app_error)?
         } else {
             // HTTP/2: the URI keeps the caller's :authority; the connection goes to the app.
@@ -644,7 +672,6 @@ impl Inbound {
                     Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
             }
             *req.version_mut() = Version::HTTP_2;
-            let req = req.map(|b| b.boxed_unsync());
             tokio::time::timeout(timeout, app.pool.send_h2(req)).await.map_err(timed_out)?.map_err(app_error)?
         };
         super::strip_hop_by_hop(resp.headers_mut());
@@ -692,6 +719,37 @@ fn normalize_path<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| "unparsable_normal_path")?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| "unparsable_normal_path")?;
     Ok(())
+}
+
+/// A TrafficPolicy's body limit for this request (set by `enforce`).
+#[derive(Debug, Clone, Copy)]
+struct BodyCap(u64);
+
+/// The request with its body ready for the app: a body without a declared
+/// length under a TrafficPolicy body limit is read (up to the limit, within
+/// `timeout`) before it is forwarded, so the app never gets a body cut short
+/// and an oversized one is 413; any other body streams through.
+async fn capped(req: Request<Incoming>, timeout: Duration) -> Result<Request<Body>, ProxyError> {
+    let cap = req.extensions().get::<BodyCap>().map(|c| c.0);
+    let (parts, body) = req.into_parts();
+    let body = match cap {
+        Some(max)
+            if !parts.headers.contains_key(http::header::CONTENT_LENGTH)
+                && !hyper::body::Body::is_end_stream(&body) =>
+        {
+            let limit = usize::try_from(max).unwrap_or(usize::MAX);
+            match tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect()).await {
+                Err(_) => return Err(ProxyError::BadRequest("the request body did not arrive in time")),
+                Ok(Ok(c)) => super::full(c.to_bytes()),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(ProxyError::TooLarge { limit: max });
+                }
+                Ok(Err(_)) => return Err(ProxyError::BadRequest("malformed request body")),
+            }
+        }
+        _ => body.boxed_unsync(),
+    };
+    Ok(Request::from_parts(parts, body))
 }
 
 /// `${request_id}`: the request's `x-request-id`, or a new one when a
