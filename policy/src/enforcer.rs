@@ -163,6 +163,7 @@ pub struct Enforcer {
     authn: Option<Authenticator>,
     rewrites: crate::traffic::Rewrites,
     checks: crate::traffic::Checks,
+    cors: Option<crate::traffic::CorsPolicy>,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
     origin: Instant,
@@ -200,6 +201,7 @@ impl Enforcer {
         let keyed: Vec<(String, &crate::traffic::TrafficSpec)> =
             traffic.iter().map(|r| r.key()).zip(traffic_specs.iter().copied()).collect();
         let checks = crate::traffic::Checks::compile(&keyed);
+        let cors = crate::traffic::compile_cors(&keyed);
         let mut limits = Vec::new();
         for r in inputs.resources {
             let Resource::RateLimitPolicy { spec, .. } = r else { continue };
@@ -223,7 +225,7 @@ impl Enforcer {
                 }
             }
         }
-        Ok(Self { version: inputs.version.to_string(), authn, rewrites, checks, rules, limits, origin })
+        Ok(Self { version: inputs.version.to_string(), authn, rewrites, checks, cors, rules, limits, origin })
     }
 
     /// Authenticates a request's credential (`now`: unix seconds). Without
@@ -238,6 +240,11 @@ impl Enforcer {
     /// The header changes TrafficPolicies ask for (policy order).
     pub fn rewrites(&self) -> &crate::traffic::Rewrites {
         &self.rewrites
+    }
+
+    /// The CORS policy in force, if a TrafficPolicy has one.
+    pub fn cors(&self) -> Option<&crate::traffic::CorsPolicy> {
+        self.cors.as_ref()
     }
 
     /// The request checks TrafficPolicies ask for (`validation`).

@@ -93,6 +93,172 @@ pub struct TrafficSpec {
     /// What requests must look like before the app sees them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<Validation>,
+    /// Cross-origin requests from browsers (the Fetch standard's CORS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Cors>,
+}
+
+/// `cors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Cors {
+    /// Origins allowed: exact (`https://app.example.com`), one-label patterns
+    /// (`https://*.example.com`), `null` only when named, or `*` (any
+    /// origin, never with credentials).
+    pub allow_origins: Vec<String>,
+    /// Methods a cross-origin request may use (default: GET, HEAD, POST).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_methods: Vec<String>,
+    /// Request headers a cross-origin request may send.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_headers: Vec<String>,
+    /// Response headers the page may read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose_headers: Vec<String>,
+    /// Whether requests with cookies or HTTP authentication are allowed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_credentials: bool,
+    /// Seconds a browser may cache a preflight's answer (default 600, at most 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u64>,
+}
+
+/// An allowed origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OriginRule {
+    Exact(String),
+    /// `scheme://*.` + suffix (one label where the `*` is).
+    OneLabel {
+        prefix: String,
+        suffix: String,
+    },
+}
+
+/// The CORS behaviour compiled for a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsPolicy {
+    /// `namespace/name` of the policy it came from.
+    pub policy: String,
+    any: bool,
+    origins: Vec<OriginRule>,
+    methods: Vec<String>,
+    headers: Vec<String>,
+    expose: String,
+    credentials: bool,
+    max_age: u64,
+}
+
+impl CorsPolicy {
+    fn compile(policy: &str, c: &Cors) -> Self {
+        let mut origins = Vec::new();
+        let mut any = false;
+        for o in &c.allow_origins {
+            if o == "*" {
+                any = true;
+            } else if let Some((scheme, rest)) = o.split_once("://*.") {
+                origins.push(OriginRule::OneLabel {
+                    prefix: format!("{scheme}://"),
+                    suffix: format!(".{}", rest.to_ascii_lowercase()),
+                });
+            } else {
+                origins.push(OriginRule::Exact(o.to_ascii_lowercase()));
+            }
+        }
+        let methods = if c.allow_methods.is_empty() {
+            vec!["GET".into(), "HEAD".into(), "POST".into()]
+        } else {
+            c.allow_methods.clone()
+        };
+        Self {
+            policy: policy.to_string(),
+            any,
+            origins,
+            methods,
+            headers: c.allow_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            expose: c.expose_headers.join(", "),
+            credentials: c.allow_credentials,
+            max_age: c.max_age.unwrap_or(600),
+        }
+    }
+
+    /// Whether `origin` (the request's `Origin` header) is allowed.
+    pub fn allows(&self, origin: &str) -> bool {
+        let o = origin.to_ascii_lowercase();
+        if o == "null" {
+            return self.origins.iter().any(|r| *r == OriginRule::Exact("null".into()));
+        }
+        self.any
+            || self.origins.iter().any(|r| match r {
+                OriginRule::Exact(e) => *e == o,
+                OriginRule::OneLabel { prefix, suffix } => o
+                    .strip_prefix(prefix.as_str())
+                    .and_then(|rest| rest.strip_suffix(suffix.as_str()))
+                    .is_some_and(|label| !label.is_empty() && !label.contains(['.', '/', ':', '@'])),
+            })
+    }
+
+    /// `Access-Control-Allow-Origin` for an allowed origin: the origin itself,
+    /// or `*` for any origin without credentials.
+    fn allow_origin(&self, origin: &str) -> String {
+        if self.any
+            && !self.credentials
+            && !self.origins.iter().any(|r| matches!(r, OriginRule::Exact(e) if e.eq_ignore_ascii_case(origin)))
+        {
+            "*".to_string()
+        } else {
+            origin.to_string()
+        }
+    }
+
+    /// The answer to a preflight (`OPTIONS` with `Access-Control-Request-Method`):
+    /// the headers of a 204 that allows it, or `None` (a 204 without them,
+    /// which the browser reads as a refusal).
+    pub fn preflight(
+        &self,
+        origin: &str,
+        method: &str,
+        request_headers: Option<&str>,
+    ) -> Option<Vec<(&'static str, String)>> {
+        if !self.allows(origin) || !self.methods.iter().any(|m| m == method) {
+            return None;
+        }
+        let asked: Vec<String> = request_headers
+            .unwrap_or_default()
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        if asked.iter().any(|h| !self.headers.contains(h)) {
+            return None;
+        }
+        let mut out = vec![
+            ("access-control-allow-origin", self.allow_origin(origin)),
+            ("access-control-allow-methods", self.methods.join(", ")),
+            ("access-control-max-age", self.max_age.to_string()),
+        ];
+        if !asked.is_empty() {
+            out.push(("access-control-allow-headers", asked.join(", ")));
+        }
+        if self.credentials {
+            out.push(("access-control-allow-credentials", "true".into()));
+        }
+        Some(out)
+    }
+
+    /// The CORS headers of an actual response to `origin` (`None`: not allowed).
+    pub fn actual(&self, origin: &str) -> Option<Vec<(&'static str, String)>> {
+        if !self.allows(origin) {
+            return None;
+        }
+        let mut out = vec![("access-control-allow-origin", self.allow_origin(origin))];
+        if self.credentials {
+            out.push(("access-control-allow-credentials", "true".into()));
+        }
+        if !self.expose.is_empty() {
+            out.push(("access-control-expose-headers", self.expose.clone()));
+        }
+        Some(out)
+    }
 }
 
 /// `validation`: requests that do not hold to it never reach the app.
@@ -307,6 +473,60 @@ pub(crate) fn validate(spec: &TrafficSpec) -> Result<(), (String, String, String
             return err("spec.validation.maxBodyBytes".into(), "0", "must be at least 1 (leave it out for no limit)");
         }
     }
+    if let Some(c) = &spec.cors {
+        if c.allow_origins.is_empty() {
+            return err("spec.cors.allowOrigins".into(), "", "must list at least one origin (or \"*\")");
+        }
+        for (i, o) in c.allow_origins.iter().enumerate() {
+            let f = format!("spec.cors.allowOrigins[{i}]");
+            if o == "*" {
+                if c.allow_credentials {
+                    return err(
+                        f,
+                        o,
+                        "cannot be combined with allowCredentials: name the origins that may send credentials",
+                    );
+                }
+                continue;
+            }
+            if o == "null" {
+                continue;
+            }
+            let Some((scheme, host)) = o.split_once("://") else {
+                return err(f, o, "must be an origin: scheme://host[:port], e.g. https://app.example.com");
+            };
+            let host_ok = !host.is_empty()
+                && !host.contains(['/', '?', '#', '@', ' '])
+                && (!host.contains('*')
+                    || (host.starts_with("*.") && !host[2..].contains('*') && host[2..].contains('.')));
+            if !["http", "https"].contains(&scheme) || !host_ok {
+                return err(
+                    f,
+                    o,
+                    "must be an origin: http(s)://host[:port], or https://*.example.com (the * is one label)",
+                );
+            }
+        }
+        for (i, m) in c.allow_methods.iter().enumerate() {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                return err(format!("spec.cors.allowMethods[{i}]"), m, "must be an HTTP method in upper case");
+            }
+        }
+        for (list, field) in [(&c.allow_headers, "allowHeaders"), (&c.expose_headers, "exposeHeaders")] {
+            for (i, h) in list.iter().enumerate() {
+                if !name_ok(h) {
+                    return err(format!("spec.cors.{field}[{i}]"), h, "must be a header name");
+                }
+            }
+        }
+        if c.max_age.is_some_and(|a| a > 86400) {
+            return err(
+                "spec.cors.maxAge".into(),
+                &c.max_age.unwrap_or(0).to_string(),
+                "must be at most 86400 (a day)",
+            );
+        }
+    }
     if let Some(sec) = &spec.security_headers {
         for (field, setting) in sec.settings() {
             let value = match setting {
@@ -472,9 +692,55 @@ impl Rewrites {
     }
 }
 
+/// The CORS policy in force: the first TrafficPolicy (in `namespace/name`
+/// order) that has one.
+pub fn compile_cors(specs: &[(String, &TrafficSpec)]) -> Option<CorsPolicy> {
+    specs.iter().find_map(|(k, s)| s.cors.as_ref().map(|c| CorsPolicy::compile(k, c)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_allows_named_origins_and_never_reflects_others() {
+        let c: Cors = serde_json::from_value(serde_json::json!({
+            "allowOrigins": ["https://app.example.com", "https://*.example.org"],
+            "allowMethods": ["GET", "PUT"], "allowHeaders": ["x-token"], "exposeHeaders": ["x-total"],
+            "allowCredentials": true, "maxAge": 60}))
+        .unwrap();
+        let p = CorsPolicy::compile("shop/c", &c);
+        assert!(p.allows("https://app.example.com") && p.allows("https://a.example.org"));
+        for o in [
+            "https://evil.com",
+            "https://a.b.example.org",
+            "https://example.org",
+            "https://app.example.com.evil.com",
+            "null",
+            "http://app.example.com",
+            "https://.example.org",
+        ] {
+            assert!(!p.allows(o), "{o}");
+        }
+        let pf = p.preflight("https://app.example.com", "PUT", Some("X-Token")).unwrap();
+        assert!(pf.contains(&("access-control-allow-origin", "https://app.example.com".into())));
+        assert!(pf.contains(&("access-control-allow-credentials", "true".into())));
+        assert!(pf.contains(&("access-control-allow-headers", "x-token".into())));
+        assert!(p.preflight("https://app.example.com", "DELETE", None).is_none());
+        assert!(p.preflight("https://app.example.com", "PUT", Some("x-other")).is_none());
+        assert!(p.actual("https://evil.com").is_none());
+        let any: Cors = serde_json::from_value(serde_json::json!({"allowOrigins": ["*"]})).unwrap();
+        let a = CorsPolicy::compile("shop/a", &any);
+        assert_eq!(a.actual("https://x.test").unwrap()[0].1, "*");
+        assert!(!a.allows("null"), "null only when named");
+        let bad = spec(
+            serde_json::json!({"target": {"identities": ["*"]}, "cors": {"allowOrigins": ["*"], "allowCredentials": true}}),
+        );
+        assert_eq!(validate(&bad).unwrap_err().0, "spec.cors.allowOrigins[0]");
+        let bad =
+            spec(serde_json::json!({"target": {"identities": ["*"]}, "cors": {"allowOrigins": ["https://*.*.com"]}}));
+        assert_eq!(validate(&bad).unwrap_err().0, "spec.cors.allowOrigins[0]");
+    }
 
     #[test]
     fn validation_checks_method_media_type_and_length() {

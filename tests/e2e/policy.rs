@@ -575,3 +575,57 @@ async fn traffic_policy_validation_refuses_bad_requests_before_the_app() {
     let r = call(m.web_port, "GET", "/hello", "").await;
     assert_eq!(status(&r), 200, "a GET without a body needs no content type: {r}");
 }
+
+const CORS_POLICY: &str = "apiVersion: palisade.dev/v1\nkind: TrafficPolicy\nmetadata: {name: orders-cors, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  cors:\n    allowOrigins: [ORIGIN]\n    allowMethods: [GET, PUT]\n    allowHeaders: [x-token]\n    exposeHeaders: [x-served-by]\n    allowCredentials: true\n    maxAge: 60\n";
+
+const ALLOW_WEB_ANY: &str = "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-any, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n";
+
+/// CORS at the callee's sidecar, on the wire: preflights answered by the
+/// sidecar (the app never sees one), Access-Control-* only for the named
+/// origin, never the app's own reflection, `Vary: Origin` always.
+#[tokio::test]
+async fn cors_preflights_are_answered_by_the_sidecar_and_only_named_origins_allowed() {
+    let app = HttpApp::start().await;
+    let m = mesh(app.addr).await;
+    m.apply("allow", ALLOW_WEB_ANY).await;
+    m.apply("cors", &CORS_POLICY.replace("ORIGIN", "\"https://app.example.com\"")).await;
+    let before = app.requests.load(Ordering::SeqCst);
+    let preflight = |origin: &str, method: &str, headers: &str| {
+        format!(
+            "origin: {origin}\r\naccess-control-request-method: {method}\r\naccess-control-request-headers: {headers}\r\n"
+        )
+    };
+    let r = call(m.web_port, "OPTIONS", "/echo", &preflight("https://app.example.com", "PUT", "X-Token")).await;
+    let l = r.to_ascii_lowercase();
+    assert_eq!(status(&r), 204, "{r}");
+    for want in [
+        "access-control-allow-origin: https://app.example.com",
+        "access-control-allow-credentials: true",
+        "access-control-allow-methods: get, put",
+        "access-control-allow-headers: x-token",
+        "access-control-max-age: 60",
+        "vary: origin",
+    ] {
+        assert!(l.contains(want), "{want}: {r}");
+    }
+    for (origin, method, headers) in [
+        ("https://evil.example.com", "PUT", "x-token"),
+        ("https://app.example.com", "DELETE", ""),
+        ("https://app.example.com", "PUT", "x-admin"),
+    ] {
+        let r = call(m.web_port, "OPTIONS", "/echo", &preflight(origin, method, headers)).await;
+        assert_eq!(status(&r), 204, "{r}");
+        assert!(!r.to_ascii_lowercase().contains("access-control-allow"), "{origin} {method} {headers}: {r}");
+    }
+    assert_eq!(app.requests.load(Ordering::SeqCst), before, "no preflight reached the app");
+    // Actual requests: the named origin gets its headers; another gets none,
+    // even from an app that answers `Access-Control-Allow-Origin: *` itself.
+    let r = call(m.web_port, "GET", "/echo", "origin: https://app.example.com\r\n").await.to_ascii_lowercase();
+    assert!(r.contains("access-control-allow-origin: https://app.example.com") && r.contains("vary: origin"), "{r}");
+    assert!(r.contains("access-control-expose-headers: x-served-by"), "{r}");
+    let r = call(m.web_port, "GET", "/leaky", "origin: https://evil.example.com\r\n").await.to_ascii_lowercase();
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(!r.contains("access-control-allow-origin"), "the app's reflection is removed: {r}");
+    let r = call(m.web_port, "GET", "/echo", "origin: null\r\n").await.to_ascii_lowercase();
+    assert!(!r.contains("access-control-allow-origin"), "null only when named: {r}");
+}

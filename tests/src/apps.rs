@@ -116,7 +116,12 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<AppBody>, Infalli
         // An app that says too much about itself, and sets one security header its own way.
         p if p.ends_with("/leaky") => {
             let mut r = Response::new(body("leaky"));
-            for (k, v) in [("server", "Apache/2.2.3"), ("x-powered-by", "PHP/5.1"), ("x-frame-options", "ALLOWALL")] {
+            for (k, v) in [
+                ("server", "Apache/2.2.3"),
+                ("x-powered-by", "PHP/5.1"),
+                ("x-frame-options", "ALLOWALL"),
+                ("access-control-allow-origin", "*"),
+            ] {
                 r.headers_mut().insert(k, v.parse().expect("invariant: valid header"));
             }
             r

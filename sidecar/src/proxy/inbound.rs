@@ -477,9 +477,39 @@ impl Inbound {
             return resp;
         }
         let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
+        // CORS: a browser's preflight is answered here (the app never sees
+        // one); actual responses get their Access-Control-* headers below.
+        let policy = self.policy.current();
+        let cors = policy.as_ref().and_then(|p| p.enforcer.cors());
+        let origin = req.headers().get(http::header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_string);
+        if let Some(cors) = cors
+            && let Some(origin) = origin.as_deref()
+            && req.method() == http::Method::OPTIONS
+            && let Some(asked) = req.headers().get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            let asked_headers =
+                req.headers().get(http::header::ACCESS_CONTROL_REQUEST_HEADERS).and_then(|v| v.to_str().ok());
+            let allowed = cors.preflight(origin, asked.to_str().unwrap_or_default(), asked_headers);
+            if allowed.is_none() {
+                tracing::info!(target: "audit", decision = "cors_refused", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.path = %path, origin, policy = %cors.policy, "CORS preflight not allowed");
+            }
+            let mut resp = Response::new(super::full(bytes::Bytes::new()));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            let h = resp.headers_mut();
+            for (name, value) in allowed.into_iter().flatten() {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+            h.insert(
+                http::header::VARY,
+                HeaderValue::from_static("Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+            );
+            self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
+            return resp;
+        }
         let refusal = self.enforce(&mut req, peer.as_deref(), src, grpc, app.addr.port());
         // TrafficPolicy header changes: the request's now, the response's below.
-        let policy = self.policy.current();
         let rewrites = policy.as_ref().map(|p| p.enforcer.rewrites()).filter(|r| !r.is_empty());
         let request_id = rewrites.map(|r| request_id(req.headers(), r));
         let principal = req.headers().get(REQUEST_PRINCIPAL).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -491,6 +521,9 @@ impl Inbound {
         if let Some(mut refusal) = refusal {
             if let Some(r) = rewrites {
                 apply_header_ops(refusal.headers_mut(), &r.response, &vars);
+            }
+            if let Some(c) = cors {
+                cors_headers(refusal.headers_mut(), c, origin.as_deref());
             }
             self.metrics.request(Direction::Inbound, refusal.status().as_u16(), start.elapsed());
             return refusal;
@@ -509,6 +542,9 @@ impl Inbound {
         };
         if let Some(r) = rewrites {
             apply_header_ops(resp.headers_mut(), &r.response, &vars);
+        }
+        if let Some(c) = cors {
+            cors_headers(resp.headers_mut(), c, origin.as_deref());
         }
         self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
         if self.opts.access_log {
@@ -719,6 +755,28 @@ fn normalize_path<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| "unparsable_normal_path")?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| "unparsable_normal_path")?;
     Ok(())
+}
+
+/// The CORS headers of a response: the app's own Access-Control-* headers
+/// are replaced by the policy's (so no origin is ever reflected that the
+/// policy does not name), and `Vary: Origin` tells caches why.
+fn cors_headers(h: &mut http::HeaderMap, cors: &palisade_policy::traffic::CorsPolicy, origin: Option<&str>) {
+    for name in [
+        http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        http::header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        http::header::ACCESS_CONTROL_ALLOW_METHODS,
+        http::header::ACCESS_CONTROL_ALLOW_HEADERS,
+        http::header::ACCESS_CONTROL_MAX_AGE,
+    ] {
+        h.remove(name);
+    }
+    for (name, value) in origin.and_then(|o| cors.actual(o)).into_iter().flatten() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    h.append(http::header::VARY, HeaderValue::from_static("Origin"));
 }
 
 /// A TrafficPolicy's body limit for this request (set by `enforce`).
