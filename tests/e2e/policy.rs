@@ -576,7 +576,7 @@ async fn traffic_policy_validation_refuses_bad_requests_before_the_app() {
     assert_eq!(status(&r), 200, "a GET without a body needs no content type: {r}");
 }
 
-const CORS_POLICY: &str = "apiVersion: palisade.dev/v1\nkind: TrafficPolicy\nmetadata: {name: orders-cors, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  cors:\n    allowOrigins: [ORIGIN]\n    allowMethods: [GET, PUT]\n    allowHeaders: [x-token]\n    exposeHeaders: [x-served-by]\n    allowCredentials: true\n    maxAge: 60\n";
+const CORS_POLICY: &str = "apiVersion: palisade.dev/v1\nkind: TrafficPolicy\nmetadata: {name: orders-cors, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  cors:\n    allowOrigins: [ORIGIN]\n    allowMethods: [GET, PUT]\n    allowHeaders: [x-token, content-type]\n    exposeHeaders: [x-served-by]\n    allowCredentials: true\n    maxAge: 60\n";
 
 const ALLOW_WEB_ANY: &str = "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-any, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n";
 
@@ -628,4 +628,59 @@ async fn cors_preflights_are_answered_by_the_sidecar_and_only_named_origins_allo
     assert!(!r.contains("access-control-allow-origin"), "the app's reflection is removed: {r}");
     let r = call(m.web_port, "GET", "/echo", "origin: null\r\n").await.to_ascii_lowercase();
     assert!(!r.contains("access-control-allow-origin"), "null only when named: {r}");
+}
+
+/// CORS in a real browser (headless Chromium): a page from the allowed
+/// origin calls the meshed API with fetch (simple, with credentials, and a
+/// preflighted PUT with a custom header) and reads the answers; a page from
+/// another origin is blocked by the browser, and the app never saw a preflight.
+#[tokio::test]
+async fn cors_in_a_real_browser() {
+    let have =
+        std::process::Command::new("python3").args(["-c", "import selenium"]).status().is_ok_and(|s| s.success())
+            && std::path::Path::new("/usr/bin/chromium").exists()
+            && std::path::Path::new("/usr/bin/chromedriver").exists();
+    if !have {
+        palisade_tests::skip(
+            "cors_in_a_real_browser",
+            "chromium, chromium-driver or selenium is missing (apt-get install chromium chromium-driver; pip install selenium)",
+        );
+        return;
+    }
+    let app = HttpApp::start().await;
+    let m = mesh(app.addr).await;
+    let (allowed, denied) = (free_port(), free_port());
+    m.apply("allow", ALLOW_WEB_ANY).await;
+    m.apply("cors", &CORS_POLICY.replace("ORIGIN", &format!("\"http://127.0.0.1:{allowed}\""))).await;
+    let before = app.requests.load(Ordering::SeqCst);
+    let out = tokio::process::Command::new("python3")
+        .arg(palisade_tests::repo_root().join("tests/python/cors_browser.py"))
+        .args(["--api", &format!("http://127.0.0.1:{}", m.web_port)])
+        .args(["--allowed-port", &allowed.to_string(), "--denied-port", &denied.to_string()])
+        .output()
+        .await
+        .unwrap();
+    if out.status.code() == Some(3) {
+        palisade_tests::skip("cors_in_a_real_browser", &String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("chromium {}: {v}", v["browser"]);
+    for case in ["simple", "credentials", "preflighted_put"] {
+        let r = &v["allowed"][case];
+        assert_eq!(r["ok"], true, "{case}: {v}");
+        assert_eq!(r["status"], 200, "{case}: {v}");
+    }
+    let put: serde_json::Value =
+        serde_json::from_str(v["allowed"]["preflighted_put"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(put["method"], "PUT");
+    assert_eq!(put["headers"]["x-token"], "t-1");
+    for case in ["simple", "credentials", "preflighted_put"] {
+        let r = &v["denied"][case];
+        assert_eq!(r["ok"], false, "the browser blocks {case} from another origin: {v}");
+    }
+    // The app saw the allowed page's three requests and the denied page's two
+    // simple ones (a browser sends those, then hides the answer), and no preflight.
+    assert_eq!(app.requests.load(Ordering::SeqCst) - before, 5, "{v}");
 }
