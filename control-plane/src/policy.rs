@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use palisade_policy::resource::Scope;
-use palisade_policy::{Enforcer, HeaderList, Inputs, Request as PolicyRequest, Resource};
+use palisade_policy::{Enforcer, HeaderList, Headers as _, Inputs, Request as PolicyRequest, Resource};
 use palisade_proto::limits;
 use palisade_proto::v1::mesh_config_server::MeshConfig;
 use palisade_proto::v1::{AppliedPolicy, DiscoveryRequest, Snapshot};
@@ -450,12 +450,31 @@ pub(crate) fn simulate(
     let preq = PolicyRequest {
         source: (!req.source.is_empty()).then_some(req.source.as_str()),
         method: (!req.method.is_empty()).then_some(req.method.as_str()),
-        path: (!req.path.is_empty()).then_some(req.path.as_str()),
+        path: (!req.path.is_empty()).then(|| req.path.split('?').next().unwrap_or_default()),
         port: u16::try_from(req.port).unwrap_or(0),
         host: None,
         headers: &headers,
         auth: given.as_ref(),
     };
+    // TrafficPolicy validation comes before authentication.
+    let query = req.path.split_once('?').map(|(_, q)| q);
+    let content_type = headers.first("content-type");
+    let head = palisade_policy::traffic::Head {
+        method: &req.method,
+        query,
+        content_type,
+        content_length: None,
+        has_body: content_type.is_some(),
+    };
+    if let Err(invalid) = enforcer.checks().check(&head) {
+        return Ok(palisade_proto::v1::SimulateResponse {
+            decision: "invalid".into(),
+            policy: invalid.policy.clone(),
+            rule: -1,
+            reason: format!("TrafficPolicy {} refuses it with {}: {}", invalid.policy, invalid.status, invalid.reason),
+            rate_limits: Vec::new(),
+        });
+    }
     // Authentication comes first: where a credential is required and the
     // request carries none, the sidecar answers 401 before any rule.
     let required_by: Vec<String> = resources

@@ -276,6 +276,12 @@ pub struct Validation {
     /// a streamed body is cut (413) when it passes the limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Most query parameters (`&`-separated); more get 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_query_params: Option<u32>,
+    /// Longest query string in bytes; longer gets 414.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_query_bytes: Option<u32>,
 }
 
 /// Why a request failed a TrafficPolicy's validation.
@@ -289,6 +295,21 @@ pub struct Invalid {
     pub reason: String,
     /// For 405: the methods allowed (the `Allow` header).
     pub allow: Option<String>,
+}
+
+/// What validation looks at in a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Head<'a> {
+    /// The method.
+    pub method: &'a str,
+    /// The query string (after `?`).
+    pub query: Option<&'a str>,
+    /// `Content-Type`.
+    pub content_type: Option<&'a str>,
+    /// `Content-Length`.
+    pub content_length: Option<u64>,
+    /// Whether a body follows.
+    pub has_body: bool,
 }
 
 /// The request checks of every TrafficPolicy that targets a workload.
@@ -313,21 +334,28 @@ impl Checks {
         self.each.is_empty()
     }
 
-    /// Checks a request's head: its method, its body's media type (when it
-    /// has a body) and its declared length. `Ok` carries the smallest body
-    /// limit, for streamed bodies.
-    pub fn check(
-        &self,
-        method: &str,
-        content_type: Option<&str>,
-        content_length: Option<u64>,
-        has_body: bool,
-    ) -> Result<Option<u64>, Invalid> {
+    /// Checks a request's head: its method, its query, its body's media
+    /// type (when it has a body) and its declared length. `Ok` carries the
+    /// smallest body limit, for streamed bodies.
+    pub fn check(&self, head: &Head<'_>) -> Result<Option<u64>, Invalid> {
+        let Head { method, query, content_type, content_length, has_body } = *head;
         let mut cap: Option<u64> = None;
         for (policy, v) in &self.each {
             let invalid = |status, reason: String, allow| Invalid { policy: policy.clone(), status, reason, allow };
             if !v.methods.is_empty() && !v.methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
                 return Err(invalid(405, format!("method {method} is not allowed"), Some(v.methods.join(", "))));
+            }
+            let q = query.unwrap_or_default();
+            if let Some(max) = v.max_query_bytes
+                && q.len() > max as usize
+            {
+                return Err(invalid(414, format!("a query of {} bytes is over the {max} byte limit", q.len()), None));
+            }
+            if let Some(max) = v.max_query_params {
+                let n = q.split('&').filter(|p| !p.is_empty()).count();
+                if n > max as usize {
+                    return Err(invalid(400, format!("{n} query parameters are over the limit of {max}"), None));
+                }
             }
             if has_body && !v.content_types.is_empty() {
                 let mt = content_type.map(media_type).unwrap_or_default();
@@ -748,14 +776,24 @@ mod tests {
             "validation": {"methods": ["GET", "POST"], "contentTypes": ["application/json", "text/*"], "maxBodyBytes": 100}}));
         validate(&s).unwrap();
         let c = Checks::compile(&[("shop/v".into(), &s)]);
-        assert_eq!(c.check("GET", None, None, false), Ok(Some(100)));
-        let e = c.check("DELETE", None, None, false).unwrap_err();
+        let head =
+            |method, ct, len, body| Head { method, query: None, content_type: ct, content_length: len, has_body: body };
+        assert_eq!(c.check(&head("GET", None, None, false)), Ok(Some(100)));
+        let e = c.check(&head("DELETE", None, None, false)).unwrap_err();
         assert_eq!((e.status, e.allow.as_deref()), (405, Some("GET, POST")));
-        assert_eq!(c.check("POST", Some("application/json; charset=utf-8"), Some(10), true), Ok(Some(100)));
-        assert_eq!(c.check("POST", Some("Text/Plain"), Some(10), true), Ok(Some(100)));
-        assert_eq!(c.check("POST", Some("application/xml"), Some(10), true).unwrap_err().status, 415);
-        assert_eq!(c.check("POST", None, Some(10), true).unwrap_err().status, 415);
-        assert_eq!(c.check("POST", Some("application/json"), Some(101), true).unwrap_err().status, 413);
+        assert_eq!(c.check(&head("POST", Some("application/json; charset=utf-8"), Some(10), true)), Ok(Some(100)));
+        assert_eq!(c.check(&head("POST", Some("Text/Plain"), Some(10), true)), Ok(Some(100)));
+        assert_eq!(c.check(&head("POST", Some("application/xml"), Some(10), true)).unwrap_err().status, 415);
+        assert_eq!(c.check(&head("POST", None, Some(10), true)).unwrap_err().status, 415);
+        assert_eq!(c.check(&head("POST", Some("application/json"), Some(101), true)).unwrap_err().status, 413);
+        let q = spec(
+            serde_json::json!({"target": {"identities": ["*"]}, "validation": {"maxQueryParams": 2, "maxQueryBytes": 12}}),
+        );
+        let c = Checks::compile(&[("shop/q".into(), &q)]);
+        let with = |query| Head { method: "GET", query: Some(query), ..Default::default() };
+        assert_eq!(c.check(&with("a=1&b=2")), Ok(None));
+        assert_eq!(c.check(&with("a=1&b=2&c")).unwrap_err().status, 400);
+        assert_eq!(c.check(&with("a=12345678901")).unwrap_err().status, 414);
         let bad = spec(serde_json::json!({"target": {"identities": ["*"]}, "validation": {"contentTypes": ["json"]}}));
         assert_eq!(validate(&bad).unwrap_err().0, "spec.validation.contentTypes[0]");
     }

@@ -143,14 +143,14 @@ pub fn error_response(grpc: bool, status: StatusCode, message: &'static str) -> 
 /// gRPC status codes for the HTTP statuses the proxy produces (gRPC's HTTP mapping).
 fn grpc_code(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 | 413 | 431 => "13", // INTERNAL: the request could not be carried
-        401 => "16",             // UNAUTHENTICATED
-        405 => "12",             // UNIMPLEMENTED
-        415 => "3",              // INVALID_ARGUMENT
-        403 => "7",              // PERMISSION_DENIED
-        429 => "8",              // RESOURCE_EXHAUSTED
-        504 => "4",              // DEADLINE_EXCEEDED
-        _ => "14",               // UNAVAILABLE: 502, 503
+        400 | 413 | 414 | 431 => "13", // INTERNAL: the request could not be carried
+        401 => "16",                   // UNAUTHENTICATED
+        405 => "12",                   // UNIMPLEMENTED
+        415 => "3",                    // INVALID_ARGUMENT
+        403 => "7",                    // PERMISSION_DENIED
+        429 => "8",                    // RESOURCE_EXHAUSTED
+        504 => "4",                    // DEADLINE_EXCEEDED
+        _ => "14",                     // UNAVAILABLE: 502, 503
     }
 }
 

@@ -536,7 +536,7 @@ async fn traffic_policy_validation_refuses_bad_requests_before_the_app() {
     let m = mesh(app.addr).await;
     let allow = "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-any, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n";
     m.apply("allow", allow).await;
-    let tp = "apiVersion: palisade.dev/v1\nkind: TrafficPolicy\nmetadata: {name: orders-input, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  validation: {methods: [GET, POST], contentTypes: [application/json], maxBodyBytes: 64}\n";
+    let tp = "apiVersion: palisade.dev/v1\nkind: TrafficPolicy\nmetadata: {name: orders-input, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  validation: {methods: [GET, POST], contentTypes: [application/json], maxBodyBytes: 64, maxQueryParams: 3, maxQueryBytes: 40}\n";
     m.apply("validation", tp).await;
     let raw = |head: String, body: &'static [u8]| {
         let port = m.web_port;
@@ -574,6 +574,40 @@ async fn traffic_policy_validation_refuses_bad_requests_before_the_app() {
     assert!(r.contains(r#""body":"{\"b\": 2}""#), "streamed within the limit: {r}");
     let r = call(m.web_port, "GET", "/hello", "").await;
     assert_eq!(status(&r), 200, "a GET without a body needs no content type: {r}");
+    assert_eq!(status(&call(m.web_port, "GET", "/hello?a=1&b=2&c=3", "").await), 200);
+    assert_eq!(status(&call(m.web_port, "GET", "/hello?a=1&b=2&c=3&d=4", "").await), 400);
+    assert_eq!(status(&call(m.web_port, "GET", &format!("/hello?q={}", "x".repeat(40)), "").await), 414);
+    // authz check explains it.
+    let v = m.check(&[
+        "--from",
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "--to",
+        "spiffe://cluster.local/ns/shop/sa/orders",
+        "--method",
+        "DELETE",
+        "--path",
+        "/echo",
+    ]);
+    assert_eq!(v["decision"], "invalid", "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("shop/orders-input refuses it with 405"), "{v}");
+    let v = m.check(&[
+        "--from",
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "--to",
+        "spiffe://cluster.local/ns/shop/sa/orders",
+        "--path",
+        "/echo?a&b&c&d",
+    ]);
+    assert_eq!(v["decision"], "invalid", "{v}");
+    let v = m.check(&[
+        "--from",
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "--to",
+        "spiffe://cluster.local/ns/shop/sa/orders",
+        "--path",
+        "/echo?a=1",
+    ]);
+    assert_eq!(v["decision"], "allow", "{v}");
 }
 
 const CORS_POLICY: &str = "apiVersion: palisade.dev/v1\nkind: TrafficPolicy\nmetadata: {name: orders-cors, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  cors:\n    allowOrigins: [ORIGIN]\n    allowMethods: [GET, PUT]\n    allowHeaders: [x-token, content-type]\n    exposeHeaders: [x-served-by]\n    allowCredentials: true\n    maxAge: 60\n";

@@ -586,7 +586,14 @@ impl Inbound {
             let ct = h.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
             let len = h.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
             let has_body = !hyper::body::Body::is_end_stream(req.body());
-            match checks.check(method, ct, len, has_body) {
+            let head = palisade_policy::traffic::Head {
+                method,
+                query: req.uri().query(),
+                content_type: ct,
+                content_length: len,
+                has_body,
+            };
+            match checks.check(&head) {
                 Ok(Some(max)) => {
                     req.extensions_mut().insert(BodyCap(max));
                 }
@@ -596,6 +603,8 @@ impl Inbound {
                     let (status, message) = match invalid.status {
                         405 => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
                         415 => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type"),
+                        414 => (StatusCode::URI_TOO_LONG, "request target too long"),
+                        400 => (StatusCode::BAD_REQUEST, "too many query parameters"),
                         _ => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
                     };
                     let mut resp = error_response(grpc, status, message);
