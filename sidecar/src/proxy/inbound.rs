@@ -481,7 +481,10 @@ impl Inbound {
         // one); actual responses get their Access-Control-* headers below.
         let policy = self.policy.current();
         let cors = policy.as_ref().and_then(|p| p.enforcer.cors());
-        let origin = req.headers().get(http::header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let origin = cors
+            .and_then(|_| req.headers().get(http::header::ORIGIN))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         if let Some(cors) = cors
             && let Some(origin) = origin.as_deref()
             && req.method() == http::Method::OPTIONS
@@ -508,11 +511,14 @@ impl Inbound {
             self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
             return resp;
         }
-        let refusal = self.enforce(&mut req, peer.as_deref(), src, grpc, app.addr.port());
+        let refusal = self.enforce(policy.as_ref(), &mut req, peer.as_deref(), src, grpc, app.addr.port());
         // TrafficPolicy header changes: the request's now, the response's below.
         let rewrites = policy.as_ref().map(|p| p.enforcer.rewrites()).filter(|r| !r.is_empty());
         let request_id = rewrites.map(|r| request_id(req.headers(), r));
-        let principal = req.headers().get(REQUEST_PRINCIPAL).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let principal = rewrites
+            .and_then(|_| req.headers().get(REQUEST_PRINCIPAL))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let vars = palisade_policy::traffic::Vars {
             caller: peer.as_deref().map(|c| c.subject.as_str()),
             principal: principal.as_deref(),
@@ -558,6 +564,7 @@ impl Inbound {
     /// refusal to send back.
     fn enforce(
         &self,
+        policy: Option<&Arc<crate::policy::InForce>>,
         req: &mut Request<Incoming>,
         peer: Option<&Caller>,
         src: SocketAddr,
@@ -572,7 +579,7 @@ impl Inbound {
             tracing::warn!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, reason = "the caller's certificate expired after this connection was opened", "request refused");
             return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
-        let Some(policy) = self.policy.current() else {
+        let Some(policy) = policy else {
             // Not ready is not a policy decision: the caller may retry.
             tracing::info!(src.addr = %src, src.identity = ?source, http.method = method, http.path = path, "request refused: no policy received from the control plane yet (not ready)");
             let mut resp = error_response(grpc, StatusCode::SERVICE_UNAVAILABLE, "not ready");
