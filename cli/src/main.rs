@@ -126,6 +126,19 @@ enum Command {
         #[command(subcommand)]
         cmd: creds::OAuthCmd,
     },
+    /// Which TrafficPolicy route a caller's sidecar sends a request by, and where it goes.
+    Route {
+        #[command(flatten)]
+        online: Online,
+        /// Caller SPIFFE ID (routes belong to the caller's TrafficPolicies).
+        #[arg(long)]
+        from: String,
+        /// The service the caller's app calls: <service-account>.<namespace>.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        request: RequestArgs,
+    },
     /// Explain authorization decisions.
     Authz {
         #[command(flatten)]
@@ -187,6 +200,20 @@ enum Command {
     },
 }
 
+/// The request `authz check` and `route` ask about.
+#[derive(Debug, clap::Args)]
+struct RequestArgs {
+    /// HTTP method of the request (any case: get is GET).
+    #[arg(long, default_value = "GET", value_parser = parse_method)]
+    method: String,
+    /// Request path (with its query, if any), e.g. /api/orders.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Request header NAME=VALUE, repeatable.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum AuthzCmd {
     /// What the callee's sidecar would decide for a request, and which rule decides.
@@ -197,15 +224,8 @@ enum AuthzCmd {
         /// Callee SPIFFE ID.
         #[arg(long)]
         to: String,
-        /// HTTP method of the request (any case: get is GET).
-        #[arg(long, default_value = "GET", value_parser = parse_method)]
-        method: String,
-        /// Request path, e.g. /api/orders.
-        #[arg(long, default_value = "/")]
-        path: String,
-        /// Request header NAME=VALUE, repeatable.
-        #[arg(long = "header")]
-        headers: Vec<String>,
+        #[command(flatten)]
+        request: RequestArgs,
         /// The app port the request is addressed to (rules naming ports match only when it is given).
         #[arg(long)]
         port: Option<u16>,
@@ -308,10 +328,22 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Authz {
             online,
-            cmd: AuthzCmd::Check { from, to, method, path, headers, port, principal, api_key, claims },
+            cmd:
+                AuthzCmd::Check {
+                    from,
+                    to,
+                    request: RequestArgs { method, path, headers },
+                    port,
+                    principal,
+                    api_key,
+                    claims,
+                },
         } => {
             let req = policy::CheckRequest { from, to, method, path, headers, port: *port, principal, api_key, claims };
             policy::check(online, req).await
+        }
+        Command::Route { online, from, to, request: RequestArgs { method, path, headers } } => {
+            policy::route(online, from, to, method, path, headers).await
         }
         Command::Apikey { online, cmd } => creds::apikey(online, cmd).await,
         Command::Oauth { online, cmd } => creds::oauth(online, cmd).await,

@@ -223,14 +223,6 @@ pub(crate) struct CheckRequest<'a> {
 
 /// `authz check`: the simulate API.
 pub(crate) async fn check(cli: &Online, r: CheckRequest<'_>) -> Result<()> {
-    let pairs = |list: &[String], flag: &str| -> Result<std::collections::HashMap<String, String>> {
-        let mut out = std::collections::HashMap::new();
-        for h in list {
-            let (k, v) = h.split_once('=').ok_or_else(|| anyhow!("--{flag} {h:?}: expected NAME=VALUE"))?;
-            out.insert(k.trim().to_string(), v.trim().to_string());
-        }
-        Ok(out)
-    };
     let hmap = pairs(r.headers, "header")?.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
     let resp = admin(cli)
         .await?
@@ -254,6 +246,9 @@ pub(crate) async fn check(cli: &Online, r: CheckRequest<'_>) -> Result<()> {
         "rule": (resp.rule >= 0).then_some(resp.rule),
         "reason": resp.reason,
         "rate_limits": resp.rate_limits,
+        "request_changes": resp.request_changes,
+        "response_changes": resp.response_changes,
+        "cors": (!resp.cors.is_empty()).then_some(&resp.cors),
     });
     if cli.output != Output::Table {
         return print_value(cli.output, &v);
@@ -265,5 +260,68 @@ pub(crate) async fn check(cli: &Online, r: CheckRequest<'_>) -> Result<()> {
     for l in &resp.rate_limits {
         outln!("rate limit:  {l}");
     }
+    for c in &resp.request_changes {
+        outln!("request:     {c}");
+    }
+    for c in &resp.response_changes {
+        outln!("response:    {c}");
+    }
+    if !resp.cors.is_empty() {
+        outln!("cors:        {}", resp.cors);
+    }
+    Ok(())
+}
+
+/// `NAME=VALUE` pairs of a repeatable flag.
+fn pairs(list: &[String], flag: &str) -> Result<std::collections::HashMap<String, String>> {
+    let mut out = std::collections::HashMap::new();
+    for h in list {
+        let (k, v) = h.split_once('=').ok_or_else(|| anyhow!("--{flag} {h:?}: expected NAME=VALUE"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// `route`: which TrafficPolicy route the caller's sidecar takes.
+pub(crate) async fn route(
+    cli: &Online,
+    from: &str,
+    to: &str,
+    method: &str,
+    path: &str,
+    headers: &[String],
+) -> Result<()> {
+    let hmap = pairs(headers, "header")?.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    let resp = admin(cli)
+        .await?
+        .simulate_route(SimulateRouteRequest {
+            source: from.to_string(),
+            service: to.to_string(),
+            method: method.to_string(),
+            path: path.to_string(),
+            headers: hmap,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let backends: Vec<serde_json::Value> =
+        resp.backends.iter().map(|b| serde_json::json!({"service": b.service, "weight": b.weight})).collect();
+    let v = serde_json::json!({
+        "policy": (!resp.policy.is_empty()).then_some(&resp.policy),
+        "route": (resp.route >= 0).then_some(resp.route),
+        "backends": backends,
+        "path": resp.path,
+        "reason": resp.reason,
+    });
+    if cli.output != Output::Table {
+        return print_value(cli.output, &v);
+    }
+    outln!("policy:      {}", if resp.policy.is_empty() { "-" } else { &resp.policy });
+    outln!("route:       {}", if resp.route >= 0 { resp.route.to_string() } else { "-".into() });
+    for b in &resp.backends {
+        outln!("backend:     {} (weight {})", b.service, b.weight);
+    }
+    outln!("path:        {}", resp.path);
+    outln!("reason:      {}", resp.reason);
     Ok(())
 }

@@ -271,6 +271,14 @@ impl Admin for AdminService {
         Ok(Response::new(crate::policy::simulate(&self.shared, &req.into_inner())?))
     }
 
+    async fn simulate_route(
+        &self,
+        req: Request<SimulateRouteRequest>,
+    ) -> Result<Response<SimulateRouteResponse>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(crate::policy::simulate_route(&self.shared, &req.into_inner())?))
+    }
+
     async fn create_api_key(
         &self,
         req: Request<CreateApiKeyRequest>,

@@ -472,7 +472,7 @@ pub(crate) fn simulate(
             policy: invalid.policy.clone(),
             rule: -1,
             reason: format!("TrafficPolicy {} refuses it with {}: {}", invalid.policy, invalid.status, invalid.reason),
-            rate_limits: Vec::new(),
+            ..Default::default()
         });
     }
     // Authentication comes first: where a credential is required and the
@@ -499,17 +499,110 @@ pub(crate) fn simulate(
                  give --principal or --api-key to check one that does",
                 required_by.join(", ")
             ),
-            rate_limits: Vec::new(),
+            ..Default::default()
         });
     }
     let d = enforcer.authorize(&preq);
     let rate_limits = enforcer.limits_for(&preq).iter().map(ToString::to_string).collect();
+    let vars = palisade_policy::traffic::Vars {
+        caller: preq.source,
+        principal: given.as_ref().and_then(|g| g.principal.as_deref()),
+        request_id: Some("<x-request-id>"),
+    };
+    let rewrites = enforcer.rewrites();
+    let cors = match (enforcer.cors(), headers.first("origin")) {
+        (Some(c), Some(origin)) => {
+            let preflight = req
+                .method
+                .eq_ignore_ascii_case("OPTIONS")
+                .then(|| headers.first("access-control-request-method"))
+                .flatten();
+            let answer = match preflight {
+                Some(m) => c.preflight(origin, m, headers.first("access-control-request-headers")),
+                None => c.actual(origin),
+            };
+            let what = if preflight.is_some() { "preflight" } else { "request" };
+            match answer {
+                Some(h) => format!(
+                    "{what} from {origin} allowed by {}: {}",
+                    c.policy,
+                    h.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
+                ),
+                None => format!(
+                    "{what} from {origin} not allowed by {} (no Access-Control-* headers: the browser blocks it)",
+                    c.policy
+                ),
+            }
+        }
+        (Some(c), None) => format!("{} has CORS; give --header origin=... to check a browser's request", c.policy),
+        _ => String::new(),
+    };
     Ok(palisade_proto::v1::SimulateResponse {
         decision: d.label().into(),
         policy: d.policy.as_deref().unwrap_or_default().to_string(),
         rule: d.rule.map(|r| r as i64).unwrap_or(-1),
         reason: d.reason(),
         rate_limits,
+        request_changes: rewrites.request.iter().map(|op| op.describe(&vars)).collect(),
+        response_changes: rewrites.response.iter().map(|op| op.describe(&vars)).collect(),
+        cors,
+    })
+}
+
+/// The simulate-route API: which route the caller's sidecar takes.
+pub(crate) fn simulate_route(
+    shared: &Shared,
+    req: &palisade_proto::v1::SimulateRouteRequest,
+) -> Result<palisade_proto::v1::SimulateRouteResponse, Status> {
+    palisade_certs::SpiffeId::parse_workload(&req.source)
+        .map_err(|e| Status::invalid_argument(format!("source: {e}")))?;
+    if !palisade_policy::route::service_ok(&req.service) {
+        return Err(Status::invalid_argument("service: expected <service-account>.<namespace>"));
+    }
+    let resources = all_resources(shared);
+    let inputs = Inputs { version: "simulate", resources: &resources, ..Inputs::none() };
+    let enforcer = Enforcer::compile(inputs, &req.source, None).map_err(|e| Status::internal(e.to_string()))?;
+    let raw = if req.path.is_empty() { "/" } else { req.path.as_str() };
+    let (raw_path, query) = match raw.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (raw, None),
+    };
+    let path = palisade_policy::path::normalize(raw_path)
+        .map_err(|e| Status::invalid_argument(format!("path: {e} (the callee's sidecar refuses it with 400)")))?;
+    let headers: Vec<(String, String)> = req.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let with_query = |p: &str| match query {
+        Some(q) => format!("{p}?{q}"),
+        None => p.to_string(),
+    };
+    let Some(route) = enforcer.routes().route(&req.service, &path, &HeaderList(&pairs)) else {
+        return Ok(palisade_proto::v1::SimulateRouteResponse {
+            policy: String::new(),
+            route: -1,
+            backends: vec![palisade_proto::v1::RouteBackend { service: req.service.clone(), weight: 1 }],
+            path: with_query(&path),
+            reason: format!("no TrafficPolicy route of {} matches: the request goes to {}", req.source, req.service),
+        });
+    };
+    let backends: Vec<palisade_proto::v1::RouteBackend> = route
+        .backends()
+        .into_iter()
+        .map(|(service, weight)| palisade_proto::v1::RouteBackend { service: service.to_string(), weight })
+        .collect();
+    let new_path = route.rewrite(&path).unwrap_or_else(|| path.to_string());
+    let total: u32 = backends.iter().map(|b| b.weight).sum();
+    let split = backends
+        .iter()
+        .filter(|b| b.weight > 0)
+        .map(|b| format!("{} {:.0}%", b.service, f64::from(b.weight) * 100.0 / f64::from(total.max(1))))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(palisade_proto::v1::SimulateRouteResponse {
+        policy: route.policy.to_string(),
+        route: route.index as i64,
+        backends,
+        path: with_query(&new_path),
+        reason: format!("TrafficPolicy {} route {} matches: {split}", route.policy, route.index),
     })
 }
 

@@ -164,6 +164,7 @@ pub struct Enforcer {
     rewrites: crate::traffic::Rewrites,
     checks: crate::traffic::Checks,
     cors: Option<crate::traffic::CorsPolicy>,
+    routes: crate::route::Routes,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
     origin: Instant,
@@ -202,6 +203,9 @@ impl Enforcer {
             traffic.iter().map(|r| r.key()).zip(traffic_specs.iter().copied()).collect();
         let checks = crate::traffic::Checks::compile(&keyed);
         let cors = crate::traffic::compile_cors(&keyed);
+        let routes: Vec<(String, &[crate::route::Route])> =
+            keyed.iter().map(|(k, s)| (k.clone(), s.routes.as_slice())).collect();
+        let routes = crate::route::Routes::compile(&routes);
         let mut limits = Vec::new();
         for r in inputs.resources {
             let Resource::RateLimitPolicy { spec, .. } = r else { continue };
@@ -225,7 +229,7 @@ impl Enforcer {
                 }
             }
         }
-        Ok(Self { version: inputs.version.to_string(), authn, rewrites, checks, cors, rules, limits, origin })
+        Ok(Self { version: inputs.version.to_string(), authn, rewrites, checks, cors, routes, rules, limits, origin })
     }
 
     /// Authenticates a request's credential (`now`: unix seconds). Without
@@ -245,6 +249,11 @@ impl Enforcer {
     /// The CORS policy in force, if a TrafficPolicy has one.
     pub fn cors(&self) -> Option<&crate::traffic::CorsPolicy> {
         self.cors.as_ref()
+    }
+
+    /// The routes of this workload's outgoing requests (`routes`).
+    pub fn routes(&self) -> &crate::route::Routes {
+        &self.routes
     }
 
     /// The request checks TrafficPolicies ask for (`validation`).

@@ -18,6 +18,7 @@ pub mod eval;
 pub mod path;
 pub mod ratelimit;
 pub mod resource;
+pub mod route;
 pub mod traffic;
 #[cfg(feature = "yaml")]
 pub mod yaml;

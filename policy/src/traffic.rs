@@ -96,6 +96,10 @@ pub struct TrafficSpec {
     /// Cross-origin requests from browsers (the Fetch standard's CORS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<Cors>,
+    /// Versioned routing, applied by the sidecar of the caller (the
+    /// workloads `target` names), to the requests it sends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::route::Route>,
 }
 
 /// `cors`.
@@ -555,6 +559,7 @@ pub(crate) fn validate(spec: &TrafficSpec) -> Result<(), (String, String, String
             );
         }
     }
+    crate::route::validate(&spec.routes)?;
     if let Some(sec) = &spec.security_headers {
         for (field, setting) in sec.settings() {
             let value = match setting {
@@ -596,6 +601,18 @@ pub enum Op {
     Default(String, Template),
     /// Remove.
     Remove(String),
+}
+
+impl Op {
+    /// What it does to one message, for explanations (`authz check`).
+    pub fn describe(&self, vars: &Vars<'_>) -> String {
+        match self {
+            Self::Set(n, t) => format!("set {n}: {}", t.render(vars)),
+            Self::Add(n, t) => format!("add {n}: {}", t.render(vars)),
+            Self::Default(n, t) => format!("set {n}: {} (unless the app set it)", t.render(vars)),
+            Self::Remove(n) => format!("remove {n}"),
+        }
+    }
 }
 
 /// A header value, with variables filled in per request.

@@ -19,6 +19,7 @@ use crate::proxy::peer::Peer;
 struct Snapshot {
     by_service: HashMap<String, Vec<Peer>>,
     by_addr: HashMap<SocketAddr, SpiffeId>,
+    service_by_ip: HashMap<std::net::IpAddr, Arc<str>>,
     by_ip: HashMap<std::net::IpAddr, SpiffeId>,
     loaded: bool,
 }
@@ -88,6 +89,11 @@ impl Directory {
         self.current.read().unwrap_or_else(|p| p.into_inner()).by_ip.get(&ip).cloned()
     }
 
+    /// The service of the meshed pod at `ip` (transparent mode).
+    pub fn service_for_ip(&self, ip: std::net::IpAddr) -> Option<Arc<str>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).service_by_ip.get(&ip).cloned()
+    }
+
     /// The identity expected at `addr`.
     pub fn identity_at(&self, addr: &SocketAddr) -> Option<SpiffeId> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).by_addr.get(addr).cloned()
@@ -99,6 +105,7 @@ impl Directory {
         let mut n = 0;
         for (service, identity, addr) in endpoints {
             snap.by_addr.insert(addr, identity.clone());
+            snap.service_by_ip.insert(addr.ip(), service.as_str().into());
             snap.by_ip.insert(addr.ip(), identity.clone());
             snap.by_service.entry(service).or_default().push(Peer { addr, identity });
             n += 1;

@@ -166,6 +166,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         opaque_ports: cfg.opaque_ports.clone(),
         access_log: cfg.access_log,
         egress: cfg.egress,
+        policy: policy_state.clone(),
+        draws: std::sync::atomic::AtomicU64::new(seed()),
     });
 
     let state = Arc::new(admin::AdminState {
@@ -194,4 +196,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     }
     tracing::info!(admin = %admin_addr, inbound = %inbound_addr, "sidecar started");
     Ok(Running { admin_addr, inbound_addr, svids, shutdown, connections, background, background_stop })
+}
+
+/// A seed for the route draws, different in every process.
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_le_bytes(b)
 }

@@ -44,6 +44,14 @@ pub struct AuthnLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `namespace/name#index` of the TrafficPolicy route.
+    pub route: String,
+    /// The service the request went to.
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsFailureLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -82,6 +90,7 @@ pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub rate_limited: Family<PolicyLabels, Counter>,
     pub authn: Family<AuthnLabels, Counter>,
+    pub routes: Family<RouteLabels, Counter>,
     pub policy_revision: Gauge,
     pub policy_updated: Gauge,
     pub policy_nacks: Counter,
@@ -129,6 +138,7 @@ impl Default for Metrics {
             decisions: Family::default(),
             rate_limited: Family::default(),
             authn: Family::default(),
+            routes: Family::default(),
             policy_revision: Gauge::default(),
             policy_updated: Gauge::default(),
             policy_nacks: Counter::default(),
@@ -222,6 +232,11 @@ impl Metrics {
             self.decisions.clone(),
         );
         reg.register("rate_limited_requests", "Requests refused by a rate limit, by policy", self.rate_limited.clone());
+        reg.register(
+            "routed_requests",
+            "Outgoing requests a TrafficPolicy route sent, by route and backend service",
+            self.routes.clone(),
+        );
         reg.register(
             "request_authentications",
             "Request credentials (JWT, API key) checked, by result and reason (credential kind when verified)",

@@ -230,6 +230,18 @@ pub fn no_upgrade<B>(resp: &mut Response<B>) {
     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
+/// A request's headers as the policy engine reads them: in place, no copy.
+pub(crate) struct RequestHeaders<'a>(pub(crate) &'a http::HeaderMap);
+
+impl palisade_policy::Headers for RequestHeaders<'_> {
+    fn first(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn any(&self, name: &str, pred: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.0.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(pred)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,7 +53,7 @@ pub(crate) async fn pair(
     Pair { tmp, cp, server, client, port }
 }
 
-async fn h1_client(port: u16) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+pub(crate) async fn h1_client(port: u16) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn.with_upgrades());

@@ -47,14 +47,19 @@ async fn mesh(app: std::net::SocketAddr) -> Mesh {
 impl Mesh {
     /// Applies YAML with palisadectl and waits until the server sidecar runs it.
     async fn apply(&self, name: &str, yaml: &str) -> serde_json::Value {
+        self.apply_at(&self.server, name, yaml).await
+    }
+
+    /// Applies YAML with palisadectl and waits until `sidecar` runs it.
+    async fn apply_at(&self, sidecar: &Sidecar, name: &str, yaml: &str) -> serde_json::Value {
         let f = self.tmp.path().join(format!("{name}.yaml"));
         std::fs::write(&f, yaml).unwrap();
         let out = self.cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap(), "-o", "json"]);
         assert!(out.status.success(), "apply {name}: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let want = format!("r{}", v[0]["revision"]);
-        eventually("the server sidecar runs the new policy", Duration::from_secs(5), || async {
-            (self.server.config().await?["policy_version"] == want.as_str()).then_some(())
+        eventually("the sidecar runs the new policy", Duration::from_secs(5), || async {
+            (sidecar.config().await?["policy_version"] == want.as_str()).then_some(())
         })
         .await
         .unwrap();
@@ -514,6 +519,19 @@ spec:
     let r2 = call(m.web_port, "GET", "/leaky", t).await.to_ascii_lowercase();
     assert_eq!(status(&r2), 403, "not allowed by the ALLOW rule: {r2}");
     assert!(r2.contains("strict-transport-security:") && r2.contains("x-served-by: orders"), "refusals too: {r2}");
+    // authz check lists the changes the sidecar makes.
+    let c = m.check(&["--from", WEB, "--to", ORDERS, "--path", "/echo", "--header", "x-tenant=acme"]);
+    let req: Vec<&str> = c["request_changes"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert!(
+        req.contains(&"remove x-debug") && req.contains(&"set x-caller: spiffe://cluster.local/ns/shop/sa/web"),
+        "{c}"
+    );
+    let resp = c["response_changes"].to_string();
+    assert!(
+        resp.contains("set strict-transport-security: max-age=31536000; includeSubDomains (unless the app set it)")
+            && resp.contains("remove server"),
+        "{c}"
+    );
     // A caller's x-request-id is kept.
     let r = call(m.web_port, "GET", "/echo", "x-tenant: acme\r\nx-request-id: abc-1\r\n").await;
     assert!(r.contains("\"x-request-id\":\"abc-1\""), "{r}");
@@ -662,6 +680,37 @@ async fn cors_preflights_are_answered_by_the_sidecar_and_only_named_origins_allo
     assert!(!r.contains("access-control-allow-origin"), "the app's reflection is removed: {r}");
     let r = call(m.web_port, "GET", "/echo", "origin: null\r\n").await.to_ascii_lowercase();
     assert!(!r.contains("access-control-allow-origin"), "null only when named: {r}");
+    // authz check gives the same CORS answers.
+    let to = ["--from", WEB, "--to", ORDERS, "--path", "/echo"];
+    let c = m.check(&[&to[..], &["--header", "origin=https://app.example.com"]].concat());
+    assert!(
+        c["cors"].as_str().unwrap_or_default().contains("access-control-allow-origin: https://app.example.com"),
+        "{c}"
+    );
+    let c = m.check(
+        &[
+            &to[..],
+            &[
+                "--method",
+                "OPTIONS",
+                "--header",
+                "origin=https://app.example.com",
+                "--header",
+                "access-control-request-method=PUT",
+                "--header",
+                "access-control-request-headers=x-token",
+            ],
+        ]
+        .concat(),
+    );
+    let cors = c["cors"].as_str().unwrap_or_default();
+    assert!(
+        cors.starts_with("preflight from https://app.example.com allowed by shop/")
+            && cors.contains("access-control-allow-methods: GET, PUT"),
+        "{c}"
+    );
+    let c = m.check(&[&to[..], &["--header", "origin=https://evil.example.com"]].concat());
+    assert!(c["cors"].as_str().unwrap_or_default().contains("not allowed"), "{c}");
 }
 
 /// CORS in a real browser (headless Chromium): a page from the allowed
@@ -717,4 +766,126 @@ async fn cors_in_a_real_browser() {
     // The app saw the allowed page's three requests and the denied page's two
     // simple ones (a browser sends those, then hides the answer), and no preflight.
     assert_eq!(app.requests.load(Ordering::SeqCst) - before, 5, "{v}");
+}
+
+const ORDERS_V2: &str = "spiffe://cluster.local/ns/shop/sa/orders-v2";
+
+/// Versioned routing on the calling side: the caller's sidecar sends a
+/// request by header or path prefix to another service, rewrites the
+/// prefix, and splits a canary by weight; the backend's own sidecar still
+/// decides whether the caller may (routing is no way around authorization);
+/// `palisadectl route` shows the route a request takes.
+#[tokio::test]
+async fn routes_send_api_versions_and_canaries_to_named_services() {
+    use http_body_util::BodyExt;
+    let (v1, v2) = (HttpApp::start().await, HttpApp::start().await);
+    let m = mesh(v1.addr).await;
+    let _v2 =
+        Sidecar::meshed("orders-v2", &m.cp, m.tmp.path(), ORDERS_V2, &["--app", &v2.addr.to_string()]).await.unwrap();
+    let allow = |targets: &str| {
+        format!(
+            r#"apiVersion: palisade.dev/v1
+kind: AuthorizationPolicy
+metadata: {{name: web-calls-orders, namespace: shop}}
+spec:
+  target: {{identities: [{targets}]}}
+  action: ALLOW
+  rules: [{{from: [{{identities: ["spiffe://cluster.local/ns/shop/sa/web"]}}]}}]
+"#
+        )
+    };
+    m.apply("allow", &allow(r#""spiffe://cluster.local/ns/shop/sa/orders""#)).await;
+    let routes = r#"apiVersion: palisade.dev/v1
+kind: TrafficPolicy
+metadata: {name: web-routes, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/web"]}
+  routes:
+    - match: {service: orders.shop, headers: {api-version: "2"}}
+      backends: [{service: orders-v2.shop}]
+    - match: {service: orders.shop, pathPrefix: /v2/}
+      backends: [{service: orders-v2.shop}]
+      rewritePrefix: /
+    - match: {service: orders.shop, pathPrefix: /canary}
+      backends: [{service: orders.shop, weight: 80}, {service: orders-v2.shop, weight: 20}]
+      rewritePrefix: /echo
+"#;
+    m.apply_at(&m.web, "routes", routes).await;
+    let count = |a: &HttpApp| a.requests.load(Ordering::SeqCst);
+
+    // No route matches: the called service.
+    let r = call(m.web_port, "GET", "/echo", "").await;
+    assert_eq!((status(&r), count(&v1), count(&v2)), (200, 1, 0), "{r}");
+    // Routed by header to v2, whose own sidecar does not allow web yet.
+    let r = call(m.web_port, "GET", "/echo", "api-version: 2\r\n").await;
+    assert_eq!((status(&r), count(&v2)), (403, 0), "v2's sidecar decides: {r}");
+    let want_v2 = r#""spiffe://cluster.local/ns/shop/sa/orders", "spiffe://cluster.local/ns/shop/sa/orders-v2""#;
+    m.apply("allow", &allow(want_v2)).await;
+    eventually("v2's sidecar allows web", Duration::from_secs(5), || async {
+        (status(&call(m.web_port, "GET", "/echo", "api-version: 2\r\n").await) == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!((count(&v1), count(&v2)), (1, 1));
+    // By path prefix, rewritten: v2's app receives /echo?x=1.
+    let r = call(m.web_port, "GET", "/v2/echo?x=1", "").await;
+    assert_eq!((status(&r), count(&v2)), (200, 2), "{r}");
+    assert!(r.contains(r#""uri":"/echo?x=1""#), "{r}");
+    // An encoded spelling of the prefix takes the same route.
+    let r = call(m.web_port, "GET", "/%76%32/echo", "").await;
+    assert_eq!((status(&r), count(&v2)), (200, 3), "{r}");
+
+    // A canary: 2,000 requests on one connection split 80/20 within 5 points.
+    let mut c = crate::dataplane::h1_client(m.web_port).await;
+    let (b1, b2) = (count(&v1), count(&v2));
+    for _ in 0..2000 {
+        let req = http::Request::get("/canary").header("host", "orders").body(Default::default()).unwrap();
+        let resp = c.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await.unwrap();
+    }
+    let to_v2 = count(&v2) - b2;
+    assert_eq!(count(&v1) - b1 + to_v2, 2000);
+    assert!((300..=500).contains(&to_v2), "20% of 2000 within 5 points: {to_v2}");
+    let metric = m.web.get("/metrics").await.unwrap().1;
+    let line =
+        format!(r#"palisade_routed_requests_total{{route="shop/web-routes#2",backend="orders-v2.shop"}} {to_v2}"#);
+    assert!(metric.contains(&line), "{line}\n{metric}");
+
+    // palisadectl shows the route a request takes.
+    let route = |args: &[&str]| {
+        let mut all = vec!["route", "--from", WEB, "--to", "orders.shop", "-o", "json"];
+        all.extend_from_slice(args);
+        let out = m.cp.ctl(&all);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let r = route(&["--path", "/v2/orders/7?all=1"]);
+    assert_eq!((r["policy"].as_str(), r["route"].as_i64()), (Some("shop/web-routes"), Some(1)), "{r}");
+    assert_eq!(
+        (r["backends"][0]["service"].as_str(), r["path"].as_str()),
+        (Some("orders-v2.shop"), Some("/orders/7?all=1"))
+    );
+    let r = route(&["--path", "/canary/x"]);
+    assert_eq!(
+        r["backends"],
+        serde_json::json!([{"service": "orders.shop", "weight": 80}, {"service": "orders-v2.shop", "weight": 20}])
+    );
+    assert_eq!(r["path"], "/echo/x");
+    let r = route(&["--header", "api-version=2"]);
+    assert_eq!(r["route"], 0);
+    let r = route(&["--path", "/v1/x"]);
+    assert_eq!((r["route"].is_null(), r["backends"][0]["service"].as_str()), (true, Some("orders.shop")), "{r}");
+    let table = String::from_utf8_lossy(
+        &m.cp.ctl(&["route", "--from", WEB, "--to", "orders.shop", "--path", "/canary"]).stdout,
+    )
+    .into_owned();
+    assert!(table.contains("orders-v2.shop (weight 20)") && table.contains("80%"), "{table}");
+    // A route to something that is not a service is refused at apply time.
+    let f = m.tmp.path().join("routes.yaml");
+    std::fs::write(&f, routes.replace("orders-v2.shop}]\n      rewritePrefix", "orders-v2}]\n      rewritePrefix"))
+        .unwrap();
+    let out = m.cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("spec.routes[1].backends[0].service"), "{err}");
 }

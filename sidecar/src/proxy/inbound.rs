@@ -27,7 +27,7 @@ use super::detect::{Detected, Prefixed, Protocol, detect_with};
 use super::tcp::{ConnGuard, Counted};
 use super::{
     ALPN_H2, ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, ProxyError, REQUEST_PRINCIPAL,
-    error_response, is_grpc, is_upgrade,
+    RequestHeaders, error_response, is_grpc, is_upgrade,
 };
 use crate::config::Limits;
 use crate::metrics::{AuthnLabels, Metrics};
@@ -921,18 +921,6 @@ fn rewrite_credentials(
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// A request's headers as the policy engine reads them: in place, no copy.
-struct RequestHeaders<'a>(&'a http::HeaderMap);
-
-impl palisade_policy::Headers for RequestHeaders<'_> {
-    fn first(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
-    }
-    fn any(&self, name: &str, pred: &mut dyn FnMut(&str) -> bool) -> bool {
-        self.0.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(pred)
-    }
 }
 
 fn app_error(e: super::pool::AppError) -> ProxyError {

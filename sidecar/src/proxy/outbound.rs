@@ -71,6 +71,10 @@ pub struct Outbound {
     pub opaque_ports: Vec<u16>,
     pub access_log: bool,
     pub egress: Egress,
+    /// The policy in force: its routes pick where requests go.
+    pub policy: crate::policy::PolicyState,
+    /// Draws for weighted routes.
+    pub draws: std::sync::atomic::AtomicU64,
 }
 
 impl Outbound {
@@ -249,6 +253,64 @@ impl Outbound {
         })
     }
 
+    /// The backend service a TrafficPolicy route sends this request to (the
+    /// first route that matches the called service, path and headers), with
+    /// the path rewritten when the route says so; `None` when no route
+    /// matches. Routing decides where a request goes, not whether it may:
+    /// the backend's sidecar enforces its own policy on what it receives.
+    fn route<B>(&self, req: &mut Request<B>, dest: &Dest) -> Result<Option<Arc<str>>, ProxyError> {
+        let Some(policy) = self.policy.current() else { return Ok(None) };
+        let routes = policy.enforcer.routes();
+        if routes.is_empty() {
+            return Ok(None);
+        }
+        let service = match dest {
+            Dest::Service(s) => s.clone(),
+            Dest::Peer(p) => match self.directory.service_for_ip(p.addr.ip()) {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+        };
+        if !routes.for_service(&service) {
+            return Ok(None);
+        }
+        // Routes match the path as the callee will see it (normalised); a
+        // path that cannot be normalised goes unrouted and the callee refuses it.
+        let Ok(path) = palisade_policy::path::normalize(req.uri().path()) else { return Ok(None) };
+        let Some(route) = routes.route(&service, &path, &super::RequestHeaders(req.headers())) else {
+            return Ok(None);
+        };
+        let backend = route.pick(self.draw()).clone();
+        if let Some(new) = route.rewrite(&path) {
+            let pq = match req.uri().query() {
+                Some(q) => format!("{new}?{q}"),
+                None => new,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query =
+                Some(PathAndQuery::try_from(pq).map_err(|_| ProxyError::BadRequest("invalid request target"))?);
+            *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        }
+        self.metrics
+            .routes
+            .get_or_create(&crate::metrics::RouteLabels {
+                route: format!("{}#{}", route.policy, route.index),
+                backend: backend.to_string(),
+            })
+            .inc();
+        tracing::debug!(dst = %dest, route.policy = %route.policy, route.index = route.index, backend = %backend, "routed");
+        Ok(Some(backend))
+    }
+
+    /// A uniform draw for a weighted route (splitmix64 over a counter: no
+    /// lock, well spread, not for secrets).
+    fn draw(&self) -> u32 {
+        let mut z = self.draws.fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 32) as u32
+    }
+
     async fn request(self: Arc<Self>, req: Request<Incoming>, dest: Arc<Dest>, app: Protocol) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
@@ -286,7 +348,10 @@ impl Outbound {
             return Err(ProxyError::TooLarge { limit: self.limits.max_request_body_bytes });
         }
         let chunked = req.headers().contains_key(TRANSFER_ENCODING);
-        let peer = self.pick(dest).await?;
+        let peer = match self.route(&mut req, dest)? {
+            Some(backend) => self.pick(&Dest::Service(backend)).await?,
+            None => self.pick(dest).await?,
+        };
 
         // Rewrite for HTTP/2: absolute URI (authority from Host), no
         // hop-by-hop headers, the app's version carried in ORIG_PROTO.
@@ -358,7 +423,10 @@ impl Outbound {
     /// HTTP/1.1 Upgrade (WebSocket...): a dedicated mTLS connection speaking
     /// HTTP/1.1, then the two upgraded streams are spliced.
     async fn upgrade(&self, mut req: Request<Incoming>, dest: &Dest) -> Result<Response<Body>, ProxyError> {
-        let peer = self.pick(dest).await?;
+        let peer = match self.route(&mut req, dest)? {
+            Some(backend) => self.pick(&Dest::Service(backend)).await?,
+            None => self.pick(dest).await?,
+        };
         let tls = self.peers.connect(&peer, ALPN_HTTP1).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(ProxyError::Upstream)?;
