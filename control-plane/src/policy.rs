@@ -447,10 +447,23 @@ pub(crate) fn simulate(
             claims,
         )
     });
+    // The sidecar decides on the normalised path (per the workload's TrafficPolicies).
+    let raw_path = req.path.split('?').next().unwrap_or_default();
+    let path = match palisade_policy::path::normalize_with(raw_path, enforcer.checks().path_options()) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(palisade_proto::v1::SimulateResponse {
+                decision: "invalid".into(),
+                rule: -1,
+                reason: format!("the sidecar refuses this path with 400: {e}"),
+                ..Default::default()
+            });
+        }
+    };
     let preq = PolicyRequest {
         source: (!req.source.is_empty()).then_some(req.source.as_str()),
         method: (!req.method.is_empty()).then_some(req.method.as_str()),
-        path: (!req.path.is_empty()).then(|| req.path.split('?').next().unwrap_or_default()),
+        path: (!req.path.is_empty()).then_some(&*path),
         port: u16::try_from(req.port).unwrap_or(0),
         host: None,
         headers: &headers,

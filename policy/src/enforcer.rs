@@ -17,7 +17,7 @@ use crate::eval::method_matches;
 use crate::ratelimit::{Algorithm, Outcome, Quota, State};
 use crate::resource::AuthenticationSpec;
 use crate::resource::{Limit, LimitKey, Scope, parse_period};
-use crate::{Decision, PolicyError, Request, Resource, RuleSet};
+use crate::{Decision, PolicyError, Request, Resource, RuleSet, Verdict};
 
 /// Most keys one limit tracks; beyond, the least recently used key's bucket
 /// is forgotten (bounded memory, and a caller inventing keys cannot reset
@@ -267,8 +267,24 @@ impl Enforcer {
     }
 
     /// The authorization decision.
+    ///
+    /// Where a TrafficPolicy keeps encoded slashes (`encodedSlashes: keep`),
+    /// a path holding one must be allowed under both readings: as one
+    /// segment (`/admin%2Fx`) and as the app may decode it (`/admin/x`), so
+    /// keeping them never walks around a rule.
     pub fn authorize(&self, req: &Request<'_>) -> Decision {
-        self.rules.decide(req)
+        let d = self.rules.decide(req);
+        if d.verdict == Verdict::Deny || self.checks.path_options().encoded_slashes != crate::path::Encoded::Keep {
+            return d;
+        }
+        let Some(path) = req.path.filter(|p| p.contains('%')) else { return d };
+        let decoded = path.replace("%2F", "/").replace("%5C", "/");
+        if decoded == path {
+            return d;
+        }
+        let alt = crate::path::normalize(&decoded).map(|p| p.into_owned()).unwrap_or(decoded);
+        let other = self.rules.decide(&Request { path: Some(&alt), ..*req });
+        if other.verdict == Verdict::Deny { other } else { d }
     }
 
     /// `namespace/name` of every authorization policy in force; a decision's

@@ -19,6 +19,7 @@ pub mod path;
 pub mod ratelimit;
 pub mod resource;
 pub mod route;
+pub mod schema;
 pub mod traffic;
 #[cfg(feature = "yaml")]
 pub mod yaml;

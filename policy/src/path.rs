@@ -35,6 +35,85 @@ pub enum PathError {
     /// Percent-encoded bytes that are not valid UTF-8 (overlong forms included).
     #[error("percent-encoded bytes that are not UTF-8")]
     NotUtf8,
+    /// A `.` or `..` segment, where a policy refuses them.
+    #[error("a dot segment")]
+    DotSegment,
+    /// An empty segment (`//`), where a policy refuses them.
+    #[error("an empty segment")]
+    EmptySegment,
+}
+
+/// `validation.pathNormalization`: how a workload's request paths are put
+/// in normal form. The defaults are the mesh's: dot segments resolved,
+/// empty segments merged, encoded separators refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Options {
+    /// `.` and `..` segments (`%2e` spellings included): `resolve` or `refuse` (400).
+    #[serde(default)]
+    pub dot_segments: Resolve,
+    /// Empty segments (`//`): `merge` or `refuse` (400).
+    #[serde(default)]
+    pub empty_segments: Merge,
+    /// `%2F` and `%5C`: `refuse` (400), or `keep` them encoded, for apps
+    /// whose identifiers hold a `/`. Kept, they are not separators to policy
+    /// (`/a%2Fb` is one segment): only choose it for an app that reads them
+    /// the same way.
+    #[serde(default)]
+    pub encoded_slashes: Encoded,
+}
+
+/// `dotSegments`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resolve {
+    /// Resolved (RFC 3986 section 5.2.4).
+    #[default]
+    Resolve,
+    /// Refused.
+    Refuse,
+}
+
+/// `emptySegments`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Merge {
+    /// Merged into one `/`.
+    #[default]
+    Merge,
+    /// Refused.
+    Refuse,
+}
+
+/// `encodedSlashes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoded {
+    /// Refused.
+    #[default]
+    Refuse,
+    /// Kept encoded (upper case).
+    Keep,
+}
+
+impl Options {
+    /// The strictest of several policies' options (none given: the defaults).
+    pub fn strictest<'a>(all: impl Iterator<Item = &'a Options>) -> Options {
+        let mut out: Option<Options> = None;
+        for o in all {
+            let cur = out.get_or_insert(*o);
+            if o.dot_segments == Resolve::Refuse {
+                cur.dot_segments = Resolve::Refuse;
+            }
+            if o.empty_segments == Merge::Refuse {
+                cur.empty_segments = Merge::Refuse;
+            }
+            if o.encoded_slashes == Encoded::Refuse {
+                cur.encoded_slashes = Encoded::Refuse;
+            }
+        }
+        out.unwrap_or_default()
+    }
 }
 
 impl PathError {
@@ -45,6 +124,8 @@ impl PathError {
             Self::BadEncoding => "bad_percent_encoding",
             Self::ControlCharacter => "encoded_control_character",
             Self::NotUtf8 => "encoded_bytes_not_utf8",
+            Self::DotSegment => "dot_segment",
+            Self::EmptySegment => "empty_segment",
         }
     }
 }
@@ -92,6 +173,11 @@ fn is_normal(p: &[u8]) -> bool {
 /// `*` (as in `OPTIONS *`) and paths that do not start with `/` other than
 /// empty ones are returned as they are: they name no resource rules match.
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    normalize_with(path, &Options::default())
+}
+
+/// [`normalize`] with a policy's [`Options`].
+pub fn normalize_with<'a>(path: &'a str, opts: &Options) -> Result<Cow<'a, str>, PathError> {
     if path == "*" {
         return Ok(Cow::Borrowed(path));
     }
@@ -137,6 +223,9 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         }
         end_run(&mut high)?;
         match v {
+            b'/' | b'\\' if opts.encoded_slashes == Encoded::Keep => {
+                decoded.extend_from_slice(format!("%{v:02X}").as_bytes())
+            }
             b'/' | b'\\' => return Err(PathError::EncodedSeparator),
             0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
             v if unreserved(v) => decoded.push(v),
@@ -147,8 +236,11 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     // Resolve dot segments and merge empty ones.
     let text = String::from_utf8(decoded).map_err(|_| PathError::NotUtf8)?;
     let mut out: Vec<&str> = Vec::new();
-    for seg in text.split('/') {
+    let last = text.split('/').count() - 1;
+    for (i, seg) in text.split('/').enumerate() {
         match seg {
+            "." | ".." if opts.dot_segments == Resolve::Refuse => return Err(PathError::DotSegment),
+            "" if i > 0 && i < last && opts.empty_segments == Merge::Refuse => return Err(PathError::EmptySegment),
             "" | "." => {}
             ".." => {
                 out.pop();
@@ -241,5 +333,26 @@ mod tests {
             let once = normalize(p).unwrap().into_owned();
             assert_eq!(normalize(&once).unwrap(), once);
         }
+    }
+
+    #[test]
+    fn policies_may_refuse_dot_and_empty_segments_or_keep_encoded_slashes() {
+        let strict = Options { dot_segments: Resolve::Refuse, empty_segments: Merge::Refuse, ..Default::default() };
+        assert_eq!(normalize_with("/a/../b", &strict), Err(PathError::DotSegment));
+        assert_eq!(normalize_with("/a/%2e%2E/b", &strict), Err(PathError::DotSegment));
+        assert_eq!(normalize_with("/a/./b", &strict), Err(PathError::DotSegment));
+        assert_eq!(normalize_with("/a//b", &strict), Err(PathError::EmptySegment));
+        assert_eq!(normalize_with("/a/b/", &strict).unwrap(), "/a/b/");
+        assert_eq!(normalize_with("/%61/b", &strict).unwrap(), "/a/b");
+        let keep = Options { encoded_slashes: Encoded::Keep, ..Default::default() };
+        assert_eq!(normalize_with("/repo/a%2fb/x", &keep).unwrap(), "/repo/a%2Fb/x");
+        assert_eq!(normalize_with("/repo/a%5Cb", &keep).unwrap(), "/repo/a%5Cb");
+        assert_eq!(normalize_with("/repo/a\\b", &keep), Err(PathError::EncodedSeparator), "raw backslash");
+        assert_eq!(normalize_with("/a/%2e%2e%2fadmin", &keep).unwrap(), "/a/..%2Fadmin", "one segment, not a walk up");
+        let lax: Options = serde_json::from_value(serde_json::json!({"encodedSlashes": "keep"})).unwrap();
+        let mixed = Options::strictest([lax, strict].iter());
+        assert_eq!(mixed, Options { encoded_slashes: Encoded::Refuse, ..strict });
+        assert_eq!(Options::strictest([lax].iter()).encoded_slashes, Encoded::Keep);
+        assert_eq!(Options::strictest([].iter()), Options::default());
     }
 }

@@ -286,6 +286,29 @@ pub struct Validation {
     /// Longest query string in bytes; longer gets 414.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_query_bytes: Option<u32>,
+    /// A JSON Schema request bodies must match (then any body must be
+    /// JSON: another media type gets 415; a mismatch 400 with an RFC 9457
+    /// problem). The body is read whole first, up to `maxBodyBytes`
+    /// (default 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<serde_json::Value>,
+    /// How paths are normalised before any decision (see `PathNormalization`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_normalization: Option<crate::path::Options>,
+}
+
+/// The body limit of requests whose JSON body a schema checks, when the
+/// policy gives none.
+pub const DEFAULT_SCHEMA_BODY_BYTES: u64 = 1 << 20;
+
+/// What happens to a request's body once its head passed validation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BodyRule {
+    /// The smallest body limit of the policies (a streamed body is read up
+    /// to it, 413 past it).
+    pub cap: Option<u64>,
+    /// The body is read whole and checked against JSON Schemas.
+    pub schema: bool,
 }
 
 /// Why a request failed a TrafficPolicy's validation.
@@ -320,6 +343,8 @@ pub struct Head<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checks {
     each: Vec<(String, Validation)>,
+    schemas: Vec<(String, crate::schema::Schema)>,
+    paths: crate::path::Options,
 }
 
 /// The media type of a `Content-Type` value, lower case, without parameters.
@@ -330,7 +355,14 @@ fn media_type(ct: &str) -> String {
 impl Checks {
     /// Compiles `(policy key, spec)` pairs (already validated).
     pub fn compile(specs: &[(String, &TrafficSpec)]) -> Self {
-        Self { each: specs.iter().filter_map(|(k, s)| Some((k.clone(), s.validation.clone()?))).collect() }
+        let each: Vec<(String, Validation)> =
+            specs.iter().filter_map(|(k, s)| Some((k.clone(), s.validation.clone()?))).collect();
+        let schemas = each
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), crate::schema::Schema::compile(v.json_schema.as_ref()?).ok()?)))
+            .collect();
+        let paths = crate::path::Options::strictest(each.iter().filter_map(|(_, v)| v.path_normalization.as_ref()));
+        Self { each, schemas, paths }
     }
 
     /// Whether there is nothing to check.
@@ -338,12 +370,35 @@ impl Checks {
         self.each.is_empty()
     }
 
+    /// How request paths are normalised (the strictest of the policies).
+    pub fn path_options(&self) -> &crate::path::Options {
+        &self.paths
+    }
+
+    /// Checks a JSON body against every schema (after [`check`](Self::check)
+    /// asked for it with `BodyRule::schema`).
+    pub fn check_body(&self, body: &[u8]) -> Result<(), crate::schema::Problem> {
+        for (policy, schema) in &self.schemas {
+            schema.check(policy, body)?;
+        }
+        Ok(())
+    }
+
     /// Checks a request's head: its method, its query, its body's media
-    /// type (when it has a body) and its declared length. `Ok` carries the
-    /// smallest body limit, for streamed bodies.
-    pub fn check(&self, head: &Head<'_>) -> Result<Option<u64>, Invalid> {
+    /// type (when it has a body) and its declared length. `Ok` says what
+    /// to do with the body.
+    pub fn check(&self, head: &Head<'_>) -> Result<BodyRule, Invalid> {
         let Head { method, query, content_type, content_length, has_body } = *head;
         let mut cap: Option<u64> = None;
+        let schema = has_body && !self.schemas.is_empty();
+        if schema && !crate::schema::is_json(content_type) {
+            return Err(Invalid {
+                policy: self.schemas[0].0.clone(),
+                status: 415,
+                reason: "a JSON body is required (validation.jsonSchema)".into(),
+                allow: None,
+            });
+        }
         for (policy, v) in &self.each {
             let invalid = |status, reason: String, allow| Invalid { policy: policy.clone(), status, reason, allow };
             if !v.methods.is_empty() && !v.methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
@@ -385,7 +440,19 @@ impl Checks {
                 cap = Some(cap.map_or(max, |c| c.min(max)));
             }
         }
-        Ok(cap)
+        if schema {
+            let max = cap.unwrap_or(DEFAULT_SCHEMA_BODY_BYTES);
+            if content_length.is_some_and(|l| l > max) {
+                return Err(Invalid {
+                    policy: self.schemas[0].0.clone(),
+                    status: 413,
+                    reason: format!("a JSON body over the {max} byte limit"),
+                    allow: None,
+                });
+            }
+            cap = Some(max);
+        }
+        Ok(BodyRule { cap, schema })
     }
 }
 
@@ -500,6 +567,11 @@ pub(crate) fn validate(spec: &TrafficSpec) -> Result<(), (String, String, String
                     "must be a media type such as application/json, or text/*",
                 );
             }
+        }
+        if let Some(schema) = &v.json_schema
+            && let Err(why) = crate::schema::Schema::compile(schema)
+        {
+            return err("spec.validation.jsonSchema".into(), "", &why);
         }
         if v.max_body_bytes == Some(0) {
             return err("spec.validation.maxBodyBytes".into(), "0", "must be at least 1 (leave it out for no limit)");
@@ -795,11 +867,14 @@ mod tests {
         let c = Checks::compile(&[("shop/v".into(), &s)]);
         let head =
             |method, ct, len, body| Head { method, query: None, content_type: ct, content_length: len, has_body: body };
-        assert_eq!(c.check(&head("GET", None, None, false)), Ok(Some(100)));
+        assert_eq!(c.check(&head("GET", None, None, false)).unwrap().cap, Some(100));
         let e = c.check(&head("DELETE", None, None, false)).unwrap_err();
         assert_eq!((e.status, e.allow.as_deref()), (405, Some("GET, POST")));
-        assert_eq!(c.check(&head("POST", Some("application/json; charset=utf-8"), Some(10), true)), Ok(Some(100)));
-        assert_eq!(c.check(&head("POST", Some("Text/Plain"), Some(10), true)), Ok(Some(100)));
+        assert_eq!(
+            c.check(&head("POST", Some("application/json; charset=utf-8"), Some(10), true)).unwrap().cap,
+            Some(100)
+        );
+        assert_eq!(c.check(&head("POST", Some("Text/Plain"), Some(10), true)).unwrap().cap, Some(100));
         assert_eq!(c.check(&head("POST", Some("application/xml"), Some(10), true)).unwrap_err().status, 415);
         assert_eq!(c.check(&head("POST", None, Some(10), true)).unwrap_err().status, 415);
         assert_eq!(c.check(&head("POST", Some("application/json"), Some(101), true)).unwrap_err().status, 413);
@@ -808,7 +883,7 @@ mod tests {
         );
         let c = Checks::compile(&[("shop/q".into(), &q)]);
         let with = |query| Head { method: "GET", query: Some(query), ..Default::default() };
-        assert_eq!(c.check(&with("a=1&b=2")), Ok(None));
+        assert_eq!(c.check(&with("a=1&b=2")), Ok(BodyRule::default()));
         assert_eq!(c.check(&with("a=1&b=2&c")).unwrap_err().status, 400);
         assert_eq!(c.check(&with("a=12345678901")).unwrap_err().status, 414);
         let bad = spec(serde_json::json!({"target": {"identities": ["*"]}, "validation": {"contentTypes": ["json"]}}));

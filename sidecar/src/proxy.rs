@@ -51,11 +51,23 @@ pub enum ProxyError {
     AppFailed(String),
     #[error("app sent no response headers within {0:?}")]
     AppTimeout(Duration),
+    #[error("request body refused by {}: {}", .0.policy, .0.reason())]
+    InvalidBody(Box<palisade_policy::schema::Problem>),
 }
 
 impl ProxyError {
     pub fn response(&self, grpc: bool) -> Response<Body> {
         let (status, msg) = match self {
+            Self::InvalidBody(p) if !grpc => {
+                // RFC 9457: which field failed and why, never the input itself.
+                let mut resp = Response::new(full(Bytes::from(p.to_json())));
+                *resp.status_mut() = StatusCode::BAD_REQUEST;
+                let h = resp.headers_mut();
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+                h.insert("x-palisade-error", HeaderValue::from_static("1"));
+                return resp;
+            }
+            Self::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid request body"),
             Self::NoDirectory | Self::UnknownService(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "no endpoint for the service")
             }

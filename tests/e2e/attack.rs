@@ -963,3 +963,85 @@ async fn no_path_encoding_walks_around_a_deny() {
     assert_eq!(status(&resp), 200, "{resp}");
     assert!(resp.contains("\"uri\":\"/echo?a=%2e%2e\""), "the query is untouched: {resp}");
 }
+
+/// JSON Schema validation against hostile bodies: a key given twice (which
+/// parsers read differently), trailing bytes, deep nesting, non-JSON media
+/// types and spellings of them, a missing content type, UTF-16 and BOMs,
+/// bodies built to produce thousands of errors, and a flood of them: none
+/// reaches the app, every refusal is bounded, and the sidecar keeps serving.
+#[tokio::test]
+async fn hostile_json_bodies_never_pass_the_schema() {
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let tp = r#"apiVersion: palisade.dev/v1
+kind: TrafficPolicy
+metadata: {name: orders-schema, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}
+  validation:
+    maxBodyBytes: 65536
+    jsonSchema:
+      type: object
+      required: [qty]
+      properties:
+        qty: {type: integer, minimum: 1}
+        tags: {type: array, items: {type: string}}
+"#;
+    apply(&p.cp, p.tmp.path(), &p.server, tp).await;
+    let post = |ct: Option<&str>, body: &[u8]| {
+        let mut head = "POST /echo HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n".to_string();
+        if let Some(ct) = ct {
+            head.push_str(&format!("content-type: {ct}\r\n"));
+        }
+        head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        let mut all = head.into_bytes();
+        all.extend_from_slice(body);
+        all
+    };
+    let json = Some("application/json");
+    let many_errors = format!(r#"{{"qty": 1, "tags": [{}1]}}"#, "1,".repeat(5000));
+    let deep = format!("{{\"qty\": 1, \"x\": {}{}}}", "[".repeat(5000), "]".repeat(5000));
+    let utf16: Vec<u8> = "{\"qty\": 1}".encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    let cases: Vec<(Option<&str>, Vec<u8>, u16)> = vec![
+        (json, br#"{"qty": 0, "qty": 1}"#.to_vec(), 400),
+        (json, br#"{"qty": 1, "qty": 0}"#.to_vec(), 400),
+        (json, br#"{"qty": 1} {"qty": 0}"#.to_vec(), 400),
+        (json, br#"{"qty": 1}garbage"#.to_vec(), 400),
+        (json, br#"{"qty": NaN}"#.to_vec(), 400),
+        (json, br#"{"qty": 1e400}"#.to_vec(), 400),
+        (json, b"\xef\xbb\xbf{\"qty\": 1}".to_vec(), 400),
+        (json, utf16, 400),
+        (json, b"{\"qty\": 1, \"s\": \"\xff\"}".to_vec(), 400),
+        (json, deep.into_bytes(), 400),
+        (json, many_errors.into_bytes(), 400),
+        (None, br#"{"qty": 0}"#.to_vec(), 415),
+        (Some("text/plain"), br#"{"qty": 0}"#.to_vec(), 415),
+        (Some("application/jsonx"), br#"{"qty": 0}"#.to_vec(), 415),
+        (Some("text/json"), br#"{"qty": 0}"#.to_vec(), 415),
+        (Some("application/x-www-form-urlencoded"), b"qty=0".to_vec(), 415),
+        (Some("multipart/form-data; boundary=x"), b"--x--".to_vec(), 415),
+    ];
+    let before = app.requests.load(Ordering::SeqCst);
+    for (i, (ct, body, want)) in cases.iter().enumerate() {
+        let resp = send(p.port, Duration::ZERO, &post(*ct, body)).await;
+        assert_eq!(status(&resp), *want, "case {i} ({ct:?}): {resp}");
+        assert!(resp.len() < 8192, "case {i}: a bounded refusal ({} bytes)", resp.len());
+    }
+    // Two Content-Type headers: hyper reads the first; a JSON first one is checked as JSON.
+    let two = b"POST /echo HTTP/1.1\r\nHost: orders\r\nConnection: close\r\ncontent-type: application/json\r\ncontent-type: text/plain\r\ncontent-length: 10\r\n\r\n{\"qty\": 0}";
+    assert_eq!(status(&send(p.port, Duration::ZERO, two).await), 400);
+    assert_eq!(app.requests.load(Ordering::SeqCst), before, "nothing refused reached the app");
+    // A flood of invalid bodies on concurrent connections, then a valid one passes.
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let req = post(json, br#"{"qty": "one"}"#);
+        let port = p.port;
+        flood.spawn(async move { status(&send(port, Duration::ZERO, &req).await) });
+    }
+    while let Some(s) = flood.join_next().await {
+        assert_eq!(s.unwrap(), 400);
+    }
+    let ok = send(p.port, Duration::ZERO, &post(Some("application/json; charset=utf-8"), br#"{"qty": 3}"#)).await;
+    assert_eq!(status(&ok), 200, "{ok}");
+    assert_eq!(app.requests.load(Ordering::SeqCst), before + 1);
+}

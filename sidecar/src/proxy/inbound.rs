@@ -468,9 +468,11 @@ impl Inbound {
         });
         // Never trust a principal header from outside either.
         headers.remove(REQUEST_PRINCIPAL);
+        let policy = self.policy.current();
         // One spelling per resource: policy decides on, and the app receives,
         // the normalised path, so no encoding walks around a rule.
-        if let Err(reason) = normalize_path(&mut req) {
+        let path_options = policy.as_ref().map(|p| *p.enforcer.checks().path_options()).unwrap_or_default();
+        if let Err(reason) = normalize_path(&mut req, &path_options) {
             tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, reason, "request path refused");
             let resp = error_response(grpc, StatusCode::BAD_REQUEST, "bad request path");
             self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
@@ -479,7 +481,6 @@ impl Inbound {
         let upgrade = app_proto == Protocol::Http1 && is_upgrade(&req);
         // CORS: a browser's preflight is answered here (the app never sees
         // one); actual responses get their Access-Control-* headers below.
-        let policy = self.policy.current();
         let cors = policy.as_ref().and_then(|p| p.enforcer.cors());
         let origin = cors
             .and_then(|_| req.headers().get(http::header::ORIGIN))
@@ -541,6 +542,10 @@ impl Inbound {
         // instead of being moved with this future at every step.
         let mut resp = match Box::pin(self.forward(req, app_proto, upgrade, &app)).await {
             Ok(r) => r,
+            Err(e @ (ProxyError::InvalidBody(_) | ProxyError::TooLarge { .. })) => {
+                tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, reason = %e, "request refused by validation");
+                e.response(grpc)
+            }
             Err(e) => {
                 tracing::warn!(direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, error = %e, "request to the app failed");
                 e.response(grpc)
@@ -601,10 +606,11 @@ impl Inbound {
                 has_body,
             };
             match checks.check(&head) {
-                Ok(Some(max)) => {
-                    req.extensions_mut().insert(BodyCap(max));
+                Ok(rule) if rule.cap.is_some() || rule.schema => {
+                    let schemas = rule.schema.then(|| policy.clone());
+                    req.extensions_mut().insert(BodyCap { max: rule.cap.unwrap_or(u64::MAX), schemas });
                 }
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(invalid) => {
                     tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %invalid.policy, reason = %invalid.reason, "request refused by validation");
                     let (status, message) = match invalid.status {
@@ -757,8 +763,8 @@ impl Inbound {
 
 /// Replaces the request's path with its normal form (`palisade_policy::path`);
 /// `Err` is why the path is refused.
-fn normalize_path<B>(req: &mut Request<B>) -> Result<(), &'static str> {
-    let normal = match palisade_policy::path::normalize(req.uri().path()) {
+fn normalize_path<B>(req: &mut Request<B>, opts: &palisade_policy::path::Options) -> Result<(), &'static str> {
+    let normal = match palisade_policy::path::normalize_with(req.uri().path(), opts) {
         Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
         Ok(std::borrow::Cow::Owned(p)) => p,
         Err(e) => return Err(e.reason()),
@@ -795,31 +801,46 @@ fn cors_headers(h: &mut http::HeaderMap, cors: &palisade_policy::traffic::CorsPo
     h.append(http::header::VARY, HeaderValue::from_static("Origin"));
 }
 
-/// A TrafficPolicy's body limit for this request (set by `enforce`).
-#[derive(Debug, Clone, Copy)]
-struct BodyCap(u64);
+/// What TrafficPolicy validation asks of this request's body (set by `enforce`).
+#[derive(Clone)]
+struct BodyCap {
+    /// Largest body.
+    max: u64,
+    /// The policy whose JSON Schemas the whole body is checked against.
+    schemas: Option<Arc<crate::policy::InForce>>,
+}
 
 /// The request with its body ready for the app: a body without a declared
-/// length under a TrafficPolicy body limit is read (up to the limit, within
-/// `timeout`) before it is forwarded, so the app never gets a body cut short
-/// and an oversized one is 413; any other body streams through.
-async fn capped(req: Request<Incoming>, timeout: Duration) -> Result<Request<Body>, ProxyError> {
-    let cap = req.extensions().get::<BodyCap>().map(|c| c.0);
+/// length under a TrafficPolicy body limit, and any body a JSON Schema
+/// checks, is read (up to the limit, within `timeout`) before it is
+/// forwarded, so the app never gets a body cut short, an oversized one is
+/// 413 and one that does not match the schema 400; any other body streams
+/// through. Bodies are read only here, once the request is authorized: an
+/// unauthorized caller never makes the sidecar hold a body.
+async fn capped(mut req: Request<Incoming>, timeout: Duration) -> Result<Request<Body>, ProxyError> {
+    let cap = req.extensions_mut().remove::<BodyCap>();
     let (parts, body) = req.into_parts();
     let body = match cap {
-        Some(max)
-            if !parts.headers.contains_key(http::header::CONTENT_LENGTH)
+        Some(BodyCap { max, schemas })
+            if (schemas.is_some() || !parts.headers.contains_key(http::header::CONTENT_LENGTH))
                 && !hyper::body::Body::is_end_stream(&body) =>
         {
             let limit = usize::try_from(max).unwrap_or(usize::MAX);
-            match tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect()).await {
+            let bytes = match tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect()).await {
                 Err(_) => return Err(ProxyError::BadRequest("the request body did not arrive in time")),
-                Ok(Ok(c)) => super::full(c.to_bytes()),
+                Ok(Ok(c)) => c.to_bytes(),
                 Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                     return Err(ProxyError::TooLarge { limit: max });
                 }
                 Ok(Err(_)) => return Err(ProxyError::BadRequest("malformed request body")),
+            };
+            if let Some(policy) = schemas
+                && let Err(problem) = policy.enforcer.checks().check_body(&bytes)
+            {
+                return Err(ProxyError::InvalidBody(Box::new(problem)));
             }
+            // The app receives the bytes that were checked, unchanged.
+            super::full(bytes)
         }
         _ => body.boxed_unsync(),
     };
