@@ -57,21 +57,25 @@ pub struct Problem {
 impl Problem {
     /// The `application/problem+json` body.
     pub fn to_json(&self) -> String {
-        let errors: Vec<Value> = self
-            .errors
-            .iter()
-            .map(|(p, k, d)| serde_json::json!({"pointer": format!("#{p}"), "keyword": k, "detail": d}))
-            .collect();
-        let mut v = serde_json::json!({
-            "type": "tag:palisade.dev,2026:invalid-request-body",
-            "title": self.title,
-            "status": 400,
-            "detail": self.detail,
-        });
-        if !errors.is_empty() {
-            v["errors"] = Value::Array(errors);
+        // Written by hand so the members come in the RFC's order.
+        let q = |s: &str| Value::String(s.to_string()).to_string();
+        let mut out = format!(
+            r#"{{"type":"tag:palisade.dev,2026:invalid-request-body","title":{},"status":400,"detail":{}"#,
+            q(self.title),
+            q(&self.detail)
+        );
+        if !self.errors.is_empty() {
+            let errors: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(p, k, d)| {
+                    format!(r#"{{"pointer":{},"keyword":{},"detail":{}}}"#, q(&format!("#{p}")), q(k), q(d))
+                })
+                .collect();
+            out.push_str(&format!(r#","errors":[{}]"#, errors.join(",")));
         }
-        v.to_string()
+        out.push('}');
+        out
     }
 
     /// One line for the audit log.

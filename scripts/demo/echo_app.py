@@ -20,6 +20,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for name, header in (("principal", "x-palisade-request-principal"), ("client", "x-client-id")):
             if self.headers.get(header):
                 seen[name] = self.headers.get(header)
+        # A request body (POST) is read whole, and shown when it is JSON.
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            received = self.rfile.read(length)
+            try:
+                seen["body"] = json.loads(received)
+            except ValueError:
+                seen["body_bytes"] = len(received)
         body = json.dumps(seen).encode() + b"\n"
         self.send_response(200)
         self.send_header("content-type", "application/json")

@@ -509,6 +509,14 @@ impl Inbound {
                 http::header::VARY,
                 HeaderValue::from_static("Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
             );
+            // The response header changes (security headers...) apply to it too.
+            if let Some(r) = policy.as_ref().map(|p| p.enforcer.rewrites()).filter(|r| !r.is_empty()) {
+                let vars = palisade_policy::traffic::Vars {
+                    caller: peer.as_deref().map(|c| c.subject.as_str()),
+                    ..Default::default()
+                };
+                apply_header_ops(resp.headers_mut(), &r.response, &vars);
+            }
             self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
             return resp;
         }
