@@ -571,7 +571,16 @@ pub(crate) fn validate(spec: &TrafficSpec) -> Result<(), (String, String, String
         if let Some(schema) = &v.json_schema
             && let Err(why) = crate::schema::Schema::compile(schema)
         {
-            return err("spec.validation.jsonSchema".into(), "", &why);
+            let mut text = schema.to_string();
+            if text.len() > 60 {
+                let mut end = 60;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push('…');
+            }
+            return err("spec.validation.jsonSchema".into(), &text, &why);
         }
         if v.max_body_bytes == Some(0) {
             return err("spec.validation.maxBodyBytes".into(), "0", "must be at least 1 (leave it out for no limit)");
