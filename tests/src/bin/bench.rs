@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use palisade_tests::{ControlPlane, Sidecar, eventually, free_port};
 use tokio::net::TcpStream;
@@ -56,7 +56,9 @@ fn parse_args() -> Result<Option<Args>> {
                      palisade-bench instructions [N] [JSON]   (user-space instructions per request, under callgrind)\n\
                      palisade-bench mesh   (the set-up left running for wrk/strace/perf until stdin closes)\n\
                      palisade-bench authn [RATE] [SECONDS]   (server sidecar CPU per request: plain, JWT cached, JWT cold)\n\
-                     palisade-bench authn instructions [N]   (the same three cases in instructions per request, under callgrind)\n\n\
+                     palisade-bench authn instructions [N]   (the same three cases in instructions per request, under callgrind)\n\
+                     palisade-bench traffic [RATE] [SECONDS]   (server sidecar CPU per 1 KB JSON POST: plain, with a TrafficPolicy: CORS, headers, schema)\n\
+                     palisade-bench traffic instructions [N]   (the same two cases in instructions per request, under callgrind)\n\n\
                      Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
                      sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
                      Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
@@ -92,6 +94,16 @@ fn main() -> Result<()> {
         let secs = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
         return rt.block_on(authn::run(rate, Duration::from_secs(secs)));
     }
+    if std::env::args().nth(1).as_deref() == Some("traffic") {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        if std::env::args().nth(2).as_deref() == Some("instructions") {
+            let requests = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(2000);
+            return rt.block_on(traffic::instructions(requests));
+        }
+        let rate = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+        let secs = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
+        return rt.block_on(traffic::run(rate, Duration::from_secs(secs)));
+    }
     if std::env::args().nth(1).as_deref() == Some("mesh") {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(serve_mesh());
@@ -113,7 +125,9 @@ fn run_app() -> Result<()> {
             let (tcp, _) = listener.accept().await?;
             let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
+                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async {
+                    // Read the body (empty for GET), so the connection stays reusable.
+                    let _ = req.into_body().collect().await;
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
                         Bytes::from_static(b"ok"),
                     )))
@@ -132,7 +146,19 @@ struct PathResult {
     p999_ms: f64,
 }
 
-async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+/// What every request of the load generator looks like: a GET without a
+/// body (the default), or what `palisade-bench traffic` sets.
+static SHAPE: std::sync::OnceLock<Shape> = std::sync::OnceLock::new();
+
+#[derive(Debug)]
+struct Shape {
+    body: Bytes,
+    origin: &'static str,
+}
+
+type Client = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Client> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
@@ -140,18 +166,26 @@ async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendReq
     Ok(s)
 }
 
-async fn one(s: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -> Result<()> {
+async fn one(s: &mut Client) -> Result<()> {
     one_with(s, None).await
 }
 
 /// One request, with an `Authorization` value when given.
-async fn one_with(s: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, auth: Option<&str>) -> Result<()> {
+async fn one_with(s: &mut Client, auth: Option<&str>) -> Result<()> {
     s.ready().await?;
     let mut req = hyper::Request::get("/").header("host", "orders.shop");
     if let Some(a) = auth {
         req = req.header("authorization", a);
     }
-    let req = req.body(Empty::new())?;
+    let req = match SHAPE.get() {
+        None => req.body(Full::new(Bytes::new()))?,
+        Some(shape) => req
+            .method("POST")
+            .uri("/orders")
+            .header("content-type", "application/json")
+            .header("origin", shape.origin)
+            .body(Full::new(shape.body.clone()))?,
+    };
     let resp = s.send_request(req).await?;
     if resp.status() != 200 {
         bail!("status {}", resp.status());
@@ -950,6 +984,128 @@ mod authn {
         for (name, r) in [("plain mesh path", plain), ("JWT, cached token", cached), ("JWT, new token each time", cold)]
         {
             println!("{:<28} {:>16.1} {:>+14.1} {:>10.3} {:>10.3} {:>8}", name, r.0, r.0 - plain.0, r.1, r.2, r.3);
+        }
+        Ok(())
+    }
+}
+
+/// `palisade-bench traffic`: what a realistic TrafficPolicy costs the
+/// callee's sidecar: CORS for the request's origin, the security headers
+/// and a response header, request validation (method, media type, body
+/// limit) and a JSON Schema checked on a 1 KB JSON body, beside the plain
+/// mesh path carrying the same POST.
+mod traffic {
+    use super::*;
+
+    const ALLOW_POST: &str = "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-to-orders, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n      to: [{methods: [\"GET\", \"POST\"]}]\n";
+
+    const TRAFFIC: &str = r#"apiVersion: palisade.dev/v1
+kind: TrafficPolicy
+metadata: {name: orders-browser, namespace: shop}
+spec:
+  target: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}
+  cors:
+    allowOrigins: ["https://shop.example.com", "https://*.shop.example.com"]
+    allowMethods: [GET, POST]
+    allowHeaders: [authorization, content-type]
+    exposeHeaders: [ratelimit]
+  securityHeaders: {hsts: true, contentTypeOptions: true, frameOptions: true, contentSecurityPolicy: true, referrerPolicy: true, removeServerHeaders: true}
+  responseHeaders: {set: {cache-control: no-store}}
+  validation:
+    methods: [GET, POST]
+    contentTypes: [application/json]
+    maxBodyBytes: 8192
+    jsonSchema:
+      type: object
+      required: [item, qty, lines]
+      additionalProperties: false
+      properties:
+        item: {type: string, pattern: "^[a-z][a-z-]{0,31}$"}
+        qty: {type: integer, minimum: 1, maximum: 100}
+        email: {type: string, format: email}
+        notes: {type: string, maxLength: 2000}
+        lines:
+          type: array
+          maxItems: 20
+          items:
+            type: object
+            required: [sku, qty]
+            properties: {sku: {type: string, pattern: "^[A-Z]{3}-[0-9]{4}$"}, qty: {type: integer, minimum: 1}}
+"#;
+
+    /// A 1 KB order that matches the schema.
+    fn order() -> Bytes {
+        let lines: Vec<serde_json::Value> =
+            (0..12).map(|i| serde_json::json!({"sku": format!("TEA-{:04}", 1000 + i), "qty": 1 + i % 3})).collect();
+        let mut v =
+            serde_json::json!({"item": "green-tea", "qty": 2, "email": "buyer@shop.example.com", "lines": lines});
+        let len = v.to_string().len();
+        v["notes"] = serde_json::Value::String("n".repeat(1024usize.saturating_sub(len + 11)));
+        Bytes::from(v.to_string())
+    }
+
+    fn apply(m: &Mesh, name: &str, yaml: &str) -> Result<()> {
+        let f = m._tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&f, yaml)?;
+        let out = m._cp.ctl(&["policy", "apply", "-f", f.to_str().context("path")?, "--wait", "60s"]);
+        if !out.status.success() {
+            bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn shape() -> Result<()> {
+        let body = order();
+        eprintln!("each request: POST /orders, a {} byte JSON body, Origin: https://shop.example.com", body.len());
+        SHAPE.set(Shape { body, origin: "https://shop.example.com" }).map_err(|_| anyhow::anyhow!("shape set twice"))
+    }
+
+    pub(super) async fn run(rate: u64, dur: Duration) -> Result<()> {
+        shape()?;
+        let m = mesh(tempfile::tempdir()?, &[]).await?;
+        apply(&m, "allow-post", ALLOW_POST)?;
+        let server = m.server.proc.child.id();
+        let measure = || async {
+            open_loop(m.mesh_addr, 200, 4, Duration::from_millis(500)).await?;
+            let c0 = cpu_seconds(server);
+            let (h, errors) = open_loop(m.mesh_addr, rate, 16, dur).await?;
+            let per_request_us = (cpu_seconds(server) - c0) / (dur.as_secs_f64() * rate as f64) * 1e6;
+            anyhow::Ok((per_request_us, ms(&h, 0.5), ms(&h, 0.99), errors))
+        };
+        eprintln!("plain mesh path at {rate} rps for {dur:?}...");
+        let plain = measure().await?;
+        apply(&m, "traffic", TRAFFIC)?;
+        eprintln!("with the TrafficPolicy ...");
+        let traffic = measure().await?;
+        println!("machine: {}", machine());
+        println!(
+            "server sidecar at {rate} rps, {dur:?} per case, 1 KB JSON POSTs over HTTP/1.1 keep-alive through the client sidecar:"
+        );
+        println!(
+            "{:<32} {:>16} {:>14} {:>10} {:>10} {:>8}",
+            "", "CPU us/request", "added (us)", "p50 ms", "p99 ms", "errors"
+        );
+        for (name, r) in [("plain mesh path", plain), ("CORS + headers + JSON Schema", traffic)] {
+            println!("{:<32} {:>16.1} {:>+14.1} {:>10.3} {:>10.3} {:>8}", name, r.0, r.0 - plain.0, r.1, r.2, r.3);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn instructions(requests: u64) -> Result<()> {
+        shape()?;
+        let (m, dir) = mesh_under_callgrind().await?;
+        apply(&m, "allow-post", ALLOW_POST)?;
+        fixed(m.mesh_addr, 200).await?;
+        eprintln!("plain mesh path, {requests} requests under callgrind ...");
+        let plain = count_ir(&m, &dir, requests, Arc::new(Vec::new())).await?;
+        apply(&m, "traffic", TRAFFIC)?;
+        fixed(m.mesh_addr, 8).await?;
+        eprintln!("with the TrafficPolicy ...");
+        let traffic = count_ir(&m, &dir, requests, Arc::new(Vec::new())).await?;
+        println!("user-space instructions per request (callgrind Ir), {requests} 1 KB JSON POSTs over 4 connections:");
+        println!("{:<32} {:>14} {:>14} {:>14}", "", "client sidecar", "server sidecar", "server added");
+        for (name, r) in [("plain mesh path", plain), ("CORS + headers + JSON Schema", traffic)] {
+            println!("{:<32} {:>14.0} {:>14.0} {:>+14.0}", name, r[0], r[1], r[1] - plain[1]);
         }
         Ok(())
     }
