@@ -65,6 +65,7 @@ impl ProxyError {
                 let h = resp.headers_mut();
                 h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
                 h.insert("x-palisade-error", HeaderValue::from_static("1"));
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 return resp;
             }
             Self::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid request body"),
@@ -149,6 +150,8 @@ pub fn error_response(grpc: bool, status: StatusCode, message: &'static str) -> 
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     }
     h.insert("x-palisade-error", HeaderValue::from_static("1"));
+    // An answer about this request (refused, failed, not ready): never cached.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 

@@ -519,6 +519,7 @@ spec:
     let r2 = call(m.web_port, "GET", "/leaky", t).await.to_ascii_lowercase();
     assert_eq!(status(&r2), 403, "not allowed by the ALLOW rule: {r2}");
     assert!(r2.contains("strict-transport-security:") && r2.contains("x-served-by: orders"), "refusals too: {r2}");
+    assert!(r2.contains("cache-control: no-store"), "a refusal is never cached: {r2}");
     // authz check lists the changes the sidecar makes.
     let c = m.check(&["--from", WEB, "--to", ORDERS, "--path", "/echo", "--header", "x-tenant=acme"]);
     let req: Vec<&str> = c["request_changes"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
