@@ -99,6 +99,22 @@ pub struct Config {
     #[arg(long, env = "PALISADE_ACCESS_LOG")]
     pub access_log: bool,
 
+    /// Export a span per request over OTLP/gRPC to this collector: http://HOST:PORT, or https://HOST:PORT with --otlp-ca-file.
+    #[arg(long, env = "PALISADE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// CA certificates (PEM) an https:// collector's certificate must chain to.
+    #[arg(long, env = "PALISADE_OTLP_CA_FILE", requires = "otlp_endpoint")]
+    pub otlp_ca_file: Option<std::path::PathBuf>,
+
+    /// Share of new traces recorded, 0 to 1; a request that arrives with a traceparent follows its sampled flag.
+    #[arg(long, env = "PALISADE_TRACE_SAMPLING", default_value_t = 0.01, value_parser = parse_ratio)]
+    pub trace_sampling: f64,
+
+    /// service.name of the exported spans.
+    #[arg(long, env = "PALISADE_TRACE_SERVICE_NAME", default_value = "palisade-sidecar")]
+    pub trace_service_name: String,
+
     #[command(flatten)]
     pub limits: Limits,
 
@@ -311,4 +327,12 @@ impl Config {
 
 fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
     TrustDomain::new(s).map_err(|e| e.to_string())
+}
+
+/// A ratio between 0 and 1.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 1 (e.g. 0.01)")),
+    }
 }

@@ -27,6 +27,7 @@ pub mod init;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod trace;
 
 pub use config::Config;
 use identity::IdentityClientTask;
@@ -42,6 +43,8 @@ pub enum StartError {
     Bind { flag: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Tracing(String),
 }
 
 /// A running sidecar.
@@ -129,6 +132,19 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         &[proxy::ALPN_H2, proxy::ALPN_HTTP1, proxy::ALPN_TCP],
     )?;
     let policy_state = policy::PolicyState::default();
+    let tracing = match &cfg.otlp_endpoint {
+        Some(endpoint) => trace::Tracing::start(
+            &trace::Options {
+                endpoint: endpoint.clone(),
+                ca_file: cfg.otlp_ca_file.clone(),
+                sampling: cfg.trace_sampling,
+                service_name: cfg.trace_service_name.clone(),
+            },
+            metrics.spans.clone(),
+        )
+        .map_err(|e| StartError::Tracing(e.to_string()))?,
+        None => trace::Tracing::default(),
+    };
     let config_stream = control::ConfigStream {
         control,
         inbound_addr: advertised.map(|a| a.to_string()).unwrap_or_default(),
@@ -146,6 +162,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             http_ports: cfg.http_ports.clone(),
             access_log: cfg.access_log,
             transparent: cfg.transparent,
+            tracing: tracing.clone(),
         },
         tls,
         policy_state.clone(),
@@ -168,6 +185,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         egress: cfg.egress,
         policy: policy_state.clone(),
         draws: std::sync::atomic::AtomicU64::new(seed()),
+        tracing: tracing.clone(),
     });
 
     let state = Arc::new(admin::AdminState {

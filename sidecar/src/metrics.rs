@@ -91,6 +91,7 @@ pub struct Metrics {
     pub rate_limited: Family<PolicyLabels, Counter>,
     pub authn: Family<AuthnLabels, Counter>,
     pub routes: Family<RouteLabels, Counter>,
+    pub spans: crate::trace::SpanCounts,
     pub policy_revision: Gauge,
     pub policy_updated: Gauge,
     pub policy_nacks: Counter,
@@ -139,6 +140,7 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             authn: Family::default(),
             routes: Family::default(),
+            spans: crate::trace::SpanCounts::default(),
             policy_revision: Gauge::default(),
             policy_updated: Gauge::default(),
             policy_nacks: Counter::default(),
@@ -232,6 +234,11 @@ impl Metrics {
             self.decisions.clone(),
         );
         reg.register("rate_limited_requests", "Requests refused by a rate limit, by policy", self.rate_limited.clone());
+        reg.register(
+            "trace_spans",
+            "Request spans for the OTLP collector, by result: exported, dropped (queue full), failed (export refused or timed out)",
+            self.spans.0.clone(),
+        );
         reg.register(
             "routed_requests",
             "Outgoing requests a TrafficPolicy route sent, by route and backend service",

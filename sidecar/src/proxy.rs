@@ -89,6 +89,32 @@ impl ProxyError {
     }
 }
 
+/// What decided a request, for its span: the sidecar's own answer (it
+/// carries `x-palisade-error`) by its status, else the app's (`allow`).
+pub(crate) fn decision_of(status: u16, by_sidecar: bool) -> &'static str {
+    if !by_sidecar {
+        return "allow";
+    }
+    match status {
+        401 => "unauthenticated",
+        403 => "deny",
+        429 => "rate_limited",
+        400 | 405 | 413 | 414 | 415 | 431 => "invalid",
+        503 => "unavailable",
+        _ => "error",
+    }
+}
+
+/// Span attributes of a response: the decision, and the gRPC status when
+/// the response head carries one.
+pub(crate) fn response_attributes<B>(resp: &Response<B>, decision: &'static str) -> Vec<opentelemetry::KeyValue> {
+    let mut out = vec![opentelemetry::KeyValue::new("palisade.decision", decision)];
+    if let Some(code) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i64>().ok()) {
+        out.push(opentelemetry::KeyValue::new("rpc.grpc.status_code", code));
+    }
+    out
+}
+
 /// The body type of every request and response the proxy builds or forwards.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 

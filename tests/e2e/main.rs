@@ -15,4 +15,5 @@ mod netns;
 mod operator_ca;
 mod podman;
 mod policy;
+mod trace;
 mod walkthrough;

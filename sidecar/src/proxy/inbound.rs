@@ -98,6 +98,8 @@ pub struct InboundOptions {
     pub access_log: bool,
     /// In transparent mode, the original destination port picks the app port.
     pub transparent: bool,
+    /// Spans, when an OTLP collector is configured.
+    pub tracing: crate::trace::Tracing,
 }
 
 /// Shared state of the inbound side.
@@ -110,6 +112,7 @@ pub struct Inbound {
     policy: crate::policy::PolicyState,
     /// This workload's identity, for logs.
     svids: palisade_certs::tls::SvidStore,
+    tracing: crate::trace::Tracing,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -128,6 +131,7 @@ impl Inbound {
     ) -> Self {
         let app = opts.app;
         Self {
+            tracing: opts.tracing.clone(),
             opts,
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
             metrics,
@@ -444,6 +448,50 @@ impl Inbound {
     /// is the app's (plaintext or the upgrade path); `None` for sidecar HTTP/2,
     /// where ORIG_PROTO tells.
     async fn request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: Option<Arc<Caller>>,
+        src: SocketAddr,
+        conn_proto: Option<Protocol>,
+        app: Arc<AppTarget>,
+    ) -> Response<Body> {
+        if !self.tracing.enabled() {
+            return self.handle(req, peer, src, conn_proto, app).await;
+        }
+        // A server span: a child of the caller sidecar's client span.
+        use opentelemetry::KeyValue;
+        let mut attrs = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+            KeyValue::new("url.scheme", "http"),
+            KeyValue::new("network.peer.address", src.ip().to_string()),
+            KeyValue::new("network.peer.port", i64::from(src.port())),
+            KeyValue::new("palisade.direction", "inbound"),
+        ];
+        if let Some(c) = &peer {
+            attrs.push(KeyValue::new("palisade.caller", c.subject.to_string()));
+        }
+        if let Some(me) = self.svids.get() {
+            attrs.push(KeyValue::new("palisade.callee", me.id.to_string()));
+        }
+        if let Some(a) = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string))
+        {
+            attrs.push(KeyValue::new("server.address", a));
+        }
+        let span = self.tracing.start_request(opentelemetry::trace::SpanKind::Server, req.headers_mut(), attrs);
+        let resp = Box::pin(self.clone().handle(req, peer, src, conn_proto, app)).await;
+        let status = resp.status().as_u16();
+        let decision = super::decision_of(status, resp.headers().contains_key("x-palisade-error"));
+        span.set(super::response_attributes(&resp, decision));
+        span.end(status, false);
+        resp
+    }
+
+    async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: Option<Arc<Caller>>,

@@ -75,6 +75,8 @@ pub struct Outbound {
     pub policy: crate::policy::PolicyState,
     /// Draws for weighted routes.
     pub draws: std::sync::atomic::AtomicU64,
+    /// Spans, when an OTLP collector is configured.
+    pub tracing: crate::trace::Tracing,
 }
 
 impl Outbound {
@@ -311,7 +313,28 @@ impl Outbound {
         ((z ^ (z >> 31)) >> 32) as u32
     }
 
-    async fn request(self: Arc<Self>, req: Request<Incoming>, dest: Arc<Dest>, app: Protocol) -> Response<Body> {
+    async fn request(self: Arc<Self>, mut req: Request<Incoming>, dest: Arc<Dest>, app: Protocol) -> Response<Body> {
+        if !self.tracing.enabled() {
+            return self.handle(req, dest, app).await;
+        }
+        // A client span: a child of the app's traceparent, if it sent one.
+        use opentelemetry::KeyValue;
+        let attrs = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+            KeyValue::new("server.address", dest.to_string()),
+            KeyValue::new("palisade.direction", "outbound"),
+        ];
+        let span = self.tracing.start_request(opentelemetry::trace::SpanKind::Client, req.headers_mut(), attrs);
+        let resp = Box::pin(self.clone().handle(req, dest, app)).await;
+        let status = resp.status().as_u16();
+        let decision = super::decision_of(status, resp.headers().contains_key("x-palisade-error"));
+        span.set(super::response_attributes(&resp, decision));
+        span.end(status, true);
+        resp
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, dest: Arc<Dest>, app: Protocol) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let (method, path) = (req.method().clone(), req.uri().path().to_string());

@@ -1,0 +1,251 @@
+//! Distributed tracing: a span per request on each side (a client span on
+//! the caller's sidecar, a server span on the callee's), W3C `traceparent`
+//! / `tracestate` propagated, exported over OTLP/gRPC to `--otlp-endpoint`.
+//!
+//! The data path never waits for tracing: a finished span goes into a
+//! bounded queue (`try_send`); a background task sends batches to the
+//! collector with a timeout. A full queue or a failed export drops spans,
+//! counted in `palisade_trace_spans_total{result}`. Without an endpoint
+//! nothing is set up and a request costs one `Option` check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+/// Spans held waiting for export, at most.
+const QUEUE: usize = 4096;
+/// Spans per export call, at most.
+const BATCH: usize = 512;
+/// How long spans wait to fill a batch.
+const BATCH_DELAY: Duration = Duration::from_millis(500);
+/// Longest one export may take (then its spans count as failed).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Span counters, by `result`: exported, dropped (queue full), failed (the
+/// collector refused, was unreachable or too slow).
+#[derive(Debug, Clone, Default)]
+pub struct SpanCounts(pub Family<ResultLabel, Counter>);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+impl SpanCounts {
+    fn add(&self, result: &'static str, n: usize) {
+        self.0.get_or_create(&ResultLabel { result }).inc_by(n as u64);
+    }
+}
+
+/// A span processor that never blocks: finished spans go into a bounded
+/// queue that a task drains to the exporter.
+#[derive(Debug)]
+struct Queue {
+    tx: tokio::sync::mpsc::Sender<SpanData>,
+    counts: SpanCounts,
+}
+
+impl SpanProcessor for Queue {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.tx.try_send(span).is_err() {
+            self.counts.add("dropped", 1);
+        }
+    }
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
+
+async fn drain<E: SpanExporter>(exporter: E, mut rx: tokio::sync::mpsc::Receiver<SpanData>, counts: SpanCounts) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let Some(first) = rx.recv().await else { break };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + BATCH_DELAY;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                _ => break,
+            }
+        }
+        let n = batch.len();
+        match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch))).await {
+            Ok(Ok(())) => counts.add("exported", n),
+            Ok(Err(e)) => {
+                counts.add("failed", n);
+                tracing::debug!(error = %e, spans = n, "span export failed");
+            }
+            Err(_) => {
+                counts.add("failed", n);
+                tracing::debug!(spans = n, "span export timed out");
+            }
+        }
+    }
+}
+
+/// Tracing, when configured.
+#[derive(Debug, Clone, Default)]
+pub struct Tracing(Option<Arc<Inner>>);
+
+#[derive(Debug)]
+struct Inner {
+    tracer: SdkTracer,
+    provider: SdkTracerProvider,
+    propagator: TraceContextPropagator,
+}
+
+/// What tracing needs from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub endpoint: String,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub sampling: f64,
+    pub service_name: String,
+}
+
+impl Tracing {
+    /// Sets up the exporter (inside a tokio runtime). The collector is not
+    /// contacted yet: a collector that is down costs failed exports only.
+    pub fn start(opts: &Options, counts: SpanCounts) -> anyhow::Result<Self> {
+        use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+        let mut builder = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(opts.endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT);
+        if opts.endpoint.starts_with("https://") {
+            let Some(ca) = &opts.ca_file else {
+                anyhow::bail!("--otlp-endpoint {}: an https:// collector needs --otlp-ca-file", opts.endpoint);
+            };
+            let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("--otlp-ca-file {}: {e}", ca.display()))?;
+            let tls =
+                tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            builder = builder.with_tls_config(tls);
+        } else if !opts.endpoint.starts_with("http://") {
+            anyhow::bail!("--otlp-endpoint {}: expected http://HOST:PORT or https://HOST:PORT", opts.endpoint);
+        }
+        let mut exporter = builder.build().map_err(|e| anyhow::anyhow!("--otlp-endpoint {}: {e}", opts.endpoint))?;
+        let resource = opentelemetry_sdk::Resource::builder_empty()
+            .with_attributes([
+                KeyValue::new("service.name", opts.service_name.clone()),
+                KeyValue::new("telemetry.sdk.language", "rust"),
+            ])
+            .build();
+        exporter.set_resource(&resource);
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(drain(exporter, rx, counts.clone()));
+        let provider = SdkTracerProvider::builder()
+            .with_resource(resource)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(opts.sampling))))
+            .with_span_processor(Queue { tx, counts })
+            .build();
+        let tracer = provider.tracer("palisade-sidecar");
+        Ok(Self(Some(Arc::new(Inner { tracer, provider, propagator: TraceContextPropagator::new() }))))
+    }
+
+    /// Whether spans are recorded at all.
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Starts the span of a request: a child of the `traceparent` it
+    /// carries (the caller's sampled flag decides), or a new trace (the
+    /// sampling ratio decides). The request's `traceparent`/`tracestate`
+    /// are then replaced by this span's, for the next hop.
+    pub fn start_request(&self, kind: SpanKind, headers: &mut http::HeaderMap, attrs: Vec<KeyValue>) -> ReqSpan {
+        let Some(inner) = &self.0 else { return ReqSpan(None) };
+        let parent = inner.propagator.extract(&HeaderExtractor(headers));
+        let name = attrs
+            .iter()
+            .find(|kv| kv.key.as_str() == "http.request.method")
+            .map(|kv| kv.value.as_str().into_owned())
+            .unwrap_or_else(|| "HTTP".into());
+        let span = inner
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attrs)
+            .start_with_context(&inner.tracer, &parent);
+        let cx = parent.with_span(span);
+        headers.remove("traceparent");
+        headers.remove("tracestate");
+        inner.propagator.inject_context(&cx, &mut HeaderInjector(headers));
+        ReqSpan(Some(cx))
+    }
+
+    /// Sends what is queued (shutdown).
+    pub fn shutdown(&self) {
+        if let Some(inner) = &self.0 {
+            let _ = inner.provider.shutdown();
+        }
+    }
+}
+
+/// A request's span; ended by [`ReqSpan::end`] (or when dropped).
+#[derive(Debug)]
+pub struct ReqSpan(Option<Context>);
+
+impl ReqSpan {
+    /// Whether this span records (sampled).
+    pub fn recording(&self) -> bool {
+        self.0.as_ref().is_some_and(|cx| cx.span().is_recording())
+    }
+
+    /// Adds attributes.
+    pub fn set(&self, attrs: impl IntoIterator<Item = KeyValue>) {
+        if let Some(cx) = &self.0 {
+            let span = cx.span();
+            if span.is_recording() {
+                for kv in attrs {
+                    span.set_attribute(kv);
+                }
+            }
+        }
+    }
+
+    /// Ends the span with the response's status (5xx is an error; 4xx is an
+    /// error on the client span only, per the HTTP semantic conventions).
+    pub fn end(self, status: u16, client: bool) {
+        let Some(cx) = self.0 else { return };
+        let span = cx.span();
+        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        if status >= 500 || (client && status >= 400) {
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(v)) = (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value)) {
+            self.0.insert(name, v);
+        }
+    }
+}

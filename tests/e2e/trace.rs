@@ -1,0 +1,219 @@
+//! Distributed tracing end to end: two sidecars export their request spans
+//! over OTLP/gRPC to a real receiver built from the official
+//! `opentelemetry-proto` definitions (PyPI, grpcio), and a client traced
+//! with the OpenTelemetry Python SDK sees the sidecars' spans join its trace.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use palisade_tests::apps::HttpApp;
+use palisade_tests::{ControlPlane, Sidecar, eventually, free_port, repo_root, skip};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::dataplane::{ORDERS, WEB};
+
+fn python_ready(test: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import grpc, opentelemetry.sdk, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        skip(
+            test,
+            "python3 lacks grpcio, opentelemetry-proto or opentelemetry-sdk (pip install opentelemetry-proto opentelemetry-sdk grpcio)",
+        );
+    }
+    ok
+}
+
+/// The receiver: its port, and the spans it printed so far.
+struct Collector {
+    port: u16,
+    spans: Arc<Mutex<Vec<serde_json::Value>>>,
+    _child: tokio::process::Child,
+}
+
+impl Collector {
+    async fn start(extra: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new("python3")
+            .arg(repo_root().join("tests/python/otlp_peer.py"))
+            .arg("collector")
+            .args(extra)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("invariant: python3 runs");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let port: u16 = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the collector starts")
+            .unwrap()
+            .expect("it prints its port")
+            .trim()
+            .parse()
+            .unwrap();
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let sink = spans.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Self { port, spans, _child: child }
+    }
+
+    /// The spans of one trace, once `n` have arrived.
+    async fn trace(&self, trace_id: &str, n: usize) -> Vec<serde_json::Value> {
+        eventually(&format!("{n} spans of trace {trace_id}"), Duration::from_secs(15), || async {
+            let got: Vec<_> =
+                self.spans.lock().unwrap().iter().filter(|s| s["trace_id"] == trace_id).cloned().collect();
+            (got.len() >= n).then_some(got)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+fn by_kind(spans: &[serde_json::Value], kind: u64) -> &serde_json::Value {
+    spans.iter().find(|s| s["kind"] == kind).unwrap_or_else(|| panic!("no span of kind {kind}: {spans:?}"))
+}
+
+const CLIENT: u64 = 3;
+const SERVER: u64 = 2;
+
+/// A request that crossed two sidecars is one trace: web's client span is
+/// the root (or the traced client's child), orders' server span its child,
+/// and the app receives a traceparent naming orders' span. Attributes follow
+/// the HTTP conventions plus caller and callee SPIFFE IDs and the decision.
+/// An unsampled caller is honoured; a collector that refuses or is gone
+/// fails no request, and the lost spans are counted.
+#[tokio::test]
+async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
+    if !python_ready("trace::request_spans_cross_two_sidecars_and_join_the_callers_trace") {
+        return;
+    }
+    let collector = Collector::start(&[]).await;
+    let otlp = format!("http://127.0.0.1:{}", collector.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--default-policy", "allow-authenticated"])
+        .await
+        .unwrap();
+    let app = HttpApp::start().await;
+    let traced = ["--otlp-endpoint", &otlp, "--trace-sampling", "1"];
+    let server =
+        Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &[&["--app", &app.addr.to_string()][..], &traced].concat())
+            .await
+            .unwrap();
+    let port = free_port();
+    let web = Sidecar::meshed(
+        "web",
+        &cp,
+        tmp.path(),
+        WEB,
+        &[&["--upstream", &format!("127.0.0.1:{port}=orders.shop"), "--trace-service-name", "web"][..], &traced]
+            .concat(),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://127.0.0.1:{port}/echo");
+
+    // A new trace, started by web's sidecar.
+    let (status, body) = palisade_tests::http::get(&format!("127.0.0.1:{port}"), "/echo").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let echoed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tp = echoed["headers"]["traceparent"].as_str().expect("the app receives a traceparent").to_string();
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{tp}");
+    let spans = collector.trace(parts[1], 2).await;
+    let (client, srv) = (by_kind(&spans, CLIENT), by_kind(&spans, SERVER));
+    assert_eq!(client["parent_span_id"], "", "web's span is the root: {client}");
+    assert_eq!(srv["parent_span_id"], client["span_id"], "orders' span is its child: {spans:?}");
+    assert_eq!(srv["span_id"], parts[2], "the app's traceparent names orders' span");
+    assert_eq!((client["service"].as_str(), srv["service"].as_str()), (Some("web"), Some("palisade-sidecar")));
+    let a = &srv["attributes"];
+    assert_eq!(a["http.request.method"], "GET");
+    assert_eq!(a["url.path"], "/echo");
+    assert_eq!(a["http.response.status_code"], 200);
+    assert_eq!(a["palisade.caller"], WEB);
+    assert_eq!(a["palisade.callee"], ORDERS);
+    assert_eq!(a["palisade.decision"], "allow");
+    assert!(a["network.peer.address"].as_str().is_some_and(|s| s.starts_with("127.")), "{a}");
+    assert_eq!(client["attributes"]["server.address"], "orders.shop");
+    assert_eq!(client["attributes"]["http.response.status_code"], 200);
+
+    // A client traced with the OpenTelemetry SDK: the sidecars' spans join its trace.
+    let out = tokio::process::Command::new("python3")
+        .arg(repo_root().join("tests/python/otlp_peer.py"))
+        .args(["client", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["status"], 200, "{c}");
+    let trace_id = c["trace_id"].as_str().unwrap();
+    let spans = collector.trace(trace_id, 2).await;
+    let (client, srv) = (by_kind(&spans, CLIENT), by_kind(&spans, SERVER));
+    assert_eq!(client["parent_span_id"], c["span_id"], "web's span is a child of the client's: {spans:?}");
+    assert_eq!(srv["parent_span_id"], client["span_id"]);
+    let app_tp: serde_json::Value = serde_json::from_str(c["body"].as_str().unwrap()).unwrap();
+    assert!(app_tp["headers"]["traceparent"].as_str().unwrap().contains(trace_id), "{app_tp}");
+
+    // A caller that did not sample: nothing recorded, the flag passed on.
+    let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let r = tokio::process::Command::new("curl")
+        .args(["-s", "-H", &format!("traceparent: {unsampled}"), &url])
+        .output()
+        .await
+        .unwrap();
+    let echoed: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let passed = echoed["headers"]["traceparent"].as_str().unwrap();
+    assert!(passed.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && passed.ends_with("-00"), "{passed}");
+    // A denied request is traced with its decision.
+    let f = tmp.path().join("deny.yaml");
+    std::fs::write(&f, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: DENY\n  rules: [{to: [{paths: [\"/admin/*\"]}]}]\n").unwrap();
+    assert!(cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap(), "--wait", "10s"]).status.success());
+    let denied = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("traceparent: {denied}"),
+            &format!("http://127.0.0.1:{port}/admin/x"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "403");
+    let spans = collector.trace("4bf92f3577b34da6a3ce929d0e0e4736", 2).await;
+    let srv = by_kind(&spans, SERVER);
+    assert_eq!(
+        (srv["attributes"]["palisade.decision"].as_str(), srv["attributes"]["http.response.status_code"].as_i64()),
+        (Some("deny"), Some(403))
+    );
+    assert_eq!(by_kind(&spans, CLIENT)["parent_span_id"], "00f067aa0ba902b7");
+    assert!(
+        collector.spans.lock().unwrap().iter().all(|s| s["trace_id"] != "0af7651916cd43dd8448eb211c80319c"),
+        "unsampled: no span"
+    );
+    assert!(web.metric("palisade_trace_spans_total{result=\"exported\"}").await.unwrap_or(0.0) >= 3.0);
+
+    // The collector gone: every request still succeeds, the spans are counted as failed.
+    drop(collector);
+    for _ in 0..20 {
+        let (status, _) = palisade_tests::http::get(&format!("127.0.0.1:{port}"), "/hello").await.unwrap();
+        assert_eq!(status, 200);
+    }
+    eventually("failed exports counted", Duration::from_secs(20), || async {
+        (server.metric("palisade_trace_spans_total{result=\"failed\"}").await? >= 1.0).then_some(())
+    })
+    .await
+    .unwrap();
+}
