@@ -95,9 +95,13 @@ pub struct Config {
     #[arg(long, env = "PALISADE_THREADS", default_value_t = 1)]
     pub threads: usize,
 
-    /// Log every request on the `access` target (costs CPU on busy proxies).
+    /// Write one JSON line per request (and per TCP connection) on stderr, target `access` (fields: README "Access logs").
     #[arg(long, env = "PALISADE_ACCESS_LOG")]
     pub access_log: bool,
+
+    /// Share of requests the access log writes, 0 to 1.
+    #[arg(long, env = "PALISADE_ACCESS_LOG_SAMPLING", default_value_t = 1.0, value_parser = parse_ratio, requires = "access_log")]
+    pub access_log_sampling: f64,
 
     /// Export a span per request over OTLP/gRPC to this collector: http://HOST:PORT, or https://HOST:PORT with --otlp-ca-file.
     #[arg(long, env = "PALISADE_OTLP_ENDPOINT")]

@@ -161,6 +161,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             opaque_ports: cfg.opaque_ports.clone(),
             http_ports: cfg.http_ports.clone(),
             access_log: cfg.access_log,
+            access_log_sampling: cfg.access_log_sampling,
             transparent: cfg.transparent,
             tracing: tracing.clone(),
         },
@@ -182,10 +183,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         limits: cfg.limits.clone(),
         opaque_ports: cfg.opaque_ports.clone(),
         access_log: cfg.access_log,
+        access_log_sampling: cfg.access_log_sampling,
         egress: cfg.egress,
         policy: policy_state.clone(),
         draws: std::sync::atomic::AtomicU64::new(seed()),
         tracing: tracing.clone(),
+        me: svids.clone(),
     });
 
     let state = Arc::new(admin::AdminState {

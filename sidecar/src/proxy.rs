@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use peer::PeerError;
 
+pub mod access;
 pub mod body;
 pub use palisade_net::{detect, h1guard};
 pub mod inbound;

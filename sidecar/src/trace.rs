@@ -204,6 +204,13 @@ impl ReqSpan {
         self.0.as_ref().is_some_and(|cx| cx.span().is_recording())
     }
 
+    /// The trace id (hex), when the span is recorded.
+    pub fn trace_id(&self) -> Option<String> {
+        let cx = self.0.as_ref()?;
+        let sc = cx.span().span_context().clone();
+        sc.is_sampled().then(|| sc.trace_id().to_string())
+    }
+
     /// Adds attributes.
     pub fn set(&self, attrs: impl IntoIterator<Item = KeyValue>) {
         if let Some(cx) = &self.0 {

@@ -24,9 +24,17 @@ struct Mesh {
 }
 
 async fn mesh(app: std::net::SocketAddr) -> Mesh {
+    mesh_with(app, &[]).await
+}
+
+/// [`mesh`] with more flags for the server sidecar.
+async fn mesh_with(app: std::net::SocketAddr, server_args: &[&str]) -> Mesh {
     let tmp = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
-    let server = Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &["--app", &app.to_string()]).await.unwrap();
+    let app = app.to_string();
+    let server = Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &[&["--app", &app][..], server_args].concat())
+        .await
+        .unwrap();
     let (web_port, invoices_port) = (free_port(), free_port());
     let web =
         Sidecar::meshed("web", &cp, tmp.path(), WEB, &["--upstream", &format!("127.0.0.1:{web_port}=orders.shop")])
@@ -376,7 +384,7 @@ async fn an_invalid_snapshot_is_nacked_and_the_previous_policy_stays() {
 #[tokio::test]
 async fn tcp_connections_are_authorized_by_identity() {
     let echo_app = palisade_tests::apps::tcp_echo().await;
-    let m = mesh(echo_app).await;
+    let m = mesh_with(echo_app, &["--access-log"]).await;
     m.apply("tcp", "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-only, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n").await;
     let talk = |port: u16| async move {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -388,6 +396,23 @@ async fn tcp_connections_are_authorized_by_identity() {
     };
     assert_eq!(talk(m.web_port).await, b"echo:\x00binary");
     assert_eq!(talk(m.invoices_port).await, b"", "invoices is not allowed: the connection closes");
+    // The access log has one line for the connection, with its bytes both ways.
+    let line = eventually("the TCP access line", Duration::from_secs(5), || async {
+        m.server
+            .proc
+            .logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["direction"] == "inbound")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (line["caller"].as_str(), line["bytes_in"].as_u64(), line["bytes_out"].as_u64()),
+        (Some("spiffe://cluster.local/ns/shop/sa/web"), Some(7), Some(12)),
+        "{line}"
+    );
+    assert!(line.get("method").is_none() && line.get("status").is_none(), "{line}");
 }
 
 #[tokio::test]

@@ -102,7 +102,7 @@ async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
         .await
         .unwrap();
     let app = HttpApp::start().await;
-    let traced = ["--otlp-endpoint", &otlp, "--trace-sampling", "1"];
+    let traced = ["--otlp-endpoint", &otlp, "--trace-sampling", "1", "--access-log"];
     let server =
         Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &[&["--app", &app.addr.to_string()][..], &traced].concat())
             .await
@@ -204,6 +204,76 @@ async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
         "unsampled: no span"
     );
     assert!(web.metric("palisade_trace_spans_total{result=\"exported\"}").await.unwrap_or(0.0) >= 3.0);
+
+    // Access logs: one JSON line per request on each side, with the trace id.
+    let lines = |s: &Sidecar| -> Vec<serde_json::Value> {
+        s.proc
+            .logs()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v.get("direction").is_some())
+            .collect()
+    };
+    let secret = "Bearer secret-token-xyz";
+    let r = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-H",
+            &format!("authorization: {secret}"),
+            "-H",
+            "x-api-key: key-shh",
+            "--data-binary",
+            "hello",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(r.status.success());
+    let find = |s: &Sidecar, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let all = lines(s);
+        all.iter().find(|l| pred(l)).cloned().unwrap_or_else(|| panic!("no such access line in {all:?}"))
+    };
+    let first = find(&server, &|l| l["trace_id"] == parts[1]);
+    assert_eq!(
+        (first["direction"].as_str(), first["caller"].as_str(), first["callee"].as_str()),
+        (Some("inbound"), Some(WEB), Some(ORDERS))
+    );
+    assert_eq!(
+        (first["method"].as_str(), first["path"].as_str(), first["status"].as_u64(), first["decision"].as_str()),
+        (Some("GET"), Some("/echo"), Some(200), Some("allow"))
+    );
+    assert!(first["bytes_out"].as_u64().unwrap() > 0 && first["duration_ms"].as_f64().is_some(), "{first}");
+    assert!(
+        first["time"].as_str().unwrap().ends_with('Z') && first["src"].as_str().unwrap().starts_with("127."),
+        "{first}"
+    );
+    let denied_line = find(&server, &|l| l["path"] == "/admin/x");
+    assert_eq!(
+        (
+            denied_line["status"].as_u64(),
+            denied_line["decision"].as_str(),
+            denied_line["policy"].as_str(),
+            denied_line["rule"].as_u64()
+        ),
+        (Some(403), Some("deny"), Some("shop/no-admin"), Some(0)),
+        "{denied_line}"
+    );
+    let post = find(&server, &|l| l["method"] == "POST");
+    assert_eq!(post["bytes_in"], 5, "{post}");
+    let out = find(&web, &|l| l["trace_id"] == parts[1]);
+    assert_eq!(
+        (out["direction"].as_str(), out["caller"].as_str(), out["callee"].as_str(), out["authority"].as_str()),
+        (Some("outbound"), Some(WEB), Some("orders.shop"), Some(&*format!("127.0.0.1:{port}"))),
+        "{out}"
+    );
+    for s in [&server, &web] {
+        let logs = s.proc.logs();
+        assert!(!logs.contains("secret-token-xyz") && !logs.contains("key-shh"), "a credential in the logs");
+    }
 
     // The collector gone: every request still succeeds, the spans are counted as failed.
     drop(collector);

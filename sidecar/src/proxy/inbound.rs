@@ -96,6 +96,8 @@ pub struct InboundOptions {
     /// App ports that carry only HTTP: anything else is refused.
     pub http_ports: Vec<u16>,
     pub access_log: bool,
+    /// Share of requests logged.
+    pub access_log_sampling: f64,
     /// In transparent mode, the original destination port picks the app port.
     pub transparent: bool,
     /// Spans, when an OTLP collector is configured.
@@ -439,8 +441,25 @@ impl Inbound {
             }
         };
         let _ = app.set_nodelay(true);
-        if let Err(e) = super::tcp::splice(&mut io, &mut app).await {
-            tracing::debug!(src.addr = %src, error = %e, "inbound TCP stream ended with an error");
+        let entry = (self.opts.access_log && super::access::sampled(self.opts.access_log_sampling)).then(|| {
+            let mut e = super::access::Entry::new("inbound", src);
+            e.caller = caller.map(|c| c.subject.to_string());
+            e.callee = self.svids.get().map(|s| s.id.to_string());
+            e
+        });
+        match super::tcp::splice(&mut io, &mut app).await {
+            Ok((up, down)) => {
+                if let Some(e) = entry {
+                    e.bytes_in.store(up, std::sync::atomic::Ordering::Relaxed);
+                    e.write(None, None, "allow", down);
+                }
+            }
+            Err(err) => {
+                tracing::debug!(src.addr = %src, error = %err, "inbound TCP stream ended with an error");
+                if let Some(e) = entry {
+                    e.write(None, None, "allow", 0);
+                }
+            }
         }
     }
 
@@ -455,7 +474,8 @@ impl Inbound {
         conn_proto: Option<Protocol>,
         app: Arc<AppTarget>,
     ) -> Response<Body> {
-        if !self.tracing.enabled() {
+        let log = self.opts.access_log && super::access::sampled(self.opts.access_log_sampling);
+        if !self.tracing.enabled() && !log {
             return self.handle(req, peer, src, conn_proto, app).await;
         }
         // A server span: a child of the caller sidecar's client span.
@@ -483,12 +503,34 @@ impl Inbound {
             attrs.push(KeyValue::new("server.address", a));
         }
         let span = self.tracing.start_request(opentelemetry::trace::SpanKind::Server, req.headers_mut(), attrs);
+        let entry = log.then(|| {
+            let mut e = super::access::Entry::new("inbound", src);
+            e.caller = peer.as_ref().map(|c| c.subject.to_string());
+            e.callee = self.svids.get().map(|s| s.id.to_string());
+            e.method = req.method().to_string();
+            e.authority = req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
+            e.path = req.uri().path().to_string();
+            e.trace_id = span.trace_id();
+            req.extensions_mut().insert(e.decided.clone());
+            req.extensions_mut().insert(super::access::BytesIn(e.bytes_in.clone()));
+            e
+        });
         let resp = Box::pin(self.clone().handle(req, peer, src, conn_proto, app)).await;
         let status = resp.status().as_u16();
         let decision = super::decision_of(status, resp.headers().contains_key("x-palisade-error"));
         span.set(super::response_attributes(&resp, decision));
         span.end(status, false);
-        resp
+        match entry {
+            Some(e) => {
+                let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+                resp.map(|b| super::access::Logged::wrap(b, e, status, grpc, decision))
+            }
+            None => resp,
+        }
     }
 
     async fn handle(
@@ -614,9 +656,6 @@ impl Inbound {
             cors_headers(resp.headers_mut(), c, origin.as_deref());
         }
         self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
-        if self.opts.access_log {
-            tracing::info!(target: "access", direction = "inbound", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
-        }
         resp
     }
 
@@ -668,6 +707,9 @@ impl Inbound {
                 }
                 Ok(_) => {}
                 Err(invalid) => {
+                    if let Some(slot) = req.extensions().get::<Arc<super::access::Decided>>() {
+                        slot.set(invalid.policy.as_str().into(), None);
+                    }
                     tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = ?source, dst.identity = %me(), http.method = method, http.path = path, policy = %invalid.policy, reason = %invalid.reason, "request refused by validation");
                     let (status, message) = match invalid.status {
                         405 => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
@@ -722,6 +764,11 @@ impl Inbound {
         };
         let d = policy.enforcer.authorize(&preq);
         policy.count(&d);
+        if let Some(slot) = req.extensions().get::<Arc<super::access::Decided>>()
+            && let Some(p) = &d.policy
+        {
+            slot.set(p.clone(), d.rule);
+        }
         let label = d.label();
         if label != "allow" {
             let policy = d.policy.as_deref().unwrap_or("default");
@@ -731,6 +778,9 @@ impl Inbound {
             return Some(error_response(grpc, StatusCode::FORBIDDEN, "forbidden"));
         }
         if let Some(limited) = policy.enforcer.rate_limit(&preq, src.ip()) {
+            if let Some(slot) = req.extensions().get::<Arc<super::access::Decided>>() {
+                slot.set(limited.policy.clone(), None);
+            }
             self.metrics
                 .rate_limited
                 .get_or_create(&crate::metrics::PolicyLabels { policy: limited.policy.to_string() })
@@ -875,6 +925,7 @@ struct BodyCap {
 /// unauthorized caller never makes the sidecar hold a body.
 async fn capped(mut req: Request<Incoming>, timeout: Duration) -> Result<Request<Body>, ProxyError> {
     let cap = req.extensions_mut().remove::<BodyCap>();
+    let count = req.extensions_mut().remove::<super::access::BytesIn>();
     let (parts, body) = req.into_parts();
     let body = match cap {
         Some(BodyCap { max, schemas })
@@ -899,6 +950,10 @@ async fn capped(mut req: Request<Incoming>, timeout: Duration) -> Result<Request
             super::full(bytes)
         }
         _ => body.boxed_unsync(),
+    };
+    let body = match count {
+        Some(c) => super::access::CountIn::wrap(body, c.0),
+        None => body,
     };
     Ok(Request::from_parts(parts, body))
 }

@@ -70,6 +70,8 @@ pub struct Outbound {
     pub limits: Limits,
     pub opaque_ports: Vec<u16>,
     pub access_log: bool,
+    /// Share of requests logged.
+    pub access_log_sampling: f64,
     pub egress: Egress,
     /// The policy in force: its routes pick where requests go.
     pub policy: crate::policy::PolicyState,
@@ -77,6 +79,8 @@ pub struct Outbound {
     pub draws: std::sync::atomic::AtomicU64,
     /// Spans, when an OTLP collector is configured.
     pub tracing: crate::trace::Tracing,
+    /// This workload's certificate (its identity, for access logs).
+    pub me: palisade_certs::tls::SvidStore,
 }
 
 impl Outbound {
@@ -197,7 +201,7 @@ impl Outbound {
                 let limits = self.limits.clone();
                 let io = super::h1guard::H1Guard::new(io, limits.max_header_bytes, limits.max_headers);
                 super::serve::http1(TokioIo::new(io), &limits, cancel, move |req| {
-                    this.clone().request(req, dest.clone(), Protocol::Http1)
+                    this.clone().request(req, dest.clone(), Protocol::Http1, src)
                 })
                 .await
             }
@@ -205,7 +209,7 @@ impl Outbound {
                 let this = self.clone();
                 let limits = self.limits.clone();
                 super::serve::http2(TokioIo::new(io), &limits, cancel, move |req| {
-                    this.clone().request(req, dest.clone(), Protocol::Http2)
+                    this.clone().request(req, dest.clone(), Protocol::Http2, src)
                 })
                 .await
             }
@@ -283,6 +287,9 @@ impl Outbound {
             return Ok(None);
         };
         let backend = route.pick(self.draw()).clone();
+        if let Some(slot) = req.extensions().get::<Arc<super::access::Decided>>() {
+            slot.set(route.policy.clone(), Some(route.index));
+        }
         if let Some(new) = route.rewrite(&path) {
             let pq = match req.uri().query() {
                 Some(q) => format!("{new}?{q}"),
@@ -313,8 +320,15 @@ impl Outbound {
         ((z ^ (z >> 31)) >> 32) as u32
     }
 
-    async fn request(self: Arc<Self>, mut req: Request<Incoming>, dest: Arc<Dest>, app: Protocol) -> Response<Body> {
-        if !self.tracing.enabled() {
+    async fn request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        dest: Arc<Dest>,
+        app: Protocol,
+        src: SocketAddr,
+    ) -> Response<Body> {
+        let log = self.access_log && super::access::sampled(self.access_log_sampling);
+        if !self.tracing.enabled() && !log {
             return self.handle(req, dest, app).await;
         }
         // A client span: a child of the app's traceparent, if it sent one.
@@ -326,12 +340,34 @@ impl Outbound {
             KeyValue::new("palisade.direction", "outbound"),
         ];
         let span = self.tracing.start_request(opentelemetry::trace::SpanKind::Client, req.headers_mut(), attrs);
+        let entry = log.then(|| {
+            // src is the app's side of the connection; the destination is the callee.
+            let mut e = super::access::Entry::new("outbound", src);
+            e.caller = self.me.get().map(|s| s.id.to_string());
+            e.callee = Some(match &*dest {
+                Dest::Service(s) => s.to_string(),
+                Dest::Peer(p) => p.identity.to_string(),
+            });
+            e.method = req.method().to_string();
+            e.authority = authority_of(&req).flatten().map(|a| a.to_string());
+            e.path = req.uri().path().to_string();
+            e.trace_id = span.trace_id();
+            req.extensions_mut().insert(e.decided.clone());
+            req.extensions_mut().insert(super::access::BytesIn(e.bytes_in.clone()));
+            e
+        });
         let resp = Box::pin(self.clone().handle(req, dest, app)).await;
         let status = resp.status().as_u16();
         let decision = super::decision_of(status, resp.headers().contains_key("x-palisade-error"));
         span.set(super::response_attributes(&resp, decision));
         span.end(status, true);
-        resp
+        match entry {
+            Some(e) => {
+                let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+                resp.map(|b| super::access::Logged::wrap(b, e, status, grpc, decision))
+            }
+            None => resp,
+        }
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, dest: Arc<Dest>, app: Protocol) -> Response<Body> {
@@ -348,9 +384,6 @@ impl Outbound {
             }
         };
         self.metrics.request(Direction::Outbound, resp.status().as_u16(), start.elapsed());
-        if self.access_log {
-            tracing::info!(target: "access", direction = "outbound", dst = %dest, http.method = %method, http.path = %path, http.status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64);
-        }
         resp
     }
 
@@ -400,6 +433,10 @@ impl Outbound {
             Box::pin(super::body::check_first_frame(body, CHUNK_CHECK_WAIT)).await.map_err(ProxyError::BadBody)?
         } else {
             body.boxed_unsync()
+        };
+        let body = match parts.extensions.get::<super::access::BytesIn>() {
+            Some(c) => super::access::CountIn::wrap(body, c.0.clone()),
+            None => body,
         };
         let req = Request::from_parts(parts, body);
 

@@ -1,0 +1,236 @@
+//! Access logs (`--access-log`): one JSON line per request, and per opaque
+//! TCP connection, on stderr (the `access` target), written when the
+//! response body (or the connection) ends, so it holds the bytes both ways
+//! and the whole duration. Fields are documented in the README ("Access
+//! logs"); no header value is ever logged, so no credential can be.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use serde::Serialize;
+
+use super::Body;
+
+/// The policy (and rule) that decided a request, as the request goes: the
+/// last to set it is the one that refused it (validation, authorization,
+/// rate limit) or, for a request that went through, the ALLOW rule or route.
+#[derive(Debug, Default)]
+pub struct Decided(Mutex<Option<(Arc<str>, Option<usize>)>>);
+
+impl Decided {
+    pub fn set(&self, policy: Arc<str>, rule: Option<usize>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((policy, rule));
+    }
+}
+
+/// One request's line, filled in as it goes.
+#[derive(Debug)]
+pub struct Entry {
+    start: Instant,
+    time: SystemTime,
+    pub direction: &'static str,
+    pub src: SocketAddr,
+    pub caller: Option<String>,
+    pub callee: Option<String>,
+    pub method: String,
+    pub authority: Option<String>,
+    pub path: String,
+    pub trace_id: Option<String>,
+    pub decided: Arc<Decided>,
+    pub bytes_in: Arc<AtomicU64>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    direction: &'a str,
+    src: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    caller: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    callee: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authority: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_status: Option<&'a str>,
+    decision: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<usize>,
+    duration_ms: f64,
+    bytes_in: u64,
+    bytes_out: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
+}
+
+impl Entry {
+    pub fn new(direction: &'static str, src: SocketAddr) -> Self {
+        Self {
+            start: Instant::now(),
+            time: SystemTime::now(),
+            direction,
+            src,
+            caller: None,
+            callee: None,
+            method: String::new(),
+            authority: None,
+            path: String::new(),
+            trace_id: None,
+            decided: Arc::default(),
+            bytes_in: Arc::default(),
+        }
+    }
+
+    /// Writes the line.
+    pub fn write(&self, status: Option<u16>, grpc_status: Option<&str>, decision: &str, bytes_out: u64) {
+        let decided = self.decided.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let decided = decided.as_ref();
+        let time = time::OffsetDateTime::from(self.time)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let line = Line {
+            time,
+            direction: self.direction,
+            src: self.src.to_string(),
+            caller: self.caller.as_deref(),
+            callee: self.callee.as_deref(),
+            method: &self.method,
+            authority: self.authority.as_deref(),
+            path: &self.path,
+            status,
+            grpc_status,
+            decision,
+            policy: decided.map(|d| &*d.0),
+            rule: decided.and_then(|d| d.1),
+            duration_ms: (self.start.elapsed().as_secs_f64() * 1e3 * 1e3).round() / 1e3,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            trace_id: self.trace_id.as_deref(),
+        };
+        if let Ok(mut text) = serde_json::to_vec(&line) {
+            text.push(b'\n');
+            // One write per line: lines from concurrent requests never interleave.
+            let _ = std::io::stderr().lock().write_all(&text);
+        }
+    }
+}
+
+/// The request's byte counter, carried in its extensions to where its body is forwarded.
+#[derive(Debug, Clone)]
+pub struct BytesIn(pub Arc<AtomicU64>);
+
+/// A body that counts its bytes into a shared counter (the request's).
+pub struct CountIn {
+    inner: Body,
+    count: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for CountIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountIn").field("count", &self.count).finish_non_exhaustive()
+    }
+}
+
+impl CountIn {
+    pub fn wrap(inner: Body, count: Arc<AtomicU64>) -> Body {
+        http_body_util::BodyExt::boxed_unsync(Self { inner, count })
+    }
+}
+
+impl hyper::body::Body for CountIn {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &poll
+            && let Some(d) = f.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that writes the access line when it ends (or is dropped:
+/// a client that went away still gets its line).
+pub struct Logged {
+    inner: Body,
+    entry: Entry,
+    status: u16,
+    grpc_status: Option<String>,
+    decision: &'static str,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for Logged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logged").field("entry", &self.entry).field("bytes", &self.bytes).finish_non_exhaustive()
+    }
+}
+
+impl Logged {
+    pub fn wrap(inner: Body, entry: Entry, status: u16, grpc_status: Option<String>, decision: &'static str) -> Body {
+        http_body_util::BodyExt::boxed_unsync(Self { inner, entry, status, grpc_status, decision, bytes: 0 })
+    }
+}
+
+impl hyper::body::Body for Logged {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &poll {
+            if let Some(d) = f.data_ref() {
+                self.bytes += d.len() as u64;
+            } else if let Some(t) = f.trailers_ref()
+                && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+            {
+                self.grpc_status = Some(s.to_string());
+            }
+        }
+        poll
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.entry.write(Some(self.status), self.grpc_status.as_deref(), self.decision, self.bytes);
+    }
+}
+
+/// Whether this request is logged (`--access-log-sampling`).
+pub fn sampled(ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) < ratio
+}
