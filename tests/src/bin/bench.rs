@@ -58,7 +58,8 @@ fn parse_args() -> Result<Option<Args>> {
                      palisade-bench authn [RATE] [SECONDS]   (server sidecar CPU per request: plain, JWT cached, JWT cold)\n\
                      palisade-bench authn instructions [N]   (the same three cases in instructions per request, under callgrind)\n\
                      palisade-bench traffic [RATE] [SECONDS]   (server sidecar CPU per 1 KB JSON POST: plain, with a TrafficPolicy: CORS, headers, schema)\n\
-                     palisade-bench traffic instructions [N]   (the same two cases in instructions per request, under callgrind)\n\n\
+                     palisade-bench traffic instructions [N]   (the same two cases in instructions per request, under callgrind)\n\
+                     palisade-bench trace [RATE] [SECONDS]   (both sidecars' CPU per request: plain, tracing at 1% and 100% to an OTLP receiver, access logs)\n\n\
                      Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
                      sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
                      Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
@@ -103,6 +104,12 @@ fn main() -> Result<()> {
         let rate = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
         let secs = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
         return rt.block_on(traffic::run(rate, Duration::from_secs(secs)));
+    }
+    if std::env::args().nth(1).as_deref() == Some("trace") {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let rate = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+        let secs = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
+        return rt.block_on(tracing_cost::run(rate, Duration::from_secs(secs)));
     }
     if std::env::args().nth(1).as_deref() == Some("mesh") {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -349,6 +356,11 @@ struct Mesh {
 }
 
 async fn mesh(tmp: tempfile::TempDir, wrapper: &[&str]) -> Result<Mesh> {
+    mesh_with(tmp, wrapper, &[]).await
+}
+
+/// [`mesh`] with more flags for both sidecars.
+async fn mesh_with(tmp: tempfile::TempDir, wrapper: &[&str], extra: &[&str]) -> Result<Mesh> {
     let dir = tmp.path();
     let bins = palisade_tests::bin_dir();
     eprintln!(
@@ -377,7 +389,7 @@ async fn mesh(tmp: tempfile::TempDir, wrapper: &[&str]) -> Result<Mesh> {
     if !out.status.success() {
         bail!("policy apply failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let quiet = ["--log", "warn"];
+    let quiet = [&["--log", "warn"][..], extra].concat();
     let server = Sidecar::meshed_under(
         wrapper,
         "bench-server",
@@ -1106,6 +1118,81 @@ spec:
         println!("{:<32} {:>14} {:>14} {:>14}", "", "client sidecar", "server sidecar", "server added");
         for (name, r) in [("plain mesh path", plain), ("CORS + headers + JSON Schema", traffic)] {
             println!("{:<32} {:>14.0} {:>14.0} {:>+14.0}", name, r[0], r[1], r[1] - plain[1]);
+        }
+        Ok(())
+    }
+}
+
+/// `palisade-bench trace`: what observability costs both sidecars: the
+/// plain mesh path, spans at 1% and at 100% sampling exported to a real
+/// OTLP/gRPC receiver (in this process, from the official protos), and
+/// access logs on.
+mod tracing_cost {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+
+    #[derive(Default)]
+    struct Receiver(Arc<AtomicU64>);
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n: usize = req
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        }
+    }
+
+    pub(super) async fn run(rate: u64, dur: Duration) -> Result<()> {
+        let received = Arc::new(AtomicU64::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let otlp = format!("http://{}", listener.local_addr()?);
+        let svc = TraceServiceServer::new(Receiver(received.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let cases: [(&str, Vec<&str>); 4] = [
+            ("plain mesh path", vec![]),
+            ("tracing, 1% sampled", vec!["--otlp-endpoint", &otlp, "--trace-sampling", "0.01"]),
+            ("tracing, 100% sampled", vec!["--otlp-endpoint", &otlp, "--trace-sampling", "1"]),
+            ("access log", vec!["--access-log"]),
+        ];
+        let mut rows = Vec::new();
+        for (name, flags) in &cases {
+            let m = mesh_with(tempfile::tempdir()?, &[], flags).await?;
+            let pids = [m.client.proc.child.id(), m.server.proc.child.id()];
+            open_loop(m.mesh_addr, 200, 4, Duration::from_millis(500)).await?;
+            let before = received.load(Ordering::Relaxed);
+            let c0 = pids.map(cpu_seconds);
+            eprintln!("{name}: {rate} rps for {dur:?} ...");
+            let (h, errors) = open_loop(m.mesh_addr, rate, 16, dur).await?;
+            let n = dur.as_secs_f64() * rate as f64;
+            let c1 = pids.map(cpu_seconds);
+            // Let the last batch arrive.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let spans = received.load(Ordering::Relaxed) - before;
+            rows.push((name, (c1[0] - c0[0]) / n * 1e6, (c1[1] - c0[1]) / n * 1e6, ms(&h, 0.5), ms(&h, 0.99), errors, spans));
+        }
+        println!("machine: {}", machine());
+        println!("both sidecars at {rate} rps, {dur:?} per case, HTTP/1.1 keep-alive through the client sidecar:");
+        println!(
+            "{:<24} {:>14} {:>14} {:>10} {:>10} {:>8} {:>14}",
+            "", "client us/req", "server us/req", "p50 ms", "p99 ms", "errors", "spans received"
+        );
+        for (name, client, server, p50, p99, errors, spans) in rows {
+            println!("{name:<24} {client:>14.1} {server:>14.1} {p50:>10.3} {p99:>10.3} {errors:>8} {spans:>14}");
         }
         Ok(())
     }
