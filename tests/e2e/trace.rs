@@ -287,3 +287,62 @@ async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
     .await
     .unwrap();
 }
+
+/// The Grafana dashboard in deploy/grafana names only metrics a sidecar
+/// exports: every `palisade_*` name in a panel expression or a variable
+/// query is a sample or family in a live sidecar's /metrics, or (for
+/// families with no sample yet, which are not written) a family the
+/// sidecar registers, with the suffix its type gives (`_total`, `_bucket`).
+#[tokio::test]
+async fn the_grafana_dashboard_names_only_exported_metrics() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("deploy/grafana/palisade-sidecars.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs: Vec<String> = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    for v in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    assert!(exprs.len() >= 14, "{exprs:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
+    let s = Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &[]).await.unwrap();
+    let (_, text) = s.get("/metrics").await.unwrap();
+    let mut samples = std::collections::HashSet::new();
+    let mut families = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            families.insert(rest.split(' ').next().unwrap().to_string());
+        } else if !line.starts_with('#') {
+            samples.insert(line.split(['{', ' ']).next().unwrap().to_string());
+        }
+    }
+    // Families without samples yet are not written: take them from the registrations.
+    let code = std::fs::read_to_string(repo_root().join("sidecar/src/metrics.rs")).unwrap();
+    for name in code.split("reg.register(").skip(1).filter_map(|r| r.trim_start().strip_prefix('"')?.split('"').next())
+    {
+        families.insert(format!("palisade_{name}"));
+    }
+    let mut checked = 0;
+    for e in &exprs {
+        for name in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("palisade_")) {
+            let family = ["_total", "_bucket", "_sum", "_count", "_created"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(
+                samples.contains(name) || families.contains(family),
+                "the dashboard names {name}, which the sidecar does not export ({e})"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+}

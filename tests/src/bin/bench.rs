@@ -1141,13 +1141,8 @@ mod tracing_cost {
             &self,
             req: tonic::Request<ExportTraceServiceRequest>,
         ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let n: usize = req
-                .get_ref()
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum();
+            let n: usize =
+                req.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
             self.0.fetch_add(n as u64, Ordering::Relaxed);
             Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
         }
@@ -1183,7 +1178,15 @@ mod tracing_cost {
             // Let the last batch arrive.
             tokio::time::sleep(Duration::from_secs(1)).await;
             let spans = received.load(Ordering::Relaxed) - before;
-            rows.push((name, (c1[0] - c0[0]) / n * 1e6, (c1[1] - c0[1]) / n * 1e6, ms(&h, 0.5), ms(&h, 0.99), errors, spans));
+            rows.push((
+                name,
+                (c1[0] - c0[0]) / n * 1e6,
+                (c1[1] - c0[1]) / n * 1e6,
+                ms(&h, 0.5),
+                ms(&h, 0.99),
+                errors,
+                spans,
+            ));
         }
         println!("machine: {}", machine());
         println!("both sidecars at {rate} rps, {dur:?} per case, HTTP/1.1 keep-alive through the client sidecar:");
