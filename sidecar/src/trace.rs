@@ -165,20 +165,21 @@ impl Tracing {
     /// carries (the caller's sampled flag decides), or a new trace (the
     /// sampling ratio decides). The request's `traceparent`/`tracestate`
     /// are then replaced by this span's, for the next hop.
-    pub fn start_request(&self, kind: SpanKind, headers: &mut http::HeaderMap, attrs: Vec<KeyValue>) -> ReqSpan {
+    pub fn start_request(
+        &self,
+        kind: SpanKind,
+        method: &str,
+        headers: &mut http::HeaderMap,
+        attrs: impl FnOnce() -> Vec<KeyValue>,
+    ) -> ReqSpan {
         let Some(inner) = &self.0 else { return ReqSpan(None) };
         let parent = inner.propagator.extract(&HeaderExtractor(headers));
-        let name = attrs
-            .iter()
-            .find(|kv| kv.key.as_str() == "http.request.method")
-            .map(|kv| kv.value.as_str().into_owned())
-            .unwrap_or_else(|| "HTTP".into());
-        let span = inner
-            .tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attrs)
-            .start_with_context(&inner.tracer, &parent);
+        let mut span =
+            inner.tracer.span_builder(method.to_string()).with_kind(kind).start_with_context(&inner.tracer, &parent);
+        // Attributes only for spans that are recorded (sampled).
+        if opentelemetry::trace::Span::is_recording(&span) {
+            opentelemetry::trace::Span::set_attributes(&mut span, attrs());
+        }
         let cx = parent.with_span(span);
         headers.remove("traceparent");
         headers.remove("tracestate");

@@ -480,40 +480,41 @@ impl Inbound {
         }
         // A server span: a child of the caller sidecar's client span.
         use opentelemetry::KeyValue;
-        let mut attrs = vec![
-            KeyValue::new("http.request.method", req.method().to_string()),
-            KeyValue::new("url.path", req.uri().path().to_string()),
-            KeyValue::new("url.scheme", "http"),
-            KeyValue::new("network.peer.address", src.ip().to_string()),
-            KeyValue::new("network.peer.port", i64::from(src.port())),
-            KeyValue::new("palisade.direction", "inbound"),
-        ];
-        if let Some(c) = &peer {
-            attrs.push(KeyValue::new("palisade.caller", c.subject.to_string()));
-        }
-        if let Some(me) = self.svids.get() {
-            attrs.push(KeyValue::new("palisade.callee", me.id.to_string()));
-        }
-        if let Some(a) = req
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let authority = req
             .uri()
             .authority()
             .map(|a| a.to_string())
-            .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string))
-        {
-            attrs.push(KeyValue::new("server.address", a));
-        }
-        let span = self.tracing.start_request(opentelemetry::trace::SpanKind::Server, req.headers_mut(), attrs);
+            .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
+        let caller = peer.as_ref().map(|c| c.subject.to_string());
+        let callee = self.svids.get().map(|s| s.id.to_string());
+        let span = self.tracing.start_request(
+            opentelemetry::trace::SpanKind::Server,
+            method.as_str(),
+            req.headers_mut(),
+            || {
+                let mut attrs = vec![
+                    KeyValue::new("http.request.method", method.to_string()),
+                    KeyValue::new("url.path", path.clone()),
+                    KeyValue::new("url.scheme", "http"),
+                    KeyValue::new("network.peer.address", src.ip().to_string()),
+                    KeyValue::new("network.peer.port", i64::from(src.port())),
+                    KeyValue::new("palisade.direction", "inbound"),
+                ];
+                attrs.extend(caller.clone().map(|c| KeyValue::new("palisade.caller", c)));
+                attrs.extend(callee.clone().map(|c| KeyValue::new("palisade.callee", c)));
+                attrs.extend(authority.clone().map(|a| KeyValue::new("server.address", a)));
+                attrs
+            },
+        );
         let entry = log.then(|| {
             let mut e = super::access::Entry::new("inbound", src);
-            e.caller = peer.as_ref().map(|c| c.subject.to_string());
-            e.callee = self.svids.get().map(|s| s.id.to_string());
-            e.method = req.method().to_string();
-            e.authority = req
-                .uri()
-                .authority()
-                .map(|a| a.to_string())
-                .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
-            e.path = req.uri().path().to_string();
+            e.caller = caller;
+            e.callee = callee;
+            e.method = method.to_string();
+            e.authority = authority;
+            e.path = path;
             e.trace_id = span.trace_id();
             req.extensions_mut().insert(e.decided.clone());
             req.extensions_mut().insert(super::access::BytesIn(e.bytes_in.clone()));

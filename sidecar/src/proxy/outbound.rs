@@ -333,13 +333,21 @@ impl Outbound {
         }
         // A client span: a child of the app's traceparent, if it sent one.
         use opentelemetry::KeyValue;
-        let attrs = vec![
-            KeyValue::new("http.request.method", req.method().to_string()),
-            KeyValue::new("url.path", req.uri().path().to_string()),
-            KeyValue::new("server.address", dest.to_string()),
-            KeyValue::new("palisade.direction", "outbound"),
-        ];
-        let span = self.tracing.start_request(opentelemetry::trace::SpanKind::Client, req.headers_mut(), attrs);
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let span = self.tracing.start_request(
+            opentelemetry::trace::SpanKind::Client,
+            method.as_str(),
+            req.headers_mut(),
+            || {
+                vec![
+                    KeyValue::new("http.request.method", method.to_string()),
+                    KeyValue::new("url.path", path.clone()),
+                    KeyValue::new("server.address", dest.to_string()),
+                    KeyValue::new("palisade.direction", "outbound"),
+                ]
+            },
+        );
         let entry = log.then(|| {
             // src is the app's side of the connection; the destination is the callee.
             let mut e = super::access::Entry::new("outbound", src);
@@ -348,9 +356,9 @@ impl Outbound {
                 Dest::Service(s) => s.to_string(),
                 Dest::Peer(p) => p.identity.to_string(),
             });
-            e.method = req.method().to_string();
+            e.method = method.to_string();
             e.authority = authority_of(&req).flatten().map(|a| a.to_string());
-            e.path = req.uri().path().to_string();
+            e.path = path;
             e.trace_id = span.trace_id();
             req.extensions_mut().insert(e.decided.clone());
             req.extensions_mut().insert(super::access::BytesIn(e.bytes_in.clone()));

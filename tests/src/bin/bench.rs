@@ -59,7 +59,8 @@ fn parse_args() -> Result<Option<Args>> {
                      palisade-bench authn instructions [N]   (the same three cases in instructions per request, under callgrind)\n\
                      palisade-bench traffic [RATE] [SECONDS]   (server sidecar CPU per 1 KB JSON POST: plain, with a TrafficPolicy: CORS, headers, schema)\n\
                      palisade-bench traffic instructions [N]   (the same two cases in instructions per request, under callgrind)\n\
-                     palisade-bench trace [RATE] [SECONDS]   (both sidecars' CPU per request: plain, tracing at 1% and 100% to an OTLP receiver, access logs)\n\n\
+                     palisade-bench trace [RATE] [SECONDS]   (both sidecars' CPU per request: plain, tracing at 1% and 100% to an OTLP receiver, access logs)\n\
+                     palisade-bench trace instructions [N]   (the same four cases in instructions per request, under callgrind)\n\n\
                      Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
                      sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
                      Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
@@ -107,6 +108,10 @@ fn main() -> Result<()> {
     }
     if std::env::args().nth(1).as_deref() == Some("trace") {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        if std::env::args().nth(2).as_deref() == Some("instructions") {
+            let requests = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(2000);
+            return rt.block_on(tracing_cost::instructions(requests));
+        }
         let rate = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
         let secs = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
         return rt.block_on(tracing_cost::run(rate, Duration::from_secs(secs)));
@@ -624,6 +629,11 @@ async fn serve_mesh() -> Result<()> {
 
 /// A mesh whose sidecars run under callgrind, instrumentation off until asked.
 async fn mesh_under_callgrind() -> Result<(Mesh, PathBuf)> {
+    mesh_under_callgrind_with(&[]).await
+}
+
+/// [`mesh_under_callgrind`] with more flags for both sidecars.
+async fn mesh_under_callgrind_with(extra: &[&str]) -> Result<(Mesh, PathBuf)> {
     for tool in ["valgrind", "callgrind_control"] {
         if Command::new(tool).arg("--version").output().is_err() {
             bail!("{tool} is not installed (apt-get install valgrind)");
@@ -633,7 +643,7 @@ async fn mesh_under_callgrind() -> Result<(Mesh, PathBuf)> {
     let dir = tmp.path().to_path_buf();
     let out_file = format!("--callgrind-out-file={}/callgrind.%p", dir.display());
     let wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", out_file.as_str()];
-    Ok((mesh(tmp, &wrapper).await?, dir))
+    Ok((mesh_with(tmp, &wrapper, extra).await?, dir))
 }
 
 /// User-space instructions per request of each sidecar (client, server)
@@ -1148,7 +1158,19 @@ mod tracing_cost {
         }
     }
 
-    pub(super) async fn run(rate: u64, dur: Duration) -> Result<()> {
+    /// The four cases and their sidecar flags.
+    fn cases(otlp: &str) -> Vec<(&'static str, Vec<String>)> {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        vec![
+            ("plain mesh path", vec![]),
+            ("tracing, 1% sampled", v(&["--otlp-endpoint", otlp, "--trace-sampling", "0.01"])),
+            ("tracing, 100% sampled", v(&["--otlp-endpoint", otlp, "--trace-sampling", "1"])),
+            ("access log", v(&["--access-log"])),
+        ]
+    }
+
+    /// An OTLP receiver in this process: its URL and the spans it counted.
+    async fn receiver() -> Result<(String, Arc<AtomicU64>)> {
         let received = Arc::new(AtomicU64::new(0));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let otlp = format!("http://{}", listener.local_addr()?);
@@ -1158,15 +1180,40 @@ mod tracing_cost {
                 .add_service(svc)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let cases: [(&str, Vec<&str>); 4] = [
-            ("plain mesh path", vec![]),
-            ("tracing, 1% sampled", vec!["--otlp-endpoint", &otlp, "--trace-sampling", "0.01"]),
-            ("tracing, 100% sampled", vec!["--otlp-endpoint", &otlp, "--trace-sampling", "1"]),
-            ("access log", vec!["--access-log"]),
-        ];
+        Ok((otlp, received))
+    }
+
+    pub(super) async fn instructions(requests: u64) -> Result<()> {
+        let (otlp, received) = receiver().await?;
+        let cases = cases(&otlp);
         let mut rows = Vec::new();
         for (name, flags) in &cases {
-            let m = mesh_with(tempfile::tempdir()?, &[], flags).await?;
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let (m, dir) = mesh_under_callgrind_with(&flags).await?;
+            fixed(m.mesh_addr, 200).await?;
+            eprintln!("{name}: {requests} requests under callgrind ...");
+            rows.push((name, count_ir(&m, &dir, requests, Arc::new(Vec::new())).await?));
+        }
+        println!("user-space instructions per request (callgrind Ir), {requests} requests over 4 connections:");
+        println!(
+            "{:<24} {:>14} {:>14} {:>14} {:>14}",
+            "", "client sidecar", "client added", "server sidecar", "server added"
+        );
+        let plain = rows[0].1;
+        for (name, r) in &rows {
+            println!("{name:<24} {:>14.0} {:>+14.0} {:>14.0} {:>+14.0}", r[0], r[0] - plain[0], r[1], r[1] - plain[1]);
+        }
+        eprintln!("spans received: {}", received.load(Ordering::Relaxed));
+        Ok(())
+    }
+
+    pub(super) async fn run(rate: u64, dur: Duration) -> Result<()> {
+        let (otlp, received) = receiver().await?;
+        let cases = cases(&otlp);
+        let mut rows = Vec::new();
+        for (name, flags) in &cases {
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let m = mesh_with(tempfile::tempdir()?, &[], &flags).await?;
             let pids = [m.client.proc.child.id(), m.server.proc.child.id()];
             open_loop(m.mesh_addr, 200, 4, Duration::from_millis(500)).await?;
             let before = received.load(Ordering::Relaxed);
