@@ -68,14 +68,28 @@ impl AdminService {
     fn authorize<T>(&self, req: &Request<T>) -> Result<(SpiffeId, palisade_certs::SvidInfo), Status> {
         let src = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         match req.peer_certs().and_then(|c| palisade_certs::tls::peer_identity(Some(&c))) {
-            Some((id, info)) if id == self.shared.trust_domain.admin() => Ok((id, info)),
+            Some((id, info)) if id == self.shared.trust_domain.admin() => {
+                crate::metrics::METRICS
+                    .admin_requests
+                    .get_or_create(&crate::metrics::ResultLabel { result: "authorized" })
+                    .inc();
+                Ok((id, info))
+            }
             Some((id, _)) => {
+                crate::metrics::METRICS
+                    .admin_requests
+                    .get_or_create(&crate::metrics::ResultLabel { result: "refused" })
+                    .inc();
                 tracing::warn!(target: "audit", event = "admin_denied", src.addr = %src, src.identity = %id, "Admin API call without the admin identity");
                 Err(Status::permission_denied(format!(
                     "{id} may not use the Admin API; use the admin credential from <data-dir>/admin/"
                 )))
             }
             None => {
+                crate::metrics::METRICS
+                    .admin_requests
+                    .get_or_create(&crate::metrics::ResultLabel { result: "refused" })
+                    .inc();
                 tracing::warn!(target: "audit", event = "admin_denied", src.addr = %src, "Admin API call without a client certificate");
                 Err(Status::unauthenticated(
                     "the Admin API requires the admin client certificate; point palisadectl --credentials at <data-dir>/admin/",

@@ -58,6 +58,10 @@ pub struct Config {
     #[arg(long, env = "PALISADE_DEFAULT_POLICY", value_enum, default_value_t = DefaultPolicy::Deny)]
     pub default_policy: DefaultPolicy,
 
+    /// Serve the control plane's metrics (plaintext HTTP, GET /metrics) here, e.g. 127.0.0.1:7701.
+    #[arg(long, env = "PALISADE_METRICS_LISTEN", value_parser = palisade_cmd::socket_addr)]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Serve the sidecar-injection admission webhook (HTTPS, POST /mutate) here.
     #[arg(long, env = "PALISADE_WEBHOOK_LISTEN", value_parser = palisade_cmd::socket_addr)]
     pub webhook_listen: Option<SocketAddr>,

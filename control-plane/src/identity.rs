@@ -25,6 +25,7 @@ pub struct IdentityService {
 const MAX_CSR_BYTES: usize = 16 * 1024;
 
 fn refuse(status: Status, src: &str, claimed: &str) -> Status {
+    crate::metrics::METRICS.certificate("refused", crate::metrics::code_label(status.code()));
     tracing::warn!(target: "audit", event = "certificate_refused", src.addr = %src, identity = %claimed, code = ?status.code(), reason = %status.message(), "refused a certificate request");
     status
 }
@@ -164,6 +165,7 @@ impl Identity for IdentityService {
             // The certificate is still good; the record is best-effort.
             Err(e) => tracing::error!(error = %e, "cannot record the proxy"),
         }
+        crate::metrics::METRICS.certificate("issued", attested.method);
         tracing::info!(
             target: "audit",
             event = "certificate_issued",

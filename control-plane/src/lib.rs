@@ -30,6 +30,7 @@ pub mod discovery;
 pub mod https;
 pub mod identity;
 pub mod jwks;
+pub mod metrics;
 pub mod oauth;
 pub mod pki;
 pub mod policy;
@@ -339,6 +340,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     };
     tracker.spawn(conn::accept(listener, acceptor, limits, conn_tx, stop.clone(), tracker.clone()));
 
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        tracing::info!(listen = %addr, "metrics served at /metrics");
+        tracker.spawn(metrics::serve(listener, stop.clone(), tracker.clone()));
+    }
     let closing = shared.hub.closing.clone();
     if let Some(addr) = cfg.webhook_listen {
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;

@@ -358,7 +358,11 @@ impl TokenService {
         store: Arc<dyn Store>,
     ) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>> {
         let addr = peer.ip();
-        let refuse = |reason: &str, client: Option<&str>| {
+        let refuse = |reason: &'static str, client: Option<&str>| {
+            crate::metrics::METRICS
+                .oauth_tokens
+                .get_or_create(&crate::metrics::ResultReason { result: "refused", reason })
+                .inc();
             tracing::warn!(target: "audit", event = "oauth_token_refused", src.addr = %peer, client_id = client.unwrap_or(""), reason, "token request refused");
         };
         if let Some(wait) = self.locked(None, addr) {
@@ -478,6 +482,10 @@ impl TokenService {
             tracing::error!(error = %e, "cannot sign an access token");
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "cannot issue a token now")
         })?;
+        crate::metrics::METRICS
+            .oauth_tokens
+            .get_or_create(&crate::metrics::ResultReason { result: "issued", reason: "client_credentials" })
+            .inc();
         tracing::info!(target: "audit", event = "oauth_token_issued", src.addr = %peer, client_id = %client.client_id, client = %client.name, scope = %scopes.join(" "), "access token issued");
         let body = json!({
             "access_token": token,

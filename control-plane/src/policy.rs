@@ -44,6 +44,9 @@ pub struct SyncStatus {
     /// Which stream owns the entry: a reconnect's new stream takes it over,
     /// and the old stream closing late must not mark it disconnected.
     pub stream: u64,
+    /// When the change the last sent snapshot carries happened (for the
+    /// push latency, observed at its ACK).
+    pub change_at: Option<std::time::Instant>,
 }
 
 /// The sync-status key of a proxy: its verified identity, then the inbound
@@ -82,6 +85,8 @@ pub struct Hub {
     credentials: AtomicU64,
     /// Set on shutdown: every stream ends so the server can drain.
     pub closing: tokio::sync::watch::Sender<bool>,
+    /// When the last change (policies, credentials, directory) happened.
+    changed_at: Mutex<std::time::Instant>,
 }
 
 impl Default for Hub {
@@ -94,6 +99,7 @@ impl Default for Hub {
             nonce: AtomicU64::new(1),
             credentials: AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
+            changed_at: Mutex::new(std::time::Instant::now()),
         }
     }
 }
@@ -110,7 +116,12 @@ pub struct Parsed {
 impl Hub {
     /// Wakes every stream: policies changed.
     pub fn policies_changed(&self) {
+        *self.changed_at.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
         self.policies.send_modify(|v| *v += 1);
+    }
+
+    fn changed_at(&self) -> std::time::Instant {
+        *self.changed_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Request credentials changed: every stream rebuilds its snapshot, under
@@ -148,6 +159,7 @@ impl Hub {
 
     /// Wakes every stream: the directory changed.
     pub fn endpoints_changed(&self) {
+        *self.changed_at.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
         self.endpoints.send_modify(|v| *v += 1);
     }
 
@@ -732,6 +744,7 @@ impl MeshConfig for MeshConfigService {
             *s = SyncStatus { identity: identity.clone(), connected: true, stream: stream_id, ..Default::default() };
         });
         hub.policies_changed(); // replica counts may change cluster-scope shares
+        crate::metrics::METRICS.policy_streams.inc();
         tracing::info!(src.addr = %src, src.identity = %identity, proxy = %key, "sidecar subscribed to policy");
 
         let (tx, rx) = mpsc::channel(4);
@@ -760,6 +773,7 @@ impl MeshConfig for MeshConfigService {
                 } else {
                     snap.nonce = hub.nonce.fetch_add(1, Ordering::Relaxed).to_string();
                     let version = snap.version.clone();
+                    let change_at = hub.changed_at();
                     if tx.send(Ok(snap.clone())).await.is_err() {
                         break;
                     }
@@ -768,6 +782,7 @@ impl MeshConfig for MeshConfigService {
                             s.sent = version;
                             s.evaluated = evaluated;
                             s.credentials = generation;
+                            s.change_at = Some(change_at);
                         }
                     });
                     last = Some(snap);
@@ -797,12 +812,18 @@ impl MeshConfig for MeshConfigService {
                     }
                     Ok(Some(m)) if m.error.is_empty() => hub.update(&key, |s| {
                         if s.stream == stream_id {
+                            if m.version == s.sent
+                                && let Some(at) = s.change_at.take()
+                            {
+                                crate::metrics::METRICS.push_latency.observe(at.elapsed().as_secs_f64());
+                            }
                             s.acked = m.version;
                             s.nacked = false;
                         }
                     }),
                     Ok(Some(m)) => {
                         let types: Vec<&String> = m.rejected.keys().collect();
+                        crate::metrics::METRICS.nacks.inc();
                         tracing::warn!(target: "audit", event = "config_nack", proxy = %key, src.identity = %identity, version = %m.version, rejected = ?types, error = %m.error, "sidecar rejected part of a config snapshot");
                         hub.update(&key, |s| {
                             if s.stream == stream_id {
@@ -820,6 +841,7 @@ impl MeshConfig for MeshConfigService {
                 }
             });
             hub.policies_changed();
+            crate::metrics::METRICS.policy_streams.dec();
             tracing::info!(proxy = %key, "sidecar policy stream closed");
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))

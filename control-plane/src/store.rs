@@ -170,7 +170,13 @@ pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&dyn Store) -> T + Send + 'static,
 ) -> T {
     let store = store.clone();
-    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+    let timed = move || {
+        let start = std::time::Instant::now();
+        let v = f(store.as_ref());
+        crate::metrics::METRICS.store_latency.observe(start.elapsed().as_secs_f64());
+        v
+    };
+    match tokio::task::spawn_blocking(timed).await {
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }

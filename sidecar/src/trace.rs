@@ -106,6 +106,41 @@ struct Inner {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
     propagator: TraceContextPropagator,
+    /// `--trace-sampling`.
+    ratio: f64,
+    /// Draws and ids for traces this sidecar starts (splitmix64 over a
+    /// randomly seeded counter: unique, well spread, lock-free).
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    fn random(&self) -> u64 {
+        let mut z = self.next.fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn sample(&self) -> bool {
+        ((self.random() >> 11) as f64) / ((1u64 << 53) as f64) < self.ratio
+    }
+}
+
+/// The sampled flag of a W3C `traceparent` (`None`: absent or malformed).
+fn sampled_flag(v: &[u8]) -> Option<bool> {
+    let hex = |b: &[u8]| b.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' || !hex(&v[..2]) || &v[..2] == b"ff" {
+        return None;
+    }
+    let (trace, span, flags) = (&v[3..35], &v[36..52], &v[53..55]);
+    if !hex(trace) || !hex(span) || !hex(flags) || trace.iter().all(|c| *c == b'0') || span.iter().all(|c| *c == b'0') {
+        return None;
+    }
+    if &v[..2] == b"00" && v.len() != 55 {
+        return None;
+    }
+    let f = (flags[0] as char).to_digit(16)? * 16 + (flags[1] as char).to_digit(16)?;
+    Some(f & 1 == 1)
 }
 
 /// What tracing needs from the command line.
@@ -149,11 +184,21 @@ impl Tracing {
         tokio::spawn(drain(exporter, rx, counts.clone()));
         let provider = SdkTracerProvider::builder()
             .with_resource(resource)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(opts.sampling))))
+            // New traces are sampled (or not) by `start_request` before the SDK sees them.
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
             .with_span_processor(Queue { tx, counts })
             .build();
         let tracer = provider.tracer("palisade-sidecar");
-        Ok(Self(Some(Arc::new(Inner { tracer, provider, propagator: TraceContextPropagator::new() }))))
+        let mut seed = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| anyhow::anyhow!("no system randomness for trace ids"))?;
+        Ok(Self(Some(Arc::new(Inner {
+            tracer,
+            provider,
+            propagator: TraceContextPropagator::new(),
+            ratio: opts.sampling,
+            next: std::sync::atomic::AtomicU64::new(u64::from_le_bytes(seed)),
+        }))))
     }
 
     /// Whether spans are recorded at all.
@@ -173,6 +218,26 @@ impl Tracing {
         attrs: impl FnOnce() -> Vec<KeyValue>,
     ) -> ReqSpan {
         let Some(inner) = &self.0 else { return ReqSpan(None) };
+        // Requests that are not recorded (most, at a low ratio) never reach
+        // the SDK: a caller's unsampled context passes on as it is, and a new
+        // trace that is not sampled gets a traceparent with the flag unset,
+        // so every hop makes the same decision.
+        match headers.get("traceparent").and_then(|v| sampled_flag(v.as_bytes())) {
+            Some(false) => return ReqSpan(None),
+            Some(true) => {}
+            None => {
+                headers.remove("traceparent");
+                headers.remove("tracestate");
+                if !inner.sample() {
+                    let (hi, lo, span) = (inner.random(), inner.random(), inner.random() | 1);
+                    let tp = format!("00-{hi:016x}{lo:016x}-{span:016x}-00");
+                    if let Ok(v) = http::HeaderValue::from_str(&tp) {
+                        headers.insert("traceparent", v);
+                    }
+                    return ReqSpan(None);
+                }
+            }
+        }
         let parent = inner.propagator.extract(&HeaderExtractor(headers));
         let mut span =
             inner.tracer.span_builder(method.to_string()).with_kind(kind).start_with_context(&inner.tracer, &parent);
@@ -234,6 +299,32 @@ impl ReqSpan {
             span.set_status(Status::error(""));
         }
         span.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sampled_flag;
+
+    #[test]
+    fn traceparent_flags_are_read_strictly() {
+        assert_eq!(sampled_flag(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), Some(true));
+        assert_eq!(sampled_flag(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"), Some(false));
+        assert_eq!(sampled_flag(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03"), Some(true));
+        for bad in [
+            &b"00-00000000000000000000000000000000-b7ad6b7169203331-01"[..],
+            b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",
+            b"garbage",
+            b"",
+        ] {
+            assert_eq!(sampled_flag(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        // A later version may carry more fields.
+        assert_eq!(sampled_flag(b"01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what"), Some(true));
     }
 }
 

@@ -1,7 +1,8 @@
-//! Distributed tracing end to end: two sidecars export their request spans
-//! over OTLP/gRPC to a real receiver built from the official
+//! Observability end to end: two sidecars export their request spans over
+//! OTLP/gRPC to a real receiver built from the official
 //! `opentelemetry-proto` definitions (PyPI, grpcio), and a client traced
-//! with the OpenTelemetry Python SDK sees the sidecars' spans join its trace.
+//! with the OpenTelemetry Python SDK sees the sidecars' spans join its
+//! trace; access logs; the Grafana dashboard; the control plane's metrics.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -172,6 +173,24 @@ async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
     let echoed: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     let passed = echoed["headers"]["traceparent"].as_str().unwrap();
     assert!(passed.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && passed.ends_with("-00"), "{passed}");
+    // A sidecar that samples no new trace still starts one, unsampled, so
+    // the next hop (which would record at ratio 1) agrees not to record it.
+    let port0 = free_port();
+    let _web0 = Sidecar::meshed(
+        "web0",
+        &cp,
+        tmp.path(),
+        "spiffe://cluster.local/ns/billing/sa/invoices",
+        &["--upstream", &format!("127.0.0.1:{port0}=orders.shop"), "--otlp-endpoint", &otlp, "--trace-sampling", "0"],
+    )
+    .await
+    .unwrap();
+    let (status, body) = palisade_tests::http::get(&format!("127.0.0.1:{port0}"), "/echo").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let echoed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tp0 = echoed["headers"]["traceparent"].as_str().expect("a traceparent, unsampled").to_string();
+    assert!(tp0.starts_with("00-") && tp0.ends_with("-00") && tp0.len() == 55, "{tp0}");
+    let unsampled_trace = tp0[3..35].to_string();
     // A denied request is traced with its decision.
     let f = tmp.path().join("deny.yaml");
     std::fs::write(&f, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: DENY\n  rules: [{to: [{paths: [\"/admin/*\"]}]}]\n").unwrap();
@@ -199,10 +218,10 @@ async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
         (Some("deny"), Some(403))
     );
     assert_eq!(by_kind(&spans, CLIENT)["parent_span_id"], "00f067aa0ba902b7");
-    assert!(
-        collector.spans.lock().unwrap().iter().all(|s| s["trace_id"] != "0af7651916cd43dd8448eb211c80319c"),
-        "unsampled: no span"
-    );
+    // The denied request's spans came after both unsampled requests: neither left a span.
+    for t in ["0af7651916cd43dd8448eb211c80319c", unsampled_trace.as_str()] {
+        assert!(collector.spans.lock().unwrap().iter().all(|s| s["trace_id"] != t), "unsampled {t}: no span");
+    }
     assert!(web.metric("palisade_trace_spans_total{result=\"exported\"}").await.unwrap_or(0.0) >= 3.0);
 
     // Access logs: one JSON line per request on each side, with the trace id.
@@ -345,4 +364,50 @@ async fn the_grafana_dashboard_names_only_exported_metrics() {
         }
     }
     assert!(checked >= 20, "{checked}");
+}
+
+/// The control plane's own metrics on `--metrics-listen`: certificates
+/// issued (by attestation) and refused (by code), open policy streams, push
+/// latency (apply to ACK), NACKs, store latency, Admin API use; only GET
+/// /metrics is served.
+#[tokio::test]
+async fn the_control_plane_exports_its_own_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--metrics-listen", &listen]).await.unwrap();
+    let metrics = || async {
+        let (status, text) = palisade_tests::http::get(&listen, "/metrics").await.unwrap();
+        assert_eq!(status, 200);
+        text
+    };
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok())).unwrap_or(0.0)
+    };
+    let _orders = Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &[]).await.unwrap();
+    // A refused certificate request: a join token that is not one.
+    let mut bad = Sidecar::spawn("bad", &cp, tmp.path(), &["--join-token", "pjt-not-a-token"]).unwrap();
+    eventually("the refusal is counted", Duration::from_secs(10), || async {
+        (value(&metrics().await, r#"palisade_cp_certificates_total{result="refused",reason="unauthenticated"}"#) >= 1.0)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let _ = bad.proc.terminate(Duration::from_secs(5));
+    let f = tmp.path().join("p.yaml");
+    std::fs::write(&f, "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules: [{from: [{namespaces: [shop]}]}]\n").unwrap();
+    assert!(cp.ctl(&["policy", "apply", "-f", f.to_str().unwrap(), "--wait", "10s"]).status.success());
+    let text = eventually("the ACK is timed", Duration::from_secs(10), || async {
+        let t = metrics().await;
+        (value(&t, "palisade_cp_push_latency_seconds_count") >= 1.0).then_some(t)
+    })
+    .await
+    .unwrap();
+    assert_eq!(value(&text, r#"palisade_cp_certificates_total{result="issued",reason="token"}"#), 1.0, "{text}");
+    assert_eq!(value(&text, "palisade_cp_policy_streams"), 1.0, "{text}");
+    assert!(value(&text, "palisade_cp_store_operation_duration_seconds_count") >= 2.0, "{text}");
+    assert!(value(&text, r#"palisade_cp_admin_requests_total{result="authorized"}"#) >= 2.0, "{text}");
+    assert!(text.contains("# TYPE palisade_cp_config_nacks counter"), "{text}");
+    let (status, _) = palisade_tests::http::get(&listen, "/config").await.unwrap();
+    assert_eq!(status, 404);
 }

@@ -480,15 +480,16 @@ impl Inbound {
         }
         // A server span: a child of the caller sidecar's client span.
         use opentelemetry::KeyValue;
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
-        let caller = peer.as_ref().map(|c| c.subject.to_string());
-        let callee = self.svids.get().map(|s| s.id.to_string());
+        // Cheap copies (reference-counted): strings are made only for a
+        // span that records or a request that is logged.
+        let (method, uri, host) = (req.method().clone(), req.uri().clone(), req.headers().get(HOST).cloned());
+        let authority = || {
+            uri.authority()
+                .map(|a| a.to_string())
+                .or_else(|| host.as_ref().and_then(|v| v.to_str().ok()).map(str::to_string))
+        };
+        let caller = || peer.as_ref().map(|c| c.subject.to_string());
+        let callee = || self.svids.get().map(|s| s.id.to_string());
         let span = self.tracing.start_request(
             opentelemetry::trace::SpanKind::Server,
             method.as_str(),
@@ -496,25 +497,25 @@ impl Inbound {
             || {
                 let mut attrs = vec![
                     KeyValue::new("http.request.method", method.to_string()),
-                    KeyValue::new("url.path", path.clone()),
+                    KeyValue::new("url.path", uri.path().to_string()),
                     KeyValue::new("url.scheme", "http"),
                     KeyValue::new("network.peer.address", src.ip().to_string()),
                     KeyValue::new("network.peer.port", i64::from(src.port())),
                     KeyValue::new("palisade.direction", "inbound"),
                 ];
-                attrs.extend(caller.clone().map(|c| KeyValue::new("palisade.caller", c)));
-                attrs.extend(callee.clone().map(|c| KeyValue::new("palisade.callee", c)));
-                attrs.extend(authority.clone().map(|a| KeyValue::new("server.address", a)));
+                attrs.extend(caller().map(|c| KeyValue::new("palisade.caller", c)));
+                attrs.extend(callee().map(|c| KeyValue::new("palisade.callee", c)));
+                attrs.extend(authority().map(|a| KeyValue::new("server.address", a)));
                 attrs
             },
         );
         let entry = log.then(|| {
             let mut e = super::access::Entry::new("inbound", src);
-            e.caller = caller;
-            e.callee = callee;
+            e.caller = caller();
+            e.callee = callee();
             e.method = method.to_string();
-            e.authority = authority;
-            e.path = path;
+            e.authority = authority();
+            e.path = uri.path().to_string();
             e.trace_id = span.trace_id();
             req.extensions_mut().insert(e.decided.clone());
             req.extensions_mut().insert(super::access::BytesIn(e.bytes_in.clone()));

@@ -333,8 +333,7 @@ impl Outbound {
         }
         // A client span: a child of the app's traceparent, if it sent one.
         use opentelemetry::KeyValue;
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        let (method, uri) = (req.method().clone(), req.uri().clone());
         let span = self.tracing.start_request(
             opentelemetry::trace::SpanKind::Client,
             method.as_str(),
@@ -342,7 +341,7 @@ impl Outbound {
             || {
                 vec![
                     KeyValue::new("http.request.method", method.to_string()),
-                    KeyValue::new("url.path", path.clone()),
+                    KeyValue::new("url.path", uri.path().to_string()),
                     KeyValue::new("server.address", dest.to_string()),
                     KeyValue::new("palisade.direction", "outbound"),
                 ]
@@ -358,7 +357,7 @@ impl Outbound {
             });
             e.method = method.to_string();
             e.authority = authority_of(&req).flatten().map(|a| a.to_string());
-            e.path = path;
+            e.path = uri.path().to_string();
             e.trace_id = span.trace_id();
             req.extensions_mut().insert(e.decided.clone());
             req.extensions_mut().insert(super::access::BytesIn(e.bytes_in.clone()));

@@ -1,0 +1,151 @@
+//! The control plane's own metrics (`--metrics-listen`): certificates
+//! issued and refused, policy streams (connected proxies), push latency
+//! (a change to the proxy's ACK), NACKs, store latency, OAuth tokens and
+//! Admin API use. Served as OpenMetrics text on a small plaintext HTTP
+//! listener (GET /metrics only), with a connection limit and timeouts.
+
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultReason {
+    pub result: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// Every control-plane metric (one set per process).
+#[derive(Debug)]
+pub struct Metrics {
+    pub certificates: Family<ResultReason, Counter>,
+    pub policy_streams: Gauge,
+    pub push_latency: Histogram,
+    pub nacks: Counter,
+    pub store_latency: Histogram,
+    pub oauth_tokens: Family<ResultReason, Counter>,
+    pub admin_requests: Family<ResultLabel, Counter>,
+    registry: Registry,
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Self {
+        let certificates = Family::<ResultReason, Counter>::default();
+        let policy_streams = Gauge::default();
+        let push_latency =
+            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let nacks = Counter::default();
+        let store_latency =
+            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]);
+        let oauth_tokens = Family::<ResultReason, Counter>::default();
+        let admin_requests = Family::<ResultLabel, Counter>::default();
+        let mut registry = Registry::with_prefix("palisade_cp");
+        registry.register(
+            "certificates",
+            "Workload certificate requests, by result (issued, refused) and reason (attestation method, or the refusal's gRPC code)",
+            certificates.clone(),
+        );
+        registry.register("policy_streams", "Open policy streams (connected proxies)", policy_streams.clone());
+        registry.register(
+            "push_latency_seconds",
+            "From a change (policy apply, credentials, directory) to a proxy's ACK of the snapshot that carries it",
+            push_latency.clone(),
+        );
+        registry.register("config_nacks", "Snapshots a sidecar rejected", nacks.clone());
+        registry.register("store_operation_duration_seconds", "Store reads and writes", store_latency.clone());
+        registry.register(
+            "oauth_tokens",
+            "Token service requests, by result (issued, refused) and reason",
+            oauth_tokens.clone(),
+        );
+        registry.register("admin_requests", "Admin API calls, by result (authorized, refused)", admin_requests.clone());
+        Self {
+            certificates,
+            policy_streams,
+            push_latency,
+            nacks,
+            store_latency,
+            oauth_tokens,
+            admin_requests,
+            registry,
+        }
+    }
+
+    /// Counts a certificate request's outcome.
+    pub fn certificate(&self, result: &'static str, reason: &'static str) {
+        self.certificates.get_or_create(&ResultReason { result, reason }).inc();
+    }
+
+    fn text(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A gRPC code as a metric label.
+pub fn code_label(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::PermissionDenied => "permission_denied",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::FailedPrecondition => "failed_precondition",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::Internal => "internal",
+        _ => "other",
+    }
+}
+
+/// Most metrics connections at once.
+const MAX_CONNECTIONS: usize = 32;
+
+/// Serves GET /metrics on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
+    let limit = palisade_net::Limit::new("metrics", MAX_CONNECTIONS).per_ip(8);
+    palisade_net::serve(listener, limit, stop, tracker, move |tcp, _peer: SocketAddr, slot| async move {
+        let io = palisade_net::IdleTimeout::new(tcp, Duration::from_secs(30), Some(slot));
+        let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            let (status, body) = if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
+                (StatusCode::OK, METRICS.text())
+            } else {
+                (StatusCode::NOT_FOUND, "GET /metrics\n".to_string())
+            };
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = status;
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            Ok::<_, std::convert::Infallible>(r)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(5))
+            .serve_connection(TokioIo::new(io), svc)
+            .await;
+    })
+    .await;
+}
