@@ -4,6 +4,7 @@
 //! with the OpenTelemetry Python SDK sees the sidecars' spans join its
 //! trace; access logs; the Grafana dashboard; the control plane's metrics.
 
+use std::collections::HashSet;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -307,17 +308,10 @@ async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
     .unwrap();
 }
 
-/// The Grafana dashboard in deploy/grafana names only metrics a sidecar
-/// exports: every `palisade_*` name in a panel expression or a variable
-/// query is a sample or family in a live sidecar's /metrics, or (for
-/// families with no sample yet, which are not written) a family the
-/// sidecar registers, with the suffix its type gives (`_total`, `_bucket`).
-#[tokio::test]
-async fn the_grafana_dashboard_names_only_exported_metrics() {
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("deploy/grafana/palisade-sidecars.json")).unwrap(),
-    )
-    .unwrap();
+/// The names in a Grafana dashboard's expressions and variable queries.
+fn dashboard_names(file: &str) -> Vec<(String, String)> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("deploy/grafana").join(file)).unwrap()).unwrap();
     let mut exprs: Vec<String> = Vec::new();
     for p in dashboard["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().unwrap() {
@@ -329,13 +323,20 @@ async fn the_grafana_dashboard_names_only_exported_metrics() {
             exprs.push(q.to_string());
         }
     }
-    assert!(exprs.len() >= 14, "{exprs:?}");
-    let tmp = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
-    let s = Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &[]).await.unwrap();
-    let (_, text) = s.get("/metrics").await.unwrap();
-    let mut samples = std::collections::HashSet::new();
-    let mut families = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for e in &exprs {
+        for name in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("palisade_")) {
+            out.push((name.to_string(), e.clone()));
+        }
+    }
+    out
+}
+
+/// Sample names and families in OpenMetrics text, plus the families a
+/// source file registers (with `prefix`): families without samples yet
+/// are not written.
+fn exported(text: &str, source: &str, prefix: &str) -> (HashSet<String>, HashSet<String>) {
+    let (mut samples, mut families) = (HashSet::new(), HashSet::new());
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             families.insert(rest.split(' ').next().unwrap().to_string());
@@ -343,27 +344,50 @@ async fn the_grafana_dashboard_names_only_exported_metrics() {
             samples.insert(line.split(['{', ' ']).next().unwrap().to_string());
         }
     }
-    // Families without samples yet are not written: take them from the registrations.
-    let code = std::fs::read_to_string(repo_root().join("sidecar/src/metrics.rs")).unwrap();
-    for name in code.split("reg.register(").skip(1).filter_map(|r| r.trim_start().strip_prefix('"')?.split('"').next())
-    {
-        families.insert(format!("palisade_{name}"));
-    }
-    let mut checked = 0;
-    for e in &exprs {
-        for name in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("palisade_")) {
-            let family = ["_total", "_bucket", "_sum", "_count", "_created"]
-                .iter()
-                .find_map(|suffix| name.strip_suffix(suffix))
-                .unwrap_or(name);
-            assert!(
-                samples.contains(name) || families.contains(family),
-                "the dashboard names {name}, which the sidecar does not export ({e})"
-            );
-            checked += 1;
+    let code = std::fs::read_to_string(repo_root().join(source)).unwrap();
+    for r in code.split(".register(").skip(1) {
+        if let Some(name) = r.trim_start().strip_prefix('"').and_then(|r| r.split('"').next()) {
+            families.insert(format!("{prefix}{name}"));
         }
     }
-    assert!(checked >= 20, "{checked}");
+    (samples, families)
+}
+
+fn check_names(names: &[(String, String)], samples: &HashSet<String>, families: &HashSet<String>, who: &str) {
+    for (name, e) in names {
+        let family = ["_total", "_bucket", "_sum", "_count", "_created"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        assert!(
+            samples.contains(name) || families.contains(family),
+            "the dashboard names {name}, which the {who} does not export ({e})"
+        );
+    }
+}
+
+/// The Grafana dashboards in deploy/grafana name only metrics Palisade
+/// exports: every `palisade_*` name in a panel expression or a variable
+/// query is a sample or family in a live sidecar's (or control plane's)
+/// /metrics, or a family it registers, with the suffix its type gives.
+#[tokio::test]
+async fn the_grafana_dashboards_name_only_exported_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--metrics-listen", &listen]).await.unwrap();
+    let s = Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &[]).await.unwrap();
+
+    let names = dashboard_names("palisade-sidecars.json");
+    assert!(names.len() >= 20, "{names:?}");
+    let (_, text) = s.get("/metrics").await.unwrap();
+    let (samples, families) = exported(&text, "sidecar/src/metrics.rs", "palisade_");
+    check_names(&names, &samples, &families, "sidecar");
+
+    let names = dashboard_names("palisade-control-plane.json");
+    assert!(names.len() >= 9, "{names:?}");
+    let (_, text) = palisade_tests::http::get(&listen, "/metrics").await.unwrap();
+    let (samples, families) = exported(&text, "control-plane/src/metrics.rs", "palisade_cp_");
+    check_names(&names, &samples, &families, "control plane");
 }
 
 /// The control plane's own metrics on `--metrics-listen`: certificates
