@@ -521,10 +521,12 @@ impl Inbound {
             req.extensions_mut().insert(super::access::BytesIn(e.bytes_in.clone()));
             e
         });
-        let resp = Box::pin(self.clone().handle(req, peer, src, conn_proto, app)).await;
+        let resp = self.clone().handle(req, peer, src, conn_proto, app).await;
         let status = resp.status().as_u16();
         let decision = super::decision_of(status, resp.headers().contains_key("x-palisade-error"));
-        span.set(super::response_attributes(&resp, decision));
+        if span.recording() {
+            span.set(super::response_attributes(&resp, decision));
+        }
         span.end(status, false);
         match entry {
             Some(e) => {

@@ -363,10 +363,12 @@ impl Outbound {
             req.extensions_mut().insert(super::access::BytesIn(e.bytes_in.clone()));
             e
         });
-        let resp = Box::pin(self.clone().handle(req, dest, app)).await;
+        let resp = self.clone().handle(req, dest, app).await;
         let status = resp.status().as_u16();
         let decision = super::decision_of(status, resp.headers().contains_key("x-palisade-error"));
-        span.set(super::response_attributes(&resp, decision));
+        if span.recording() {
+            span.set(super::response_attributes(&resp, decision));
+        }
         span.end(status, true);
         match entry {
             Some(e) => {

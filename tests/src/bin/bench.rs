@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper_util::rt::TokioIo;
 use palisade_tests::{ControlPlane, Sidecar, eventually, free_port};
 use tokio::net::TcpStream;
@@ -168,7 +168,8 @@ struct Shape {
     origin: &'static str,
 }
 
-type Client = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+/// GETs without a body (as before `traffic` existed), or `traffic`'s POSTs.
+type Client = hyper::client::conn::http1::SendRequest<Either<Empty<Bytes>, Full<Bytes>>>;
 
 async fn connect(addr: SocketAddr) -> Result<Client> {
     let tcp = TcpStream::connect(addr).await?;
@@ -190,13 +191,13 @@ async fn one_with(s: &mut Client, auth: Option<&str>) -> Result<()> {
         req = req.header("authorization", a);
     }
     let req = match SHAPE.get() {
-        None => req.body(Full::new(Bytes::new()))?,
+        None => req.body(Either::Left(Empty::new()))?,
         Some(shape) => req
             .method("POST")
             .uri("/orders")
             .header("content-type", "application/json")
             .header("origin", shape.origin)
-            .body(Full::new(shape.body.clone()))?,
+            .body(Either::Right(Full::new(shape.body.clone())))?,
     };
     let resp = s.send_request(req).await?;
     if resp.status() != 200 {
