@@ -35,6 +35,12 @@ pub mod keys {
     pub const LOG_LEVEL: &str = "palisade.dev/log-level";
     /// Override of the inbound port.
     pub const INBOUND_PORT: &str = "palisade.dev/inbound-port";
+    /// OTLP/gRPC collector the proxy exports spans to (`http://HOST:PORT`).
+    pub const OTLP_ENDPOINT: &str = "palisade.dev/otlp-endpoint";
+    /// Share of new traces recorded, 0 to 1.
+    pub const TRACE_SAMPLING: &str = "palisade.dev/trace-sampling";
+    /// `"true"`: one JSON access-log line per request.
+    pub const ACCESS_LOG: &str = "palisade.dev/access-log";
 }
 
 /// How to inject.
@@ -118,6 +124,49 @@ fn ports_annotation(ann: &Map<String, Value>, key: &'static str) -> Result<Optio
     Ok(Some(v.split(',').map(str::trim).collect::<Vec<_>>().join(",")))
 }
 
+/// The proxy's tracing and access-log settings from the pod's annotations.
+/// Spans are named after the pod's ServiceAccount (`service.name`).
+fn observability_env(ann: &Map<String, Value>, spec: &Value) -> Result<Vec<Value>, InjectError> {
+    let mut env = Vec::new();
+    if let Some(v) = ann.get(keys::OTLP_ENDPOINT).and_then(Value::as_str) {
+        let ok = (v.starts_with("http://") || v.starts_with("https://"))
+            && v.len() <= 256
+            && v.bytes().all(|b| b.is_ascii_graphic());
+        if !ok {
+            return Err(InjectError::Annotation {
+                key: keys::OTLP_ENDPOINT,
+                value: v.into(),
+                why: "expected http://HOST:PORT of an OTLP/gRPC collector",
+            });
+        }
+        env.push(json!({"name": "PALISADE_OTLP_ENDPOINT", "value": v}));
+        let sa = spec.get("serviceAccountName").and_then(Value::as_str).unwrap_or("default");
+        env.push(json!({"name": "PALISADE_TRACE_SERVICE_NAME", "value": sa}));
+    }
+    if let Some(v) = ann.get(keys::TRACE_SAMPLING).and_then(Value::as_str) {
+        if !v.parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r)) {
+            return Err(InjectError::Annotation {
+                key: keys::TRACE_SAMPLING,
+                value: v.into(),
+                why: "expected a ratio between 0 and 1",
+            });
+        }
+        env.push(json!({"name": "PALISADE_TRACE_SAMPLING", "value": v}));
+    }
+    match ann.get(keys::ACCESS_LOG).and_then(Value::as_str) {
+        None | Some("false") => {}
+        Some("true") => env.push(json!({"name": "PALISADE_ACCESS_LOG", "value": "true"})),
+        Some(v) => {
+            return Err(InjectError::Annotation {
+                key: keys::ACCESS_LOG,
+                value: v.into(),
+                why: "expected true or false",
+            });
+        }
+    }
+    Ok(env)
+}
+
 /// Injects into one pod spec, given the pod's metadata (for annotations and the marker).
 pub fn inject_pod(metadata: &mut Value, spec: &mut Value, cfg: &Config) -> Result<Outcome, InjectError> {
     if !metadata.is_object() {
@@ -195,6 +244,7 @@ pub fn inject_pod(metadata: &mut Value, spec: &mut Value, cfg: &Config) -> Resul
     if let Some(p) = &opaque {
         env.push(json!({"name": "PALISADE_OPAQUE_PORTS", "value": p}));
     }
+    env.extend(observability_env(&ann, spec)?);
     let probe = |failure: u32, period: u32| json!({"httpGet": {"path": "/ready", "port": ADMIN_PORT}, "periodSeconds": period, "failureThreshold": failure});
     let mut proxy = json!({
         "name": "palisade-proxy",

@@ -89,3 +89,49 @@ fn admission_reviews_get_a_patch_that_applies() {
     let no_object = admission_review(&json!({"request": {"uid": "u2"}}), &cfg()).unwrap();
     assert_eq!(no_object["response"]["allowed"], false);
 }
+
+#[test]
+fn observability_annotations_configure_the_proxy() {
+    let cfg = cfg();
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "annotations": {
+            "palisade.dev/otlp-endpoint": "http://otel-collector.observability:4317",
+            "palisade.dev/trace-sampling": "0.05",
+            "palisade.dev/access-log": "true"}},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "web:1"}]}
+    });
+    let meta = &mut pod["metadata"].clone();
+    let mut spec = pod["spec"].take();
+    crate::inject_pod(meta, &mut spec, &cfg).unwrap();
+    let proxy = spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .chain(spec["containers"].as_array())
+        .flatten()
+        .find(|c| c["name"] == "palisade-proxy")
+        .unwrap()
+        .clone();
+    let env: std::collections::HashMap<String, String> = proxy["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
+        .collect();
+    assert_eq!(env["PALISADE_OTLP_ENDPOINT"], "http://otel-collector.observability:4317");
+    assert_eq!(env["PALISADE_TRACE_SERVICE_NAME"], "web");
+    assert_eq!(env["PALISADE_TRACE_SAMPLING"], "0.05");
+    assert_eq!(env["PALISADE_ACCESS_LOG"], "true");
+    for (key, bad) in [
+        ("palisade.dev/otlp-endpoint", "otel:4317"),
+        ("palisade.dev/otlp-endpoint", "http://a b"),
+        ("palisade.dev/trace-sampling", "5%"),
+        ("palisade.dev/trace-sampling", "2"),
+        ("palisade.dev/access-log", "yes"),
+    ] {
+        let mut meta = serde_json::json!({"annotations": {key: bad}});
+        let mut spec = serde_json::json!({"containers": [{"name": "app", "image": "web:1"}]});
+        let e = crate::inject_pod(&mut meta, &mut spec, &cfg).unwrap_err().to_string();
+        assert!(e.contains(key), "{key}={bad}: {e}");
+    }
+}
