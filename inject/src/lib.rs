@@ -131,12 +131,12 @@ fn observability_env(ann: &Map<String, Value>, spec: &Value) -> Result<Vec<Value
     if let Some(v) = ann.get(keys::OTLP_ENDPOINT).and_then(Value::as_str) {
         let ok = (v.starts_with("http://") || v.starts_with("https://"))
             && v.len() <= 256
-            && v.bytes().all(|b| b.is_ascii_graphic());
+            && v.bytes().all(|b| b.is_ascii_graphic() && b != b'@');
         if !ok {
             return Err(InjectError::Annotation {
                 key: keys::OTLP_ENDPOINT,
                 value: v.into(),
-                why: "expected http://HOST:PORT of an OTLP/gRPC collector",
+                why: "expected http://HOST:PORT of an OTLP/gRPC collector (no credentials in it)",
             });
         }
         env.push(json!({"name": "PALISADE_OTLP_ENDPOINT", "value": v}));

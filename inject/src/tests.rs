@@ -125,6 +125,7 @@ fn observability_annotations_configure_the_proxy() {
     for (key, bad) in [
         ("palisade.dev/otlp-endpoint", "otel:4317"),
         ("palisade.dev/otlp-endpoint", "http://a b"),
+        ("palisade.dev/otlp-endpoint", "http://user:secret@otel:4317"),
         ("palisade.dev/trace-sampling", "5%"),
         ("palisade.dev/trace-sampling", "2"),
         ("palisade.dev/access-log", "yes"),

@@ -105,6 +105,7 @@ pub struct Config {
 
     /// Export a span per request over OTLP/gRPC to this collector: http://HOST:PORT, or https://HOST:PORT with --otlp-ca-file.
     #[arg(long, env = "PALISADE_OTLP_ENDPOINT")]
+    #[serde(serialize_with = "ser_endpoint")]
     pub otlp_endpoint: Option<String>,
 
     /// CA certificates (PEM) an https:// collector's certificate must chain to.
@@ -338,5 +339,20 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("{s:?} is not a ratio between 0 and 1 (e.g. 0.01)")),
+    }
+}
+
+/// An endpoint as logged and shown: credentials in it (user@host, refused
+/// at start) never appear.
+fn ser_endpoint<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        None => s.serialize_none(),
+        Some(url) => {
+            let shown = match (url.split_once("://"), url.rfind('@')) {
+                (Some((scheme, _)), Some(at)) => format!("{scheme}://[redacted]@{}", &url[at + 1..]),
+                _ => url.clone(),
+            };
+            s.serialize_some(&shown)
+        }
     }
 }

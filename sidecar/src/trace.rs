@@ -157,6 +157,10 @@ impl Tracing {
     /// contacted yet: a collector that is down costs failed exports only.
     pub fn start(opts: &Options, counts: SpanCounts) -> anyhow::Result<Self> {
         use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+        // The endpoint is shown in /config and the start-up log: no credentials in it.
+        if opts.endpoint.contains('@') {
+            anyhow::bail!("--otlp-endpoint: a URL with credentials (user@host) is not accepted; it would be logged");
+        }
         let mut builder = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(opts.endpoint.clone())
