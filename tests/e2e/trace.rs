@@ -435,3 +435,25 @@ async fn the_control_plane_exports_its_own_metrics() {
     let (status, _) = palisade_tests::http::get(&listen, "/config").await.unwrap();
     assert_eq!(status, 404);
 }
+
+/// An OTLP endpoint with credentials in it is refused at start, and the
+/// credentials appear nowhere: not in the start-up log, not in the error.
+#[tokio::test]
+async fn an_otlp_endpoint_with_credentials_is_refused_without_showing_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
+    let token = cp.create_token(ORDERS, &[]).unwrap();
+    let mut s = Sidecar::spawn(
+        "creds",
+        &cp,
+        tmp.path(),
+        &["--join-token", &token, "--otlp-endpoint", "http://collector:s3cr3t-pw@127.0.0.1:4317"],
+    )
+    .unwrap();
+    let status = s.proc.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(!status.success());
+    let logs = s.proc.logs();
+    assert!(logs.contains("a URL with credentials (user@host) is not accepted"), "{logs}");
+    assert!(logs.contains("http://[redacted]@127.0.0.1:4317"), "{logs}");
+    assert!(!logs.contains("s3cr3t-pw"), "{logs}");
+}
