@@ -163,6 +163,14 @@ pub fn undocumented(cmd: &clap::Command) -> Vec<String> {
     missing
 }
 
+/// A ratio flag (`--trace-sampling 0.01`): between 0 and 1.
+pub fn ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 1 (e.g. 0.01)")),
+    }
+}
+
 /// A listen or connect address flag: `IP:PORT`, with a message that says so.
 pub fn socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
     s.parse().map_err(|_| "expected IP:PORT such as 127.0.0.1:7700 or [::]:7700 (not a host name)".to_string())

@@ -58,6 +58,19 @@ pub struct Config {
     #[arg(long, env = "PALISADE_DEFAULT_POLICY", value_enum, default_value_t = DefaultPolicy::Deny)]
     pub default_policy: DefaultPolicy,
 
+    /// Export a span per gRPC call over OTLP/gRPC to this collector: http://HOST:PORT, or https://HOST:PORT with --otlp-ca-file.
+    #[arg(long, env = "PALISADE_OTLP_ENDPOINT")]
+    #[serde(skip)]
+    pub otlp_endpoint: Option<String>,
+
+    /// CA certificates (PEM) an https:// collector's certificate must chain to.
+    #[arg(long, env = "PALISADE_OTLP_CA_FILE", requires = "otlp_endpoint")]
+    pub otlp_ca_file: Option<std::path::PathBuf>,
+
+    /// Share of new traces recorded, 0 to 1; a call that arrives with a traceparent follows its sampled flag.
+    #[arg(long, env = "PALISADE_TRACE_SAMPLING", default_value_t = 0.01, value_parser = palisade_cmd::ratio)]
+    pub trace_sampling: f64,
+
     /// Serve the control plane's metrics (plaintext HTTP, GET /metrics) here, e.g. 127.0.0.1:7701.
     #[arg(long, env = "PALISADE_METRICS_LISTEN", value_parser = palisade_cmd::socket_addr)]
     pub metrics_listen: Option<SocketAddr>,

@@ -35,6 +35,7 @@ pub mod oauth;
 pub mod pki;
 pub mod policy;
 pub mod store;
+mod telemetry;
 pub mod webhook;
 
 pub use config::Config;
@@ -75,6 +76,8 @@ pub enum StartError {
     K8s(String),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Tracing(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("reflection service: {0}")]
@@ -374,7 +377,21 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         let limits = https::Limits { max_connections: 256, handshake_timeout: cfg.handshake_timeout };
         tracker.spawn(webhook::serve(listener, Arc::new(tls), Arc::new(inject), limits, stop.clone(), tracker.clone()));
     }
+    let tracing = match &cfg.otlp_endpoint {
+        Some(endpoint) => palisade_telemetry::Tracing::start(
+            &palisade_telemetry::Options {
+                endpoint: endpoint.clone(),
+                ca_file: cfg.otlp_ca_file.clone(),
+                sampling: cfg.trace_sampling,
+                service_name: "palisade-control-plane".into(),
+            },
+            metrics::METRICS.spans.clone(),
+        )
+        .map_err(|e| StartError::Tracing(e.to_string()))?,
+        None => palisade_telemetry::Tracing::default(),
+    };
     let router = tonic::transport::Server::builder()
+        .layer(telemetry::TraceLayer(tracing))
         .timeout(Duration::from_secs(30))
         // Pings keep live clients talking, so the idle timeout finds dead ones.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

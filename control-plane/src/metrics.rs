@@ -44,6 +44,7 @@ pub struct Metrics {
     pub store_latency: Histogram,
     pub oauth_tokens: Family<ResultReason, Counter>,
     pub admin_requests: Family<ResultLabel, Counter>,
+    pub spans: palisade_telemetry::SpanCounts,
     registry: Registry,
 }
 
@@ -61,6 +62,7 @@ impl Metrics {
             Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]);
         let oauth_tokens = Family::<ResultReason, Counter>::default();
         let admin_requests = Family::<ResultLabel, Counter>::default();
+        let spans = palisade_telemetry::SpanCounts::default();
         let mut registry = Registry::with_prefix("palisade_cp");
         registry.register(
             "certificates",
@@ -81,6 +83,11 @@ impl Metrics {
             oauth_tokens.clone(),
         );
         registry.register("admin_requests", "Admin API calls, by result (authorized, refused)", admin_requests.clone());
+        registry.register(
+            "trace_spans",
+            "gRPC call spans for the OTLP collector, by result: exported, dropped (queue full), failed",
+            spans.0.clone(),
+        );
         Self {
             certificates,
             policy_streams,
@@ -89,6 +96,7 @@ impl Metrics {
             store_latency,
             oauth_tokens,
             admin_requests,
+            spans,
             registry,
         }
     }

@@ -100,7 +100,7 @@ pub struct Config {
     pub access_log: bool,
 
     /// Share of requests the access log writes, 0 to 1.
-    #[arg(long, env = "PALISADE_ACCESS_LOG_SAMPLING", default_value_t = 1.0, value_parser = parse_ratio, requires = "access_log")]
+    #[arg(long, env = "PALISADE_ACCESS_LOG_SAMPLING", default_value_t = 1.0, value_parser = palisade_cmd::ratio, requires = "access_log")]
     pub access_log_sampling: f64,
 
     /// Export a span per request over OTLP/gRPC to this collector: http://HOST:PORT, or https://HOST:PORT with --otlp-ca-file.
@@ -113,7 +113,7 @@ pub struct Config {
     pub otlp_ca_file: Option<std::path::PathBuf>,
 
     /// Share of new traces recorded, 0 to 1; a request that arrives with a traceparent follows its sampled flag.
-    #[arg(long, env = "PALISADE_TRACE_SAMPLING", default_value_t = 0.01, value_parser = parse_ratio)]
+    #[arg(long, env = "PALISADE_TRACE_SAMPLING", default_value_t = 0.01, value_parser = palisade_cmd::ratio)]
     pub trace_sampling: f64,
 
     /// service.name of the exported spans.
@@ -332,14 +332,6 @@ impl Config {
 
 fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
     TrustDomain::new(s).map_err(|e| e.to_string())
-}
-
-/// A ratio between 0 and 1.
-fn parse_ratio(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
-        _ => Err(format!("{s:?} is not a ratio between 0 and 1 (e.g. 0.01)")),
-    }
 }
 
 /// An endpoint as logged and shown: credentials in it (user@host, refused

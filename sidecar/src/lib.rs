@@ -27,7 +27,7 @@ pub mod init;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
-pub mod trace;
+pub use palisade_telemetry as trace;
 
 pub use config::Config;
 use identity::IdentityClientTask;

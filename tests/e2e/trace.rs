@@ -457,3 +457,48 @@ async fn an_otlp_endpoint_with_credentials_is_refused_without_showing_them() {
     assert!(logs.contains("http://[redacted]@127.0.0.1:4317"), "{logs}");
     assert!(!logs.contains("s3cr3t-pw"), "{logs}");
 }
+
+/// The control plane traces its own gRPC calls: a server span per call,
+/// named `service/method` with the RPC conventions' attributes and the
+/// call's gRPC status, exported to the same kind of collector.
+#[tokio::test]
+async fn the_control_plane_traces_its_grpc_calls() {
+    if !python_ready("trace::the_control_plane_traces_its_grpc_calls") {
+        return;
+    }
+    let collector = Collector::start(&[]).await;
+    let otlp = format!("http://127.0.0.1:{}", collector.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let cp =
+        ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--otlp-endpoint", &otlp, "--trace-sampling", "1"])
+            .await
+            .unwrap();
+    let _orders = Sidecar::meshed("orders", &cp, tmp.path(), ORDERS, &[]).await.unwrap();
+    assert!(cp.ctl(&["proxies"]).status.success());
+    assert!(!cp.ctl(&["token", "revoke", "no-such-token"]).status.success());
+    let find = |name: &'static str, code: i64| {
+        let spans = collector.spans.clone();
+        async move {
+            eventually(&format!("a {name} span with status {code}"), Duration::from_secs(15), || async {
+                spans
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|s| s["name"] == name && s["attributes"]["rpc.grpc.status_code"] == code)
+                    .cloned()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let list = find("palisade.v1.Admin/ListProxies", 0).await;
+    assert_eq!((list["kind"].as_u64(), list["service"].as_str()), (Some(SERVER), Some("palisade-control-plane")));
+    let a = &list["attributes"];
+    assert_eq!(
+        (a["rpc.system"].as_str(), a["rpc.service"].as_str(), a["rpc.method"].as_str()),
+        (Some("grpc"), Some("palisade.v1.Admin"), Some("ListProxies"))
+    );
+    find("palisade.v1.Identity/Certify", 0).await;
+    let revoked = find("palisade.v1.Admin/RevokeJoinToken", 5).await;
+    assert_eq!(revoked["parent_span_id"], "", "{revoked}");
+}

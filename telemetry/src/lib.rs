@@ -1,6 +1,7 @@
-//! Distributed tracing: a span per request on each side (a client span on
-//! the caller's sidecar, a server span on the callee's), W3C `traceparent`
-//! / `tracestate` propagated, exported over OTLP/gRPC to `--otlp-endpoint`.
+//! Distributed tracing, shared by the sidecar and the control plane: a span
+//! per request (a client span on the caller's sidecar, a server span on the
+//! callee's and on the control plane's gRPC calls), W3C `traceparent` /
+//! `tracestate` propagated, exported over OTLP/gRPC to `--otlp-endpoint`.
 //!
 //! The data path never waits for tracing: a finished span goes into a
 //! bounded queue (`try_send`); a background task sends batches to the
@@ -192,7 +193,7 @@ impl Tracing {
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
             .with_span_processor(Queue { tx, counts })
             .build();
-        let tracer = provider.tracer("palisade-sidecar");
+        let tracer = provider.tracer(opts.service_name.clone());
         let mut seed = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
             .map_err(|_| anyhow::anyhow!("no system randomness for trace ids"))?;
@@ -300,6 +301,19 @@ impl ReqSpan {
         let span = cx.span();
         span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
         if status >= 500 || (client && status >= 400) {
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
+
+    /// Ends the span of a gRPC call with its status code (server errors,
+    /// per the RPC semantic conventions, mark the span an error).
+    pub fn end_grpc(self, code: i64) {
+        let Some(cx) = self.0 else { return };
+        let span = cx.span();
+        span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
+        // UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+        if [2, 4, 12, 13, 14, 15].contains(&code) {
             span.set_status(Status::error(""));
         }
         span.end();
