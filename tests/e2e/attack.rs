@@ -1045,3 +1045,71 @@ spec:
     assert_eq!(status(&ok), 200, "{ok}");
     assert_eq!(app.requests.load(Ordering::SeqCst), before + 1);
 }
+
+/// The control plane's metrics listener: a connection flood from one
+/// address is held to 8 (32 in all), a client that never finishes its
+/// request head is cut off, other methods and paths get 404, and /metrics
+/// answers again once the flood is gone.
+#[tokio::test]
+async fn the_metrics_listener_bounds_floods_and_slow_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--metrics-listen", &listen]).await.unwrap();
+    let cpid = cp.proc.child.id();
+    let baseline = fds(cpid);
+    let held = flood("127.0.0.2", port, 200).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fds(cpid) <= baseline + 8 + 4, "8 per address: {baseline} -> {}", fds(cpid));
+    let (code, text) = palisade_tests::http::get(&listen, "/metrics").await.unwrap();
+    assert_eq!(code, 200, "another address is still served");
+    assert!(text.contains("palisade_cp_policy_streams"), "{text}");
+    drop(held);
+    for req in [
+        &b"POST /metrics HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\n\r\n"[..],
+        b"GET /config HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let r = send(port, Duration::ZERO, req).await;
+        assert_eq!(status(&r), 404, "{r}");
+    }
+    // A request head that never ends is cut off after 5 s.
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").await.unwrap();
+    let mut buf = Vec::new();
+    let done = tokio::time::timeout(Duration::from_secs(15), slow.read_to_end(&mut buf)).await;
+    assert!(done.is_ok(), "the slow client was not cut off");
+}
+
+/// Spoofed or malformed trace context never breaks a request: each is
+/// answered 200, and the app receives a well-formed traceparent (a new
+/// trace replacing the malformed one).
+#[tokio::test]
+async fn malformed_trace_context_is_replaced_not_trusted() {
+    let app = HttpApp::start().await;
+    let p = pair(
+        app.addr,
+        &[],
+        &["--otlp-endpoint", "http://127.0.0.1:9", "--trace-sampling", "1"],
+        &["--otlp-endpoint", "http://127.0.0.1:9", "--trace-sampling", "1"],
+    )
+    .await;
+    let long = format!("00-{}-b7ad6b7169203331-01", "a".repeat(5000));
+    for tp in [
+        "garbage",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-zz",
+        long.as_str(),
+    ] {
+        let req = format!(
+            "GET /echo HTTP/1.1\r\nHost: orders\r\ntraceparent: {tp}\r\ntracestate: x=y\r\nConnection: close\r\n\r\n"
+        );
+        let r = send(p.port, Duration::ZERO, req.as_bytes()).await;
+        assert_eq!(status(&r), 200, "{tp}: {r}");
+        let body: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let got = body["headers"]["traceparent"].as_str().unwrap();
+        assert!(got.len() == 55 && got.starts_with("00-") && got.ends_with("-01") && got != tp, "{tp} -> {got}");
+        assert!(body["headers"].get("tracestate").is_none(), "the malformed context's tracestate is dropped: {body}");
+    }
+}
