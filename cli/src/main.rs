@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 mod creds;
 mod inspect;
 mod kube;
+mod observe;
 mod policy;
 mod table;
 
@@ -138,6 +139,26 @@ enum Command {
         to: String,
         #[command(flatten)]
         request: RequestArgs,
+    },
+    /// Stream requests as the callees' sidecars see them, with the decision and deciding rule,
+    /// until interrupted (through the control plane: works from outside a cluster).
+    Tap {
+        #[command(flatten)]
+        online: Online,
+        #[command(flatten)]
+        args: observe::TapArgs,
+    },
+    /// Per-workload inbound traffic from the sidecars' reports: request rate, success rate,
+    /// share refused by policy, latency percentiles.
+    Stat {
+        #[command(flatten)]
+        online: Online,
+        /// Workload SPIFFE ID or glob (default: all).
+        #[arg(long)]
+        workload: Option<String>,
+        /// The time to compute rates over (at most 10m).
+        #[arg(long, default_value = "1m", value_parser = parse_duration)]
+        window: Duration,
     },
     /// Explain authorization decisions.
     Authz {
@@ -345,6 +366,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Route { online, from, to, request: RequestArgs { method, path, headers } } => {
             policy::route(online, from, to, method, path, headers).await
         }
+        Command::Tap { online, args } => observe::tap(online, args).await,
+        Command::Stat { online, workload, window } => observe::stat(online, workload.as_deref(), *window).await,
         Command::Apikey { online, cmd } => creds::apikey(online, cmd).await,
         Command::Oauth { online, cmd } => creds::oauth(online, cmd).await,
         Command::Completion { shell } => {

@@ -22,6 +22,20 @@ pub(crate) enum PolicyCmd {
         /// exit 1 if one rejects it or time runs out.
         #[arg(long, value_parser = crate::parse_duration)]
         wait: Option<std::time::Duration>,
+        /// First show what the change would decide differently for recent traffic
+        /// (as `policy preview`), and ask before applying.
+        #[arg(long)]
+        preview: bool,
+        /// With --preview: apply without asking (for scripts).
+        #[arg(long, requires = "preview")]
+        yes: bool,
+    },
+    /// What FILE would change: the recently recorded requests whose decision would flip
+    /// (allow -> deny, deny -> allow), grouped by caller, callee, method and path. Changes nothing.
+    Preview {
+        /// A file, a directory, or - for standard input.
+        #[arg(short, long)]
+        file: PathBuf,
     },
     /// Validate locally and on the control plane, changing nothing; prints the diff
     /// and warnings (identities of another trust domain, or that no workload has).
@@ -46,6 +60,14 @@ pub(crate) enum PolicyCmd {
         /// NAMESPACE/NAME
         key: String,
     },
+}
+
+/// Asks on stderr whether to apply; reads the answer from stdin (no answer: no).
+fn confirm() -> Result<bool> {
+    eprint!("apply this change? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
 /// Reads FILE, DIR (sorted, .yaml/.yml/.json) or - into (name, text) pairs.
@@ -115,9 +137,30 @@ fn print_applied(cli: &Online, applied: &[AppliedPolicy]) -> Result<()> {
 
 pub(crate) async fn run(cli: &Online, cmd: &PolicyCmd) -> Result<()> {
     match cmd {
+        PolicyCmd::Preview { file } => {
+            let document = load(file)?;
+            let p = admin(cli).await?.preview_policy(ApplyPolicyRequest { document }).await.map_err(status_err)?;
+            crate::observe::print_preview(cli.output, &p.into_inner())?;
+            Ok(())
+        }
         PolicyCmd::Apply { file, .. } | PolicyCmd::Validate { file } => {
             let document = load(file)?;
             let mut c = admin(cli).await?;
+            if let PolicyCmd::Apply { preview: true, yes, .. } = cmd {
+                let p = c
+                    .preview_policy(ApplyPolicyRequest { document: document.clone() })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                // The preview goes to stderr, as the question does: stdout stays the apply's result.
+                for w in &p.warnings {
+                    eprintln!("warning: {w}");
+                }
+                eprint!("{}", crate::observe::preview_text(&p));
+                if !yes && !confirm()? {
+                    bail!("not applied");
+                }
+            }
             let req = ApplyPolicyRequest { document };
             let resp = if matches!(cmd, PolicyCmd::Apply { .. }) {
                 c.apply_policy(req).await

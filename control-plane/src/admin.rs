@@ -280,6 +280,38 @@ impl Admin for AdminService {
         }
     }
 
+    type TapStream = tokio_stream::wrappers::ReceiverStream<Result<TapEvent, Status>>;
+
+    async fn tap(&self, req: Request<TapRequest>) -> Result<Response<Self::TapStream>, Status> {
+        let (by, _) = self.authorize(&req)?;
+        let rx = self.shared.observe.start_tap(req.get_ref(), &by.to_string())?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn preview_policy(
+        &self,
+        req: Request<ApplyPolicyRequest>,
+    ) -> Result<Response<PreviewPolicyResponse>, Status> {
+        self.authorize(&req)?;
+        let (shared, document) = (self.shared.clone(), req.into_inner().document);
+        Ok(Response::new(blocking(move || crate::policy::preview(&shared, &document)).await?))
+    }
+
+    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let window = match req.window_seconds {
+            0 => 60,
+            w @ 1..=600 => w,
+            _ => return Err(Status::invalid_argument("window_seconds: at most 600")),
+        };
+        if req.identity.len() > 1024 {
+            return Err(Status::invalid_argument("identity: at most 1024 characters"));
+        }
+        let workloads = self.shared.observe.stat(&req.identity, Duration::from_secs(u64::from(window)));
+        Ok(Response::new(StatResponse { workloads }))
+    }
+
     async fn simulate(&self, req: Request<SimulateRequest>) -> Result<Response<SimulateResponse>, Status> {
         self.authorize(&req)?;
         Ok(Response::new(crate::policy::simulate(&self.shared, &req.into_inner())?))

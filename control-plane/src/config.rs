@@ -71,6 +71,11 @@ pub struct Config {
     #[arg(long, env = "PALISADE_TRACE_SAMPLING", default_value_t = 0.01, value_parser = palisade_cmd::ratio)]
     pub trace_sampling: f64,
 
+    /// How long requests the sidecars recorded are kept for `palisadectl policy preview`: 1m to 24h.
+    #[arg(long, env = "PALISADE_PREVIEW_WINDOW", default_value = "15m", value_parser = parse_duration)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub preview_window: Duration,
+
     /// Serve the control plane's metrics (plaintext HTTP, GET /metrics) here, e.g. 127.0.0.1:7701.
     #[arg(long, env = "PALISADE_METRICS_LISTEN", value_parser = palisade_cmd::socket_addr)]
     pub metrics_listen: Option<SocketAddr>,
@@ -267,6 +272,7 @@ impl Config {
             ("oauth-key-rotation", self.oauth_key_rotation, secs(4), secs(365 * 86400)),
             ("jwks-refresh", self.jwks_refresh, secs(1), secs(86400)),
             ("jwks-min-refresh-interval", self.jwks_min_refresh_interval, secs(1), secs(3600)),
+            ("preview-window", self.preview_window, secs(60), secs(86400)),
         ] {
             if d < min || d > max {
                 return Err(ConfigError::Range {

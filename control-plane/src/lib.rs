@@ -32,6 +32,7 @@ pub mod identity;
 pub mod jwks;
 pub mod metrics;
 pub mod oauth;
+mod observe;
 pub mod pki;
 pub mod policy;
 pub mod store;
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) oauth: Option<Arc<oauth::TokenService>>,
     /// Key sets fetched for `jwksUri`.
     pub(crate) jwks: Arc<jwks::JwksCache>,
+    /// Taps, recorded requests and stats from the sidecars.
+    pub(crate) observe: Arc<observe::Observatory>,
 }
 
 /// Why the control plane could not start.
@@ -199,6 +202,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             trust_domain: td.clone(),
         },
         hub: policy::Hub::default(),
+        observe: Arc::new(observe::Observatory::new(cfg.preview_window)),
         default_allow_authenticated: cfg.default_policy == config::DefaultPolicy::AllowAuthenticated,
         oauth: oauth.clone(),
         jwks: jwks.clone(),

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub oauth_tokens: Family<ResultReason, Counter>,
     pub admin_requests: Family<ResultLabel, Counter>,
     pub spans: palisade_telemetry::SpanCounts,
+    pub taps: Gauge,
+    pub tap_events: Family<ResultLabel, Counter>,
+    pub preview_samples: Gauge,
     registry: Registry,
 }
 
@@ -63,6 +66,9 @@ impl Metrics {
         let oauth_tokens = Family::<ResultReason, Counter>::default();
         let admin_requests = Family::<ResultLabel, Counter>::default();
         let spans = palisade_telemetry::SpanCounts::default();
+        let taps = Gauge::default();
+        let tap_events = Family::<ResultLabel, Counter>::default();
+        let preview_samples = Gauge::default();
         let mut registry = Registry::with_prefix("palisade_cp");
         registry.register(
             "certificates",
@@ -88,6 +94,17 @@ impl Metrics {
             "gRPC call spans for the OTLP collector, by result: exported, dropped (queue full), failed",
             spans.0.clone(),
         );
+        registry.register("taps", "Taps (palisadectl tap) running", taps.clone());
+        registry.register(
+            "tap_events",
+            "Request lines from sidecars for taps, by result: delivered, dropped (the caller's buffer was full), refused (not the tap's)",
+            tap_events.clone(),
+        );
+        registry.register(
+            "preview_samples",
+            "Recorded request shapes held for policy previews",
+            preview_samples.clone(),
+        );
         Self {
             certificates,
             policy_streams,
@@ -97,6 +114,9 @@ impl Metrics {
             oauth_tokens,
             admin_requests,
             spans,
+            taps,
+            tap_events,
+            preview_samples,
             registry,
         }
     }

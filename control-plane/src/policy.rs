@@ -419,6 +419,50 @@ pub(crate) fn all_resources(shared: &Shared) -> Vec<Resource> {
     shared.hub.parsed(shared).items.iter().filter_map(|(_, r)| r.clone()).flatten().collect()
 }
 
+/// The preview API: what the document would change for the requests the
+/// sidecars recorded in the window.
+pub(crate) fn preview(shared: &Shared, document: &str) -> Result<palisade_proto::v1::PreviewPolicyResponse, Status> {
+    let candidates = parse(document)?;
+    check_issuers(shared, &candidates)?;
+    let before = all_resources(shared);
+    let mut after: Vec<Resource> = before
+        .iter()
+        .filter(|r| !candidates.iter().any(|c| c.kind() == r.kind() && c.key() == r.key()))
+        .cloned()
+        .collect();
+    after.extend(candidates);
+    let (samples, span) = shared.observe.samples();
+    let p = palisade_policy::preview::preview(&before, &after, shared.default_allow_authenticated, &samples)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let mut warnings = p.warnings;
+    if samples.is_empty() {
+        warnings.push(format!(
+            "no recorded traffic in the last {}: sidecars record requests as authorization sees them (--preview-record-rate) and report them every --report-interval",
+            humantime::format_duration(shared.observe.window())
+        ));
+    }
+    Ok(palisade_proto::v1::PreviewPolicyResponse {
+        changes: p
+            .changes
+            .into_iter()
+            .map(|c| palisade_proto::v1::PreviewChange {
+                from: c.from,
+                to: c.to,
+                method: c.method,
+                path: c.path,
+                before: c.before.into(),
+                after: c.after.into(),
+                count: c.count,
+                before_rule: c.before_rule,
+                after_rule: c.after_rule,
+            })
+            .collect(),
+        requests_evaluated: p.requests_evaluated,
+        window_seconds: span.as_secs(),
+        warnings,
+    })
+}
+
 /// The simulate API's decision for one request.
 pub(crate) fn simulate(
     shared: &Shared,
@@ -699,6 +743,7 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64,
         rate_shares,
         api_keys: if wants_api_keys { crate::credentials::api_keys_for(shared, identity) } else { Vec::new() },
         jwks,
+        taps: shared.observe.taps_for(identity),
     };
     (snapshot, parsed.revision, generation)
 }
@@ -755,10 +800,22 @@ impl MeshConfig for MeshConfigService {
             let mut policies = hub.policies.subscribe();
             let mut endpoints = hub.endpoints.subscribe();
             let mut closing = hub.closing.subscribe();
+            let mut taps = sender_shared.observe.taps_changed.subscribe();
             let mut last: Option<Snapshot> = None;
             loop {
                 let (mut snap, evaluated, generation) = build_snapshot(&sender_shared, &sender_identity, hub);
+                let taps_changed = last.as_ref().is_some_and(|l| l.taps != snap.taps);
                 if last.as_ref().is_some_and(|l| same_content(l, &snap)) {
+                    if taps_changed {
+                        // Only the taps changed: they go alone, unversioned and unanswered.
+                        let only = Snapshot { taps: snap.taps.clone(), ..Default::default() };
+                        if tx.send(Ok(only)).await.is_err() {
+                            break;
+                        }
+                        if let Some(l) = last.as_mut() {
+                            l.taps = snap.taps;
+                        }
+                    }
                     // Nothing this sidecar sees changed.
                     hub.update(&sender_key, |s| {
                         if s.stream == stream_id {
@@ -790,6 +847,7 @@ impl MeshConfig for MeshConfigService {
                 tokio::select! {
                     r = policies.changed() => if r.is_err() { break },
                     r = endpoints.changed() => if r.is_err() { break },
+                    r = taps.changed() => if r.is_err() { break },
                     _ = tx.closed() => break,
                     _ = closing.changed() => break,
                 }
@@ -797,6 +855,7 @@ impl MeshConfig for MeshConfigService {
                 tokio::time::sleep(DEBOUNCE).await;
                 policies.mark_unchanged();
                 endpoints.mark_unchanged();
+                taps.mark_unchanged();
             }
         });
         let recv_shared = shared.clone();
@@ -808,6 +867,19 @@ impl MeshConfig for MeshConfigService {
                         // A sidecar saw a `kid` its key sets lack: fetch them again (rate limited).
                         for uri in m.jwks_refresh.iter().take(16) {
                             recv_shared.jwks.request_refresh(uri);
+                        }
+                    }
+                    Ok(Some(m)) if m.nonce.is_empty() => {
+                        // A report, not an answer: tap lines, recorded requests, stats.
+                        let observe = &recv_shared.observe;
+                        if !m.tap_events.is_empty() {
+                            observe.deliver(&identity, &key, &m.tap_events);
+                        }
+                        if !m.recorded.is_empty() {
+                            observe.record(&identity, &m.recorded);
+                        }
+                        if let Some(stats) = m.stats {
+                            observe.stats_report(&identity, &key, stats);
                         }
                     }
                     Ok(Some(m)) if m.error.is_empty() => hub.update(&key, |s| {

@@ -167,6 +167,7 @@ pub struct Enforcer {
     routes: crate::route::Routes,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
+    recorded: crate::preview::Recorded,
     origin: Instant,
 }
 
@@ -185,6 +186,11 @@ impl Enforcer {
             })
             .collect();
         let authn = Authenticator::compile(&authn_specs, inputs.jwks, inputs.api_keys);
+        let recorded = crate::preview::Recorded::compile(
+            inputs.resources,
+            identity,
+            authn.iter().flat_map(|a| a.credential_headers().chain(a.claim_headers().iter().map(String::as_str))),
+        );
         let mut traffic: Vec<&Resource> = inputs
             .resources
             .iter()
@@ -229,7 +235,18 @@ impl Enforcer {
                 }
             }
         }
-        Ok(Self { version: inputs.version.to_string(), authn, rewrites, checks, cors, routes, rules, limits, origin })
+        Ok(Self {
+            version: inputs.version.to_string(),
+            authn,
+            rewrites,
+            checks,
+            cors,
+            routes,
+            rules,
+            limits,
+            recorded,
+            origin,
+        })
     }
 
     /// Authenticates a request's credential (`now`: unix seconds). Without
@@ -259,6 +276,12 @@ impl Enforcer {
     /// The request checks TrafficPolicies ask for (`validation`).
     pub fn checks(&self) -> &crate::traffic::Checks {
         &self.checks
+    }
+
+    /// What the sidecar records of a request for policy previews: the
+    /// header and claim names the authorization policies' conditions use.
+    pub fn recorded(&self) -> &crate::preview::Recorded {
+        &self.recorded
     }
 
     /// The request authentication in force, if a policy asks for one.

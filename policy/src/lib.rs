@@ -16,6 +16,7 @@ pub mod authn;
 pub mod enforcer;
 pub mod eval;
 pub mod path;
+pub mod preview;
 pub mod ratelimit;
 pub mod resource;
 pub mod route;

@@ -120,6 +120,16 @@ pub struct Config {
     #[arg(long, env = "PALISADE_TRACE_SERVICE_NAME", default_value = "palisade-sidecar")]
     pub trace_service_name: String,
 
+    /// Requests a second recorded (as authorization saw them: no body, no
+    /// credential) for `palisadectl policy preview`; 0 records none.
+    #[arg(long, env = "PALISADE_PREVIEW_RECORD_RATE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub preview_record_rate: u32,
+
+    /// How often traffic counters (`palisadectl stat`) and recorded requests go to the control plane: 1s to 5m.
+    #[arg(long, env = "PALISADE_REPORT_INTERVAL", default_value = "10s", value_parser = report_interval)]
+    #[serde(serialize_with = "ser_duration")]
+    pub report_interval: std::time::Duration,
+
     #[command(flatten)]
     pub limits: Limits,
 
@@ -347,4 +357,12 @@ fn ser_endpoint<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok,
             s.serialize_some(&shown)
         }
     }
+}
+
+fn report_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 10s or 1m"))?;
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(300) {
+        return Err("must be between 1s and 5m".into());
+    }
+    Ok(d)
 }

@@ -110,6 +110,9 @@ pub struct ConfigStream {
     pub policy: PolicyState,
     pub directory: Arc<Directory>,
     pub metrics: Arc<Metrics>,
+    /// Taps, recorded requests and stats, carried on the stream.
+    pub observe: Arc<crate::observe::Observe>,
+    pub report_interval: Duration,
 }
 
 /// What one snapshot did, type by type.
@@ -125,6 +128,8 @@ impl ConfigStream {
             let mut received = false;
             let result = self.session(&mut received).await;
             self.metrics.policy_stream_connected.set(0);
+            // Taps live as long as the stream that gave them.
+            self.observe.set_taps(&[]);
             // Start over quickly only after a stream that delivered: a stream
             // that opens and then fails on every snapshot backs off like a
             // refused connection.
@@ -170,8 +175,27 @@ impl ConfigStream {
             .into_inner();
         self.metrics.policy_stream_connected.set(1);
         let mut renewal = tokio::time::interval(RENEWAL_CHECK);
+        let mut report = tokio::time::interval(self.report_interval);
         loop {
             let snap = tokio::select! {
+                _ = report.tick() => {
+                    let up = DiscoveryRequest {
+                        stats: Some(crate::observe::stat_report(&self.metrics)),
+                        recorded: self.observe.take_recorded(),
+                        ..Default::default()
+                    };
+                    if tx.send(up).await.is_err() {
+                        return Ok(Ended::ByServer);
+                    }
+                    continue;
+                }
+                _ = self.observe.wake.notified() => {
+                    let tap_events = self.observe.take_events();
+                    if !tap_events.is_empty() && tx.send(DiscoveryRequest { tap_events, ..Default::default() }).await.is_err() {
+                        return Ok(Ended::ByServer);
+                    }
+                    continue;
+                }
                 m = snapshots.message() => match m.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
                     Some(snap) => snap,
                     None => return Ok(Ended::ByServer),
@@ -191,6 +215,11 @@ impl ConfigStream {
                     continue;
                 }
             };
+            self.observe.set_taps(&snap.taps);
+            if snap.version.is_empty() {
+                // Taps only: nothing to apply or answer.
+                continue;
+            }
             let applied = self.apply(&snap, &ours.id);
             if applied.rejected.is_empty() {
                 *received = true;

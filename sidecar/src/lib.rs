@@ -25,6 +25,7 @@ pub mod directory;
 pub mod identity;
 pub mod init;
 pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod proxy;
 pub use palisade_telemetry as trace;
@@ -103,6 +104,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(metrics::Metrics::default());
     let mut registry = Registry::with_prefix("palisade");
     metrics.register(&mut registry);
+    let observe = Arc::new(observe::Observe::new(cfg.preview_record_rate));
+    observe.metrics.register(&mut registry);
     let svids = SvidStore::new();
     let shutdown = CancellationToken::new();
     let background_stop = CancellationToken::new();
@@ -152,6 +155,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy: policy_state.clone(),
         directory: directory.clone(),
         metrics: metrics.clone(),
+        observe: observe.clone(),
+        report_interval: cfg.report_interval,
     };
     let inbound = proxy::inbound::Inbound::new(
         proxy::inbound::InboundOptions {
@@ -164,6 +169,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             access_log_sampling: cfg.access_log_sampling,
             transparent: cfg.transparent,
             tracing: tracing.clone(),
+            observe,
         },
         tls,
         policy_state.clone(),

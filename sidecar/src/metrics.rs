@@ -96,6 +96,11 @@ pub struct Metrics {
     pub policy_updated: Gauge,
     pub policy_nacks: Counter,
     pub policy_stream_connected: Gauge,
+    /// Inbound requests the sidecar refused itself (policy, authentication, rate limit, validation).
+    pub refused: Counter,
+    /// Inbound latency counts per bucket of [`LATENCY_BUCKETS`], then +Inf
+    /// (the histogram's, readable for the stats report).
+    inbound_buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS.len() + 1],
     requests: Family<RequestLabels, Counter>,
     latency: Family<DirLabels, Histogram>,
     conns_open: Family<DirLabels, Gauge>,
@@ -145,6 +150,8 @@ impl Default for Metrics {
             policy_updated: Gauge::default(),
             policy_nacks: Counter::default(),
             policy_stream_connected: Gauge::default(),
+            refused: Counter::default(),
+            inbound_buckets: Default::default(),
             requests,
             latency,
             conns_open,
@@ -168,7 +175,19 @@ impl Metrics {
         let m = self.dir(d);
         let class = (status / 100).clamp(1, 5) as usize - 1;
         m.requests[class].inc();
-        m.latency.observe(elapsed.as_secs_f64());
+        let secs = elapsed.as_secs_f64();
+        m.latency.observe(secs);
+        if d == Direction::Inbound {
+            let i = LATENCY_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS.len());
+            self.inbound_buckets[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Inbound responses by status class, latency counts per bucket, and the buckets' bounds.
+    pub fn inbound_stats(&self) -> (Vec<u64>, Vec<u64>, Vec<f64>) {
+        let classes = self.inbound.requests.iter().map(Counter::get).collect();
+        let buckets = self.inbound_buckets.iter().map(|b| b.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        (classes, buckets, LATENCY_BUCKETS.to_vec())
     }
 
     /// Counts a failed TLS handshake.
@@ -268,6 +287,11 @@ impl Metrics {
             "policy_stream_connected",
             "1 while the policy stream to the control plane is open",
             self.policy_stream_connected.clone(),
+        );
+        reg.register(
+            "refused_requests",
+            "Inbound requests the sidecar refused itself (policy, authentication, rate limit, validation)",
+            self.refused.clone(),
         );
         reg.register(
             "identity_mismatch",

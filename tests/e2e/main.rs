@@ -12,6 +12,7 @@ mod k8s;
 mod kube;
 mod negative;
 mod netns;
+mod observe;
 mod operator_ca;
 mod podman;
 mod policy;

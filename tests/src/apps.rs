@@ -113,6 +113,12 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<AppBody>, Infalli
             r
         }
         "/hello" => Response::new(body("hello")),
+        // An app failing (for success rates).
+        "/fail" => {
+            let mut r = Response::new(body("failed"));
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            r
+        }
         // An app that says too much about itself, and sets one security header its own way.
         p if p.ends_with("/leaky") => {
             let mut r = Response::new(body("leaky"));

@@ -1,6 +1,7 @@
 //! Access logs (`--access-log`): one JSON line per request, and per opaque
 //! TCP connection, on stderr (the `access` target), written when the
-//! response body (or the connection) ends, so it holds the bytes both ways
+//! response body (or the connection) ends (the same line goes to the taps
+//! that want it), so it holds the bytes both ways
 //! and the whole duration. Fields are documented in the README ("Access
 //! logs"); no header value is ever logged, so no credential can be.
 
@@ -45,6 +46,10 @@ pub struct Entry {
     pub trace_id: Option<String>,
     pub decided: Arc<Decided>,
     pub bytes_in: Arc<AtomicU64>,
+    /// Written to stderr (`--access-log`, sampled).
+    pub log: bool,
+    /// Offered to the taps running.
+    pub tap: Option<Arc<crate::observe::Observe>>,
 }
 
 #[derive(Serialize)]
@@ -93,6 +98,8 @@ impl Entry {
             trace_id: None,
             decided: Arc::default(),
             bytes_in: Arc::default(),
+            log: true,
+            tap: None,
         }
     }
 
@@ -122,10 +129,17 @@ impl Entry {
             bytes_out,
             trace_id: self.trace_id.as_deref(),
         };
-        if let Ok(mut text) = serde_json::to_vec(&line) {
+        if self.log
+            && let Ok(mut text) = serde_json::to_vec(&line)
+        {
             text.push(b'\n');
             // One write per line: lines from concurrent requests never interleave.
             let _ = std::io::stderr().lock().write_all(&text);
+        }
+        if let Some(o) = &self.tap {
+            let path = (!line.path.is_empty()).then_some(line.path);
+            let filter = crate::observe::Line { caller: line.caller, path, decision };
+            o.offer(filter, || serde_json::to_string(&line).unwrap_or_default());
         }
     }
 }

@@ -102,6 +102,8 @@ pub struct InboundOptions {
     pub transparent: bool,
     /// Spans, when an OTLP collector is configured.
     pub tracing: crate::trace::Tracing,
+    /// Taps and preview recording.
+    pub observe: Arc<crate::observe::Observe>,
 }
 
 /// Shared state of the inbound side.
@@ -441,8 +443,12 @@ impl Inbound {
             }
         };
         let _ = app.set_nodelay(true);
-        let entry = (self.opts.access_log && super::access::sampled(self.opts.access_log_sampling)).then(|| {
+        let log = self.opts.access_log && super::access::sampled(self.opts.access_log_sampling);
+        let tap = self.opts.observe.tapping();
+        let entry = (log || tap).then(|| {
             let mut e = super::access::Entry::new("inbound", src);
+            e.log = log;
+            e.tap = tap.then(|| self.opts.observe.clone());
             e.caller = caller.map(|c| c.subject.to_string());
             e.callee = self.svids.get().map(|s| s.id.to_string());
             e
@@ -475,7 +481,8 @@ impl Inbound {
         app: Arc<AppTarget>,
     ) -> Response<Body> {
         let log = self.opts.access_log && super::access::sampled(self.opts.access_log_sampling);
-        if !self.tracing.enabled() && !log {
+        let tap = self.opts.observe.tapping();
+        if !self.tracing.enabled() && !log && !tap {
             return self.handle(req, peer, src, conn_proto, app).await;
         }
         // A server span: a child of the caller sidecar's client span.
@@ -509,8 +516,10 @@ impl Inbound {
                 attrs
             },
         );
-        let entry = log.then(|| {
+        let entry = (log || tap).then(|| {
             let mut e = super::access::Entry::new("inbound", src);
+            e.log = log;
+            e.tap = tap.then(|| self.opts.observe.clone());
             e.caller = caller();
             e.callee = callee();
             e.method = method.to_string();
@@ -569,6 +578,7 @@ impl Inbound {
         if let Err(reason) = normalize_path(&mut req, &path_options) {
             tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, reason, "request path refused");
             let resp = error_response(grpc, StatusCode::BAD_REQUEST, "bad request path");
+            self.metrics.refused.inc();
             self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
             return resp;
         }
@@ -628,6 +638,7 @@ impl Inbound {
             request_id: request_id.as_ref().and_then(|r| r.as_deref()),
         };
         if let Some(mut refusal) = refusal {
+            self.metrics.refused.inc();
             if let Some(r) = rewrites {
                 apply_header_ops(refusal.headers_mut(), &r.response, &vars);
             }
@@ -646,6 +657,7 @@ impl Inbound {
             Ok(r) => r,
             Err(e @ (ProxyError::InvalidBody(_) | ProxyError::TooLarge { .. })) => {
                 tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = ?peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, reason = %e, "request refused by validation");
+                self.metrics.refused.inc();
                 e.response(grpc)
             }
             Err(e) => {
@@ -768,6 +780,9 @@ impl Inbound {
         };
         let d = policy.enforcer.authorize(&preq);
         policy.count(&d);
+        if self.opts.observe.recording() {
+            self.opts.observe.record(&palisade_policy::preview::Sample::of(&preq, policy.enforcer.recorded()));
+        }
         if let Some(slot) = req.extensions().get::<Arc<super::access::Decided>>()
             && let Some(p) = &d.policy
         {

@@ -1,0 +1,193 @@
+//! `palisadectl tap`, `palisadectl stat` and the policy preview's output.
+
+use anyhow::{Result, bail};
+use palisade_proto::v1::*;
+
+use crate::{Online, Output, admin, print_value, status_err, table};
+use palisade_cmd::{out, outln};
+
+/// What `tap` selects.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TapArgs {
+    /// Callee SPIFFE ID or glob: whose sidecars report (default: every workload's).
+    #[arg(long)]
+    to: Option<String>,
+    /// Caller SPIFFE ID or glob.
+    #[arg(long)]
+    from: Option<String>,
+    /// Path glob, e.g. '/api/*'.
+    #[arg(long)]
+    path: Option<String>,
+    /// allow, deny (every refusal), or one of unauthenticated, rate_limited, invalid, error, unavailable.
+    #[arg(long, value_parser = ["allow", "deny", "unauthenticated", "rate_limited", "invalid", "error", "unavailable"])]
+    decision: Option<String>,
+    /// Stop after N requests (default: until interrupted).
+    #[arg(long)]
+    max: Option<u64>,
+}
+
+/// Streams requests as the callees' sidecars see them, until interrupted or `--max`.
+pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
+    let req = TapRequest {
+        to: args.to.clone().unwrap_or_default(),
+        from: args.from.clone().unwrap_or_default(),
+        path: args.path.clone().unwrap_or_default(),
+        decision: args.decision.clone().unwrap_or_default(),
+        max: args.max.unwrap_or(0),
+    };
+    let mut stream = admin(cli).await?.tap(req).await.map_err(status_err)?.into_inner();
+    if cli.output == Output::Table {
+        eprintln!("tapping; Ctrl-C to stop");
+    }
+    let mut dropped = 0;
+    let mut seen = 0u64;
+    while let Some(ev) = stream.message().await.map_err(status_err)? {
+        seen += 1;
+        if ev.dropped > dropped {
+            eprintln!(
+                "({} requests not shown: over 100 a second per sidecar, or arriving faster than read)",
+                ev.dropped - dropped
+            );
+            dropped = ev.dropped;
+        }
+        if cli.output != Output::Table {
+            outln!("{}", ev.json);
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap_or_default();
+        let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+        let status = v["status"].as_u64().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+        let rule = match (v["policy"].as_str(), v["rule"].as_u64()) {
+            (Some(p), Some(r)) => format!(" {p} rule {r}"),
+            (Some(p), None) => format!(" {p}"),
+            _ => String::new(),
+        };
+        outln!(
+            "{} {} -> {} {} {} {} {}{} {}ms",
+            s("time"),
+            v["caller"].as_str().unwrap_or("(plaintext)"),
+            s("callee"),
+            s("method"),
+            s("path"),
+            status,
+            s("decision"),
+            rule,
+            v["duration_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if args.max.is_some_and(|m| seen < m) {
+        bail!("the tap ended after {seen} requests (the control plane ends a tap after an hour)");
+    }
+    Ok(())
+}
+
+/// Per-workload traffic.
+pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time::Duration) -> Result<()> {
+    let req = StatRequest {
+        identity: identity.unwrap_or_default().to_string(),
+        window_seconds: u32::try_from(window.as_secs()).unwrap_or(u32::MAX),
+    };
+    let workloads = admin(cli).await?.stat(req).await.map_err(status_err)?.into_inner().workloads;
+    if cli.output != Output::Table {
+        let v: Vec<_> = workloads
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "identity": w.identity,
+                    "proxies": w.proxies,
+                    "requests": w.requests,
+                    "rps": w.rps,
+                    "success_rate": w.success_rate,
+                    "refused_rate": w.refused_rate,
+                    "p50_ms": w.p50_ms,
+                    "p95_ms": w.p95_ms,
+                    "p99_ms": w.p99_ms,
+                    "window_seconds": w.window_seconds,
+                })
+            })
+            .collect();
+        return print_value(cli.output, &serde_json::Value::Array(v));
+    }
+    let pct = |r: f64| format!("{:.2}%", r * 100.0);
+    let ms = |m: f64| if m == 0.0 { "-".to_string() } else { format!("{m:.1}ms") };
+    let rows = workloads
+        .iter()
+        .map(|w| {
+            vec![
+                w.identity.clone(),
+                w.proxies.to_string(),
+                w.requests.to_string(),
+                format!("{:.1}", w.rps),
+                pct(w.success_rate),
+                pct(w.refused_rate),
+                ms(w.p50_ms),
+                ms(w.p95_ms),
+                ms(w.p99_ms),
+            ]
+        })
+        .collect();
+    table::print(&["WORKLOAD", "PROXIES", "REQUESTS", "RPS", "SUCCESS", "REFUSED", "P50", "P95", "P99"], rows);
+    Ok(())
+}
+
+/// Prints a preview; returns whether anything would change.
+pub(crate) fn print_preview(output: Output, p: &PreviewPolicyResponse) -> Result<bool> {
+    for w in &p.warnings {
+        eprintln!("warning: {w}");
+    }
+    if output != Output::Table {
+        let changes: Vec<_> = p
+            .changes
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "from": c.from, "to": c.to, "method": c.method, "path": c.path,
+                    "before": c.before, "after": c.after, "count": c.count,
+                    "before_rule": c.before_rule, "after_rule": c.after_rule,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "changes": changes,
+            "requests_evaluated": p.requests_evaluated,
+            "window_seconds": p.window_seconds,
+            "warnings": p.warnings,
+        });
+        print_value(output, &v)?;
+        return Ok(!p.changes.is_empty());
+    }
+    out!("{}", preview_text(p));
+    Ok(!p.changes.is_empty())
+}
+
+/// A preview as text.
+pub(crate) fn preview_text(p: &PreviewPolicyResponse) -> String {
+    let window = humantime::format_duration(std::time::Duration::from_secs(p.window_seconds));
+    if p.changes.is_empty() {
+        return format!(
+            "no decision changes for the {} requests recorded in the last {window}\n",
+            p.requests_evaluated
+        );
+    }
+    let flipped: u64 = p.changes.iter().map(|c| c.count).sum();
+    let rows = p
+        .changes
+        .iter()
+        .map(|c| {
+            vec![
+                if c.from.is_empty() { "(plaintext)".into() } else { c.from.clone() },
+                c.to.clone(),
+                c.method.clone(),
+                c.path.clone(),
+                format!("{} -> {}", c.before, c.after),
+                c.count.to_string(),
+                format!("{} -> {}", c.before_rule, c.after_rule),
+            ]
+        })
+        .collect();
+    format!(
+        "{flipped} of {} requests recorded in the last {window} would be decided differently:\n{}",
+        p.requests_evaluated,
+        table::render(&["FROM", "TO", "METHOD", "PATH", "CHANGE", "COUNT", "RULE"], rows)
+    )
+}

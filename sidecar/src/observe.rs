@@ -1,0 +1,326 @@
+//! What the sidecar tells the control plane about its traffic, on the
+//! config stream ([`crate::control`]):
+//!
+//! - **taps** (`palisadectl tap`): the control plane sends the taps that
+//!   select this workload; the access-log line of each inbound request that
+//!   matches one goes up, at most [`TAP_RATE`] a second per tap, through a
+//!   bounded queue (what does not fit is dropped and counted). Off unless a
+//!   tap runs; the taps end with the stream.
+//! - **recorded requests** (`palisadectl policy preview`): up to
+//!   `--preview-record-rate` requests a second, as authorization saw them
+//!   ([`Sample`]: no body, no credential), counted by shape and sent every
+//!   `--report-interval`.
+//! - **stats** (`palisadectl stat`): the inbound counters, every `--report-interval`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use palisade_policy::preview::Sample;
+use palisade_proto::v1::{RecordedRequest, StatReport, TapRecord, TapSpec};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use wildmatch::WildMatch;
+
+/// Tap events one sidecar sends per tap per second, at most.
+pub const TAP_RATE: u32 = 100;
+/// Tap events waiting for the stream, at most.
+const QUEUE: usize = 256;
+/// Request shapes held between two reports, at most.
+const SHAPES: usize = 1024;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// The metrics of taps and recording.
+#[derive(Debug, Default)]
+pub struct ObserveMetrics {
+    taps: Gauge,
+    tap_events: Family<ResultLabels, Counter>,
+    samples: Family<ResultLabels, Counter>,
+}
+
+impl ObserveMetrics {
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register("taps_active", "Taps (palisadectl tap) running on this sidecar", self.taps.clone());
+        reg.register(
+            "tap_events",
+            "Requests sent to taps, by result: sent, dropped (over the rate or the queue)",
+            self.tap_events.clone(),
+        );
+        reg.register(
+            "preview_samples",
+            "Requests recorded for policy previews, by result: recorded, dropped (over the size limits or the shape budget)",
+            self.samples.clone(),
+        );
+    }
+}
+
+struct Tap {
+    id: u64,
+    from: Option<WildMatch>,
+    path: Option<WildMatch>,
+    decision: String,
+    /// Events in the current second, and which second.
+    second: AtomicU64,
+    sent: AtomicU32,
+}
+
+impl Tap {
+    fn matches(&self, line: &Line<'_>) -> bool {
+        let from_ok = self.from.as_ref().is_none_or(|g| line.caller.is_some_and(|c| g.matches(c)));
+        let path_ok = self.path.as_ref().is_none_or(|g| line.path.is_some_and(|p| g.matches(p)));
+        from_ok && path_ok && palisade_policy::preview::decision_matches(&self.decision, line.decision)
+    }
+
+    /// Whether one more event fits this second.
+    fn admit(&self, now: u64) -> bool {
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.sent.store(0, Ordering::Relaxed);
+        }
+        self.sent.fetch_add(1, Ordering::Relaxed) < TAP_RATE
+    }
+}
+
+/// What a tap filters on, of a finished request.
+#[derive(Debug, Clone, Copy)]
+pub struct Line<'a> {
+    pub caller: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub decision: &'a str,
+}
+
+/// Taps, recording and stats of one sidecar.
+pub struct Observe {
+    start: Instant,
+    taps: RwLock<Arc<[Tap]>>,
+    tapping: AtomicBool,
+    queue: Mutex<(Vec<TapRecord>, u64)>,
+    pub wake: tokio::sync::Notify,
+    record_rate: u32,
+    second: AtomicU64,
+    recorded_this_second: AtomicU32,
+    shapes: Mutex<HashMap<String, u64>>,
+    pub metrics: ObserveMetrics,
+}
+
+impl std::fmt::Debug for Observe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observe")
+            .field("tapping", &self.tapping)
+            .field("record_rate", &self.record_rate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Observe {
+    pub fn new(record_rate: u32) -> Self {
+        Self {
+            start: Instant::now(),
+            taps: RwLock::new(Arc::from(Vec::new())),
+            tapping: AtomicBool::new(false),
+            queue: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
+            record_rate,
+            second: AtomicU64::new(0),
+            recorded_this_second: AtomicU32::new(0),
+            shapes: Mutex::default(),
+            metrics: ObserveMetrics::default(),
+        }
+    }
+
+    /// Whether any tap runs (one load: the data path asks on every request).
+    pub fn tapping(&self) -> bool {
+        self.tapping.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the taps (an empty list ends them all).
+    pub fn set_taps(&self, specs: &[TapSpec]) {
+        let glob = |s: &str| (!s.is_empty()).then(|| WildMatch::new(s));
+        let taps: Vec<Tap> = specs
+            .iter()
+            .map(|s| Tap {
+                id: s.id,
+                from: glob(&s.from),
+                path: glob(&s.path),
+                decision: s.decision.clone(),
+                second: AtomicU64::new(0),
+                sent: AtomicU32::new(0),
+            })
+            .collect();
+        let ids: Vec<u64> = taps.iter().map(|t| t.id).collect();
+        let changed = {
+            let current = self.taps.read().unwrap_or_else(|p| p.into_inner());
+            current.iter().map(|t| t.id).collect::<Vec<_>>() != ids
+        };
+        if !changed {
+            return;
+        }
+        if !ids.is_empty() {
+            tracing::info!(taps = ?ids, "tap started: requests matching it are reported to the control plane");
+        } else {
+            tracing::info!("no tap runs");
+        }
+        self.metrics.taps.set(taps.len() as i64);
+        self.tapping.store(!taps.is_empty(), Ordering::Relaxed);
+        *self.taps.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(taps);
+        if ids.is_empty() {
+            self.queue.lock().unwrap_or_else(|p| p.into_inner()).0.clear();
+        }
+    }
+
+    /// Offers a finished request to the taps; `json` makes its line, once,
+    /// if some tap wants it.
+    pub fn offer(&self, line: Line<'_>, json: impl FnOnce() -> String) {
+        self.offer_at(self.start.elapsed().as_secs(), line, json);
+    }
+
+    /// [`Observe::offer`] in second `now` of the sidecar's life.
+    fn offer_at(&self, now: u64, line: Line<'_>, json: impl FnOnce() -> String) {
+        let taps = self.taps.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut ids = Vec::new();
+        let mut over = 0;
+        for t in taps.iter().filter(|t| t.matches(&line)) {
+            if t.admit(now) {
+                ids.push(t.id);
+            } else {
+                over += 1;
+            }
+        }
+        if ids.is_empty() && over == 0 {
+            return;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        // Drops ride on the next line sent, so the operator learns of them.
+        q.1 += over;
+        if over > 0 {
+            self.metrics.tap_events.get_or_create(&ResultLabels { result: "dropped" }).inc_by(over);
+        }
+        if ids.is_empty() {
+            return;
+        }
+        if q.0.len() >= QUEUE {
+            q.1 += 1;
+            self.metrics.tap_events.get_or_create(&ResultLabels { result: "dropped" }).inc();
+            return;
+        }
+        let dropped = std::mem::take(&mut q.1);
+        q.0.push(TapRecord { tap_ids: ids, json: json(), dropped });
+        drop(q);
+        self.metrics.tap_events.get_or_create(&ResultLabels { result: "sent" }).inc();
+        self.wake.notify_one();
+    }
+
+    /// The tap events waiting.
+    pub fn take_events(&self) -> Vec<TapRecord> {
+        std::mem::take(&mut self.queue.lock().unwrap_or_else(|p| p.into_inner()).0)
+    }
+
+    /// Whether this request is recorded (`--preview-record-rate`).
+    pub fn recording(&self) -> bool {
+        if self.record_rate == 0 {
+            return false;
+        }
+        let now = self.start.elapsed().as_secs();
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.recorded_this_second.store(0, Ordering::Relaxed);
+        }
+        self.recorded_this_second.fetch_add(1, Ordering::Relaxed) < self.record_rate
+    }
+
+    /// Records a request's sample.
+    pub fn record(&self, sample: &Sample) {
+        let label = |result| ResultLabels { result };
+        let json = match sample.check() {
+            Ok(()) => serde_json::to_string(sample).ok(),
+            Err(_) => None,
+        };
+        let kept = json.is_some_and(|json| {
+            let mut shapes = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
+            let full = shapes.len() >= SHAPES;
+            match shapes.get_mut(&json) {
+                Some(n) => {
+                    *n += 1;
+                    true
+                }
+                None if !full => {
+                    shapes.insert(json, 1);
+                    true
+                }
+                None => false,
+            }
+        });
+        self.metrics.samples.get_or_create(&label(if kept { "recorded" } else { "dropped" })).inc();
+    }
+
+    /// The shapes recorded since the last call.
+    pub fn take_recorded(&self) -> Vec<RecordedRequest> {
+        let shapes = std::mem::take(&mut *self.shapes.lock().unwrap_or_else(|p| p.into_inner()));
+        shapes.into_iter().map(|(sample_json, count)| RecordedRequest { sample_json, count }).collect()
+    }
+}
+
+/// The inbound counters, for `palisadectl stat`.
+pub fn stat_report(m: &crate::metrics::Metrics) -> StatReport {
+    let (classes, buckets, bounds) = m.inbound_stats();
+    StatReport { status_classes: classes, latency_buckets: buckets, bounds_seconds: bounds, refused: m.refused.get() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: u64, from: &str, path: &str, decision: &str) -> TapSpec {
+        TapSpec { id, from: from.into(), path: path.into(), decision: decision.into() }
+    }
+
+    #[test]
+    fn taps_filter_and_are_bounded_per_second() {
+        let o = Observe::new(0);
+        assert!(!o.tapping());
+        o.set_taps(&[spec(1, "spiffe://td/ns/a/*", "/api/*", "deny"), spec(2, "", "", "")]);
+        assert!(o.tapping());
+        let line = |caller, path, decision| Line { caller, path, decision };
+        o.offer_at(0, line(Some("spiffe://td/ns/a/sa/x"), Some("/api/v"), "rate_limited"), || "a".into());
+        o.offer_at(0, line(Some("spiffe://td/ns/b/sa/x"), Some("/api/v"), "deny"), || "b".into());
+        o.offer_at(0, line(None, Some("/api/v"), "deny"), || "c".into());
+        let ev = o.take_events();
+        assert_eq!(
+            ev.iter().map(|e| (e.json.as_str(), e.tap_ids.clone())).collect::<Vec<_>>(),
+            vec![("a", vec![1, 2]), ("b", vec![2]), ("c", vec![2])]
+        );
+        // Tap 2 had 3 this second: 97 more fit; the next second, 100 again.
+        for _ in 0..(TAP_RATE + 50) {
+            o.offer_at(0, line(None, None, "allow"), || "x".into());
+        }
+        assert_eq!(o.take_events().len() as u32, TAP_RATE - 3);
+        for _ in 0..(TAP_RATE + 50) {
+            o.offer_at(1, line(None, None, "allow"), || "x".into());
+        }
+        let events = o.take_events();
+        assert_eq!(events.len() as u32, TAP_RATE);
+        assert_eq!(events[0].dropped, 53, "the drops of second 0 ride on the next line sent");
+        assert_eq!(events[1].dropped, 0);
+        o.set_taps(&[]);
+        assert!(!o.tapping());
+    }
+
+    #[test]
+    fn recording_counts_shapes_within_budget() {
+        let o = Observe::new(3);
+        assert_eq!((0..10).filter(|_| o.recording()).count(), 3);
+        let s = Sample { method: "GET".into(), path: "/a".into(), port: 80, ..Default::default() };
+        o.record(&s);
+        o.record(&s);
+        o.record(&Sample { path: "no-slash".into(), ..s.clone() });
+        let r = o.take_recorded();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].count, 2);
+        assert!(o.take_recorded().is_empty());
+    }
+}
