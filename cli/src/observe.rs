@@ -42,7 +42,6 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
     let mut dropped = 0;
     let mut seen = 0u64;
     while let Some(ev) = stream.message().await.map_err(status_err)? {
-        seen += 1;
         if ev.dropped > dropped {
             eprintln!(
                 "({} requests not shown: over 100 a second per sidecar, or arriving faster than read)",
@@ -50,6 +49,10 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
             );
             dropped = ev.dropped;
         }
+        if ev.json.is_empty() {
+            continue;
+        }
+        seen += 1;
         if cli.output != Output::Table {
             outln!("{}", ev.json);
             continue;

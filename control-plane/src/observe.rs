@@ -184,6 +184,17 @@ impl Observatory {
         let count = |result| crate::metrics::METRICS.tap_events.get_or_create(&crate::metrics::ResultLabel { result });
         let taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
         for r in records.iter().take(MAX_PER_MESSAGE) {
+            if r.json.is_empty() {
+                // Only drops: the tapper learns of them.
+                for t in r.tap_ids.iter().take(MAX_TAPS).filter_map(|id| taps.get(id)) {
+                    if t.to.as_ref().is_none_or(|g| g.matches(identity)) {
+                        let total =
+                            t.dropped.fetch_add(r.dropped.min(1 << 32), Ordering::Relaxed) + r.dropped.min(1 << 32);
+                        let _ = t.tx.try_send(Ok(TapEvent { json: String::new(), dropped: total }));
+                    }
+                }
+                continue;
+            }
             let Some(mut line) = parse_line(&r.json) else {
                 count("refused").inc();
                 continue;

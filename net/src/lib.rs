@@ -6,7 +6,8 @@
 //!
 //! It also holds the byte-level guards every data path puts in front of a
 //! parser: [`detect`] (what a connection speaks) and [`h1guard`] (HTTP/1
-//! framing that could smuggle a request). They depend on nothing heavier
+//! framing that could smuggle a request), and [`traceparent`] (the trace
+//! context a request brings). They depend on nothing heavier
 //! than `httparse`, so they are fuzzed on their own (see `fuzz/`).
 //!
 //! It knows nothing of TLS: handshake and request timeouts belong to the
@@ -67,6 +68,7 @@ macro_rules! delegate_async_write {
 
 pub mod detect;
 pub mod h1guard;
+pub mod traceparent;
 
 /// How long accepting pauses after an accept error (out of descriptors...).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

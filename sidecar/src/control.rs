@@ -176,8 +176,16 @@ impl ConfigStream {
         self.metrics.policy_stream_connected.set(1);
         let mut renewal = tokio::time::interval(RENEWAL_CHECK);
         let mut report = tokio::time::interval(self.report_interval);
+        let mut drops = tokio::time::interval(Duration::from_secs(1));
         loop {
             let snap = tokio::select! {
+                _ = drops.tick(), if self.observe.tapping() => {
+                    let tap_events = self.observe.take_drops();
+                    if !tap_events.is_empty() && tx.send(DiscoveryRequest { tap_events, ..Default::default() }).await.is_err() {
+                        return Ok(Ended::ByServer);
+                    }
+                    continue;
+                }
                 _ = report.tick() => {
                     let up = DiscoveryRequest {
                         stats: Some(crate::observe::stat_report(&self.metrics)),

@@ -4,7 +4,8 @@
 //! - **taps** (`palisadectl tap`): the control plane sends the taps that
 //!   select this workload; the access-log line of each inbound request that
 //!   matches one goes up, at most [`TAP_RATE`] a second per tap, through a
-//!   bounded queue (what does not fit is dropped and counted). Off unless a
+//!   bounded queue (what does not fit is dropped, counted, and reported on
+//!   the tap's next line or on its own within a second). Off unless a
 //!   tap runs; the taps end with the stream.
 //! - **recorded requests** (`palisadectl policy preview`): up to
 //!   `--preview-record-rate` requests a second, as authorization saw them
@@ -69,6 +70,8 @@ struct Tap {
     /// Events in the current second, and which second.
     second: AtomicU64,
     sent: AtomicU32,
+    /// Lines dropped since the last one sent.
+    dropped: AtomicU64,
 }
 
 impl Tap {
@@ -100,7 +103,7 @@ pub struct Observe {
     start: Instant,
     taps: RwLock<Arc<[Tap]>>,
     tapping: AtomicBool,
-    queue: Mutex<(Vec<TapRecord>, u64)>,
+    queue: Mutex<Vec<TapRecord>>,
     pub wake: tokio::sync::Notify,
     record_rate: u32,
     second: AtomicU64,
@@ -151,6 +154,7 @@ impl Observe {
                 decision: s.decision.clone(),
                 second: AtomicU64::new(0),
                 sent: AtomicU32::new(0),
+                dropped: AtomicU64::new(0),
             })
             .collect();
         let ids: Vec<u64> = taps.iter().map(|t| t.id).collect();
@@ -170,7 +174,7 @@ impl Observe {
         self.tapping.store(!taps.is_empty(), Ordering::Relaxed);
         *self.taps.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(taps);
         if ids.is_empty() {
-            self.queue.lock().unwrap_or_else(|p| p.into_inner()).0.clear();
+            self.queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
     }
 
@@ -183,42 +187,49 @@ impl Observe {
     /// [`Observe::offer`] in second `now` of the sidecar's life.
     fn offer_at(&self, now: u64, line: Line<'_>, json: impl FnOnce() -> String) {
         let taps = self.taps.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut ids = Vec::new();
-        let mut over = 0;
+        let dropped = |n: u64| self.metrics.tap_events.get_or_create(&ResultLabels { result: "dropped" }).inc_by(n);
+        let mut admitted: Vec<&Tap> = Vec::new();
         for t in taps.iter().filter(|t| t.matches(&line)) {
             if t.admit(now) {
-                ids.push(t.id);
+                admitted.push(t);
             } else {
-                over += 1;
+                t.dropped.fetch_add(1, Ordering::Relaxed);
+                dropped(1);
             }
         }
-        if ids.is_empty() && over == 0 {
+        if admitted.is_empty() {
             return;
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        // Drops ride on the next line sent, so the operator learns of them.
-        q.1 += over;
-        if over > 0 {
-            self.metrics.tap_events.get_or_create(&ResultLabels { result: "dropped" }).inc_by(over);
-        }
-        if ids.is_empty() {
+        if q.len() >= QUEUE {
+            for t in &admitted {
+                t.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            dropped(1);
             return;
         }
-        if q.0.len() >= QUEUE {
-            q.1 += 1;
-            self.metrics.tap_events.get_or_create(&ResultLabels { result: "dropped" }).inc();
-            return;
-        }
-        let dropped = std::mem::take(&mut q.1);
-        q.0.push(TapRecord { tap_ids: ids, json: json(), dropped });
+        // A line carries its taps' drops since their last line.
+        let drops = admitted.iter().map(|t| t.dropped.swap(0, Ordering::Relaxed)).sum();
+        q.push(TapRecord { tap_ids: admitted.iter().map(|t| t.id).collect(), json: json(), dropped: drops });
         drop(q);
         self.metrics.tap_events.get_or_create(&ResultLabels { result: "sent" }).inc();
         self.wake.notify_one();
     }
 
+    /// Drops not yet reported on a line, each tap's alone (a line without JSON).
+    pub fn take_drops(&self) -> Vec<TapRecord> {
+        let taps = self.taps.read().unwrap_or_else(|p| p.into_inner()).clone();
+        taps.iter()
+            .filter_map(|t| {
+                let n = t.dropped.swap(0, Ordering::Relaxed);
+                (n > 0).then(|| TapRecord { tap_ids: vec![t.id], json: String::new(), dropped: n })
+            })
+            .collect()
+    }
+
     /// The tap events waiting.
     pub fn take_events(&self) -> Vec<TapRecord> {
-        std::mem::take(&mut self.queue.lock().unwrap_or_else(|p| p.into_inner()).0)
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Whether this request is recorded (`--preview-record-rate`).
@@ -237,7 +248,9 @@ impl Observe {
     pub fn record(&self, sample: &Sample) {
         let label = |result| ResultLabels { result };
         let json = match sample.check() {
-            Ok(()) => serde_json::to_string(sample).ok(),
+            Ok(()) => {
+                serde_json::to_string(sample).ok().filter(|j| j.len() <= palisade_policy::preview::limits::SAMPLE)
+            }
             Err(_) => None,
         };
         let kept = json.is_some_and(|json| {
@@ -306,6 +319,13 @@ mod tests {
         assert_eq!(events.len() as u32, TAP_RATE);
         assert_eq!(events[0].dropped, 53, "the drops of second 0 ride on the next line sent");
         assert_eq!(events[1].dropped, 0);
+        // Drops after the last line go up on their own.
+        let drops = o.take_drops();
+        assert_eq!(
+            (drops.len(), drops[0].tap_ids.clone(), drops[0].dropped, drops[0].json.as_str()),
+            (1, vec![2], 50, "")
+        );
+        assert!(o.take_drops().is_empty());
         o.set_taps(&[]);
         assert!(!o.tapping());
     }

@@ -127,23 +127,6 @@ impl Inner {
     }
 }
 
-/// The sampled flag of a W3C `traceparent` (`None`: absent or malformed).
-fn sampled_flag(v: &[u8]) -> Option<bool> {
-    let hex = |b: &[u8]| b.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
-    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' || !hex(&v[..2]) || &v[..2] == b"ff" {
-        return None;
-    }
-    let (trace, span, flags) = (&v[3..35], &v[36..52], &v[53..55]);
-    if !hex(trace) || !hex(span) || !hex(flags) || trace.iter().all(|c| *c == b'0') || span.iter().all(|c| *c == b'0') {
-        return None;
-    }
-    if &v[..2] == b"00" && v.len() != 55 {
-        return None;
-    }
-    let f = (flags[0] as char).to_digit(16)? * 16 + (flags[1] as char).to_digit(16)?;
-    Some(f & 1 == 1)
-}
-
 /// What tracing needs from the command line.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -227,7 +210,7 @@ impl Tracing {
         // the SDK: a caller's unsampled context passes on as it is, and a new
         // trace that is not sampled gets a traceparent with the flag unset,
         // so every hop makes the same decision.
-        match headers.get("traceparent").and_then(|v| sampled_flag(v.as_bytes())) {
+        match headers.get("traceparent").and_then(|v| palisade_net::traceparent::sampled(v.as_bytes())) {
             Some(false) => return ReqSpan(None),
             Some(true) => {}
             None => {
@@ -342,31 +325,5 @@ impl Injector for HeaderInjector<'_> {
         if let (Ok(name), Ok(v)) = (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value)) {
             self.0.insert(name, v);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sampled_flag;
-
-    #[test]
-    fn traceparent_flags_are_read_strictly() {
-        assert_eq!(sampled_flag(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), Some(true));
-        assert_eq!(sampled_flag(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"), Some(false));
-        assert_eq!(sampled_flag(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03"), Some(true));
-        for bad in [
-            &b"00-00000000000000000000000000000000-b7ad6b7169203331-01"[..],
-            b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
-            b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
-            b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
-            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",
-            b"garbage",
-            b"",
-        ] {
-            assert_eq!(sampled_flag(bad), None, "{}", String::from_utf8_lossy(bad));
-        }
-        // A later version may carry more fields.
-        assert_eq!(sampled_flag(b"01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what"), Some(true));
     }
 }

@@ -1113,3 +1113,112 @@ async fn malformed_trace_context_is_replaced_not_trusted() {
         assert!(body["headers"].get("tracestate").is_none(), "the malformed context's tracestate is dropped: {body}");
     }
 }
+
+/// Taps and the sidecars' reports: only the admin may tap; taps are
+/// capped; a workload can neither inject lines into a tap of another
+/// workload nor record requests in another's name; a flood of requests
+/// reaches a tap at the per-sidecar rate, the rest counted as dropped.
+#[tokio::test]
+async fn taps_and_traffic_reports_cannot_be_spoofed_or_flooded() {
+    use http_body_util::BodyExt;
+    use palisade_proto::v1::admin_client::AdminClient;
+    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
+    use palisade_proto::v1::{DiscoveryRequest, RecordedRequest, TapRecord, TapRequest};
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let bundle = std::fs::read_to_string(p.cp.bundle()).unwrap();
+
+    // A workload certificate may not tap.
+    let ch = grpc::channel(&p.cp.addr, &bundle, Some(workload_svid(&p.cp, WEB).await)).await.unwrap();
+    let err = AdminClient::new(ch).tap(TapRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    // At most 16 taps at once; a malformed one is refused with its field.
+    let admin = grpc::channel(&p.cp.addr, &bundle, Some(admin_svid(&p.cp))).await.unwrap();
+    let mut c = AdminClient::new(admin);
+    let bad = c.tap(TapRequest { decision: "maybe".into(), ..Default::default() }).await.unwrap_err();
+    assert!(bad.code() == tonic::Code::InvalidArgument && bad.message().starts_with("decision:"), "{bad:?}");
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(
+            c.tap(TapRequest { to: "spiffe://cluster.local/ns/none/*".into(), ..Default::default() }).await.unwrap(),
+        );
+    }
+    let err = c.tap(TapRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    drop(held);
+    let mut tap = eventually("the capped taps to end", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move { c.tap(TapRequest { to: ORDERS.into(), ..Default::default() }).await.ok() }
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    eventually("the tap to reach orders", Duration::from_secs(10), || async {
+        (p.server.metric("palisade_taps_active").await == Some(1.0)).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // web's certificate, claiming lines and samples for orders (tap ids guessed).
+    let ch = grpc::channel(&p.cp.addr, &bundle, Some(workload_svid(&p.cp, WEB).await)).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DiscoveryRequest { inbound_addr: "127.0.0.1:1".into(), ..Default::default() }).await.unwrap();
+    let _snaps =
+        MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let forged = format!(r#"{{"callee":"{ORDERS}","caller":"{WEB}","path":"/forged","decision":"deny"}}"#);
+    let sample = format!(r#"{{"from":"{WEB}","to":"{ORDERS}","method":"DELETE","path":"/forged","port":80}}"#);
+    tx.send(DiscoveryRequest {
+        tap_events: vec![TapRecord { tap_ids: (1..=64).collect(), json: forged, dropped: 0 }],
+        recorded: vec![
+            RecordedRequest { sample_json: sample, count: 1_000_000 },
+            RecordedRequest { sample_json: "{".repeat(20_000), count: 1 },
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // A flood through the real path: 600 requests on one connection.
+    let mut h = crate::dataplane::h1_client(p.port).await;
+    let start = Instant::now();
+    for _ in 0..600 {
+        let req = http::Request::get("/echo").header("host", "orders").body(Default::default()).unwrap();
+        let resp = h.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (mut lines, mut dropped) = (Vec::new(), 0);
+    while let Ok(Ok(Some(ev))) = tokio::time::timeout(Duration::from_millis(2500), tap.message()).await {
+        dropped = ev.dropped;
+        if !ev.json.is_empty() {
+            lines.push(ev);
+        }
+    }
+    assert!(lines.iter().all(|l| !l.json.contains("/forged")), "a workload cannot feed another's tap");
+    let bound = (100.0 * (secs.ceil() + 1.0)) as usize;
+    assert!(!lines.is_empty() && lines.len() <= bound, "{} lines in {secs:.1}s (bound {bound})", lines.len());
+    let metrics = p.server.get("/metrics").await.unwrap().1;
+    // Every request is either shown or counted as dropped, for the tapper and in the metrics.
+    assert_eq!(lines.len() as u64 + dropped, 600, "{} shown, {dropped} dropped", lines.len());
+    if dropped > 0 {
+        assert!(metrics.contains(&format!("palisade_tap_events_total{{result=\"dropped\"}} {dropped}")), "{metrics}");
+    }
+
+    // The forged sample counts as web's own traffic (to web), never as orders'.
+    let preview = tmp_file(
+        &p,
+        "candidate.yaml",
+        "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: lock, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: DENY\n  rules: [{to: [{methods: [DELETE]}]}]\n",
+    );
+    let out = p.cp.ctl(&["policy", "preview", "-f", &preview, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["changes"], serde_json::json!([]), "{v}");
+}
+
+fn tmp_file(p: &crate::dataplane::Pair, name: &str, text: &str) -> String {
+    let f = p.tmp.path().join(name);
+    std::fs::write(&f, text).unwrap();
+    f.to_str().unwrap().to_string()
+}
