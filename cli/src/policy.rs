@@ -67,6 +67,10 @@ fn confirm() -> Result<bool> {
     eprint!("apply this change? [y/N] ");
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer)?;
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // Piped: show what was read, as a terminal would have.
+        eprintln!("{}", answer.trim());
+    }
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 

@@ -6,7 +6,7 @@ debug binaries first on PATH. This is the local demo (./scripts/demo.sh).
 With --check, each block's output is compared with the output block that
 follows it in the README, so the
 README cannot drift from what the commands print. What varies from run to run
-is compared loosely: timestamps, durations, long hex ids (serials, token ids),
+is compared loosely: timestamps (with or without fractions), durations, long hex ids (serials, token ids),
 5-digit (ephemeral) ports, Retry-After/reset seconds, the Date header, and
 `pending`/`synced` in proxy listings. A line `...` in an expected block stands
 for any number of lines. Every block must exit 0.
@@ -63,7 +63,8 @@ def blocks(readme):
 
 
 VARIABLE = re.compile(
-    r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)"
+    r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)"
+    r"|(?P<dms>(?<=\"duration_ms\":)[0-9.]+|\b\d+\.\d+ms\b)"
     r"|(?P<date>^date: .*$)"
     r"|(?P<ra>(?<=retry-after: )\d+)"
     r"|(?P<reset>(?<=;t=)\d+)"
@@ -74,7 +75,8 @@ VARIABLE = re.compile(
     re.IGNORECASE,
 )
 LOOSE = {
-    "ts": r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ",
+    "ts": r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z",
+    "dms": r"[0-9.]+(?:ms)?",
     "date": r"date: .*",
     "ra": r"\d+",
     "reset": r"\d+",
@@ -173,6 +175,9 @@ def self_test():
     assert not matches(readme, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7"])
     assert not matches(["forbidden", " -> 403"], ["forbidden", " -> 200"])
     assert not matches(["a"], ["a", "b"])
+    assert matches(['{"time":"2026-12-01T17:20:00.123456Z","duration_ms":0.41}'], ['{"time":"2026-12-02T01:02:03.9Z","duration_ms":12.5}'])
+    assert matches(["GET /x 403 deny 0.4ms"], ["GET /x 403 deny 13.25ms"])
+    assert not matches(["GET /x 403 deny 0.4ms"], ["GET /x 200 allow 0.4ms"])
     assert matches(["127.0.0.1:4143 127.0.0.1:54848"], ["127.0.0.1:4143 127.0.0.1:33678"])
     assert not matches(["127.0.0.1:4143"], ["127.0.0.1:4144"])
     assert not matches(["Serial: 7fe07ff9d3dc6c65"], ["Serial: (none)"])

@@ -443,7 +443,9 @@ fn the_readme_reference_names_every_flag_command_and_metric() {
             missing.push(format!("palisadectl {c}"));
         }
     }
-    let metrics = std::fs::read_to_string(palisade_tests::repo_root().join("sidecar/src/metrics.rs")).unwrap();
+    let metrics = ["sidecar/src/metrics.rs", "sidecar/src/observe.rs"]
+        .map(|f| std::fs::read_to_string(palisade_tests::repo_root().join(f)).unwrap())
+        .concat();
     for name in
         metrics.split("reg.register(").skip(1).filter_map(|r| r.trim_start().strip_prefix('"')?.split('"').next())
     {
