@@ -1136,8 +1136,9 @@ spec:
 
 /// `palisade-bench trace`: what observability costs both sidecars: the
 /// plain mesh path, spans at 1% and at 100% sampling exported to a real
-/// OTLP/gRPC receiver (in this process, from the official protos), and
-/// access logs on.
+/// OTLP/gRPC receiver (in this process, from the official protos), access
+/// logs on, recording requests for policy previews (the default 100 a
+/// second), and a `palisadectl tap` of every request.
 mod tracing_cost {
     use super::*;
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
@@ -1159,15 +1160,35 @@ mod tracing_cost {
         }
     }
 
-    /// The four cases and their sidecar flags.
-    fn cases(otlp: &str) -> Vec<(&'static str, Vec<String>)> {
-        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    /// The cases: their sidecar flags, and whether a tap runs. Recording
+    /// for policy previews is off but where it is the case.
+    fn cases(otlp: &str) -> Vec<(&'static str, Vec<String>, bool)> {
+        let v = |a: &[&str]| [a, &["--preview-record-rate", "0"][..]].concat().iter().map(|s| s.to_string()).collect();
         vec![
-            ("plain mesh path", vec![]),
-            ("tracing, 1% sampled", v(&["--otlp-endpoint", otlp, "--trace-sampling", "0.01"])),
-            ("tracing, 100% sampled", v(&["--otlp-endpoint", otlp, "--trace-sampling", "1"])),
-            ("access log", v(&["--access-log"])),
+            ("plain mesh path", v(&[]), false),
+            ("tracing, 1% sampled", v(&["--otlp-endpoint", otlp, "--trace-sampling", "0.01"]), false),
+            ("tracing, 100% sampled", v(&["--otlp-endpoint", otlp, "--trace-sampling", "1"]), false),
+            ("access log", v(&["--access-log"]), false),
+            ("preview recording 100/s", vec![], false),
+            ("a tap of every request", v(&[]), true),
         ]
+    }
+
+    /// `palisadectl tap` of every request, running until dropped; returns once the server sidecar has it.
+    async fn tap(m: &Mesh) -> Result<tokio::process::Child> {
+        let child = tokio::process::Command::new(palisade_tests::bin("palisadectl"))
+            .env("PALISADE_CONTROL_PLANE", &m._cp.addr)
+            .env("PALISADE_CREDENTIALS", m._cp.admin_dir())
+            .args(["tap", "-o", "json"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        palisade_tests::eventually("the tap to reach the server sidecar", Duration::from_secs(60), || async {
+            (m.server.metric("palisade_taps_active").await == Some(1.0)).then_some(())
+        })
+        .await?;
+        Ok(child)
     }
 
     /// An OTLP receiver in this process: its URL and the spans it counted.
@@ -1188,9 +1209,10 @@ mod tracing_cost {
         let (otlp, received) = receiver().await?;
         let cases = cases(&otlp);
         let mut rows = Vec::new();
-        for (name, flags) in &cases {
+        for (name, flags, tapped) in &cases {
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             let (m, dir) = mesh_under_callgrind_with(&flags).await?;
+            let _tap = if *tapped { Some(tap(&m).await?) } else { None };
             fixed(m.mesh_addr, 200).await?;
             eprintln!("{name}: {requests} requests under callgrind ...");
             rows.push((name, count_ir(&m, &dir, requests, Arc::new(Vec::new())).await?));
@@ -1212,9 +1234,10 @@ mod tracing_cost {
         let (otlp, received) = receiver().await?;
         let cases = cases(&otlp);
         let mut rows = Vec::new();
-        for (name, flags) in &cases {
+        for (name, flags, tapped) in &cases {
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             let m = mesh_with(tempfile::tempdir()?, &[], &flags).await?;
+            let _tap = if *tapped { Some(tap(&m).await?) } else { None };
             let pids = [m.client.proc.child.id(), m.server.proc.child.id()];
             open_loop(m.mesh_addr, 200, 4, Duration::from_millis(500)).await?;
             let before = received.load(Ordering::Relaxed);
