@@ -217,7 +217,6 @@ impl Observatory {
                     count("refused").inc();
                     continue;
                 }
-                t.dropped.fetch_add(r.dropped.min(1 << 32), Ordering::Relaxed);
                 if t.max > 0 && t.delivered.load(Ordering::Relaxed) >= t.max {
                     continue;
                 }

@@ -743,7 +743,7 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64,
         rate_shares,
         api_keys: if wants_api_keys { crate::credentials::api_keys_for(shared, identity) } else { Vec::new() },
         jwks,
-        taps: shared.observe.taps_for(identity),
+        taps: Vec::new(),
     };
     (snapshot, parsed.revision, generation)
 }
@@ -782,6 +782,9 @@ impl MeshConfig for MeshConfigService {
             .await?
             .ok_or_else(|| Status::invalid_argument("the stream must start with the sidecar's inbound address"))?;
         let key = status_key(&identity, &first.inbound_addr);
+        // Taps go only to sidecars that understand taps-only snapshots: an
+        // older one would read one as a snapshot without policies.
+        let taps_ok = first.capabilities.iter().any(|c| c == "taps");
         let shared = self.shared.clone();
         let hub = &shared.hub;
         let stream_id = hub.nonce.fetch_add(1, Ordering::Relaxed);
@@ -804,6 +807,9 @@ impl MeshConfig for MeshConfigService {
             let mut last: Option<Snapshot> = None;
             loop {
                 let (mut snap, evaluated, generation) = build_snapshot(&sender_shared, &sender_identity, hub);
+                if taps_ok {
+                    snap.taps = sender_shared.observe.taps_for(&sender_identity);
+                }
                 let taps_changed = last.as_ref().is_some_and(|l| l.taps != snap.taps);
                 if last.as_ref().is_some_and(|l| same_content(l, &snap)) {
                     if taps_changed {

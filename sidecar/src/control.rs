@@ -163,9 +163,13 @@ impl ConfigStream {
             return Ok(Ended::NoCertificate);
         };
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tx.send(DiscoveryRequest { inbound_addr: self.inbound_addr.clone(), ..Default::default() })
-            .await
-            .map_err(|e| e.to_string())?;
+        tx.send(DiscoveryRequest {
+            inbound_addr: self.inbound_addr.clone(),
+            capabilities: vec!["taps".into()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         let mut client =
             MeshConfigClient::new(channel).max_decoding_message_size(palisade_proto::limits::MAX_SNAPSHOT_BYTES);
         let mut snapshots = client

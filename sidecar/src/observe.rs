@@ -4,8 +4,8 @@
 //! - **taps** (`palisadectl tap`): the control plane sends the taps that
 //!   select this workload; the access-log line of each inbound request that
 //!   matches one goes up, at most [`TAP_RATE`] a second per tap, through a
-//!   bounded queue (what does not fit is dropped, counted, and reported on
-//!   the tap's next line or on its own within a second). Off unless a
+//!   bounded queue (what does not fit is dropped, counted, and reported
+//!   per tap within a second). Off unless a
 //!   tap runs; the taps end with the stream.
 //! - **recorded requests** (`palisadectl policy preview`): up to
 //!   `--preview-record-rate` requests a second, as authorization saw them
@@ -208,15 +208,14 @@ impl Observe {
             dropped(1);
             return;
         }
-        // A line carries its taps' drops since their last line.
-        let drops = admitted.iter().map(|t| t.dropped.swap(0, Ordering::Relaxed)).sum();
-        q.push(TapRecord { tap_ids: admitted.iter().map(|t| t.id).collect(), json: json(), dropped: drops });
+        // Drops go up per tap on their own ([`Observe::take_drops`]).
+        q.push(TapRecord { tap_ids: admitted.iter().map(|t| t.id).collect(), json: json(), dropped: 0 });
         drop(q);
         self.metrics.tap_events.get_or_create(&ResultLabels { result: "sent" }).inc();
         self.wake.notify_one();
     }
 
-    /// Drops not yet reported on a line, each tap's alone (a line without JSON).
+    /// Drops not yet reported, each tap's in a record of its own (without a line).
     pub fn take_drops(&self) -> Vec<TapRecord> {
         let taps = self.taps.read().unwrap_or_else(|p| p.into_inner()).clone();
         taps.iter()
@@ -317,13 +316,12 @@ mod tests {
         }
         let events = o.take_events();
         assert_eq!(events.len() as u32, TAP_RATE);
-        assert_eq!(events[0].dropped, 53, "the drops of second 0 ride on the next line sent");
-        assert_eq!(events[1].dropped, 0);
-        // Drops after the last line go up on their own.
+        assert!(events.iter().all(|e| e.dropped == 0));
+        // Drops go up per tap, on their own: 53 in second 0, 50 in second 1.
         let drops = o.take_drops();
         assert_eq!(
             (drops.len(), drops[0].tap_ids.clone(), drops[0].dropped, drops[0].json.as_str()),
-            (1, vec![2], 50, "")
+            (1, vec![2], 103, "")
         );
         assert!(o.take_drops().is_empty());
         o.set_taps(&[]);
