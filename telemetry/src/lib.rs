@@ -28,6 +28,8 @@ const BATCH: usize = 512;
 const BATCH_DELAY: Duration = Duration::from_millis(500);
 /// Longest one export may take (then its spans count as failed).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before a failed export is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Span counters, by `result`: exported, dropped (queue full), failed (the
 /// collector refused, was unreachable or too slow).
@@ -84,15 +86,31 @@ async fn drain<E: SpanExporter>(exporter: E, mut rx: tokio::sync::mpsc::Receiver
             }
         }
         let n = batch.len();
-        match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch))).await {
-            Ok(Ok(())) => counts.add("exported", n),
-            Ok(Err(e)) => {
-                counts.add("failed", n);
-                tracing::debug!(error = %e, spans = n, "span export failed");
-            }
-            Err(_) => {
-                counts.add("failed", n);
-                tracing::debug!(spans = n, "span export timed out");
+        // A failed export is tried once more after a pause (a collector
+        // restarting, a connection being made under load), unless spans are
+        // piling up behind it: then they come first, and the batch is lost.
+        let mut again = Some(batch.clone());
+        let mut spans = std::mem::take(&mut batch);
+        loop {
+            let why = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
+                Ok(Ok(())) => {
+                    counts.add("exported", n);
+                    break;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            match again.take().filter(|_| rx.len() < QUEUE / 2) {
+                Some(retry) => {
+                    tracing::debug!(error = %why, spans = n, "span export failed; trying once more");
+                    tokio::time::sleep(RETRY_AFTER).await;
+                    spans = retry;
+                }
+                None => {
+                    counts.add("failed", n);
+                    tracing::debug!(error = %why, spans = n, "span export failed");
+                    break;
+                }
             }
         }
     }
