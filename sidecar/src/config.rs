@@ -13,9 +13,11 @@ use palisade_certs::TrustDomain;
 #[derive(Clone, Parser, serde::Serialize)]
 #[command(name = "palisade-sidecar", version, about, long_about = None)]
 pub struct Config {
-    /// Control-plane gRPC address.
-    #[arg(long, env = "PALISADE_CONTROL_PLANE", default_value = "https://127.0.0.1:7700")]
-    pub control_plane: String,
+    /// Control-plane gRPC address(es): several replicas comma-separated or
+    /// repeated, or a name with several A/AAAA records; the sidecar spreads
+    /// across them and moves to another when one fails.
+    #[arg(long, env = "PALISADE_CONTROL_PLANE", value_delimiter = ',', default_value = "https://127.0.0.1:7700")]
+    pub control_plane: Vec<String>,
 
     /// Trust anchor: PEM bundle of the mesh root(s), used to verify the
     /// control plane (e.g. <control-plane data dir>/admin/ca.pem).
@@ -172,6 +174,8 @@ pub use palisade_cmd::LogFormat;
 pub enum ConfigError {
     #[error("--control-plane: {0}")]
     ControlPlane(#[from] palisade_proto::channel::ChannelError),
+    #[error("--control-plane: {0} addresses given; give 1 to 16")]
+    ControlPlanes(usize),
     #[error("{from}: {why}")]
     CaBundle { from: String, why: String },
     #[error(
@@ -268,7 +272,7 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
 /// that had to be parsed or read (the rest of the flags are typed by clap).
 #[derive(Debug)]
 pub struct Validated {
-    pub control_plane: palisade_proto::channel::ControlPlaneAddr,
+    pub control_plane: Vec<palisade_proto::channel::ControlPlaneAddr>,
     /// The trust anchors of `--ca-bundle`.
     pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     pub credential: crate::identity::Credential,
@@ -278,7 +282,14 @@ impl Config {
     /// Checks everything that can be checked before starting, and returns
     /// what it parsed so nothing is parsed twice.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
-        let control_plane = palisade_proto::channel::ControlPlaneAddr::parse(&self.control_plane)?;
+        if self.control_plane.is_empty() || self.control_plane.len() > 16 {
+            return Err(ConfigError::ControlPlanes(self.control_plane.len()));
+        }
+        let control_plane = self
+            .control_plane
+            .iter()
+            .map(|a| palisade_proto::channel::ControlPlaneAddr::parse(a.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
         let (from, pem) = match (&self.ca_bundle, &self.ca_bundle_pem) {
             (_, Some(pem)) => ("--ca-bundle-pem".to_string(), pem.clone()),
             (Some(path), None) => {

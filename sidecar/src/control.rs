@@ -33,10 +33,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a live stream checks whether our certificate was renewed.
 const RENEWAL_CHECK: Duration = Duration::from_secs(2);
 
-/// The way to the control plane.
+/// The way to the control plane: one or several replicas (each address,
+/// and each A/AAAA record of a name, is one). The first tried is chosen at
+/// random, so sidecars spread across replicas; after a failure the next
+/// one is tried first.
 #[derive(Debug)]
 pub struct ControlPlane {
-    addr: ControlPlaneAddr,
+    addrs: Vec<ControlPlaneAddr>,
+    /// Index in `addrs` of the replica tried first.
+    next: std::sync::atomic::AtomicUsize,
+    /// The replica the shared channel is connected to, for logs.
+    connected: std::sync::Mutex<String>,
     trust_domain: TrustDomain,
     svids: SvidStore,
     /// Presents our current certificate (renewals, the stream).
@@ -51,7 +58,7 @@ impl ControlPlane {
     /// Both TLS configurations verify the control plane's SPIFFE ID against
     /// `bundle`, which the stream keeps current.
     pub fn new(
-        addr: ControlPlaneAddr,
+        addrs: Vec<ControlPlaneAddr>,
         trust_domain: TrustDomain,
         bundle: TrustBundle,
         svids: SvidStore,
@@ -60,7 +67,69 @@ impl ControlPlane {
         let authenticated =
             Arc::new(palisade_certs::tls::client_config(verifier.clone(), Some(Arc::new(svids.clone())))?);
         let anonymous = Arc::new(palisade_certs::tls::client_config(verifier, None)?);
-        Ok(Self { addr, trust_domain, svids, authenticated, anonymous, channel: tokio::sync::Mutex::default() })
+        let first = (crate::seed() as usize) % addrs.len().max(1);
+        Ok(Self {
+            addrs,
+            next: first.into(),
+            connected: std::sync::Mutex::default(),
+            trust_domain,
+            svids,
+            authenticated,
+            anonymous,
+            channel: tokio::sync::Mutex::default(),
+        })
+    }
+
+    /// Connects to the first replica that answers, from the one tried first.
+    async fn dial(&self, tls: &Arc<rustls::ClientConfig>) -> Result<Channel, ChannelError> {
+        use std::sync::atomic::Ordering;
+        let n = self.addrs.len();
+        let start = self.next.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            for target in resolve(&self.addrs[idx]).await {
+                match palisade_proto::channel::connect(&target, tls.clone(), CALL_TIMEOUT).await {
+                    Ok(ch) => {
+                        self.next.store(idx, Ordering::Relaxed);
+                        let name = if target.host == self.addrs[idx].host {
+                            target.to_string()
+                        } else {
+                            format!("{} ({target})", self.addrs[idx])
+                        };
+                        let mut connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
+                        if *connected != name {
+                            if n > 1 || !connected.is_empty() {
+                                tracing::info!(control_plane = %name, "connected to a control-plane replica");
+                            }
+                            *connected = name;
+                        }
+                        return Ok(ch);
+                    }
+                    Err(e) => {
+                        tracing::debug!(control_plane = %target, error = %e, "control-plane replica unreachable");
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ChannelError::InvalidAddress {
+            addr: String::new(),
+            why: "no control-plane address".into(),
+        }))
+    }
+
+    /// Tries the next replica first from now on (the one in use failed).
+    pub fn failover(&self) {
+        if self.addrs.len() > 1 {
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let n = self.addrs.len();
+            let _ = self.next.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |v| Some(v % n),
+            );
+        }
     }
 
     /// The trust domain we belong to.
@@ -80,19 +149,21 @@ impl ControlPlane {
         {
             return Ok(Some(ch.clone()));
         }
-        let ch = palisade_proto::channel::connect(&self.addr, self.authenticated.clone(), CALL_TIMEOUT).await?;
+        let ch = self.dial(&self.authenticated).await?;
         *slot = Some((ch.clone(), ours));
         Ok(Some(ch))
     }
 
-    /// Forgets the shared channel (after a transport failure).
+    /// Forgets the shared channel after a transport failure, and tries
+    /// the next replica first.
     pub async fn reset(&self) {
         *self.channel.lock().await = None;
+        self.failover();
     }
 
     /// A one-off channel presenting no certificate, for the first attestation.
     pub async fn anonymous(&self) -> Result<Channel, ChannelError> {
-        palisade_proto::channel::connect(&self.addr, self.anonymous.clone(), CALL_TIMEOUT).await
+        self.dial(&self.anonymous).await
     }
 
     /// Whether `svid` is still the certificate we hold.
@@ -313,6 +384,27 @@ enum Ended {
     /// Our certificate was renewed: reopen on a channel that presents it.
     Renewed,
     NoCertificate,
+}
+
+/// The replicas behind one address: itself when it is an IP address;
+/// each A/AAAA record of a name, from a random one (the name itself when
+/// it does not resolve, so the error names it).
+async fn resolve(addr: &ControlPlaneAddr) -> Vec<ControlPlaneAddr> {
+    if addr.host.parse::<std::net::IpAddr>().is_ok() {
+        return vec![addr.clone()];
+    }
+    let mut ips: Vec<std::net::IpAddr> = match tokio::net::lookup_host((addr.host.as_str(), addr.port)).await {
+        Ok(found) => found.map(|a| a.ip()).collect(),
+        Err(_) => return vec![addr.clone()],
+    };
+    ips.sort();
+    ips.dedup();
+    if ips.is_empty() {
+        return vec![addr.clone()];
+    }
+    let start = (crate::seed() as usize) % ips.len();
+    ips.rotate_left(start);
+    ips.into_iter().map(|ip| ControlPlaneAddr { host: ip.to_string(), port: addr.port }).collect()
 }
 
 /// `d` give or take a quarter, so sidecars that lost the control plane

@@ -185,6 +185,10 @@ impl IdentityClientTask {
             Ok(Err(s)) => {
                 if s.code() == tonic::Code::Unavailable {
                     self.control.reset().await;
+                } else if current.is_none() {
+                    // A first attestation refused: the next attempt asks
+                    // another replica (a lagging one may not know the token yet).
+                    self.control.failover();
                 }
                 return Err(IdentityError::Refused { code: s.code(), message: s.message().to_string() });
             }

@@ -85,7 +85,7 @@ async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// Validates the config, binds every listener, and starts serving.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
-    let config::Validated { control_plane: addr, roots, credential } = cfg.validate()?;
+    let config::Validated { control_plane: addrs, roots, credential } = cfg.validate()?;
     let bundle = TrustBundle::new(&roots).map_err(|e| StartError::Bundle(e.to_string()))?;
 
     // Bind everything first: a port conflict fails the start, not a later request.
@@ -113,8 +113,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let background = TaskTracker::new();
 
     let advertised = cfg.advertise.or((!cfg.inbound.ip().is_unspecified()).then_some(inbound_addr));
-    let control =
-        Arc::new(control::ControlPlane::new(addr.clone(), cfg.trust_domain.clone(), bundle.clone(), svids.clone())?);
+    let control = Arc::new(control::ControlPlane::new(addrs, cfg.trust_domain.clone(), bundle.clone(), svids.clone())?);
     let identity = IdentityClientTask {
         control: control.clone(),
         bundle: bundle.clone(),
@@ -225,8 +224,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     Ok(Running { admin_addr, inbound_addr, svids, shutdown, connections, background, background_stop })
 }
 
-/// A seed for the route draws, different in every process.
-fn seed() -> u64 {
+/// A seed for the route draws and replica choice, different in every process.
+pub(crate) fn seed() -> u64 {
     let mut b = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     u64::from_le_bytes(b)

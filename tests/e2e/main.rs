@@ -7,6 +7,7 @@ mod authn;
 mod certify;
 mod cli;
 mod dataplane;
+mod failover;
 mod identity;
 mod k8s;
 mod kube;
