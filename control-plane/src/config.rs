@@ -17,6 +17,39 @@ pub struct Config {
     #[arg(long, env = "PALISADE_DATA_DIR")]
     pub data_dir: PathBuf,
 
+    /// Where the state lives: `file` (DIR/state.json, one replica) or `etcd`
+    /// (shared by every replica on the same etcd cluster and --etcd-prefix).
+    #[arg(long, env = "PALISADE_STORE", value_enum, default_value_t = StoreKind::File)]
+    pub store: StoreKind,
+
+    /// etcd client URLs, comma-separated (http://HOST:2379, or https:// with --etcd-ca-file).
+    #[arg(long, env = "PALISADE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix of this mesh's state in etcd.
+    #[arg(long, env = "PALISADE_ETCD_PREFIX", default_value = "/palisade/")]
+    pub etcd_prefix: String,
+
+    /// CA certificates (PEM) etcd's serving certificate must chain to.
+    #[arg(long, env = "PALISADE_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd's client-certificate authentication; needs --etcd-key-file.
+    #[arg(long, env = "PALISADE_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// The client certificate's key (PEM, mode 0600).
+    #[arg(long, env = "PALISADE_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+
+    /// etcd user (role-based access control); needs --etcd-password-file.
+    #[arg(long, env = "PALISADE_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the etcd user's password (never a flag: flags show in `ps`).
+    #[arg(long, env = "PALISADE_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+
     /// Address the gRPC API (TLS) listens on.
     #[arg(long, env = "PALISADE_LISTEN", default_value = "127.0.0.1:7700", value_parser = palisade_cmd::socket_addr)]
     pub listen: SocketAddr,
@@ -206,6 +239,16 @@ pub struct Config {
     pub log: String,
 }
 
+/// Where the control plane's state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// DIR/state.json: one replica.
+    File,
+    /// etcd: several replicas.
+    Etcd,
+}
+
 /// Mesh default for workloads no ALLOW policy targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -304,6 +347,44 @@ impl Config {
                     why: "must be an https:// URL without a trailing slash, query or fragment",
                 });
             }
+        }
+        if self.store == StoreKind::Etcd {
+            let err = |why: &'static str| ConfigError::Limit { flag: "store", value: "etcd".into(), why };
+            if self.etcd_endpoints.is_empty() {
+                return Err(err("needs --etcd-endpoints URL,..."));
+            }
+            if self.ca_cert.is_none() {
+                return Err(err(
+                    "every replica must sign with the same CA: give it with --ca-cert and --ca-key (e.g. from a Kubernetes Secret mounted in each replica)",
+                ));
+            }
+            if self.oauth_listen.is_some() {
+                return Err(err(
+                    "cannot serve --oauth-listen yet: the token service's signing keys are kept per replica (DIR/oauth-keys.json), so replicas would publish different keys",
+                ));
+            }
+            if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
+                return Err(ConfigError::Limit {
+                    flag: "etcd-prefix",
+                    value: self.etcd_prefix.clone(),
+                    why: "must start and end with /",
+                });
+            }
+            for e in &self.etcd_endpoints {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(ConfigError::Limit {
+                        flag: "etcd-endpoints",
+                        value: e.clone(),
+                        why: "must be http://HOST:PORT or https://HOST:PORT",
+                    });
+                }
+            }
+        } else if !self.etcd_endpoints.is_empty() {
+            return Err(ConfigError::Limit {
+                flag: "etcd-endpoints",
+                value: self.etcd_endpoints.join(","),
+                why: "is used with --store etcd only",
+            });
         }
         if self.idle_timeout < Duration::from_secs(45) {
             return Err(ConfigError::Limit {

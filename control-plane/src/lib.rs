@@ -150,7 +150,25 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let ca = Arc::new(pki::load_or_create_ca(data, &td, operator)?);
     tracing::info!(ca = ?ca, trust_domain = %td, "CA ready");
     let admin = pki::ensure_admin_credential(data, &ca, &td)?;
-    let store: Arc<dyn Store> = Arc::new(FileStore::open(data)?);
+    let store: Arc<dyn Store> = match cfg.store {
+        config::StoreKind::File => Arc::new(FileStore::open(data)?),
+        config::StoreKind::Etcd => {
+            let opts = store::etcd::EtcdOptions {
+                endpoints: cfg.etcd_endpoints.clone(),
+                prefix: cfg.etcd_prefix.clone(),
+                ca_file: cfg.etcd_ca_file.clone(),
+                cert_file: cfg.etcd_cert_file.clone(),
+                key_file: cfg.etcd_key_file.clone(),
+                user: cfg.etcd_user.clone(),
+                password_file: cfg.etcd_password_file.clone(),
+            };
+            let s = tokio::task::spawn_blocking(move || store::etcd::EtcdStore::open(&opts))
+                .await
+                .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??;
+            tracing::info!(endpoints = %cfg.etcd_endpoints.join(","), prefix = %cfg.etcd_prefix, "state in etcd");
+            Arc::new(s)
+        }
+    };
 
     let k8s = if cfg.k8s_attestation {
         let api_server =
@@ -218,6 +236,29 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         });
     };
 
+    // What other replicas change reaches this replica's sidecars too.
+    if let Some(mut changes) = store.watch() {
+        let shared = shared.clone();
+        spawn(Box::pin(async move {
+            use store::etcd::Change;
+            loop {
+                match changes.recv().await {
+                    Ok(Change::Policies) => shared.hub.policies_changed(),
+                    Ok(Change::Credentials) => {
+                        shared.hub.credentials_changed();
+                    }
+                    Ok(Change::Endpoints) => shared.hub.endpoints_changed(),
+                    Ok(Change::Tokens) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        shared.hub.credentials_changed();
+                        shared.hub.endpoints_changed();
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        }));
+    }
+
     // Our own certificate, with the SPIFFE ID plus names for generic tools.
     let server_cert = SvidStore::new();
     let mut ips = vec![cfg.listen.ip()];
@@ -238,7 +279,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         loop {
             tokio::time::sleep(Duration::from_secs(600)).await;
             let cutoff = attest::join_token::unix_now().saturating_sub(86400);
-            if let Err(e) = prune_store.prune(cutoff) {
+            if let Err(e) = store::blocking(&prune_store, move |s| s.prune(cutoff)).await {
                 tracing::warn!(error = %e, "cannot prune old tokens and proxy records");
             }
         }

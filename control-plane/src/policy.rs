@@ -220,6 +220,9 @@ pub fn parse(document: &str) -> Result<Vec<Resource>, Status> {
 }
 
 fn store_error(e: StoreError) -> Status {
+    if let StoreError::Conflict { what } = e {
+        return Status::aborted(what);
+    }
     tracing::error!(error = %e, "policy store failed");
     Status::unavailable("cannot persist the change; see the control plane log")
 }

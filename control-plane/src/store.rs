@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+pub mod etcd;
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -18,6 +20,11 @@ pub enum StoreError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("cannot write state file {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("etcd: {why}")]
+    Etcd { why: String },
+    /// Another replica changed what this call was changing.
+    #[error("{what}")]
+    Conflict { what: String },
 }
 
 /// A join token as stored: never the token itself, only its SHA-256.
@@ -111,6 +118,10 @@ pub enum TokenRefusal {
 
 /// Persistent control-plane state. Implementations must make each call atomic.
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// What other replicas change (a replicated store); `None`: only this process writes.
+    fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<etcd::Change>> {
+        None
+    }
     fn put_token(&self, t: TokenRecord) -> Result<(), StoreError>;
     fn tokens(&self) -> Vec<TokenRecord>;
     /// Marks a token revoked by id; `None` if unknown.
@@ -161,6 +172,35 @@ struct State {
     api_keys: BTreeMap<String, ApiKeyRecord>,
     #[serde(default)]
     oauth_clients: BTreeMap<String, OAuthClientRecord>,
+}
+
+/// Puts `(kind, key, json)` resources into `policies` at `revision` (the
+/// unchanged ones keep theirs), saying what each apply did.
+fn put_policies(
+    policies: &mut BTreeMap<String, PolicyRecord>,
+    revision: u64,
+    resources: Vec<(String, String, String)>,
+) -> Vec<Applied> {
+    resources
+        .into_iter()
+        .map(|(kind, key, json)| {
+            let id = PolicyRecord::id(&kind, &key);
+            let previous = policies.get(&id).map(|p| p.json.clone());
+            let change = match &previous {
+                None => "created",
+                Some(old) if *old == json => "unchanged",
+                Some(_) => "updated",
+            };
+            let record = if change == "unchanged" {
+                policies[&id].clone()
+            } else {
+                let r = PolicyRecord { kind, key, revision, json };
+                policies.insert(id, r.clone());
+                r
+            };
+            Applied { record, change, previous }
+        })
+        .collect()
 }
 
 /// Runs a store call off the async threads: the file store writes and
@@ -243,27 +283,7 @@ impl Store for FileStore {
         let apply = |s: &mut State| {
             let revision = if changed { s.policy_revision + 1 } else { s.policy_revision };
             s.policy_revision = revision;
-            let out: Vec<Applied> = resources
-                .into_iter()
-                .map(|(kind, key, json)| {
-                    let id = PolicyRecord::id(&kind, &key);
-                    let previous = s.policies.get(&id).map(|p| p.json.clone());
-                    let change = match &previous {
-                        None => "created",
-                        Some(old) if *old == json => "unchanged",
-                        Some(_) => "updated",
-                    };
-                    let record = if change == "unchanged" {
-                        s.policies[&id].clone()
-                    } else {
-                        let r = PolicyRecord { kind, key, revision, json };
-                        s.policies.insert(id, r.clone());
-                        r
-                    };
-                    Applied { record, change, previous }
-                })
-                .collect();
-            (revision, out)
+            (revision, put_policies(&mut s.policies, revision, resources))
         };
         if changed {
             self.mutate(apply)

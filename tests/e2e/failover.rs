@@ -23,21 +23,12 @@ fn synced_on(cp: &ControlPlane) -> bool {
 #[tokio::test]
 async fn a_sidecar_moves_to_another_control_plane_replica_and_keeps_renewing() {
     let tmp = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let key_pem = key.serialize_pem();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, "Mesh Root");
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    let root = rcgen::CertifiedIssuer::self_signed(p, key).unwrap();
-    let (cert, key) = (tmp.path().join("ca.pem"), tmp.path().join("ca-key.pem"));
-    std::fs::write(&cert, root.pem()).unwrap();
-    palisade_certs::files::write_secret(&key, &key_pem).unwrap();
+    let (cert, key) = crate::replicas::shared_ca(tmp.path());
     let args = [
         "--ca-cert",
-        cert.to_str().unwrap(),
+        cert.as_str(),
         "--ca-key",
-        key.to_str().unwrap(),
+        key.as_str(),
         "--cert-ttl",
         "10s",
         "--default-policy",

@@ -17,5 +17,6 @@ mod observe;
 mod operator_ca;
 mod podman;
 mod policy;
+mod replicas;
 mod trace;
 mod walkthrough;
