@@ -41,7 +41,7 @@ fn etcd_command(dir: &std::path::Path, url: &str, peer: u16) -> std::process::Co
     let mut cmd = std::process::Command::new("etcd");
     cmd.arg("--data-dir")
         .arg(dir)
-        .args(["--name", "m1", "--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--name", "m1", "--listen-client-urls", url, "--advertise-client-urls", url])
         .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
         .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
         .args(["--initial-cluster", &format!("m1=http://127.0.0.1:{peer}"), "--log-level", "warn"]);
