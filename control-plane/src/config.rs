@@ -50,6 +50,12 @@ pub struct Config {
     #[arg(long, env = "PALISADE_ETCD_PASSWORD_FILE", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
 
+    /// Key that seals the secrets kept in etcd (the CA's private key): 32
+    /// random bytes in base64 (`openssl rand -base64 32`), mode 0600, the
+    /// same for every replica (e.g. a Kubernetes Secret), never stored in etcd.
+    #[arg(long, env = "PALISADE_STORE_KEY_FILE")]
+    pub store_key_file: Option<PathBuf>,
+
     /// Address the gRPC API (TLS) listens on.
     #[arg(long, env = "PALISADE_LISTEN", default_value = "127.0.0.1:7700", value_parser = palisade_cmd::socket_addr)]
     pub listen: SocketAddr,
@@ -353,9 +359,9 @@ impl Config {
             if self.etcd_endpoints.is_empty() {
                 return Err(err("needs --etcd-endpoints URL,..."));
             }
-            if self.ca_cert.is_none() {
+            if self.ca_cert.is_none() && self.store_key_file.is_none() {
                 return Err(err(
-                    "every replica must sign with the same CA: give it with --ca-cert and --ca-key (e.g. from a Kubernetes Secret mounted in each replica)",
+                    "needs --store-key-file (the replicas keep a shared CA in etcd, its key sealed with it), or the CA with --ca-cert and --ca-key",
                 ));
             }
             if self.oauth_listen.is_some() {

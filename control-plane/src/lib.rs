@@ -146,10 +146,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     if cfg.cert_ttl < Duration::from_secs(300) {
         tracing::warn!(cert_ttl = %humantime::format_duration(cfg.cert_ttl), "certificate TTL below 5 minutes: fine for tests, a heavy renewal load in production");
     }
-    let operator = cfg.ca_cert.as_deref().zip(cfg.ca_key.as_deref()).map(|(c, k)| (c, k, cfg.ca_bundle.as_deref()));
-    let ca = Arc::new(pki::load_or_create_ca(data, &td, operator)?);
-    tracing::info!(ca = ?ca, trust_domain = %td, "CA ready");
-    let admin = pki::ensure_admin_credential(data, &ca, &td)?;
+    let mut etcd_store: Option<Arc<store::etcd::EtcdStore>> = None;
     let store: Arc<dyn Store> = match cfg.store {
         config::StoreKind::File => Arc::new(FileStore::open(data)?),
         config::StoreKind::Etcd => {
@@ -166,9 +163,27 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 .await
                 .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??;
             tracing::info!(endpoints = %cfg.etcd_endpoints.join(","), prefix = %cfg.etcd_prefix, "state in etcd");
-            Arc::new(s)
+            let s = Arc::new(s);
+            etcd_store = Some(s.clone());
+            s
         }
     };
+    let operator = cfg.ca_cert.as_deref().zip(cfg.ca_key.as_deref()).map(|(c, k)| (c, k, cfg.ca_bundle.as_deref()));
+    let ca = match (&etcd_store, operator, &cfg.store_key_file) {
+        (Some(etcd), None, Some(key_file)) => {
+            let kek =
+                store::sealed::Kek::from_file(key_file).map_err(|e| store::StoreError::Etcd { why: e.to_string() })?;
+            let (etcd, td) = (etcd.clone(), td.clone());
+            Arc::new(
+                tokio::task::spawn_blocking(move || etcd.shared_ca(&td, &kek, pki::ROOT_VALIDITY))
+                    .await
+                    .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??,
+            )
+        }
+        _ => Arc::new(pki::load_or_create_ca(data, &td, operator)?),
+    };
+    tracing::info!(ca = ?ca, trust_domain = %td, "CA ready");
+    let admin = pki::ensure_admin_credential(data, &ca, &td)?;
 
     let k8s = if cfg.k8s_attestation {
         let api_server =

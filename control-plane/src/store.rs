@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub mod etcd;
+pub mod sealed;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,12 @@ fn etcd_command(dir: &std::path::Path, url: &str, peer: u16) -> std::process::Co
     cmd
 }
 
+/// A store key: 32 bytes of `b`, base64.
+fn base64_key(b: u8) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode([b; 32])
+}
+
 /// An operator root both replicas sign with: (cert file, key file).
 pub(crate) fn shared_ca(dir: &std::path::Path) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -75,21 +81,47 @@ fn policy(name: &str, path: &str) -> String {
 async fn replicas_on_etcd_share_state_and_push_each_others_changes() {
     let tmp = tempfile::tempdir().unwrap();
     let Some((mut etcd_proc, url, mut again)) = etcd(&tmp.path().join("etcd"), tmp.path()).await else { return };
-    let (cert, key) = shared_ca(tmp.path());
+    // The key that seals the CA's private key in etcd, the same for every replica.
+    let store_key = tmp.path().join("store.key");
+    palisade_certs::files::write_secret(&store_key, &base64_key(7)).unwrap();
+    let key_arg = store_key.to_str().unwrap();
     let args = [
         "--store",
         "etcd",
         "--etcd-endpoints",
         url.as_str(),
-        "--ca-cert",
-        cert.as_str(),
-        "--ca-key",
-        key.as_str(),
+        "--store-key-file",
+        key_arg,
         "--default-policy",
         "allow-authenticated",
     ];
     let a = ControlPlane::start(&tmp.path().join("a"), tmp.path(), &args).await.unwrap();
     let b = ControlPlane::start(&tmp.path().join("b"), tmp.path(), &args).await.unwrap();
+    // One CA, made by the first replica and loaded by the second; its key is sealed in etcd.
+    assert_eq!(std::fs::read_to_string(a.bundle()).unwrap(), std::fs::read_to_string(b.bundle()).unwrap());
+    let dump = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &url, "get", "--prefix", "/palisade/"])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("/palisade/ca") && !dump.contains("PRIVATE KEY"), "{dump}");
+    // A replica with another key, or a key file others can read, does not start.
+    let other = tmp.path().join("other.key");
+    palisade_certs::files::write_secret(&other, &base64_key(8)).unwrap();
+    let loose = tmp.path().join("loose.key");
+    palisade_certs::files::write_atomic(&loose, base64_key(7).as_bytes(), 0o644).unwrap();
+    for (file, why) in [(&other, "give every replica the same key"), (&loose, "chmod 600")] {
+        let out = std::process::Command::new(palisade_tests::bin("palisade-control-plane"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("c"))
+            .args(["--listen", "127.0.0.1:0", "--store", "etcd", "--etcd-endpoints", &url, "--store-key-file"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 
     // A token made on a admits a sidecar that joins through b; b's admin credential works on a.
     let app = HttpApp::start().await;

@@ -2,7 +2,8 @@
 //! shared by every replica that points at the same cluster and prefix.
 //!
 //! Each record is one key under the prefix (`tokens/<sha256>`,
-//! `proxies/<serial>`, `apikeys/<name>`, `oauth/<client id>`), except the
+//! `proxies/<serial>`, `apikeys/<name>`, `oauth/<client id>`, and `ca`, its
+//! private key sealed with `--store-key-file`: [`super::sealed`]), except the
 //! policies, which are one document (`policies`) so that a document apply
 //! stays all or nothing under one revision. Every read-modify-write is a
 //! compare-and-swap on the key's etcd mod revision: two replicas can never
@@ -261,6 +262,58 @@ impl EtcdStore {
 
     fn policies_key(&self) -> String {
         format!("{}policies", self.prefix)
+    }
+
+    /// The mesh CA every replica signs with, kept in etcd with its key
+    /// sealed by `kek`: the first replica to start generates it, the others
+    /// (and later starts) load it.
+    pub fn shared_ca(
+        &self,
+        td: &palisade_certs::TrustDomain,
+        kek: &super::sealed::Kek,
+        validity: Duration,
+    ) -> Result<palisade_certs::CertificateAuthority, StoreError> {
+        #[derive(Serialize, Deserialize)]
+        struct CaRecord {
+            cert_pem: String,
+            key: super::sealed::Sealed,
+        }
+        let key = format!("{}ca", self.prefix);
+        for _ in 0..2 {
+            let (client, k) = (self.client.clone(), key.clone());
+            let found = self.run(async move {
+                let mut kv = client.kv_client();
+                timed(kv.get(k, None)).await
+            })?;
+            if let Some(kv) = found.kvs().first() {
+                let rec: CaRecord = serde_json::from_slice(kv.value())
+                    .map_err(|e| etcd_err(format!("the CA record in etcd ({key}) is unreadable: {e}")))?;
+                let pem = kek.open(&rec.key, "ca").map_err(|e| etcd_err(format!("the CA in etcd: {e}")))?;
+                let pem = String::from_utf8(pem).map_err(|_| etcd_err("the CA key in etcd is not PEM"))?;
+                return palisade_certs::CertificateAuthority::from_pem(
+                    &rec.cert_pem,
+                    palisade_certs::SecretPem::new(pem),
+                    None,
+                )
+                .map_err(|e| etcd_err(format!("the CA in etcd: {e}")));
+            }
+            let ca = palisade_certs::CertificateAuthority::generate(td, validity).map_err(etcd_err)?;
+            let rec = CaRecord {
+                cert_pem: ca.cert_pem(),
+                key: kek.seal(ca.key_pem().expose().as_bytes(), "ca").map_err(etcd_err)?,
+            };
+            let json = serde_json::to_vec(&rec).map_err(etcd_err)?;
+            // Only if no other replica made one meanwhile; else load the winner's.
+            if self.txn(
+                vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)],
+                vec![(key.clone(), json)],
+                vec![],
+            )? {
+                tracing::info!(subject = %ca.info().subject, "generated the mesh's root CA and stored it in etcd (key sealed with --store-key-file)");
+                return Ok(ca);
+            }
+        }
+        Err(StoreError::Conflict { what: "the CA record in etcd kept changing".into() })
     }
 }
 

@@ -1,0 +1,159 @@
+//! Envelope encryption of the secrets the replicated store keeps (the CA's
+//! private key): each secret is sealed with a fresh data key (AES-256-GCM),
+//! and the data key is sealed with the key-encryption key every replica
+//! reads from `--store-key-file` (a Kubernetes Secret), never stored beside
+//! them. The key's id (the first bytes of its SHA-256) is kept with each
+//! sealed value, so a replica with another key says so instead of failing
+//! obscurely.
+
+use base64::Engine as _;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+/// Why sealing or opening failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("--store-key-file {path}: {why}")]
+    KeyFile { path: String, why: String },
+    #[error("sealed with key {sealed_with}, but --store-key-file holds key {ours}: give every replica the same key")]
+    OtherKey { sealed_with: String, ours: String },
+    #[error("cannot open the sealed value (tampered with, or not sealed with this key)")]
+    Open,
+    #[error("no randomness")]
+    Random,
+}
+
+/// The key-encryption key.
+pub struct Kek {
+    key: LessSafeKey,
+    id: String,
+}
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kek").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// A sealed secret as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Sealed {
+    /// Id of the key-encryption key.
+    pub kek: String,
+    /// The data key, sealed with the key-encryption key (nonce then ciphertext, base64).
+    pub dek: String,
+    /// The secret, sealed with the data key (nonce then ciphertext, base64).
+    pub data: String,
+}
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn seal_with(key: &LessSafeKey, plain: &[u8], aad: &str) -> Result<String, SealError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    SystemRandom::new().fill(&mut nonce).map_err(|_| SealError::Random)?;
+    let mut buf = plain.to_vec();
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad.as_bytes()), &mut buf)
+        .map_err(|_| SealError::Random)?;
+    Ok(B64.encode([&nonce[..], &buf].concat()))
+}
+
+fn open_with(key: &LessSafeKey, sealed: &str, aad: &str) -> Result<Vec<u8>, SealError> {
+    let bytes = B64.decode(sealed).map_err(|_| SealError::Open)?;
+    if bytes.len() < NONCE_LEN {
+        return Err(SealError::Open);
+    }
+    let (nonce, ct) = bytes.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SealError::Open)?;
+    let mut buf = ct.to_vec();
+    let plain = key.open_in_place(nonce, Aad::from(aad.as_bytes()), &mut buf).map_err(|_| SealError::Open)?;
+    Ok(plain.to_vec())
+}
+
+impl Kek {
+    /// Reads the key: 32 random bytes in base64 (`openssl rand -base64 32`),
+    /// from a file no one else may read.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, SealError> {
+        use std::os::unix::fs::PermissionsExt;
+        let err = |why: String| SealError::KeyFile { path: path.display().to_string(), why };
+        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        if meta.permissions().mode() & 0o007 != 0 {
+            return Err(err(format!(
+                "mode {:o}: it must not be readable by others (chmod 600)",
+                meta.permissions().mode() & 0o777
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let raw = B64
+            .decode(text.trim())
+            .ok()
+            .filter(|k| k.len() == 32)
+            .ok_or_else(|| err("must hold 32 random bytes in base64 (openssl rand -base64 32)".into()))?;
+        Self::from_bytes(&raw).map_err(|_| err("unusable key".into()))
+    }
+
+    fn from_bytes(raw: &[u8]) -> Result<Self, SealError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, raw);
+        let id = digest.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, raw).map_err(|_| SealError::Open)?);
+        Ok(Self { key, id })
+    }
+
+    /// Seals `plain` for the record named `what` (bound to it: a sealed
+    /// value moved to another record does not open).
+    pub fn seal(&self, plain: &[u8], what: &str) -> Result<Sealed, SealError> {
+        let mut dek = [0u8; 32];
+        SystemRandom::new().fill(&mut dek).map_err(|_| SealError::Random)?;
+        let data_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &dek).map_err(|_| SealError::Random)?);
+        Ok(Sealed {
+            kek: self.id.clone(),
+            dek: seal_with(&self.key, &dek, what)?,
+            data: seal_with(&data_key, plain, what)?,
+        })
+    }
+
+    /// Opens what [`Kek::seal`] sealed for `what`.
+    pub fn open(&self, sealed: &Sealed, what: &str) -> Result<Vec<u8>, SealError> {
+        if sealed.kek != self.id {
+            return Err(SealError::OtherKey { sealed_with: sealed.kek.clone(), ours: self.id.clone() });
+        }
+        let dek = open_with(&self.key, &sealed.dek, what)?;
+        let data_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &dek).map_err(|_| SealError::Open)?);
+        open_with(&data_key, &sealed.data, what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_only_with_their_key_and_record() {
+        let k = Kek::from_bytes(&[7u8; 32]).unwrap();
+        let s = k.seal(b"-----BEGIN PRIVATE KEY-----", "ca").unwrap();
+        assert!(!s.data.contains("PRIVATE") && !format!("{k:?}").contains('7'));
+        assert_eq!(k.open(&s, "ca").unwrap(), b"-----BEGIN PRIVATE KEY-----");
+        assert!(matches!(k.open(&s, "other"), Err(SealError::Open)), "bound to its record");
+        let other = Kek::from_bytes(&[8u8; 32]).unwrap();
+        assert!(matches!(other.open(&s, "ca"), Err(SealError::OtherKey { .. })));
+        let mut tampered = s.clone();
+        tampered.data.replace_range(20..24, "AAAA");
+        assert!(matches!(k.open(&tampered, "ca"), Err(SealError::Open)));
+        // Two seals of one value differ (fresh data keys and nonces).
+        assert_ne!(k.seal(b"x", "ca").unwrap(), k.seal(b"x", "ca").unwrap());
+    }
+
+    #[test]
+    fn key_files_must_be_private_and_32_bytes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k");
+        std::fs::write(&f, B64.encode([1u8; 32])).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Kek::from_file(&f).unwrap_err().to_string().contains("chmod 600"));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Kek::from_file(&f).is_ok());
+        std::fs::write(&f, B64.encode([1u8; 16])).unwrap();
+        assert!(Kek::from_file(&f).unwrap_err().to_string().contains("32 random bytes"));
+    }
+}
