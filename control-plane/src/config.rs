@@ -56,6 +56,12 @@ pub struct Config {
     #[arg(long, env = "PALISADE_STORE_KEY_FILE")]
     pub store_key_file: Option<PathBuf>,
 
+    /// With --store etcd: first import a single-node install's state from its
+    /// data dir (state.json, and its generated CA, sealed with
+    /// --store-key-file) into the empty etcd prefix. Refused once etcd holds state.
+    #[arg(long, env = "PALISADE_MIGRATE_FROM", requires = "store_key_file")]
+    pub migrate_from: Option<PathBuf>,
+
     /// Address the gRPC API (TLS) listens on.
     #[arg(long, env = "PALISADE_LISTEN", default_value = "127.0.0.1:7700", value_parser = palisade_cmd::socket_addr)]
     pub listen: SocketAddr,
@@ -385,6 +391,12 @@ impl Config {
                     });
                 }
             }
+        } else if self.migrate_from.is_some() {
+            return Err(ConfigError::Limit {
+                flag: "migrate-from",
+                value: "(a data dir)".into(),
+                why: "imports into etcd: give --store etcd --etcd-endpoints ... too",
+            });
         } else if !self.etcd_endpoints.is_empty() {
             return Err(ConfigError::Limit {
                 flag: "etcd-endpoints",

@@ -164,6 +164,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??;
             tracing::info!(endpoints = %cfg.etcd_endpoints.join(","), prefix = %cfg.etcd_prefix, "state in etcd");
             let s = Arc::new(s);
+            if let (Some(from), Some(key_file)) = (&cfg.migrate_from, &cfg.store_key_file) {
+                let kek = store::sealed::Kek::from_file(key_file)
+                    .map_err(|e| store::StoreError::Etcd { why: e.to_string() })?;
+                let (etcd, from) = (s.clone(), from.clone());
+                let report = tokio::task::spawn_blocking(move || etcd.import(&from, &kek))
+                    .await
+                    .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??;
+                tracing::info!(target: "audit", event = "migrated", "{report}");
+            }
             etcd_store = Some(s.clone());
             s
         }

@@ -263,3 +263,64 @@ async fn replicas_on_etcd_share_state_and_push_each_others_changes() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_single_node_install_migrates_to_etcd_and_keeps_its_state_and_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_etcd, url, _)) = etcd(&tmp.path().join("etcd"), tmp.path()).await else { return };
+    let old_dir = tmp.path().join("single");
+    // A file-store install with a policy, a token and an API key.
+    let mut single = ControlPlane::start(&old_dir, tmp.path(), &[]).await.unwrap();
+    let f = tmp.path().join("deny.yaml");
+    std::fs::write(&f, DENY_ADMIN).unwrap();
+    assert!(single.ctl(&["policy", "apply", "-f", f.to_str().unwrap()]).status.success());
+    single.create_token(ORDERS, &["--uses", "3"]).unwrap();
+    assert!(single.ctl(&["apikey", "create", "--name", "ci", "--principal", "ci-bot"]).status.success());
+    let bundle = std::fs::read_to_string(single.bundle()).unwrap();
+    single.proc.terminate(Duration::from_secs(10)).unwrap();
+
+    let store_key = tmp.path().join("store.key");
+    palisade_certs::files::write_secret(&store_key, &base64_key(3)).unwrap();
+    let key_arg = store_key.to_str().unwrap();
+    let etcd_args = ["--store", "etcd", "--etcd-endpoints", url.as_str(), "--store-key-file", key_arg];
+    let migrate = [&etcd_args[..], &["--migrate-from", old_dir.to_str().unwrap()]].concat();
+    let a = ControlPlane::start(&tmp.path().join("a"), tmp.path(), &migrate).await.unwrap();
+    assert!(a.proc.logs().contains("imported"), "{}", a.proc.logs());
+    // The same CA (the old admin credential still works), policies at their revision, tokens, keys.
+    assert_eq!(std::fs::read_to_string(a.bundle()).unwrap(), bundle);
+    let old_admin = std::process::Command::new(palisade_tests::bin("palisadectl"))
+        .env("PALISADE_CONTROL_PLANE", &a.addr)
+        .env("PALISADE_CREDENTIALS", old_dir.join("admin"))
+        .args(["policy", "list", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(old_admin.status.success(), "{}", String::from_utf8_lossy(&old_admin.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&old_admin.stdout).unwrap();
+    assert_eq!(v[0]["metadata"]["name"], "no-admin", "{v}");
+    // The revision counter goes on from where the single node left it.
+    let f2 = tmp.path().join("next.yaml");
+    std::fs::write(&f2, policy("next", "/next/*")).unwrap();
+    let out = a.ctl(&["policy", "apply", "-o", "json", "-f", f2.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["revision"], 2, "{v}");
+    let tokens = String::from_utf8_lossy(&a.ctl(&["token", "list"]).stdout).to_string();
+    assert!(tokens.contains(ORDERS), "{tokens}");
+    let keys = String::from_utf8_lossy(&a.ctl(&["apikey", "list"]).stdout).to_string();
+    assert!(keys.contains("ci-bot"), "{keys}");
+    // A second replica joins without importing; importing again is refused.
+    let b = ControlPlane::start(&tmp.path().join("b"), tmp.path(), &etcd_args).await.unwrap();
+    assert_eq!(std::fs::read_to_string(b.bundle()).unwrap(), bundle);
+    let out = std::process::Command::new(palisade_tests::bin("palisade-control-plane"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("c"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(&migrate)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("start without --migrate-from"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -264,6 +264,85 @@ impl EtcdStore {
         format!("{}policies", self.prefix)
     }
 
+    /// Imports a single-node install's state (`DIR/state.json`, and its
+    /// generated CA from `DIR/ca/`, sealed with `kek`) into an empty prefix,
+    /// so it can grow into replicas. Refuses a prefix that holds state.
+    pub fn import(&self, dir: &Path, kek: &super::sealed::Kek) -> Result<String, StoreError> {
+        let marker = format!("{}migrated-from", self.prefix);
+        let (client, prefix) = (self.client.clone(), self.prefix.clone());
+        let existing = self.run(async move {
+            let mut kv = client.kv_client();
+            timed(kv.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))).await
+        })?;
+        if existing.count() > 0 {
+            return Err(StoreError::Conflict {
+                what: format!(
+                    "--migrate-from: etcd already holds {} keys under {}: the state was migrated (or this mesh started on etcd); start without --migrate-from",
+                    existing.count(),
+                    self.prefix
+                ),
+            });
+        }
+        let file = super::FileStore::open(dir)?;
+        let state = file.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Claim the prefix first: two replicas started with --migrate-from cannot both import.
+        let claimed = self.txn(
+            vec![Compare::create_revision(marker.as_str(), CompareOp::Equal, 0)],
+            vec![(marker.clone(), dir.display().to_string().into_bytes())],
+            vec![],
+        )?;
+        if !claimed {
+            return Err(StoreError::Conflict { what: "--migrate-from: another replica is importing".into() });
+        }
+        fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+            serde_json::to_vec(v).map_err(etcd_err)
+        }
+        let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+        let doc = PolicyDoc { revision: state.policy_revision, policies: state.policies.clone() };
+        puts.push((self.policies_key(), serde_json::to_vec(&doc).map_err(etcd_err)?));
+        for (sha, t) in &state.tokens {
+            puts.push((self.key("tokens", sha), json(t)?));
+        }
+        for (serial, p) in &state.proxies {
+            puts.push((self.key("proxies", serial), json(p)?));
+        }
+        for (name, k) in &state.api_keys {
+            puts.push((self.key("apikeys", name), json(k)?));
+        }
+        for (id, c) in &state.oauth_clients {
+            puts.push((self.key("oauth", id), json(c)?));
+            puts.push((self.key("oauth-names", &c.name), id.clone().into_bytes()));
+        }
+        let ca_dir = dir.join("ca");
+        let ca = match (
+            std::fs::read_to_string(ca_dir.join("ca.pem")),
+            std::fs::read_to_string(ca_dir.join("ca-key.pem")),
+        ) {
+            (Ok(cert_pem), Ok(key_pem)) => {
+                let key = kek.seal(key_pem.as_bytes(), "ca").map_err(etcd_err)?;
+                puts.push((
+                    format!("{}ca", self.prefix),
+                    serde_json::to_vec(&serde_json::json!({"cert_pem": cert_pem, "key": key})).map_err(etcd_err)?,
+                ));
+                "its generated CA"
+            }
+            _ => "no generated CA (an operator CA: give --ca-cert and --ca-key to every replica)",
+        };
+        for chunk in puts.chunks(TXN_OPS) {
+            self.txn(vec![], chunk.to_vec(), vec![])?;
+        }
+        Ok(format!(
+            "imported {}: {} policies (revision {}), {} join tokens, {} proxies, {} API keys, {} OAuth clients, {ca}",
+            dir.display(),
+            state.policies.len(),
+            state.policy_revision,
+            state.tokens.len(),
+            state.proxies.len(),
+            state.api_keys.len(),
+            state.oauth_clients.len()
+        ))
+    }
+
     /// The mesh CA every replica signs with, kept in etcd with its key
     /// sealed by `kek`: the first replica to start generates it, the others
     /// (and later starts) load it.
