@@ -176,7 +176,14 @@ impl Admin for AdminService {
 
     async fn list_proxies(&self, req: Request<ListProxiesRequest>) -> Result<Response<ListProxiesResponse>, Status> {
         self.authorize(&req)?;
-        let status = self.shared.hub.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut status = self.shared.hub.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Proxies connected to other replicas (a replicated store), where this one has no word of its own.
+        for (key, s) in crate::policy::remote_statuses(&self.shared) {
+            let here = status.get(&key).is_some_and(|l| l.connected);
+            if !here {
+                status.insert(key, s);
+            }
+        }
         let mut proxies: Vec<ProxyInfo> = self
             .shared
             .store

@@ -262,11 +262,32 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     // What other replicas change reaches this replica's sidecars too.
     if let Some(mut changes) = store.watch() {
+        // And this replica's sidecars are known to the others.
+        let publisher = shared.clone();
+        spawn(Box::pin(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(300));
+            loop {
+                tick.tick().await;
+                publisher.store.publish_streams(publisher.hub.published());
+            }
+        }));
         let shared = shared.clone();
         spawn(Box::pin(async move {
             use store::etcd::Change;
+            // Connected proxies per identity on the other replicas: cluster-scope shares depend on them.
+            let mut counts = std::collections::BTreeMap::<String, usize>::new();
             loop {
                 match changes.recv().await {
+                    Ok(Change::Streams) => {
+                        let mut now = std::collections::BTreeMap::<String, usize>::new();
+                        for (_, s) in policy::remote_statuses(&shared) {
+                            *now.entry(s.identity).or_default() += 1;
+                        }
+                        if now != counts {
+                            counts = now;
+                            shared.hub.policies_changed();
+                        }
+                    }
                     Ok(Change::Policies) => shared.hub.policies_changed(),
                     Ok(Change::Credentials) => {
                         shared.hub.credentials_changed();

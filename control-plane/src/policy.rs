@@ -24,8 +24,9 @@ use crate::store::StoreError;
 /// Coalesces bursts of changes before snapshots are rebuilt.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
-/// What the control plane knows of one proxy's policy sync.
-#[derive(Debug, Clone, Default)]
+/// What the control plane knows of one proxy's policy sync (and, with a
+/// replicated store, what each replica publishes of its own proxies).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SyncStatus {
     pub identity: String,
     /// Version last sent.
@@ -40,12 +41,15 @@ pub struct SyncStatus {
     pub evaluated: u64,
     /// The credentials generation (API keys, key sets) its snapshot was last
     /// computed from: `apikey create` and `revoke` wait for it.
+    #[serde(skip)]
     pub credentials: u64,
     /// Which stream owns the entry: a reconnect's new stream takes it over,
     /// and the old stream closing late must not mark it disconnected.
+    #[serde(skip)]
     pub stream: u64,
     /// When the change the last sent snapshot carries happened (for the
     /// push latency, observed at its ACK).
+    #[serde(skip)]
     pub change_at: Option<std::time::Instant>,
 }
 
@@ -190,11 +194,30 @@ impl Hub {
         f(all.entry(key.to_string()).or_default());
     }
 
-    /// Connected proxies per identity (the replica count for cluster-scope limits).
-    fn replicas(&self, identity: &str) -> u64 {
-        let all = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        all.values().filter(|s| s.connected && s.identity == identity).count().max(1) as u64
+    /// Connected proxies per identity (the replica count for cluster-scope
+    /// limits), here and, with a replicated store, on the other replicas.
+    fn replicas(&self, shared: &Shared, identity: &str) -> u64 {
+        let here = {
+            let all = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            all.values().filter(|s| s.connected && s.identity == identity).count()
+        };
+        let there = remote_statuses(shared).into_iter().filter(|(_, s)| s.identity == identity).count();
+        (here + there).max(1) as u64
     }
+
+    /// This replica's connected proxies, as published for the others.
+    pub(crate) fn published(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let all = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .filter(|(_, s)| s.connected)
+            .filter_map(|(k, s)| Some((k.clone(), serde_json::to_vec(&(k, s)).ok()?)))
+            .collect()
+    }
+}
+
+/// The other replicas' connected proxies, by status key.
+pub(crate) fn remote_statuses(shared: &Shared) -> Vec<(String, SyncStatus)> {
+    shared.store.remote_streams().iter().filter_map(|r| serde_json::from_slice(r).ok()).collect()
 }
 
 /// Parses and validates a document; maps errors to INVALID_ARGUMENT.
@@ -725,7 +748,8 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64,
             if let Resource::RateLimitPolicy { spec, .. } = r {
                 for l in spec.limits.iter().filter(|l| l.scope == Scope::Cluster) {
                     // The quota divided among the ready replicas, rounded up.
-                    rate_shares.insert(format!("{}/{}", r.key(), l.name), l.rate.div_ceil(hub.replicas(identity)));
+                    rate_shares
+                        .insert(format!("{}/{}", r.key(), l.name), l.rate.div_ceil(hub.replicas(shared, identity)));
                 }
             }
         }

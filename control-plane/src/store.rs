@@ -123,6 +123,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<etcd::Change>> {
         None
     }
+    /// Publishes this replica's connected sidecars (status key -> record)
+    /// for the other replicas; a single-process store has none.
+    fn publish_streams(&self, _records: BTreeMap<String, Vec<u8>>) {}
+    /// The other replicas' published records.
+    fn remote_streams(&self) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
     fn put_token(&self, t: TokenRecord) -> Result<(), StoreError>;
     fn tokens(&self) -> Vec<TokenRecord>;
     /// Marks a token revoked by id; `None` if unknown.

@@ -152,8 +152,17 @@ async fn replicas_on_etcd_share_state_and_push_each_others_changes() {
     std::fs::write(&f, DENY_ADMIN).unwrap();
     let base = format!("127.0.0.1:{port}");
     assert_eq!(palisade_tests::http::get(&base, "/admin/x").await.unwrap().0, 404, "allowed: the app answers");
+    // Each replica knows the other's sidecars: a lists orders (connected to b) as synced.
+    eventually("a to know orders' sync state from b", Duration::from_secs(5), || async {
+        let out = a.ctl(&["proxies", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?.iter().any(|p| p["identity"] == ORDERS && p["sync_state"] == "synced").then_some(())
+    })
+    .await
+    .unwrap();
     let applied = Instant::now();
-    assert!(a.ctl(&["policy", "apply", "-f", f.to_str().unwrap()]).status.success());
+    let out = a.ctl(&["policy", "apply", "-f", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     eventually("orders (on b) to enforce a's apply", Duration::from_secs(5), || async {
         (palisade_tests::http::get(&base, "/admin/x").await.ok()?.0 == 403).then_some(())
     })
@@ -161,7 +170,38 @@ async fn replicas_on_etcd_share_state_and_push_each_others_changes() {
     .unwrap();
     let took = applied.elapsed();
     assert!(took < Duration::from_secs(2), "apply on a reached b's sidecar in {took:?}");
+    // `--wait` on a waits for the sidecars of both replicas.
+    let f3 = tmp.path().join("wait.yaml");
+    std::fs::write(&f3, policy("waited", "/waited/*")).unwrap();
+    let out = a.ctl(&["policy", "apply", "-f", f3.to_str().unwrap(), "--wait", "10s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in force on 2 connected proxies"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(palisade_tests::http::get(&base, "/waited/x").await.unwrap().0, 403, "in force when --wait returns");
     assert_eq!(b.ctl(&["policy", "list", "-o", "json"]).status.code(), Some(0));
+
+    // A cluster-scope limit is shared by the sidecars of an identity wherever they
+    // are connected: a second orders sidecar, on a, halves the share of the one on b.
+    let rl = tmp.path().join("shared-limit.yaml");
+    std::fs::write(&rl, "apiVersion: palisade.dev/v1\nkind: RateLimitPolicy\nmetadata: {name: shared, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  limits:\n    - {name: all, key: none, algorithm: token_bucket, rate: 60, period: 1s, burst: 5, scope: cluster}\n").unwrap();
+    assert!(b.ctl(&["policy", "apply", "-f", rl.to_str().unwrap(), "--wait", "10s"]).status.success());
+    assert_eq!(rate(&orders).await, Some(60));
+    let orders2 = Sidecar::meshed("orders2", &a, tmp.path(), ORDERS, &["--app", &app.addr.to_string()]).await.unwrap();
+    eventually("both orders sidecars to get half the quota", Duration::from_secs(10), || async {
+        (rate(&orders).await == Some(30) && rate(&orders2).await == Some(30)).then_some(())
+    })
+    .await
+    .unwrap();
+    drop(orders2);
+    eventually("the share to come back when one goes", Duration::from_secs(20), || async {
+        (rate(&orders).await == Some(60)).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(b.ctl(&["policy", "delete", "rlp", "shop/shared"]).status.success());
 
     // Concurrent applies on both replicas: every revision distinct, nothing lost.
     let mut handles = Vec::new();
@@ -194,7 +234,7 @@ async fn replicas_on_etcd_share_state_and_push_each_others_changes() {
     assert_eq!(revisions.len(), n, "no revision handed out twice: {revisions:?}");
     let listed = a.ctl(&["policy", "list", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 17, "all 16 applies and the first are stored: {v}");
+    assert_eq!(v.as_array().unwrap().len(), 18, "all 16 applies and the two before are stored: {v}");
 
     // The same resource changed on both replicas at once, several times:
     // each apply either wins with its own revision or is refused as a
@@ -323,4 +363,9 @@ async fn a_single_node_install_migrates_to_etcd_and_keeps_its_state_and_ca() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The rate of the first limit a sidecar enforces.
+async fn rate(sc: &Sidecar) -> Option<u64> {
+    sc.config().await.and_then(|c| c["rate_limits"][0]["rate"].as_u64())
 }

@@ -43,6 +43,8 @@ pub enum Change {
     /// Proxy records (the directory).
     Endpoints,
     Tokens,
+    /// Another replica's connected sidecars (their sync state).
+    Streams,
 }
 
 /// How to reach etcd.
@@ -70,12 +72,21 @@ struct Cache {
     state: State,
     /// Mod revision of each key, by full key.
     revs: HashMap<String, i64>,
+    /// Other replicas' stream records, by full key.
+    streams: BTreeMap<String, Vec<u8>>,
 }
+
+/// How long a replica's stream records outlive it (its etcd lease).
+const PRESENCE_TTL: i64 = 10;
 
 /// The etcd store.
 pub struct EtcdStore {
     /// Always `Some` but in `drop`.
     rt: Option<tokio::runtime::Runtime>,
+    /// This replica's id: its stream records live under `streams/<replica>/`.
+    replica: String,
+    /// The stream records this replica wants published (by status key).
+    presence: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
     client: Client,
     prefix: String,
     cache: Arc<Mutex<Cache>>,
@@ -142,11 +153,28 @@ impl EtcdStore {
             .map_err(etcd_err)?
             .map_err(|e| etcd_err(format!("cannot reach etcd at {}: {e}", opts.endpoints.join(","))))?;
         let (changes, _) = tokio::sync::broadcast::channel(256);
-        let store = Self { rt: Some(rt), client, prefix: opts.prefix.clone(), cache: Arc::default(), changes };
+        let mut id = [0u8; 6];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| etcd_err("no randomness"))?;
+        let replica: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let store = Self {
+            rt: Some(rt),
+            replica,
+            presence: Arc::default(),
+            client,
+            prefix: opts.prefix.clone(),
+            cache: Arc::default(),
+            changes,
+        };
         let revision = store.run({
             let (client, prefix, cache) = (store.client.clone(), store.prefix.clone(), store.cache.clone());
             async move { load(&client, &prefix, &cache).await }
         })?;
+        store.runtime().spawn(publish(
+            store.client.clone(),
+            format!("{}streams/{}/", store.prefix, store.replica),
+            store.presence.clone(),
+        ));
         store.runtime().spawn(watch(
             store.client.clone(),
             store.prefix.clone(),
@@ -405,6 +433,68 @@ impl Drop for EtcdStore {
     }
 }
 
+/// Keeps this replica's stream records in etcd under a lease: what
+/// `presence` holds is published (and what it no longer holds deleted)
+/// within half a second; if the replica dies the lease ends and etcd
+/// deletes them within [`PRESENCE_TTL`] seconds.
+async fn publish(client: Client, prefix: String, presence: Arc<Mutex<BTreeMap<String, Vec<u8>>>>) {
+    loop {
+        let mut c = client.clone();
+        let lease = match timed(c.lease_grant(PRESENCE_TTL, None)).await {
+            Ok(l) => l.id(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish this replica's sidecars to etcd; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Ok((mut keeper, mut acks)) = timed(c.lease_keep_alive(lease)).await else { continue };
+        let mut published: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(300));
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            if renewed.elapsed() >= Duration::from_secs(3) {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(CALL, acks.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = tokio::time::Instant::now(),
+                    _ => break,
+                }
+            }
+            let want = presence.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut ops: Vec<TxnOp> = Vec::new();
+            for (k, v) in &want {
+                if published.get(k) != Some(v) {
+                    let key = format!("{prefix}{}", hex(k));
+                    ops.push(TxnOp::put(key, v.clone(), Some(etcd_client::PutOptions::new().with_lease(lease))));
+                }
+            }
+            for k in published.keys().filter(|k| !want.contains_key(*k)) {
+                ops.push(TxnOp::delete(format!("{prefix}{}", hex(k)), None));
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            let mut kv = client.kv_client();
+            let mut ok = true;
+            for chunk in ops.chunks(TXN_OPS) {
+                ok &= timed(kv.txn(Txn::new().and_then(chunk.to_vec()))).await.is_ok();
+            }
+            if ok {
+                published = want;
+            }
+        }
+        // The lease is lost (etcd away too long): a new one, everything published again.
+        tracing::warn!("this replica's etcd lease lapsed; publishing its sidecars again");
+    }
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Loads every key under the prefix into the cache; the revision read at.
 async fn load(client: &Client, prefix: &str, cache: &Mutex<Cache>) -> Result<i64, StoreError> {
     let mut kv = client.kv_client();
@@ -457,6 +547,13 @@ fn apply(c: &mut Cache, prefix: &str, key: &str, value: Option<&[u8]>, revision:
             set(&mut c.state.oauth_clients, id, value);
             Change::Credentials
         }
+        "streams" => {
+            match value {
+                Some(v) => c.streams.insert(key.to_string(), v.to_vec()),
+                None => c.streams.remove(key),
+            };
+            return Some(Change::Streams);
+        }
         _ => return None,
     };
     if value.is_some() {
@@ -499,7 +596,7 @@ async fn watch(
                             if value.is_some() && c.revs.get(&key) == Some(&kv.mod_revision()) {
                                 continue;
                             }
-                            if value.is_none() && !c.revs.contains_key(&key) {
+                            if value.is_none() && !c.revs.contains_key(&key) && !c.streams.contains_key(&key) {
                                 continue;
                             }
                             seen.extend(apply(&mut c, &prefix, &key, value, kv.mod_revision()));
@@ -534,6 +631,16 @@ async fn watch(
 impl Store for EtcdStore {
     fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         Some(self.changes.subscribe())
+    }
+
+    fn publish_streams(&self, records: BTreeMap<String, Vec<u8>>) {
+        *self.presence.lock().unwrap_or_else(|p| p.into_inner()) = records;
+    }
+
+    fn remote_streams(&self) -> Vec<Vec<u8>> {
+        let ours = format!("{}streams/{}/", self.prefix, self.replica);
+        let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.streams.iter().filter(|(k, _)| !k.starts_with(&ours)).map(|(_, v)| v.clone()).collect()
     }
 
     fn policies(&self) -> (u64, Vec<PolicyRecord>) {
