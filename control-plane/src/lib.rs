@@ -319,10 +319,26 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         ips,
         server_cert.clone(),
     )));
+    // The singleton duties run on the leader (with one store of its own, this replica).
+    let leading = store.leadership();
+    crate::metrics::METRICS.leader.set(i64::from(leading.is_none()));
+    if let Some(mut l) = leading.clone() {
+        spawn(Box::pin(async move {
+            loop {
+                crate::metrics::METRICS.leader.set(i64::from(*l.borrow_and_update()));
+                if l.changed().await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
     let prune_store = store.clone();
     spawn(Box::pin(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(600)).await;
+            if leading.as_ref().is_some_and(|l| !*l.borrow()) {
+                continue;
+            }
             let cutoff = attest::join_token::unix_now().saturating_sub(86400);
             if let Err(e) = store::blocking(&prune_store, move |s| s.prune(cutoff)).await {
                 tracing::warn!(error = %e, "cannot prune old tokens and proxy records");

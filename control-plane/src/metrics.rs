@@ -48,6 +48,7 @@ pub struct Metrics {
     pub taps: Gauge,
     pub tap_events: Family<ResultLabel, Counter>,
     pub preview_samples: Gauge,
+    pub leader: Gauge,
     registry: Registry,
 }
 
@@ -69,6 +70,7 @@ impl Metrics {
         let taps = Gauge::default();
         let tap_events = Family::<ResultLabel, Counter>::default();
         let preview_samples = Gauge::default();
+        let leader = Gauge::default();
         let mut registry = Registry::with_prefix("palisade_cp");
         registry.register(
             "certificates",
@@ -105,6 +107,11 @@ impl Metrics {
             "Recorded request shapes held for policy previews",
             preview_samples.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this replica leads (runs the singleton duties); a single control plane always leads",
+            leader.clone(),
+        );
         Self {
             certificates,
             policy_streams,
@@ -117,6 +124,7 @@ impl Metrics {
             taps,
             tap_events,
             preview_samples,
+            leader,
             registry,
         }
     }

@@ -123,6 +123,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<etcd::Change>> {
         None
     }
+    /// Whether this replica leads, when several share the store; `None`:
+    /// it is alone, and always leads.
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
     /// Publishes this replica's connected sidecars (status key -> record)
     /// for the other replicas; a single-process store has none.
     fn publish_streams(&self, _records: BTreeMap<String, Vec<u8>>) {}

@@ -10,6 +10,8 @@ use palisade_tests::{ControlPlane, Proc, Sidecar, eventually, free_port, skip};
 
 use crate::dataplane::{ORDERS, WEB};
 
+const INVOICES: &str = "spiffe://cluster.local/ns/billing/sa/invoices";
+
 /// A one-member etcd on loopback, its data in `dir`: the process, its
 /// client URL, and a command that starts it again as it was.
 pub(crate) async fn etcd(
@@ -268,9 +270,13 @@ async fn replicas_on_etcd_share_state_and_push_each_others_changes() {
     winners.sort();
     assert!(!winners.is_empty());
     let last = winners.last().unwrap().1;
-    let stored = a.ctl(&["policy", "get", "ap", "shop/same", "-o", "json"]);
-    let stored = String::from_utf8_lossy(&stored.stdout).to_string();
-    assert!(stored.contains(&format!("/same/{last}")), "the last winner is stored: {stored} ({winners:?})");
+    // Reads come from each replica's watched copy: a sees b's last write within moments.
+    eventually("the last winner to be stored", Duration::from_secs(5), || async {
+        let stored = a.ctl(&["policy", "get", "ap", "shop/same", "-o", "json"]);
+        String::from_utf8_lossy(&stored.stdout).contains(&format!("/same/{last}")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {winners:?}"));
     eprintln!("concurrent applies of one resource: {} won, {} refused as conflicts", winners.len(), 6 - winners.len());
 
     // etcd lost: changes are refused with a clear error, traffic goes on
@@ -368,4 +374,237 @@ async fn a_single_node_install_migrates_to_etcd_and_keeps_its_state_and_ca() {
 /// The rate of the first limit a sidecar enforces.
 async fn rate(sc: &Sidecar) -> Option<u64> {
     sc.config().await.and_then(|c| c["rate_limits"][0]["rate"].as_u64())
+}
+
+/// A 3-member etcd cluster on loopback: the members and the client URLs.
+async fn etcd_cluster(dir: &std::path::Path, log_dir: &std::path::Path) -> Option<(Vec<Proc>, Vec<String>)> {
+    if std::process::Command::new("etcd").arg("--version").output().is_err() {
+        skip("replicas", "etcd is not installed (apt-get install etcd-server)");
+        return None;
+    }
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    let mut urls = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let url = format!("http://127.0.0.1:{client}");
+        let mut cmd = std::process::Command::new("etcd");
+        cmd.arg("--data-dir")
+            .arg(dir.join(format!("m{i}")))
+            .args(["--name", &format!("m{i}"), "--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new", "--log-level", "warn"]);
+        members.push(Proc::spawn(&format!("etcd-m{i}"), &mut cmd, log_dir).unwrap());
+        urls.push(url);
+    }
+    for (client, _) in &ports {
+        serving(*client).await;
+    }
+    // The cluster answers once it has a leader.
+    eventually("the etcd cluster to elect a leader", Duration::from_secs(20), || async {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &urls.join(","), "endpoint", "status", "--write-out", "json"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?.iter().any(|m| m["Status"]["leader"].as_u64().unwrap_or(0) != 0).then_some(())
+    })
+    .await
+    .unwrap();
+    Some((members, urls))
+}
+
+async fn leads(metrics: &str) -> bool {
+    palisade_tests::http::get(metrics, "/metrics")
+        .await
+        .is_ok_and(|(_, body)| body.lines().any(|l| l == "palisade_cp_leader 1"))
+}
+
+/// The control-plane replica that leads, and one etcd member, SIGKILLed
+/// while traffic flows through two sidecars and policy changes every
+/// half second: no request fails, renewals and a join go on through the
+/// survivor, the lead moves, and no revision is lost or handed out twice.
+#[tokio::test]
+async fn losing_the_leading_replica_and_an_etcd_member_fails_no_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((mut members, urls)) = etcd_cluster(&tmp.path().join("etcd"), tmp.path()).await else { return };
+    let endpoints = urls.join(",");
+    let store_key = tmp.path().join("store.key");
+    palisade_certs::files::write_secret(&store_key, &base64_key(9)).unwrap();
+    let (ma, mb) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let common = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        endpoints.as_str(),
+        "--store-key-file",
+        store_key.to_str().unwrap(),
+        "--default-policy",
+        "allow-authenticated",
+        "--cert-ttl",
+        "10s",
+    ];
+    let mut cps = vec![
+        ControlPlane::start(&tmp.path().join("a"), tmp.path(), &[&common[..], &["--metrics-listen", &ma]].concat())
+            .await
+            .unwrap(),
+        ControlPlane::start(&tmp.path().join("b"), tmp.path(), &[&common[..], &["--metrics-listen", &mb]].concat())
+            .await
+            .unwrap(),
+    ];
+    let metrics = [ma, mb];
+    let leader = eventually("a replica to lead", Duration::from_secs(15), || async {
+        for (i, m) in metrics.iter().enumerate() {
+            if leads(m).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    let (cp_a, cp_b) = (cps[0].addr.clone(), cps[1].addr.clone());
+    let both = format!("{cp_a},{cp_b}");
+    let app = HttpApp::start().await;
+    let t = cps[0].create_token(ORDERS, &[]).unwrap();
+    let orders = Sidecar::spawn(
+        "orders",
+        &cps[0],
+        tmp.path(),
+        &["--join-token", &t, "--control-plane", &cp_b, "--app", &app.addr.to_string()],
+    )
+    .unwrap();
+    orders.wait_ready().await.unwrap();
+    let port = free_port();
+    let t = cps[1].create_token(WEB, &[]).unwrap();
+    let web = Sidecar::spawn(
+        "web",
+        &cps[1],
+        tmp.path(),
+        &["--join-token", &t, "--control-plane", &cp_a, "--upstream", &format!("127.0.0.1:{port}=orders.shop")],
+    )
+    .unwrap();
+    web.wait_ready().await.unwrap();
+    let base = format!("127.0.0.1:{port}");
+    eventually("web to reach orders", Duration::from_secs(10), || async {
+        (palisade_tests::http::get(&base, "/echo").await.ok()?.0 == 200).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Traffic: a request every 20 ms, each counted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, base) = (stop.clone(), base.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match palisade_tests::http::get(&base, "/echo").await {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+    // Policy changes every half second, through whichever replica answers.
+    let changes = {
+        let (stop, dir) = (stop.clone(), tmp.path().to_path_buf());
+        let targets = [(cp_a.clone(), cps[0].admin_dir()), (cp_b.clone(), cps[1].admin_dir())];
+        tokio::spawn(async move {
+            let (mut revisions, mut i) = (Vec::new(), 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let f = dir.join(format!("change-{i}.yaml"));
+                std::fs::write(&f, policy(&format!("change-{i}"), &format!("/change/{i}"))).unwrap();
+                for (addr, creds) in targets.iter().cycle().skip(i % 2).take(2) {
+                    let out = tokio::process::Command::new(palisade_tests::bin("palisadectl"))
+                        .env("PALISADE_CONTROL_PLANE", addr)
+                        .env("PALISADE_CREDENTIALS", creds)
+                        .args(["policy", "apply", "-o", "json", "-f"])
+                        .arg(&f)
+                        .output()
+                        .await
+                        .unwrap();
+                    if out.status.success() {
+                        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                        revisions.push(v[0]["revision"].as_u64().unwrap());
+                        break;
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            (i, revisions)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let renewals = [
+        orders.metric("palisade_identity_renewals_total").await.unwrap(),
+        web.metric("palisade_identity_renewals_total").await.unwrap(),
+    ];
+    // SIGKILL the leading replica and one etcd member.
+    let dead = cps.remove(leader);
+    let mut dead = dead;
+    dead.proc.child.kill().unwrap();
+    let _ = dead.proc.child.wait();
+    members[0].child.kill().unwrap();
+    let _ = members[0].child.wait();
+    let survivor = &cps[0];
+    let survivor_metrics = &metrics[1 - leader];
+    // Within the lease (5 s), plus etcd's own election: etcd extends leases when its leader changes.
+    eventually("the lead to move to the survivor", Duration::from_secs(30), || async {
+        leads(survivor_metrics).await.then_some(())
+    })
+    .await
+    .unwrap();
+    // A sidecar joins while one replica and one etcd member are gone.
+    let t = survivor.create_token(INVOICES, &[]).unwrap();
+    let joiner =
+        Sidecar::spawn("invoices", survivor, tmp.path(), &["--join-token", &t, "--control-plane", &both]).unwrap();
+    joiner.wait_ready().await.unwrap();
+    // Long enough for both sidecars to renew (10 s certificates) through the survivor.
+    eventually("both sidecars to renew after the loss", Duration::from_secs(20), || async {
+        let o = orders.metric("palisade_identity_renewals_total").await?;
+        let w = web.metric("palisade_identity_renewals_total").await?;
+        (o > renewals[0] && w > renewals[1]).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    let (attempts, mut revisions) = changes.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 200, "{ok} requests");
+    let n = revisions.len();
+    assert!(n as f64 >= attempts as f64 * 0.7, "{n} of {attempts} changes applied");
+    let sorted = {
+        revisions.sort();
+        revisions.clone()
+    };
+    revisions.dedup();
+    assert_eq!(revisions.len(), n, "no revision handed out twice: {sorted:?}");
+    // Every applied change is stored.
+    let out = survivor.ctl(&["policy", "list", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.as_array().unwrap().len() >= n, "{n} applied, {} stored", v.as_array().unwrap().len());
+    eprintln!(
+        "{ok} requests, 0 failed; {n} of {attempts} policy changes applied, revisions {:?}..{:?}",
+        sorted.first(),
+        sorted.last()
+    );
 }

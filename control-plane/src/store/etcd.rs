@@ -87,6 +87,8 @@ pub struct EtcdStore {
     replica: String,
     /// The stream records this replica wants published (by status key).
     presence: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+    /// Whether this replica leads (runs the singleton duties).
+    leader: tokio::sync::watch::Sender<bool>,
     client: Client,
     prefix: String,
     cache: Arc<Mutex<Cache>>,
@@ -108,6 +110,24 @@ async fn timed<T, E: std::fmt::Display>(f: impl Future<Output = Result<T, E>>) -
         Ok(r) => r.map_err(etcd_err),
         Err(_) => Err(StoreError::Etcd { why: format!("no answer within {}s", CALL.as_secs()) }),
     }
+}
+
+/// An etcd call, tried again (3 times in all, 200 and 400 ms apart) when it
+/// fails: a member that just died is left for another.
+async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    mut call: impl FnMut() -> F,
+) -> Result<T, StoreError> {
+    let mut last = None;
+    for attempt in 0..3u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+        }
+        match timed(call()).await {
+            Ok(v) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| etcd_err("no attempt")))
 }
 
 impl EtcdStore {
@@ -161,6 +181,7 @@ impl EtcdStore {
             rt: Some(rt),
             replica,
             presence: Arc::default(),
+            leader: tokio::sync::watch::channel(false).0,
             client,
             prefix: opts.prefix.clone(),
             cache: Arc::default(),
@@ -174,6 +195,12 @@ impl EtcdStore {
             store.client.clone(),
             format!("{}streams/{}/", store.prefix, store.replica),
             store.presence.clone(),
+        ));
+        store.runtime().spawn(lead(
+            store.client.clone(),
+            format!("{}leader", store.prefix),
+            store.replica.clone(),
+            store.leader.clone(),
         ));
         store.runtime().spawn(watch(
             store.client.clone(),
@@ -224,9 +251,13 @@ impl EtcdStore {
             .map(|k| TxnOp::delete(k.clone(), None))
             .chain(puts.iter().map(|(k, v)| TxnOp::put(k.clone(), v.clone(), None)))
             .collect();
+        let txn = Txn::new().when(compares).and_then(ops);
         let resp = self.run(async move {
-            let mut kv = client.kv_client();
-            timed(kv.txn(Txn::new().when(compares).and_then(ops))).await
+            retried(|| {
+                let (mut kv, txn) = (client.kv_client(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await
         })?;
         if !resp.succeeded() {
             return Ok(false);
@@ -247,8 +278,11 @@ impl EtcdStore {
     fn refresh(&self, key: &str) -> Result<i64, StoreError> {
         let (client, k) = (self.client.clone(), key.to_string());
         let resp = self.run(async move {
-            let mut kv = client.kv_client();
-            timed(kv.get(k, None)).await
+            retried(|| {
+                let (mut kv, k) = (client.kv_client(), k.clone());
+                async move { kv.get(k, None).await }
+            })
+            .await
         })?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         match resp.kvs().first() {
@@ -491,6 +525,58 @@ async fn publish(client: Client, prefix: String, presence: Arc<Mutex<BTreeMap<St
     }
 }
 
+/// How long a dead leader keeps the lead (its lease).
+const LEADER_TTL: i64 = 5;
+
+/// Runs for the lead: the replica whose leased `leader` key exists leads
+/// while it keeps the lease alive; when it dies the key goes with its
+/// lease and another takes it within about [`LEADER_TTL`] seconds.
+async fn lead(client: Client, key: String, replica: String, leader: tokio::sync::watch::Sender<bool>) {
+    loop {
+        let mut c = client.clone();
+        let lease = match retried(|| {
+            let mut c = client.clone();
+            async move { c.lease_grant(LEADER_TTL, None).await }
+        })
+        .await
+        {
+            Ok(l) => l.id(),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let put = TxnOp::put(key.as_str(), replica.as_bytes(), Some(etcd_client::PutOptions::new().with_lease(lease)));
+        let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([put]);
+        let won = retried(|| {
+            let (mut kv, txn) = (client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+        .is_ok_and(|r| r.succeeded());
+        if !won {
+            let _ = timed(c.lease_revoke(lease)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        let Ok((mut keeper, mut acks)) = timed(c.lease_keep_alive(lease)).await else { continue };
+        tracing::info!(replica = %replica, "this replica leads (singleton duties: pruning)");
+        leader.send_replace(true);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if keeper.keep_alive().await.is_err() {
+                break;
+            }
+            match tokio::time::timeout(CALL, acks.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                _ => break,
+            }
+        }
+        leader.send_replace(false);
+        tracing::warn!(replica = %replica, "this replica lost the lead (its etcd lease lapsed)");
+    }
+}
+
 fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
@@ -592,8 +678,10 @@ async fn watch(
                             let key = String::from_utf8_lossy(kv.key()).to_string();
                             let value = (ev.event_type() == etcd_client::EventType::Put).then(|| kv.value());
                             revision = revision.max(kv.mod_revision());
-                            // A write of ours already in the cache is not news.
-                            if value.is_some() && c.revs.get(&key) == Some(&kv.mod_revision()) {
+                            // A write of ours already in the cache is not news, and an
+                            // event older than what the cache holds (our later write got
+                            // there first) must not undo it.
+                            if c.revs.get(&key).is_some_and(|have| *have >= kv.mod_revision()) {
                                 continue;
                             }
                             if value.is_none() && !c.revs.contains_key(&key) && !c.streams.contains_key(&key) {
@@ -631,6 +719,10 @@ async fn watch(
 impl Store for EtcdStore {
     fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         Some(self.changes.subscribe())
+    }
+
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.leader.subscribe())
     }
 
     fn publish_streams(&self, records: BTreeMap<String, Vec<u8>>) {
