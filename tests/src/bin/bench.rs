@@ -77,8 +77,9 @@ fn main() -> Result<()> {
     palisade_certs::install_default_provider();
     if std::env::args().nth(1).as_deref() == Some("push") {
         let streams = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+        let etcd = std::env::args().nth(3).as_deref() == Some("etcd");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        return rt.block_on(push::run(streams));
+        return rt.block_on(push::run(streams, etcd));
     }
     if std::env::args().nth(1).as_deref() == Some("instructions") {
         let requests = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(2000);
@@ -772,18 +773,52 @@ mod push {
 
     type Arrivals = Arc<Mutex<Vec<Vec<(String, Instant)>>>>;
 
-    pub(super) async fn run(streams: usize) -> Result<()> {
+    /// A one-member etcd on loopback, in `dir`: the process and its client URL.
+    async fn etcd(dir: &std::path::Path) -> Result<(palisade_tests::Proc, String)> {
+        let (client, peer) = (palisade_tests::free_port(), palisade_tests::free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let mut cmd = std::process::Command::new("etcd");
+        cmd.arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}"), "--log-level", "warn"]);
+        let proc = palisade_tests::Proc::spawn("etcd", &mut cmd, dir).context("etcd (apt-get install etcd-server)")?;
+        palisade_tests::eventually("etcd to serve", Duration::from_secs(20), || async {
+            std::net::TcpStream::connect(("127.0.0.1", client)).ok().map(drop)
+        })
+        .await?;
+        Ok((proc, url))
+    }
+
+    pub(super) async fn run(streams: usize, on_etcd: bool) -> Result<()> {
         let tmp = tempfile::tempdir()?;
-        let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &["--log", "warn"]).await?;
+        let mut args = vec!["--log".to_string(), "warn".to_string()];
+        let _etcd = if on_etcd {
+            let (proc, url) = etcd(tmp.path()).await?;
+            let key = tmp.path().join("store.key");
+            palisade_certs::files::write_secret(&key, "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=")?;
+            args.extend(["--store", "etcd", "--etcd-endpoints", &url, "--store-key-file"].map(String::from));
+            args.push(key.display().to_string());
+            Some(proc)
+        } else {
+            None
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &args).await?;
+        println!("store: {}", if on_etcd { "etcd (one member, loopback)" } else { "file" });
         let bundle = std::fs::read_to_string(cp.bundle())?;
         let token = cp.create_token(ID, &["--uses", &streams.to_string(), "--ttl", "1h"])?;
         eprintln!("certifying and subscribing {streams} simulated sidecars...");
+        let mut issuing = Duration::ZERO;
         // (version, arrival) of every snapshot, per stream.
         let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); streams]));
         let mut tasks = Vec::new();
         for i in 0..streams {
             let ch = grpc::channel(&cp.addr, &bundle, None).await?;
             let key = WorkloadKey::generate()?;
+            let started = Instant::now();
             let resp = IdentityClient::new(ch)
                 .certify(CertifyRequest {
                     csr_der: key.csr_der(None)?,
@@ -792,6 +827,7 @@ mod push {
                 })
                 .await?
                 .into_inner();
+            issuing += started.elapsed();
             let chain: Vec<CertificateDer<'static>> =
                 resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
             let (id, info) = SvidInfo::parse_svid(&chain[0])?;
@@ -839,6 +875,12 @@ mod push {
             }
         };
         wait_all(None).await?;
+        println!(
+            "certificates issued (join token, one at a time): {streams} in {:.2} s of Certify calls = {:.0}/s, {:.2} ms each",
+            issuing.as_secs_f64(),
+            streams as f64 / issuing.as_secs_f64(),
+            issuing.as_secs_f64() * 1e3 / streams as f64
+        );
         eprintln!("all {streams} streams hold a first snapshot; applying a policy...");
 
         let admin = cp.admin_dir();
