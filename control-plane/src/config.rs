@@ -370,9 +370,9 @@ impl Config {
                     "needs --store-key-file (the replicas keep a shared CA in etcd, its key sealed with it), or the CA with --ca-cert and --ca-key",
                 ));
             }
-            if self.oauth_listen.is_some() {
+            if self.oauth_listen.is_some() && (self.oauth_issuer.is_none() || self.store_key_file.is_none()) {
                 return Err(err(
-                    "cannot serve --oauth-listen yet: the token service's signing keys are kept per replica (DIR/oauth-keys.json), so replicas would publish different keys",
+                    "with --oauth-listen, give --oauth-issuer (the same URL on every replica: its tokens' iss) and --store-key-file (the signing keys are kept in etcd, sealed)",
                 ));
             }
             if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {

@@ -219,11 +219,25 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         None => None,
     };
     let oauth = match cfg.issuer_url() {
-        Some(issuer) => Some(Arc::new(oauth::TokenService::open(
-            data,
-            oauth::Settings { issuer, token_ttl: cfg.oauth_token_ttl, key_rotation: cfg.oauth_key_rotation },
-            store.clone(),
-        )?)),
+        Some(issuer) => {
+            let settings =
+                oauth::Settings { issuer, token_ttl: cfg.oauth_token_ttl, key_rotation: cfg.oauth_key_rotation };
+            // On etcd the signing keys are shared by every replica, sealed like the CA.
+            let home = match (&etcd_store, &cfg.store_key_file) {
+                (Some(etcd), Some(key_file)) => {
+                    let kek = store::sealed::Kek::from_file(key_file)
+                        .map_err(|e| store::StoreError::Etcd { why: e.to_string() })?;
+                    oauth::KeyHome::Etcd(etcd.clone(), Arc::new(kek))
+                }
+                _ => oauth::KeyHome::File(data.join("oauth-keys.json")),
+            };
+            let store = store.clone();
+            Some(Arc::new(
+                tokio::task::spawn_blocking(move || oauth::TokenService::open_at(home, settings, store))
+                    .await
+                    .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??,
+            ))
+        }
         None => None,
     };
     let roots = jwks::load_roots(
@@ -294,6 +308,18 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     }
                     Ok(Change::Endpoints) => shared.hub.endpoints_changed(),
                     Ok(Change::Tokens) => {}
+                    Ok(Change::OAuthKeys) => {
+                        // The leader rotated the shared signing keys: publish them here too.
+                        if let Some(o) = shared.oauth.clone() {
+                            match tokio::task::spawn_blocking(move || o.reload()).await {
+                                Ok(Ok(())) => {
+                                    shared.hub.credentials_changed();
+                                }
+                                Ok(Err(e)) => tracing::error!(error = %e, "cannot read the rotated OAuth signing keys"),
+                                Err(_) => {}
+                            }
+                        }
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         shared.hub.credentials_changed();
                         shared.hub.endpoints_changed();
@@ -388,12 +414,20 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             .with_cert_resolver(Arc::new(cert));
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         palisade_certs::tls::no_resumption(&mut tls);
-        let rotating = (service.clone(), shared.clone());
+        let rotating = (service.clone(), shared.clone(), store.leadership());
         spawn(Box::pin(async move {
-            let (service, shared) = rotating;
+            let (service, shared, leading) = rotating;
             loop {
                 tokio::time::sleep(service.check_interval()).await;
-                match service.rotate_if_due(attest::join_token::unix_now()) {
+                // Replicas share the keys: the leader rotates them, the others reload.
+                if leading.as_ref().is_some_and(|l| !*l.borrow()) {
+                    continue;
+                }
+                let s = service.clone();
+                let rotated = tokio::task::spawn_blocking(move || s.rotate_if_due(attest::join_token::unix_now()))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                match rotated {
                     Ok(true) => {
                         shared.hub.credentials_changed();
                     }

@@ -97,6 +97,30 @@ impl SigningKey {
     }
 }
 
+/// The stored keys' bytes, if any.
+fn read_keys(home: &KeyHome) -> Result<Option<Vec<u8>>, String> {
+    match home {
+        KeyHome::File(path) => match std::fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        },
+        KeyHome::Etcd(etcd, kek) => etcd.get_sealed("oauth-keys", kek).map_err(|e| e.to_string()),
+    }
+}
+
+fn parse_keys(bytes: Option<&[u8]>) -> Result<Vec<SigningKey>, String> {
+    let Some(bytes) = bytes else { return Ok(Vec::new()) };
+    let stored: Vec<StoredKey> = serde_json::from_slice(bytes).map_err(|e| format!("corrupt: {e}"))?;
+    stored
+        .into_iter()
+        .map(|k| {
+            let pkcs8 = STANDARD.decode(&k.pkcs8).map_err(|e| format!("corrupt key: {e}"))?;
+            SigningKey::from_pkcs8(pkcs8, k.created, k.active_from)
+        })
+        .collect()
+}
+
 /// How the token service is set up.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -113,10 +137,28 @@ struct Failures {
     by_addr: Option<lru::LruCache<std::net::IpAddr, (u32, Instant)>>,
 }
 
+/// Where the signing keys are kept.
+#[derive(Debug)]
+pub enum KeyHome {
+    /// `DIR/oauth-keys.json`, mode 0600.
+    File(PathBuf),
+    /// Sealed in etcd, shared by every replica (the leader rotates them).
+    Etcd(Arc<crate::store::etcd::EtcdStore>, Arc<crate::store::sealed::Kek>),
+}
+
+impl KeyHome {
+    fn describe(&self) -> PathBuf {
+        match self {
+            Self::File(p) => p.clone(),
+            Self::Etcd(..) => PathBuf::from("etcd:oauth-keys"),
+        }
+    }
+}
+
 /// The token service.
 pub struct TokenService {
     settings: Settings,
-    path: PathBuf,
+    home: KeyHome,
     keys: RwLock<Vec<SigningKey>>,
     store: Arc<dyn Store>,
     failures: Mutex<Failures>,
@@ -144,29 +186,34 @@ impl TokenService {
     /// Loads the signing keys from `dir/oauth-keys.json` (mode 0600), making
     /// the first one if there is none.
     pub fn open(dir: &Path, settings: Settings, store: Arc<dyn Store>) -> Result<Self, OAuthError> {
-        let path = dir.join("oauth-keys.json");
+        Self::open_at(KeyHome::File(dir.join("oauth-keys.json")), settings, store)
+    }
+
+    /// Loads the signing keys from `home`, making the first one if there is none.
+    pub fn open_at(home: KeyHome, settings: Settings, store: Arc<dyn Store>) -> Result<Self, OAuthError> {
+        let path = home.describe();
         let err = |why: String| OAuthError::Keys { path: path.clone(), why };
-        let mut keys = Vec::new();
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let stored: Vec<StoredKey> =
-                    serde_json::from_slice(&bytes).map_err(|e| err(format!("corrupt: {e}")))?;
-                for k in stored {
-                    let pkcs8 = STANDARD.decode(&k.pkcs8).map_err(|e| err(format!("corrupt key: {e}")))?;
-                    keys.push(SigningKey::from_pkcs8(pkcs8, k.created, k.active_from).map_err(err)?);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e.to_string())),
-        }
-        let svc = Self { settings, path: path.clone(), keys: RwLock::new(keys), store, failures: Mutex::default() };
+        let keys = parse_keys(read_keys(&home).map_err(err)?.as_deref()).map_err(err)?;
+        let svc = Self { settings, home, keys: RwLock::new(keys), store, failures: Mutex::default() };
         if svc.keys.read().map(|k| k.is_empty()).unwrap_or(true) {
             let now = unix_now();
             let first = SigningKey::generate(now, now).map_err(err)?;
             svc.keys.write().unwrap_or_else(|p| p.into_inner()).push(first);
-            svc.save().map_err(err)?;
+            if !svc.save(true).map_err(err)? {
+                // Another replica made the first key meanwhile: use its.
+                svc.reload().map_err(err)?;
+            }
         }
         Ok(svc)
+    }
+
+    /// Reads the keys again (another replica rotated them).
+    pub fn reload(&self) -> Result<(), String> {
+        let keys = parse_keys(read_keys(&self.home)?.as_deref())?;
+        if !keys.is_empty() {
+            *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        }
+        Ok(())
     }
 
     /// The issuer (`iss`).
@@ -174,7 +221,9 @@ impl TokenService {
         &self.settings.issuer
     }
 
-    fn save(&self) -> Result<(), String> {
+    /// Writes the keys; with `create` (the first key), only if no other
+    /// replica stored some first (`false` then).
+    fn save(&self, create: bool) -> Result<bool, String> {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         let stored: Vec<StoredKey> = keys
             .iter()
@@ -186,7 +235,12 @@ impl TokenService {
             })
             .collect();
         let bytes = serde_json::to_vec_pretty(&stored).unwrap_or_default();
-        palisade_certs::files::write_atomic(&self.path, &bytes, 0o600).map_err(|e| e.to_string())
+        match &self.home {
+            KeyHome::File(path) => {
+                palisade_certs::files::write_atomic(path, &bytes, 0o600).map_err(|e| e.to_string()).map(|()| true)
+            }
+            KeyHome::Etcd(etcd, kek) => etcd.put_sealed("oauth-keys", &bytes, kek, create).map_err(|e| e.to_string()),
+        }
     }
 
     /// How long before it signs a new key is published.
@@ -224,7 +278,7 @@ impl TokenService {
             changed |= keys.len() != before;
         }
         if changed {
-            self.save()?;
+            self.save(false)?;
             tracing::info!(target: "audit", event = "oauth_keys_rotated", kids = ?self.kids(), "OAuth signing keys changed");
         }
         Ok(changed)

@@ -608,3 +608,92 @@ async fn losing_the_leading_replica_and_an_etcd_member_fails_no_request() {
         sorted.last()
     );
 }
+
+/// `curl` to a replica's token service, as its issuer `https://localhost:7443`.
+async fn oauth_get(cp: &ControlPlane, port: u16, path: &str, extra: &[&str]) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(cp.bundle())
+        .args(["--connect-to", &format!("localhost:7443:127.0.0.1:{port}")])
+        .args(extra)
+        .arg(format!("https://localhost:7443{path}"))
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn kids(jwks: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(jwks).unwrap_or_default();
+    let mut k: Vec<String> =
+        v["keys"].as_array().into_iter().flatten().filter_map(|k| k["kid"].as_str().map(str::to_string)).collect();
+    k.sort();
+    k
+}
+
+#[tokio::test]
+async fn replicas_share_the_token_service_and_its_rotating_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_etcd, url, _)) = etcd(&tmp.path().join("etcd"), tmp.path()).await else { return };
+    let store_key = tmp.path().join("store.key");
+    palisade_certs::files::write_secret(&store_key, &base64_key(5)).unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let args = |port: u16| {
+        [
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            url.as_str(),
+            "--store-key-file",
+            store_key.to_str().unwrap(),
+            "--oauth-issuer",
+            "https://localhost:7443",
+            "--oauth-key-rotation",
+            "4s",
+            "--oauth-token-ttl",
+            "10s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--oauth-listen".to_string(), format!("127.0.0.1:{port}")])
+        .collect::<Vec<_>>()
+    };
+    let (aa, ba) = (args(pa), args(pb));
+    let a = ControlPlane::start(&tmp.path().join("a"), tmp.path(), &aa.iter().map(String::as_str).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let b = ControlPlane::start(&tmp.path().join("b"), tmp.path(), &ba.iter().map(String::as_str).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    // One key set, published by both.
+    let ja = oauth_get(&a, pa, "/.well-known/jwks.json", &[]).await;
+    assert!(!kids(&ja).is_empty(), "{ja}");
+    assert_eq!(kids(&ja), kids(&oauth_get(&b, pb, "/.well-known/jwks.json", &[]).await));
+    // A client registered on a gets a token from b, signed with a key a publishes.
+    let out = a.ctl(&["oauth", "client", "create", "--name", "billing", "--scopes", "orders.read", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let creds = format!("{}:{}", c["client_id"].as_str().unwrap(), c["client_secret"].as_str().unwrap());
+    let token = eventually("b to know the client", Duration::from_secs(5), || async {
+        let r = oauth_get(&b, pb, "/oauth2/token", &["-u", &creds, "-d", "grant_type=client_credentials"]).await;
+        let v: serde_json::Value = serde_json::from_str(&r).ok()?;
+        v["access_token"].as_str().map(str::to_string)
+    })
+    .await
+    .unwrap();
+    use base64::Engine as _;
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap();
+    let kid = serde_json::from_slice::<serde_json::Value>(&header).unwrap()["kid"].as_str().unwrap().to_string();
+    assert!(kids(&oauth_get(&a, pb, "/.well-known/jwks.json", &[]).await).contains(&kid));
+    // The leader rotates the shared keys; the other replica publishes the same new set.
+    let first = kids(&ja);
+    eventually("a rotated key set, the same on both replicas", Duration::from_secs(20), || async {
+        let (ka, kb) = (
+            kids(&oauth_get(&a, pa, "/.well-known/jwks.json", &[]).await),
+            kids(&oauth_get(&b, pb, "/.well-known/jwks.json", &[]).await),
+        );
+        (ka != first && ka == kb).then_some(())
+    })
+    .await
+    .unwrap();
+}

@@ -45,6 +45,8 @@ pub enum Change {
     Tokens,
     /// Another replica's connected sidecars (their sync state).
     Streams,
+    /// The OAuth token service's signing keys (rotated by the leader).
+    OAuthKeys,
 }
 
 /// How to reach etcd.
@@ -405,6 +407,37 @@ impl EtcdStore {
         ))
     }
 
+    /// A secret record (`<prefix><name>`), opened with `kek`; `None` if absent.
+    pub fn get_sealed(&self, name: &str, kek: &super::sealed::Kek) -> Result<Option<Vec<u8>>, StoreError> {
+        let (client, key) = (self.client.clone(), format!("{}{name}", self.prefix));
+        let found = self.run(async move {
+            retried(|| {
+                let (mut kv, key) = (client.kv_client(), key.clone());
+                async move { kv.get(key, None).await }
+            })
+            .await
+        })?;
+        let Some(kv) = found.kvs().first() else { return Ok(None) };
+        let sealed: super::sealed::Sealed = serde_json::from_slice(kv.value()).map_err(etcd_err)?;
+        kek.open(&sealed, name).map(Some).map_err(|e| etcd_err(format!("{name} in etcd: {e}")))
+    }
+
+    /// Seals and stores a secret record; with `create`, only if none exists
+    /// (`false`: another replica made it first).
+    pub fn put_sealed(
+        &self,
+        name: &str,
+        plain: &[u8],
+        kek: &super::sealed::Kek,
+        create: bool,
+    ) -> Result<bool, StoreError> {
+        let key = format!("{}{name}", self.prefix);
+        let sealed = serde_json::to_vec(&kek.seal(plain, name).map_err(etcd_err)?).map_err(etcd_err)?;
+        let compares =
+            if create { vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)] } else { Vec::new() };
+        self.txn(compares, vec![(key, sealed)], vec![])
+    }
+
     /// The mesh CA every replica signs with, kept in etcd with its key
     /// sealed by `kek`: the first replica to start generates it, the others
     /// (and later starts) load it.
@@ -633,6 +666,7 @@ fn apply(c: &mut Cache, prefix: &str, key: &str, value: Option<&[u8]>, revision:
             set(&mut c.state.oauth_clients, id, value);
             Change::Credentials
         }
+        "oauth-keys" => return Some(Change::OAuthKeys),
         "streams" => {
             match value {
                 Some(v) => c.streams.insert(key.to_string(), v.to_vec()),
