@@ -180,9 +180,10 @@ pub fn ensure_admin_credential(
     })?;
     let ttl = ADMIN_VALIDITY.min(ca.info().time_left(SystemTime::now()));
     let (issued, key) = ca.issue_with_key(&td.admin(), &[], &[], ttl)?;
-    write(&cred.key(), key.expose(), true)?;
-    write(&cred.cert(), &issued.chain_pem(), false)?;
+    // The key last: whoever waits for it (scripts, tests) then finds all three.
     write(&cred.ca(), &ca.trust_bundle_pem(), false)?;
+    write(&cred.cert(), &issued.chain_pem(), false)?;
+    write(&cred.key(), key.expose(), true)?;
     tracing::info!(dir = %cred.dir.display(), identity = %td.admin(), not_after = %palisade_certs::svid::rfc3339::format(issued.info.not_after), "wrote the admin credential for palisadectl");
     Ok(cred)
 }

@@ -31,11 +31,22 @@ pub struct Directory {
     next: AtomicUsize,
     /// Bumped on every received directory.
     version: tokio::sync::watch::Sender<u64>,
+    /// Sidecars that could not be reached, and when: skipped for [`DOWN_FOR`]
+    /// (a sidecar that died keeps its entry until its certificate expires).
+    down: std::sync::Mutex<HashMap<SocketAddr, std::time::Instant>>,
 }
+
+/// How long an unreachable sidecar is skipped.
+const DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for Directory {
     fn default() -> Self {
-        Self { current: RwLock::default(), next: AtomicUsize::new(0), version: tokio::sync::watch::channel(0).0 }
+        Self {
+            current: RwLock::default(),
+            next: AtomicUsize::new(0),
+            version: tokio::sync::watch::channel(0).0,
+            down: std::sync::Mutex::default(),
+        }
     }
 }
 
@@ -54,13 +65,20 @@ impl Directory {
         *self.version.borrow() > 0
     }
 
-    /// Picks a peer for `service`, round robin.
+    /// Picks a peer for `service`, round robin, passing over the ones found
+    /// unreachable lately (unless all are).
     pub fn pick(&self, service: &str) -> Result<Peer, LookupError> {
         let snap = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
         match snap.by_service.get(service) {
             Some(peers) if !peers.is_empty() => {
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % peers.len();
-                Ok(peers[i].clone())
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let down = {
+                    let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+                    down.retain(|_, at| at.elapsed() < DOWN_FOR);
+                    down.keys().copied().collect::<Vec<_>>()
+                };
+                let up = (0..peers.len()).map(|k| &peers[(start + k) % peers.len()]).find(|p| !down.contains(&p.addr));
+                Ok(up.unwrap_or(&peers[start % peers.len()]).clone())
             }
             _ if !snap.loaded => Err(LookupError::NotLoaded),
             _ => Err(LookupError::Unknown),
@@ -81,6 +99,11 @@ impl Directory {
                 self.pick(service)
             }
         }
+    }
+
+    /// Marks a sidecar unreachable (nothing could be sent to it).
+    pub fn mark_down(&self, addr: SocketAddr) {
+        self.down.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, std::time::Instant::now());
     }
 
     /// The identity of the meshed pod at `ip` (transparent mode: the original
@@ -135,6 +158,21 @@ mod tests {
         pusher.await.unwrap();
         let missing = d.pick_or_wait("db.shop", Duration::from_millis(20)).await;
         assert_eq!(missing, Err(LookupError::Unknown));
+    }
+
+    #[test]
+    fn unreachable_sidecars_are_passed_over_unless_all_are() {
+        let d = Directory::default();
+        let id: SpiffeId = "spiffe://td/ns/a/sa/b".parse().unwrap();
+        let (a, b): (SocketAddr, SocketAddr) = ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        d.replace([("b.a".to_string(), id.clone(), a), ("b.a".to_string(), id, b)]);
+        d.mark_down(a);
+        for _ in 0..4 {
+            assert_eq!(d.pick("b.a").unwrap().addr, b);
+        }
+        d.mark_down(b);
+        let both: std::collections::HashSet<_> = (0..4).map(|_| d.pick("b.a").unwrap().addr).collect();
+        assert_eq!(both.len(), 2, "all down: round robin again");
     }
 
     #[test]

@@ -100,7 +100,12 @@ async fn replicas_on_etcd_share_state_and_push_each_others_changes() {
     let a = ControlPlane::start(&tmp.path().join("a"), tmp.path(), &args).await.unwrap();
     let b = ControlPlane::start(&tmp.path().join("b"), tmp.path(), &args).await.unwrap();
     // One CA, made by the first replica and loaded by the second; its key is sealed in etcd.
-    assert_eq!(std::fs::read_to_string(a.bundle()).unwrap(), std::fs::read_to_string(b.bundle()).unwrap());
+    let bundles = eventually("both replicas' admin credentials", Duration::from_secs(10), || async {
+        Some((std::fs::read_to_string(a.bundle()).ok()?, std::fs::read_to_string(b.bundle()).ok()?))
+    })
+    .await
+    .unwrap();
+    assert_eq!(bundles.0, bundles.1);
     let dump = std::process::Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .args(["--endpoints", &url, "get", "--prefix", "/palisade/"])
@@ -292,7 +297,14 @@ async fn replicas_on_etcd_share_state_and_push_each_others_changes() {
         "{}",
         String::from_utf8_lossy(&out2.stderr)
     );
-    assert_eq!(palisade_tests::http::get(&base, "/echo").await.unwrap().0, 200, "traffic goes on without etcd");
+    let r = palisade_tests::http::get(&base, "/echo").await.unwrap();
+    assert_eq!(
+        r.0,
+        200,
+        "traffic goes on without etcd: {r:?}\n--- web\n{}\n--- orders\n{}",
+        tail(&web.proc.logs()),
+        tail(&orders.proc.logs())
+    );
     let port = url.rsplit(':').next().unwrap().parse().unwrap();
     let _etcd_again = Proc::spawn("etcd-again", &mut again, tmp.path()).unwrap();
     serving(port).await;
@@ -696,4 +708,8 @@ async fn replicas_share_the_token_service_and_its_rotating_keys() {
     })
     .await
     .unwrap();
+}
+
+fn tail(log: &str) -> String {
+    log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::detect::{Prefixed, Protocol, detect};
-use super::peer::{Peer, PeerClient};
+use super::peer::{Peer, PeerClient, PeerError};
 use super::tcp::{ConnGuard, Counted};
 use super::{ALPN_HTTP1, ALPN_TCP, Body, Direction, ORIG_PROTO, PEER_IDENTITY, ProxyError, is_grpc, is_upgrade};
 use crate::config::{Limits, Upstream};
@@ -248,6 +248,37 @@ impl Outbound {
         }
     }
 
+    /// A new HTTP/2 connection to `peer`; when it cannot be reached at all
+    /// (refused, timed out: nothing was sent), another sidecar of the same
+    /// service is tried (3 in all), and the unreachable one is passed over
+    /// for a while: a sidecar that died stays in the directory until its
+    /// certificate expires.
+    async fn connect_h2(
+        &self,
+        target: &Dest,
+        peer: &mut Peer,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
+        let mut attempt = 0;
+        loop {
+            match self.peers.h2(peer).await {
+                Ok(s) => return Ok(s),
+                Err(e @ (PeerError::Connect { .. } | PeerError::Timeout { .. }))
+                    if attempt < 2 && matches!(target, Dest::Service(_)) =>
+                {
+                    self.directory.mark_down(peer.addr);
+                    let next = self.pick(target).await?;
+                    if next.addr == peer.addr {
+                        return Err(e.into());
+                    }
+                    tracing::info!(dst = %target, unreachable = %peer.addr, next = %next.addr, error = %e, "peer sidecar unreachable; trying another");
+                    *peer = next;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     async fn pick(&self, dest: &Dest) -> Result<Peer, ProxyError> {
         let service = match dest {
             Dest::Peer(p) => return Ok(p.clone()),
@@ -413,10 +444,11 @@ impl Outbound {
             return Err(ProxyError::TooLarge { limit: self.limits.max_request_body_bytes });
         }
         let chunked = req.headers().contains_key(TRANSFER_ENCODING);
-        let peer = match self.route(&mut req, dest)? {
-            Some(backend) => self.pick(&Dest::Service(backend)).await?,
-            None => self.pick(dest).await?,
+        let target = match self.route(&mut req, dest)? {
+            Some(backend) => Dest::Service(backend),
+            None => dest.clone(),
         };
+        let mut peer = self.pick(&target).await?;
 
         // Rewrite for HTTP/2: absolute URI (authority from Host), no
         // hop-by-hop headers, the app's version carried in ORIG_PROTO.
@@ -458,7 +490,7 @@ impl Outbound {
         // carry its state.
         let mut sender = match self.peers.pooled(&peer) {
             Some(s) => s,
-            None => Box::pin(self.peers.h2(&peer)).await?,
+            None => Box::pin(self.connect_h2(&target, &mut peer)).await?,
         };
         let send = async {
             let _ = sender.ready().await;
