@@ -334,15 +334,22 @@ impl EtcdStore {
     pub fn import(&self, dir: &Path, kek: &super::sealed::Kek) -> Result<String, StoreError> {
         let marker = format!("{}migrated-from", self.prefix);
         let (client, prefix) = (self.client.clone(), self.prefix.clone());
+        let p = prefix.clone();
         let existing = self.run(async move {
             let mut kv = client.kv_client();
-            timed(kv.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))).await
+            timed(kv.get(p, Some(GetOptions::new().with_prefix().with_keys_only()))).await
         })?;
-        if existing.count() > 0 {
+        // The replicas' own bookkeeping (the lead, their sidecars) is not state.
+        let state_keys = existing
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok()?.strip_prefix(prefix.as_str()).map(str::to_string))
+            .filter(|k| k != "leader" && !k.starts_with("streams/"))
+            .count();
+        if state_keys > 0 {
             return Err(StoreError::Conflict {
                 what: format!(
-                    "--migrate-from: etcd already holds {} keys under {}: the state was migrated (or this mesh started on etcd); start without --migrate-from",
-                    existing.count(),
+                    "--migrate-from: etcd already holds {state_keys} keys of state under {}: the state was migrated (or this mesh started on etcd); start without --migrate-from",
                     self.prefix
                 ),
             });
