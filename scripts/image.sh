@@ -6,7 +6,9 @@
 #
 #   ./scripts/image.sh              build (root; needs podman, runc, debootstrap)
 #   ./scripts/image.sh --base-only  only make the base image
-#   ./scripts/image.sh --debug      from the debug build, tagged <version>-debug (what tests use)
+#   ./scripts/image.sh --debug      from the debug build, tagged <version>-debug
+#   ./scripts/image.sh --prebuilt   from the binaries already in target/, not built again (what
+#                                   tests use: other tests run those binaries meanwhile)
 #
 # Where docker.io is reachable, `docker build -t palisade .` builds the same
 # image from source (the Dockerfile's default `runtime` stage) instead.
@@ -16,13 +18,15 @@ cd "$(dirname "$0")/.."
 export CONTAINERS_CONF="$PWD/deploy/podman/containers.conf"
 
 base_only=0
+prebuilt=0
 profile=release
 for a in "$@"; do
   case "$a" in
     --base-only) base_only=1 ;;
     --debug) profile=debug ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown argument $a (use --base-only, --debug or --help)" >&2; exit 64 ;;
+    --prebuilt) prebuilt=1 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument $a (use --base-only, --debug, --prebuilt or --help)" >&2; exit 64 ;;
   esac
 done
 for t in podman runc debootstrap; do
@@ -58,7 +62,12 @@ if [ "$base_only" = 1 ]; then
 fi
 
 # 2. The binaries, built here, into the build context.
-if [ "$profile" = release ]; then
+if [ "$prebuilt" = 1 ]; then
+  # Rebuilding could re-link binaries that other processes are running.
+  for b in palisade palisade-control-plane palisade-sidecar palisadectl; do
+    [ -x "target/$profile/$b" ] || { echo "error: --prebuilt: target/$profile/$b is missing (cargo build --workspace --bins)" >&2; exit 1; }
+  done
+elif [ "$profile" = release ]; then
   cargo build --release --locked --bins -p palisade-control-plane -p palisade-sidecar -p palisadectl -p palisade-cmd >&2
 else
   cargo build --locked --bins -p palisade-control-plane -p palisade-sidecar -p palisadectl -p palisade-cmd >&2

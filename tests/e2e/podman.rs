@@ -131,7 +131,9 @@ fn pods_run_the_image_with_the_injected_yaml() {
     // PALISADE_PODMAN_RELEASE=1: the release image, as users build it (for
     // the README's start-to-ready figure); otherwise this build's binaries.
     let release = std::env::var_os("PALISADE_PODMAN_RELEASE").is_some();
-    let built = must(&format!("{}/scripts/image.sh{}", repo.display(), if release { "" } else { " --debug" }));
+    // --prebuilt: the binaries other tests are running are not re-linked under them.
+    let built =
+        must(&format!("{}/scripts/image.sh --prebuilt{}", repo.display(), if release { "" } else { " --debug" }));
     let image = built.lines().last().expect("image.sh prints the tag last").trim().to_string();
     assert!(image.starts_with("localhost/palisade:") && image.ends_with("-debug") != release, "{image}");
     must(&format!(
