@@ -322,6 +322,12 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String
     Ok(certs)
 }
 
+/// SHA-256 of a DER certificate, lowercase hex: how roots are named in
+/// status output and compared across the mesh.
+pub fn sha256_hex(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Encodes one DER certificate as PEM (LF line endings).
 pub fn der_to_pem(der: &[u8]) -> String {
     let cfg = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);

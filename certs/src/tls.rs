@@ -23,23 +23,34 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// A set of trusted roots that can be replaced while in use.
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
-    inner: Arc<RwLock<Arc<RootCertStore>>>,
+    inner: Arc<RwLock<Roots>>,
+}
+
+#[derive(Debug)]
+struct Roots {
+    store: Arc<RootCertStore>,
+    der: Arc<Vec<CertificateDer<'static>>>,
 }
 
 impl TrustBundle {
     /// A bundle from DER roots; errors if none is usable.
     pub fn new(roots: &[CertificateDer<'static>]) -> Result<Self, SvidError> {
-        Ok(Self { inner: Arc::new(RwLock::new(Arc::new(crate::svid::root_store(roots)?))) })
+        let store = Arc::new(crate::svid::root_store(roots)?);
+        Ok(Self { inner: Arc::new(RwLock::new(Roots { store, der: Arc::new(roots.to_vec()) })) })
     }
     /// Replaces the roots (e.g. a bundle received from the control plane).
     pub fn replace(&self, roots: &[CertificateDer<'static>]) -> Result<(), SvidError> {
         let store = Arc::new(crate::svid::root_store(roots)?);
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = store;
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = Roots { store, der: Arc::new(roots.to_vec()) };
         Ok(())
     }
     /// The current roots.
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).store.clone()
+    }
+    /// The current roots as DER certificates.
+    pub fn der(&self) -> Arc<Vec<CertificateDer<'static>>> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).der.clone()
     }
 }
 

@@ -16,6 +16,7 @@ use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::*;
 use tonic::transport::Channel;
 
+mod ca;
 mod creds;
 mod inspect;
 mod kube;
@@ -86,6 +87,13 @@ enum Command {
     /// Certificate tools.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// The mesh's root CA: rotate it live, and see where a rotation stands.
+    Ca {
+        #[command(flatten)]
+        online: Online,
+        #[command(subcommand)]
+        cmd: ca::CaCmd,
+    },
     /// Check the control plane is reachable and healthy, the CA and the admin credential valid.
     Check {
         #[command(flatten)]
@@ -367,6 +375,7 @@ async fn run(cli: Cli) -> Result<()> {
             policy::route(online, from, to, method, path, headers).await
         }
         Command::Tap { online, args } => observe::tap(online, args).await,
+        Command::Ca { online, cmd } => ca::run(online, cmd).await,
         Command::Stat { online, workload, window } => observe::stat(online, workload.as_deref(), *window).await,
         Command::Apikey { online, cmd } => creds::apikey(online, cmd).await,
         Command::Oauth { online, cmd } => creds::oauth(online, cmd).await,

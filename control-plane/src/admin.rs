@@ -213,12 +213,13 @@ impl Admin for AdminService {
 
     async fn get_status(&self, req: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
         let (caller, caller_info) = self.authorize(&req)?;
-        let ca = self.shared.ca.info();
+        let view = self.shared.ca.view();
+        let ca = view.signing.info();
         Ok(Response::new(GetStatusResponse {
             trust_domain: self.shared.trust_domain.to_string(),
             ca_subject: ca.subject.clone(),
             ca_not_after: Some(ca.not_after.into()),
-            trust_bundle_der: self.shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+            trust_bundle_der: view.bundle_der(),
             cert_ttl_seconds: self.shared.cert_ttl.as_secs(),
             caller_identity: caller.to_string(),
             caller_cert_not_after: Some(caller_info.not_after.into()),
@@ -302,6 +303,42 @@ impl Admin for AdminService {
         self.authorize(&req)?;
         let (shared, document) = (self.shared.clone(), req.into_inner().document);
         Ok(Response::new(blocking(move || crate::policy::preview(&shared, &document)).await?))
+    }
+
+    async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<CaStatus>, Status> {
+        let (caller, _) = self.authorize(&req)?;
+        let req = req.into_inner();
+        const MAX_MIN_PHASE: u64 = 86400;
+        if req.min_phase_seconds > MAX_MIN_PHASE {
+            return Err(Status::invalid_argument(format!("min_phase_seconds: at most {MAX_MIN_PHASE}")));
+        }
+        let shared = self.shared.clone();
+        let result = match (req.generate, req.abort) {
+            (true, false) => {
+                let min = Duration::from_secs(req.min_phase_seconds);
+                blocking(move || shared.ca.start(min)).await
+            }
+            (false, true) => blocking(move || shared.ca.abort()).await,
+            _ => return Err(Status::invalid_argument("set exactly one of generate and abort")),
+        };
+        result.map_err(|e| match e {
+            crate::ca::RotateError::Precondition(m) => Status::failed_precondition(m),
+            crate::ca::RotateError::Conflict => Status::aborted(e.to_string()),
+            crate::ca::RotateError::Store(e) => {
+                tracing::error!(error = %e, "cannot store the CA rotation");
+                Status::unavailable("cannot persist the rotation; see the control plane log")
+            }
+            crate::ca::RotateError::Generate(m) => Status::internal(m),
+        })?;
+        tracing::info!(target: "audit", event = if req.abort { "ca_rotation_abort_requested" } else { "ca_rotation_requested" }, src.identity = %caller, "root CA rotation requested");
+        // The view changed here: push the new bundle now, not at the next tick.
+        self.shared.hub.credentials_changed();
+        Ok(Response::new(crate::ca::status(&self.shared)))
+    }
+
+    async fn get_ca_status(&self, req: Request<GetCaStatusRequest>) -> Result<Response<CaStatus>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(crate::ca::status(&self.shared)))
     }
 
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {

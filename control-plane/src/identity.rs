@@ -126,7 +126,8 @@ impl Identity for IdentityService {
         };
 
         let identity = attested.identity.clone();
-        let issued = match shared.ca.sign_csr(&csr, &identity, shared.cert_ttl) {
+        let ca = shared.ca.view();
+        let issued = match ca.signing.sign_csr(&csr, &identity, shared.cert_ttl) {
             Ok(c) => c,
             Err(e) => {
                 if let Some(hash) = &attested.refund {
@@ -157,6 +158,7 @@ impl Identity for IdentityService {
             cert_not_after: unix_secs(info.not_after),
             last_seen: unix_now(),
             attestation: attested.method.to_string(),
+            issuer: ca.signing_sha.clone(),
         };
         match crate::store::blocking(&shared.store, move |s| s.upsert_proxy(record, replaces.as_deref())).await {
             // A new endpoint, or one that moved: snapshots carry the directory.
@@ -178,7 +180,7 @@ impl Identity for IdentityService {
         );
         Ok(Response::new(CertifyResponse {
             cert_chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
-            trust_bundle_der: shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+            trust_bundle_der: ca.bundle_der(),
             spiffe_id: identity.to_string(),
             not_before: Some(info.not_before.into()),
             not_after: Some(info.not_after.into()),

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_certs::tls::{PeerIdentity, SpiffeClientVerifier, SvidStore, TrustBundle};
-use palisade_certs::{CertificateAuthority, TrustDomain};
+use palisade_certs::TrustDomain;
+use palisade_certs::tls::{PeerIdentity, SpiffeClientVerifier, SvidStore};
 use palisade_proto::limits;
 use palisade_proto::v1::admin_server::AdminServer;
 use palisade_proto::v1::discovery_server::DiscoveryServer;
@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 pub mod admin;
 pub mod attest;
+pub mod ca;
 pub mod config;
 mod conn;
 mod credentials;
@@ -48,7 +49,7 @@ use store::{FileStore, Store};
 /// State shared by the gRPC services.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) ca: Arc<CertificateAuthority>,
+    pub(crate) ca: Arc<ca::Authority>,
     pub(crate) trust_domain: TrustDomain,
     pub(crate) cert_ttl: Duration,
     pub(crate) join_token_ttl: Duration,
@@ -178,21 +179,36 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }
     };
     let operator = cfg.ca_cert.as_deref().zip(cfg.ca_key.as_deref()).map(|(c, k)| (c, k, cfg.ca_bundle.as_deref()));
-    let ca = match (&etcd_store, operator, &cfg.store_key_file) {
+    let home: Box<dyn ca::CaHome> = match (&etcd_store, operator, &cfg.store_key_file) {
         (Some(etcd), None, Some(key_file)) => {
             let kek =
                 store::sealed::Kek::from_file(key_file).map_err(|e| store::StoreError::Etcd { why: e.to_string() })?;
-            let (etcd, td) = (etcd.clone(), td.clone());
-            Arc::new(
-                tokio::task::spawn_blocking(move || etcd.shared_ca(&td, &kek, pki::ROOT_VALIDITY))
-                    .await
-                    .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??,
-            )
+            Box::new(store::etcd::EtcdCaHome {
+                store: etcd.clone(),
+                kek: Arc::new(kek),
+                td: td.clone(),
+                validity: pki::ROOT_VALIDITY,
+            })
         }
-        _ => Arc::new(pki::load_or_create_ca(data, &td, operator)?),
+        (Some(_), None, None) => Box::new(ca::FileHome::new(
+            data,
+            &td,
+            None,
+            Some("each replica keeps its own CA in its data dir (no --store-key-file): give the replicas --store-key-file so that the CA lives in etcd, where it can be rotated".into()),
+        )),
+        _ => Box::new(ca::FileHome::new(data, &td, operator, None)),
     };
+    let authority = {
+        let td = td.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || ca::Authority::open(home, td))
+                .await
+                .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??,
+        )
+    };
+    let ca = authority.view().signing.clone();
     tracing::info!(ca = ?ca, trust_domain = %td, "CA ready");
-    let admin = pki::ensure_admin_credential(data, &ca, &td)?;
+    let admin = pki::ensure_admin_credential(data, &authority.view(), &td)?;
 
     let k8s = if cfg.k8s_attestation {
         let api_server =
@@ -247,7 +263,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     .map_err(StartError::JwksCa)?;
     let jwks = Arc::new(jwks::JwksCache::new(roots, cfg.jwks_refresh, cfg.jwks_min_refresh_interval)?);
     let shared = Arc::new(Shared {
-        ca: ca.clone(),
+        ca: authority.clone(),
         trust_domain: td.clone(),
         cert_ttl: cfg.cert_ttl,
         join_token_ttl: cfg.join_token_ttl,
@@ -308,6 +324,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     }
                     Ok(Change::Endpoints) => shared.hub.endpoints_changed(),
                     Ok(Change::Tokens) => {}
+                    Ok(Change::Ca) => reload_ca(&shared).await,
                     Ok(Change::OAuthKeys) => {
                         // The leader rotated the shared signing keys: publish them here too.
                         if let Some(o) = shared.oauth.clone() {
@@ -321,6 +338,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        reload_ca(&shared).await;
                         shared.hub.credentials_changed();
                         shared.hub.endpoints_changed();
                     }
@@ -339,12 +357,30 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     ips.dedup();
     pki::issue_server_cert(&ca, &td, &cfg.server_names, &ips, &server_cert)?;
     spawn(Box::pin(pki::rotate_server_cert(
-        ca.clone(),
+        authority.clone(),
         td.clone(),
         cfg.server_names.clone(),
         ips,
         server_cert.clone(),
     )));
+    // A rotation step (here or on another replica): the admin credential and
+    // every sidecar's snapshot follow the CA in force.
+    {
+        let (shared, data, td) = (shared.clone(), data.clone(), td.clone());
+        spawn(Box::pin(async move {
+            let mut changed = shared.ca.subscribe();
+            while changed.changed().await.is_ok() {
+                let view = shared.ca.view();
+                let (d, t) = (data.clone(), td.clone());
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || pki::ensure_admin_credential(&d, &view, &t)).await
+                {
+                    tracing::error!(error = %e, "cannot rewrite the admin credential for the CA in force");
+                }
+                shared.hub.credentials_changed();
+            }
+        }));
+    }
     // The singleton duties run on the leader (with one store of its own, this replica).
     let leading = store.leadership();
     crate::metrics::METRICS.leader.set(i64::from(leading.is_none()));
@@ -358,6 +394,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             }
         }));
     }
+    spawn(Box::pin(ca::drive(shared.clone(), leading.clone())));
     let prune_store = store.clone();
     spawn(Box::pin(async move {
         loop {
@@ -407,7 +444,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         names.dedup();
         let cert = SvidStore::new();
         pki::issue_server_cert(&ca, &td, &names, &ips, &cert)?;
-        spawn(Box::pin(pki::rotate_server_cert(ca.clone(), td.clone(), names, ips, cert.clone())));
+        spawn(Box::pin(pki::rotate_server_cert(authority.clone(), td.clone(), names, ips, cert.clone())));
         let mut tls = rustls::ServerConfig::builder_with_provider(palisade_certs::provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
@@ -449,10 +486,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         ));
     }
 
-    let bundle =
-        TrustBundle::new(ca.trust_bundle()).map_err(|e| StartError::Tls(rustls::Error::General(e.to_string())))?;
-    // Client certs are optional (first Certify has none) but must verify when shown.
-    let verifier = SpiffeClientVerifier::new(bundle, PeerIdentity::TrustDomain(td.clone()), false)?;
+    // Client certs are optional (first Certify has none) but must verify when shown
+    // (against the bundle in force: both roots during a rotation).
+    let verifier = SpiffeClientVerifier::new(authority.trust.clone(), PeerIdentity::TrustDomain(td.clone()), false)?;
     let tls = palisade_certs::tls::server_config(verifier, Arc::new(server_cert), &[b"h2"])?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
@@ -494,7 +530,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         let webhook_cert = SvidStore::new();
         pki::issue_server_cert(&ca, &td, &cfg.webhook_names, &[], &webhook_cert)?;
         spawn(Box::pin(pki::rotate_server_cert(
-            ca.clone(),
+            authority.clone(),
             td.clone(),
             cfg.webhook_names.clone(),
             vec![],
@@ -509,13 +545,21 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             image: cfg.proxy_image.clone(),
             control_plane: cfg.inject_control_plane.clone(),
             native_sidecar: !cfg.classic_sidecar,
-            trust_bundle_pem: ca.trust_bundle_pem(),
+            trust_bundle_pem: String::new(),
             ..Default::default()
         };
         palisade_certs::tls::no_resumption(&mut tls);
         tracing::info!(listen = %addr, "admission webhook serving POST /mutate");
         let limits = https::Limits { max_connections: 256, handshake_timeout: cfg.handshake_timeout };
-        tracker.spawn(webhook::serve(listener, Arc::new(tls), Arc::new(inject), limits, stop.clone(), tracker.clone()));
+        tracker.spawn(webhook::serve(
+            listener,
+            Arc::new(tls),
+            inject,
+            authority.clone(),
+            limits,
+            stop.clone(),
+            tracker.clone(),
+        ));
     }
     let tracing = match &cfg.otlp_endpoint {
         Some(endpoint) => palisade_telemetry::Tracing::start(
@@ -562,4 +606,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     });
     tracing::info!(listen = %addr, admin_credential = %admin.dir.display(), "control plane serving");
     Ok(Running { addr, oauth_addr, admin, shutdown, closing, task, stop, tracker, _lock: lock })
+}
+
+/// Reads the CA again after another replica changed it (a rotation step).
+async fn reload_ca(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.ca.reload()).await {
+        tracing::error!(error = %e, "cannot read the CA from the store");
+    }
 }

@@ -33,6 +33,12 @@ pub struct SyncStatus {
     pub sent: String,
     /// Version last ACKed.
     pub acked: String,
+    /// The roots of the last sent snapshot's trust bundle ([`crate::ca::roots_key`]).
+    #[serde(skip)]
+    pub sent_roots: String,
+    /// The roots of the trust bundle it last ACKed: a root rotation waits on them.
+    #[serde(default)]
+    pub acked_roots: String,
     pub last_nack: String,
     pub connected: bool,
     pub nacked: bool,
@@ -758,6 +764,7 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64,
         }
     }
     let generation = hub.credentials.load(Ordering::SeqCst);
+    let ca = shared.ca.view();
     let version =
         if generation == 0 { format!("r{}", parsed.revision) } else { format!("r{}-c{generation}", parsed.revision) };
     let snapshot = Snapshot {
@@ -765,7 +772,8 @@ fn build_snapshot(shared: &Shared, identity: &str, hub: &Hub) -> (Snapshot, u64,
         nonce: String::new(),
         policies_json,
         endpoints: crate::discovery::endpoints(shared),
-        trust_bundle_der: shared.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+        trust_bundle_der: ca.bundle_der(),
+        renew_unless_chains_to: ca.renew_unless.iter().map(|c| c.to_vec()).collect(),
         default_allow_authenticated: shared.default_allow_authenticated,
         rate_shares,
         api_keys: if wants_api_keys { crate::credentials::api_keys_for(shared, identity) } else { Vec::new() },
@@ -781,6 +789,7 @@ fn same_content(a: &Snapshot, b: &Snapshot) -> bool {
         && a.endpoints == b.endpoints
         && a.rate_shares == b.rate_shares
         && a.trust_bundle_der == b.trust_bundle_der
+        && a.renew_unless_chains_to == b.renew_unless_chains_to
         && a.default_allow_authenticated == b.default_allow_authenticated
         && a.api_keys == b.api_keys
         && a.jwks == b.jwks
@@ -863,6 +872,7 @@ impl MeshConfig for MeshConfigService {
                 } else {
                     snap.nonce = hub.nonce.fetch_add(1, Ordering::Relaxed).to_string();
                     let version = snap.version.clone();
+                    let roots = crate::ca::roots_key(&snap.trust_bundle_der);
                     let change_at = hub.changed_at();
                     if tx.send(Ok(snap.clone())).await.is_err() {
                         break;
@@ -870,6 +880,7 @@ impl MeshConfig for MeshConfigService {
                     hub.update(&sender_key, |s| {
                         if s.stream == stream_id {
                             s.sent = version;
+                            s.sent_roots = roots;
                             s.evaluated = evaluated;
                             s.credentials = generation;
                             s.change_at = Some(change_at);
@@ -921,6 +932,9 @@ impl MeshConfig for MeshConfigService {
                                 && let Some(at) = s.change_at.take()
                             {
                                 crate::metrics::METRICS.push_latency.observe(at.elapsed().as_secs_f64());
+                            }
+                            if m.version == s.sent {
+                                s.acked_roots = s.sent_roots.clone();
                             }
                             s.acked = m.version;
                             s.nacked = false;

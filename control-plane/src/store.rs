@@ -23,6 +23,9 @@ pub enum StoreError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("etcd: {why}")]
     Etcd { why: String },
+    /// The CA (its files, or a rotation record).
+    #[error("CA: {why}")]
+    Ca { why: String },
     /// Another replica changed what this call was changing.
     #[error("{what}")]
     Conflict { what: String },
@@ -52,6 +55,9 @@ pub struct ProxyRecord {
     pub cert_not_after: u64,
     pub last_seen: u64,
     pub attestation: String,
+    /// SHA-256 of the CA certificate that signed it (root rotation waits on it).
+    #[serde(default)]
+    pub issuer: String,
 }
 
 /// A stored policy resource (canonical JSON).

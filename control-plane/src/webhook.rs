@@ -18,7 +18,11 @@ const MAX_BODY: usize = 4 << 20;
 
 use crate::https::reply;
 
-async fn handle(req: Request<Incoming>, cfg: Arc<palisade_inject::Config>) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    cfg: Arc<palisade_inject::Config>,
+    ca: Arc<crate::ca::Authority>,
+) -> Response<Full<Bytes>> {
     if req.uri().path() != "/mutate" {
         return reply(StatusCode::NOT_FOUND, "text/plain", b"not found; the webhook is POST /mutate\n".to_vec());
     }
@@ -41,6 +45,8 @@ async fn handle(req: Request<Incoming>, cfg: Arc<palisade_inject::Config>) -> Re
             return reply(StatusCode::BAD_REQUEST, "text/plain", format!("not an AdmissionReview: {e}\n").into_bytes());
         }
     };
+    // Pods get the bundle in force (both roots during a rotation).
+    let cfg = palisade_inject::Config { trust_bundle_pem: ca.view().bundle_pem(), ..(*cfg).clone() };
     match palisade_inject::admission_review(&review, &cfg) {
         Ok(resp) => {
             let injected = resp["response"]["patch"].is_string();
@@ -59,11 +65,15 @@ async fn handle(req: Request<Incoming>, cfg: Arc<palisade_inject::Config>) -> Re
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    cfg: Arc<palisade_inject::Config>,
+    cfg: palisade_inject::Config,
+    ca: Arc<crate::ca::Authority>,
     limits: crate::https::Limits,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    crate::https::serve("webhook", listener, tls, limits, stop, tracker, move |req, _peer| handle(req, cfg.clone()))
-        .await;
+    let cfg = Arc::new(cfg);
+    crate::https::serve("webhook", listener, tls, limits, stop, tracker, move |req, _peer| {
+        handle(req, cfg.clone(), ca.clone())
+    })
+    .await;
 }

@@ -34,6 +34,8 @@ pub struct AdminState {
     pub directory: Arc<crate::directory::Directory>,
     /// Cancelled by `PUT /shutdown` to start draining.
     pub shutdown: CancellationToken,
+    /// The roots this sidecar trusts (from the control plane).
+    pub bundle: palisade_certs::tls::TrustBundle,
 }
 
 /// Most admin connections open at once (probes and scrapes need a few).
@@ -160,6 +162,7 @@ fn route(state: &AdminState, src: SocketAddr, req: Request<Incoming>) -> Respons
                 "cert_not_after": svid.as_ref().map(|s| palisade_certs::svid::rfc3339::format(s.info.not_after)),
                 "cert_valid": svid.as_ref().is_some_and(|s| s.is_valid_at(now)),
                 "cert_chain_pem": svid.as_ref().map(|s| s.chain_pem()),
+                "trust_bundle_sha256": state.bundle.der().iter().map(|c| palisade_certs::ca::sha256_hex(c)).collect::<Vec<_>>(),
                 "policy_version": state.policy.current().map(|p| p.enforcer.version.clone()),
                 "rate_limits": state.policy.current().map(|p| p.enforcer.describe_limits()),
                 "authentication": state.policy.current().and_then(|p| p.enforcer.authenticator().map(|a| a.describe())),

@@ -184,6 +184,9 @@ pub struct ConfigStream {
     /// Taps, recorded requests and stats, carried on the stream.
     pub observe: Arc<crate::observe::Observe>,
     pub report_interval: Duration,
+    /// A root rotation's "renew now unless your certificate chains to these"
+    /// (read by the identity task).
+    pub renew_unless: tokio::sync::watch::Sender<Vec<CertificateDer<'static>>>,
 }
 
 /// What one snapshot did, type by type.
@@ -328,6 +331,13 @@ impl ConfigStream {
         if let Err(e) = self.apply_bundle(snap) {
             out.rejected.insert("trust_bundle".into(), e);
         }
+        let renew: Vec<CertificateDer<'static>> =
+            snap.renew_unless_chains_to.iter().cloned().map(CertificateDer::from).collect();
+        self.renew_unless.send_if_modified(|cur| {
+            let changed = *cur != renew;
+            *cur = renew;
+            changed
+        });
         self.apply_endpoints(snap);
         if let Err(e) = self.apply_policies(snap, identity) {
             self.metrics.policy_nacks.inc();

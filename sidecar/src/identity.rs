@@ -21,6 +21,10 @@ use crate::metrics::Metrics;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest delay between retries.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Early renewals in a root rotation: spread over up to this at first,
+/// doubling (to at most `EARLY_MAX`) while answers still come from the old root.
+const EARLY_MIN: Duration = Duration::from_secs(2);
+const EARLY_MAX: Duration = Duration::from_secs(30);
 /// Timeout of one Certify call, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -86,12 +90,16 @@ pub struct IdentityClientTask {
     pub inbound_addr: String,
     pub store: SvidStore,
     pub metrics: Arc<Metrics>,
+    /// During a root rotation, the roots our certificate must chain to; if
+    /// it does not, renew now rather than at half its lifetime.
+    pub renew_unless: tokio::sync::watch::Receiver<Vec<CertificateDer<'static>>>,
 }
 
 impl IdentityClientTask {
     /// Runs forever: certify, sleep until renewal, renew; back off on failure.
     pub async fn run(self) {
         let mut backoff = BACKOFF_MIN;
+        let mut early = EARLY_MIN;
         loop {
             let wait = match self.certify_once().await {
                 Ok(svid) => {
@@ -136,14 +144,48 @@ impl IdentityClientTask {
                 }
             };
             self.refresh_validity_gauge();
+            let mut renew_unless = self.renew_unless.clone();
             // Wake early enough to notice expiry in the gauge.
-            let mut remaining = wait;
-            while !remaining.is_zero() {
-                let step = remaining.min(Duration::from_secs(5));
-                tokio::time::sleep(step).await;
-                remaining -= step;
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                if self.rotated_away(&renew_unless.borrow_and_update()) {
+                    // Spread the renewals of a whole mesh over a few seconds; a
+                    // replica that has not seen the rotation yet answers from
+                    // the old root, so back off between tries.
+                    let delay = jitter(early.min(EARLY_MAX), 1.0).max(Duration::from_millis(50));
+                    early = (early * 2).max(EARLY_MIN);
+                    tracing::info!(renew_in = ?delay, "the mesh's root is rotating and our certificate is from another root: renewing early");
+                    tokio::time::sleep(delay).await;
+                    break;
+                }
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let step = (deadline - now).min(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(step) => {}
+                    _ = renew_unless.changed() => {}
+                }
                 self.refresh_validity_gauge();
             }
+            if !self.rotated_away(&self.renew_unless.borrow()) {
+                early = EARLY_MIN;
+            }
+        }
+    }
+
+    /// Whether a rotation asks for a certificate from another root than ours.
+    fn rotated_away(&self, roots: &[CertificateDer<'static>]) -> bool {
+        let Some(current) = self.store.valid() else { return false };
+        if roots.is_empty() {
+            return false;
+        }
+        match palisade_certs::svid::root_store(roots) {
+            Ok(store) => {
+                palisade_certs::svid::verify_chain(&current.certified.cert, &store, SystemTime::now()).is_err()
+            }
+            Err(_) => false,
         }
     }
 

@@ -114,7 +114,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     let advertised = cfg.advertise.or((!cfg.inbound.ip().is_unspecified()).then_some(inbound_addr));
     let control = Arc::new(control::ControlPlane::new(addrs, cfg.trust_domain.clone(), bundle.clone(), svids.clone())?);
+    let (renew_unless, renew_unless_rx) = tokio::sync::watch::channel(Vec::new());
     let identity = IdentityClientTask {
+        renew_unless: renew_unless_rx,
         control: control.clone(),
         bundle: bundle.clone(),
         trust_domain: cfg.trust_domain.clone(),
@@ -156,6 +158,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         observe: observe.clone(),
         report_interval: cfg.report_interval,
+        renew_unless,
     };
     let inbound = proxy::inbound::Inbound::new(
         proxy::inbound::InboundOptions {
@@ -180,7 +183,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         directory: directory.clone(),
         peers: Arc::new(proxy::peer::PeerClient::new(
             svids.clone(),
-            bundle,
+            bundle.clone(),
             metrics.clone(),
             cfg.limits.peer_keepalive,
         )),
@@ -203,6 +206,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         directory,
         registry,
         shutdown: shutdown.clone(),
+        bundle: bundle.clone(),
     });
     let stop = background_stop.clone();
     background.spawn(async move {

@@ -18,5 +18,6 @@ mod operator_ca;
 mod podman;
 mod policy;
 mod replicas;
+mod rotation;
 mod trace;
 mod walkthrough;

@@ -47,6 +47,8 @@ pub enum Change {
     Streams,
     /// The OAuth token service's signing keys (rotated by the leader).
     OAuthKeys,
+    /// The CA or its rotation.
+    Ca,
 }
 
 /// How to reach etcd.
@@ -416,16 +418,8 @@ impl EtcdStore {
 
     /// A secret record (`<prefix><name>`), opened with `kek`; `None` if absent.
     pub fn get_sealed(&self, name: &str, kek: &super::sealed::Kek) -> Result<Option<Vec<u8>>, StoreError> {
-        let (client, key) = (self.client.clone(), format!("{}{name}", self.prefix));
-        let found = self.run(async move {
-            retried(|| {
-                let (mut kv, key) = (client.kv_client(), key.clone());
-                async move { kv.get(key, None).await }
-            })
-            .await
-        })?;
-        let Some(kv) = found.kvs().first() else { return Ok(None) };
-        let sealed: super::sealed::Sealed = serde_json::from_slice(kv.value()).map_err(etcd_err)?;
+        let Some((value, _)) = self.get_raw(name)? else { return Ok(None) };
+        let sealed: super::sealed::Sealed = serde_json::from_slice(&value).map_err(etcd_err)?;
         kek.open(&sealed, name).map(Some).map_err(|e| etcd_err(format!("{name} in etcd: {e}")))
     }
 
@@ -454,36 +448,15 @@ impl EtcdStore {
         kek: &super::sealed::Kek,
         validity: Duration,
     ) -> Result<palisade_certs::CertificateAuthority, StoreError> {
-        #[derive(Serialize, Deserialize)]
-        struct CaRecord {
-            cert_pem: String,
-            key: super::sealed::Sealed,
-        }
         let key = format!("{}ca", self.prefix);
         for _ in 0..2 {
-            let (client, k) = (self.client.clone(), key.clone());
-            let found = self.run(async move {
-                let mut kv = client.kv_client();
-                timed(kv.get(k, None)).await
-            })?;
-            if let Some(kv) = found.kvs().first() {
-                let rec: CaRecord = serde_json::from_slice(kv.value())
+            if let Some((value, _)) = self.get_raw("ca")? {
+                let rec: CaRecord = serde_json::from_slice(&value)
                     .map_err(|e| etcd_err(format!("the CA record in etcd ({key}) is unreadable: {e}")))?;
-                let pem = kek.open(&rec.key, "ca").map_err(|e| etcd_err(format!("the CA in etcd: {e}")))?;
-                let pem = String::from_utf8(pem).map_err(|_| etcd_err("the CA key in etcd is not PEM"))?;
-                return palisade_certs::CertificateAuthority::from_pem(
-                    &rec.cert_pem,
-                    palisade_certs::SecretPem::new(pem),
-                    None,
-                )
-                .map_err(|e| etcd_err(format!("the CA in etcd: {e}")));
+                return rec.open(kek, "ca");
             }
             let ca = palisade_certs::CertificateAuthority::generate(td, validity).map_err(etcd_err)?;
-            let rec = CaRecord {
-                cert_pem: ca.cert_pem(),
-                key: kek.seal(ca.key_pem().expose().as_bytes(), "ca").map_err(etcd_err)?,
-            };
-            let json = serde_json::to_vec(&rec).map_err(etcd_err)?;
+            let json = serde_json::to_vec(&CaRecord::seal(&ca, kek, "ca")?).map_err(etcd_err)?;
             // Only if no other replica made one meanwhile; else load the winner's.
             if self.txn(
                 vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)],
@@ -495,6 +468,88 @@ impl EtcdStore {
             }
         }
         Err(StoreError::Conflict { what: "the CA record in etcd kept changing".into() })
+    }
+
+    /// One key's value and mod revision, from etcd (not the cache).
+    fn get_raw(&self, name: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let (client, key) = (self.client.clone(), format!("{}{name}", self.prefix));
+        let found = self.run(async move {
+            retried(|| {
+                let (mut kv, key) = (client.kv_client(), key.clone());
+                async move { kv.get(key, None).await }
+            })
+            .await
+        })?;
+        Ok(found.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+}
+
+/// A CA in etcd: its certificate, and its key sealed.
+#[derive(Serialize, Deserialize)]
+struct CaRecord {
+    cert_pem: String,
+    key: super::sealed::Sealed,
+}
+
+impl CaRecord {
+    fn seal(
+        ca: &palisade_certs::CertificateAuthority,
+        kek: &super::sealed::Kek,
+        name: &str,
+    ) -> Result<Self, StoreError> {
+        Ok(Self { cert_pem: ca.cert_pem(), key: kek.seal(ca.key_pem().expose().as_bytes(), name).map_err(etcd_err)? })
+    }
+    fn open(&self, kek: &super::sealed::Kek, name: &str) -> Result<palisade_certs::CertificateAuthority, StoreError> {
+        let pem = kek.open(&self.key, name).map_err(|e| etcd_err(format!("the CA in etcd: {e}")))?;
+        let pem = String::from_utf8(pem).map_err(|_| etcd_err("the CA key in etcd is not PEM"))?;
+        palisade_certs::CertificateAuthority::from_pem(&self.cert_pem, palisade_certs::SecretPem::new(pem), None)
+            .map_err(|e| etcd_err(format!("the CA in etcd: {e}")))
+    }
+}
+
+/// The rotation record in etcd, with the new root (key sealed) while it is needed.
+#[derive(Serialize, Deserialize)]
+struct RotationValue {
+    record: crate::ca::RotationRecord,
+    new: Option<CaRecord>,
+}
+
+/// The CA shared by the replicas, in etcd (`<prefix>ca`, `<prefix>ca-rotation`).
+#[derive(Debug)]
+pub struct EtcdCaHome {
+    pub store: Arc<EtcdStore>,
+    pub kek: Arc<super::sealed::Kek>,
+    pub td: palisade_certs::TrustDomain,
+    pub validity: Duration,
+}
+
+impl crate::ca::CaHome for EtcdCaHome {
+    fn load(&self) -> Result<crate::ca::Loaded, StoreError> {
+        let ca = self.store.shared_ca(&self.td, &self.kek, self.validity)?;
+        let (rotation, version) = match self.store.get_raw("ca-rotation")? {
+            Some((value, rev)) => {
+                let v: RotationValue = serde_json::from_slice(&value)
+                    .map_err(|e| etcd_err(format!("the CA rotation record in etcd is unreadable: {e}")))?;
+                let new = v.new.map(|n| n.open(&self.kek, "ca-rotation")).transpose()?;
+                (Some((v.record, new)), rev)
+            }
+            None => (None, 0),
+        };
+        Ok(crate::ca::Loaded { ca, rotation, version })
+    }
+
+    fn save(&self, expect: i64, w: crate::ca::Write<'_>) -> Result<bool, StoreError> {
+        let (rkey, ckey) = (format!("{}ca-rotation", self.store.prefix), format!("{}ca", self.store.prefix));
+        let value = RotationValue {
+            record: w.record.clone(),
+            new: if w.keep { Some(CaRecord::seal(w.new, &self.kek, "ca-rotation")?) } else { None },
+        };
+        let mut puts = vec![(rkey.clone(), serde_json::to_vec(&value).map_err(etcd_err)?)];
+        if w.replace_ca {
+            // One transaction: the record says done exactly when the new root is the CA.
+            puts.push((ckey, serde_json::to_vec(&CaRecord::seal(w.new, &self.kek, "ca")?).map_err(etcd_err)?));
+        }
+        self.store.txn(vec![Compare::mod_revision(rkey.as_str(), CompareOp::Equal, expect)], puts, vec![])
     }
 }
 
@@ -674,6 +729,7 @@ fn apply(c: &mut Cache, prefix: &str, key: &str, value: Option<&[u8]>, revision:
             Change::Credentials
         }
         "oauth-keys" => return Some(Change::OAuthKeys),
+        "ca" | "ca-rotation" => return Some(Change::Ca),
         "streams" => {
             match value {
                 Some(v) => c.streams.insert(key.to_string(), v.to_vec()),

@@ -1,0 +1,143 @@
+//! `palisadectl ca rotate` and `palisadectl ca status`: live root CA rotation.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use palisade_proto::v1::*;
+
+use crate::{Online, Output, admin, print_value, status_err, time_str, ts};
+use palisade_cmd::outln;
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum CaCmd {
+    /// Rotate the mesh's root CA live: publish a new root beside the old one in
+    /// every trust bundle, wait for every connected proxy to ACK it, re-issue
+    /// every workload certificate from the new root, wait for all to renew,
+    /// then retire the old root. Waits until done (or --no-wait).
+    Rotate {
+        /// Generate the new root (ECDSA P-256, the trust domain and validity of the old one).
+        #[arg(long, required_unless_present = "abort", conflicts_with = "abort")]
+        generate: bool,
+        /// Abort the rotation in progress (only before the old root is retired):
+        /// certificates already from the new root are renewed back first.
+        #[arg(long)]
+        abort: bool,
+        /// Hold each step at least this long (e.g. 5m), for clients outside the
+        /// mesh that read the trust bundle to pick the new root up.
+        #[arg(long, default_value = "0s", value_parser = crate::parse_duration)]
+        min_phase: Duration,
+        /// Return once the rotation has started; follow it with `palisadectl ca status`.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this long (the rotation itself goes on).
+        #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
+        timeout: Duration,
+    },
+    /// Where a root rotation stands: the phase, the roots, the proxies it waits for.
+    Status,
+}
+
+pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
+    match cmd {
+        CaCmd::Status => {
+            let s = admin(cli).await?.get_ca_status(GetCaStatusRequest {}).await.map_err(status_err)?.into_inner();
+            print(cli.output, &s)
+        }
+        CaCmd::Rotate { generate, abort, min_phase, no_wait, timeout } => {
+            let req = RotateCaRequest { generate: *generate, abort: *abort, min_phase_seconds: min_phase.as_secs() };
+            let s = admin(cli).await?.rotate_ca(req).await.map_err(status_err)?.into_inner();
+            if *no_wait {
+                return print(cli.output, &s);
+            }
+            let target = if *abort { "aborted" } else { "done" };
+            if cli.output == Output::Table {
+                eprintln!("{}: {}", s.phase, s.detail);
+            }
+            let (start, mut last) = (Instant::now(), s.phase.clone());
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                // A new connection each time: every step rewrites the admin
+                // credential, and the server's certificate changes root.
+                let polled = match admin(cli).await {
+                    Ok(mut a) => a.get_ca_status(GetCaStatusRequest {}).await.map_err(status_err),
+                    Err(e) => Err(e),
+                };
+                match polled {
+                    Ok(s) => {
+                        let s = s.into_inner();
+                        if s.phase != last && cli.output == Output::Table {
+                            eprintln!("{}: {}", s.phase, s.detail);
+                        }
+                        last = s.phase.clone();
+                        if s.phase == target {
+                            return print(cli.output, &s);
+                        }
+                        if s.phase == "aborted" || s.phase == "done" {
+                            bail!("the rotation ended {} (another admin?)", s.phase);
+                        }
+                    }
+                    Err(e) if start.elapsed() >= *timeout => return Err(e),
+                    Err(_) => {}
+                }
+                if start.elapsed() >= *timeout {
+                    bail!(
+                        "the rotation is still {last} after {}; it goes on: follow it with `palisadectl ca status`",
+                        humantime::format_duration(*timeout)
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn root_json(r: &Option<CaRoot>) -> serde_json::Value {
+    match r {
+        Some(r) => serde_json::json!({
+            "subject": r.subject, "sha256": r.sha256, "not_after": time_str(ts(&r.not_after)),
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn print(output: Output, s: &CaStatus) -> Result<()> {
+    if output != Output::Table {
+        let v = serde_json::json!({
+            "phase": s.phase,
+            "detail": s.detail,
+            "signing": root_json(&s.signing),
+            "bundle": s.bundle.iter().map(|r| root_json(&Some(r.clone()))).collect::<Vec<_>>(),
+            "old_root": root_json(&s.old_root),
+            "new_root": root_json(&s.new_root),
+            "started_at": s.started_at.as_ref().map(|_| time_str(ts(&s.started_at))),
+            "phase_since": s.phase_since.as_ref().map(|_| time_str(ts(&s.phase_since))),
+            "min_phase_seconds": s.min_phase_seconds,
+            "proxies": s.proxies,
+            "waiting": s.waiting,
+            "waiting_for": s.waiting_for,
+            "bundle_pem": s.bundle_pem,
+        });
+        return print_value(output, &v);
+    }
+    let short = |r: &CaRoot| {
+        format!("{} (sha256 {}…, until {})", r.subject, &r.sha256[..16.min(r.sha256.len())], time_str(ts(&r.not_after)))
+    };
+    outln!("phase:      {}", s.phase);
+    if !s.detail.is_empty() {
+        outln!("detail:     {}", s.detail);
+    }
+    if let Some(r) = &s.signing {
+        outln!("signing:    {}", short(r));
+    }
+    for (i, r) in s.bundle.iter().enumerate() {
+        outln!("{}{}", if i == 0 { "bundle:     " } else { "            " }, short(r));
+    }
+    if s.old_root.is_some() {
+        outln!("started:    {}", time_str(ts(&s.started_at)));
+        outln!("since:      {}", time_str(ts(&s.phase_since)));
+    }
+    outln!("proxies:    {} connected, {} waited for", s.proxies, s.waiting);
+    for p in &s.waiting_for {
+        outln!("            {p}");
+    }
+    Ok(())
+}
