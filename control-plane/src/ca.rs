@@ -416,7 +416,7 @@ pub(crate) async fn drive(shared: Arc<Shared>, leading: Option<tokio::sync::watc
         }
         let view = shared.ca.view();
         let Some(r) = view.rotation.clone().filter(|r| !r.phase.finished()) else { continue };
-        if unix_now() < r.since + r.min_phase_secs {
+        if r.min_phase_secs > 0 && unix_now() <= r.since + r.min_phase_secs {
             continue;
         }
         let (_, waiting_for, _) = waiting(&shared, &view);

@@ -113,6 +113,9 @@ impl IdentityClientTask {
                         "obtained workload certificate"
                     );
                     self.install(svid);
+                    if !self.rotated_away(&self.renew_unless.borrow()) {
+                        early = EARLY_MIN;
+                    }
                     wait
                 }
                 Err(e) => {
@@ -151,9 +154,11 @@ impl IdentityClientTask {
                 if self.rotated_away(&renew_unless.borrow_and_update()) {
                     // Spread the renewals of a whole mesh over a few seconds; a
                     // replica that has not seen the rotation yet answers from
-                    // the old root, so back off between tries.
-                    let delay = jitter(early.min(EARLY_MAX), 1.0).max(Duration::from_millis(50));
-                    early = (early * 2).max(EARLY_MIN);
+                    // the old root, so back off between tries, but never past
+                    // the renewal the certificate's lifetime calls for.
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let delay = jitter(early, 1.0).max(Duration::from_millis(50)).min(left);
+                    early = (early * 2).min(EARLY_MAX);
                     tracing::info!(renew_in = ?delay, "the mesh's root is rotating and our certificate is from another root: renewing early");
                     tokio::time::sleep(delay).await;
                     break;
@@ -168,9 +173,6 @@ impl IdentityClientTask {
                     _ = renew_unless.changed() => {}
                 }
                 self.refresh_validity_gauge();
-            }
-            if !self.rotated_away(&self.renew_unless.borrow()) {
-                early = EARLY_MIN;
             }
         }
     }

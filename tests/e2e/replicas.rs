@@ -51,7 +51,7 @@ fn etcd_command(dir: &std::path::Path, url: &str, peer: u16) -> std::process::Co
 }
 
 /// A store key: 32 bytes of `b`, base64.
-fn base64_key(b: u8) -> String {
+pub(crate) fn base64_key(b: u8) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode([b; 32])
 }
@@ -433,7 +433,7 @@ async fn etcd_cluster(dir: &std::path::Path, log_dir: &std::path::Path) -> Optio
     Some((members, urls))
 }
 
-async fn leads(metrics: &str) -> bool {
+pub(crate) async fn leads(metrics: &str) -> bool {
     palisade_tests::http::get(metrics, "/metrics")
         .await
         .is_ok_and(|(_, body)| body.lines().any(|l| l == "palisade_cp_leader 1"))

@@ -283,26 +283,39 @@ async fn an_interrupted_rotation_resumes_and_an_aborted_one_restores_the_old_roo
     assert_eq!(s["signing"]["sha256"], sha(&first));
     assert_ne!(sha(&first), sha(&old));
 
-    // A second rotation, aborted after certificates moved to its root.
-    let out = cp.ctl(&["ca", "rotate", "--generate", "--min-phase", "2s", "--no-wait"]);
+    // A second rotation, aborted after certificates moved to its root (a
+    // frozen sidecar holds the step open meanwhile).
+    let idle = Sidecar::meshed("idle", &cp, tmp.path(), IDLE, &[]).await.unwrap();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &idle.proc.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    };
+    let out = cp.ctl(&["ca", "rotate", "--generate", "--no-wait"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     phase_is(&cp, "reissuing", Duration::from_secs(15)).await;
+    signal("-STOP");
     eventually("a sidecar to hold a certificate from the second new root", Duration::from_secs(15), || async {
         (!chains_to(&sidecar_ca(&m.orders).await.0, &first)).then_some(())
     })
     .await
     .unwrap();
+    assert_eq!(status(&cp)["phase"], "reissuing");
     let out = cp.ctl(&["ca", "rotate", "--abort", "-o", "json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["phase"], "aborted", "{s}");
     for sc in [&m.orders, &m.web] {
-        let (chain, roots) = sidecar_ca(sc).await;
+        let (chain, _) = sidecar_ca(sc).await;
         assert!(chains_to(&chain, &first), "renewed back to the root in force: {chain}");
-        assert_eq!(roots, vec![sha(&first)]);
+        eventually("the sidecar to drop the withdrawn root", Duration::from_secs(10), || async {
+            (sidecar_ca(sc).await.1 == vec![sha(&first)]).then_some(())
+        })
+        .await
+        .unwrap();
     }
     let again = cp.ctl(&["ca", "rotate", "--abort"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already aborted"));
+    signal("-CONT");
 
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
@@ -326,4 +339,121 @@ async fn an_operator_ca_is_not_rotated_by_the_control_plane() {
     assert_eq!(status(&cp)["phase"], "none");
     let out = cp.ctl(&["ca", "rotate", "--generate", "--abort"]);
     assert!(!out.status.success());
+}
+
+/// Two replicas on etcd, sidecars on each: the rotation started on one
+/// replica reaches the sidecars of the other, and when the leading replica
+/// is SIGKILLed in the middle, the survivor takes the lead and finishes it.
+#[tokio::test]
+async fn replicas_on_etcd_rotate_together_and_the_survivor_finishes_the_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_etcd, url, _)) = crate::replicas::etcd(&tmp.path().join("etcd"), tmp.path()).await else { return };
+    let store_key = tmp.path().join("store.key");
+    palisade_certs::files::write_secret(&store_key, &crate::replicas::base64_key(5)).unwrap();
+    let (ma, mb) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let common = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        url.as_str(),
+        "--store-key-file",
+        store_key.to_str().unwrap(),
+        "--default-policy",
+        "allow-authenticated",
+        "--cert-ttl",
+        "10s",
+    ];
+    let mut cps = vec![
+        ControlPlane::start(&tmp.path().join("a"), tmp.path(), &[&common[..], &["--metrics-listen", &ma]].concat())
+            .await
+            .unwrap(),
+        ControlPlane::start(&tmp.path().join("b"), tmp.path(), &[&common[..], &["--metrics-listen", &mb]].concat())
+            .await
+            .unwrap(),
+    ];
+    let metrics = [ma, mb];
+    let leader = eventually("a replica to lead", Duration::from_secs(15), || async {
+        for (i, m) in metrics.iter().enumerate() {
+            if crate::replicas::leads(m).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    let both = format!("{},{}", cps[0].addr, cps[1].addr);
+    let app = HttpApp::start().await;
+    // Each sidecar picks a replica at random and fails over to the other.
+    let t = cps[0].create_token(ORDERS, &[]).unwrap();
+    let orders = Sidecar::spawn(
+        "orders",
+        &cps[0],
+        tmp.path(),
+        &["--join-token", &t, "--control-plane", &both, "--app", &app.addr.to_string()],
+    )
+    .unwrap();
+    orders.wait_ready().await.unwrap();
+    let port = free_port();
+    let t = cps[1].create_token(WEB, &[]).unwrap();
+    let web = Sidecar::spawn(
+        "web",
+        &cps[1],
+        tmp.path(),
+        &["--join-token", &t, "--control-plane", &both, "--upstream", &format!("127.0.0.1:{port}=orders.shop")],
+    )
+    .unwrap();
+    web.wait_ready().await.unwrap();
+    let base = format!("127.0.0.1:{port}");
+    eventually("web to reach orders", Duration::from_secs(10), || async {
+        (palisade_tests::http::get(&base, "/echo").await.ok()?.0 == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(base, stop.clone());
+
+    // Started on the replica that does not lead: the leader drives it.
+    let follower = 1 - leader;
+    let out = cps[follower].ctl(&["ca", "rotate", "--generate", "--min-phase", "2s", "--no-wait", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = phase_is(&cps[leader], "publishing", Duration::from_secs(5)).await;
+    let new_sha = s["new_root"]["sha256"].as_str().unwrap().to_string();
+    for cp in &cps {
+        let b = std::fs::read_to_string(cp.bundle()).unwrap();
+        assert_eq!(b.matches("BEGIN CERTIFICATE").count(), 2, "every replica publishes both roots");
+    }
+    phase_is(&cps[follower], "reissuing", Duration::from_secs(15)).await;
+    // The leader dies in the middle of the step.
+    let mut dead = cps.remove(leader);
+    dead.proc.child.kill().unwrap();
+    let _ = dead.proc.child.wait();
+    let survivor = &cps[0];
+    let s = phase_is(survivor, "done", Duration::from_secs(40)).await;
+    assert!(crate::replicas::leads(&metrics[follower]).await, "the survivor leads");
+    assert_eq!(s["signing"]["sha256"], new_sha.as_str());
+    assert_eq!(s["bundle"].as_array().unwrap().len(), 1, "{s}");
+    for sc in [&orders, &web] {
+        eventually("the sidecar to hold the new root only", Duration::from_secs(15), || async {
+            let (chain, roots) = sidecar_ca(sc).await;
+            let leaf = palisade_certs::ca::parse_pem_certs(&chain).ok()?;
+            let info = palisade_certs::SvidInfo::parse(&leaf[0]).ok()?;
+            let issued_by_new = s["signing"]["subject"].as_str() == Some(info.issuer.as_str());
+            (roots == vec![new_sha.clone()] && issued_by_new).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    // A fresh join through the survivor after the rotation.
+    let t = survivor.create_token(INVOICES, &[]).unwrap();
+    let joiner =
+        Sidecar::spawn("invoices", survivor, tmp.path(), &["--join-token", &t, "--control-plane", &both]).unwrap();
+    joiner.wait_ready().await.unwrap();
+    assert_eq!(sidecar_ca(&joiner).await.1, vec![new_sha.clone()]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(ok > 200, "{ok} requests");
+    eprintln!("rotation across replicas, leader killed mid-rotation: {ok} requests, 0 failed");
 }
