@@ -1230,3 +1230,85 @@ fn tmp_file(p: &crate::dataplane::Pair, name: &str, text: &str) -> String {
     std::fs::write(&f, text).unwrap();
     f.to_str().unwrap().to_string()
 }
+
+/// Root rotation is the admin's alone and its inputs are checked; a stream
+/// that never ACKs the new bundle holds the step, named in the status, until
+/// it goes; after the rotation a certificate from the retired root opens
+/// nothing, at the control plane or at a sidecar.
+#[tokio::test]
+async fn root_rotation_cannot_be_driven_or_skipped_by_a_workload() {
+    use palisade_proto::v1::admin_client::AdminClient;
+    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
+    use palisade_proto::v1::{CertifyRequest, DiscoveryRequest, GetCaStatusRequest, RotateCaRequest};
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &[], &[]).await;
+    let bundle = std::fs::read_to_string(p.cp.bundle()).unwrap();
+
+    // A workload certificate may neither rotate nor look.
+    let ch = grpc::channel(&p.cp.addr, &bundle, Some(workload_svid(&p.cp, WEB).await)).await.unwrap();
+    let mut w = AdminClient::new(ch);
+    let err = w.rotate_ca(RotateCaRequest { generate: true, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = w.get_ca_status(GetCaStatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    let admin = grpc::channel(&p.cp.addr, &bundle, Some(admin_svid(&p.cp))).await.unwrap();
+    let mut a = AdminClient::new(admin);
+    for bad in [
+        RotateCaRequest::default(),
+        RotateCaRequest { generate: true, abort: true, ..Default::default() },
+        RotateCaRequest { generate: true, min_phase_seconds: u64::MAX, ..Default::default() },
+    ] {
+        let err = a.rotate_ca(bad).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    }
+    assert_eq!(a.get_ca_status(GetCaStatusRequest {}).await.unwrap().into_inner().phase, "none");
+    let err = a.rotate_ca(RotateCaRequest { abort: true, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    // A workload opens a config stream and never answers.
+    let old_svid = workload_svid(&p.cp, WEB).await;
+    let ch = grpc::channel(&p.cp.addr, &bundle, Some(workload_svid(&p.cp, WEB).await)).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DiscoveryRequest { inbound_addr: "10.9.9.9:1".into(), ..Default::default() }).await.unwrap();
+    let silent = MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+    a.rotate_ca(RotateCaRequest { generate: true, ..Default::default() }).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = a.get_ca_status(GetCaStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.phase, "publishing", "{s:?}");
+    assert_eq!(s.waiting_for, vec![format!("{WEB} 10.9.9.9:1")], "only the silent stream is waited for");
+    // It goes: the rotation runs to its end.
+    drop((tx, silent));
+    let done =
+        eventually("the rotation to finish", Duration::from_secs(30), || {
+            let mut a = a.clone();
+            async move {
+                Some(a.get_ca_status(GetCaStatusRequest {}).await.ok()?.into_inner()).filter(|s| s.phase == "done")
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(done.bundle.len(), 1);
+
+    // A certificate from the retired root: no renewal at the control plane.
+    let new_bundle = eventually("the admin bundle to hold the new root only", Duration::from_secs(5), || async {
+        std::fs::read_to_string(p.cp.bundle()).ok().filter(|b| b.matches("BEGIN CERTIFICATE").count() == 1)
+    })
+    .await
+    .unwrap();
+    let renews = |svid: Svid| {
+        let new_bundle = new_bundle.clone();
+        let addr = p.cp.addr.clone();
+        async move {
+            let Ok(ch) = grpc::channel(&addr, &new_bundle, Some(svid)).await else { return false };
+            let key = WorkloadKey::generate().unwrap();
+            let req = CertifyRequest { csr_der: key.csr_der(None).unwrap(), ..Default::default() };
+            palisade_proto::v1::identity_client::IdentityClient::new(ch).certify(req).await.is_ok()
+        }
+    };
+    assert!(renews(workload_svid(&p.cp, WEB).await).await, "a certificate from the new root renews");
+    let refused = !renews(old_svid).await;
+    assert!(refused, "a certificate from the retired root renewed");
+    let logs = p.cp.proc.logs();
+    assert!(logs.contains("ca_rotation_requested"), "{logs}");
+}
