@@ -7,13 +7,20 @@ use anyhow::{Context, Result, anyhow};
 use base64::Engine;
 use serde_json::Value;
 
-/// The kustomize base in deploy/base, in the order of its kustomization.
-const BASE: &[(&str, &str)] = &[
-    ("namespace.yaml", include_str!("../../deploy/base/namespace.yaml")),
-    ("rbac.yaml", include_str!("../../deploy/base/rbac.yaml")),
-    ("ca.yaml", include_str!("../../deploy/base/ca.yaml")),
-    ("control-plane.yaml", include_str!("../../deploy/base/control-plane.yaml")),
-    ("webhook.yaml", include_str!("../../deploy/base/webhook.yaml")),
+/// What deploy/common holds, in the order of its kustomization.
+const COMMON: &[(&str, &str)] = &[
+    ("namespace.yaml", include_str!("../../deploy/common/namespace.yaml")),
+    ("rbac.yaml", include_str!("../../deploy/common/rbac.yaml")),
+    ("ca.yaml", include_str!("../../deploy/common/ca.yaml")),
+    ("webhook.yaml", include_str!("../../deploy/common/webhook.yaml")),
+];
+/// deploy/base after common: one replica, its state on a volume.
+const BASE: &[(&str, &str)] = &[("control-plane.yaml", include_str!("../../deploy/base/control-plane.yaml"))];
+/// deploy/ha after common: three replicas on etcd.
+const HA: &[(&str, &str)] = &[
+    ("store-key.yaml", include_str!("../../deploy/ha/store-key.yaml")),
+    ("control-plane.yaml", include_str!("../../deploy/ha/control-plane.yaml")),
+    ("etcd.yaml", include_str!("../../deploy/ha/etcd.yaml")),
 ];
 
 fn read_input(file: &Path) -> Result<String> {
@@ -89,6 +96,7 @@ pub(crate) fn install(
     trust_domain: &str,
     image: &str,
     credentials_out: Option<&Path>,
+    ha: bool,
 ) -> Result<()> {
     if let Some(dir) = credentials_out
         && dir.exists()
@@ -96,7 +104,7 @@ pub(crate) fn install(
         return Err(anyhow!("--credentials-out {}: already exists; choose a new directory", dir.display()));
     }
     let mut docs = Vec::new();
-    for (name, text) in BASE {
+    for (name, text) in COMMON.iter().chain(if ha { HA } else { BASE }) {
         let parsed: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| anyhow!("{name}: {e}"))?;
         docs.extend(parsed.into_iter().filter(|d| !d.is_null()));
     }
@@ -114,6 +122,12 @@ pub(crate) fn install(
                 (Some("ConfigMap"), Some("palisade-trust-bundle")) => {
                     d["data"]["ca.pem"] = Value::String(bundle.clone())
                 }
+                (Some("Secret"), Some("palisade-store-key")) => {
+                    let mut key = [0u8; 32];
+                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                        .map_err(|_| anyhow!("no randomness for the store key"))?;
+                    d["stringData"]["key"] = Value::String(base64::engine::general_purpose::STANDARD.encode(key));
+                }
                 (Some("MutatingWebhookConfiguration"), _) => {
                     let b64 = base64::engine::general_purpose::STANDARD.encode(bundle.as_bytes());
                     if let Some(hooks) = d["webhooks"].as_array_mut() {
@@ -128,6 +142,11 @@ pub(crate) fn install(
         eprintln!(
             "generated a root CA for {td}; its private key is in the palisade-ca Secret of this output: apply it, don't store it"
         );
+        if ha {
+            eprintln!(
+                "generated the store key (palisade-store-key Secret): it seals the CA in etcd; apply it once, don't store it, and never apply another over it"
+            );
+        }
         if let Some(dir) = credentials_out {
             write_admin_credential(dir, &ca, &td)?;
             eprintln!(
@@ -143,7 +162,10 @@ pub(crate) fn install(
 /// Every container of the manifests runs `image`, and the control plane
 /// injects it into pods (`--proxy-image`).
 fn set_images(docs: &mut [Value], image: &str) {
-    for d in docs {
+    // Palisade's own workloads (not the etcd of deploy/ha).
+    for d in docs.iter_mut().filter(|d| {
+        d["metadata"]["labels"]["app.kubernetes.io/name"].as_str().is_none_or(|n| n.starts_with("palisade-control"))
+    }) {
         let Some(containers) = d.pointer_mut("/spec/template/spec/containers").and_then(Value::as_array_mut) else {
             continue;
         };

@@ -199,7 +199,7 @@ enum Command {
         #[arg(long)]
         classic_sidecar: bool,
     },
-    /// Print the Kubernetes manifests that install Palisade (deploy/base).
+    /// Print the Kubernetes manifests that install Palisade (deploy/base, or deploy/ha with --ha).
     Install {
         /// Fill in a freshly generated root CA (Secret, trust bundle, webhook caBundle).
         #[arg(long)]
@@ -215,6 +215,10 @@ enum Command {
         /// machine only; the cluster never holds it.
         #[arg(long, requires = "generate_ca")]
         credentials_out: Option<PathBuf>,
+        /// Print deploy/ha instead: three control-plane replicas on a three-member etcd
+        /// (with --generate-ca, also a fresh store key that seals the CA in etcd).
+        #[arg(long)]
+        ha: bool,
     },
     /// Print a shell completion script: `source <(palisadectl completion bash)`.
     Completion {
@@ -352,8 +356,8 @@ async fn run(cli: Cli) -> Result<()> {
             let bundle = ca_bundle.clone().or_else(|| credentials.as_ref().map(|c| c.join("ca.pem")));
             kube::inject(file, image, bundle.as_deref(), mesh_control_plane, *classic_sidecar)
         }
-        Command::Install { generate_ca, trust_domain, image, credentials_out } => {
-            kube::install(*generate_ca, trust_domain, image, credentials_out.as_deref())
+        Command::Install { generate_ca, trust_domain, image, credentials_out, ha } => {
+            kube::install(*generate_ca, trust_domain, image, credentials_out.as_deref(), *ha)
         }
         Command::Authz {
             online,

@@ -180,7 +180,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     };
     let operator = cfg.ca_cert.as_deref().zip(cfg.ca_key.as_deref()).map(|(c, k)| (c, k, cfg.ca_bundle.as_deref()));
     let home: Box<dyn ca::CaHome> = match (&etcd_store, operator, &cfg.store_key_file) {
-        (Some(etcd), None, Some(key_file)) => {
+        // On etcd with a store key the CA lives in etcd, where it rotates; an
+        // operator's root (no --ca-bundle) seeds it on the first start.
+        (Some(etcd), op, Some(key_file)) if op.is_none_or(|(_, _, bundle)| bundle.is_none()) => {
             let kek =
                 store::sealed::Kek::from_file(key_file).map_err(|e| store::StoreError::Etcd { why: e.to_string() })?;
             Box::new(store::etcd::EtcdCaHome {
@@ -188,6 +190,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 kek: Arc::new(kek),
                 td: td.clone(),
                 validity: pki::ROOT_VALIDITY,
+                seed: op.map(|(c, k, _)| (c.to_path_buf(), k.to_path_buf())),
             })
         }
         (Some(_), None, None) => Box::new(ca::FileHome::new(

@@ -53,7 +53,7 @@ fn write(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
 /// mounts a Secret with `fsGroup` (root:fsGroup, mode 0440 whatever
 /// `defaultMode` says), and only the pod's own processes hold that group.
 /// Group write or execute and any bit for others are refused.
-fn check_key_mode(path: &Path) -> Result<(), PkiError> {
+pub(crate) fn check_key_mode(path: &Path) -> Result<(), PkiError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta =
         std::fs::metadata(path).map_err(|source| PkiError::Io { what: "stat", path: path.to_path_buf(), source })?;

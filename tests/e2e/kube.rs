@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use palisade_tests::{ControlPlane, free_port};
+
 use rustls_pki_types::ServerName;
 use serde_json::{Value, json};
 
@@ -40,6 +41,48 @@ fn validate(docs: &str, versions: &[&str]) -> Option<()> {
         );
     }
     Some(())
+}
+
+/// What `kubectl apply -k DIR` applies: the kustomizations under deploy/
+/// list resources only (no patches, no generators), files or directories.
+pub(crate) fn render(dir: &std::path::Path) -> Vec<String> {
+    let k = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    let doc: Value = serde_saphyr::from_str(&k).unwrap();
+    let keys: Vec<&String> = doc.as_object().unwrap().keys().collect();
+    assert!(
+        keys.iter().all(|k| ["apiVersion", "kind", "resources"].contains(&k.as_str())),
+        "{}: resources only, so that this render is what kustomize applies: {keys:?}",
+        dir.display()
+    );
+    let mut out = Vec::new();
+    for r in doc["resources"].as_array().unwrap() {
+        let p = dir.join(r.as_str().unwrap());
+        if p.is_dir() {
+            out.extend(render(&p));
+        } else {
+            out.push(std::fs::read_to_string(&p).unwrap());
+        }
+    }
+    out
+}
+
+/// `kind namespace/name` of every object in a multi-document YAML text, sorted.
+fn kinds(yaml: &str) -> Vec<String> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).unwrap();
+    let mut k: Vec<String> = docs
+        .iter()
+        .filter(|d| !d.is_null())
+        .map(|d| {
+            format!(
+                "{} {}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["namespace"].as_str().unwrap_or(""),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    k.sort();
+    k
 }
 
 pub(crate) async fn post(port: u16, ca_pem: &str, body: Vec<u8>) -> (u16, String) {
@@ -221,14 +264,9 @@ async fn install_and_inject_output_is_valid_kubernetes() {
     assert!(!manifests.contains("caBundle: ''") && !manifests.contains("caBundle: \"\""), "caBundle filled in");
     validate(&manifests, &["1.29.0", "1.33.0"]);
     // The kustomize base itself, as files (what `kubectl apply -k deploy/base` renders).
-    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base");
-    let kustomization = std::fs::read_to_string(base.join("kustomization.yaml")).unwrap();
-    let rendered: Vec<String> = kustomization
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- "))
-        .map(|f| std::fs::read_to_string(base.join(f.trim())).unwrap())
-        .collect();
+    let rendered = render(&palisade_tests::repo_root().join("deploy/base"));
     assert_eq!(rendered.len(), 5);
+    assert_eq!(kinds(&rendered.join("\n---\n")), kinds(&manifests), "install prints what deploy/base holds");
     validate(&rendered.join("\n---\n"), &["1.29.0", "1.33.0"]);
 
     let workloads = r#"apiVersion: apps/v1
@@ -430,4 +468,119 @@ fn check_reports_what_is_wrong_with_a_cluster_install() {
     let report = check(&state(vec![web]));
     let (ok, detail) = find(&report, "control plane installed");
     assert!(!ok && detail.contains("palisadectl install"), "{detail}");
+}
+
+/// deploy/ha, as `kubectl apply -k` and `palisadectl install --ha` give it:
+/// strict schemas, three replicas apart with a PDB, a three-member etcd only
+/// they reach; and two control planes run with the Deployment's own
+/// arguments against a real etcd share the CA the Secret seeded, rotate it,
+/// and keep the rotated root over a restart.
+#[tokio::test]
+async fn the_ha_overlay_validates_and_its_replicas_share_and_rotate_the_seeded_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rendered = render(&palisade_tests::repo_root().join("deploy/ha")).join("\n---\n");
+    let out =
+        Command::new(palisade_tests::bin("palisadectl")).args(["install", "--ha", "--generate-ca"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never apply another over it"));
+    let manifests = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(kinds(&rendered), kinds(&manifests), "install --ha prints what deploy/ha holds");
+    validate(&rendered, &["1.29.0", "1.33.0"]);
+    validate(&manifests, &["1.29.0", "1.33.0"]);
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&manifests).unwrap();
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name}"))
+    };
+    let cp = find("Deployment", "palisade-control-plane");
+    assert_eq!(cp["spec"]["replicas"], 3);
+    let anti = &cp["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        [0];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(find("PodDisruptionBudget", "palisade-control-plane")["spec"]["minAvailable"], 2);
+    assert_eq!(find("StatefulSet", "palisade-etcd")["spec"]["replicas"], 3);
+    let np = find("NetworkPolicy", "palisade-etcd");
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "palisade-control-plane"
+    );
+    assert!(!docs.iter().any(|d| d["kind"] == "PersistentVolumeClaim"), "the replicas keep no state of their own");
+    let etcd_image = find("StatefulSet", "palisade-etcd")["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+    assert!(etcd_image.as_str().unwrap().contains("etcd"), "install --image leaves etcd's image alone: {etcd_image}");
+
+    // The Deployment's arguments, run for real against an etcd on loopback.
+    let Some((_etcd, url, _)) = crate::replicas::etcd(&tmp.path().join("etcd"), tmp.path()).await else { return };
+    let secret = |name: &str, key: &str| find("Secret", name)["stringData"][key].as_str().unwrap().to_string();
+    let (ca_cert, ca_key, store_key) =
+        (tmp.path().join("tls.crt"), tmp.path().join("tls.key"), tmp.path().join("store.key"));
+    std::fs::write(&ca_cert, secret("palisade-ca", "tls.crt")).unwrap();
+    palisade_certs::files::write_secret(&ca_key, &secret("palisade-ca", "tls.key")).unwrap();
+    palisade_certs::files::write_secret(&store_key, &secret("palisade-store-key", "key")).unwrap();
+    // Each replica with ports of its own.
+    let args_for = || -> Vec<String> {
+        cp["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(1) // the image's entrypoint runs `control-plane` as palisade-control-plane
+            .map(|a| a.as_str().unwrap().to_string())
+            .filter_map(|a| {
+                let (flag, _) = a.split_once('=').unwrap_or((a.as_str(), ""));
+                Some(match flag {
+                    // Set by ControlPlane::start; no API server here for TokenReview.
+                    "--data-dir" | "--listen" | "--k8s-attestation" => return None,
+                    "--etcd-endpoints" => format!("{flag}={url}"),
+                    "--store-key-file" => format!("{flag}={}", store_key.display()),
+                    "--ca-cert" => format!("{flag}={}", ca_cert.display()),
+                    "--ca-key" => format!("{flag}={}", ca_key.display()),
+                    "--webhook-listen" | "--oauth-listen" | "--metrics-listen" => {
+                        format!("{flag}=127.0.0.1:{}", free_port())
+                    }
+                    _ => a,
+                })
+            })
+            .collect()
+    };
+    let start = |dir: &str| {
+        let args = args_for();
+        let dir = tmp.path().join(dir);
+        let log = tmp.path().to_path_buf();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ControlPlane::start(&dir, &log, &args).await.unwrap()
+        }
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    let seeded = std::fs::read_to_string(&ca_cert).unwrap();
+    for cp in [&a, &b] {
+        assert_eq!(std::fs::read_to_string(cp.bundle()).unwrap(), seeded, "the Secret's CA, from etcd");
+    }
+    // Both write to one log here: the CA was stored once, by one of them.
+    assert_eq!(a.proc.logs().matches("stored the CA of --ca-cert/--ca-key").count(), 1, "one replica seeds etcd");
+    // It rotates (no proxies to wait for), on both replicas.
+    let out = b.ctl(&["ca", "rotate", "--generate", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["phase"], "done");
+    let rotated = s["bundle_pem"].as_str().unwrap().to_string();
+    assert_ne!(rotated, seeded);
+    palisade_tests::eventually(
+        "both replicas' admin bundles to hold the new root",
+        Duration::from_secs(10),
+        || async {
+            (std::fs::read_to_string(a.bundle()).ok()? == rotated
+                && std::fs::read_to_string(b.bundle()).ok()? == rotated)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // Restarted with the same (now stale) Secret, a replica keeps etcd's rotated root.
+    let mut a = a;
+    a.proc.terminate(Duration::from_secs(10)).unwrap();
+    std::fs::remove_dir_all(tmp.path().join("a")).unwrap();
+    let a = start("a").await;
+    assert_eq!(std::fs::read_to_string(a.bundle()).unwrap(), rotated);
 }

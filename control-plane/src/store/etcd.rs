@@ -440,13 +440,14 @@ impl EtcdStore {
     }
 
     /// The mesh CA every replica signs with, kept in etcd with its key
-    /// sealed by `kek`: the first replica to start generates it, the others
-    /// (and later starts) load it.
+    /// sealed by `kek`: the first replica to start stores `seed` (the
+    /// operator's CA) or generates one, the others (and later starts) load it.
     pub fn shared_ca(
         &self,
         td: &palisade_certs::TrustDomain,
         kek: &super::sealed::Kek,
         validity: Duration,
+        seed: Option<&dyn Fn() -> Result<palisade_certs::CertificateAuthority, StoreError>>,
     ) -> Result<palisade_certs::CertificateAuthority, StoreError> {
         let key = format!("{}ca", self.prefix);
         for _ in 0..2 {
@@ -455,7 +456,10 @@ impl EtcdStore {
                     .map_err(|e| etcd_err(format!("the CA record in etcd ({key}) is unreadable: {e}")))?;
                 return rec.open(kek, "ca");
             }
-            let ca = palisade_certs::CertificateAuthority::generate(td, validity).map_err(etcd_err)?;
+            let ca = match seed {
+                Some(seed) => seed()?,
+                None => palisade_certs::CertificateAuthority::generate(td, validity).map_err(etcd_err)?,
+            };
             let json = serde_json::to_vec(&CaRecord::seal(&ca, kek, "ca")?).map_err(etcd_err)?;
             // Only if no other replica made one meanwhile; else load the winner's.
             if self.txn(
@@ -463,7 +467,12 @@ impl EtcdStore {
                 vec![(key.clone(), json)],
                 vec![],
             )? {
-                tracing::info!(subject = %ca.info().subject, "generated the mesh's root CA and stored it in etcd (key sealed with --store-key-file)");
+                let how = if seed.is_some() {
+                    "stored the CA of --ca-cert/--ca-key"
+                } else {
+                    "generated the mesh's root CA and stored it"
+                };
+                tracing::info!(subject = %ca.info().subject, "{how} in etcd (key sealed with --store-key-file); from now on etcd's copy is the CA in force");
                 return Ok(ca);
             }
         }
@@ -521,11 +530,20 @@ pub struct EtcdCaHome {
     pub kek: Arc<super::sealed::Kek>,
     pub td: palisade_certs::TrustDomain,
     pub validity: Duration,
+    /// `--ca-cert`/`--ca-key`: stored in etcd by the first replica when etcd holds no CA.
+    pub seed: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl crate::ca::CaHome for EtcdCaHome {
     fn load(&self) -> Result<crate::ca::Loaded, StoreError> {
-        let ca = self.store.shared_ca(&self.td, &self.kek, self.validity)?;
+        let seed = self.seed.as_ref().map(|(cert, key)| {
+            move || {
+                crate::pki::load_or_create_ca(Path::new("/nonexistent"), &self.td, Some((cert, key, None)))
+                    .map_err(|e| StoreError::Ca { why: e.to_string() })
+            }
+        });
+        let seed_fn = seed.as_ref().map(|f| f as &dyn Fn() -> Result<palisade_certs::CertificateAuthority, StoreError>);
+        let ca = self.store.shared_ca(&self.td, &self.kek, self.validity, seed_fn)?;
         let (rotation, version) = match self.store.get_raw("ca-rotation")? {
             Some((value, rev)) => {
                 let v: RotationValue = serde_json::from_slice(&value)

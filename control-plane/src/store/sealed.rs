@@ -77,9 +77,11 @@ impl Kek {
         use std::os::unix::fs::PermissionsExt;
         let err = |why: String| SealError::KeyFile { path: path.display().to_string(), why };
         let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-        if meta.permissions().mode() & 0o007 != 0 {
+        // As strict as the CA key: the owner only, or a Kubernetes Secret
+        // mounted root:fsGroup 0440 for this process's group.
+        if crate::pki::check_key_mode(path).is_err() {
             return Err(err(format!(
-                "mode {:o}: it must not be readable by others (chmod 600)",
+                "mode {:o}: it must be readable by no one else (chmod 600; group read only for a group of this process, as Kubernetes fsGroup mounts give)",
                 meta.permissions().mode() & 0o777
             )));
         }
