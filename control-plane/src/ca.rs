@@ -412,15 +412,18 @@ pub(crate) async fn drive(shared: Arc<Shared>, leading: Option<tokio::sync::watc
     loop {
         tokio::time::sleep(DRIVE_EVERY).await;
         if leading.as_ref().is_some_and(|l| !*l.borrow()) {
+            crate::metrics::METRICS.ca_roots.set(shared.ca.view().bundle.len() as i64);
             continue;
         }
         let view = shared.ca.view();
-        let Some(r) = view.rotation.clone().filter(|r| !r.phase.finished()) else { continue };
-        if r.min_phase_secs > 0 && unix_now() <= r.since + r.min_phase_secs {
+        crate::metrics::METRICS.ca_roots.set(view.bundle.len() as i64);
+        let Some(r) = view.rotation.clone().filter(|r| !r.phase.finished()) else {
+            crate::metrics::METRICS.ca_rotation_waiting.set(0);
             continue;
-        }
+        };
         let (_, waiting_for, _) = waiting(&shared, &view);
-        if !waiting_for.is_empty() {
+        crate::metrics::METRICS.ca_rotation_waiting.set(waiting_for.len() as i64);
+        if !waiting_for.is_empty() || (r.min_phase_secs > 0 && unix_now() <= r.since + r.min_phase_secs) {
             continue;
         }
         let next = match r.phase {

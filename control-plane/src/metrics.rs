@@ -49,6 +49,8 @@ pub struct Metrics {
     pub tap_events: Family<ResultLabel, Counter>,
     pub preview_samples: Gauge,
     pub leader: Gauge,
+    pub ca_roots: Gauge,
+    pub ca_rotation_waiting: Gauge,
     registry: Registry,
 }
 
@@ -71,6 +73,8 @@ impl Metrics {
         let tap_events = Family::<ResultLabel, Counter>::default();
         let preview_samples = Gauge::default();
         let leader = Gauge::default();
+        let ca_roots = Gauge::default();
+        let ca_rotation_waiting = Gauge::default();
         let mut registry = Registry::with_prefix("palisade_cp");
         registry.register(
             "certificates",
@@ -112,6 +116,16 @@ impl Metrics {
             "1 while this replica leads (runs the singleton duties); a single control plane always leads",
             leader.clone(),
         );
+        registry.register(
+            "ca_roots",
+            "Roots in the trust bundles this replica hands out (2 while a root rotation is under way)",
+            ca_roots.clone(),
+        );
+        registry.register(
+            "ca_rotation_waiting",
+            "Connected proxies the current root rotation step waits for (0 when none is under way)",
+            ca_rotation_waiting.clone(),
+        );
         Self {
             certificates,
             policy_streams,
@@ -125,6 +139,8 @@ impl Metrics {
             tap_events,
             preview_samples,
             leader,
+            ca_roots,
+            ca_rotation_waiting,
             registry,
         }
     }

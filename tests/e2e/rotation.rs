@@ -423,6 +423,12 @@ async fn replicas_on_etcd_rotate_together_and_the_survivor_finishes_the_rotation
         let b = std::fs::read_to_string(cp.bundle()).unwrap();
         assert_eq!(b.matches("BEGIN CERTIFICATE").count(), 2, "every replica publishes both roots");
     }
+    eventually("the leader's metrics to show two roots", Duration::from_secs(5), || async {
+        let m = palisade_tests::http::get(&metrics[leader], "/metrics").await.ok()?.1;
+        m.lines().any(|l| l == "palisade_cp_ca_roots 2").then_some(())
+    })
+    .await
+    .unwrap();
     phase_is(&cps[follower], "reissuing", Duration::from_secs(15)).await;
     // The leader dies in the middle of the step.
     let mut dead = cps.remove(leader);
@@ -433,6 +439,14 @@ async fn replicas_on_etcd_rotate_together_and_the_survivor_finishes_the_rotation
     assert!(crate::replicas::leads(&metrics[follower]).await, "the survivor leads");
     assert_eq!(s["signing"]["sha256"], new_sha.as_str());
     assert_eq!(s["bundle"].as_array().unwrap().len(), 1, "{s}");
+    eventually("the survivor's metrics to show one root", Duration::from_secs(5), || async {
+        let m = palisade_tests::http::get(&metrics[follower], "/metrics").await.ok()?.1;
+        (m.lines().any(|l| l == "palisade_cp_ca_roots 1")
+            && m.lines().any(|l| l == "palisade_cp_ca_rotation_waiting 0"))
+        .then_some(())
+    })
+    .await
+    .unwrap();
     for sc in [&orders, &web] {
         eventually("the sidecar to hold the new root only", Duration::from_secs(15), || async {
             let (chain, roots) = sidecar_ca(sc).await;

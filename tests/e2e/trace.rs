@@ -69,7 +69,7 @@ impl Collector {
 
     /// The spans of one trace, once `n` have arrived.
     async fn trace(&self, trace_id: &str, n: usize) -> Vec<serde_json::Value> {
-        eventually(&format!("{n} spans of trace {trace_id}"), Duration::from_secs(15), || async {
+        eventually(&format!("{n} spans of trace {trace_id}"), Duration::from_secs(30), || async {
             let got: Vec<_> =
                 self.spans.lock().unwrap().iter().filter(|s| s["trace_id"] == trace_id).cloned().collect();
             (got.len() >= n).then_some(got)

@@ -334,6 +334,17 @@ impl EtcdStore {
     /// generated CA from `DIR/ca/`, sealed with `kek`) into an empty prefix,
     /// so it can grow into replicas. Refuses a prefix that holds state.
     pub fn import(&self, dir: &Path, kek: &super::sealed::Kek) -> Result<String, StoreError> {
+        // A root rotation half done would leave its new root behind.
+        if let Ok(b) = std::fs::read(dir.join("ca/rotation.json"))
+            && let Ok(r) = serde_json::from_slice::<crate::ca::RotationRecord>(&b)
+            && !r.phase.finished()
+        {
+            return Err(etcd_err(format!(
+                "--migrate-from {}: a root CA rotation is in progress there (phase {}); let it finish (palisadectl ca status) or abort it, then migrate",
+                dir.display(),
+                r.phase.name()
+            )));
+        }
         let marker = format!("{}migrated-from", self.prefix);
         let (client, prefix) = (self.client.clone(), self.prefix.clone());
         let p = prefix.clone();
