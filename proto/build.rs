@@ -12,6 +12,7 @@ fn main() -> anyhow::Result<()> {
             "palisade.v1.CreateApiKeyResponse",
             "palisade.v1.CreateOAuthClientResponse",
             "palisade.v1.CertifyRequest",
+            "palisade.v1.RotateCaRequest",
         ])
         .compile_fds(fds)?;
     // prost-build does not emit rerun-if-changed on the compile_fds path.

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use palisade_proto::v1::*;
 
 use crate::{Online, Output, admin, print_value, status_err, time_str, ts};
@@ -16,8 +16,16 @@ pub(crate) enum CaCmd {
     /// then retire the old root. Waits until done (or --no-wait).
     Rotate {
         /// Generate the new root (ECDSA P-256, the trust domain and validity of the old one).
-        #[arg(long, required_unless_present = "abort", conflicts_with = "abort")]
+        #[arg(long, required_unless_present_any = ["abort", "new_root"], conflicts_with_all = ["abort", "new_root"])]
         generate: bool,
+        /// Rotate to your own root instead: a self-signed CA certificate (PEM) of
+        /// this trust domain, valid for at least 30 days more; with --new-root-key.
+        #[arg(long, requires = "new_root_key", conflicts_with = "abort")]
+        new_root: Option<std::path::PathBuf>,
+        /// The new root's private key (PEM; readable by you alone). It is sent to
+        /// the control plane over the admin connection and kept in its store.
+        #[arg(long, requires = "new_root")]
+        new_root_key: Option<std::path::PathBuf>,
         /// Abort the rotation in progress (only before the old root is retired):
         /// certificates already from the new root are renewed back first.
         #[arg(long)]
@@ -43,8 +51,31 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
             let s = admin(cli).await?.get_ca_status(GetCaStatusRequest {}).await.map_err(status_err)?.into_inner();
             print(cli.output, &s)
         }
-        CaCmd::Rotate { generate, abort, min_phase, no_wait, timeout } => {
-            let req = RotateCaRequest { generate: *generate, abort: *abort, min_phase_seconds: min_phase.as_secs() };
+        CaCmd::Rotate { generate, abort, min_phase, no_wait, timeout, new_root, new_root_key } => {
+            let mut req = RotateCaRequest {
+                generate: *generate,
+                abort: *abort,
+                min_phase_seconds: min_phase.as_secs(),
+                ..Default::default()
+            };
+            if let (Some(cert), Some(key)) = (new_root, new_root_key) {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(key)
+                    .with_context(|| format!("--new-root-key {}", key.display()))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    bail!(
+                        "--new-root-key {}: mode {:o}; a private key must be readable by you alone (chmod 600)",
+                        key.display(),
+                        mode & 0o777
+                    );
+                }
+                req.new_root_cert_pem =
+                    std::fs::read_to_string(cert).with_context(|| format!("--new-root {}", cert.display()))?;
+                req.new_root_key_pem =
+                    std::fs::read_to_string(key).with_context(|| format!("--new-root-key {}", key.display()))?;
+            }
             let s = admin(cli).await?.rotate_ca(req).await.map_err(status_err)?.into_inner();
             if *no_wait {
                 return print(cli.output, &s);

@@ -307,19 +307,39 @@ impl Admin for AdminService {
 
     async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<CaStatus>, Status> {
         let (caller, _) = self.authorize(&req)?;
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         const MAX_MIN_PHASE: u64 = 86400;
         if req.min_phase_seconds > MAX_MIN_PHASE {
             return Err(Status::invalid_argument(format!("min_phase_seconds: at most {MAX_MIN_PHASE}")));
         }
         let shared = self.shared.clone();
-        let result = match (req.generate, req.abort) {
-            (true, false) => {
+        let given = !req.new_root_cert_pem.is_empty() || !req.new_root_key_pem.is_empty();
+        const MAX_PEM: usize = 64 * 1024;
+        if req.new_root_cert_pem.len() > MAX_PEM || req.new_root_key_pem.len() > MAX_PEM {
+            return Err(Status::invalid_argument(format!(
+                "new_root_cert_pem, new_root_key_pem: at most {MAX_PEM} bytes"
+            )));
+        }
+        let result = match (req.generate, given, req.abort) {
+            (true, false, false) | (false, true, false) => {
+                let new = if given {
+                    let key = palisade_certs::SecretPem::new(std::mem::take(&mut req.new_root_key_pem));
+                    // The message names the certificate or key problem, never the key.
+                    let ca = palisade_certs::CertificateAuthority::from_pem(&req.new_root_cert_pem, key, None)
+                        .map_err(|e| Status::invalid_argument(format!("the new root: {e}")))?;
+                    Some(ca)
+                } else {
+                    None
+                };
                 let min = Duration::from_secs(req.min_phase_seconds);
-                blocking(move || shared.ca.start(min)).await
+                blocking(move || shared.ca.start(min, new)).await
             }
-            (false, true) => blocking(move || shared.ca.abort()).await,
-            _ => return Err(Status::invalid_argument("set exactly one of generate and abort")),
+            (false, false, true) => blocking(move || shared.ca.abort()).await,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "set exactly one of generate, new_root_cert_pem (with new_root_key_pem) and abort",
+                ));
+            }
         };
         result.map_err(|e| match e {
             crate::ca::RotateError::Precondition(m) => Status::failed_precondition(m),
@@ -329,6 +349,7 @@ impl Admin for AdminService {
                 Status::unavailable("cannot persist the rotation; see the control plane log")
             }
             crate::ca::RotateError::Generate(m) => Status::internal(m),
+            crate::ca::RotateError::Invalid(m) => Status::invalid_argument(m),
         })?;
         tracing::info!(target: "audit", event = if req.abort { "ca_rotation_abort_requested" } else { "ca_rotation_requested" }, src.identity = %caller, "root CA rotation requested");
         // The view changed here: push the new bundle now, not at the next tick.

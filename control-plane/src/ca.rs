@@ -202,6 +202,8 @@ pub enum RotateError {
     Store(#[from] StoreError),
     #[error("cannot generate the new root: {0}")]
     Generate(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl Authority {
@@ -260,8 +262,9 @@ impl Authority {
         Ok(())
     }
 
-    /// Starts a rotation to a freshly generated root (blocking).
-    pub fn start(&self, min_phase: Duration) -> Result<(), RotateError> {
+    /// Starts a rotation to `new` (the operator's root), or to a freshly
+    /// generated root (blocking).
+    pub fn start(&self, min_phase: Duration, new: Option<CertificateAuthority>) -> Result<(), RotateError> {
         if let Some(why) = self.home.not_rotatable() {
             return Err(RotateError::Precondition(why));
         }
@@ -279,8 +282,15 @@ impl Authority {
             .duration_since(old.info().not_before)
             .unwrap_or(crate::pki::ROOT_VALIDITY)
             .max(crate::pki::ROOT_VALIDITY);
-        let new =
-            CertificateAuthority::generate(&self.td, validity).map_err(|e| RotateError::Generate(e.to_string()))?;
+        let new = match new {
+            Some(n) => {
+                self.check_new_root(&n, &old)?;
+                n
+            }
+            None => {
+                CertificateAuthority::generate(&self.td, validity).map_err(|e| RotateError::Generate(e.to_string()))?
+            }
+        };
         let now = unix_now();
         let record = RotationRecord {
             phase: Phase::Publishing,
@@ -293,6 +303,35 @@ impl Authority {
         };
         self.write(&view, Write { record: &record, new: &new, keep: true, replace_ca: false })?;
         tracing::info!(target: "audit", event = "ca_rotation_started", new_root = %sha256_hex(&signing_cert(&new)), old_root = %sha256_hex(&signing_cert(&old)), "root CA rotation started: the new root is published in every trust bundle");
+        Ok(())
+    }
+
+    /// An operator's new root must be a root (self-signed: intermediates
+    /// would need a bundle of their own), of this trust domain when it names
+    /// one, valid for a while yet, and not the root in force.
+    fn check_new_root(&self, new: &CertificateAuthority, old: &CertificateAuthority) -> Result<(), RotateError> {
+        let bad = |why: String| Err(RotateError::Invalid(format!("the new root: {why}")));
+        let cert = signing_cert(new);
+        if new.trust_bundle().len() != 1 || new.trust_bundle()[0] != cert {
+            return bad("must be a self-signed root CA certificate (rotate to an intermediate by giving the control plane --ca-cert/--ca-bundle instead)".into());
+        }
+        if old.trust_bundle().contains(&cert) {
+            return bad("is the root in force already".into());
+        }
+        let left = new.info().time_left(SystemTime::now());
+        if left < Duration::from_secs(30 * 86400) {
+            return bad(format!(
+                "expires in {}; give one valid for at least 30 days",
+                humantime::format_duration(Duration::from_secs(left.as_secs()))
+            ));
+        }
+        for uri in &new.info().uri_sans {
+            if let Some(td) = uri.strip_prefix("spiffe://")
+                && td.trim_end_matches('/') != self.td.to_string()
+            {
+                return bad(format!("names trust domain {td}; this mesh is {}", self.td));
+            }
+        }
         Ok(())
     }
 
@@ -585,12 +624,12 @@ mod tests {
         let a = open();
         let old = a.view().signing_sha.clone();
         assert!(a.view().rotation.is_none());
-        a.start(Duration::ZERO).unwrap();
+        a.start(Duration::ZERO, None).unwrap();
         let v = a.view();
         assert_eq!(v.rotation.as_ref().unwrap().phase, Phase::Publishing);
         assert_eq!(v.signing_sha, old, "publishing signs with the old root");
         assert_eq!(v.bundle.len(), 2);
-        assert!(a.start(Duration::ZERO).unwrap_err().to_string().contains("in progress"));
+        assert!(a.start(Duration::ZERO, None).unwrap_err().to_string().contains("in progress"));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("ca/next-key.pem")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -623,11 +662,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Authority::open(Box::new(FileHome::new(dir.path(), &td(), None, None)), td()).unwrap();
         let old = a.view().signing_sha.clone();
-        a.start(Duration::ZERO).unwrap();
+        a.start(Duration::ZERO, None).unwrap();
         a.abort().unwrap();
         assert_eq!(a.view().rotation.as_ref().unwrap().phase, Phase::Aborted, "nothing was signed by the new root");
         assert_eq!(a.view().bundle.len(), 1);
-        a.start(Duration::ZERO).unwrap();
+        a.start(Duration::ZERO, None).unwrap();
         let v = a.view();
         a.step(&v, v.rotation.clone().unwrap(), Phase::Reissuing).unwrap();
         a.abort().unwrap();
@@ -639,10 +678,31 @@ mod tests {
     }
 
     #[test]
+    fn an_operators_new_root_must_be_a_fresh_root_of_this_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::open(Box::new(FileHome::new(dir.path(), &td(), None, None)), td()).unwrap();
+        let v = a.view();
+        let same = CertificateAuthority::from_pem(&v.signing.cert_pem(), v.signing.key_pem().clone(), None).unwrap();
+        assert!(a.start(Duration::ZERO, Some(same)).unwrap_err().to_string().contains("in force already"));
+        let foreign = TrustDomain::new("other.example").unwrap();
+        let other = CertificateAuthority::generate(&foreign, Duration::from_secs(365 * 86400)).unwrap();
+        assert!(a.start(Duration::ZERO, Some(other)).unwrap_err().to_string().contains("trust domain other.example"));
+        let short = CertificateAuthority::generate(&td(), Duration::from_secs(86400)).unwrap();
+        assert!(a.start(Duration::ZERO, Some(short)).unwrap_err().to_string().contains("at least 30 days"));
+        assert!(a.view().rotation.is_none(), "nothing started");
+        let good = CertificateAuthority::generate(&td(), Duration::from_secs(365 * 86400)).unwrap();
+        let sha = sha256_hex(&good.trust_bundle()[0]);
+        a.start(Duration::ZERO, Some(good)).unwrap();
+        let v = a.view();
+        assert_eq!(v.bundle.len(), 2);
+        assert_eq!(sha256_hex(&v.bundle[1]), sha);
+    }
+
+    #[test]
     fn an_operator_ca_is_not_rotated_here() {
         let dir = tempfile::tempdir().unwrap();
         let home = FileHome::new(dir.path(), &td(), None, Some("fixed".into()));
         let a = Authority::open(Box::new(home), td()).unwrap();
-        assert_eq!(a.start(Duration::ZERO).unwrap_err().to_string(), "fixed");
+        assert_eq!(a.start(Duration::ZERO, None).unwrap_err().to_string(), "fixed");
     }
 }

@@ -3,7 +3,9 @@
 
 use std::fmt;
 
-use crate::v1::{CertifyRequest, CreateApiKeyResponse, CreateJoinTokenResponse, CreateOAuthClientResponse};
+use crate::v1::{
+    CertifyRequest, CreateApiKeyResponse, CreateJoinTokenResponse, CreateOAuthClientResponse, RotateCaRequest,
+};
 
 const REDACTED: &str = "<redacted>";
 
@@ -35,6 +37,18 @@ impl fmt::Debug for CertifyRequest {
             .field("csr_der", &format_args!("{} bytes", self.csr_der.len()))
             .field("attestation", &self.attestation.as_ref().map(|_| REDACTED))
             .field("inbound_addr", &self.inbound_addr)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RotateCaRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotateCaRequest")
+            .field("generate", &self.generate)
+            .field("abort", &self.abort)
+            .field("min_phase_seconds", &self.min_phase_seconds)
+            .field("new_root_cert_pem", &format_args!("{} bytes", self.new_root_cert_pem.len()))
+            .field("new_root_key_pem", &(!self.new_root_key_pem.is_empty()).then_some(REDACTED))
             .finish()
     }
 }

@@ -1262,6 +1262,27 @@ async fn root_rotation_cannot_be_driven_or_skipped_by_a_workload() {
         let err = a.rotate_ca(bad).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     }
+    // The operator's new root: a key that is not its key, or not a key at
+    // all, is refused, and the answer never echoes the key.
+    let td = TrustDomain::default();
+    let root = palisade_certs::CertificateAuthority::generate(&td, Duration::from_secs(400 * 86400)).unwrap();
+    let other = palisade_certs::CertificateAuthority::generate(&td, Duration::from_secs(400 * 86400)).unwrap();
+    let key_line = other.key_pem().expose().lines().nth(1).unwrap().to_string();
+    for (key, why) in [
+        (other.key_pem().expose().to_string(), "does not match"),
+        ("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n".to_string(), "the new root"),
+    ] {
+        let req = RotateCaRequest { new_root_cert_pem: root.cert_pem(), new_root_key_pem: key, ..Default::default() };
+        let err = a.rotate_ca(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(why) && !err.message().contains(&key_line), "{err:?}");
+    }
+    let both = RotateCaRequest { generate: true, new_root_cert_pem: root.cert_pem(), ..Default::default() };
+    assert_eq!(a.rotate_ca(both).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert!(
+        !format!("{:?}", RotateCaRequest { new_root_key_pem: key_line.clone(), ..Default::default() })
+            .contains(&key_line)
+    );
     assert_eq!(a.get_ca_status(GetCaStatusRequest {}).await.unwrap().into_inner().phase, "none");
     let err = a.rotate_ca(RotateCaRequest { abort: true, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");

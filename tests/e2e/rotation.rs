@@ -264,9 +264,30 @@ async fn an_interrupted_rotation_resumes_and_an_aborted_one_restores_the_old_roo
     let stop = Arc::new(AtomicBool::new(false));
     let load = traffic(m.base.clone(), stop.clone());
 
-    let out = cp.ctl(&["ca", "rotate", "--generate", "--min-phase", "2s", "--no-wait", "-o", "json"]);
+    // To the operator's own root this time (the control plane generates one otherwise).
+    let mine =
+        CertificateAuthority::generate(&palisade_certs::TrustDomain::default(), Duration::from_secs(400 * 86400))
+            .unwrap();
+    let (root_file, key_file) = (tmp.path().join("new-root.pem"), tmp.path().join("new-root-key.pem"));
+    std::fs::write(&root_file, mine.cert_pem()).unwrap();
+    palisade_certs::files::write_secret(&key_file, mine.key_pem().expose()).unwrap();
+    let (root_arg, key_arg) = (root_file.to_str().unwrap(), key_file.to_str().unwrap());
+    let out = cp.ctl(&[
+        "ca",
+        "rotate",
+        "--new-root",
+        root_arg,
+        "--new-root-key",
+        key_arg,
+        "--min-phase",
+        "2s",
+        "--no-wait",
+        "-o",
+        "json",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(started["new_root"]["sha256"], sha(&mine));
     assert_eq!(started["phase"], "publishing");
     let again = cp.ctl(&["ca", "rotate", "--generate"]);
     assert!(!again.status.success());
@@ -281,7 +302,9 @@ async fn an_interrupted_rotation_resumes_and_an_aborted_one_restores_the_old_roo
     let s = phase_is(&cp, "done", Duration::from_secs(30)).await;
     let first = data_ca(&cp);
     assert_eq!(s["signing"]["sha256"], sha(&first));
+    assert_eq!(sha(&first), sha(&mine), "the operator's root is the CA now");
     assert_ne!(sha(&first), sha(&old));
+    assert!(!cp.proc.logs().contains(mine.key_pem().expose().lines().nth(1).unwrap()), "the key is never logged");
 
     // A second rotation, aborted after certificates moved to its root (a
     // frozen sidecar holds the step open meanwhile).
