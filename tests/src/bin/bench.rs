@@ -52,7 +52,8 @@ fn parse_args() -> Result<Option<Args>> {
             "-h" | "--help" => {
                 println!(
                     "palisade-bench [--json FILE] [--duration 10s] [--rate 1000] [--load-rate 2000] [--connections 32]\n\
-                     palisade-bench push [STREAMS]   (policy push latency to STREAMS simulated sidecars, default 1000)\n\
+                     palisade-bench push [STREAMS] [etcd] [rotate]   (policy push latency to STREAMS simulated sidecars, default 1000;\n\
+                     \x20                                                  rotate: then a root CA rotation, its steps timed)\n\
                      palisade-bench instructions [N] [JSON]   (user-space instructions per request, under callgrind)\n\
                      palisade-bench mesh   (the set-up left running for wrk/strace/perf until stdin closes)\n\
                      palisade-bench authn [RATE] [SECONDS]   (server sidecar CPU per request: plain, JWT cached, JWT cold)\n\
@@ -77,9 +78,10 @@ fn main() -> Result<()> {
     palisade_certs::install_default_provider();
     if std::env::args().nth(1).as_deref() == Some("push") {
         let streams = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
-        let etcd = std::env::args().nth(3).as_deref() == Some("etcd");
+        let rest: Vec<String> = std::env::args().skip(3).collect();
+        let (etcd, rotate) = (rest.iter().any(|a| a == "etcd"), rest.iter().any(|a| a == "rotate"));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        return rt.block_on(push::run(streams, etcd));
+        return rt.block_on(push::run(streams, etcd, rotate));
     }
     if std::env::args().nth(1).as_deref() == Some("instructions") {
         let requests = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(2000);
@@ -792,7 +794,7 @@ mod push {
         Ok((proc, url))
     }
 
-    pub(super) async fn run(streams: usize, on_etcd: bool) -> Result<()> {
+    pub(super) async fn run(streams: usize, on_etcd: bool, rotate: bool) -> Result<()> {
         let tmp = tempfile::tempdir()?;
         let mut args = vec!["--log".to_string(), "warn".to_string()];
         let _etcd = if on_etcd {
@@ -815,15 +817,19 @@ mod push {
         // (version, arrival) of every snapshot, per stream.
         let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); streams]));
         let mut tasks = Vec::new();
+        let renewals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for i in 0..streams {
             let ch = grpc::channel(&cp.addr, &bundle, None).await?;
             let key = WorkloadKey::generate()?;
             let started = Instant::now();
+            // For a rotation the proxies register their address, as sidecars do
+            // (the control plane matches renewals to streams by it).
+            let addr = format!("10.0.{}.{}:4143", i / 250, i % 250);
             let resp = IdentityClient::new(ch)
                 .certify(CertifyRequest {
                     csr_der: key.csr_der(None)?,
                     attestation: Some(Attestation::JoinToken(token.clone())),
-                    inbound_addr: String::new(),
+                    inbound_addr: if rotate { addr.clone() } else { String::new() },
                 })
                 .await?
                 .into_inner();
@@ -831,20 +837,40 @@ mod push {
             let chain: Vec<CertificateDer<'static>> =
                 resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
             let (id, info) = SvidInfo::parse_svid(&chain[0])?;
+            let mut held = chain.clone();
             let svid = Svid { certified: key.certified(chain)?, info, id };
             let ch = grpc::channel(&cp.addr, &bundle, Some(svid)).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tx.send(DiscoveryRequest {
-                inbound_addr: format!("10.0.{}.{}:4143", i / 250, i % 250),
-                ..Default::default()
-            })
-            .await?;
-            let mut snaps =
-                MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-            let arrivals = arrivals.clone();
+            tx.send(DiscoveryRequest { inbound_addr: addr.clone(), ..Default::default() }).await?;
+            let mut snaps = MeshConfigClient::new(ch.clone())
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let (arrivals, renewals) = (arrivals.clone(), renewals.clone());
             tasks.push(tokio::spawn(async move {
                 while let Ok(Some(s)) = snaps.message().await {
                     arrivals.lock().expect("invariant: not poisoned")[i].push((s.version.clone(), Instant::now()));
+                    // A root rotation asks for a certificate from another root: renew
+                    // over this connection, spread over 2 s, as sidecars do.
+                    let roots: Vec<CertificateDer<'static>> =
+                        s.renew_unless_chains_to.iter().cloned().map(CertificateDer::from).collect();
+                    let stale = !roots.is_empty()
+                        && palisade_certs::svid::root_store(&roots).is_ok_and(|r| {
+                            palisade_certs::svid::verify_chain(&held, &r, std::time::SystemTime::now()).is_err()
+                        });
+                    if stale {
+                        tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 2000)).await;
+                        let key = WorkloadKey::generate().expect("a key");
+                        let req = CertifyRequest {
+                            csr_der: key.csr_der(None).expect("a CSR"),
+                            attestation: None,
+                            inbound_addr: addr.clone(),
+                        };
+                        if let Ok(r) = IdentityClient::new(ch.clone()).certify(req).await {
+                            held = r.into_inner().cert_chain_der.into_iter().map(CertificateDer::from).collect();
+                            renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
                     if tx
                         .send(DiscoveryRequest { nonce: s.nonce, version: s.version, ..Default::default() })
                         .await
@@ -913,6 +939,34 @@ mod push {
             q(0.99),
             q(1.0)
         );
+        if rotate {
+            use palisade_proto::v1::{GetCaStatusRequest, RotateCaRequest};
+            eprintln!("rotating the root CA with {streams} streams connected...");
+            let t0 = Instant::now();
+            client.rotate_ca(RotateCaRequest { generate: true, ..Default::default() }).await?;
+            let (mut phase, mut marks) = (String::from("publishing"), vec![("publishing".to_string(), Duration::ZERO)]);
+            while phase != "done" {
+                if t0.elapsed() > Duration::from_secs(600) {
+                    bail!("the rotation did not finish within 10 minutes (phase {phase})");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                // The admin credential changes root too; this connection was made before.
+                let s = client.get_ca_status(GetCaStatusRequest {}).await?.into_inner();
+                if s.phase != phase {
+                    phase = s.phase.clone();
+                    marks.push((phase.clone(), t0.elapsed()));
+                }
+            }
+            let total = t0.elapsed();
+            let at = |p: &str| marks.iter().find(|(x, _)| x == p).map(|(_, t)| *t).unwrap_or(total);
+            println!(
+                "root CA rotation with {streams} streams: publishing (every ACK) {:?}, reissuing ({} renewals) {:?}, done after {:?}",
+                at("reissuing"),
+                renewals.load(std::sync::atomic::Ordering::Relaxed),
+                at("done").saturating_sub(at("reissuing")),
+                total
+            );
+        }
         for t in tasks {
             t.abort();
         }
