@@ -143,6 +143,17 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let listener =
         TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+    // Every other port too: a conflict changes nothing, and once the gRPC port
+    // accepts, so do they (connections wait in their backlogs until served).
+    let bind_other = |addr: Option<SocketAddr>| async move {
+        match addr {
+            Some(addr) => TcpListener::bind(addr).await.map(Some).map_err(|source| StartError::Bind { addr, source }),
+            None => Ok(None),
+        }
+    };
+    let oauth_listener = bind_other(cfg.oauth_listen).await?;
+    let metrics_listener = bind_other(cfg.metrics_listen).await?;
+    let webhook_listener = bind_other(cfg.webhook_listen).await?;
     let td = cfg.trust_domain.clone();
     if cfg.cert_ttl < Duration::from_secs(300) {
         tracing::warn!(cert_ttl = %humantime::format_duration(cfg.cert_ttl), "certificate TTL below 5 minutes: fine for tests, a heavy renewal load in production");
@@ -231,11 +242,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         Some(Arc::new(k) as Arc<dyn attest::Attestor>)
     } else {
         None
-    };
-    // Bind the token service's port before any state changes too.
-    let oauth_listener = match cfg.oauth_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
-        None => None,
     };
     let oauth = match cfg.issuer_url() {
         Some(issuer) => {
@@ -522,14 +528,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     };
     tracker.spawn(conn::accept(listener, acceptor, limits, conn_tx, stop.clone(), tracker.clone()));
 
-    if let Some(addr) = cfg.metrics_listen {
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    if let (Some(addr), Some(listener)) = (cfg.metrics_listen, metrics_listener) {
         tracing::info!(listen = %addr, "metrics served at /metrics");
         tracker.spawn(metrics::serve(listener, stop.clone(), tracker.clone()));
     }
     let closing = shared.hub.closing.clone();
-    if let Some(addr) = cfg.webhook_listen {
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    if let (Some(addr), Some(listener)) = (cfg.webhook_listen, webhook_listener) {
         let webhook_cert = SvidStore::new();
         pki::issue_server_cert(&ca, &td, &cfg.webhook_names, &[], &webhook_cert)?;
         spawn(Box::pin(pki::rotate_server_cert(
