@@ -604,11 +604,6 @@ fn write_ca_files(dir: &Path, ca: &CertificateAuthority) -> Result<(), StoreErro
     palisade_certs::files::write_public(&dir.join("ca.pem"), &ca.cert_pem()).map_err(|e| io(dir.join("ca.pem"), e))
 }
 
-/// Seconds since the epoch, for tests and status.
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
