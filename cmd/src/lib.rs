@@ -11,6 +11,8 @@
 
 use std::io::{IsTerminal, Write};
 
+mod logfmt;
+
 /// Exit status for a usage error or a bad flag value (sysexits.h `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 
@@ -94,8 +96,10 @@ pub fn init_logging(flag: &str, filter: &str, format: LogFormat) -> Result<(), S
         tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(color_allowed(&std::io::stderr()));
     let registry = tracing_subscriber::registry().with(targets);
     match format {
+        // serde_json escapes every string it writes.
         LogFormat::Json => registry.with(fmt.json()).init(),
-        LogFormat::Human => registry.with(fmt).init(),
+        // Escaped: a value from outside cannot start a forged line.
+        LogFormat::Human => registry.with(fmt.fmt_fields(logfmt::EscapedFields)).init(),
     }
     Ok(())
 }

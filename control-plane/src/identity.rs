@@ -26,7 +26,7 @@ const MAX_CSR_BYTES: usize = 16 * 1024;
 
 fn refuse(status: Status, src: &str, claimed: &str) -> Status {
     crate::metrics::METRICS.certificate("refused", crate::metrics::code_label(status.code()));
-    tracing::warn!(target: "audit", event = "certificate_refused", src.addr = %src, identity = %claimed, code = ?status.code(), reason = %status.message(), "refused a certificate request");
+    tracing::warn!(target: "audit", event = "certificate_refused", src.addr = %src, identity = %palisade_telemetry::Untrusted(claimed), code = ?status.code(), reason = %palisade_telemetry::Untrusted(status.message()), "refused a certificate request");
     status
 }
 

@@ -829,7 +829,7 @@ impl MeshConfig for MeshConfigService {
         });
         hub.policies_changed(); // replica counts may change cluster-scope shares
         crate::metrics::METRICS.policy_streams.inc();
-        tracing::info!(src.addr = %src, src.identity = %identity, proxy = %key, "sidecar subscribed to policy");
+        tracing::info!(src.addr = %src, src.identity = %identity, proxy = %palisade_telemetry::Untrusted(&key), "sidecar subscribed to policy");
 
         let (tx, rx) = mpsc::channel(4);
         let sender_shared = shared.clone();
@@ -867,7 +867,7 @@ impl MeshConfig for MeshConfigService {
                     });
                 } else if prost::Message::encoded_len(&snap) > limits::MAX_SNAPSHOT_BYTES {
                     // Apply keeps policies under budget; endpoints alone could still grow past it.
-                    tracing::error!(proxy = %sender_key, size = prost::Message::encoded_len(&snap), limit = limits::MAX_SNAPSHOT_BYTES, "snapshot too large for the sidecar; not sent (it keeps its last policy)");
+                    tracing::error!(proxy = %palisade_telemetry::Untrusted(&sender_key), size = prost::Message::encoded_len(&snap), limit = limits::MAX_SNAPSHOT_BYTES, "snapshot too large for the sidecar; not sent (it keeps its last policy)");
                     last = Some(snap);
                 } else {
                     snap.nonce = hub.nonce.fetch_add(1, Ordering::Relaxed).to_string();
@@ -943,7 +943,7 @@ impl MeshConfig for MeshConfigService {
                     Ok(Some(m)) => {
                         let types: Vec<&String> = m.rejected.keys().collect();
                         crate::metrics::METRICS.nacks.inc();
-                        tracing::warn!(target: "audit", event = "config_nack", proxy = %key, src.identity = %identity, version = %m.version, rejected = ?types, error = %m.error, "sidecar rejected part of a config snapshot");
+                        tracing::warn!(target: "audit", event = "config_nack", proxy = %palisade_telemetry::Untrusted(&key), src.identity = %identity, version = %palisade_telemetry::Untrusted(&m.version), rejected = ?types, error = %palisade_telemetry::Untrusted(&m.error), "sidecar rejected part of a config snapshot");
                         hub.update(&key, |s| {
                             if s.stream == stream_id {
                                 s.nacked = true;
@@ -961,7 +961,7 @@ impl MeshConfig for MeshConfigService {
             });
             hub.policies_changed();
             crate::metrics::METRICS.policy_streams.dec();
-            tracing::info!(proxy = %key, "sidecar policy stream closed");
+            tracing::info!(proxy = %palisade_telemetry::Untrusted(&key), "sidecar policy stream closed");
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }

@@ -54,7 +54,7 @@ async fn handle(
                 .as_str()
                 .or(review["request"]["object"]["metadata"]["generateName"].as_str())
                 .unwrap_or("");
-            tracing::info!(target: "audit", event = "admission", namespace = %review["request"]["namespace"].as_str().unwrap_or(""), pod = %name, injected, dry_run = review["request"]["dryRun"].as_bool().unwrap_or(false), "admission review answered");
+            tracing::info!(target: "audit", event = "admission", namespace = %palisade_telemetry::Untrusted(review["request"]["namespace"].as_str().unwrap_or("")), pod = %palisade_telemetry::Untrusted(name), injected, dry_run = review["request"]["dryRun"].as_bool().unwrap_or(false), "admission review answered");
             reply(StatusCode::OK, "application/json", serde_json::to_vec(&resp).unwrap_or_default())
         }
         Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n").into_bytes()),

@@ -345,3 +345,88 @@ impl Injector for HeaderInjector<'_> {
         }
     }
 }
+
+/// A value that came from outside (a peer, a request, a sidecar's report),
+/// for a log field: `tracing::warn!(error = %Untrusted(&m.error), ..)`.
+///
+/// Written quoted, with `"`, `\`, control characters and Unicode line
+/// separators escaped, and cut after [`Untrusted::MAX_CHARS`] characters:
+/// whatever it holds stays inside its own field of its own line, so it can
+/// neither start a forged line (the audit log is evidence) nor pass for
+/// another field (`x event="admin_authorized"`), nor flood the log.
+/// `%value` (Display) would write newlines as they are.
+#[derive(Debug, Clone, Copy)]
+pub struct Untrusted<T>(pub T);
+
+impl<T> Untrusted<T> {
+    /// Characters written at most; the rest is replaced by a count.
+    pub const MAX_CHARS: usize = 4096;
+}
+
+impl<T: std::fmt::Display> std::fmt::Display for Untrusted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let mut w = Escape { out: f, left: Self::MAX_CHARS, cut: 0 };
+        w.out.write_char('"')?;
+        write!(w, "{}", self.0)?;
+        let cut = w.cut;
+        f.write_char('"')?;
+        if cut > 0 {
+            write!(f, "...({cut} more characters)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Escapes what passes through it, up to a budget of characters.
+struct Escape<'a, 'b> {
+    out: &'a mut std::fmt::Formatter<'b>,
+    left: usize,
+    cut: usize,
+}
+
+impl std::fmt::Write for Escape<'_, '_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for c in s.chars() {
+            if self.left == 0 {
+                self.cut += 1;
+                continue;
+            }
+            self.left -= 1;
+            match c {
+                '"' => self.out.write_str("\\\"")?,
+                '\\' => self.out.write_str("\\\\")?,
+                '\n' => self.out.write_str("\\n")?,
+                '\r' => self.out.write_str("\\r")?,
+                '\t' => self.out.write_str("\\t")?,
+                c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => {
+                    write!(self.out, "\\u{{{:x}}}", c as u32)?
+                }
+                c => self.out.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Untrusted;
+
+    #[test]
+    fn untrusted_values_stay_inside_their_field() {
+        let forged = "v1\n2025-01-01T00:00:00Z  INFO audit: event=\"admin_authorized\"\r\x1b[2K\u{2028}\\";
+        let out = Untrusted(forged).to_string();
+        assert_eq!(
+            out,
+            "\"v1\\n2025-01-01T00:00:00Z  INFO audit: event=\\\"admin_authorized\\\"\\r\\u{1b}[2K\\u{2028}\\\\\""
+        );
+        assert!(!out.chars().any(|c| c.is_control()), "{out}");
+        // Any Display value, not only strings.
+        assert_eq!(Untrusted(42).to_string(), "\"42\"");
+        let long = "x".repeat(Untrusted::<&str>::MAX_CHARS + 10);
+        let out = Untrusted(long.as_str()).to_string();
+        assert!(out.ends_with("\"...(10 more characters)"), "{}", &out[out.len() - 40..]);
+        assert_eq!(out.len(), Untrusted::<&str>::MAX_CHARS + 2 + "...(10 more characters)".len());
+    }
+}
