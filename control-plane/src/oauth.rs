@@ -5,11 +5,11 @@
 //!
 //! Client secrets are stored as SHA-256 hashes (they are 256-bit random
 //! values, so a slow hash adds nothing); failed authentications are counted
-//! per client and per source address, and either being locked out answers
-//! 429 until the window passes. No secret or token is ever logged.
+//! per source address and per client and address ([`throttle`]): a guesser's
+//! address is answered 429 until the window passes, and the client, from
+//! any other address, is still served. No secret or token is ever logged.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ use crate::attest::join_token::unix_now;
 use crate::https::reply;
 use crate::store::{OAuthClientRecord, Store};
 
+mod throttle;
+
 /// The token endpoint's path.
 pub const TOKEN_PATH: &str = "/oauth2/token";
 /// The key set's path.
@@ -37,10 +39,6 @@ pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
 
 /// Largest token request body (a form of a few fields).
 const MAX_BODY: usize = 16 * 1024;
-/// Failed client authentications allowed per client, and per source address, per window.
-const MAX_FAILURES_PER_CLIENT: u32 = 5;
-const MAX_FAILURES_PER_ADDR: u32 = 20;
-const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Why the token service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -131,12 +129,6 @@ pub struct Settings {
     pub key_rotation: Duration,
 }
 
-#[derive(Default)]
-struct Failures {
-    by_client: Option<lru::LruCache<String, (u32, Instant)>>,
-    by_addr: Option<lru::LruCache<std::net::IpAddr, (u32, Instant)>>,
-}
-
 /// Where the signing keys are kept.
 #[derive(Debug)]
 pub enum KeyHome {
@@ -161,7 +153,7 @@ pub struct TokenService {
     home: KeyHome,
     keys: RwLock<Vec<SigningKey>>,
     store: Arc<dyn Store>,
-    failures: Mutex<Failures>,
+    failures: Mutex<throttle::Throttle>,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -340,33 +332,18 @@ impl TokenService {
         Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
     }
 
-    /// Whether `client` or `addr` is locked out after too many failures.
+    /// Whether `addr`, or `client` from `addr`, is locked out after too many failures.
     fn locked(&self, client: Option<&str>, addr: std::net::IpAddr) -> Option<Duration> {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let check = |entry: Option<&(u32, Instant)>, max: u32| {
-            entry
-                .filter(|(n, at)| *n >= max && at.elapsed() < FAILURE_WINDOW)
-                .map(|(_, at)| FAILURE_WINDOW - at.elapsed())
-        };
-        let by_addr = f.by_addr.as_mut().and_then(|m| check(m.get(&addr), MAX_FAILURES_PER_ADDR));
-        let by_client =
-            client.and_then(|c| f.by_client.as_mut().and_then(|m| check(m.get(c), MAX_FAILURES_PER_CLIENT)));
-        by_addr.or(by_client)
+        let f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        f.addr_locked(addr, now).or_else(|| client.and_then(|c| f.client_locked(c, addr, now)))
     }
 
-    fn failed(&self, client: Option<&str>, addr: std::net::IpAddr) {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let cap = NonZeroUsize::new(10_000).expect("invariant: non-zero");
-        let bump = |e: &mut (u32, Instant)| {
-            if e.1.elapsed() >= FAILURE_WINDOW {
-                *e = (0, Instant::now());
-            }
-            e.0 += 1;
-        };
-        bump(f.by_addr.get_or_insert_with(|| lru::LruCache::new(cap)).get_or_insert_mut(addr, || (0, Instant::now())));
-        if let Some(c) = client {
-            let m = f.by_client.get_or_insert_with(|| lru::LruCache::new(cap));
-            bump(m.get_or_insert_mut(c.to_string(), || (0, Instant::now())));
+    /// Counts a failed authentication; waits before the answer when it could not be counted.
+    async fn failed(&self, client: Option<&str>, addr: std::net::IpAddr) {
+        let verdict = self.failures.lock().unwrap_or_else(|p| p.into_inner()).failed(client, addr, Instant::now());
+        if verdict == throttle::Verdict::Slow {
+            tokio::time::sleep(throttle::SLOW_ANSWER).await;
         }
     }
 
@@ -488,7 +465,7 @@ impl TokenService {
         let client = clients.into_iter().find(|c| c.client_id == id);
         let ok = client.as_ref().is_some_and(|c| same(hex(&presented).as_bytes(), c.secret_sha256.as_bytes()));
         let Some(client) = client.filter(|_| ok) else {
-            self.failed(Some(&id), addr);
+            self.failed(Some(&id), addr).await;
             refuse("bad_client_credentials", Some(&id));
             return Err(invalid_client());
         };
