@@ -6,8 +6,14 @@
 //! after that, and when a sidecar saw a token whose `kid` is not in it (the
 //! issuer may have rotated), at most once per minimum interval per URI. A
 //! failed fetch keeps the last good set.
+//!
+//! Every fetch runs as a task of its own with a [`FETCH_TIMEOUT`]: a slow or
+//! silent server delays its own set, never another's, and `policy apply`
+//! never waits for one (it stores the policy and says the set is pending;
+//! the set follows the policy to the sidecars as soon as it is fetched).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +24,7 @@ use palisade_policy::authn::{Jwks, MAX_JWKS_BYTES};
 use tokio::net::TcpStream;
 
 /// Time allowed for one fetch, connection included.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Entry {
@@ -27,6 +33,14 @@ struct Entry {
     fetched: Option<Instant>,
     attempted: Option<Instant>,
     requested: bool,
+    /// A fetch task is running for it.
+    in_flight: bool,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Self { json: None, fetched: None, attempted: None, requested: false, in_flight: false }
+    }
 }
 
 /// The cache of fetched key sets.
@@ -36,6 +50,8 @@ pub struct JwksCache {
     refresh: Duration,
     min_interval: Duration,
     wake: tokio::sync::Notify,
+    /// A fetch task stored a new set that [`JwksCache::fetch_due`] has not reported yet.
+    changed: AtomicBool,
 }
 
 impl std::fmt::Debug for JwksCache {
@@ -58,6 +74,7 @@ impl JwksCache {
             refresh,
             min_interval,
             wake: tokio::sync::Notify::new(),
+            changed: AtomicBool::new(false),
         })
     }
 
@@ -77,21 +94,18 @@ impl JwksCache {
         }
     }
 
-    /// The URIs due for a fetch among `wanted`, and forgets the others.
+    /// The URIs due for a fetch among `wanted` (marked in flight), and
+    /// forgets the others (once their fetch, if any, is over).
     fn due(&self, wanted: &[String]) -> Vec<String> {
         let mut all = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|k, _| wanted.contains(k));
+        all.retain(|k, e| e.in_flight || wanted.contains(k));
         let now = Instant::now();
         let mut out = Vec::new();
         for uri in wanted {
-            let e = all.entry(uri.clone()).or_insert(Entry {
-                json: None,
-                fetched: None,
-                attempted: None,
-                requested: false,
-            });
+            let e = all.entry(uri.clone()).or_insert_with(Entry::new);
             let since_attempt = e.attempted.map(|a| now - a);
             let due = match (e.fetched, since_attempt) {
+                _ if e.in_flight => false,
                 (_, Some(s)) if s < self.min_interval => false,
                 (None, _) => true,
                 (Some(f), _) => e.requested || now - f >= self.refresh,
@@ -99,6 +113,7 @@ impl JwksCache {
             if due {
                 e.attempted = Some(now);
                 e.requested = false;
+                e.in_flight = true;
                 out.push(uri.clone());
             }
         }
@@ -109,31 +124,70 @@ impl JwksCache {
     fn store(&self, uri: &str, result: Result<String, String>) -> bool {
         let mut all = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = all.get_mut(uri) else { return false };
+        e.in_flight = false;
         match result {
             Ok(json) => {
                 e.fetched = Some(Instant::now());
                 let changed = e.json.as_deref() != Some(json.as_str());
                 if changed {
-                    tracing::info!(target: "audit", event = "jwks_fetched", jwks_uri = %uri, "JWT key set fetched");
+                    tracing::info!(target: "audit", event = "jwks_fetched", jwks_uri = %palisade_telemetry::Untrusted(uri), "JWT key set fetched");
                 }
                 e.json = Some(json);
                 changed
             }
             Err(why) => {
-                tracing::warn!(jwks_uri = %uri, error = %why, kept_last_good = e.json.is_some(), "cannot fetch a JWT key set; tokens of its issuer are refused until it can be fetched, unless a last good set is kept");
+                tracing::warn!(jwks_uri = %palisade_telemetry::Untrusted(uri), error = %palisade_telemetry::Untrusted(&why), kept_last_good = e.json.is_some(), "cannot fetch a JWT key set; tokens of its issuer are refused until it can be fetched, unless a last good set is kept");
                 false
             }
         }
     }
 
-    /// Fetches every due URI among `wanted`; `true` if any set changed.
-    pub async fn fetch_due(&self, wanted: &[String]) -> bool {
-        let mut changed = false;
+    /// Starts a fetch of every due URI among `wanted`, each a task of its
+    /// own, and returns without waiting for them: `true` if a set changed
+    /// since the last call. A task that stores a new set wakes [`Self::wait`].
+    pub async fn fetch_due(self: &Arc<Self>, wanted: &[String]) -> bool {
         for uri in self.due(wanted) {
-            let result = self.fetch(&uri).await;
-            changed |= self.store(&uri, result);
+            self.spawn_fetch(uri);
         }
-        changed
+        self.changed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Fetches `uri` in a task (its entry is marked in flight).
+    fn spawn_fetch(self: &Arc<Self>, uri: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.fetch_now(&uri).await;
+            if this.store(&uri, result) {
+                this.changed.store(true, Ordering::Release);
+                this.wake.notify_one();
+            }
+        });
+    }
+
+    /// For `policy apply`: the set of `uri` if it is held; otherwise starts
+    /// fetching it in the background (unless a fetch is running) and says it
+    /// is pending, at once. Apply never waits on a key set server.
+    pub async fn fetch(self: &Arc<Self>, uri: &str) -> Result<String, String> {
+        let start = {
+            let mut all = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let e = all.entry(uri.to_string()).or_insert_with(Entry::new);
+            if let Some(json) = &e.json {
+                return Ok(json.clone());
+            }
+            let start = !e.in_flight && tokio::runtime::Handle::try_current().is_ok();
+            if start {
+                e.in_flight = true;
+                e.attempted = Some(Instant::now());
+            }
+            start
+        };
+        if start {
+            self.spawn_fetch(uri.to_string());
+        }
+        Err(format!(
+            "its key set is pending: it is being fetched in the background (at most {}s a try); apply does not wait for it",
+            FETCH_TIMEOUT.as_secs()
+        ))
     }
 
     /// Waits until a refresh is requested or `max` passes.
@@ -146,8 +200,8 @@ impl JwksCache {
         (self.refresh / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 
-    /// Fetches and checks one key set.
-    pub async fn fetch(&self, uri: &str) -> Result<String, String> {
+    /// Fetches and checks one key set, in [`FETCH_TIMEOUT`] at most.
+    async fn fetch_now(&self, uri: &str) -> Result<String, String> {
         tokio::time::timeout(FETCH_TIMEOUT, self.fetch_inner(uri))
             .await
             .map_err(|_| format!("no answer within {}s", FETCH_TIMEOUT.as_secs()))?
@@ -213,4 +267,41 @@ pub fn load_roots(path: &std::path::Path, explicit: bool) -> Result<rustls::Root
         tracing::debug!(path = %path.display(), skipped = bad, "skipped unusable CA certificates");
     }
     Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> Arc<JwksCache> {
+        palisade_certs::install_default_provider();
+        Arc::new(
+            JwksCache::new(rustls::RootCertStore::empty(), Duration::from_secs(300), Duration::from_secs(1)).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn silent_servers_hold_no_one_and_apply_never_waits() {
+        // Three servers that accept and never answer.
+        let mut uris = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            uris.push(format!("https://127.0.0.1:{}/jwks.json", l.local_addr().unwrap().port()));
+            held.push(l);
+        }
+        let c = cache();
+        let started = Instant::now();
+        assert!(!c.fetch_due(&uris).await);
+        // What apply calls: pending at once, and no second fetch of a set in flight.
+        let e = c.fetch(&uris[0]).await.unwrap_err();
+        assert!(e.contains("pending"), "{e}");
+        assert!(c.due(&uris).is_empty(), "in flight: not started again");
+        let fresh = "https://127.0.0.1:1/other.json".to_string();
+        assert!(c.fetch(&fresh).await.unwrap_err().contains("pending"));
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        // A set that is not wanted any more is kept while its fetch runs.
+        c.due(&uris[..1]);
+        assert!(c.entries.lock().unwrap().contains_key(&uris[2]));
+    }
 }
