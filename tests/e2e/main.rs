@@ -3,6 +3,7 @@
 
 mod api;
 mod attack;
+mod attack_control;
 mod authn;
 mod certify;
 mod cli;
