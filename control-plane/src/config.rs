@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 use palisade_certs::TrustDomain;
 
+pub use crate::directory_guard::AddrCheck;
+
 /// Palisade control plane: the mesh CA, workload attestation and the Admin API.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
 #[command(name = "palisade-control-plane", version, about, long_about = None)]
@@ -121,6 +123,12 @@ pub struct Config {
     #[serde(serialize_with = "humantime_serde_compat::serialize")]
     pub preview_window: Duration,
 
+    /// Memory the recorded requests for previews may take, in MiB (counted
+    /// as their JSON size): when full, the identity holding the most gives
+    /// up its oldest, so one workload cannot displace the others'.
+    #[arg(long, env = "PALISADE_PREVIEW_MEMORY_MIB", default_value_t = 32)]
+    pub preview_memory_mib: usize,
+
     /// Serve the control plane's metrics (plaintext HTTP, GET /metrics) here, e.g. 127.0.0.1:7701.
     #[arg(long, env = "PALISADE_METRICS_LISTEN", value_parser = palisade_cmd::socket_addr)]
     pub metrics_listen: Option<SocketAddr>,
@@ -192,6 +200,28 @@ pub struct Config {
     /// Of those, most from one source address.
     #[arg(long, env = "PALISADE_MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP", default_value_t = 32)]
     pub max_unauthenticated_connections_per_ip: usize,
+
+    /// How the IP of the inbound address a sidecar registers is checked
+    /// against where its connection comes from (loopback is never checked):
+    /// `exclusive` (must match; an IP is one workload's, as Kubernetes pod
+    /// IPs are, so a matching claim takes over a reused IP), `shared` (must
+    /// match; hosts run several workloads, an address held by another
+    /// identity is never taken over), `off` (sidecars reach the control
+    /// plane through NAT; an address held by another identity is never taken over).
+    #[arg(long, env = "PALISADE_INBOUND_ADDR_CHECK", value_enum, default_value_t = AddrCheck::Exclusive)]
+    pub inbound_addr_check: AddrCheck,
+
+    /// Most inbound addresses one identity holds in the directory at once
+    /// (a service's replicas, and through a rolling update the old ones
+    /// until their certificates expire); a claim beyond it is refused.
+    #[arg(long, env = "PALISADE_MAX_ADDRESSES_PER_IDENTITY", default_value_t = 512)]
+    pub max_addresses_per_identity: usize,
+
+    /// Directory changes (a new or moved inbound address) one caller
+    /// (identity and source IP) may make a minute by renewals and
+    /// Kubernetes attestations; join tokens are bounded by their uses.
+    #[arg(long, env = "PALISADE_DIRECTORY_CHANGES_PER_MINUTE", default_value_t = 10)]
+    pub directory_changes_per_minute: u32,
 
     /// Time allowed for a TLS handshake (gRPC and webhook listeners).
     #[arg(long, env = "PALISADE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -310,6 +340,15 @@ impl Config {
         ] {
             if !(1..=1_000_000).contains(&v) {
                 return Err(ConfigError::Limit { flag, value: v.to_string(), why: "must be between 1 and 1000000" });
+            }
+        }
+        for (flag, v, max) in [
+            ("max-addresses-per-identity", self.max_addresses_per_identity, 1_000_000),
+            ("directory-changes-per-minute", self.directory_changes_per_minute as usize, 100_000),
+            ("preview-memory-mib", self.preview_memory_mib, 65_536),
+        ] {
+            if !(1..=max).contains(&v) {
+                return Err(ConfigError::Range { flag, value: v.to_string(), min: "1".into(), max: max.to_string() });
             }
         }
         for (flag, d) in [("handshake-timeout", self.handshake_timeout), ("idle-timeout", self.idle_timeout)] {

@@ -2,7 +2,7 @@
 //! renewal) -> X.509-SVID. Every refusal and every issuance is an `audit` event.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use palisade_certs::{CsrError, SpiffeId, ValidatedCsr};
 use palisade_proto::v1::certify_request::Attestation;
@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::Shared;
 use crate::attest::join_token::unix_now;
 use crate::attest::{AttestError, Attested};
+use crate::directory_guard::{Allowed, Claim, DirectoryRefusal};
 use crate::store::ProxyRecord;
 
 /// The Identity service.
@@ -30,6 +31,20 @@ fn refuse(status: Status, src: &str, claimed: &str) -> Status {
     status
 }
 
+/// A refused inbound address: the claim fails whole (no certificate), with
+/// an audit line naming the identity, the address and why.
+fn refuse_claim(e: DirectoryRefusal, src: &str, identity: &SpiffeId, addr: &str) -> Status {
+    let status = match e {
+        DirectoryRefusal::TooMany { .. } | DirectoryRefusal::RateLimited { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
+        DirectoryRefusal::NotSource { .. } | DirectoryRefusal::Held { .. } => Status::permission_denied(e.to_string()),
+    };
+    crate::metrics::METRICS.certificate("refused", crate::metrics::code_label(status.code()));
+    tracing::warn!(target: "audit", event = "inbound_addr_refused", src.addr = %src, identity = %identity, inbound_addr = %addr, code = ?status.code(), reason = %status.message(), "refused an inbound address claim");
+    status
+}
+
 fn attest_status(e: AttestError) -> Status {
     match e {
         AttestError::K8sDisabled => Status::failed_precondition(e.to_string()),
@@ -41,7 +56,8 @@ fn attest_status(e: AttestError) -> Status {
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn certify(&self, req: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
-        let src = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer_addr = req.remote_addr();
+        let src = peer_addr.map(|a| a.to_string()).unwrap_or_default();
         let peer = req.peer_certs().and_then(|c| palisade_certs::tls::peer_identity(Some(&c)));
         let req = req.into_inner();
         let shared = &self.shared;
@@ -126,6 +142,27 @@ impl Identity for IdentityService {
         };
 
         let identity = attested.identity.clone();
+        // The address goes to every sidecar: it must be this caller's to name.
+        let allowed = if req.inbound_addr.is_empty() {
+            Allowed::default()
+        } else {
+            let claim = Claim {
+                identity: &identity.to_string(),
+                addr: &req.inbound_addr,
+                peer: peer_addr,
+                replaces: replaces.as_deref(),
+                rate_limited: attested.method != "token",
+            };
+            match shared.directory.admit(claim, &shared.store.proxies(), unix_now(), Instant::now()) {
+                Ok(a) => a,
+                Err(e) => {
+                    if let Some(hash) = &attested.refund {
+                        let _ = shared.store.refund_token(hash);
+                    }
+                    return Err(refuse_claim(e, &src, &identity, &req.inbound_addr));
+                }
+            }
+        };
         let ca = shared.ca.view();
         let issued = match ca.signing.sign_csr(&csr, &identity, shared.cert_ttl) {
             Ok(c) => c,
@@ -160,7 +197,13 @@ impl Identity for IdentityService {
             attestation: attested.method.to_string(),
             issuer: ca.signing_sha.clone(),
         };
-        match crate::store::blocking(&shared.store, move |s| s.upsert_proxy(record, replaces.as_deref())).await {
+        if allowed.take_over {
+            tracing::warn!(target: "audit", event = "inbound_addr_taken_over", identity = %identity, inbound_addr = %req.inbound_addr, src.addr = %src, "a verified claim took over an address another identity's record held (its IP was reused)");
+        }
+        let take_over = allowed.take_over;
+        match crate::store::blocking(&shared.store, move |s| s.upsert_proxy(record, replaces.as_deref(), take_over))
+            .await
+        {
             // A new endpoint, or one that moved: snapshots carry the directory.
             Ok(true) => shared.hub.endpoints_changed(),
             Ok(false) => {}

@@ -27,6 +27,7 @@ pub mod ca;
 pub mod config;
 mod conn;
 mod credentials;
+pub mod directory_guard;
 pub mod discovery;
 pub mod https;
 pub mod identity;
@@ -36,6 +37,7 @@ pub mod oauth;
 mod observe;
 pub mod pki;
 pub mod policy;
+mod preview_record;
 pub mod store;
 mod telemetry;
 pub mod webhook;
@@ -63,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) jwks: Arc<jwks::JwksCache>,
     /// Taps, recorded requests and stats from the sidecars.
     pub(crate) observe: Arc<observe::Observatory>,
+    /// Who may put which inbound address in the directory.
+    pub(crate) directory: directory_guard::DirectoryGuard,
 }
 
 /// Why the control plane could not start.
@@ -283,7 +287,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             trust_domain: td.clone(),
         },
         hub: policy::Hub::default(),
-        observe: Arc::new(observe::Observatory::new(cfg.preview_window)),
+        observe: Arc::new(observe::Observatory::new(cfg.preview_window, cfg.preview_memory_mib << 20)),
+        directory: directory_guard::DirectoryGuard::new(
+            cfg.inbound_addr_check,
+            cfg.max_addresses_per_identity,
+            cfg.directory_changes_per_minute,
+        ),
         default_allow_authenticated: cfg.default_policy == config::DefaultPolicy::AllowAuthenticated,
         oauth: oauth.clone(),
         jwks: jwks.clone(),

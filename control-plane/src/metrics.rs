@@ -48,6 +48,8 @@ pub struct Metrics {
     pub taps: Gauge,
     pub tap_events: Family<ResultLabel, Counter>,
     pub preview_samples: Gauge,
+    pub preview_sample_bytes: Gauge,
+    pub preview_samples_refused: Counter,
     pub leader: Gauge,
     pub ca_roots: Gauge,
     pub ca_rotation_waiting: Gauge,
@@ -72,6 +74,8 @@ impl Metrics {
         let taps = Gauge::default();
         let tap_events = Family::<ResultLabel, Counter>::default();
         let preview_samples = Gauge::default();
+        let preview_sample_bytes = Gauge::default();
+        let preview_samples_refused = Counter::default();
         let leader = Gauge::default();
         let ca_roots = Gauge::default();
         let ca_rotation_waiting = Gauge::default();
@@ -112,6 +116,16 @@ impl Metrics {
             preview_samples.clone(),
         );
         registry.register(
+            "preview_sample_bytes",
+            "Memory the recorded request shapes take (their JSON and a fixed overhead each), capped by --preview-memory-mib",
+            preview_sample_bytes.clone(),
+        );
+        registry.register(
+            "preview_samples_refused",
+            "Recorded request shapes refused: malformed, oversized, beyond a report's 1024, or naming a callee other than the reporting sidecar",
+            preview_samples_refused.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica leads (runs the singleton duties); a single control plane always leads",
             leader.clone(),
@@ -138,6 +152,8 @@ impl Metrics {
             taps,
             tap_events,
             preview_samples,
+            preview_sample_bytes,
+            preview_samples_refused,
             leader,
             ca_roots,
             ca_rotation_waiting,

@@ -8,8 +8,9 @@
 //!   fit. A tap ends when its caller goes away, after `max` lines, or after
 //!   [`TAP_LIFETIME`].
 //! - **recorded requests** (`Admin.PreviewPolicy`): samples of recent
-//!   requests per workload, kept for `--preview-window`, at most
-//!   [`MAX_SAMPLES`] in all, evaluated by `palisade_policy::preview`.
+//!   requests per workload, kept for `--preview-window` in a bounded,
+//!   fairly shared record ([`crate::preview_record`]), evaluated by
+//!   `palisade_policy::preview`.
 //! - **stats** (`Admin.Stat`): each sidecar's cumulative inbound counters,
 //!   kept for ten minutes; rates and percentiles come from their differences.
 
@@ -31,8 +32,6 @@ pub(crate) const MAX_TAPS: usize = 16;
 const TAP_BUFFER: usize = 1024;
 /// A tap ends after this long whatever its caller does.
 pub(crate) const TAP_LIFETIME: Duration = Duration::from_secs(3600);
-/// Recorded request shapes kept, at most (oldest reports go first).
-pub(crate) const MAX_SAMPLES: usize = 100_000;
 /// One reported line, at most.
 const MAX_LINE: usize = 16 * 1024;
 /// Records taken from one report message, at most.
@@ -50,12 +49,6 @@ struct Tap {
     end: CancellationToken,
 }
 
-/// One sidecar report of recorded requests.
-struct Batch {
-    at: Instant,
-    samples: Vec<(Sample, u64)>,
-}
-
 struct ProxyStats {
     identity: String,
     reports: VecDeque<(Instant, StatReport)>,
@@ -68,7 +61,7 @@ pub(crate) struct Observatory {
     taps: Mutex<HashMap<u64, Tap>>,
     /// Bumped when the taps change: every stream sends its sidecar's.
     pub(crate) taps_changed: tokio::sync::watch::Sender<u64>,
-    batches: Mutex<(VecDeque<Batch>, usize)>,
+    record: crate::preview_record::PreviewRecord,
     stats: Mutex<HashMap<String, ProxyStats>>,
 }
 
@@ -85,13 +78,13 @@ fn glob(s: &str) -> Option<WildMatch> {
 const DECISIONS: [&str; 7] = ["allow", "deny", "unauthenticated", "rate_limited", "invalid", "error", "unavailable"];
 
 impl Observatory {
-    pub(crate) fn new(window: Duration) -> Self {
+    pub(crate) fn new(window: Duration, preview_max_bytes: usize) -> Self {
         Self {
             window,
             next: AtomicU64::new(1),
             taps: Mutex::default(),
             taps_changed: tokio::sync::watch::channel(0).0,
-            batches: Mutex::default(),
+            record: crate::preview_record::PreviewRecord::new(window, preview_max_bytes),
             stats: Mutex::default(),
         }
     }
@@ -240,47 +233,12 @@ impl Observatory {
 
     /// Keeps the samples a sidecar of `identity` recorded.
     pub(crate) fn record(&self, identity: &str, recorded: &[RecordedRequest]) {
-        let mut samples = Vec::new();
-        for r in recorded.iter().take(MAX_PER_MESSAGE) {
-            if r.sample_json.len() > palisade_policy::preview::limits::SAMPLE {
-                continue;
-            }
-            let Ok(mut s) = serde_json::from_str::<Sample>(&r.sample_json) else { continue };
-            if s.check().is_err() || r.count == 0 {
-                continue;
-            }
-            // Only ever requests to the reporting sidecar itself.
-            s.to = identity.to_string();
-            samples.push((s, r.count.min(1 << 32)));
-        }
-        if samples.is_empty() {
-            return;
-        }
-        let mut b = self.batches.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        b.1 += samples.len();
-        b.0.push_back(Batch { at: now, samples });
-        while b.1 > MAX_SAMPLES || b.0.front().is_some_and(|f| now.duration_since(f.at) > self.window) {
-            let Some(old) = b.0.pop_front() else { break };
-            b.1 -= old.samples.len();
-        }
-        crate::metrics::METRICS.preview_samples.set(b.1 as i64);
+        self.record.record(identity, recorded);
     }
 
     /// The samples of the window, merged by shape, and how far back they go.
     pub(crate) fn samples(&self) -> (Vec<(Sample, u64)>, Duration) {
-        let b = self.batches.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let mut merged: HashMap<String, (Sample, u64)> = HashMap::new();
-        let mut oldest = now;
-        for batch in b.0.iter().filter(|f| now.duration_since(f.at) <= self.window) {
-            oldest = oldest.min(batch.at);
-            for (s, n) in &batch.samples {
-                let key = serde_json::to_string(s).unwrap_or_default();
-                merged.entry(key).or_insert_with(|| (s.clone(), 0)).1 += n;
-            }
-        }
-        (merged.into_values().collect(), now.duration_since(oldest))
+        self.record.samples()
     }
 
     pub(crate) fn window(&self) -> Duration {
@@ -439,17 +397,16 @@ mod tests {
     }
 
     #[test]
-    fn recorded_requests_are_bounded_and_pinned_to_the_reporter() {
-        let o = Observatory::new(Duration::from_secs(60));
-        let good =
+    fn recorded_requests_are_kept_for_their_reporter_only() {
+        let o = Observatory::new(Duration::from_secs(60), 1 << 20);
+        let good = r#"{"from":"spiffe://td/ns/a/sa/b","method":"GET","path":"/","port":80}"#;
+        let other =
             r#"{"from":"spiffe://td/ns/a/sa/b","to":"spiffe://td/ns/x/sa/other","method":"GET","path":"/","port":80}"#;
         o.record(
             "spiffe://td/ns/x/sa/me",
             &[
                 RecordedRequest { sample_json: good.into(), count: 3 },
-                RecordedRequest { sample_json: r#"{"method":"GET","path":"/","port":1,"body":"x"}"#.into(), count: 1 },
-                RecordedRequest { sample_json: "not json".into(), count: 1 },
-                RecordedRequest { sample_json: good.into(), count: 0 },
+                RecordedRequest { sample_json: other.into(), count: 5 },
             ],
         );
         let (s, _) = o.samples();

@@ -149,10 +149,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn consume_token(&self, sha256: &str, now: u64) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
     /// Gives back a use taken by `consume_token` when issuance failed afterwards.
     fn refund_token(&self, sha256: &str) -> Result<(), StoreError>;
-    /// Inserts or replaces a proxy record; `replaces_serial` names the record a renewal supersedes.
-    /// Records a proxy's certificate; returns whether the directory changed
-    /// (a new endpoint, or one that moved), which a renewal does not.
-    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<bool, StoreError>;
+    /// Records a proxy's certificate: inserts `p`, drops the record a
+    /// renewal supersedes (`replaces_serial`) and the identity's other
+    /// records on the same inbound address (a restart). Another identity's
+    /// record on that address is dropped only with `take_over` (a verified
+    /// reused IP, see `directory_guard`). Returns whether the directory
+    /// changed (a new endpoint, or one that moved), which a renewal does not.
+    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>, take_over: bool) -> Result<bool, StoreError>;
     fn proxies(&self) -> Vec<ProxyRecord>;
     /// Drops tokens and proxy records that ended before `cutoff`.
     fn prune(&self, cutoff: u64) -> Result<(), StoreError>;
@@ -219,6 +222,24 @@ fn put_policies(
             };
             Applied { record, change, previous }
         })
+        .collect()
+}
+
+/// Whether `p` (at its inbound address) replaces `old`: the same identity's
+/// record there (a restart), or another's when taking the address over.
+fn replaced_by(old: &ProxyRecord, p: &ProxyRecord, take_over: bool) -> bool {
+    !p.inbound_addr.is_empty() && old.inbound_addr == p.inbound_addr && (take_over || old.identity == p.identity)
+}
+
+/// The directory entries an upsert of `p` can change: its identity's
+/// addresses and whoever is at its address.
+fn touched<'a>(
+    proxies: impl Iterator<Item = &'a ProxyRecord>,
+    p: &ProxyRecord,
+) -> std::collections::BTreeSet<(String, String)> {
+    proxies
+        .filter(|o| !o.inbound_addr.is_empty() && (o.identity == p.identity || o.inbound_addr == p.inbound_addr))
+        .map(|o| (o.identity.clone(), o.inbound_addr.clone()))
         .collect()
 }
 
@@ -417,18 +438,17 @@ impl Store for FileStore {
         })
     }
 
-    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<bool, StoreError> {
+    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>, take_over: bool) -> Result<bool, StoreError> {
         self.mutate(|s| {
-            let moved = match replaces_serial.and_then(|old| s.proxies.remove(old)) {
-                Some(old) => old.inbound_addr != p.inbound_addr || old.identity != p.identity,
-                None => true,
-            };
-            // A sidecar restarted on the same inbound address replaces the old record.
-            if !p.inbound_addr.is_empty() {
-                s.proxies.retain(|_, old| old.inbound_addr != p.inbound_addr);
+            let before = touched(s.proxies.values(), &p);
+            if let Some(old) = replaces_serial {
+                s.proxies.remove(old);
             }
-            s.proxies.insert(p.cert_serial.clone(), p);
-            moved
+            if !p.inbound_addr.is_empty() {
+                s.proxies.retain(|_, old| !replaced_by(old, &p, take_over));
+            }
+            s.proxies.insert(p.cert_serial.clone(), p.clone());
+            before != touched(s.proxies.values(), &p)
         })
     }
 
@@ -539,6 +559,32 @@ mod tests {
         assert_eq!(reopened.oauth_clients().len(), 1);
         assert!(reopened.delete_oauth_client("c1").unwrap().is_some());
         assert!(reopened.oauth_clients().is_empty());
+    }
+
+    #[test]
+    fn a_record_on_an_address_is_replaced_by_its_own_identity_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let rec = |identity: &str, serial: &str| ProxyRecord {
+            identity: identity.into(),
+            inbound_addr: "127.0.0.1:4143".into(),
+            peer_addr: String::new(),
+            cert_serial: serial.into(),
+            cert_not_after: 100,
+            last_seen: 0,
+            attestation: "token".into(),
+            issuer: String::new(),
+        };
+        assert!(store.upsert_proxy(rec("orders", "o1"), None, false).unwrap(), "a new endpoint");
+        // A restart of orders on its address: replaced, the directory unchanged.
+        assert!(!store.upsert_proxy(rec("orders", "o2"), None, false).unwrap());
+        // web at the same address never removes orders' record without a takeover.
+        store.upsert_proxy(rec("web", "w1"), None, false).unwrap();
+        let held: Vec<String> = store.proxies().into_iter().map(|p| p.cert_serial).collect();
+        assert_eq!(held, ["o2", "w1"]);
+        assert!(store.upsert_proxy(rec("web", "w2"), Some("w1"), true).unwrap());
+        let held: Vec<String> = store.proxies().into_iter().map(|p| p.cert_serial).collect();
+        assert_eq!(held, ["w2"]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod api;
 mod attack;
 mod attack_control;
+mod attack_directory;
 mod authn;
 mod certify;
 mod cli;

@@ -1039,24 +1039,22 @@ impl Store for EtcdStore {
         )
     }
 
-    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>) -> Result<bool, StoreError> {
+    fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>, take_over: bool) -> Result<bool, StoreError> {
         let (moved, stale) = self.read(|s| {
-            let moved = match replaces_serial.and_then(|old| s.proxies.get(old)) {
-                Some(old) => old.inbound_addr != p.inbound_addr || old.identity != p.identity,
-                None => true,
-            };
-            // The record this renewal supersedes, and any other on the same inbound address.
+            // The record this renewal supersedes, and those `p` replaces at its address.
             let stale: Vec<String> = s
                 .proxies
                 .iter()
                 .filter(|(serial, old)| {
-                    Some(serial.as_str()) == replaces_serial
-                        || (!p.inbound_addr.is_empty() && old.inbound_addr == p.inbound_addr)
+                    Some(serial.as_str()) == replaces_serial || super::replaced_by(old, &p, take_over)
                 })
                 .map(|(serial, _)| serial.clone())
                 .filter(|serial| *serial != p.cert_serial)
                 .collect();
-            (moved, stale)
+            let before = super::touched(s.proxies.values(), &p);
+            let kept = s.proxies.iter().filter(|(k, _)| !stale.contains(k)).map(|(_, v)| v);
+            let after = super::touched(kept.chain(std::iter::once(&p)), &p);
+            (before != after, stale)
         });
         let json = serde_json::to_vec(&p).map_err(etcd_err)?;
         let deletes = stale.iter().take(TXN_OPS).map(|serial| self.key("proxies", serial)).collect();
