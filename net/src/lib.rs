@@ -4,6 +4,14 @@
 //! for drain, accept errors (EMFILE...) that back off instead of spinning,
 //! and an idle timeout for connections whose peer has stopped talking.
 //!
+//! Every listener anyone can reach needs the same three things, and they
+//! live here so each listener only picks numbers: a per-address limit (one
+//! client cannot take every place), a small reserve only the host itself
+//! (127.0.0.1, ::1) can take (a local probe or operator always gets in), and
+//! timeouts that a peer cannot extend without asking for something: a
+//! deadline to the first byte, an absolute deadline for connections that
+//! must finish quickly, and HTTP/2 PINGs that do not count as activity.
+//!
 //! It also holds the byte-level guards every data path puts in front of a
 //! parser: [`detect`] (what a connection speaks) and [`h1guard`] (HTTP/1
 //! framing that could smuggle a request), and [`traceparent`] (the trace
@@ -16,7 +24,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -68,6 +76,7 @@ macro_rules! delegate_async_write {
 
 pub mod detect;
 pub mod h1guard;
+mod h2watch;
 pub mod traceparent;
 
 /// How long accepting pauses after an accept error (out of descriptors...).
@@ -104,20 +113,87 @@ impl Drop for IpPlace {
     }
 }
 
+/// Why a connection found no place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its source address holds as many places as one address may.
+    PerAddress,
+    /// Every place is taken.
+    Full,
+}
+
+impl Refused {
+    /// A metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PerAddress => "per_address",
+            Self::Full => "full",
+        }
+    }
+}
+
+/// Called on every refusal with the limit's name and why (to count it).
+#[derive(Clone)]
+pub struct OnRefused(Arc<dyn Fn(&'static str, Refused) + Send + Sync>);
+
+impl std::fmt::Debug for OnRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRefused")
+    }
+}
+
+/// Whether `ip` is this host's own address as `localhost` names it
+/// (127.0.0.1 or ::1). Not all of 127.0.0.0/8: a test or a local tool
+/// binding 127.0.0.2 is "another address" like any other.
+pub fn is_local_host(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6 == Ipv6Addr::LOCALHOST || v6.to_ipv4_mapped() == Some(Ipv4Addr::LOCALHOST),
+    }
+}
+
 /// A bound on how many connections are open at once, in all and
-/// (optionally) from one source address.
+/// (optionally) from one source address, with (optionally) a few places
+/// beyond it that only the host itself may take.
 #[derive(Debug, Clone)]
 pub struct Limit {
     name: &'static str,
     max: usize,
     slots: Arc<Semaphore>,
     per_ip: Option<(usize, IpCounts)>,
+    reserve: Option<(usize, Arc<Semaphore>)>,
+    on_refused: Option<OnRefused>,
 }
 
 impl Limit {
     /// At most `max` at once; `name` says which listener in logs.
     pub fn new(name: &'static str, max: usize) -> Self {
-        Self { name, max, slots: Arc::new(Semaphore::new(max)), per_ip: None }
+        Self { name, max, slots: Arc::new(Semaphore::new(max)), per_ip: None, reserve: None, on_refused: None }
+    }
+
+    /// Also `n` places beyond `max` that only 127.0.0.1 and ::1 may take,
+    /// once the others are full (or the local host has its per-address
+    /// share): a probe or an operator on the host always gets in, whoever
+    /// else fills the listener.
+    pub fn reserve_loopback(mut self, n: usize) -> Self {
+        self.reserve = (n > 0).then(|| (n, Arc::new(Semaphore::new(n))));
+        self
+    }
+
+    /// Calls `f` on every refusal (to count it in a metric).
+    pub fn on_refused(mut self, f: impl Fn(&'static str, Refused) + Send + Sync + 'static) -> Self {
+        self.on_refused = Some(OnRefused(Arc::new(f)));
+        self
+    }
+
+    /// The listener's name, as in logs.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The most places, reserve excluded.
+    pub fn max(&self) -> usize {
+        self.max
     }
 
     /// Also at most `max` at once from any one source address, so one
@@ -132,27 +208,55 @@ impl Limit {
         self.slots.clone().try_acquire_owned().ok().map(|p| Slot { _permit: p, _ip: None })
     }
 
-    /// A place for a connection from `ip`, if one is free.
+    /// A place for a connection from `ip`, if one is free (the reserve
+    /// too, for the local host). A refusal is reported to [`Limit::on_refused`].
     pub fn try_take_for(&self, ip: IpAddr) -> Option<Slot> {
+        match self.take_for(ip) {
+            Ok(slot) => Some(slot),
+            Err(why) => {
+                if let Some(f) = &self.on_refused {
+                    (f.0)(self.name, why);
+                }
+                None
+            }
+        }
+    }
+
+    /// A place for a connection from `ip`, or why there is none.
+    pub fn take_for(&self, ip: IpAddr) -> Result<Slot, Refused> {
+        let taken = self.take_shared(ip);
+        match (taken, &self.reserve) {
+            (Err(_), Some((_, reserve))) if is_local_host(ip) => {
+                // The reserve ignores the per-address share: it is small, and
+                // only the host itself can reach it.
+                let permit = reserve.clone().try_acquire_owned().map_err(|_| Refused::Full)?;
+                Ok(Slot { _permit: permit, _ip: None })
+            }
+            (taken, _) => taken,
+        }
+    }
+
+    fn take_shared(&self, ip: IpAddr) -> Result<Slot, Refused> {
         let Some((max, counts)) = &self.per_ip else {
-            return self.try_take();
+            return self.try_take().ok_or(Refused::Full);
         };
         let place = {
             let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
             let n = all.entry(ip).or_default();
             if *n >= *max {
-                return None;
+                return Err(Refused::PerAddress);
             }
             *n += 1;
             IpPlace { ip, counts: counts.clone() }
         };
-        let permit = self.slots.clone().try_acquire_owned().ok()?;
-        Some(Slot { _permit: permit, _ip: Some(place) })
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| Refused::Full)?;
+        Ok(Slot { _permit: permit, _ip: Some(place) })
     }
 
-    /// How many places are in use.
+    /// How many places are in use (the reserve's included).
     pub fn in_use(&self) -> usize {
-        self.max - self.slots.available_permits()
+        let reserved = self.reserve.as_ref().map_or(0, |(n, s)| n - s.available_permits());
+        self.max - self.slots.available_permits() + reserved
     }
 }
 
@@ -187,7 +291,7 @@ pub async fn serve<F, Fut>(
         let Some(slot) = limit.try_take_for(src.ip()) else {
             if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 last_warning = Some(Instant::now());
-                tracing::warn!(listener = limit.name, src.addr = %src, limit = limit.max, "connection limit reached; closing new connections");
+                tracing::warn!(listener = limit.name, src.addr = %src, limit = limit.max, "connection limit reached (in all or for this address); closing new connections");
             }
             drop(tcp);
             continue;
@@ -200,41 +304,119 @@ pub async fn serve<F, Fut>(
 /// for `idle`. Writes do not count: a peer that has stopped talking (or never
 /// started) is let go however much we send it. Protocols that stay open
 /// while quiet must ping (HTTP/2 keepalive does), or not use this.
+///
+/// Options for connections anyone can open: a shorter wait for the first
+/// byte ([`IdleTimeout::first_byte_within`]), an absolute deadline that no
+/// traffic extends ([`IdleTimeout::deadline`]), HTTP/2 keepalive frames that
+/// do not count as activity ([`IdleTimeout::requests_only`]) and a cap on
+/// the requests (HTTP/2 streams) a connection may carry
+/// ([`IdleTimeout::max_requests`]).
 #[derive(Debug)]
 pub struct IdleTimeout<T> {
     inner: T,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    h2: Option<h2watch::H2Watch>,
     _slot: Option<Slot>,
 }
 
 impl<T> IdleTimeout<T> {
     /// Wraps `inner`; `slot` (if any) is held until this is dropped.
     pub fn new(inner: T, idle: Duration, slot: Option<Slot>) -> Self {
-        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)), _slot: slot }
+        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)), deadline: None, h2: None, _slot: slot }
+    }
+
+    /// The peer's first byte must come within `wait` (from now), not `idle`.
+    pub fn first_byte_within(mut self, wait: Duration) -> Self {
+        self.timer.as_mut().reset(Instant::now() + wait);
+        self
+    }
+
+    /// Fails at `at` whatever the peer does.
+    pub fn deadline(mut self, at: Instant) -> Self {
+        self.deadline = Some(Box::pin(tokio::time::sleep_until(at)));
+        self
+    }
+
+    /// On HTTP/2, only frames that carry requests (HEADERS, DATA) count as
+    /// activity; PING, SETTINGS, WINDOW_UPDATE and PRIORITY do not, so a peer
+    /// cannot hold the connection open by pinging. On HTTP/1 every byte
+    /// counts, as without this.
+    pub fn requests_only(mut self) -> Self {
+        let max = self.h2.as_ref().and_then(h2watch::H2Watch::max_streams);
+        self.h2 = Some(h2watch::H2Watch::new(max));
+        self
+    }
+
+    /// On HTTP/2, fails when the peer opens stream `n + 1` (implies
+    /// [`IdleTimeout::requests_only`]).
+    pub fn max_requests(mut self, n: u32) -> Self {
+        self.h2 = Some(h2watch::H2Watch::new(Some(n)));
+        self
     }
 
     /// The wrapped IO.
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// Checked before every read too (not only when a read would wait): a
+    /// peer that sends fast enough that a read is always ready (keepalive
+    /// frames, or anything past a deadline) is not let off.
+    fn timed_out(&self) -> Option<io::Error> {
+        let now = Instant::now();
+        if self.deadline.as_ref().is_some_and(|d| d.deadline() <= now) {
+            return Some(io::Error::new(io::ErrorKind::TimedOut, "connection deadline passed"));
+        }
+        if self.h2.is_some() && self.timer.deadline() <= now {
+            return Some(io::Error::new(io::ErrorKind::TimedOut, "peer idle too long"));
+        }
+        None
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.timed_out() {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    let deadline = Instant::now() + self.idle;
-                    self.timer.as_mut().reset(deadline);
+            Poll::Ready(Ok(())) => {
+                let this = &mut *self;
+                let read = &buf.filled()[before..];
+                let active = match &mut this.h2 {
+                    _ if read.is_empty() => false,
+                    None => true,
+                    Some(watch) => match watch.feed(read) {
+                        Ok(active) => active,
+                        Err(h2watch::TooManyStreams) => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::PermissionDenied,
+                                "more requests than this connection may carry",
+                            )));
+                        }
+                    },
+                };
+                if active {
+                    let deadline = Instant::now() + this.idle;
+                    this.timer.as_mut().reset(deadline);
                 }
-                Poll::Ready(r)
+                Poll::Ready(Ok(()))
             }
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "peer idle too long"))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if let Some(d) = self.deadline.as_mut()
+                    && d.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "connection deadline passed")));
+                }
+                match self.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "peer idle too long"))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 }
@@ -296,6 +478,124 @@ mod tests {
         drop(held);
         assert!(limit.try_take_for(a).is_some());
         drop(other);
+    }
+
+    #[test]
+    fn the_reserve_is_for_the_local_host_only() {
+        let limit = Limit::new("test", 2).per_ip(1).reserve_loopback(1);
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let other_loopback: IpAddr = "127.0.0.2".parse().unwrap();
+        let far: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = limit.take_for(other_loopback).unwrap();
+        let b = limit.take_for(far).unwrap();
+        assert_eq!(limit.take_for("10.0.0.9".parse().unwrap()).unwrap_err(), Refused::Full);
+        assert_eq!(limit.take_for(other_loopback).unwrap_err(), Refused::PerAddress, "127.0.0.2 is not the host");
+        let probe = limit.take_for(local).expect("the host takes the reserve");
+        assert_eq!(limit.in_use(), 3);
+        assert_eq!(limit.take_for(local).unwrap_err(), Refused::Full, "the reserve is bounded too");
+        drop(probe);
+        assert!(limit.take_for("::1".parse().unwrap()).is_ok(), "::1 is the host as well");
+        drop((a, b));
+    }
+
+    #[test]
+    fn refusals_are_reported_with_their_reason() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let limit = Limit::new("test", 1).per_ip(1).on_refused(move |name, why| s.lock().unwrap().push((name, why)));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let held = limit.try_take_for(ip).unwrap();
+        assert!(limit.try_take_for(ip).is_none());
+        assert!(limit.try_take_for("10.0.0.2".parse().unwrap()).is_none());
+        assert_eq!(*seen.lock().unwrap(), vec![("test", Refused::PerAddress), ("test", Refused::Full)]);
+        drop(held);
+    }
+
+    fn h2_frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn pings_do_not_keep_a_connection_open_requests_do() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let idle = Duration::from_millis(400);
+        let mut io = IdleTimeout::new(a, idle, None).requests_only();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                if let Err(e) = io.read(&mut buf).await {
+                    return (e.kind(), Instant::now());
+                }
+            }
+        });
+        b.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        // Requests every 200 ms for 1 s keep it open.
+        for stream in 0..5u32 {
+            b.write_all(&h2_frame(1, 2 * stream + 1, &[0x82])).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // From here only PINGs, every 50 ms: the idle timer runs from the last request.
+        let last_request = Instant::now() - Duration::from_millis(200);
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if reader.is_finished() || b.write_all(&h2_frame(6, 0, &[0; 8])).await.is_err() {
+                break;
+            }
+        }
+        let (kind, at) = reader.await.unwrap();
+        assert_eq!(kind, io::ErrorKind::TimedOut);
+        let after = at - last_request;
+        assert!(after >= idle - Duration::from_millis(50) && after <= idle + Duration::from_millis(300), "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deadline_holds_however_busy_the_peer_and_first_bytes_are_awaited_briefly() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let start = Instant::now();
+        let mut io = IdleTimeout::new(a, Duration::from_secs(60), None).deadline(start + Duration::from_millis(600));
+        let mut buf = [0u8; 1];
+        let e = loop {
+            if b.write_all(b"x").await.is_err() {
+                panic!("the reader went away");
+            }
+            match io.read_exact(&mut buf).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(600) && took < Duration::from_millis(900), "{took:?}");
+
+        let (a, _b) = tokio::io::duplex(64);
+        let start = Instant::now();
+        let mut io = IdleTimeout::new(a, Duration::from_secs(60), None).first_byte_within(Duration::from_millis(300));
+        assert_eq!(io.read_exact(&mut buf).await.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(600), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_second_request_on_a_one_request_connection_fails_it() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut io = IdleTimeout::new(a, Duration::from_secs(10), None).max_requests(1);
+        b.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        b.write_all(&h2_frame(1, 1, &[0x82])).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        b.write_all(&h2_frame(1, 3, &[0x82])).await.unwrap();
+        let mut e = None;
+        for _ in 0..4 {
+            if let Err(err) = io.read(&mut buf).await {
+                e = Some(err.kind());
+                break;
+            }
+        }
+        assert_eq!(e, Some(io::ErrorKind::PermissionDenied));
     }
 
     #[tokio::test]
