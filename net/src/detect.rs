@@ -1,8 +1,12 @@
 //! Protocol detection on plaintext connections: HTTP/2 prior knowledge (the
-//! connection preface), HTTP/1.x (a method token then a space), or opaque TCP.
-//! Detection reads at most a few bytes and gives up after a short timeout, so
-//! server-speaks-first protocols (SMTP, MySQL...) are not stalled for long;
-//! ports can also be declared opaque to skip it entirely.
+//! connection preface), HTTP/1.x (a well-formed request line), or anything
+//! else, which is *not HTTP*. The classifier is strict on purpose: a client
+//! that speaks first must speak valid HTTP/1.1 or HTTP/2, because a lenient
+//! app parser (Python's `http.server` splits on any whitespace) reads as a
+//! request what a lenient classifier would carry as opaque bytes, past the
+//! policy. What is not HTTP is refused by the server sidecar unless its port
+//! is declared opaque; only a client that stays silent (a server-speaks-first
+//! protocol) is carried opaque without a declaration.
 
 use std::io;
 use std::pin::Pin;
@@ -14,9 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// A first line longer than this without a line end is taken as HTTP/1
-/// (hyper then parses or refuses it): what an HTTP server would read as a
-/// request must never be carried as opaque bytes, past the policy.
+/// A well-formed first line longer than this without a line end is taken as
+/// HTTP/1 (hyper then refuses it as too long): the decision is made on the
+/// first `MAX_LINE` bytes, so more bytes never change it.
 const MAX_LINE: usize = 8192;
 
 /// What a connection speaks.
@@ -24,6 +28,8 @@ const MAX_LINE: usize = 8192;
 pub enum Protocol {
     Http1,
     Http2,
+    /// Not a valid HTTP/1.1 or HTTP/2 start (or, where declared or
+    /// server-first, bytes carried as they are).
     Opaque,
 }
 
@@ -42,15 +48,69 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Where a request line stands after some of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Every byte so far can start a valid request line.
+    Partial,
+    /// A whole, valid request line.
+    Valid,
+    /// A byte no valid request line has there.
+    Invalid,
+}
+
+/// Checks `line` against RFC 9112's `request-line`, strictly: a method token,
+/// one SP, a target of visible ASCII, one SP, `HTTP/1.0` or `HTTP/1.1`, then
+/// CRLF or LF. No other whitespace anywhere (no tab, VT, FF, 0x1C-0x1F,
+/// 0x85, 0xA0), no leading space, no HTTP/0.9.
+fn request_line(line: &[u8]) -> Line {
+    const VERSION: &[u8] = b"HTTP/1.";
+    let mut i = 0;
+    let method = line.iter().take_while(|b| is_tchar(**b)).count();
+    i += method;
+    if i == line.len() {
+        return Line::Partial;
+    }
+    if method == 0 || line[i] != b' ' {
+        return Line::Invalid;
+    }
+    i += 1;
+    let target = line[i..].iter().take_while(|b| (0x21..=0x7e).contains(*b)).count();
+    i += target;
+    if i == line.len() {
+        return Line::Partial;
+    }
+    if target == 0 || line[i] != b' ' {
+        return Line::Invalid;
+    }
+    i += 1;
+    for want in VERSION {
+        match line.get(i) {
+            None => return Line::Partial,
+            Some(b) if b == want => i += 1,
+            Some(_) => return Line::Invalid,
+        }
+    }
+    match line.get(i) {
+        None => return Line::Partial,
+        Some(b'0' | b'1') => i += 1,
+        Some(_) => return Line::Invalid,
+    }
+    match (line.get(i), line.get(i + 1)) {
+        (None, _) | (Some(b'\r'), None) => Line::Partial,
+        (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')) => Line::Valid,
+        _ => Line::Invalid,
+    }
+}
+
 /// Classifies a prefix; `None` means more bytes are needed.
 ///
-/// HTTP/1 is recognised by its first line, leniently, as a lenient server
-/// behind the sidecar would read it: optional empty lines, then a method
-/// token of any case and length, a space, and either a rest that names an
-/// HTTP version anywhere (`HTTP/`, any case) or a lone target (`/...`, `*`,
-/// `scheme://...`, an HTTP/0.9 request). Anything else (`get key`, `HELO x`,
-/// binary) is opaque. A first line that has not ended is waited for: until
-/// it ends nobody, the app included, can tell it is not a request.
+/// `Http2` for the connection preface; `Http1` for a well-formed request
+/// line (after optional empty lines, RFC 9112 section 2.2); `Opaque` for
+/// anything else, as soon as one byte shows it. What any HTTP/1 server
+/// could read as a request is therefore either `Http1` (and served by hyper,
+/// which strips identity headers and enforces policy) or `Opaque`, which a
+/// server sidecar refuses on every port not declared opaque.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {
         return None;
@@ -64,30 +124,18 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         // Endless empty lines: hyper skips or refuses them, bounded.
         return (buf.len() > MAX_LINE).then_some(Protocol::Http1);
     };
+    if start > MAX_LINE {
+        return Some(Protocol::Http1);
+    }
     let line = &buf[start..];
-    let end = line.iter().position(|b| *b == b'\n');
-    // Decided on the first MAX_LINE bytes alone, so more bytes never change it.
-    if end.unwrap_or(line.len()) > MAX_LINE {
-        let head = &line[..MAX_LINE];
-        let method = head.iter().take_while(|b| is_tchar(**b)).count();
-        let opaque = method == 0 || (method < head.len() && head[method] != b' ');
-        return Some(if opaque { Protocol::Opaque } else { Protocol::Http1 });
+    let head = &line[..line.len().min(MAX_LINE)];
+    match request_line(head) {
+        Line::Valid => Some(Protocol::Http1),
+        Line::Invalid => Some(Protocol::Opaque),
+        // Well-formed so far and too long: hyper refuses it (414/431).
+        Line::Partial if line.len() > MAX_LINE => Some(Protocol::Http1),
+        Line::Partial => None,
     }
-    let method = line.iter().take_while(|b| is_tchar(**b)).count();
-    if method == line.len() {
-        return None;
-    }
-    if method == 0 || line[method] != b' ' {
-        return Some(Protocol::Opaque);
-    }
-    let end = end?;
-    let rest = &line[method + 1..end];
-    let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
-    let names_version = rest.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"));
-    let lone_target = !rest.is_empty()
-        && !rest.contains(&b' ')
-        && (rest[0] == b'/' || rest == b"*" || rest.windows(3).any(|w| w == b"://"));
-    Some(if names_version || lone_target { Protocol::Http1 } else { Protocol::Opaque })
 }
 
 /// How detection ended.
@@ -169,37 +217,71 @@ mod tests {
     #[test]
     fn classifies_prefixes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET / HTTP/1.0\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"M-SEARCH * HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"OPTIONS http://x/a?b HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"GET / HTTP/1.1"), None, "the line has not ended");
+        assert_eq!(classify(b"GET / HTTP/1.1\r"), None);
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Protocol::Http2));
         assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"hello"), None);
-        assert_eq!(classify(b"hello\r\n"), Some(Protocol::Opaque));
-        // What a lenient server reads as a request is HTTP, whatever its case or length.
+        // Any case of method is a token; hyper decides what it serves.
         assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"\r\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"\r\n"), None);
-        assert_eq!(classify(b"GET /admin\r\n"), Some(Protocol::Http1), "HTTP/0.9");
-        assert_eq!(classify(b"GET http://x/admin\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"GET /a HTTP/1.1 junk\r\n"), Some(Protocol::Http1));
-        let long = [&b"GET".repeat(50)[..], b" /admin hTtP/1.1\r\n"].concat();
+        let long = [&b"GET".repeat(50)[..], b" /admin HTTP/1.1\r\n"].concat();
         assert_eq!(classify(&long), Some(Protocol::Http1));
+        // Not a valid start: refused by the server sidecar, never carried.
+        for bad in [
+            &b"GET\t/x\tHTTP/1.1\r\n"[..],
+            b" GET /x HTTP/1.1\r\n",
+            b"\tGET /x HTTP/1.1\r\n",
+            b"GET\x0b/x\x0bHTTP/1.1\r\n",
+            b"GET\x0c/x HTTP/1.1\r\n",
+            b"GET\x1c/x HTTP/1.1\r\n",
+            b"GET /x\x85HTTP/1.1\r\n",
+            b"GET /x\xa0HTTP/1.1\r\n",
+            b"GET  /x HTTP/1.1\r\n",
+            b"GET /x  HTTP/1.1\r\n",
+            b"GET /x HTTP/1.1 junk\r\n",
+            b"GET /x hTtP/1.1\r\n",
+            b"GET /x HTTP/2.0\r\n",
+            b"GET /x HTTP/1.1\rX",
+            b"GET /admin\r\n",
+            b"GET /admin\n",
+            b"raw tcp bytes\n",
+            b"get key\r\n",
+            b"HELO x\r\n",
+            b"PING\r\n",
+            b"*1\r\n$4\r\nPING",
+            b"\x00\x00\x00\x08",
+        ] {
+            assert_eq!(classify(bad), Some(Protocol::Opaque), "{:?}", String::from_utf8_lossy(bad));
+        }
+        // Decided at the first bad byte: a slow client cannot hold a place.
+        assert_eq!(classify(b"GET\t"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"hello"), None);
+        // Bounded: endless empty lines or an endless first line are decided.
         assert_eq!(classify(&[b'A'; 9000]), Some(Protocol::Http1));
         assert_eq!(classify(&[&b"GET /"[..], &[b'a'; 9000]].concat()), Some(Protocol::Http1));
-        // Text protocols that are not HTTP stay opaque.
-        assert_eq!(classify(b"raw tcp bytes"), None);
-        assert_eq!(classify(b"raw tcp bytes\n"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"get key\r\n"), Some(Protocol::Opaque), "memcached");
-        assert_eq!(classify(b"HELO x\r\n"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"*1\r\n$4\r\nPING"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"\x00\x00\x00\x08"), Some(Protocol::Opaque));
-        // Bounded: endless empty lines or an endless first line are decided.
         assert_eq!(classify(&b"\r\n".repeat(5000)), Some(Protocol::Http1));
         let endless = [&[b'A'; 9000][..], b" \n"].concat();
         assert_eq!(classify(&endless[..8300]), classify(&endless), "more bytes never change the answer");
+    }
+
+    /// Every prefix of a byte string is undecided or decided the same way as
+    /// the whole: a classification never changes as bytes arrive.
+    #[test]
+    fn a_decision_never_changes_as_bytes_arrive() {
+        for s in [&b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n"[..], b"GET\t/x HTTP/1.1\r\n", b"\r\nPOST /a HTTP/1.0\n"] {
+            let whole = classify(s);
+            for i in 1..=s.len() {
+                if let Some(p) = classify(&s[..i]) {
+                    assert_eq!(Some(p), whole, "prefix {i} of {:?}", String::from_utf8_lossy(s));
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -52,6 +52,12 @@ pub struct RouteLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolRefusedLabels {
+    /// `not_http`, `head_timeout` or `cert_expired`.
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsFailureLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -87,6 +93,9 @@ pub struct Metrics {
     pub outbound: DirMetrics,
     pub tls_failures: Family<TlsFailureLabels, Counter>,
     pub identity_mismatch: Counter,
+    /// Inbound connections closed because of what the client sent first (or
+    /// because the certificate an opaque stream was authorised with expired).
+    pub protocol_refused: Family<ProtocolRefusedLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub rate_limited: Family<PolicyLabels, Counter>,
     pub authn: Family<AuthnLabels, Counter>,
@@ -141,6 +150,7 @@ impl Default for Metrics {
             outbound: dir(Direction::Outbound),
             tls_failures: Family::default(),
             identity_mismatch: Counter::default(),
+            protocol_refused: Family::default(),
             decisions: Family::default(),
             rate_limited: Family::default(),
             authn: Family::default(),
@@ -193,6 +203,10 @@ impl Metrics {
     /// Counts a failed TLS handshake.
     pub fn tls_failure(&self, d: Direction, reason: &'static str) {
         self.tls_failures.get_or_create(&TlsFailureLabels { direction: d.as_str(), reason }).inc();
+    }
+
+    pub fn protocol_refused(&self, reason: &'static str) {
+        self.protocol_refused.get_or_create(&ProtocolRefusedLabels { reason }).inc();
     }
 
     /// Registers every metric under the `palisade_` prefix.
@@ -297,6 +311,11 @@ impl Metrics {
             "identity_mismatch",
             "Outbound connections refused because the peer's SPIFFE ID differed from the directory's",
             self.identity_mismatch.clone(),
+        );
+        reg.register(
+            "inbound_protocol_refused",
+            "Inbound connections closed for what the client sent first (not_http, head_timeout) or at the expiry of the certificate an opaque stream was authorised with (cert_expired)",
+            self.protocol_refused.clone(),
         );
     }
 }

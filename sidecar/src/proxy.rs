@@ -132,6 +132,10 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-palisade-orig-prot
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN between sidecars: one HTTP/1.1 exchange that upgrades (WebSocket...).
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// What a connection that did not start as HTTP/1.1 or HTTP/2 is answered
+/// before it is closed (the reason is in the audit log, not here).
+pub const BAD_REQUEST_CLOSE: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 17\r\nconnection: close\r\n\r\nmalformed request";
 /// ALPN between sidecars: opaque TCP.
 pub const ALPN_TCP: &[u8] = b"palisade.dev/tcp";
 

@@ -96,7 +96,7 @@ async fn protocol_detection_cannot_be_walked_around() {
 #[tokio::test]
 async fn tcp_connections_meet_deny_rules_with_http_fields() {
     let echo = palisade_tests::apps::tcp_echo().await;
-    let p = pair(echo, &[], &[], &[]).await;
+    let p = pair(echo, &[], &["--opaque-port", &echo.port().to_string()], &[]).await;
     let tcp = |port: u16| async move {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         s.write_all(b"\x00\x01binary").await.unwrap();

@@ -597,7 +597,7 @@ spec:
 #[tokio::test]
 async fn required_authentication_closes_the_opaque_tcp_way_around() {
     let echo = palisade_tests::apps::tcp_echo().await;
-    let p = crate::dataplane::pair(echo, &[], &[], &[]).await;
+    let p = crate::dataplane::pair(echo, &[], &["--opaque-port", &echo.port().to_string()], &[]).await;
     let talk = || async {
         let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
         s.write_all(b"\x00\x01binary payload").await.unwrap();

@@ -228,8 +228,10 @@ async fn grpc_unary_streaming_deadlines_and_cancellation() {
 #[tokio::test]
 async fn opaque_tcp_with_half_close_and_server_speaks_first() {
     let echo_app = palisade_tests::apps::tcp_echo().await;
-    let p = pair(echo_app, &[], &[], &[]).await;
-    // Detected as opaque from its first bytes; half-close carried through.
+    // A client-first protocol other than HTTP is carried only on a port
+    // declared opaque (at the server sidecar, which decides).
+    let p = pair(echo_app, &[], &["--opaque-port", &echo_app.port().to_string()], &[]).await;
+    // Carried opaque; half-close carried through.
     let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
     s.write_all(b"\x00\x01binary payload").await.unwrap();
     s.shutdown().await.unwrap();

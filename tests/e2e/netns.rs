@@ -169,7 +169,7 @@ async fn two_pods_talk_plain_http_and_tcp_carried_over_mtls() {
         std::fs::write(&token_file, &token).unwrap();
         must(&format!("chown 1337:1337 {0} && chmod 600 {0}", token_file.display()));
         let cmd = format!(
-            "setpriv --reuid=1337 --regid=1337 --clear-groups {} --transparent {extra} --control-plane https://{CP_IP}:7700 --ca-bundle {} \
+            "setpriv --reuid=1337 --regid=1337 --clear-groups {} --transparent --opaque-port 9000 {extra} --control-plane https://{CP_IP}:7700 --ca-bundle {} \
              --join-token-file {} --inbound 0.0.0.0:4143 --advertise {ip}:4143 --outbound 127.0.0.1:4140 --app 127.0.0.1:8080 \
              --admin 127.0.0.1:4191",
             bin("palisade-sidecar").display(),

@@ -384,7 +384,7 @@ async fn an_invalid_snapshot_is_nacked_and_the_previous_policy_stays() {
 #[tokio::test]
 async fn tcp_connections_are_authorized_by_identity() {
     let echo_app = palisade_tests::apps::tcp_echo().await;
-    let m = mesh_with(echo_app, &["--access-log"]).await;
+    let m = mesh_with(echo_app, &["--access-log", "--opaque-port", &echo_app.port().to_string()]).await;
     m.apply("tcp", "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-only, namespace: shop}\nspec:\n  target: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}\n  action: ALLOW\n  rules:\n    - from: [{identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]\n").await;
     let talk = |port: u16| async move {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

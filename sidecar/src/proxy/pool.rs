@@ -58,22 +58,42 @@ impl AppPool {
     }
 
     /// Sends an HTTP/1.1 request on an idle or new connection.
+    ///
+    /// A kept-alive connection can be closed by the app just as a request
+    /// goes out on it (its keep-alive timeout racing the request). Then:
+    /// a request that was not sent is sent again on a new connection; one
+    /// that was sent and got no response is sent again once, on a new
+    /// connection, only if it is idempotent and has no body (what nginx
+    /// does); anything else is the app's failure (502).
     pub async fn send_h1(&self, req: Request<Body>) -> Result<Response<Body>, AppError> {
-        let mut sender = loop {
+        let (mut sender, reused) = loop {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match idle {
                 Some(mut s) if !s.is_closed() => {
                     if s.ready().await.is_ok() {
-                        break s;
+                        break (s, true);
                     }
                 }
                 Some(_) => continue,
                 // The connect is boxed: a request on a pooled connection
                 // must not carry (and move) the connect's state.
-                None => break Box::pin(self.connect_h1()).await?,
+                None => break (Box::pin(self.connect_h1()).await?, false),
             }
         };
-        let resp = sender.send_request(req).await?;
+        let replay = if reused { replayable(&req) } else { None };
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => {
+                let again = match (e.take_message(), replay) {
+                    (Some(req), _) => req,
+                    (None, Some(req)) if closed_before_response(e.error()) => req,
+                    _ => return Err(e.into_error().into()),
+                };
+                tracing::debug!(error = %e.error(), "app closed a reused connection without answering; sending again on a new one");
+                sender = Box::pin(self.connect_h1()).await?;
+                sender.send_request(again).await?
+            }
+        };
         let pool = self.idle.clone();
         Ok(resp.map(|body| ReturnOnEnd { body, sender: Some(sender), pool }.boxed_unsync()))
     }
@@ -137,6 +157,40 @@ impl AppPool {
         *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
         Ok(sender)
     }
+}
+
+/// A copy of `req` to send again, if it may be: an idempotent method and no
+/// body (extensions are not copied; nothing below the pool reads them).
+fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
+    if !req.method().is_idempotent() || !hyper::body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(super::full(Bytes::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// The connection ended (closed or reset) before any response came.
+fn closed_before_response(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A response body that gives its HTTP/1.1 connection back to the pool once
