@@ -182,7 +182,20 @@ async fn a_bad_start_is_refused_at_once_early_or_late() {
     )
     .await;
     let app_addr: std::net::SocketAddr = format!("127.0.0.1:{py_port}").parse().unwrap();
-    let p = pair(app_addr, &[], &["--protocol-detect-timeout", "200ms"], &["--protocol-detect-timeout", "100ms"]).await;
+    let p = pair(
+        app_addr,
+        &[],
+        &["--protocol-detect-timeout", "200ms", "--header-read-timeout", "2s"],
+        &["--protocol-detect-timeout", "100ms"],
+    )
+    .await;
+    // Neither side speaks (an HTTP app never does): let go at the header
+    // timeout, not held as a possible server-first stream.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    assert!(r.is_ok() && started.elapsed() < Duration::from_secs(8), "a silent connection is held");
     for delay in [Duration::ZERO, Duration::from_millis(600)] {
         let started = Instant::now();
         let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
