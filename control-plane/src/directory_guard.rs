@@ -171,19 +171,19 @@ impl DirectoryGuard {
             }
             None => false,
         };
-        let new_addr = !own.contains(c.addr);
-        if new_addr && own.len() >= self.max_addrs {
+        // The record a renewal supersedes (its own identity's only).
+        let replaced = c.replaces.and_then(|s| proxies.iter().find(|p| p.cert_serial == s && p.identity == c.identity));
+        if !own.contains(c.addr) && own.len() >= self.max_addrs {
             return Err(DirectoryRefusal::TooMany {
                 identity: c.identity.to_string(),
                 held: own.len(),
                 max: self.max_addrs,
             });
         }
-        let moved_away = c
-            .replaces
-            .and_then(|s| proxies.iter().find(|p| p.cert_serial == s))
-            .is_some_and(|old| !old.inbound_addr.is_empty() && old.inbound_addr != c.addr);
-        let changes = new_addr || take_over || moved_away;
+        // A renewal at the same address changes nothing; one elsewhere moves.
+        let stays = replaced.is_some_and(|old| old.inbound_addr == c.addr);
+        let moved_away = replaced.is_some_and(|old| !old.inbound_addr.is_empty() && old.inbound_addr != c.addr);
+        let changes = (!own.contains(c.addr) && !stays) || take_over || moved_away;
         if changes && c.rate_limited {
             self.spend(c.identity, source.unwrap_or(IpAddr::from([0, 0, 0, 0])), clock)?;
         }
@@ -282,6 +282,19 @@ mod tests {
         // A renewal that moves its record frees the old address.
         let c = Claim { replaces: Some("b"), ..claim(WEB, "127.0.0.1:3", "127.0.0.1:9") };
         assert!(g.admit(c, &mine, 10, now).unwrap().changes);
+    }
+
+    #[test]
+    fn renewals_in_place_are_not_changes_and_never_rate_limited() {
+        let g = DirectoryGuard::new(AddrCheck::Exclusive, 1, 1);
+        let mut held = vec![rec(WEB, "127.0.0.1:1", "s0", 100)];
+        let now = Instant::now();
+        for i in 1..=20 {
+            let prev = format!("s{}", i - 1);
+            let c = Claim { replaces: Some(&prev), ..claim(WEB, "127.0.0.1:1", "127.0.0.1:9") };
+            assert_eq!(g.admit(c, &held, 10, now).unwrap(), Allowed::default(), "renewal {i}");
+            held = vec![rec(WEB, "127.0.0.1:1", &format!("s{i}"), 100)];
+        }
     }
 
     #[test]

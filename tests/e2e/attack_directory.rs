@@ -126,11 +126,11 @@ async fn a_workload_can_neither_take_nor_flood_the_directory() {
         .await
         .unwrap();
     let token = cp.create_token(EVIL, &["--uses", "10"]).unwrap();
-    let anon = channel(&cp, None).await;
     let mut codes = Vec::new();
     for i in 0..5 {
         let attestation = Some(Attestation::JoinToken(token.clone()));
-        let (r, _) = certify(&anon, attestation, &format!("127.0.0.3:{}", 30_000 + i)).await;
+        // A join on a connection of its own, as a sidecar makes it.
+        let (r, _) = certify(&channel(&cp, None).await, attestation, &format!("127.0.0.3:{}", 30_000 + i)).await;
         codes.push(r.map(|_| Code::Ok).unwrap_or_else(|e| {
             assert!(e.message().contains("--max-addresses-per-identity"), "{}", e.message());
             e.code()
