@@ -191,15 +191,36 @@ pub struct Config {
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
-    /// Most connections still in their TLS handshake or without a client certificate (first-time
-    /// joins) open at once: what anyone on the network can open, kept apart so a flood of them
-    /// cannot crowd out sidecars and operators.
+    /// Most connections still in their TLS handshake open at once (each for --handshake-timeout
+    /// at most): what anyone on the network can open, kept apart so a flood of them cannot crowd
+    /// out sidecars and operators.
     #[arg(long, env = "PALISADE_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = 512)]
     pub max_unauthenticated_connections: usize,
 
     /// Of those, most from one source address.
     #[arg(long, env = "PALISADE_MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP", default_value_t = 32)]
     pub max_unauthenticated_connections_per_ip: usize,
+
+    /// Most connections that finished their handshake without a client certificate (a first
+    /// join: one Certify call) open at once. Such a call takes milliseconds, so even a mass
+    /// rollout of 2,000 pods needs a few dozen at a time.
+    #[arg(long, env = "PALISADE_MAX_ANONYMOUS_CONNECTIONS", default_value_t = 64)]
+    pub max_anonymous_connections: usize,
+
+    /// Of those, most from one source address.
+    #[arg(long, env = "PALISADE_MAX_ANONYMOUS_CONNECTIONS_PER_IP", default_value_t = 4)]
+    pub max_anonymous_connections_per_ip: usize,
+
+    /// A connection without a client certificate is closed this long after it was accepted,
+    /// whatever it sends (HTTP/2 PINGs included); it carries one call.
+    #[arg(long, env = "PALISADE_ANONYMOUS_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub anonymous_deadline: Duration,
+
+    /// Connections beyond every limit that only 127.0.0.1 and ::1 may open, on each listener
+    /// (gRPC, OAuth, webhook, metrics): a local operator or probe always gets in.
+    #[arg(long, env = "PALISADE_RESERVED_LOOPBACK_CONNECTIONS", default_value_t = 8)]
+    pub reserved_loopback_connections: usize,
 
     /// How the IP of the inbound address a sidecar registers is checked
     /// against where its connection comes from (loopback is never checked):
@@ -228,8 +249,8 @@ pub struct Config {
     #[serde(serialize_with = "humantime_serde_compat::serialize")]
     pub handshake_timeout: Duration,
 
-    /// A connection whose peer sends nothing for this long is closed (the server pings every
-    /// 30s, so live clients always answer); connections without a client certificate get 15s.
+    /// A connection with a client certificate whose peer sends nothing for this long is closed
+    /// (the server pings every 30s, so live clients always answer).
     #[arg(long, env = "PALISADE_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     #[serde(serialize_with = "humantime_serde_compat::serialize")]
     pub idle_timeout: Duration,
@@ -337,6 +358,8 @@ impl Config {
         for (flag, v) in [
             ("max-unauthenticated-connections", self.max_unauthenticated_connections),
             ("max-unauthenticated-connections-per-ip", self.max_unauthenticated_connections_per_ip),
+            ("max-anonymous-connections", self.max_anonymous_connections),
+            ("max-anonymous-connections-per-ip", self.max_anonymous_connections_per_ip),
         ] {
             if !(1..=1_000_000).contains(&v) {
                 return Err(ConfigError::Limit { flag, value: v.to_string(), why: "must be between 1 and 1000000" });
@@ -351,7 +374,19 @@ impl Config {
                 return Err(ConfigError::Range { flag, value: v.to_string(), min: "1".into(), max: max.to_string() });
             }
         }
-        for (flag, d) in [("handshake-timeout", self.handshake_timeout), ("idle-timeout", self.idle_timeout)] {
+        if self.reserved_loopback_connections > 1024 {
+            return Err(ConfigError::Range {
+                flag: "reserved-loopback-connections",
+                value: self.reserved_loopback_connections.to_string(),
+                min: "0".into(),
+                max: "1024".into(),
+            });
+        }
+        for (flag, d) in [
+            ("handshake-timeout", self.handshake_timeout),
+            ("idle-timeout", self.idle_timeout),
+            ("anonymous-deadline", self.anonymous_deadline),
+        ] {
             if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
                 return Err(ConfigError::Limit {
                     flag,

@@ -1,7 +1,17 @@
-//! The gRPC listener's connections: the shared accept loop with a
-//! connection limit, the TLS handshake under a timeout off the accept loop, a
-//! smaller budget and a short idle timeout for connections without a client
-//! certificate (first-time joins), and the idle timeout for everyone else.
+//! The gRPC listener's connections, in three budgets so that what anyone on
+//! the network can open never crowds out sidecars and operators:
+//!
+//! - handshakes in progress (`--max-unauthenticated-connections`, per
+//!   address too), each for `--handshake-timeout` at most;
+//! - connections that finished their handshake without a client
+//!   certificate (first joins, `--max-anonymous-connections`, per address
+//!   too): one call each, closed `--anonymous-deadline` after accept
+//!   whatever they send (PINGs do not extend it);
+//! - connections with a verified client certificate (`--max-connections`),
+//!   with the idle timeout that the server's PINGs keep live clients under.
+//!
+//! Each budget also has a few places only 127.0.0.1 and ::1 can take
+//! (`--reserved-loopback-connections`), for an operator on the host.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,37 +23,66 @@ use palisade_net::{IdleTimeout, Limit, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Idle timeout of a connection without a client certificate: it exists for
-/// one Certify call.
-const UNAUTHENTICATED_IDLE: Duration = Duration::from_secs(15);
+use crate::metrics::{METRICS, counted};
+
+/// Calls an anonymous connection may carry: the one Certify of a first join.
+const ANONYMOUS_CALLS: u32 = 1;
 
 /// The listener's limits.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
+    /// Handshakes in progress: what anyone on the network can open.
+    pub(crate) handshakes: Limit,
+    /// Handshaken connections without a client certificate.
+    pub(crate) anonymous: Limit,
     /// Connections with a verified client certificate.
     pub(crate) authenticated: Limit,
-    /// Handshakes in progress and connections without a certificate, in
-    /// all and per source address: what anyone on the network can open.
-    pub(crate) unauthenticated: Limit,
     pub(crate) handshake_timeout: Duration,
+    pub(crate) anonymous_deadline: Duration,
     pub(crate) idle_timeout: Duration,
+}
+
+impl Limits {
+    /// The limits the flags set.
+    pub(crate) fn new(cfg: &crate::Config) -> Self {
+        let reserved = cfg.reserved_loopback_connections;
+        Self {
+            handshakes: counted(
+                Limit::new("control-plane-handshake", cfg.max_unauthenticated_connections)
+                    .per_ip(cfg.max_unauthenticated_connections_per_ip)
+                    .reserve_loopback(reserved),
+            ),
+            anonymous: counted(
+                Limit::new("control-plane-anonymous", cfg.max_anonymous_connections)
+                    .per_ip(cfg.max_anonymous_connections_per_ip)
+                    .reserve_loopback(reserved),
+            ),
+            authenticated: counted(Limit::new("control-plane", cfg.max_connections).reserve_loopback(reserved)),
+            handshake_timeout: cfg.handshake_timeout,
+            anonymous_deadline: cfg.anonymous_deadline,
+            idle_timeout: cfg.idle_timeout,
+        }
+    }
 }
 
 /// One accepted, handshaken connection, holding its place under the limits.
 #[derive(Debug)]
-pub(crate) struct Conn(IdleTimeout<TlsStream<TcpStream>>);
+pub(crate) struct Conn {
+    io: IdleTimeout<TlsStream<TcpStream>>,
+    /// Without a client certificate (its cut-offs are counted).
+    anonymous: bool,
+}
 
 /// Accepts until `stop`, handing handshaken connections to the gRPC server.
 ///
-/// Until its handshake proves a client certificate, a connection holds a
-/// place under the unauthenticated limit; once proven, it moves to the
-/// authenticated one. A flood of anonymous connections therefore fills only
-/// the anonymous budget (delaying first-time joins at worst), never the
-/// places sidecars and operators use.
+/// A connection holds a place among the handshakes until its handshake ends;
+/// then it moves to the authenticated or the anonymous budget, or is closed
+/// if that one is full.
 pub(crate) async fn accept(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -52,8 +91,8 @@ pub(crate) async fn accept(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let unauthenticated = limits.unauthenticated.clone();
-    palisade_net::serve(listener, unauthenticated, stop, tracker, move |tcp, src, slot| {
+    let handshakes = limits.handshakes.clone();
+    palisade_net::serve(listener, handshakes, stop, tracker, move |tcp, src, slot| {
         let (acceptor, limits, to_server) = (acceptor.clone(), limits.clone(), to_server.clone());
         async move {
             if let Some(conn) = handshake(tcp, src, slot, &acceptor, &limits).await {
@@ -67,10 +106,11 @@ pub(crate) async fn accept(
 async fn handshake(
     tcp: TcpStream,
     src: SocketAddr,
-    anonymous: Slot,
+    handshaking: Slot,
     acceptor: &tokio_rustls::TlsAcceptor,
     limits: &Limits,
 ) -> Option<Conn> {
+    let accepted = Instant::now();
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -79,53 +119,74 @@ async fn handshake(
             return None;
         }
         Err(_) => {
+            METRICS.refused(limits.handshakes.name(), "deadline");
             tracing::debug!(src.addr = %src, "TLS handshake timed out");
             return None;
         }
     };
     let authenticated = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
     if !authenticated {
-        return Some(Conn(IdleTimeout::new(tls, UNAUTHENTICATED_IDLE, Some(anonymous))));
+        let Some(slot) = limits.anonymous.try_take_for(src.ip()) else {
+            tracing::debug!(src.addr = %src, "anonymous connection limit reached (--max-anonymous-connections[-per-ip]); closing");
+            return None;
+        };
+        drop(handshaking);
+        // An absolute deadline from accept, and one call: a first join needs
+        // no more, and nothing the peer sends (PINGs) keeps it open longer.
+        let io = IdleTimeout::new(tls, limits.anonymous_deadline, Some(slot))
+            .deadline(accepted + limits.anonymous_deadline)
+            .max_requests(ANONYMOUS_CALLS);
+        return Some(Conn { io, anonymous: true });
     }
-    let Some(slot) = limits.authenticated.try_take() else {
+    let Some(slot) = limits.authenticated.try_take_for(src.ip()) else {
         tracing::warn!(src.addr = %src, "connection limit reached (--max-connections); closing");
         return None;
     };
-    drop(anonymous);
-    Some(Conn(IdleTimeout::new(tls, limits.idle_timeout, Some(slot))))
+    drop(handshaking);
+    Some(Conn { io: IdleTimeout::new(tls, limits.idle_timeout, Some(slot)), anonymous: false })
 }
 
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().connect_info()
+        self.io.get_ref().connect_info()
     }
 }
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &r
+            && self.anonymous
+        {
+            match e.kind() {
+                io::ErrorKind::TimedOut => METRICS.refused("control-plane-anonymous", "deadline"),
+                io::ErrorKind::PermissionDenied => METRICS.refused("control-plane-anonymous", "requests"),
+                _ => {}
+            }
+        }
+        r
     }
 }
 
 impl AsyncWrite for Conn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -1,6 +1,8 @@
 //! The control plane's small HTTPS listeners (the admission webhook, the
-//! OAuth token service): TLS with a handshake timeout, a connection limit,
-//! an idle timeout, bounded header reads, then a handler per request.
+//! OAuth token service): TLS with a handshake timeout, a connection limit
+//! (per source address too, with a reserve for the host itself), a first
+//! request within the handshake timeout, an idle timeout that HTTP/2 PINGs
+//! do not extend, bounded header reads, then a handler per request.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,7 +23,37 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Most from one source address, so one client cannot take every place.
+    pub max_connections_per_ip: usize,
+    /// Places beyond the limit only 127.0.0.1 and ::1 may take.
+    pub reserved_loopback: usize,
+    /// From accept to a complete handshake, and from there to the first request byte.
     pub handshake_timeout: Duration,
+}
+
+impl Limits {
+    /// The OAuth token service's: API clients come from many addresses; 64
+    /// from one covers a busy client's pool and needs 16 addresses to fill.
+    pub fn oauth(cfg: &crate::Config) -> Self {
+        Self {
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            reserved_loopback: cfg.reserved_loopback_connections,
+            handshake_timeout: cfg.handshake_timeout,
+        }
+    }
+
+    /// The admission webhook's: its one client is the API server (a few
+    /// replicas, a handful of connections each); 32 from one address needs
+    /// 8 addresses to fill.
+    pub fn webhook(cfg: &crate::Config) -> Self {
+        Self {
+            max_connections: 256,
+            max_connections_per_ip: 32,
+            reserved_loopback: cfg.reserved_loopback_connections,
+            handshake_timeout: cfg.handshake_timeout,
+        }
+    }
 }
 
 /// A connection that sends nothing for this long is closed.
@@ -49,8 +81,10 @@ pub async fn serve<H, Fut>(
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let limit = palisade_net::Limit::new(name, limits.max_connections);
-    palisade_net::serve(listener, limit, stop, tracker, move |tcp, peer: SocketAddr, slot| {
+    let limit = palisade_net::Limit::new(name, limits.max_connections)
+        .per_ip(limits.max_connections_per_ip)
+        .reserve_loopback(limits.reserved_loopback);
+    palisade_net::serve(listener, crate::metrics::counted(limit), stop, tracker, move |tcp, peer: SocketAddr, slot| {
         let (acceptor, handler) = (acceptor.clone(), handler.clone());
         async move {
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
@@ -60,7 +94,10 @@ pub async fn serve<H, Fut>(
                     return;
                 }
             };
-            let io = palisade_net::IdleTimeout::new(tls, IDLE_TIMEOUT, Some(slot));
+            // Requests are short: a connection kept open by PINGs alone is idle.
+            let io = palisade_net::IdleTimeout::new(tls, IDLE_TIMEOUT, Some(slot))
+                .first_byte_within(limits.handshake_timeout)
+                .requests_only();
             let svc = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req, peer).await) }

@@ -492,7 +492,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             }
         }));
         tracing::info!(listen = %addr, issuer = %service.issuer(), "OAuth token service serving POST /oauth2/token");
-        let limits = https::Limits { max_connections: 1024, handshake_timeout: cfg.handshake_timeout };
+        let limits = https::Limits::oauth(&cfg);
         tracker.spawn(https::serve(
             "oauth",
             listener,
@@ -528,18 +528,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let (conn_tx, conn_rx) = mpsc::channel::<std::io::Result<conn::Conn>>(64);
-    let limits = conn::Limits {
-        authenticated: palisade_net::Limit::new("control-plane", cfg.max_connections),
-        unauthenticated: palisade_net::Limit::new("control-plane-unauthenticated", cfg.max_unauthenticated_connections)
-            .per_ip(cfg.max_unauthenticated_connections_per_ip),
-        handshake_timeout: cfg.handshake_timeout,
-        idle_timeout: cfg.idle_timeout,
-    };
+    let limits = conn::Limits::new(&cfg);
     tracker.spawn(conn::accept(listener, acceptor, limits, conn_tx, stop.clone(), tracker.clone()));
 
     if let (Some(addr), Some(listener)) = (cfg.metrics_listen, metrics_listener) {
         tracing::info!(listen = %addr, "metrics served at /metrics");
-        tracker.spawn(metrics::serve(listener, stop.clone(), tracker.clone()));
+        tracker.spawn(metrics::serve(listener, cfg.reserved_loopback_connections, stop.clone(), tracker.clone()));
     }
     let closing = shared.hub.closing.clone();
     if let (Some(addr), Some(listener)) = (cfg.webhook_listen, webhook_listener) {
@@ -566,7 +560,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         };
         palisade_certs::tls::no_resumption(&mut tls);
         tracing::info!(listen = %addr, "admission webhook serving POST /mutate");
-        let limits = https::Limits { max_connections: 256, handshake_timeout: cfg.handshake_timeout };
+        let limits = https::Limits::webhook(&cfg);
         tracker.spawn(webhook::serve(
             listener,
             Arc::new(tls),

@@ -30,6 +30,12 @@ pub struct ResultReason {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReason {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -53,6 +59,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub ca_roots: Gauge,
     pub ca_rotation_waiting: Gauge,
+    pub connections_refused: Family<ListenerReason, Counter>,
     registry: Registry,
 }
 
@@ -79,6 +86,7 @@ impl Metrics {
         let leader = Gauge::default();
         let ca_roots = Gauge::default();
         let ca_rotation_waiting = Gauge::default();
+        let connections_refused = Family::<ListenerReason, Counter>::default();
         let mut registry = Registry::with_prefix("palisade_cp");
         registry.register(
             "certificates",
@@ -131,6 +139,11 @@ impl Metrics {
             leader.clone(),
         );
         registry.register(
+            "connections_refused",
+            "Connections closed by a listener's limits, by listener and reason: full, per_address (the source address holds its share), deadline (no certificate or request in time), requests (an anonymous connection's second call)",
+            connections_refused.clone(),
+        );
+        registry.register(
             "ca_roots",
             "Roots in the trust bundles this replica hands out (2 while a root rotation is under way)",
             ca_roots.clone(),
@@ -157,6 +170,7 @@ impl Metrics {
             leader,
             ca_roots,
             ca_rotation_waiting,
+            connections_refused,
             registry,
         }
     }
@@ -164,6 +178,11 @@ impl Metrics {
     /// Counts a certificate request's outcome.
     pub fn certificate(&self, result: &'static str, reason: &'static str) {
         self.certificates.get_or_create(&ResultReason { result, reason }).inc();
+    }
+
+    /// Counts a connection a listener's limits refused or cut.
+    pub fn refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused.get_or_create(&ListenerReason { listener, reason }).inc();
     }
 
     fn text(&self) -> String {
@@ -189,12 +208,25 @@ pub fn code_label(code: tonic::Code) -> &'static str {
 
 /// Most metrics connections at once.
 const MAX_CONNECTIONS: usize = 32;
+/// Most from one address: a scraper needs one, a few replicas of it a few;
+/// 8 addresses are needed to fill the listener.
+const MAX_CONNECTIONS_PER_IP: usize = 4;
+/// A scraper sends its request at once; a silent connection is let go.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves GET /metrics on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
-    let limit = palisade_net::Limit::new("metrics", MAX_CONNECTIONS).per_ip(8);
-    palisade_net::serve(listener, limit, stop, tracker, move |tcp, _peer: SocketAddr, slot| async move {
-        let io = palisade_net::IdleTimeout::new(tcp, Duration::from_secs(30), Some(slot));
+/// A limit whose refusals are counted in `palisade_cp_connections_refused`.
+pub fn counted(limit: palisade_net::Limit) -> palisade_net::Limit {
+    limit.on_refused(|listener, why| METRICS.refused(listener, why.as_str()))
+}
+
+/// Serves GET /metrics on `listener` until `stop`; `reserved` places beyond
+/// the limit are for the host itself (127.0.0.1, ::1).
+pub async fn serve(listener: TcpListener, reserved: usize, stop: CancellationToken, tracker: TaskTracker) {
+    let limit =
+        palisade_net::Limit::new("metrics", MAX_CONNECTIONS).per_ip(MAX_CONNECTIONS_PER_IP).reserve_loopback(reserved);
+    palisade_net::serve(listener, counted(limit), stop, tracker, move |tcp, _peer: SocketAddr, slot| async move {
+        let io = palisade_net::IdleTimeout::new(tcp, Duration::from_secs(30), Some(slot))
+            .first_byte_within(FIRST_BYTE_TIMEOUT);
         let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
             let (status, body) = if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
                 (StatusCode::OK, METRICS.text())

@@ -99,8 +99,7 @@ impl H2Watch {
         let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
         let kind = head[3];
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        self.state =
-            if len == 0 { State::Header { head: [0; 9], have: 0 } } else { State::Payload { left: len } };
+        self.state = if len == 0 { State::Header { head: [0; 9], have: 0 } } else { State::Payload { left: len } };
         // A HEADERS frame on a stream above every earlier one opens a stream
         // (client streams only go up, RFC 9113 §5.1.1); trailers do not.
         if kind == HEADERS && stream > self.highest_stream {

@@ -40,6 +40,12 @@ pub struct AdminState {
 
 /// Most admin connections open at once (probes and scrapes need a few).
 const MAX_CONNECTIONS: usize = 64;
+/// Most from one address: the kubelet and a scraper need one or two each;
+/// 8 addresses are needed to fill the listener.
+const MAX_CONNECTIONS_PER_IP: usize = 8;
+/// Places beyond the limit only 127.0.0.1 and ::1 may take: the pod's own
+/// probes and an operator in the pod always get in.
+const RESERVED_LOOPBACK: usize = 8;
 /// A connection that sends nothing for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed for a request head.
@@ -50,11 +56,17 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// starve the data path of descriptors).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken, tracker: TaskTracker) {
     // Per address too: the kubelet's probes must get through a flood from elsewhere.
-    let limit = palisade_net::Limit::new("admin", MAX_CONNECTIONS).per_ip(MAX_CONNECTIONS / 4);
+    let limit = palisade_net::Limit::new("admin", MAX_CONNECTIONS)
+        .per_ip(MAX_CONNECTIONS_PER_IP)
+        .reserve_loopback(RESERVED_LOOPBACK);
     palisade_net::serve(listener, limit, stop, tracker, move |tcp, src, slot| {
         let state = state.clone();
         async move {
-            let io = palisade_net::IdleTimeout::new(tcp, IDLE_TIMEOUT, Some(slot));
+            // A request comes at once or not at all, and HTTP/2 PINGs (h2c)
+            // are not requests: a connection that only pings is idle.
+            let io = palisade_net::IdleTimeout::new(tcp, IDLE_TIMEOUT, Some(slot))
+                .first_byte_within(HEADER_TIMEOUT)
+                .requests_only();
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, src, req)) }

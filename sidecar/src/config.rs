@@ -246,9 +246,26 @@ pub struct Limits {
     /// Concurrent HTTP/2 streams per connection.
     #[arg(long, env = "PALISADE_MAX_CONCURRENT_STREAMS", default_value_t = 1000)]
     pub max_concurrent_streams: u32,
-    /// Open connections per listener; beyond it new connections are closed at once.
+    /// Open connections per listener; beyond it new connections are closed at once. Inbound,
+    /// these are connections past their handshake (PERMISSIVE plaintext callers get a budget
+    /// of the same size of their own).
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10000)]
     pub max_connections: usize,
+    /// Inbound connections past their handshake from one source address (a pod IP: a client
+    /// pod's pooled and opaque connections fit well under it).
+    #[arg(long, env = "PALISADE_MAX_CONNECTIONS_PER_IP", default_value_t = 1000, value_parser = count)]
+    pub max_connections_per_ip: usize,
+    /// Inbound connections before their first byte or in their TLS handshake, at once: what
+    /// anyone who reaches the port can open, kept apart from the peers' connections.
+    #[arg(long, env = "PALISADE_MAX_HANDSHAKES", default_value_t = 1024, value_parser = count)]
+    pub max_handshakes: usize,
+    /// Of those, most from one source address (a peer's handshakes take milliseconds).
+    #[arg(long, env = "PALISADE_MAX_HANDSHAKES_PER_IP", default_value_t = 64, value_parser = count)]
+    pub max_handshakes_per_ip: usize,
+    /// From accept to a complete inbound TLS handshake (or a plaintext first byte), whatever the peer sends.
+    #[arg(long, env = "PALISADE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = handshake_timeout)]
+    #[serde(serialize_with = "ser_duration")]
+    pub handshake_timeout: Duration,
     /// HTTP/2 PING interval on pooled connections to peer sidecars, idle ones included: a dead
     /// connection is found within this plus 5s, before a request is put on it.
     #[arg(long, env = "PALISADE_PEER_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
@@ -258,6 +275,20 @@ pub struct Limits {
     #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub drain_timeout: Duration,
+}
+
+fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err("must be a number between 1 and 1000000".into()),
+    }
+}
+
+fn handshake_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d >= Duration::from_millis(100) && d <= Duration::from_secs(60) => Ok(d),
+        _ => Err("must be between 100ms and 60s".into()),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -5,6 +5,7 @@ mod api;
 mod attack;
 mod attack_control;
 mod attack_directory;
+mod attack_listeners;
 mod attack_protocol;
 mod authn;
 mod certify;

@@ -52,8 +52,18 @@ impl AppTarget {
     }
 }
 
-/// Time allowed for a TLS handshake (and the first byte before it).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Places beyond the handshake limit only 127.0.0.1 and ::1 may take.
+const RESERVED_LOOPBACK: usize = 8;
+
+/// Where a connection goes once its handshake is done: peers with a
+/// verified certificate and (PERMISSIVE) plaintext callers have budgets of
+/// their own, so neither a flood of handshakes nor of plaintext connections
+/// takes the places of the mesh's peers.
+#[derive(Debug, Clone)]
+struct Established {
+    peers: palisade_net::Limit,
+    plaintext: palisade_net::Limit,
+}
 
 /// How long a connection on which neither side has spoken may stay open.
 const SILENT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -146,21 +156,23 @@ impl Inbound {
     }
 
     /// Accepts until cancelled.
+    ///
+    /// A connection holds a place among the handshakes (per source address
+    /// too) until it has proved a certificate, then moves to the peers'
+    /// budget; what never gets there is let go at `--handshake-timeout`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken, tracker: TaskTracker) {
-        let limit = self.opts.limits.max_connections;
-        palisade_net::serve(
-            listener,
-            palisade_net::Limit::new("inbound", limit),
-            cancel.clone(),
-            tracker,
-            move |tcp, src, slot| {
-                let conn = self.clone().connection(tcp, src, cancel.clone());
-                async move {
-                    let _slot = slot;
-                    conn.await
-                }
-            },
-        )
+        let l = &self.opts.limits;
+        let handshakes = palisade_net::Limit::new("inbound-handshake", l.max_handshakes)
+            .per_ip(l.max_handshakes_per_ip)
+            .reserve_loopback(RESERVED_LOOPBACK);
+        let established = Established {
+            peers: palisade_net::Limit::new("inbound", l.max_connections).per_ip(l.max_connections_per_ip),
+            plaintext: palisade_net::Limit::new("inbound-plaintext", l.max_connections)
+                .per_ip(l.max_connections_per_ip),
+        };
+        palisade_net::serve(listener, handshakes, cancel.clone(), tracker, move |tcp, src, slot| {
+            self.clone().connection(tcp, src, slot, established.clone(), cancel.clone())
+        })
         .await;
     }
 
@@ -178,13 +190,26 @@ impl Inbound {
         apps.entry(port).or_insert_with(|| Arc::new(AppTarget::new(SocketAddr::new(self.opts.app.ip(), port)))).clone()
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, src: SocketAddr, cancel: CancellationToken) {
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        src: SocketAddr,
+        handshaking: palisade_net::Slot,
+        established: Established,
+        cancel: CancellationToken,
+    ) {
         let app = self.app_for(&tcp);
         let _guard = ConnGuard::new(self.metrics.clone(), Direction::Inbound);
         let _ = tcp.set_nodelay(true);
+        // One deadline from accept for the first byte and the handshake.
+        let deadline = tokio::time::Instant::now() + self.opts.limits.handshake_timeout;
         let mut first = [0u8; 1];
-        let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+        let is_tls = match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
             Ok(Ok(1)) => first[0] == 0x16,
+            Err(_) => {
+                self.metrics.tls_failure(Direction::Inbound, "timeout");
+                return;
+            }
             _ => return,
         };
         let io = Counted::new(tcp, self.metrics.clone(), Direction::Inbound);
@@ -195,11 +220,16 @@ impl Inbound {
                 return;
             }
             // PERMISSIVE: a plaintext client, detected like any byte stream.
+            let Some(_slot) = established.plaintext.try_take_for(src.ip()) else {
+                tracing::warn!(src.addr = %src, "plaintext connection limit reached (--max-connections[-per-ip]); closing");
+                return;
+            };
+            drop(handshaking);
             return Box::pin(self.stream(io, src, None, app, cancel)).await;
         }
         // The rest of a connection's state is allocated once it has sent a
         // first byte: an idle connection costs only this small future.
-        Box::pin(self.secured(io, src, app, cancel)).await;
+        Box::pin(self.secured(io, src, app, (handshaking, established.peers, deadline), cancel)).await;
     }
 
     async fn secured(
@@ -207,9 +237,10 @@ impl Inbound {
         io: Counted<TcpStream>,
         src: SocketAddr,
         app: Arc<AppTarget>,
+        (handshaking, peers, deadline): (palisade_net::Slot, palisade_net::Limit, tokio::time::Instant),
         cancel: CancellationToken,
     ) {
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(io)).await {
+        let tls = match tokio::time::timeout_at(deadline, self.tls.accept(io)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let reason = handshake_reason(&e);
@@ -228,6 +259,11 @@ impl Inbound {
             // The verifier makes valid client certificates mandatory; this cannot pass it.
             return;
         };
+        let Some(_slot) = peers.try_take_for(src.ip()) else {
+            tracing::warn!(src.addr = %src, src.identity = %caller.id, "connection limit reached (--max-connections[-per-ip]); closing");
+            return;
+        };
+        drop(handshaking);
         let result = match alpn.as_deref() {
             Some(ALPN_H2) => {
                 let this = self.clone();
