@@ -65,9 +65,6 @@ struct Established {
     plaintext: palisade_net::Limit,
 }
 
-/// How long a connection on which neither side has spoken may stay open.
-const SILENT_TIMEOUT: Duration = Duration::from_secs(3600);
-
 /// The verified caller of one connection, worked out once per connection:
 /// its identity as the policy subject and as the header value the app gets.
 #[derive(Debug)]
@@ -298,10 +295,11 @@ impl Inbound {
     /// A byte stream from a caller (opaque TCP from a peer sidecar, or a
     /// plaintext client in PERMISSIVE mode): detected here.
     ///
-    /// A client that speaks first is classified however long it takes (up
-    /// to the header timeout); a silent client may be waiting for a
-    /// server-speaks-first app, so the app is connected and whoever speaks
-    /// first decides (an HTTP server never speaks first).
+    /// Fail closed: a client that speaks first must speak valid HTTP/1.1 or
+    /// HTTP/2, or it is refused (400 and close); bytes are carried opaque
+    /// only on a port declared opaque, or when the client stays silent and
+    /// the app speaks first (a server-speaks-first protocol). The protocol
+    /// is never the caller's choice.
     async fn stream<I>(
         self: Arc<Self>,
         mut io: I,
@@ -320,33 +318,56 @@ impl Inbound {
         let limits = &self.opts.limits;
         let mut buf = BytesMut::with_capacity(64);
         let first_wait = if declared_http { limits.header_read_timeout } else { limits.protocol_detect_timeout };
-        let proto = match detect_with(&mut io, &mut buf, first_wait).await {
-            Err(_) => return,
-            Ok(Detected::Known(p)) => p,
-            Ok(Detected::Eof) if buf.is_empty() => return,
-            Ok(Detected::Eof) => Protocol::Opaque,
-            Ok(Detected::TimedOut) if declared_http => {
-                tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?caller.as_ref().map(|c| c.subject.as_str()), "no HTTP request head in time on an HTTP port");
-                return;
-            }
-            Ok(Detected::TimedOut) if !buf.is_empty() => {
-                // The client spoke first: keep reading until it is clear.
-                let rest = limits.header_read_timeout.saturating_sub(first_wait);
-                match detect_with(&mut io, &mut buf, rest).await {
-                    Ok(Detected::Known(p)) => p,
-                    Ok(Detected::Eof) => Protocol::Opaque,
-                    _ => return,
-                }
-            }
-            Ok(Detected::TimedOut) => {
+        let detected = match detect_with(&mut io, &mut buf, first_wait).await {
+            Ok(Detected::TimedOut) if buf.is_empty() && !declared_http => {
                 return self.first_speaker(io, buf, src, caller, app, cancel).await;
             }
+            Ok(Detected::TimedOut) if !buf.is_empty() && !declared_http => {
+                // The client spoke first: the whole start must come within
+                // the header timeout, however slowly it is sent.
+                let rest = limits.header_read_timeout.saturating_sub(first_wait);
+                detect_with(&mut io, &mut buf, rest).await
+            }
+            other => other,
         };
-        if declared_http && proto == Protocol::Opaque {
-            tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?caller.as_ref().map(|c| c.subject.as_str()), "non-HTTP bytes on a port declared HTTP (--http-port); closing");
-            return;
+        self.client_spoke(detected, io, buf, src, caller, app, cancel).await;
+    }
+
+    /// What a client that spoke first sent decides: HTTP is served, anything
+    /// else is refused.
+    #[allow(clippy::too_many_arguments)]
+    async fn client_spoke<I>(
+        self: Arc<Self>,
+        detected: std::io::Result<Detected>,
+        mut io: I,
+        buf: BytesMut,
+        src: SocketAddr,
+        caller: Option<Arc<Caller>>,
+        app: Arc<AppTarget>,
+        cancel: CancellationToken,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let identity = caller.as_ref().map(|c| c.subject.as_str());
+        let reason = match detected {
+            Ok(Detected::Known(p @ (Protocol::Http1 | Protocol::Http2))) => {
+                return self.serve_as(p, Prefixed::new(buf.freeze(), io), src, caller, app, cancel).await;
+            }
+            Err(_) => return,
+            Ok(Detected::Eof) if buf.is_empty() => return,
+            Ok(Detected::Known(Protocol::Opaque) | Detected::Eof) => "not_http",
+            Ok(Detected::TimedOut) => "head_timeout",
+        };
+        self.metrics.protocol_refused(reason);
+        tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = ?identity, dst.addr = %app.addr, reason, first_bytes = ?String::from_utf8_lossy(&buf[..buf.len().min(32)]), "connection refused: the client spoke first and not valid HTTP/1.1 or HTTP/2 (declare the port with --opaque-port to carry another client-first protocol)");
+        if reason == "not_http" {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::io::AsyncWriteExt::write_all(&mut io, super::BAD_REQUEST_CLOSE),
+            )
+            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut io)).await;
         }
-        self.serve_as(proto, Prefixed::new(buf.freeze(), io), src, caller, app, cancel).await;
     }
 
     /// A silent client: connect the app, and let whoever speaks first decide.
@@ -372,22 +393,31 @@ impl Inbound {
             }
         };
         let _ = app_conn.set_nodelay(true);
-        let client_spoke = tokio::select! {
-            r = detect_with(&mut io, &mut buf, SILENT_TIMEOUT) => Some(r),
-            _ = app_conn.readable() => None,
-        };
-        let proto = match client_spoke {
-            None => Protocol::Opaque,
-            Some(Ok(Detected::Known(p))) => p,
-            Some(Ok(Detected::Eof)) if !buf.is_empty() => Protocol::Opaque,
-            Some(_) => return,
-        };
-        let io = Prefixed::new(buf.freeze(), io);
-        if proto != Protocol::Opaque {
-            drop(app_conn);
-            return self.serve_as(proto, io, src, caller, app, cancel).await;
+        // A server-speaks-first app greets at once; a connection on which
+        // neither side has spoken by the header timeout is let go (a port
+        // declared opaque is never detected, so it may stay silent).
+        let silent = self.opts.limits.header_read_timeout.saturating_sub(self.opts.limits.protocol_detect_timeout);
+        let client_spoke = tokio::time::timeout(silent, async {
+            tokio::select! {
+                r = tokio::io::AsyncReadExt::read_buf(&mut io, &mut buf) => Some(r),
+                _ = app_conn.readable() => None,
+            }
+        })
+        .await;
+        match client_spoke {
+            // The app spoke first: a server-speaks-first protocol, carried as it is.
+            Ok(None) => {
+                let io = Prefixed::new(buf.freeze(), io);
+                self.tcp(io, src, caller.as_deref(), &app, Some(app_conn)).await;
+            }
+            Ok(Some(Ok(n))) if n > 0 => {
+                drop(app_conn);
+                // The client spoke first, late: the same rule as an early one.
+                let detected = detect_with(&mut io, &mut buf, self.opts.limits.header_read_timeout).await;
+                self.client_spoke(detected, io, buf, src, caller, app, cancel).await;
+            }
+            _ => {}
         }
-        self.tcp(io, src, caller.as_deref(), &app, Some(app_conn)).await;
     }
 
     /// Serves a detected stream.
@@ -489,7 +519,19 @@ impl Inbound {
             e.callee = self.svids.get().map(|s| s.id.to_string());
             e
         });
-        match super::tcp::splice(&mut io, &mut app).await {
+        // An opaque connection is authorised once, with the caller's
+        // certificate: it ends when that certificate expires.
+        let lifetime =
+            caller.map_or(Duration::MAX, |c| c.not_after.duration_since(SystemTime::now()).unwrap_or_default());
+        let spliced = match tokio::time::timeout(lifetime, super::tcp::splice(&mut io, &mut app)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.metrics.protocol_refused("cert_expired");
+                tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?caller.map(|c| c.subject.as_str()), reason = "the certificate the connection was authorised with expired", "opaque TCP connection closed");
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "caller certificate expired"))
+            }
+        };
+        match spliced {
             Ok((up, down)) => {
                 if let Some(e) = entry {
                     e.bytes_in.store(up, std::sync::atomic::Ordering::Relaxed);
