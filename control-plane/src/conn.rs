@@ -190,3 +190,70 @@ impl AsyncWrite for Conn {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_three_budgets_are_apart_and_the_host_keeps_a_place_in_each() {
+        let cfg = crate::Config::try_parse_from([
+            "palisade-control-plane",
+            "--data-dir",
+            "/nonexistent",
+            "--max-unauthenticated-connections",
+            "4",
+            "--max-unauthenticated-connections-per-ip",
+            "2",
+            "--max-anonymous-connections",
+            "2",
+            "--max-anonymous-connections-per-ip",
+            "1",
+            "--max-connections",
+            "2",
+            "--reserved-loopback-connections",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(cfg.anonymous_deadline, Duration::from_secs(10), "the documented default");
+        let l = Limits::new(&cfg);
+        // Handshakes from two addresses fill their budget, two each at most.
+        let handshakes: Vec<Slot> =
+            ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"].map(|a| l.handshakes.try_take_for(ip(a)).unwrap()).into();
+        assert!(l.handshakes.try_take_for(ip("10.0.0.1")).is_none(), "per address");
+        assert!(l.handshakes.try_take_for(ip("10.0.0.3")).is_none(), "full");
+        let local = l.handshakes.try_take_for(ip("127.0.0.1")).expect("the host's reserved place");
+        // Anonymous connections fill only theirs, one per address.
+        let anonymous = l.anonymous.try_take_for(ip("10.0.0.1")).unwrap();
+        assert!(l.anonymous.try_take_for(ip("10.0.0.1")).is_none());
+        let other = l.anonymous.try_take_for(ip("10.0.0.2")).unwrap();
+        assert!(l.anonymous.try_take_for(ip("10.0.0.3")).is_none());
+        // Sidecars and operators still find their places.
+        let authenticated: Vec<Slot> = (0..2).map(|_| l.authenticated.try_take_for(ip("10.0.0.1")).unwrap()).collect();
+        drop((handshakes, local, anonymous, other, authenticated));
+    }
+
+    #[test]
+    fn anonymous_limits_and_deadline_are_checked() {
+        for args in [
+            &["--anonymous-deadline", "0s"][..],
+            &["--anonymous-deadline", "2h"],
+            &["--max-anonymous-connections", "0"],
+            &["--max-anonymous-connections-per-ip", "0"],
+            &["--reserved-loopback-connections", "5000"],
+        ] {
+            let cfg = crate::Config::try_parse_from(
+                ["palisade-control-plane", "--data-dir", "/nonexistent"].into_iter().chain(args.iter().copied()),
+            )
+            .unwrap();
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(args[0]), "{args:?}: {e}");
+        }
+    }
+}
