@@ -36,6 +36,8 @@ pub struct AdminState {
     pub shutdown: CancellationToken,
     /// The roots this sidecar trusts (from the control plane).
     pub bundle: palisade_certs::tls::TrustBundle,
+    /// Connection refusals are counted here.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Most admin connections open at once (probes and scrapes need a few).
@@ -56,9 +58,11 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// starve the data path of descriptors).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken, tracker: TaskTracker) {
     // Per address too: the kubelet's probes must get through a flood from elsewhere.
-    let limit = palisade_net::Limit::new("admin", MAX_CONNECTIONS)
-        .per_ip(MAX_CONNECTIONS_PER_IP)
-        .reserve_loopback(RESERVED_LOOPBACK);
+    let limit = state.metrics.count_refusals(
+        palisade_net::Limit::new("admin", MAX_CONNECTIONS)
+            .per_ip(MAX_CONNECTIONS_PER_IP)
+            .reserve_loopback(RESERVED_LOOPBACK),
+    );
     palisade_net::serve(listener, limit, stop, tracker, move |tcp, src, slot| {
         let state = state.clone();
         async move {

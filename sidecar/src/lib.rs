@@ -207,6 +207,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         registry,
         shutdown: shutdown.clone(),
         bundle: bundle.clone(),
+        metrics: metrics.clone(),
     });
     let stop = background_stop.clone();
     background.spawn(async move {

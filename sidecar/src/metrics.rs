@@ -52,6 +52,13 @@ pub struct RouteLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnRefusedLabels {
+    pub listener: &'static str,
+    /// `full` or `per_address`.
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolRefusedLabels {
     /// `not_http`, `head_timeout` or `cert_expired`.
     pub reason: &'static str,
@@ -96,6 +103,8 @@ pub struct Metrics {
     /// Inbound connections closed because of what the client sent first (or
     /// because the certificate an opaque stream was authorised with expired).
     pub protocol_refused: Family<ProtocolRefusedLabels, Counter>,
+    /// Connections closed at accept by a listener's limits.
+    pub conns_refused: Family<ConnRefusedLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub rate_limited: Family<PolicyLabels, Counter>,
     pub authn: Family<AuthnLabels, Counter>,
@@ -151,6 +160,7 @@ impl Default for Metrics {
             tls_failures: Family::default(),
             identity_mismatch: Counter::default(),
             protocol_refused: Family::default(),
+            conns_refused: Family::default(),
             decisions: Family::default(),
             rate_limited: Family::default(),
             authn: Family::default(),
@@ -207,6 +217,14 @@ impl Metrics {
 
     pub fn protocol_refused(&self, reason: &'static str) {
         self.protocol_refused.get_or_create(&ProtocolRefusedLabels { reason }).inc();
+    }
+
+    /// `limit`, counting its refusals in `palisade_connections_refused_total`.
+    pub fn count_refusals(&self, limit: palisade_net::Limit) -> palisade_net::Limit {
+        let family = self.conns_refused.clone();
+        limit.on_refused(move |listener, why| {
+            family.get_or_create(&ConnRefusedLabels { listener, reason: why.as_str() }).inc();
+        })
     }
 
     /// Registers every metric under the `palisade_` prefix.
@@ -311,6 +329,11 @@ impl Metrics {
             "identity_mismatch",
             "Outbound connections refused because the peer's SPIFFE ID differed from the directory's",
             self.identity_mismatch.clone(),
+        );
+        reg.register(
+            "connections_refused",
+            "Connections closed at accept by a listener's limits (listener: inbound-handshake, inbound, inbound-plaintext, admin; reason: full, per_address)",
+            self.conns_refused.clone(),
         );
         reg.register(
             "inbound_protocol_refused",

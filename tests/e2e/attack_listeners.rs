@@ -288,5 +288,12 @@ async fn sidecar_admin_and_inbound_keep_a_place_for_probes_and_peers() {
     })
     .await;
     assert!(status.is_ok(), "a peer's connection is refused while one address holds the inbound port");
+    let metrics = p.server.get("/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains("palisade_connections_refused_total{listener=\"admin\",reason=\"per_address\"}")
+            && metrics
+                .contains("palisade_connections_refused_total{listener=\"inbound-handshake\",reason=\"per_address\"}"),
+        "refusals are counted: {metrics}"
+    );
     drop(held);
 }

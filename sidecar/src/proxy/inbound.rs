@@ -159,13 +159,19 @@ impl Inbound {
     /// budget; what never gets there is let go at `--handshake-timeout`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken, tracker: TaskTracker) {
         let l = &self.opts.limits;
-        let handshakes = palisade_net::Limit::new("inbound-handshake", l.max_handshakes)
-            .per_ip(l.max_handshakes_per_ip)
-            .reserve_loopback(RESERVED_LOOPBACK);
+        let m = &self.metrics;
+        let handshakes = m.count_refusals(
+            palisade_net::Limit::new("inbound-handshake", l.max_handshakes)
+                .per_ip(l.max_handshakes_per_ip)
+                .reserve_loopback(RESERVED_LOOPBACK),
+        );
         let established = Established {
-            peers: palisade_net::Limit::new("inbound", l.max_connections).per_ip(l.max_connections_per_ip),
-            plaintext: palisade_net::Limit::new("inbound-plaintext", l.max_connections)
-                .per_ip(l.max_connections_per_ip),
+            peers: m.count_refusals(
+                palisade_net::Limit::new("inbound", l.max_connections).per_ip(l.max_connections_per_ip),
+            ),
+            plaintext: m.count_refusals(
+                palisade_net::Limit::new("inbound-plaintext", l.max_connections).per_ip(l.max_connections_per_ip),
+            ),
         };
         palisade_net::serve(listener, handshakes, cancel.clone(), tracker, move |tcp, src, slot| {
             self.clone().connection(tcp, src, slot, established.clone(), cancel.clone())
