@@ -55,12 +55,14 @@ impl Limits {
             handshakes: counted(
                 Limit::new("control-plane-handshake", cfg.max_unauthenticated_connections)
                     .per_ip(cfg.max_unauthenticated_connections_per_ip)
-                    .reserve_loopback(reserved),
+                    .reserve_loopback(reserved)
+                    .evict_oldest(),
             ),
             anonymous: counted(
                 Limit::new("control-plane-anonymous", cfg.max_anonymous_connections)
                     .per_ip(cfg.max_anonymous_connections_per_ip)
-                    .reserve_loopback(reserved),
+                    .reserve_loopback(reserved)
+                    .evict_oldest(),
             ),
             authenticated: counted(Limit::new("control-plane", cfg.max_connections).reserve_loopback(reserved)),
             handshake_timeout: cfg.handshake_timeout,
@@ -112,9 +114,21 @@ async fn handshake(
 ) -> Option<Conn> {
     let accepted = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+    // A full budget takes the oldest handshake back for a newer one: a flood
+    // of stalled handshakes then only pushes out its own.
+    let accept = async {
+        tokio::select! {
+            r = acceptor.accept(tcp) => Some(r),
+            _ = handshaking.evicted() => None,
+        }
+    };
+    let tls = match tokio::time::timeout(limits.handshake_timeout, accept).await {
+        Ok(None) => {
+            tracing::debug!(src.addr = %src, "handshake place taken back for a newer connection");
+            return None;
+        }
+        Ok(Some(Ok(tls))) => tls,
+        Ok(Some(Err(e))) => {
             tracing::info!(target: "audit", event = "tls_handshake_failed", src.addr = %src, error = %e, "TLS handshake failed");
             return None;
         }
@@ -126,7 +140,7 @@ async fn handshake(
     };
     let authenticated = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
     if !authenticated {
-        let Some(slot) = limits.anonymous.try_take_for(src.ip()) else {
+        let Some(slot) = limits.anonymous.admit(src.ip()).await else {
             tracing::debug!(src.addr = %src, "anonymous connection limit reached (--max-anonymous-connections[-per-ip]); closing");
             return None;
         };

@@ -75,12 +75,15 @@ macro_rules! delegate_async_write {
 }
 
 pub mod detect;
+mod evict;
 pub mod h1guard;
 mod h2watch;
 pub mod traceparent;
 
 /// How long accepting pauses after an accept error (out of descriptors...).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a new connection waits for the place an evicted one frees.
+const EVICT_WAIT: Duration = Duration::from_millis(100);
 
 /// One open connection's place under its listener's limit; the place is
 /// freed when this is dropped. Keep it as long as the connection lives
@@ -89,6 +92,24 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     _ip: Option<IpPlace>,
+    evict: Option<evict::Entry>,
+}
+
+impl Slot {
+    /// Resolves when the listener takes this place back for a newer
+    /// connection (see [`Limit::evict_oldest`]); never, on other limits.
+    /// Whoever holds the place lets the connection go then.
+    pub async fn evicted(&self) {
+        match &self.evict {
+            Some(e) => e.token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The eviction signal, for an IO that holds this place.
+    fn eviction(&self) -> Option<CancellationToken> {
+        self.evict.as_ref().map(|e| e.token.clone())
+    }
 }
 
 /// Open connections per source address.
@@ -163,12 +184,31 @@ pub struct Limit {
     per_ip: Option<(usize, IpCounts)>,
     reserve: Option<(usize, Arc<Semaphore>)>,
     on_refused: Option<OnRefused>,
+    evictable: Option<evict::Table>,
 }
 
 impl Limit {
     /// At most `max` at once; `name` says which listener in logs.
     pub fn new(name: &'static str, max: usize) -> Self {
-        Self { name, max, slots: Arc::new(Semaphore::new(max)), per_ip: None, reserve: None, on_refused: None }
+        Self {
+            name,
+            max,
+            slots: Arc::new(Semaphore::new(max)),
+            per_ip: None,
+            reserve: None,
+            on_refused: None,
+            evictable: None,
+        }
+    }
+
+    /// When every place is taken, [`Limit::admit`] takes the oldest back
+    /// (its holder sees [`Slot::evicted`]) for the newcomer, per-address
+    /// shares still applying. For places that anyone can hold without
+    /// proving anything (handshakes, anonymous calls): a flood then only
+    /// pushes out the flood's own older connections.
+    pub fn evict_oldest(mut self) -> Self {
+        self.evictable = Some(Arc::default());
+        self
     }
 
     /// Also `n` places beyond `max` that only 127.0.0.1 and ::1 may take,
@@ -205,7 +245,39 @@ impl Limit {
 
     /// A place, if one is free (ignoring any per-address limit).
     pub fn try_take(&self) -> Option<Slot> {
-        self.slots.clone().try_acquire_owned().ok().map(|p| Slot { _permit: p, _ip: None })
+        self.slots.clone().try_acquire_owned().ok().map(|p| self.slot(p, None))
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit, ip: Option<IpPlace>) -> Slot {
+        Slot { _permit: permit, _ip: ip, evict: self.evictable.as_ref().map(evict::Entry::new) }
+    }
+
+    /// A place for a connection from `ip`, taking the oldest back if every
+    /// place is taken and this limit evicts; refusals are reported to
+    /// [`Limit::on_refused`].
+    pub async fn admit(&self, ip: IpAddr) -> Option<Slot> {
+        let why = match self.take_for(ip) {
+            Ok(slot) => return Some(slot),
+            Err(Refused::Full) if self.evictable.as_ref().is_some_and(evict::evict_oldest) => {
+                match tokio::time::timeout(EVICT_WAIT, self.take_waiting(ip)).await {
+                    Ok(Ok(slot)) => return Some(slot),
+                    Ok(Err(why)) => why,
+                    Err(_) => Refused::Full,
+                }
+            }
+            Err(why) => why,
+        };
+        if let Some(f) = &self.on_refused {
+            (f.0)(self.name, why);
+        }
+        None
+    }
+
+    /// Like [`Limit::take_for`], but waits for a place in all.
+    async fn take_waiting(&self, ip: IpAddr) -> Result<Slot, Refused> {
+        let place = self.ip_place(ip)?;
+        let permit = self.slots.clone().acquire_owned().await.map_err(|_| Refused::Full)?;
+        Ok(self.slot(permit, place))
     }
 
     /// A place for a connection from `ip`, if one is free (the reserve
@@ -230,27 +302,30 @@ impl Limit {
                 // The reserve ignores the per-address share: it is small, and
                 // only the host itself can reach it.
                 let permit = reserve.clone().try_acquire_owned().map_err(|_| Refused::Full)?;
-                Ok(Slot { _permit: permit, _ip: None })
+                Ok(Slot { _permit: permit, _ip: None, evict: None })
             }
             (taken, _) => taken,
         }
     }
 
     fn take_shared(&self, ip: IpAddr) -> Result<Slot, Refused> {
-        let Some((max, counts)) = &self.per_ip else {
-            return self.try_take().ok_or(Refused::Full);
-        };
-        let place = {
-            let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
-            let n = all.entry(ip).or_default();
-            if *n >= *max {
-                return Err(Refused::PerAddress);
-            }
-            *n += 1;
-            IpPlace { ip, counts: counts.clone() }
-        };
+        let place = self.ip_place(ip)?;
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| Refused::Full)?;
-        Ok(Slot { _permit: permit, _ip: Some(place) })
+        Ok(self.slot(permit, place))
+    }
+
+    /// The address's share, if this limit has per-address shares.
+    fn ip_place(&self, ip: IpAddr) -> Result<Option<IpPlace>, Refused> {
+        let Some((max, counts)) = &self.per_ip else {
+            return Ok(None);
+        };
+        let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = all.entry(ip).or_default();
+        if *n >= *max {
+            return Err(Refused::PerAddress);
+        }
+        *n += 1;
+        Ok(Some(IpPlace { ip, counts: counts.clone() }))
     }
 
     /// How many places are in use (the reserve's included).
@@ -288,7 +363,7 @@ pub async fn serve<F, Fut>(
                 }
             },
         };
-        let Some(slot) = limit.try_take_for(src.ip()) else {
+        let Some(slot) = limit.admit(src.ip()).await else {
             if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 last_warning = Some(Instant::now());
                 tracing::warn!(listener = limit.name, src.addr = %src, limit = limit.max, "connection limit reached (in all or for this address); closing new connections");
@@ -318,13 +393,16 @@ pub struct IdleTimeout<T> {
     timer: Pin<Box<Sleep>>,
     deadline: Option<Pin<Box<Sleep>>>,
     h2: Option<h2watch::H2Watch>,
+    /// The slot's eviction (see [`Limit::evict_oldest`]): the connection ends.
+    evicted: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     _slot: Option<Slot>,
 }
 
 impl<T> IdleTimeout<T> {
     /// Wraps `inner`; `slot` (if any) is held until this is dropped.
     pub fn new(inner: T, idle: Duration, slot: Option<Slot>) -> Self {
-        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)), deadline: None, h2: None, _slot: slot }
+        let evicted = slot.as_ref().and_then(Slot::eviction).map(|t| Box::pin(t.cancelled_owned()));
+        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)), deadline: None, h2: None, evicted, _slot: slot }
     }
 
     /// The peer's first byte must come within `wait` (from now), not `idle`.
@@ -366,6 +444,9 @@ impl<T> IdleTimeout<T> {
     /// frames, or anything past a deadline) is not let off.
     fn timed_out(&self) -> Option<io::Error> {
         let now = Instant::now();
+        if self._slot.as_ref().and_then(|s| s.evict.as_ref()).is_some_and(|e| e.token.is_cancelled()) {
+            return Some(io::Error::new(io::ErrorKind::TimedOut, "place taken back for a newer connection"));
+        }
         if self.deadline.as_ref().is_some_and(|d| d.deadline() <= now) {
             return Some(io::Error::new(io::ErrorKind::TimedOut, "connection deadline passed"));
         }
@@ -407,6 +488,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
+                if let Some(e) = self.evicted.as_mut()
+                    && e.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "place taken back for a newer connection",
+                    )));
+                }
                 if let Some(d) = self.deadline.as_mut()
                     && d.as_mut().poll(cx).is_ready()
                 {

@@ -190,3 +190,26 @@ async fn a_silent_peer_times_out_a_talking_one_does_not() {
     assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     assert!(start.elapsed() >= Duration::from_secs(1) + idle - Duration::from_millis(100));
 }
+
+#[tokio::test]
+async fn a_full_evicting_limit_takes_the_oldest_place_back() {
+    let limit = Limit::new("test", 2).per_ip(2).evict_oldest();
+    let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+    // Holders that let their place go when told, as listeners do.
+    let hold = |slot: Slot| {
+        tokio::spawn(async move {
+            slot.evicted().await;
+        })
+    };
+    let oldest = hold(limit.admit(a).await.unwrap());
+    let second = hold(limit.admit(a).await.unwrap());
+    assert!(limit.admit(a).await.is_none(), "the address's share still holds");
+    let newest = limit.admit(b).await.expect("the oldest place is taken back for a newcomer");
+    assert!(oldest.await.is_ok());
+    assert!(!second.is_finished(), "only the oldest is let go");
+    assert_eq!(limit.in_use(), 2);
+    drop(newest);
+    let plain = Limit::new("test", 1);
+    let _held = plain.admit(a).await.unwrap();
+    assert!(plain.admit(b).await.is_none(), "a limit that does not evict refuses");
+}

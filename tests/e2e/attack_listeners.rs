@@ -297,3 +297,54 @@ async fn sidecar_admin_and_inbound_keep_a_place_for_probes_and_peers() {
     );
     drop(held);
 }
+
+/// Finding 2, from many addresses: stalled TLS handshakes (connections that
+/// send nothing), each address within its share, fill the handshake budget;
+/// a client on yet another address (not the host, which has a reserve)
+/// still completes its handshake, because a full budget takes the oldest
+/// handshake back for the newcomer. The same on a sidecar's inbound port.
+#[tokio::test]
+async fn stalled_handshakes_from_many_addresses_only_push_out_their_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        &tmp.path().join("data"),
+        tmp.path(),
+        &["--max-unauthenticated-connections", "32", "--max-unauthenticated-connections-per-ip", "4"],
+    )
+    .await
+    .unwrap();
+    let port: u16 = cp.addr.rsplit(':').next().unwrap().parse().unwrap();
+    // 12 addresses x 4 stalled handshakes: 48 for 32 places.
+    let mut held = silent(12, 4, port).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tls = anonymous_tls(&cp);
+    for round in 0..5 {
+        let tcp = connect_from(Ipv4Addr::new(127, 0, 0, 200), port).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(3), tls.connect(name, tcp)).await;
+        assert!(matches!(done, Ok(Ok(_))), "round {round}: a handshake from another address failed: {done:?}");
+        held.extend(silent(12, 1, port).await);
+    }
+    let mut evicted = 0;
+    for s in &mut held {
+        evicted += usize::from(closed(s, Duration::from_millis(10)).await);
+    }
+    assert!(evicted >= 5, "the oldest stalled handshakes were let go ({evicted})");
+
+    // A sidecar's inbound port: a client on another address still gets the
+    // server's side of a handshake (its certificate, within seconds).
+    let app = HttpApp::start().await;
+    let p = pair(app.addr, &[], &["--max-handshakes", "32", "--max-handshakes-per-ip", "4"], &[]).await;
+    let inbound: u16 = p.server.inbound.rsplit(':').next().unwrap().parse().unwrap();
+    let _held = silent(12, 4, inbound).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let roots = palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(p.cp.bundle()).unwrap()).unwrap();
+    let verifier =
+        SpiffeServerVerifier::new(TrustBundle::new(&roots).unwrap(), PeerIdentity::TrustDomain(TrustDomain::default()));
+    let cfg = palisade_certs::tls::client_config(verifier, None).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = connect_from(Ipv4Addr::new(127, 0, 0, 200), inbound).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(3), tls.connect(name, tcp)).await;
+    assert!(matches!(done, Ok(Ok(_))), "the inbound port let a handshake from another address through: {done:?}");
+}

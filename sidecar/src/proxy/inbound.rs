@@ -163,7 +163,9 @@ impl Inbound {
         let handshakes = m.count_refusals(
             palisade_net::Limit::new("inbound-handshake", l.max_handshakes)
                 .per_ip(l.max_handshakes_per_ip)
-                .reserve_loopback(RESERVED_LOOPBACK),
+                .reserve_loopback(RESERVED_LOOPBACK)
+                // A full budget takes the oldest handshake back for a newer one.
+                .evict_oldest(),
         );
         let established = Established {
             peers: m.count_refusals(
@@ -207,7 +209,13 @@ impl Inbound {
         // One deadline from accept for the first byte and the handshake.
         let deadline = tokio::time::Instant::now() + self.opts.limits.handshake_timeout;
         let mut first = [0u8; 1];
-        let is_tls = match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        let peek = async {
+            tokio::select! {
+                r = tcp.peek(&mut first) => r,
+                _ = handshaking.evicted() => Ok(0),
+            }
+        };
+        let is_tls = match tokio::time::timeout_at(deadline, peek).await {
             Ok(Ok(1)) => first[0] == 0x16,
             Err(_) => {
                 self.metrics.tls_failure(Direction::Inbound, "timeout");
@@ -243,9 +251,16 @@ impl Inbound {
         (handshaking, peers, deadline): (palisade_net::Slot, palisade_net::Limit, tokio::time::Instant),
         cancel: CancellationToken,
     ) {
-        let tls = match tokio::time::timeout_at(deadline, self.tls.accept(io)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
+        let accept = async {
+            tokio::select! {
+                r = self.tls.accept(io) => Some(r),
+                _ = handshaking.evicted() => None,
+            }
+        };
+        let tls = match tokio::time::timeout_at(deadline, accept).await {
+            Ok(None) => return,
+            Ok(Some(Ok(tls))) => tls,
+            Ok(Some(Err(e))) => {
                 let reason = handshake_reason(&e);
                 self.metrics.tls_failure(Direction::Inbound, reason);
                 tracing::warn!(target: "audit", decision = "deny", src.addr = %src, reason, error = %e, "inbound TLS handshake failed");
