@@ -389,7 +389,7 @@ async fn oversized_policies_are_refused_before_any_sidecar_chokes() {
 }
 
 /// A workload certificate (and its key) for `identity`, from a join token.
-async fn workload_svid(cp: &ControlPlane, identity: &str) -> Svid {
+pub(crate) async fn workload_svid(cp: &ControlPlane, identity: &str) -> Svid {
     use palisade_proto::v1::CertifyRequest;
     use palisade_proto::v1::certify_request::Attestation;
     let bundle = std::fs::read_to_string(cp.bundle()).unwrap();

@@ -13,34 +13,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use palisade_certs::WorkloadKey;
-use palisade_certs::tls::Svid;
 use palisade_tests::{ControlPlane, eventually, free_port, grpc};
 use tokio::net::TcpSocket;
 
-const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+use crate::attack::workload_svid;
 
-/// A certificate for `identity`, made with a join token over the Identity API.
-async fn workload_svid(cp: &ControlPlane, identity: &str) -> Svid {
-    use palisade_proto::v1::CertifyRequest;
-    use palisade_proto::v1::certify_request::Attestation;
-    let bundle = std::fs::read_to_string(cp.bundle()).unwrap();
-    let token = cp.create_token(identity, &[]).unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let ch = grpc::channel(&cp.addr, &bundle, None).await.unwrap();
-    let resp = palisade_proto::v1::identity_client::IdentityClient::new(ch)
-        .certify(CertifyRequest {
-            csr_der: key.csr_der(None).unwrap(),
-            attestation: Some(Attestation::JoinToken(token)),
-            inbound_addr: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let chain: Vec<_> = resp.cert_chain_der.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
-    let (id, info) = palisade_certs::SvidInfo::parse_svid(&chain[0]).unwrap();
-    Svid { certified: key.certified(chain).unwrap(), info, id }
-}
+const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 
 /// Finding 5: a NACK's version and error are written escaped (and quoted):
 /// a workload cannot add a line, an audit one least of all, to the
