@@ -30,8 +30,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::{METRICS, counted};
 
-/// Calls an anonymous connection may carry: the one Certify of a first join.
-const ANONYMOUS_CALLS: u32 = 1;
+/// Calls an anonymous connection may carry. A first join needs one Certify;
+/// gRPC libraries share one connection among channels with the same target
+/// and credentials (grpc-core's subchannel pool), so a tool's second or
+/// third call must not meet a closed socket (UNAVAILABLE, not retried). The
+/// absolute deadline, not this count, is what bounds an anonymous holder.
+const ANONYMOUS_CALLS: u32 = 4;
 
 /// The listener's limits.
 #[derive(Debug, Clone)]
