@@ -83,12 +83,20 @@ pub async fn serve<H, Fut>(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let limit = palisade_net::Limit::new(name, limits.max_connections)
         .per_ip(limits.max_connections_per_ip)
-        .reserve_loopback(limits.reserved_loopback);
+        .reserve_loopback(limits.reserved_loopback)
+        // Anyone can open one: when full, the oldest is let go for a newcomer.
+        .evict_oldest();
     palisade_net::serve(listener, crate::metrics::counted(limit), stop, tracker, move |tcp, peer: SocketAddr, slot| {
         let (acceptor, handler) = (acceptor.clone(), handler.clone());
         async move {
-            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
+            let accept = async {
+                tokio::select! {
+                    r = acceptor.accept(tcp) => Some(r),
+                    _ = slot.evicted() => None,
+                }
+            };
+            let tls = match tokio::time::timeout(limits.handshake_timeout, accept).await {
+                Ok(Some(Ok(t))) => t,
                 _ => {
                     tracing::debug!(src.addr = %peer, listener = name, "TLS handshake failed");
                     return;

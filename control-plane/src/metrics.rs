@@ -222,8 +222,12 @@ pub fn counted(limit: palisade_net::Limit) -> palisade_net::Limit {
 /// Serves GET /metrics on `listener` until `stop`; `reserved` places beyond
 /// the limit are for the host itself (127.0.0.1, ::1).
 pub async fn serve(listener: TcpListener, reserved: usize, stop: CancellationToken, tracker: TaskTracker) {
-    let limit =
-        palisade_net::Limit::new("metrics", MAX_CONNECTIONS).per_ip(MAX_CONNECTIONS_PER_IP).reserve_loopback(reserved);
+    // Anyone can open one: when full, the oldest is let go for a newcomer (a
+    // scraper reconnects; a silent flood only pushes out its own).
+    let limit = palisade_net::Limit::new("metrics", MAX_CONNECTIONS)
+        .per_ip(MAX_CONNECTIONS_PER_IP)
+        .reserve_loopback(reserved)
+        .evict_oldest();
     palisade_net::serve(listener, counted(limit), stop, tracker, move |tcp, _peer: SocketAddr, slot| async move {
         let io = palisade_net::IdleTimeout::new(tcp, Duration::from_secs(30), Some(slot))
             .first_byte_within(FIRST_BYTE_TIMEOUT);

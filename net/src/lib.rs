@@ -141,6 +141,9 @@ pub enum Refused {
     PerAddress,
     /// Every place is taken.
     Full,
+    /// Not a refusal of the newcomer: the oldest holder's place was taken
+    /// back for it ([`Limit::evict_oldest`]).
+    Evicted,
 }
 
 impl Refused {
@@ -149,6 +152,7 @@ impl Refused {
         match self {
             Self::PerAddress => "per_address",
             Self::Full => "full",
+            Self::Evicted => "evicted",
         }
     }
 }
@@ -259,6 +263,9 @@ impl Limit {
         let why = match self.take_for(ip) {
             Ok(slot) => return Some(slot),
             Err(Refused::Full) if self.evictable.as_ref().is_some_and(evict::evict_oldest) => {
+                if let Some(f) = &self.on_refused {
+                    (f.0)(self.name, Refused::Evicted);
+                }
                 match tokio::time::timeout(EVICT_WAIT, self.take_waiting(ip)).await {
                     Ok(Ok(slot)) => return Some(slot),
                     Ok(Err(why)) => why,

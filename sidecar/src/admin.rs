@@ -61,7 +61,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
     let limit = state.metrics.count_refusals(
         palisade_net::Limit::new("admin", MAX_CONNECTIONS)
             .per_ip(MAX_CONNECTIONS_PER_IP)
-            .reserve_loopback(RESERVED_LOOPBACK),
+            .reserve_loopback(RESERVED_LOOPBACK)
+            // The kubelet probes from the node's address, not loopback: when
+            // full, the oldest connection is let go for a newcomer.
+            .evict_oldest(),
     );
     palisade_net::serve(listener, limit, stop, tracker, move |tcp, src, slot| {
         let state = state.clone();

@@ -54,7 +54,7 @@ pub struct RouteLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnRefusedLabels {
     pub listener: &'static str,
-    /// `full` or `per_address`.
+    /// `full`, `per_address` or `evicted`.
     pub reason: &'static str,
 }
 
@@ -332,7 +332,7 @@ impl Metrics {
         );
         reg.register(
             "connections_refused",
-            "Connections closed at accept by a listener's limits (listener: inbound-handshake, inbound, inbound-plaintext, admin; reason: full, per_address)",
+            "Connections closed at accept by a listener's limits (listener: inbound-handshake, inbound, inbound-plaintext, admin; reason: full, per_address, evicted)",
             self.conns_refused.clone(),
         );
         reg.register(

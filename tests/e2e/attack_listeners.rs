@@ -348,3 +348,39 @@ async fn stalled_handshakes_from_many_addresses_only_push_out_their_own() {
     let done = tokio::time::timeout(Duration::from_secs(3), tls.connect(name, tcp)).await;
     assert!(matches!(done, Ok(Ok(_))), "the inbound port let a handshake from another address through: {done:?}");
 }
+
+/// GET `path` on 127.0.0.1:`port` from `src` over plain HTTP/1.1; the status.
+async fn get_from(src: Ipv4Addr, port: u16, path: &str) -> Option<u16> {
+    let mut s = connect_from(src, port).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    std::str::from_utf8(out.get(9..12)?).ok()?.parse().ok()
+}
+
+/// Finding 3, from another host: the kubelet probes a sidecar's admin port
+/// and Prometheus scrapes the control plane from their own addresses, not
+/// loopback. Silent connections from more addresses than the per-address
+/// shares can keep out fill those listeners; a probe from yet another
+/// address still gets its answer (the oldest connection is let go for it).
+#[tokio::test]
+async fn probes_from_another_host_get_through_a_full_listener() {
+    let app = HttpApp::start().await;
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let p = pair(app.addr, &["--metrics-listen", &metrics], &[], &[]).await;
+    let admin: SocketAddr = p.server.admin.parse().unwrap();
+    let probe = Ipv4Addr::new(127, 0, 0, 201);
+    // 10 addresses x 8 for the admin port's 64 places; 11 x 4 for the metrics port's 32.
+    let _admin_flood = silent(10, 8, admin.port()).await;
+    let _metrics_flood = silent(11, 4, metrics_port).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for path in ["/live", "/ready"] {
+        assert_eq!(get_from(probe, admin.port(), path).await, Some(200), "{path} from the node's address");
+    }
+    assert_eq!(get_from(probe, metrics_port, "/metrics").await, Some(200), "a scrape from another host");
+    let text = p.server.get("/metrics").await.unwrap().1;
+    assert!(text.contains("palisade_connections_refused_total{listener=\"admin\",reason=\"evicted\"}"), "{text}");
+}
