@@ -108,14 +108,38 @@ pub fn init_logging(flag: &str, filter: &str, format: LogFormat) -> Result<(), S
 /// the program ends quietly with status 0, as `head` expects of its writers.
 /// Any other write error ends it with [`EXIT_FAILURE`].
 pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    // What the programs print holds values that workloads sent (a NACK's
+    // text, a recorded path): no control character but line ends and tabs
+    // reaches the operator's terminal (ESC sequences could hide, recolour or
+    // rewrite what is shown; a CR could overwrite a line).
+    let raw = args.to_string();
+    let text = neutralise_controls(&raw);
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
         let _ = writeln!(std::io::stderr(), "error: cannot write to standard output: {e}");
         std::process::exit(EXIT_FAILURE);
     }
+}
+
+/// `text` with every control character other than `\n` and `\t` (C0, DEL,
+/// C1, and the Unicode line and paragraph separators) written as `\u{..}`.
+pub fn neutralise_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| (c.is_control() && c != '\n' && c != '\t') || matches!(c, '\u{2028}' | '\u{2029}');
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if bad(c) {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// `print!` that ends the program quietly on a closed pipe (see [`write_stdout`]).

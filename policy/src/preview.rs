@@ -123,6 +123,19 @@ impl Sample {
         {
             return Err("claims");
         }
+        // No request a sidecar serves carries control characters in these
+        // (hyper refuses them): a sample that does was made up, and would
+        // reach an operator's terminal through `policy preview`.
+        let control = |s: &str| s.chars().any(char::is_control);
+        let optional = [&self.from, &self.host, &self.principal, &self.api_key];
+        if control(&self.path)
+            || control(&self.method)
+            || control(&self.to)
+            || optional.iter().any(|s| s.as_deref().is_some_and(control))
+            || self.headers.iter().any(|(k, v)| control(k) || control(v))
+        {
+            return Err("control character");
+        }
         Ok(())
     }
 }
@@ -334,6 +347,21 @@ pub fn preview(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_with_control_characters_are_refused() {
+        let ok: Sample = serde_json::from_str(r#"{"method":"GET","path":"/a","port":80}"#).unwrap();
+        assert!(ok.check().is_ok());
+        for bad in [
+            r#"{"method":"GET","path":"/a\nFORGED","port":80}"#,
+            r#"{"method":"GET","path":"/a\u001b[31m","port":80}"#,
+            r#"{"method":"GE\rT","path":"/a","port":80}"#,
+            r#"{"method":"GET","path":"/a","port":80,"headers":{"x":"a\nb"}}"#,
+        ] {
+            let s: Sample = serde_json::from_str(bad).unwrap();
+            assert_eq!(s.check(), Err("control character"), "{bad}");
+        }
+    }
 
     const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";

@@ -33,9 +33,7 @@ async fn attack_control_a_nack_cannot_forge_a_log_line() {
     let bundle = std::fs::read_to_string(cp.bundle()).unwrap();
     let ch = grpc::channel(&cp.addr, &bundle, Some(svid)).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest { inbound_addr: format!("127.0.0.1:{}", free_port()), ..Default::default() })
-        .await
-        .unwrap();
+    tx.send(DiscoveryRequest::default()).await.unwrap();
     let mut snaps =
         MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     let snap = tokio::time::timeout(Duration::from_secs(10), snaps.message()).await.unwrap().unwrap().unwrap();
@@ -43,7 +41,7 @@ async fn attack_control_a_nack_cannot_forge_a_log_line() {
     tx.send(DiscoveryRequest {
         nonce: snap.nonce,
         version: format!("{}\n{forged}", snap.version),
-        error: format!("bad policy\r\n{forged}"),
+        error: format!("bad policy\r\n{forged}\x1b[2K\x1b]0;title\x07"),
         ..Default::default()
     })
     .await
@@ -65,6 +63,18 @@ async fn attack_control_a_nack_cannot_forge_a_log_line() {
     assert!(line.contains(&format!("version=\"{}\\n2030", snap.version)), "{line}");
     assert!(line.contains("error=\"bad policy\\r\\n2030"), "{line}");
     assert!(line.contains("event=\\\"admin_authorized\\\""), "quoted inside the field: {line}");
+    // The operator's terminal: `palisadectl proxies` shows the NACK on one
+    // row, no control character raw (no CR, ESC or BEL to rewrite the screen).
+    let shown = eventually("the NACK in `palisadectl proxies`", Duration::from_secs(10), || async {
+        let shown = String::from_utf8_lossy(&cp.ctl(&["proxies"]).stdout).into_owned();
+        shown.contains("nacked").then_some(shown)
+    })
+    .await
+    .unwrap();
+    assert!(shown.contains("forged_marker"), "{shown}");
+    assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "raw control characters: {shown:?}");
+    assert_eq!(shown.lines().filter(|l| l.contains("forged_marker")).count(), 1, "{shown}");
+    assert!(!shown.lines().any(|l| l.starts_with("2030")), "a forged row: {shown}");
     drop(tx);
 }
 
