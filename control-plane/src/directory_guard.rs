@@ -214,11 +214,34 @@ impl DirectoryGuard {
     }
 }
 
+/// The one spelling of a socket address the directory compares and
+/// stores: parsed, an IPv4-mapped IPv6 address as IPv4, ports without
+/// leading zeros. `127.0.0.1:014144` and `[::ffff:127.0.0.1]:14144` are
+/// `127.0.0.1:14144`, so no other spelling of a held address passes as a
+/// new one.
+pub(crate) fn canonical_addr(addr: &str) -> Option<String> {
+    let a: std::net::SocketAddr = addr.parse().ok()?;
+    let ip = match a.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    Some(std::net::SocketAddr::new(ip, a.port()).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn every_spelling_of_an_address_is_one() {
+        for spelling in ["127.0.0.1:14144", "127.0.0.1:014144", "[::ffff:127.0.0.1]:14144", "[::ffff:7f00:1]:14144"] {
+            assert_eq!(canonical_addr(spelling).as_deref(), Some("127.0.0.1:14144"), "{spelling}");
+        }
+        assert_eq!(canonical_addr("[::1]:80").as_deref(), Some("[::1]:80"));
+        assert_eq!(canonical_addr("orders:80"), None);
+    }
 
     const WEB: &str = "spiffe://td/ns/shop/sa/web";
     const ORDERS: &str = "spiffe://td/ns/shop/sa/orders";

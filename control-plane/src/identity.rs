@@ -59,7 +59,7 @@ impl Identity for IdentityService {
         let peer_addr = req.remote_addr();
         let src = peer_addr.map(|a| a.to_string()).unwrap_or_default();
         let peer = req.peer_certs().and_then(|c| palisade_certs::tls::peer_identity(Some(&c)));
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         let shared = &self.shared;
         let td = &shared.trust_domain;
         let claimed = peer.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default();
@@ -89,15 +89,20 @@ impl Identity for IdentityService {
                 ));
             }
         }
-        if !req.inbound_addr.is_empty() && req.inbound_addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(refuse(
-                Status::invalid_argument(format!(
-                    "inbound_addr {:?} is not HOST:PORT with an IP host",
-                    req.inbound_addr
-                )),
-                &src,
-                &claimed,
-            ));
+        if !req.inbound_addr.is_empty() {
+            match crate::directory_guard::canonical_addr(&req.inbound_addr) {
+                Some(addr) => req.inbound_addr = addr,
+                None => {
+                    return Err(refuse(
+                        Status::invalid_argument(format!(
+                            "inbound_addr {:?} is not HOST:PORT with an IP host",
+                            req.inbound_addr
+                        )),
+                        &src,
+                        &claimed,
+                    ));
+                }
+            }
         }
 
         let (attested, replaces) = match req.attestation {

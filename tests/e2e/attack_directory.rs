@@ -88,6 +88,12 @@ async fn a_workload_can_neither_take_nor_flood_the_directory() {
         listed.iter().any(|x| x["identity"] == ORDERS && x["inbound_addr"] == p.server.inbound.as_str()),
         "orders stays in the directory: {listed:?}"
     );
+    // Another spelling of the same address is the same address.
+    let port = p.server.inbound.rsplit(':').next().unwrap();
+    for spelling in [format!("127.0.0.1:0{port}"), format!("[::ffff:127.0.0.1]:{port}")] {
+        let (r, _) = certify(&web, None, &spelling).await;
+        assert_eq!(r.map(|_| ()).unwrap_err().code(), Code::PermissionDenied, "{spelling}");
+    }
     // Repeated, as the attack did: every call refused, every request answered.
     for _ in 0..10 {
         let (r, _) = certify(&web, None, &p.server.inbound).await;
