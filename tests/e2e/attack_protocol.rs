@@ -141,6 +141,10 @@ async fn no_spelling_of_a_request_line_reaches_a_lenient_app_unchecked() {
     }
     assert!(read_by.get("python").is_some_and(|s| s.contains(&"tab") && s.contains(&"0x85")), "{read_by:?}");
     assert!(read_by.get("perl").is_some_and(|s| s.contains(&"tab") && s.contains(&"two spaces")), "{read_by:?}");
+    // Perl's HTTP::Headers reads `_` as `-` in a field name, as CGI does.
+    let underscore =
+        format!("GET /x HTTP/1.1\r\nHost: orders\r\nx_palisade_peer_identity: {FORGED}\r\nConnection: close\r\n\r\n");
+    assert!(exchange(pl_port, underscore.as_bytes()).await.contains(FORGED), "the control: perl reads it");
 
     for (name, app_port) in [("python", py_port), ("perl", pl_port)] {
         let app_addr: std::net::SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
@@ -149,6 +153,8 @@ async fn no_spelling_of_a_request_line_reaches_a_lenient_app_unchecked() {
         // A well-formed request arrives, with the verified caller only.
         let ok = exchange(p.port, &request(b"GET /x HTTP/1.1")).await;
         assert!(ok.starts_with("HTTP/1.1 200") && ok.contains(WEB) && !ok.contains(FORGED), "{name}: {ok}");
+        let resp = exchange(p.port, underscore.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 200") && !resp.contains(FORGED), "{name}: x_palisade_peer_identity: {resp}");
         for (spelling, line) in spellings() {
             for (path, port) in [("from the calling app", p.port), ("plaintext at the server", inbound)] {
                 let resp = exchange(port, &request(&line)).await;

@@ -671,6 +671,7 @@ impl Inbound {
         // Never trust a principal header from outside either.
         headers.remove(REQUEST_PRINCIPAL);
         let policy = self.policy.current();
+        strip_underscore_aliases(req.headers_mut(), policy.as_ref().and_then(|p| p.enforcer.authenticator()));
         // One spelling per resource: policy decides on, and the app receives,
         // the normalised path, so no encoding walks around a rule.
         let path_options = policy.as_ref().map(|p| *p.enforcer.checks().path_options()).unwrap_or_default();
@@ -1138,6 +1139,28 @@ fn rate_limited(grpc: bool, limited: &palisade_policy::Limited) -> Response<Body
         }
     }
     resp
+}
+
+/// Drops headers whose names hold `_` and that a server reading `_` as `-`
+/// (CGI's `HTTP_X_PALISADE_PEER_IDENTITY`, some frameworks) would take for a
+/// header the sidecar sets or strips: `x_palisade_peer_identity`, or a claim
+/// or API key header spelt with underscores.
+fn strip_underscore_aliases(h: &mut http::HeaderMap, authn: Option<&palisade_policy::authn::Authenticator>) {
+    let aliases: Vec<http::HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .filter(|k| {
+            let dashed = k.as_str().replace('_', "-");
+            dashed.starts_with("x-palisade-")
+                || authn.is_some_and(|a| {
+                    a.claim_headers().iter().chain(a.api_key_headers()).any(|n| n.eq_ignore_ascii_case(&dashed))
+                })
+        })
+        .cloned()
+        .collect();
+    for name in aliases {
+        h.remove(name);
+    }
 }
 
 /// What the app receives of a request's credentials: never a copy of a
