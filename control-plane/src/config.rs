@@ -212,7 +212,7 @@ pub struct Config {
     pub max_anonymous_connections_per_ip: usize,
 
     /// A connection without a client certificate is closed this long after it was accepted,
-    /// whatever it sends (HTTP/2 PINGs included); it carries one call.
+    /// whatever it sends (HTTP/2 PINGs included); it carries at most 4 calls.
     #[arg(long, env = "PALISADE_ANONYMOUS_DEADLINE", default_value = "10s", value_parser = parse_duration)]
     #[serde(serialize_with = "humantime_serde_compat::serialize")]
     pub anonymous_deadline: Duration,

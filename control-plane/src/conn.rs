@@ -5,7 +5,7 @@
 //!   address too), each for `--handshake-timeout` at most;
 //! - connections that finished their handshake without a client
 //!   certificate (first joins, `--max-anonymous-connections`, per address
-//!   too): one call each, closed `--anonymous-deadline` after accept
+//!   too): a few calls each, closed `--anonymous-deadline` after accept
 //!   whatever they send (PINGs do not extend it);
 //! - connections with a verified client certificate (`--max-connections`),
 //!   with the idle timeout that the server's PINGs keep live clients under.
@@ -149,7 +149,7 @@ async fn handshake(
             return None;
         };
         drop(handshaking);
-        // An absolute deadline from accept, and one call: a first join needs
+        // An absolute deadline from accept, and a few calls: a first join needs
         // no more, and nothing the peer sends (PINGs) keeps it open longer.
         let io = IdleTimeout::new(tls, limits.anonymous_deadline, Some(slot))
             .deadline(accepted + limits.anonymous_deadline)

@@ -81,6 +81,15 @@ async fn app(name: &str, cmd: &mut Command, port: u16, dir: &std::path::Path) ->
     proc
 }
 
+/// The demo's own app (Python `http.server`) on a free port.
+async fn demo_app(dir: &std::path::Path) -> (u16, Proc) {
+    let port = free_port();
+    let echo = repo_root().join("scripts/demo/echo_app.py");
+    let proc =
+        app("python-app", Command::new("python3").arg(&echo).arg(port.to_string()).arg("orders"), port, dir).await;
+    (port, proc)
+}
+
 /// Sends `bytes`, returns what comes back until EOF or 5 s.
 async fn exchange(port: u16, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -118,15 +127,8 @@ fn request(line: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn no_spelling_of_a_request_line_reaches_a_lenient_app_unchecked() {
     let tmp = tempfile::tempdir().unwrap();
-    let (py_port, pl_port) = (free_port(), free_port());
-    let echo = repo_root().join("scripts/demo/echo_app.py");
-    let _py = app(
-        "python-app",
-        Command::new("python3").arg(&echo).arg(py_port.to_string()).arg("orders"),
-        py_port,
-        tmp.path(),
-    )
-    .await;
+    let (py_port, _py) = demo_app(tmp.path()).await;
+    let pl_port = free_port();
     let _pl =
         app("perl-app", Command::new("perl").args(["-e", PERL_APP, &pl_port.to_string()]), pl_port, tmp.path()).await;
 
@@ -178,15 +180,7 @@ async fn no_spelling_of_a_request_line_reaches_a_lenient_app_unchecked() {
 #[tokio::test]
 async fn a_bad_start_is_refused_at_once_early_or_late() {
     let tmp = tempfile::tempdir().unwrap();
-    let py_port = free_port();
-    let echo = repo_root().join("scripts/demo/echo_app.py");
-    let _py = app(
-        "python-app",
-        Command::new("python3").arg(&echo).arg(py_port.to_string()).arg("orders"),
-        py_port,
-        tmp.path(),
-    )
-    .await;
+    let (py_port, _py) = demo_app(tmp.path()).await;
     let app_addr: std::net::SocketAddr = format!("127.0.0.1:{py_port}").parse().unwrap();
     let p = pair(
         app_addr,
