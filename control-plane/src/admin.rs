@@ -178,7 +178,7 @@ impl Admin for AdminService {
         self.authorize(&req)?;
         let mut status = self.shared.hub.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
         // Proxies connected to other replicas (a replicated store), where this one has no word of its own.
-        for (key, s) in crate::policy::remote_statuses(&self.shared) {
+        for (key, s) in crate::push::remote_statuses(&self.shared) {
             let here = status.get(&key).is_some_and(|l| l.connected);
             if !here {
                 status.insert(key, s);
@@ -191,7 +191,7 @@ impl Admin for AdminService {
             .into_iter()
             .map(|p| {
                 let sync =
-                    status.get(&crate::policy::status_key(&p.identity, &p.inbound_addr)).cloned().unwrap_or_default();
+                    status.get(&crate::push::status_key(&p.identity, &p.inbound_addr)).cloned().unwrap_or_default();
                 ProxyInfo {
                     policy_version: sync.acked.clone(),
                     sync_state: if sync.identity.is_empty() { String::new() } else { sync.state().to_string() },

@@ -370,11 +370,11 @@ impl Authority {
 /// The connected proxies the current step waits for, and how many are connected.
 fn waiting(shared: &Shared, view: &View) -> (usize, Vec<String>, String) {
     let Some(r) = view.rotation.as_ref() else { return (0, vec![], String::new()) };
-    let mut connected: Vec<(String, crate::policy::SyncStatus)> = {
+    let mut connected: Vec<(String, crate::push::SyncStatus)> = {
         let all = shared.hub.status.lock().unwrap_or_else(|p| p.into_inner());
         all.iter().filter(|(_, s)| s.connected).map(|(k, s)| (k.clone(), s.clone())).collect()
     };
-    connected.extend(crate::policy::remote_statuses(shared));
+    connected.extend(crate::push::remote_statuses(shared));
     connected.sort_by(|a, b| a.0.cmp(&b.0));
     connected.dedup_by(|a, b| a.0 == b.0);
     let total = connected.len();

@@ -186,9 +186,15 @@ pub struct Config {
     #[arg(long, env = "PALISADE_K8S_AUDIENCE", default_value = "palisade")]
     pub k8s_audience: String,
 
+    /// How long changes (policies, the directory, credentials) are gathered
+    /// before they are pushed to the sidecars that need them: 0 to 1s.
+    #[arg(long, env = "PALISADE_PUSH_COALESCE", default_value = "100ms", value_parser = parse_coalesce)]
+    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    pub push_coalesce: Duration,
+
     /// Most connections with a client certificate (sidecars, operators) open at once on the
     /// gRPC listener; beyond it new ones are closed.
-    #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 16384)]
     pub max_connections: usize,
 
     /// Most connections still in their TLS handshake open at once (each for --handshake-timeout
@@ -516,4 +522,13 @@ mod humantime_serde_compat {
     pub(crate) fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
     }
+}
+
+/// `--push-coalesce`: a duration up to 1s (longer would hold every change back).
+fn parse_coalesce(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(1) {
+        return Err("at most 1s: every change waits this long before it is pushed".into());
+    }
+    Ok(d)
 }

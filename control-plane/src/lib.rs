@@ -38,6 +38,7 @@ mod observe;
 pub mod pki;
 pub mod policy;
 mod preview_record;
+pub mod push;
 pub mod store;
 mod telemetry;
 pub mod webhook;
@@ -57,7 +58,7 @@ pub(crate) struct Shared {
     pub(crate) join_token_ttl: Duration,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) attestors: Attestors,
-    pub(crate) hub: policy::Hub,
+    pub(crate) hub: push::Hub,
     pub(crate) default_allow_authenticated: bool,
     /// The mesh's OAuth token service, when on.
     pub(crate) oauth: Option<Arc<oauth::TokenService>>,
@@ -286,7 +287,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             k8s,
             trust_domain: td.clone(),
         },
-        hub: policy::Hub::default(),
+        hub: push::Hub::new(cfg.push_coalesce),
         observe: Arc::new(observe::Observatory::new(cfg.preview_window, cfg.preview_memory_mib << 20)),
         directory: directory_guard::DirectoryGuard::new(
             cfg.inbound_addr_check,
@@ -322,19 +323,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         let shared = shared.clone();
         spawn(Box::pin(async move {
             use store::etcd::Change;
-            // Connected proxies per identity on the other replicas: cluster-scope shares depend on them.
-            let mut counts = std::collections::BTreeMap::<String, usize>::new();
             loop {
                 match changes.recv().await {
                     Ok(Change::Streams) => {
-                        let mut now = std::collections::BTreeMap::<String, usize>::new();
-                        for (_, s) in policy::remote_statuses(&shared) {
+                        // Connected proxies per identity on the other replicas:
+                        // cluster-scope shares depend on them.
+                        let mut now = std::collections::HashMap::<String, usize>::new();
+                        for (_, s) in push::remote_statuses(&shared) {
                             *now.entry(s.identity).or_default() += 1;
                         }
-                        if now != counts {
-                            counts = now;
-                            shared.hub.policies_changed();
-                        }
+                        shared.hub.remote_counts(now);
                     }
                     Ok(Change::Policies) => shared.hub.policies_changed(),
                     Ok(Change::Credentials) => {
@@ -413,6 +411,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }));
     }
     spawn(Box::pin(ca::drive(shared.clone(), leading.clone())));
+    // Changes reach the sidecars that need them, coalesced.
+    spawn(Box::pin(push::run(shared.clone())));
     let prune_store = store.clone();
     spawn(Box::pin(async move {
         loop {
@@ -513,7 +513,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityServer<identity::IdentityService>>().await;
     health.set_serving::<AdminServer<admin::AdminService>>().await;
-    health.set_serving::<MeshConfigServer<policy::MeshConfigService>>().await;
+    health.set_serving::<MeshConfigServer<push::MeshConfigService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(palisade_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -597,7 +597,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .add_service(IdentityServer::new(identity::IdentityService { shared: shared.clone() }))
         .add_service(DiscoveryServer::new(discovery::DiscoveryService { shared: shared.clone() }))
         .add_service(
-            MeshConfigServer::new(policy::MeshConfigService { shared: shared.clone() })
+            MeshConfigServer::new(push::MeshConfigService { shared: shared.clone() })
                 .max_encoding_message_size(limits::MAX_SNAPSHOT_BYTES),
         )
         .add_service(

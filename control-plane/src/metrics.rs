@@ -47,6 +47,7 @@ pub struct Metrics {
     pub policy_streams: Gauge,
     pub push_latency: Histogram,
     pub nacks: Counter,
+    pub config_bytes: Counter,
     pub store_latency: Histogram,
     pub oauth_tokens: Family<ResultReason, Counter>,
     pub admin_requests: Family<ResultLabel, Counter>,
@@ -73,6 +74,7 @@ impl Metrics {
         let push_latency =
             Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let nacks = Counter::default();
+        let config_bytes = Counter::default();
         let store_latency =
             Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]);
         let oauth_tokens = Family::<ResultReason, Counter>::default();
@@ -96,10 +98,11 @@ impl Metrics {
         registry.register("policy_streams", "Open policy streams (connected proxies)", policy_streams.clone());
         registry.register(
             "push_latency_seconds",
-            "From a change (policy apply, credentials, directory) to a proxy's ACK of the snapshot that carries it",
+            "From a change (policy apply, credentials, directory) to a proxy's ACK of the update that carries it",
             push_latency.clone(),
         );
-        registry.register("config_nacks", "Snapshots a sidecar rejected", nacks.clone());
+        registry.register("config_nacks", "Config updates a sidecar rejected (part of)", nacks.clone());
+        registry.register("config_sent_bytes", "Bytes of config updates sent to sidecars", config_bytes.clone());
         registry.register("store_operation_duration_seconds", "Store reads and writes", store_latency.clone());
         registry.register(
             "oauth_tokens",
@@ -158,6 +161,7 @@ impl Metrics {
             policy_streams,
             push_latency,
             nacks,
+            config_bytes,
             store_latency,
             oauth_tokens,
             admin_requests,

@@ -169,6 +169,17 @@ pub async fn connect(
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
 ) -> Result<Channel, ChannelError> {
+    connect_from(addr, tls, timeout, None).await
+}
+
+/// [`connect`] from a chosen local address (`None`: the system's choice),
+/// as simulated sidecars spread over loopback addresses do.
+pub async fn connect_from(
+    addr: &ControlPlaneAddr,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    local: Option<std::net::IpAddr>,
+) -> Result<Channel, ChannelError> {
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let connector = TlsConnector::from(Arc::new(tls));
@@ -184,7 +195,19 @@ pub async fn connect(
         let connector = connector.clone();
         let host = host.clone();
         async move {
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            let tcp = match local {
+                None => TcpStream::connect((host.as_str(), port)).await?,
+                Some(ip) => {
+                    let remote = tokio::net::lookup_host((host.as_str(), port))
+                        .await?
+                        .next()
+                        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+                    let socket =
+                        if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                    socket.connect(remote).await?
+                }
+            };
             tcp.set_nodelay(true)?;
             // The SNI/server name is not used for verification (the verifier
             // checks the SPIFFE ID); an IP or DNS name both work here.

@@ -429,8 +429,6 @@ fn orders_state(cp: &ControlPlane) -> String {
 /// Finding 6: a workload's certificate can only change its own sync state.
 #[tokio::test]
 async fn a_workload_cannot_rewrite_another_proxys_sync_state() {
-    use palisade_proto::v1::DiscoveryRequest;
-    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
     let app = HttpApp::start().await;
     let p = pair(app.addr, &[], &[], &[]).await;
     eventually("orders is synced", Duration::from_secs(5), || async {
@@ -441,20 +439,10 @@ async fn a_workload_cannot_rewrite_another_proxys_sync_state() {
     let web = workload_svid(&p.cp, WEB).await;
     let bundle = std::fs::read_to_string(p.cp.bundle()).unwrap();
     let ch = grpc::channel(&p.cp.addr, &bundle, Some(web)).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
     // Claim orders' inbound address, then NACK.
-    tx.send(DiscoveryRequest { inbound_addr: p.server.inbound.clone(), ..Default::default() }).await.unwrap();
-    let mut snaps =
-        MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    let snap = snaps.message().await.unwrap().unwrap();
-    tx.send(DiscoveryRequest {
-        nonce: snap.nonce,
-        version: snap.version,
-        error: "spoofed".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (tx, mut snaps) = palisade_tests::config::subscribe(ch, &p.server.inbound).await;
+    let first = snaps.message().await.unwrap().unwrap();
+    tx.send(palisade_tests::config::nack(first.nonce, [("policy".into(), "spoofed".into())])).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(orders_state(&p.cp), "synced", "{}", proxies(&p.cp));
     drop(tx);
@@ -1122,8 +1110,7 @@ async fn malformed_trace_context_is_replaced_not_trusted() {
 async fn taps_and_traffic_reports_cannot_be_spoofed_or_flooded() {
     use http_body_util::BodyExt;
     use palisade_proto::v1::admin_client::AdminClient;
-    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
-    use palisade_proto::v1::{DiscoveryRequest, RecordedRequest, TapRecord, TapRequest};
+    use palisade_proto::v1::{RecordedRequest, Report, TapRecord, TapRequest};
     let app = HttpApp::start().await;
     let p = pair(app.addr, &[], &[], &[]).await;
     let bundle = std::fs::read_to_string(p.cp.bundle()).unwrap();
@@ -1162,26 +1149,23 @@ async fn taps_and_traffic_reports_cannot_be_spoofed_or_flooded() {
 
     // web's certificate, claiming lines and samples for orders (tap ids guessed).
     let ch = grpc::channel(&p.cp.addr, &bundle, Some(workload_svid(&p.cp, WEB).await)).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(DiscoveryRequest { inbound_addr: "127.0.0.1:1".into(), ..Default::default() }).await.unwrap();
-    let mut snaps =
-        MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let (tx, mut snaps) = palisade_tests::config::subscribe(ch, "127.0.0.1:1").await;
     let first = snaps.message().await.unwrap().unwrap();
-    assert!(!first.version.is_empty() && first.taps.is_empty(), "a stream that did not say it knows taps gets none");
+    assert!(!first.nonce.is_empty() && first.taps.is_none(), "a stream that did not say it knows taps gets none");
     // A tap of every workload: this stream (no "taps" capability, as an older
     // sidecar) is never sent a taps-only snapshot it would misread.
     let _all = c.tap(TapRequest::default()).await.unwrap();
     assert!(tokio::time::timeout(Duration::from_millis(500), snaps.message()).await.is_err());
     let forged = format!(r#"{{"callee":"{ORDERS}","caller":"{WEB}","path":"/forged","decision":"deny"}}"#);
     let sample = format!(r#"{{"from":"{WEB}","to":"{ORDERS}","method":"DELETE","path":"/forged","port":80}}"#);
-    tx.send(DiscoveryRequest {
+    tx.send(palisade_tests::config::report(Report {
         tap_events: vec![TapRecord { tap_ids: (1..=64).collect(), json: forged, dropped: 0 }],
         recorded: vec![
             RecordedRequest { sample_json: sample, count: 1_000_000 },
             RecordedRequest { sample_json: "{".repeat(20_000), count: 1 },
         ],
         ..Default::default()
-    })
+    }))
     .await
     .unwrap();
 
@@ -1238,8 +1222,7 @@ fn tmp_file(p: &crate::dataplane::Pair, name: &str, text: &str) -> String {
 #[tokio::test]
 async fn root_rotation_cannot_be_driven_or_skipped_by_a_workload() {
     use palisade_proto::v1::admin_client::AdminClient;
-    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
-    use palisade_proto::v1::{CertifyRequest, DiscoveryRequest, GetCaStatusRequest, RotateCaRequest};
+    use palisade_proto::v1::{CertifyRequest, GetCaStatusRequest, RotateCaRequest};
     let app = HttpApp::start().await;
     let p = pair(app.addr, &[], &[], &[]).await;
     let bundle = std::fs::read_to_string(p.cp.bundle()).unwrap();
@@ -1290,9 +1273,7 @@ async fn root_rotation_cannot_be_driven_or_skipped_by_a_workload() {
     // A workload opens a config stream and never answers.
     let old_svid = workload_svid(&p.cp, WEB).await;
     let ch = grpc::channel(&p.cp.addr, &bundle, Some(workload_svid(&p.cp, WEB).await)).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest { inbound_addr: "10.9.9.9:1".into(), ..Default::default() }).await.unwrap();
-    let silent = MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+    let (tx, silent) = palisade_tests::config::subscribe(ch, "10.9.9.9:1").await;
     a.rotate_ca(RotateCaRequest { generate: true, ..Default::default() }).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let s = a.get_ca_status(GetCaStatusRequest {}).await.unwrap().into_inner();

@@ -25,27 +25,16 @@ const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 /// control plane's log.
 #[tokio::test]
 async fn attack_control_a_nack_cannot_forge_a_log_line() {
-    use palisade_proto::v1::DiscoveryRequest;
-    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
     let tmp = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &[]).await.unwrap();
     let svid = workload_svid(&cp, ORDERS).await;
     let bundle = std::fs::read_to_string(cp.bundle()).unwrap();
     let ch = grpc::channel(&cp.addr, &bundle, Some(svid)).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest::default()).await.unwrap();
-    let mut snaps =
-        MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    let snap = tokio::time::timeout(Duration::from_secs(10), snaps.message()).await.unwrap().unwrap().unwrap();
+    let (tx, mut updates) = palisade_tests::config::subscribe(ch, "").await;
+    let first = tokio::time::timeout(Duration::from_secs(10), updates.message()).await.unwrap().unwrap().unwrap();
     let forged = "2030-01-01T00:00:00.000000Z  INFO audit: event=\"admin_authorized\" src.identity=spiffe://cluster.local/palisade/admin forged_marker";
-    tx.send(DiscoveryRequest {
-        nonce: snap.nonce,
-        version: format!("{}\n{forged}", snap.version),
-        error: format!("bad policy\r\n{forged}\x1b[2K\x1b]0;title\x07"),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let rejected = [(format!("policy\n{forged}"), format!("bad policy\r\n{forged}\x1b[2K\x1b]0;title\x07"))];
+    tx.send(palisade_tests::config::nack(first.nonce, rejected)).await.unwrap();
     let logs = eventually("the NACK in the control plane's log", Duration::from_secs(10), || async {
         let logs = cp.proc.logs();
         logs.contains("config_nack").then_some(logs)
@@ -58,10 +47,10 @@ async fn attack_control_a_nack_cannot_forge_a_log_line() {
         assert!(line.contains("event=\"config_nack\""), "a forged line in the log: {line:?}\n{logs}");
         assert!(!line.contains("forged_marker\"") || line.contains("\\n2030"), "{line}");
     }
-    assert_eq!(marked.len(), 1, "version and error on one line, escaped: {marked:?}");
+    assert_eq!(marked.len(), 1, "rejected types and errors on one line, escaped: {marked:?}");
     let line = marked[0];
-    assert!(line.contains(&format!("version=\"{}\\n2030", snap.version)), "{line}");
-    assert!(line.contains("error=\"bad policy\\r\\n2030"), "{line}");
+    assert!(line.contains("rejected=[\"policy\\n2030"), "{line}");
+    assert!(line.contains("bad policy\\r\\n2030"), "{line}");
     assert!(line.contains("event=\\\"admin_authorized\\\""), "quoted inside the field: {line}");
     // The operator's terminal: `palisadectl proxies` shows the NACK on one
     // row, no control character raw (no CR, ESC or BEL to rewrite the screen).

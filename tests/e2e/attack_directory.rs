@@ -11,8 +11,7 @@ use palisade_certs::WorkloadKey;
 use palisade_certs::tls::Svid;
 use palisade_proto::v1::certify_request::Attestation;
 use palisade_proto::v1::identity_client::IdentityClient;
-use palisade_proto::v1::mesh_config_client::MeshConfigClient;
-use palisade_proto::v1::{CertifyRequest, CertifyResponse, DiscoveryRequest, RecordedRequest};
+use palisade_proto::v1::{CertifyRequest, CertifyResponse, RecordedRequest, Report};
 use palisade_tests::apps::HttpApp;
 use palisade_tests::{ControlPlane, eventually, free_port, grpc, rss_kb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -214,10 +213,7 @@ async fn a_flood_of_fake_samples_cannot_blind_policy_preview() {
     // evil's certificate, on a config stream of its own.
     let bundle = std::fs::read_to_string(p.cp.bundle()).unwrap();
     let ch = grpc::channel(&p.cp.addr, &bundle, Some(svid(&p.cp, EVIL).await)).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest { inbound_addr: "127.0.0.1:1".into(), ..Default::default() }).await.unwrap();
-    let mut snaps =
-        MeshConfigClient::new(ch).stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let (tx, mut snaps) = palisade_tests::config::subscribe(ch, "127.0.0.1:1").await;
     snaps.message().await.unwrap().unwrap();
     let started = Instant::now();
     for m in 0..100 {
@@ -228,11 +224,14 @@ async fn a_flood_of_fake_samples_cannot_blind_policy_preview() {
                 sample(WEB, to, &format!("/flood/{m}/{i}"), 0)
             })
             .collect();
-        tx.send(DiscoveryRequest { recorded, ..Default::default() }).await.unwrap();
+        tx.send(palisade_tests::config::report(Report { recorded, ..Default::default() })).await.unwrap();
     }
-    tx.send(DiscoveryRequest { recorded: vec![sample(WEB, None, "/marker/1", 0)], ..Default::default() })
-        .await
-        .unwrap();
+    tx.send(palisade_tests::config::report(Report {
+        recorded: vec![sample(WEB, None, "/marker/1", 0)],
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
     let changes = preview_after(&p.cp, file, "/marker/1").await;
     assert_eq!(real(&changes), Some(5.into()), "orders' real samples still decide: {changes:?}");
     assert!(changes.iter().all(|c| c["to"] != ORDERS || c["path"] == "/echo"), "no forged sample counts for orders");
@@ -243,10 +242,10 @@ async fn a_flood_of_fake_samples_cannot_blind_policy_preview() {
     let before = rss_kb(pid);
     for m in 0..48 {
         let recorded = (0..500).map(|i| sample(WEB, None, &format!("/big/{m}/{i}/{}", "p".repeat(1900)), 16)).collect();
-        tx.send(DiscoveryRequest { recorded, ..Default::default() }).await.unwrap();
+        tx.send(palisade_tests::config::report(Report { recorded, ..Default::default() })).await.unwrap();
     }
     let marker = vec![sample(WEB, None, "/marker/2", 0), sample(WEB, Some(ORDERS), "/forged", 0)];
-    tx.send(DiscoveryRequest { recorded: marker, ..Default::default() }).await.unwrap();
+    tx.send(palisade_tests::config::report(Report { recorded: marker, ..Default::default() })).await.unwrap();
     // The forged sample is the 25,601st refused: all reports are in.
     eventually("the big samples to be taken in", Duration::from_secs(60), || async {
         let refused = metric(&reqwest_metrics(&metrics).await, "palisade_cp_preview_samples_refused_total")?;

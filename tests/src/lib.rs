@@ -371,11 +371,21 @@ pub mod grpc {
     use anyhow::Result;
     use palisade_certs::TrustDomain;
     use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
-    use palisade_proto::channel::{ControlPlaneAddr, connect};
+    use palisade_proto::channel::{ControlPlaneAddr, connect_from};
     use tonic::transport::Channel;
 
     /// A channel to `addr`, trusting `bundle_pem`, presenting `client` if given.
     pub async fn channel(addr: &str, bundle_pem: &str, client: Option<Svid>) -> Result<Channel> {
+        channel_from(addr, bundle_pem, client, None).await
+    }
+
+    /// [`channel`] from the local address `local`.
+    pub async fn channel_from(
+        addr: &str,
+        bundle_pem: &str,
+        client: Option<Svid>,
+        local: Option<std::net::IpAddr>,
+    ) -> Result<Channel> {
         let roots = palisade_certs::ca::parse_pem_certs(bundle_pem).map_err(anyhow::Error::msg)?;
         let verifier = SpiffeServerVerifier::new(
             TrustBundle::new(&roots)?,
@@ -387,6 +397,46 @@ pub mod grpc {
             Arc::new(s) as Arc<dyn rustls::client::ResolvesClientCert>
         });
         let tls = palisade_certs::tls::client_config(verifier, resolver)?;
-        Ok(connect(&ControlPlaneAddr::parse(addr)?, Arc::new(tls), Duration::from_secs(5)).await?)
+        Ok(connect_from(&ControlPlaneAddr::parse(addr)?, Arc::new(tls), Duration::from_secs(5), local).await?)
+    }
+}
+
+/// `MeshConfig.Subscribe` as a test or a simulated sidecar speaks it.
+pub mod config {
+    use palisade_proto::v1::config_request::Kind;
+    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
+    use palisade_proto::v1::{ConfigAck, ConfigNack, ConfigRequest, ConfigUpdate, Hello, Report};
+    use tokio::sync::mpsc::Sender;
+    use tonic::Streaming;
+    use tonic::transport::Channel;
+
+    /// Opens a stream that says `inbound_addr` and nothing else in its hello.
+    pub async fn subscribe(ch: Channel, inbound_addr: &str) -> (Sender<ConfigRequest>, Streaming<ConfigUpdate>) {
+        let hello = Hello { inbound_addr: inbound_addr.into(), ..Default::default() };
+        subscribe_with(ch, hello).await
+    }
+
+    /// Opens a stream with `hello`.
+    pub async fn subscribe_with(ch: Channel, hello: Hello) -> (Sender<ConfigRequest>, Streaming<ConfigUpdate>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(ConfigRequest { kind: Some(Kind::Hello(hello)) }).await.expect("invariant: the receiver is alive");
+        let updates = MeshConfigClient::new(ch)
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("the control plane accepts the stream")
+            .into_inner();
+        (tx, updates)
+    }
+
+    pub fn ack(nonce: String) -> ConfigRequest {
+        ConfigRequest { kind: Some(Kind::Ack(ConfigAck { nonce })) }
+    }
+
+    pub fn nack(nonce: String, rejected: impl IntoIterator<Item = (String, String)>) -> ConfigRequest {
+        ConfigRequest { kind: Some(Kind::Nack(ConfigNack { nonce, rejected: rejected.into_iter().collect() })) }
+    }
+
+    pub fn report(r: Report) -> ConfigRequest {
+        ConfigRequest { kind: Some(Kind::Report(r)) }
     }
 }

@@ -52,8 +52,8 @@ fn parse_args() -> Result<Option<Args>> {
             "-h" | "--help" => {
                 println!(
                     "palisade-bench [--json FILE] [--duration 10s] [--rate 1000] [--load-rate 2000] [--connections 32]\n\
-                     palisade-bench push [STREAMS] [etcd] [rotate]   (policy push latency to STREAMS simulated sidecars, default 1000;\n\
-                     \x20                                                  rotate: then a root CA rotation, its steps timed)\n\
+                     palisade-bench push [N] [--services S] [--churn PCT] [etcd] [rotate]   (a control plane with N simulated sidecars:\n\
+                     \x20    join time and cost, bytes, change latency by kind, RSS and CPU; see `palisade-bench push --help`)\n\
                      palisade-bench instructions [N] [JSON]   (user-space instructions per request, under callgrind)\n\
                      palisade-bench mesh   (the set-up left running for wrk/strace/perf until stdin closes)\n\
                      palisade-bench authn [RATE] [SECONDS]   (server sidecar CPU per request: plain, JWT cached, JWT cold)\n\
@@ -77,11 +77,9 @@ fn parse_args() -> Result<Option<Args>> {
 fn main() -> Result<()> {
     palisade_certs::install_default_provider();
     if std::env::args().nth(1).as_deref() == Some("push") {
-        let streams = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
-        let rest: Vec<String> = std::env::args().skip(3).collect();
-        let (etcd, rotate) = (rest.iter().any(|a| a == "etcd"), rest.iter().any(|a| a == "rotate"));
+        let opts = push::Opts::parse(std::env::args().skip(2))?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        return rt.block_on(push::run(streams, etcd, rotate));
+        return rt.block_on(push::run(opts));
     }
     if std::env::args().nth(1).as_deref() == Some("instructions") {
         let requests = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(2000);
@@ -753,226 +751,7 @@ impl Drop for AppGuard {
     }
 }
 
-/// `palisade-bench push N`: N simulated sidecars (real certificates, one mTLS
-/// connection and one MeshConfig stream each, in this process) subscribe
-/// to a real control plane; a policy is applied and the time until each
-/// stream receives the new snapshot is measured.
-mod push {
-    use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
-
-    use anyhow::{Context, Result, bail};
-    use palisade_certs::tls::Svid;
-    use palisade_certs::{SvidInfo, WorkloadKey};
-    use palisade_proto::v1::certify_request::Attestation;
-    use palisade_proto::v1::identity_client::IdentityClient;
-    use palisade_proto::v1::mesh_config_client::MeshConfigClient;
-    use palisade_proto::v1::{ApplyPolicyRequest, CertifyRequest, DiscoveryRequest};
-    use palisade_tests::{ControlPlane, grpc};
-    use rustls_pki_types::CertificateDer;
-
-    const ID: &str = "spiffe://cluster.local/ns/bench/sa/sidecar";
-
-    type Arrivals = Arc<Mutex<Vec<Vec<(String, Instant)>>>>;
-
-    /// A one-member etcd on loopback, in `dir`: the process and its client URL.
-    async fn etcd(dir: &std::path::Path) -> Result<(palisade_tests::Proc, String)> {
-        let (client, peer) = (palisade_tests::free_port(), palisade_tests::free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let mut cmd = std::process::Command::new("etcd");
-        cmd.arg("--data-dir")
-            .arg(dir.join("etcd"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}"), "--log-level", "warn"]);
-        let proc = palisade_tests::Proc::spawn("etcd", &mut cmd, dir).context("etcd (apt-get install etcd-server)")?;
-        palisade_tests::eventually("etcd to serve", Duration::from_secs(20), || async {
-            std::net::TcpStream::connect(("127.0.0.1", client)).ok().map(drop)
-        })
-        .await?;
-        Ok((proc, url))
-    }
-
-    pub(super) async fn run(streams: usize, on_etcd: bool, rotate: bool) -> Result<()> {
-        let tmp = tempfile::tempdir()?;
-        let mut args = vec!["--log".to_string(), "warn".to_string()];
-        let _etcd = if on_etcd {
-            let (proc, url) = etcd(tmp.path()).await?;
-            let key = tmp.path().join("store.key");
-            palisade_certs::files::write_secret(&key, "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=")?;
-            args.extend(["--store", "etcd", "--etcd-endpoints", &url, "--store-key-file"].map(String::from));
-            args.push(key.display().to_string());
-            Some(proc)
-        } else {
-            None
-        };
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &args).await?;
-        println!("store: {}", if on_etcd { "etcd (one member, loopback)" } else { "file" });
-        let bundle = std::fs::read_to_string(cp.bundle())?;
-        let token = cp.create_token(ID, &["--uses", &streams.to_string(), "--ttl", "1h"])?;
-        eprintln!("certifying and subscribing {streams} simulated sidecars...");
-        let mut issuing = Duration::ZERO;
-        // (version, arrival) of every snapshot, per stream.
-        let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); streams]));
-        let mut tasks = Vec::new();
-        let renewals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        for i in 0..streams {
-            let ch = grpc::channel(&cp.addr, &bundle, None).await?;
-            let key = WorkloadKey::generate()?;
-            let started = Instant::now();
-            // For a rotation the proxies register their address, as sidecars do
-            // (the control plane matches renewals to streams by it).
-            let addr = format!("10.0.{}.{}:4143", i / 250, i % 250);
-            let resp = IdentityClient::new(ch)
-                .certify(CertifyRequest {
-                    csr_der: key.csr_der(None)?,
-                    attestation: Some(Attestation::JoinToken(token.clone())),
-                    inbound_addr: if rotate { addr.clone() } else { String::new() },
-                })
-                .await?
-                .into_inner();
-            issuing += started.elapsed();
-            let chain: Vec<CertificateDer<'static>> =
-                resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
-            let (id, info) = SvidInfo::parse_svid(&chain[0])?;
-            let mut held = chain.clone();
-            let svid = Svid { certified: key.certified(chain)?, info, id };
-            let ch = grpc::channel(&cp.addr, &bundle, Some(svid)).await?;
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tx.send(DiscoveryRequest { inbound_addr: addr.clone(), ..Default::default() }).await?;
-            let mut snaps = MeshConfigClient::new(ch.clone())
-                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            let (arrivals, renewals) = (arrivals.clone(), renewals.clone());
-            tasks.push(tokio::spawn(async move {
-                while let Ok(Some(s)) = snaps.message().await {
-                    arrivals.lock().expect("invariant: not poisoned")[i].push((s.version.clone(), Instant::now()));
-                    // A root rotation asks for a certificate from another root: renew
-                    // over this connection, spread over 2 s, as sidecars do.
-                    let roots: Vec<CertificateDer<'static>> =
-                        s.renew_unless_chains_to.iter().cloned().map(CertificateDer::from).collect();
-                    let stale = !roots.is_empty()
-                        && palisade_certs::svid::root_store(&roots).is_ok_and(|r| {
-                            palisade_certs::svid::verify_chain(&held, &r, std::time::SystemTime::now()).is_err()
-                        });
-                    if stale {
-                        tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 2000)).await;
-                        let key = WorkloadKey::generate().expect("a key");
-                        let req = CertifyRequest {
-                            csr_der: key.csr_der(None).expect("a CSR"),
-                            attestation: None,
-                            inbound_addr: addr.clone(),
-                        };
-                        if let Ok(r) = IdentityClient::new(ch.clone()).certify(req).await {
-                            held = r.into_inner().cert_chain_der.into_iter().map(CertificateDer::from).collect();
-                            renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    if tx
-                        .send(DiscoveryRequest { nonce: s.nonce, version: s.version, ..Default::default() })
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }));
-        }
-        let wait_all = |version: Option<String>| {
-            let arrivals = arrivals.clone();
-            async move {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let done = arrivals.lock().expect("invariant").iter().all(|a| match &version {
-                        None => !a.is_empty(),
-                        Some(v) => a.iter().any(|(x, _)| x == v),
-                    });
-                    if done {
-                        return Ok(());
-                    }
-                    if Instant::now() > deadline {
-                        bail!("not every stream got the snapshot within 60 s");
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        wait_all(None).await?;
-        println!(
-            "certificates issued (join token, one at a time): {streams} in {:.2} s of Certify calls = {:.0}/s, {:.2} ms each",
-            issuing.as_secs_f64(),
-            streams as f64 / issuing.as_secs_f64(),
-            issuing.as_secs_f64() * 1e3 / streams as f64
-        );
-        eprintln!("all {streams} streams hold a first snapshot; applying a policy...");
-
-        let admin = cp.admin_dir();
-        let chain = palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(admin.join("cert.pem"))?)
-            .map_err(anyhow::Error::msg)?;
-        let key = palisade_certs::SecretPem::new(std::fs::read_to_string(admin.join("key.pem"))?);
-        let (id, info) = SvidInfo::parse_svid(&chain[0])?;
-        let svid = Svid { certified: palisade_certs::csr::certified_key_from_pem(chain, &key)?, info, id };
-        let mut client =
-            palisade_proto::v1::admin_client::AdminClient::new(grpc::channel(&cp.addr, &bundle, Some(svid)).await?);
-        let doc = format!(
-            "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: pushed, namespace: bench}}\nspec:\n  target: {{identities: [\"{ID}\"]}}\n  action: ALLOW\n  rules:\n    - from: [{{namespaces: [\"bench\"]}}]\n"
-        );
-        let t0 = Instant::now();
-        let applied = client.apply_policy(ApplyPolicyRequest { document: doc }).await?.into_inner();
-        let version = format!("r{}", applied.applied.first().context("nothing applied")?.revision);
-        wait_all(Some(version.clone())).await?;
-        let mut lat: Vec<Duration> = arrivals
-            .lock()
-            .expect("invariant")
-            .iter()
-            .filter_map(|a| a.iter().find(|(v, _)| *v == version).map(|(_, t)| t.duration_since(t0)))
-            .collect();
-        lat.sort();
-        let q = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
-        println!(
-            "policy push to {} streams: p50 {:?}, p99 {:?}, max {:?} (from the Apply call to receipt)",
-            lat.len(),
-            q(0.5),
-            q(0.99),
-            q(1.0)
-        );
-        if rotate {
-            use palisade_proto::v1::{GetCaStatusRequest, RotateCaRequest};
-            eprintln!("rotating the root CA with {streams} streams connected...");
-            let t0 = Instant::now();
-            client.rotate_ca(RotateCaRequest { generate: true, ..Default::default() }).await?;
-            let (mut phase, mut marks) = (String::from("publishing"), vec![("publishing".to_string(), Duration::ZERO)]);
-            while phase != "done" {
-                if t0.elapsed() > Duration::from_secs(600) {
-                    bail!("the rotation did not finish within 10 minutes (phase {phase})");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                // The admin credential changes root too; this connection was made before.
-                let s = client.get_ca_status(GetCaStatusRequest {}).await?.into_inner();
-                if s.phase != phase {
-                    phase = s.phase.clone();
-                    marks.push((phase.clone(), t0.elapsed()));
-                }
-            }
-            let total = t0.elapsed();
-            let at = |p: &str| marks.iter().find(|(x, _)| x == p).map(|(_, t)| *t).unwrap_or(total);
-            println!(
-                "root CA rotation with {streams} streams: publishing (every ACK) {:?}, reissuing ({} renewals) {:?}, done after {:?}",
-                at("reissuing"),
-                renewals.load(std::sync::atomic::Ordering::Relaxed),
-                at("done").saturating_sub(at("reissuing")),
-                total
-            );
-        }
-        for t in tasks {
-            t.abort();
-        }
-        Ok(())
-    }
-}
+mod push;
 
 #[cfg(test)]
 mod tests {

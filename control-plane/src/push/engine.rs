@@ -1,0 +1,128 @@
+//! Turns a coalesced batch of change notices into the streams that must
+//! look again. Work here is per identity and per service, never per
+//! stream times mesh size: a join wakes the subscribers of its service and
+//! the streams of its identity, a policy change the identities whose view
+//! it changes, and only the trust bundle wakes everyone.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::view::PolicyView;
+use super::{Dirty, Hub};
+use crate::Shared;
+
+/// How often the directory is rebuilt without a notice: certificates
+/// expire by the clock, and their endpoints leave with them.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(5);
+
+pub(super) async fn run(shared: Arc<Shared>) {
+    let hub = &shared.hub;
+    let mut taps = shared.observe.taps_changed.subscribe();
+    let mut closing = hub.closing.subscribe();
+    let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    hub.views.rebuild_directory(&shared);
+    // The policy view each identity's streams were last woken for.
+    let mut pushed: HashMap<String, Arc<PolicyView>> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = hub.kick.notified() => {}
+            r = taps.changed() => {
+                if r.is_err() { break }
+                hub.taps_changed();
+                continue;
+            }
+            _ = sweep.tick() => hub.endpoints_changed(),
+            _ = closing.changed() => break,
+        }
+        // Gather what else changes in the window into the same push.
+        tokio::time::sleep(hub.coalesce).await;
+        let dirty = std::mem::take(&mut *hub.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let started = std::time::Instant::now();
+        let woken = process(&shared, dirty, &mut pushed);
+        if woken > 0 {
+            tracing::debug!(streams = woken, took = ?started.elapsed(), "config change pushed");
+        }
+    }
+}
+
+/// Wakes the streams `d` concerns; returns how many.
+fn process(shared: &Shared, d: Dirty, pushed: &mut HashMap<String, Arc<PolicyView>>) -> usize {
+    let hub = &shared.hub;
+    let mut all = d.taps;
+    if d.credentials {
+        let before = hub.views.bundle(shared);
+        hub.views.forget_bundle();
+        all |= hub.views.bundle(shared).version != before.version;
+    }
+    let mut wake: HashSet<u64> = HashSet::new();
+    let identities: Vec<String> = {
+        let r = hub.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if d.policies || d.credentials {
+            r.by_identity.keys().cloned().collect()
+        } else {
+            d.identities.iter().filter(|i| r.by_identity.contains_key(*i)).cloned().collect()
+        }
+    };
+    // Identities whose view changed version but not content: their
+    // statuses move on without a push.
+    let mut unchanged: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut changed_ids = Vec::new();
+    for id in identities {
+        // Compared with what this engine last woke the identity's streams
+        // for, not with the shared cache, which a stream may have refreshed.
+        let new = hub.views.policy(shared, hub, &id);
+        if pushed.get(&id).is_some_and(|o| o.same_content(&new)) {
+            unchanged.insert(id.clone(), (new.revision, new.generation));
+        } else {
+            changed_ids.push(id.clone());
+        }
+        pushed.insert(id, new);
+    }
+    let (services, ips) = if d.endpoints { hub.views.rebuild_directory(shared) } else { Default::default() };
+    let handles: Vec<Arc<super::Handle>> = {
+        let r = hub.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if all {
+            r.streams.values().cloned().collect()
+        } else {
+            for id in &changed_ids {
+                wake.extend(r.by_identity.get(id).into_iter().flatten());
+            }
+            for s in &services {
+                wake.extend(r.by_service.get(s).into_iter().flatten());
+            }
+            for ip in &ips {
+                wake.extend(r.by_ip.get(ip).into_iter().flatten());
+            }
+            wake.iter().filter_map(|id| r.streams.get(id).cloned()).collect()
+        }
+    };
+    if !unchanged.is_empty() {
+        let mut status = hub.status.lock().unwrap_or_else(|p| p.into_inner());
+        for s in status.values_mut().filter(|s| s.connected) {
+            if let Some((revision, generation)) = unchanged.get(&s.identity) {
+                s.evaluated = s.evaluated.max(*revision);
+                s.credentials = s.credentials.max(*generation);
+            }
+        }
+    }
+    if !d.identities.is_empty() {
+        let r = hub.registry.lock().unwrap_or_else(|p| p.into_inner());
+        hub.views.retain_identities(|id| r.by_identity.contains_key(id));
+        pushed.retain(|id, _| r.by_identity.contains_key(id));
+    }
+    for h in &handles {
+        h.poke(d.since);
+    }
+    handles.len()
+}
+
+impl Hub {
+    /// Wakes one stream now (it subscribed to something new).
+    pub(crate) fn poke(&self, id: u64) {
+        if let Some(h) = self.registry.lock().unwrap_or_else(|p| p.into_inner()).streams.get(&id) {
+            h.wake.notify_one();
+        }
+    }
+}
