@@ -1,32 +1,39 @@
 //! The sidecar's one client of the control plane: one TLS configuration, one
 //! channel (authenticated with our current certificate, replaced when the
 //! certificate is renewed), shared by `Identity.Certify` renewals and the
-//! `MeshConfig.Stream` that carries everything else, each resource type
-//! applied by its own handler and ACKed or NACKed on its own:
+//! `MeshConfig.Subscribe` stream that carries everything else.
 //!
-//! - `policies` -> the policy engine's enforcer ([`crate::policy`]),
-//! - `endpoints` -> the [`Directory`],
-//! - `trust_bundle` -> the roots every TLS verifier of this sidecar uses.
+//! The stream is incremental and scoped: it opens with a Hello naming the
+//! resources this sidecar holds from earlier streams and the services and
+//! addresses it needs endpoints of; the control plane answers with the
+//! difference, then sends changes as they happen. Each update is applied
+//! type by type and ACKed, or NACKed naming the types rejected
+//! ([`apply`]). Services and addresses looked up for the first time while
+//! the stream is open are asked for on it ([`Directory::take_wants`]).
+//! Taps' matches, recorded requests and stats go up the same stream.
 //!
 //! The stream reconnects with exponential backoff and jitter; whatever was
 //! applied last stays in force while the control plane is away.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use palisade_certs::TrustDomain;
 use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
-use palisade_certs::{SpiffeId, TrustDomain};
 use palisade_proto::channel::{ChannelError, ControlPlaneAddr};
+use palisade_proto::v1::config_request::Kind;
 use palisade_proto::v1::mesh_config_client::MeshConfigClient;
-use palisade_proto::v1::{DiscoveryRequest, Snapshot};
+use palisade_proto::v1::{ConfigAck, ConfigNack, ConfigRequest, Report};
 use rustls_pki_types::CertificateDer;
 use tonic::transport::Channel;
 
 use crate::directory::Directory;
 use crate::metrics::Metrics;
-use crate::policy::{InForce, PolicyState};
+use crate::policy::PolicyState;
+
+pub mod apply;
+
+use apply::{Applier, Held};
 
 /// Timeout to connect (TCP + TLS) and of one unary call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -187,12 +194,9 @@ pub struct ConfigStream {
     /// A root rotation's "renew now unless your certificate chains to these"
     /// (read by the identity task).
     pub renew_unless: tokio::sync::watch::Sender<Vec<CertificateDer<'static>>>,
-}
-
-/// What one snapshot did, type by type.
-#[derive(Debug, Default)]
-struct Applied {
-    rejected: HashMap<String, String>,
+    /// The resources received, kept across streams (empty at start): a
+    /// reconnect names them and receives only what changed.
+    pub held: std::sync::Mutex<Held>,
 }
 
 impl ConfigStream {
@@ -205,7 +209,7 @@ impl ConfigStream {
             // Taps live as long as the stream that gave them.
             self.observe.set_taps(&[]);
             // Start over quickly only after a stream that delivered: a stream
-            // that opens and then fails on every snapshot backs off like a
+            // that opens and then fails on every update backs off like a
             // refused connection.
             if received {
                 backoff = Duration::from_millis(200);
@@ -231,23 +235,30 @@ impl ConfigStream {
         }
     }
 
+    /// What an update configures.
+    fn applier(&self) -> Applier<'_> {
+        Applier {
+            held: &self.held,
+            bundle: &self.bundle,
+            policy: &self.policy,
+            directory: &self.directory,
+            metrics: &self.metrics,
+            renew_unless: &self.renew_unless,
+        }
+    }
+
     async fn session(&self, received: &mut bool) -> Result<Ended, String> {
         let Some(ours) = self.control.svids.valid() else { return Ok(Ended::NoCertificate) };
         let Some(channel) = self.control.channel().await.map_err(|e| e.to_string())? else {
             return Ok(Ended::NoCertificate);
         };
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tx.send(DiscoveryRequest {
-            inbound_addr: self.inbound_addr.clone(),
-            capabilities: vec!["taps".into()],
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        let hello = self.applier().hello(&self.inbound_addr);
+        tx.send(request(Kind::Hello(hello))).await.map_err(|e| e.to_string())?;
         let mut client =
             MeshConfigClient::new(channel).max_decoding_message_size(palisade_proto::limits::MAX_SNAPSHOT_BYTES);
-        let mut snapshots = client
-            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        let mut updates = client
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner();
@@ -256,34 +267,42 @@ impl ConfigStream {
         let mut report = tokio::time::interval(self.report_interval);
         let mut drops = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let snap = tokio::select! {
+            let update = tokio::select! {
                 _ = drops.tick(), if self.observe.tapping() => {
                     let tap_events = self.observe.take_drops();
-                    if !tap_events.is_empty() && tx.send(DiscoveryRequest { tap_events, ..Default::default() }).await.is_err() {
+                    if !tap_events.is_empty() && !send(&tx, Kind::Report(Report { tap_events, ..Default::default() })).await {
                         return Ok(Ended::ByServer);
                     }
                     continue;
                 }
                 _ = report.tick() => {
-                    let up = DiscoveryRequest {
+                    let up = Report {
                         stats: Some(crate::observe::stat_report(&self.metrics)),
                         recorded: self.observe.take_recorded(),
                         ..Default::default()
                     };
-                    if tx.send(up).await.is_err() {
+                    if !send(&tx, Kind::Report(up)).await {
                         return Ok(Ended::ByServer);
                     }
                     continue;
                 }
                 _ = self.observe.wake.notified() => {
                     let tap_events = self.observe.take_events();
-                    if !tap_events.is_empty() && tx.send(DiscoveryRequest { tap_events, ..Default::default() }).await.is_err() {
+                    if !tap_events.is_empty() && !send(&tx, Kind::Report(Report { tap_events, ..Default::default() })).await {
                         return Ok(Ended::ByServer);
                     }
                     continue;
                 }
-                m = snapshots.message() => match m.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
-                    Some(snap) => snap,
+                _ = self.directory.wants_queued() => {
+                    if let Some(want) = self.directory.take_wants()
+                        && !send(&tx, Kind::Want(want)).await
+                    {
+                        return Ok(Ended::ByServer);
+                    }
+                    continue;
+                }
+                m = updates.message() => match m.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
+                    Some(update) => update,
                     None => return Ok(Ended::ByServer),
                 },
                 _ = renewal.tick() => {
@@ -294,97 +313,41 @@ impl ConfigStream {
                     let jwks_refresh = self.policy.refresh().take();
                     if !jwks_refresh.is_empty() {
                         tracing::info!(jwks_uris = ?jwks_refresh, "a token named a key this sidecar lacks; asking the control plane to fetch the key set again");
-                        if tx.send(DiscoveryRequest { jwks_refresh, ..Default::default() }).await.is_err() {
+                        if !send(&tx, Kind::Report(Report { jwks_refresh, ..Default::default() })).await {
                             return Ok(Ended::ByServer);
                         }
                     }
                     continue;
                 }
             };
-            self.observe.set_taps(&snap.taps);
-            if snap.version.is_empty() {
-                // Taps only: nothing to apply or answer.
+            if let Some(taps) = &update.taps {
+                self.observe.set_taps(&taps.taps);
+            }
+            if update.nonce.is_empty() {
+                // Taps only: nothing else to apply, nothing to answer.
                 continue;
             }
-            let applied = self.apply(&snap, &ours.id);
-            if applied.rejected.is_empty() {
+            let rejected = self.applier().apply(&update, &ours.id);
+            let reply = if rejected.is_empty() {
                 *received = true;
-            }
-            let error = applied.rejected.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ");
-            let reply = DiscoveryRequest {
-                nonce: snap.nonce,
-                version: snap.version,
-                error,
-                rejected: applied.rejected,
-                ..Default::default()
+                Kind::Ack(ConfigAck { nonce: update.nonce })
+            } else {
+                Kind::Nack(ConfigNack { nonce: update.nonce, rejected })
             };
-            if tx.send(reply).await.is_err() {
+            if !send(&tx, reply).await {
                 return Ok(Ended::ByServer);
             }
         }
     }
+}
 
-    /// Applies each resource type of a snapshot on its own: one that fails
-    /// leaves that type's previous version in force and the others apply.
-    fn apply(&self, snap: &Snapshot, identity: &SpiffeId) -> Applied {
-        let mut out = Applied::default();
-        if let Err(e) = self.apply_bundle(snap) {
-            out.rejected.insert("trust_bundle".into(), e);
-        }
-        let renew: Vec<CertificateDer<'static>> =
-            snap.renew_unless_chains_to.iter().cloned().map(CertificateDer::from).collect();
-        self.renew_unless.send_if_modified(|cur| {
-            let changed = *cur != renew;
-            *cur = renew;
-            changed
-        });
-        self.apply_endpoints(snap);
-        if let Err(e) = self.apply_policies(snap, identity) {
-            self.metrics.policy_nacks.inc();
-            tracing::warn!(target: "audit", version = %snap.version, error = %e, "policy snapshot rejected (NACK); the previous policy stays in force");
-            out.rejected.insert("policies".into(), e);
-        }
-        out
-    }
+fn request(kind: Kind) -> ConfigRequest {
+    ConfigRequest { kind: Some(kind) }
+}
 
-    fn apply_bundle(&self, snap: &Snapshot) -> Result<(), String> {
-        let roots: Vec<CertificateDer<'static>> =
-            snap.trust_bundle_der.iter().cloned().map(CertificateDer::from).collect();
-        if roots.is_empty() {
-            return Ok(());
-        }
-        self.bundle.replace(&roots).map_err(|e| {
-            tracing::warn!(error = %e, "ignoring an unusable trust bundle from the control plane");
-            e.to_string()
-        })
-    }
-
-    fn apply_endpoints(&self, snap: &Snapshot) {
-        let entries = snap.endpoints.iter().filter_map(|e| {
-            let id: SpiffeId = e.identity.parse().ok()?;
-            let addr: SocketAddr = e.address.parse().ok()?;
-            Some((e.service.clone(), id, addr))
-        });
-        let n = self.directory.replace(entries);
-        self.metrics.directory_endpoints.set(n as i64);
-    }
-
-    fn apply_policies(&self, snap: &Snapshot, identity: &SpiffeId) -> Result<(), String> {
-        let previous = self.policy.current();
-        let in_force = InForce::compile(snap, &identity.to_string(), previous.as_deref(), &self.metrics)?;
-        let changed = previous.as_ref().is_none_or(|p| p.enforcer.version != in_force.enforcer.version);
-        self.policy.set(in_force);
-        // `r<revision>`, or `r<revision>-c<generation>` once credentials changed.
-        let revision = snap.version.trim_start_matches('r').split('-').next().unwrap_or_default();
-        self.metrics.policy_revision.set(revision.parse().unwrap_or(0));
-        self.metrics
-            .policy_updated
-            .set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
-        if changed {
-            tracing::info!(version = %snap.version, policies = snap.policies_json.len(), "policy snapshot applied");
-        }
-        Ok(())
-    }
+/// Sends on the stream; false once the stream is gone.
+async fn send(tx: &tokio::sync::mpsc::Sender<ConfigRequest>, kind: Kind) -> bool {
+    tx.send(request(kind)).await.is_ok()
 }
 
 /// Why a stream session ended without an error.

@@ -126,6 +126,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
     };
     let directory = Arc::new(directory::Directory::default());
+    // The declared upstreams' endpoints are asked for from the first stream on.
+    directory.want_services(cfg.upstreams.iter().map(|u| u.service.clone()));
 
     // Inbound: client certificates are mandatory and must be SVIDs of our trust domain.
     let verifier =
@@ -159,6 +161,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         observe: observe.clone(),
         report_interval: cfg.report_interval,
         renew_unless,
+        held: Default::default(),
     };
     let inbound = proxy::inbound::Inbound::new(
         proxy::inbound::InboundOptions {

@@ -3,17 +3,37 @@
 //! policy engine (`palisade_policy::Enforcer`: all policy meaning lives
 //! there), and swapped atomically for the data path.
 //!
-//! Until a first snapshot arrives there is no enforcer and inbound traffic is
+//! Until a first update arrives there is no enforcer and inbound traffic is
 //! refused (fail closed); once one has arrived, it stays in force while the
 //! control plane is away.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use palisade_policy::{ApiKey, Decision, Enforcer, Inputs, Resource};
-use palisade_proto::v1::Snapshot;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{DecisionLabels, Metrics};
+
+/// What the policy in force is compiled from: every resource of the policy
+/// types the sidecar holds ([`crate::control::apply`] gathers them).
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The control plane's policy revision (`r<revision>`, or
+    /// `r<revision>-c<generation>`), shown in `/config`.
+    pub version: String,
+    /// The policies that target this workload, canonical JSON each, in a
+    /// stable order (by name), so the same set always compiles the same.
+    pub policies_json: Vec<String>,
+    /// Mesh default when no ALLOW policy targets the workload.
+    pub default_allow_authenticated: bool,
+    /// `namespace/name/limit` -> this replica's share of a cluster-scope quota.
+    pub rate_shares: HashMap<String, u64>,
+    /// JWT key sets, by jwksUri (or by issuer for the mesh's own).
+    pub jwks: HashMap<String, String>,
+    /// Hashes of the API keys this sidecar may accept.
+    pub api_keys: Vec<ApiKey>,
+}
 
 /// The policy in force: the engine's [`Enforcer`] for this workload, and the
 /// decision counters it feeds, resolved once when it was compiled (deciding
@@ -25,38 +45,30 @@ pub struct InForce {
     /// no policy made: counters for allow, deny, audit_allow, audit_deny.
     by_policy: Vec<[Counter; 4]>,
     default: [Counter; 4],
+    /// The services this workload's routes send requests to.
+    route_backends: Vec<String>,
 }
 
 impl InForce {
-    /// Compiles a snapshot for `identity`, keeping the counters of limits
+    /// Compiles `sources` for `identity`, keeping the counters of limits
     /// that did not change from `previous`.
     pub fn compile(
-        snap: &Snapshot,
+        sources: &Sources,
         identity: &str,
         previous: Option<&InForce>,
         metrics: &Metrics,
     ) -> Result<Self, String> {
         let mut resources = Vec::new();
-        for json in &snap.policies_json {
+        for json in &sources.policies_json {
             resources.extend(Resource::parse_json(json).map_err(|e| e.to_string())?);
         }
-        let api_keys: Vec<ApiKey> = snap
-            .api_keys
-            .iter()
-            .map(|k| ApiKey {
-                name: k.name.clone(),
-                principal: k.principal.clone(),
-                sha256: k.sha256.clone(),
-                expires_at: k.expires_at,
-            })
-            .collect();
         let inputs = Inputs {
-            version: &snap.version,
+            version: &sources.version,
             resources: &resources,
-            default_allow_authenticated: snap.default_allow_authenticated,
-            rate_shares: &snap.rate_shares,
-            jwks: &snap.jwks,
-            api_keys: &api_keys,
+            default_allow_authenticated: sources.default_allow_authenticated,
+            rate_shares: &sources.rate_shares,
+            jwks: &sources.jwks,
+            api_keys: &sources.api_keys,
         };
         let enforcer = Enforcer::compile(inputs, identity, previous.map(|p| &p.enforcer)).map_err(|e| e.to_string())?;
         let counters = |policy: &str| {
@@ -65,7 +77,14 @@ impl InForce {
             })
         };
         let by_policy = enforcer.policies().iter().map(|p| counters(p)).collect();
-        Ok(Self { enforcer, by_policy, default: counters("default") })
+        let route_backends = route_backends(&resources, identity);
+        Ok(Self { enforcer, by_policy, default: counters("default"), route_backends })
+    }
+
+    /// The services the routes of this workload send requests to, so the
+    /// directory can hold their endpoints before the first routed request.
+    pub fn route_backends(&self) -> &[String] {
+        &self.route_backends
     }
 
     /// Counts a decision.
@@ -79,6 +98,21 @@ impl InForce {
         let set = d.policy_id.and_then(|i| self.by_policy.get(i)).unwrap_or(&self.default);
         set[slot].inc();
     }
+}
+
+/// The backend services of the routes of the TrafficPolicies that target
+/// `identity`: the ones the enforcer compiles (`Routes` does not list its
+/// backends, so they are read from the same resources, with the same filter).
+fn route_backends(resources: &[Resource], identity: &str) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    for r in resources {
+        if let Resource::TrafficPolicy { spec, .. } = r
+            && r.targets(identity)
+        {
+            out.extend(spec.routes.iter().flat_map(|route| route.backends.iter().map(|b| b.service.clone())));
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The policy in force, swapped atomically.

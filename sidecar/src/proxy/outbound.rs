@@ -30,7 +30,8 @@ use crate::metrics::Metrics;
 /// forwarding, so a malformed first chunk is refused rather than forwarded.
 const CHUNK_CHECK_WAIT: Duration = Duration::from_millis(20);
 
-/// On a directory miss, how long a request waits for a fresh directory.
+/// On a directory miss (a service or address this sidecar never asked
+/// about), how long a connection or request waits for the control plane's answer.
 const DIRECTORY_MISS_WAIT: Duration = Duration::from_secs(1);
 
 /// Where an outbound connection goes.
@@ -134,7 +135,7 @@ impl Outbound {
                     tracing::warn!(src.addr = %src, "refusing a connection addressed to the outbound listener itself (loop)");
                     return;
                 }
-                match this.directory.identity_for_ip(orig.ip()) {
+                match this.directory.identity_for_ip_or_wait(orig.ip(), DIRECTORY_MISS_WAIT).await {
                     Some(identity) => {
                         let opaque = this.opaque_ports.contains(&orig.port());
                         let dest = Arc::new(Dest::Peer(Peer { addr: orig, identity }));
