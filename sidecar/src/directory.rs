@@ -23,10 +23,11 @@ use palisade_proto::v1::Want;
 
 use crate::proxy::peer::Peer;
 
-/// Most services and addresses subscribed to on demand (a miss); beyond, a
-/// miss is answered from what is held. A workload calling random addresses
-/// cannot grow the directory, nor what the control plane tracks for it,
-/// without bound.
+/// Bound on the services and addresses one stream subscribes to, the
+/// control plane's: it answers fewer than this many. Misses subscribe only
+/// below it; beyond, a miss is answered from what is held. A workload
+/// calling random addresses cannot grow the directory, nor what the control
+/// plane tracks for it, without bound.
 pub const MAX_SUBSCRIPTIONS: usize = 4096;
 
 /// Lookup indexes over what is held, rebuilt after every update (small:
@@ -65,7 +66,7 @@ impl Held {
 
     /// Room for one more on-demand subscription (logs once when full).
     fn room(&mut self) -> bool {
-        if self.subscriptions() < MAX_SUBSCRIPTIONS {
+        if self.subscriptions() + 1 < MAX_SUBSCRIPTIONS {
             return true;
         }
         if !self.full_logged {
@@ -199,7 +200,7 @@ impl Directory {
     /// The identity of the meshed pod at `ip` (transparent mode: the original
     /// destination's IP; its port is the app's, redirected by the pod's rules).
     pub fn identity_for_ip(&self, ip: IpAddr) -> Option<SpiffeId> {
-        self.index().by_ip.get(&ip).cloned()
+        self.index().by_ip.get(&ip.to_canonical()).cloned()
     }
 
     /// Like [`identity_for_ip`](Self::identity_for_ip), but an address never
@@ -208,6 +209,9 @@ impl Directory {
     /// endpoints, which carry its identity). `None`: nothing meshed is there
     /// (an answer kept, so later connections do not wait), or no answer came.
     pub async fn identity_for_ip_or_wait(&self, ip: IpAddr, wait: Duration) -> Option<SpiffeId> {
+        // The control plane names an IPv4 peer by its IPv4 address, never
+        // its IPv4-mapped IPv6 spelling.
+        let ip = ip.to_canonical();
         let mut updates = self.version.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -237,7 +241,7 @@ impl Directory {
 
     /// The service of the meshed pod at `ip` (transparent mode).
     pub fn service_for_ip(&self, ip: IpAddr) -> Option<Arc<str>> {
-        self.index().service_by_ip.get(&ip).cloned()
+        self.index().service_by_ip.get(&ip.to_canonical()).cloned()
     }
 
     /// The identity expected at `addr`.
@@ -481,12 +485,15 @@ mod tests {
         answer(&d, "web.shop", vec![peer("spiffe://td/ns/shop/sa/web", "10.0.0.7:4143")]);
         assert_eq!(call.await.unwrap(), Some("spiffe://td/ns/shop/sa/web".parse().unwrap()));
         assert_eq!(d.service_for_ip(ip).as_deref(), Some("web.shop"));
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(d.identity_for_ip_or_wait(mapped, Duration::from_secs(10)).await, d.identity_for_ip(ip));
+        assert_eq!(d.take_wants(), None, "an IPv4-mapped spelling is the same address");
     }
 
     #[test]
     fn subscriptions_are_bounded_but_declared_services_are_not() {
         let d = Directory::default();
-        for i in 0..MAX_SUBSCRIPTIONS {
+        for i in 0..MAX_SUBSCRIPTIONS - 1 {
             assert!(d.subscribe_address(IpAddr::from([10, 1, (i >> 8) as u8, i as u8])));
         }
         assert!(!d.subscribe_address("10.2.0.1".parse().unwrap()));
@@ -494,7 +501,7 @@ mod tests {
         d.want_services(["orders.shop"]);
         let hello = d.hello_want();
         assert_eq!(hello.services, ["orders.shop"]);
-        assert_eq!(hello.addresses.len(), MAX_SUBSCRIPTIONS);
+        assert_eq!(hello.addresses.len(), MAX_SUBSCRIPTIONS - 1);
     }
 
     #[test]
