@@ -173,7 +173,7 @@ async fn smuggling_corpus_is_refused_on_every_http1_path() {
 }
 
 /// Reads the admin credential as a client certificate resolver.
-fn admin_svid(cp: &ControlPlane) -> Svid {
+pub(crate) fn admin_svid(cp: &ControlPlane) -> Svid {
     let dir = cp.admin_dir();
     let chain = palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(dir.join("cert.pem")).unwrap()).unwrap();
     let key = SecretPem::new(std::fs::read_to_string(dir.join("key.pem")).unwrap());

@@ -21,6 +21,7 @@ mod observe;
 mod operator_ca;
 mod podman;
 mod policy;
+mod push;
 mod replicas;
 mod rotation;
 mod trace;

@@ -334,7 +334,7 @@ pub(super) async fn run(o: Opts) -> Result<()> {
     let mut admin = admin(&cp, &bundle).await?;
     let mut tokens = Vec::with_capacity(o.services);
     for k in 0..o.services {
-        let req = CreateJoinTokenRequest { identity: format!("{NS}s{k}"), ttl_seconds: 3600, uses: 100_000 };
+        let req = CreateJoinTokenRequest { identity: format!("{NS}s{k}"), ttl_seconds: 3600, uses: 10_000 };
         tokens.push(admin.create_join_token(req).await?.into_inner().token);
     }
     let extra = 64; // sidecars joining after the others, to time endpoint changes
