@@ -181,8 +181,14 @@ impl Directory {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             updates.borrow_and_update();
-            if self.index().by_service.contains_key(service) || !self.subscribe_service(service) {
-                break;
+            // Answered with endpoints: done. Answered empty: the service may
+            // be registering right now (its push is on the way), so wait for
+            // the next update as before. Never asked: ask, then wait.
+            match self.index().by_service.get(service) {
+                Some(peers) if !peers.is_empty() => break,
+                Some(_) => {}
+                None if !self.subscribe_service(service) => break,
+                None => {}
             }
             match tokio::time::timeout_at(deadline, updates.changed()).await {
                 Ok(Ok(())) => {}
@@ -440,12 +446,27 @@ mod tests {
         let d = Arc::new(Directory::default());
         d.update(Changes::default());
         let d2 = d.clone();
-        let call = tokio::spawn(async move { d2.pick_or_wait("gone.shop", Duration::from_secs(10)).await });
+        // An empty answer waits out `wait` for the service to register.
+        let call = tokio::spawn(async move { d2.pick_or_wait("gone.shop", Duration::from_millis(300)).await });
         assert_eq!(next_want(&d).await.services, ["gone.shop"]);
         answer(&d, "gone.shop", vec![]);
         assert_eq!(call.await.unwrap(), Err(LookupError::Unknown));
-        assert_eq!(d.pick_or_wait("gone.shop", Duration::from_secs(10)).await, Err(LookupError::Unknown));
+        assert_eq!(d.pick_or_wait("gone.shop", Duration::from_millis(50)).await, Err(LookupError::Unknown));
         assert_eq!(d.take_wants(), None, "an answered service is not asked for again");
+    }
+
+    #[tokio::test]
+    async fn a_service_registering_during_the_wait_is_found() {
+        let d = Arc::new(Directory::default());
+        d.update(Changes::default());
+        d.want_services(["late.shop"]);
+        answer(&d, "late.shop", vec![]);
+        let d2 = d.clone();
+        let call = tokio::spawn(async move { d2.pick_or_wait("late.shop", Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let identity: SpiffeId = "spiffe://td/ns/shop/sa/late".parse().unwrap();
+        answer(&d, "late.shop", vec![Peer { addr: "127.0.0.1:7".parse().unwrap(), identity }]);
+        assert_eq!(call.await.unwrap().map(|p| p.addr), Ok("127.0.0.1:7".parse().unwrap()));
     }
 
     #[tokio::test]

@@ -435,7 +435,7 @@ async fn a_cluster_scope_limit_is_shared_by_the_replicas() {
         .await
         .unwrap();
     eventually("web sees the 3 replicas", Duration::from_secs(10), || async {
-        (web.metric("palisade_directory_endpoints").await? >= 4.0).then_some(())
+        (web.metric("palisade_directory_endpoints").await? >= 3.0).then_some(())
     })
     .await
     .unwrap();
