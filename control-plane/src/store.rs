@@ -1,16 +1,19 @@
 //! State behind a store trait: join tokens (hashed) and proxy records. The
-//! default is an embedded file store: one JSON document in the data dir,
-//! rewritten atomically (temp file + fsync + rename) on every change, so an
-//! accepted change survives a crash and a restart.
+//! default is an embedded file store: one JSON document in the data dir plus
+//! a journal of the changes since, each synced before it is acknowledged, so
+//! an accepted change survives a crash and a restart (see [`journal`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 pub mod etcd;
+mod journal;
 pub mod sealed;
+
+use journal::{Journal, Line, Op, ProxyIndex, Record, Table};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -262,47 +265,68 @@ pub async fn blocking<T: Send + 'static>(
     }
 }
 
-/// The embedded file store (`<data-dir>/state.json`).
+/// The embedded file store: `<data-dir>/state.json`, and the changes since
+/// in `<data-dir>/state.journal`.
 #[derive(Debug)]
 pub struct FileStore {
     path: PathBuf,
     state: Mutex<State>,
+    /// These two are locked only while holding `state`.
+    journal: Mutex<Journal>,
+    index: Mutex<ProxyIndex>,
 }
 
 impl FileStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`: `state.json`, then the journal replayed over it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("state.json");
-        let state = match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+        let (mut state, size) = match std::fs::read(&path) {
+            Ok(bytes) => (
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?,
+                bytes.len() as u64,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::default(), 0),
             Err(source) => return Err(StoreError::Read { path, source }),
         };
-        Ok(Self { path, state: Mutex::new(state) })
+        let journal = Journal::replay(dir.join("state.journal"), &mut state, size)?;
+        let index = ProxyIndex::of(&state.proxies);
+        Ok(Self { path, state: Mutex::new(state), journal: Mutex::new(journal), index: Mutex::new(index) })
     }
 
-    /// Applies `f` to the state and persists it; on a write error the
-    /// in-memory change is rolled back, so memory never runs ahead of disk.
-    /// Changes the state and writes it (one serialisation, one atomic
-    /// write); a failed write leaves the state as it was. It blocks on the
-    /// disk: async callers run it with `spawn_blocking` (see [`blocking`]).
-    fn mutate<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, StoreError> {
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let before = guard.clone();
-        let out = f(&mut guard);
-        let bytes = serde_json::to_vec_pretty(&*guard).unwrap_or_default();
-        if let Err(source) = palisade_certs::files::write_atomic(&self.path, &bytes, 0o600) {
-            *guard = before;
-            return Err(StoreError::Write { path: self.path.clone(), source });
+    /// Makes the change `plan` computes from the state (its ops, and what
+    /// the call returns): the ops are appended to the journal and synced,
+    /// then applied, so memory never runs ahead of disk and a failed write
+    /// leaves the state as it was. No ops, no write. It blocks on the disk:
+    /// async callers run it with `spawn_blocking` (see [`blocking`]).
+    fn mutate<T>(&self, plan: impl FnOnce(&State) -> (Vec<Op>, T)) -> Result<T, StoreError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (ops, out) = plan(&state);
+        if ops.is_empty() {
+            return Ok(out);
         }
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let line = Line { ops };
+        journal.append(&line)?;
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        for op in line.ops {
+            index.follow(&state.proxies, &op);
+            op.apply(&mut state);
+        }
+        journal.compact_if_due(&state, &self.path);
         Ok(out)
     }
 
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
+}
+
+fn put(r: Record) -> Vec<Op> {
+    vec![Op::Put(r)]
+}
+
+fn delete(table: Table, key: &str) -> Op {
+    Op::Delete { table, key: key.to_string() }
 }
 
 impl Store for FileStore {
@@ -315,41 +339,43 @@ impl Store for FileStore {
     }
 
     fn apply_policies(&self, resources: Vec<(String, String, String)>) -> Result<(u64, Vec<Applied>), StoreError> {
-        let changed = self.read(|s| {
-            resources
+        self.mutate(|s| {
+            // Applied to copies of the records named, not to the state.
+            let revision = s.policy_revision + 1;
+            let mut named: BTreeMap<String, PolicyRecord> = resources
                 .iter()
-                .any(|(k, key, json)| s.policies.get(&PolicyRecord::id(k, key)).is_none_or(|p| &p.json != json))
-        });
-        let apply = |s: &mut State| {
-            let revision = if changed { s.policy_revision + 1 } else { s.policy_revision };
-            s.policy_revision = revision;
-            (revision, put_policies(&mut s.policies, revision, resources))
-        };
-        if changed {
-            self.mutate(apply)
-        } else {
-            let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            Ok(apply(&mut guard))
-        }
+                .map(|(kind, key, _)| PolicyRecord::id(kind, key))
+                .filter_map(|id| s.policies.get(&id).map(|p| (id, p.clone())))
+                .collect();
+            let applied = put_policies(&mut named, revision, resources);
+            if applied.iter().all(|a| a.change == "unchanged") {
+                return (Vec::new(), (s.policy_revision, applied));
+            }
+            let mut ops: Vec<Op> = named
+                .into_iter()
+                .filter(|(id, p)| s.policies.get(id) != Some(p))
+                .map(|(_, p)| Op::Put(Record::Policy(p)))
+                .collect();
+            ops.push(Op::PolicyRevision(revision));
+            (ops, (revision, applied))
+        })
     }
 
     fn delete_policy(&self, kind: &str, key: &str) -> Result<Option<u64>, StoreError> {
         let id = PolicyRecord::id(kind, key);
-        if !self.read(|s| s.policies.contains_key(&id)) {
-            return Ok(None);
-        }
         self.mutate(|s| {
-            s.policies.remove(&id);
-            s.policy_revision += 1;
-            Some(s.policy_revision)
+            if !s.policies.contains_key(&id) {
+                return (Vec::new(), None);
+            }
+            let revision = s.policy_revision + 1;
+            (vec![delete(Table::Policies, &id), Op::PolicyRevision(revision)], Some(revision))
         })
     }
 
     fn put_api_key(&self, k: ApiKeyRecord) -> Result<bool, StoreError> {
-        if self.read(|s| s.api_keys.contains_key(&k.name)) {
-            return Ok(false);
-        }
-        self.mutate(|s| s.api_keys.insert(k.name.clone(), k).is_none())
+        self.mutate(
+            |s| if s.api_keys.contains_key(&k.name) { (Vec::new(), false) } else { (put(Record::ApiKey(k)), true) },
+        )
     }
 
     fn api_keys(&self) -> Vec<ApiKeyRecord> {
@@ -357,22 +383,23 @@ impl Store for FileStore {
     }
 
     fn revoke_api_key(&self, name: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        if !self.read(|s| s.api_keys.contains_key(name)) {
-            return Ok(None);
-        }
-        self.mutate(|s| {
-            s.api_keys.get_mut(name).map(|k| {
-                k.revoked = true;
-                k.clone()
-            })
+        self.mutate(|s| match s.api_keys.get(name) {
+            None => (Vec::new(), None),
+            Some(k) => {
+                let k = ApiKeyRecord { revoked: true, ..k.clone() };
+                (put(Record::ApiKey(k.clone())), Some(k))
+            }
         })
     }
 
     fn put_oauth_client(&self, c: OAuthClientRecord) -> Result<bool, StoreError> {
-        if self.read(|s| s.oauth_clients.values().any(|o| o.name == c.name)) {
-            return Ok(false);
-        }
-        self.mutate(|s| s.oauth_clients.insert(c.client_id.clone(), c).is_none())
+        self.mutate(|s| {
+            if s.oauth_clients.values().any(|o| o.name == c.name) {
+                return (Vec::new(), false);
+            }
+            let new = !s.oauth_clients.contains_key(&c.client_id);
+            (put(Record::OAuthClient(c)), new)
+        })
     }
 
     fn oauth_clients(&self) -> Vec<OAuthClientRecord> {
@@ -380,16 +407,14 @@ impl Store for FileStore {
     }
 
     fn delete_oauth_client(&self, client_id: &str) -> Result<Option<OAuthClientRecord>, StoreError> {
-        if !self.read(|s| s.oauth_clients.contains_key(client_id)) {
-            return Ok(None);
-        }
-        self.mutate(|s| s.oauth_clients.remove(client_id))
+        self.mutate(|s| match s.oauth_clients.get(client_id) {
+            None => (Vec::new(), None),
+            Some(c) => (vec![delete(Table::OAuthClients, client_id)], Some(c.clone())),
+        })
     }
 
     fn put_token(&self, t: TokenRecord) -> Result<(), StoreError> {
-        self.mutate(|s| {
-            s.tokens.insert(t.sha256.clone(), t);
-        })
+        self.mutate(|_| (put(Record::Token(t)), ()))
     }
 
     fn tokens(&self) -> Vec<TokenRecord> {
@@ -397,58 +422,54 @@ impl Store for FileStore {
     }
 
     fn revoke_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        if !self.read(|s| s.tokens.values().any(|t| t.id == id)) {
-            return Ok(None);
-        }
-        self.mutate(|s| {
-            s.tokens.values_mut().find(|t| t.id == id).map(|t| {
-                t.revoked = true;
-                t.clone()
-            })
+        self.mutate(|s| match s.tokens.values().find(|t| t.id == id) {
+            None => (Vec::new(), None),
+            Some(t) => {
+                let t = TokenRecord { revoked: true, ..t.clone() };
+                (put(Record::Token(t.clone())), Some(t))
+            }
         })
     }
 
     fn consume_token(&self, sha256: &str, now: u64) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
-        let check = self.read(|s| match s.tokens.get(sha256) {
-            None => Err(TokenRefusal::Unknown),
-            Some(t) if t.revoked => Err(TokenRefusal::Revoked(t.clone())),
-            Some(t) if t.expires_at <= now => Err(TokenRefusal::Expired(t.clone())),
-            Some(t) if t.uses_left == 0 => Err(TokenRefusal::Exhausted(t.clone())),
-            Some(_) => Ok(()),
-        });
-        if let Err(r) = check {
-            return Ok(Err(r));
-        }
-        // Check and decrement under one lock acquisition inside mutate.
-        self.mutate(|s| match s.tokens.get_mut(sha256) {
-            Some(t) if !t.revoked && t.expires_at > now && t.uses_left > 0 => {
-                t.uses_left -= 1;
-                Ok(t.clone())
+        // Checked and taken under one lock.
+        self.mutate(|s| match s.tokens.get(sha256) {
+            None => (Vec::new(), Err(TokenRefusal::Unknown)),
+            Some(t) if t.revoked => (Vec::new(), Err(TokenRefusal::Revoked(t.clone()))),
+            Some(t) if t.expires_at <= now => (Vec::new(), Err(TokenRefusal::Expired(t.clone()))),
+            Some(t) if t.uses_left == 0 => (Vec::new(), Err(TokenRefusal::Exhausted(t.clone()))),
+            Some(t) => {
+                let t = TokenRecord { uses_left: t.uses_left - 1, ..t.clone() };
+                (put(Record::Token(t.clone())), Ok(t))
             }
-            Some(t) => Err(TokenRefusal::Exhausted(t.clone())),
-            None => Err(TokenRefusal::Unknown),
         })
     }
 
     fn refund_token(&self, sha256: &str) -> Result<(), StoreError> {
-        self.mutate(|s| {
-            if let Some(t) = s.tokens.get_mut(sha256) {
-                t.uses_left = (t.uses_left + 1).min(t.uses_total);
+        self.mutate(|s| match s.tokens.get(sha256) {
+            Some(t) if (t.uses_left + 1).min(t.uses_total) != t.uses_left => {
+                (put(Record::Token(TokenRecord { uses_left: (t.uses_left + 1).min(t.uses_total), ..t.clone() })), ())
             }
+            _ => (Vec::new(), ()),
         })
     }
 
     fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>, take_over: bool) -> Result<bool, StoreError> {
         self.mutate(|s| {
-            let before = touched(s.proxies.values(), &p);
-            if let Some(old) = replaces_serial {
-                s.proxies.remove(old);
-            }
-            if !p.inbound_addr.is_empty() {
-                s.proxies.retain(|_, old| !replaced_by(old, &p, take_over));
-            }
-            s.proxies.insert(p.cert_serial.clone(), p.clone());
-            before != touched(s.proxies.values(), &p)
+            // Only records of p's identity or at p's address matter to
+            // `touched` and `replaced_by`: found by the index, not a scan.
+            let near = self.index.lock().unwrap_or_else(|e| e.into_inner()).near(&s.proxies, &p);
+            let before = touched(near.iter().map(|(_, o)| *o), &p);
+            let mut gone: BTreeSet<&str> =
+                near.iter().filter(|(_, o)| replaced_by(o, &p, take_over)).map(|(k, _)| k.as_str()).collect();
+            gone.extend(replaces_serial.filter(|k| s.proxies.contains_key(*k)));
+            // p itself goes under its serial, replacing what is there.
+            gone.remove(p.cert_serial.as_str());
+            let kept = near.iter().filter(|(k, _)| !gone.contains(k.as_str()) && **k != p.cert_serial);
+            let changed = before != touched(kept.map(|(_, o)| *o).chain([&p]), &p);
+            let mut ops: Vec<Op> = gone.into_iter().map(|k| delete(Table::Proxies, k)).collect();
+            ops.push(Op::Put(Record::Proxy(p)));
+            (ops, changed)
         })
     }
 
@@ -457,15 +478,11 @@ impl Store for FileStore {
     }
 
     fn prune(&self, cutoff: u64) -> Result<(), StoreError> {
-        let stale = self.read(|s| {
-            s.tokens.values().any(|t| t.expires_at < cutoff) || s.proxies.values().any(|p| p.cert_not_after < cutoff)
-        });
-        if !stale {
-            return Ok(());
-        }
         self.mutate(|s| {
-            s.tokens.retain(|_, t| t.expires_at >= cutoff);
-            s.proxies.retain(|_, p| p.cert_not_after >= cutoff);
+            let tokens = s.tokens.iter().filter(|(_, t)| t.expires_at < cutoff).map(|(k, _)| delete(Table::Tokens, k));
+            let proxies =
+                s.proxies.iter().filter(|(_, p)| p.cert_not_after < cutoff).map(|(k, _)| delete(Table::Proxies, k));
+            (tokens.chain(proxies).collect(), ())
         })
     }
 }
