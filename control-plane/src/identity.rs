@@ -151,14 +151,18 @@ impl Identity for IdentityService {
         let allowed = if req.inbound_addr.is_empty() {
             Allowed::default()
         } else {
+            let identity_str = identity.to_string();
+            // Only its identity's records and the address's matter: a claim
+            // costs the same whatever the directory's size.
+            let near = shared.store.proxies_near(&identity_str, &req.inbound_addr, replaces.as_deref());
             let claim = Claim {
-                identity: &identity.to_string(),
+                identity: &identity_str,
                 addr: &req.inbound_addr,
                 peer: peer_addr,
                 replaces: replaces.as_deref(),
                 rate_limited: attested.method != "token",
             };
-            match shared.directory.admit(claim, &shared.store.proxies(), unix_now(), Instant::now()) {
+            match shared.directory.admit(claim, &near, unix_now(), Instant::now()) {
                 Ok(a) => a,
                 Err(e) => {
                     if let Some(hash) = &attested.refund {

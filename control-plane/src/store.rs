@@ -49,7 +49,7 @@ pub struct TokenRecord {
 }
 
 /// A proxy that holds (or held) a certificate.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ProxyRecord {
     pub identity: String,
     pub inbound_addr: String,
@@ -160,6 +160,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// changed (a new endpoint, or one that moved), which a renewal does not.
     fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>, take_over: bool) -> Result<bool, StoreError>;
     fn proxies(&self) -> Vec<ProxyRecord>;
+    /// The records of `identity`, at `addr`, or with serial `serial`: what
+    /// a directory claim is checked against (not the whole directory).
+    fn proxies_near(&self, identity: &str, addr: &str, serial: Option<&str>) -> Vec<ProxyRecord> {
+        self.proxies()
+            .into_iter()
+            .filter(|p| {
+                p.identity == identity
+                    || (!addr.is_empty() && p.inbound_addr == addr)
+                    || Some(p.cert_serial.as_str()) == serial
+            })
+            .collect()
+    }
     /// Drops tokens and proxy records that ended before `cutoff`.
     fn prune(&self, cutoff: u64) -> Result<(), StoreError>;
     /// All policies and the current policy revision.
@@ -477,6 +489,21 @@ impl Store for FileStore {
         self.read(|s| s.proxies.values().cloned().collect())
     }
 
+    fn proxies_near(&self, identity: &str, addr: &str, serial: Option<&str>) -> Vec<ProxyRecord> {
+        let probe = ProxyRecord { identity: identity.into(), inbound_addr: addr.into(), ..Default::default() };
+        self.read(|s| {
+            let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let mut near: Vec<ProxyRecord> =
+                index.near(&s.proxies, &probe).into_iter().map(|(_, p)| p.clone()).collect();
+            if let Some(p) =
+                serial.and_then(|k| s.proxies.get(k)).filter(|p| !near.iter().any(|n| n.cert_serial == p.cert_serial))
+            {
+                near.push(p.clone());
+            }
+            near
+        })
+    }
+
     fn prune(&self, cutoff: u64) -> Result<(), StoreError> {
         self.mutate(|s| {
             let tokens = s.tokens.iter().filter(|(_, t)| t.expires_at < cutoff).map(|(k, _)| delete(Table::Tokens, k));
@@ -602,6 +629,36 @@ mod tests {
         assert!(store.upsert_proxy(rec("web", "w2"), Some("w1"), true).unwrap());
         let held: Vec<String> = store.proxies().into_iter().map(|p| p.cert_serial).collect();
         assert_eq!(held, ["w2"]);
+    }
+
+    #[test]
+    fn a_claim_is_checked_against_its_identity_and_address_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let rec = |identity: &str, addr: &str, serial: &str| ProxyRecord {
+            identity: identity.into(),
+            inbound_addr: addr.into(),
+            cert_serial: serial.into(),
+            cert_not_after: 100,
+            ..Default::default()
+        };
+        for (id, addr, serial) in [("a", "10.0.0.1:1", "a1"), ("a", "10.0.0.2:1", "a2"), ("b", "10.0.0.3:1", "b1")] {
+            store.upsert_proxy(rec(id, addr, serial), None, false).unwrap();
+        }
+        store.upsert_proxy(rec("c", "", "c1"), None, false).unwrap();
+        let serials = |v: Vec<ProxyRecord>| {
+            let mut s: Vec<String> = v.into_iter().map(|p| p.cert_serial).collect();
+            s.sort();
+            s
+        };
+        assert_eq!(serials(store.proxies_near("a", "10.0.0.3:1", None)), ["a1", "a2", "b1"]);
+        assert_eq!(serials(store.proxies_near("z", "", Some("c1"))), ["c1"]);
+        assert!(store.proxies_near("z", "10.9.9.9:1", None).is_empty());
+        // The trait's default (other stores) agrees.
+        let all = store.proxies();
+        let default: Vec<ProxyRecord> =
+            all.into_iter().filter(|p| p.identity == "a" || p.inbound_addr == "10.0.0.3:1").collect();
+        assert_eq!(serials(default), ["a1", "a2", "b1"]);
     }
 
     #[test]

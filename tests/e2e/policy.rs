@@ -351,14 +351,15 @@ async fn an_invalid_snapshot_is_nacked_and_the_previous_policy_stays() {
     m.apply("allow", ALLOW_WEB).await;
     // Force an invalid resource into the store behind the control plane's back.
     m.cp.proc.terminate(Duration::from_secs(10)).unwrap();
-    let state_path = m.cp.data_dir.join("state.json");
-    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    // The file store is state.json plus an append-only journal: one more line.
     let bad = serde_json::json!({"kind": "RateLimitPolicy", "apiVersion": "palisade.dev/v1", "metadata": {"name": "broken", "namespace": "shop"},
         "spec": {"target": {"identities": ["spiffe://cluster.local/ns/shop/sa/orders"]}, "limits": [{"name": "x", "algorithm": "token_bucket", "rate": 0, "period": "1s"}]}});
-    state["policies"]["RateLimitPolicy/shop/broken"] =
+    let record =
         serde_json::json!({"kind": "RateLimitPolicy", "key": "shop/broken", "revision": 99, "json": bad.to_string()});
-    state["policy_revision"] = 99.into();
-    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let line = serde_json::json!({"ops": [{"put": {"policy": record}}, {"policy_revision": 99}]});
+    let mut journal =
+        std::fs::OpenOptions::new().append(true).create(true).open(m.cp.data_dir.join("state.journal")).unwrap();
+    std::io::Write::write_all(&mut journal, format!("{line}\n").as_bytes()).unwrap();
     let (port, data) = (m.cp.port, m.cp.data_dir.clone());
     m.cp = ControlPlane::start_on(port, &data, m.tmp.path(), &[]).await.unwrap();
     let server_addr = m.server.inbound.clone();
