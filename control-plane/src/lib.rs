@@ -315,9 +315,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         let publisher = shared.clone();
         spawn(Box::pin(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(300));
+            let mut seen = u64::MAX;
             loop {
                 tick.tick().await;
-                publisher.store.publish_streams(publisher.hub.published());
+                if let Some(records) = publisher.hub.published(&mut seen) {
+                    publisher.store.publish_streams(records);
+                }
             }
         }));
         let shared = shared.clone();

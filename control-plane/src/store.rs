@@ -160,6 +160,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// changed (a new endpoint, or one that moved), which a renewal does not.
     fn upsert_proxy(&self, p: ProxyRecord, replaces_serial: Option<&str>, take_over: bool) -> Result<bool, StoreError>;
     fn proxies(&self) -> Vec<ProxyRecord>;
+    /// Calls `f` with every proxy record, without copying them (the
+    /// directory is rebuilt from them on every coalesced change).
+    fn visit_proxies(&self, f: &mut dyn FnMut(&ProxyRecord)) {
+        self.proxies().iter().for_each(f)
+    }
     /// The records of `identity`, at `addr`, or with serial `serial`: what
     /// a directory claim is checked against (not the whole directory).
     fn proxies_near(&self, identity: &str, addr: &str, serial: Option<&str>) -> Vec<ProxyRecord> {
@@ -487,6 +492,10 @@ impl Store for FileStore {
 
     fn proxies(&self) -> Vec<ProxyRecord> {
         self.read(|s| s.proxies.values().cloned().collect())
+    }
+
+    fn visit_proxies(&self, f: &mut dyn FnMut(&ProxyRecord)) {
+        self.read(|s| s.proxies.values().for_each(f))
     }
 
     fn proxies_near(&self, identity: &str, addr: &str, serial: Option<&str>) -> Vec<ProxyRecord> {

@@ -106,6 +106,8 @@ fn process(shared: &Shared, d: Dirty, pushed: &mut HashMap<String, Arc<PolicyVie
                 s.credentials = s.credentials.max(*generation);
             }
         }
+        drop(status);
+        hub.status_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     if !d.identities.is_empty() {
         let r = hub.registry.lock().unwrap_or_else(|p| p.into_inner());

@@ -168,6 +168,8 @@ pub struct Hub {
     pub(crate) registry: Mutex<Registry>,
     /// Keyed by [`status_key`].
     pub status: Mutex<HashMap<String, SyncStatus>>,
+    /// Bumped on every change to `status` (publishing skips when unchanged).
+    status_changes: AtomicU64,
     pub(crate) nonce: AtomicU64,
     /// Bumped when request credentials or the CA change: part of the policy version.
     credentials: AtomicU64,
@@ -194,6 +196,7 @@ impl Hub {
             kick: tokio::sync::Notify::new(),
             registry: Mutex::default(),
             status: Mutex::default(),
+            status_changes: AtomicU64::new(0),
             nonce: AtomicU64::new(1),
             credentials: AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
@@ -295,6 +298,7 @@ impl Hub {
     pub(crate) fn update(&self, key: &str, f: impl FnOnce(&mut SyncStatus)) {
         let mut all = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(all.entry(key.to_string()).or_default());
+        self.status_changes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connected proxies of `identity` here and on the other replicas (the
@@ -306,13 +310,19 @@ impl Hub {
         (here + there).max(1) as u64
     }
 
-    /// This replica's connected proxies, as published for the others.
-    pub(crate) fn published(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+    /// This replica's connected proxies, as published for the others;
+    /// `None` when nothing changed since `seen` (which it updates).
+    pub(crate) fn published(&self, seen: &mut u64) -> Option<std::collections::BTreeMap<String, Vec<u8>>> {
+        let now = self.status_changes.load(Ordering::Relaxed);
+        if std::mem::replace(seen, now) == now {
+            return None;
+        }
         let all = self.status.lock().unwrap_or_else(|p| p.into_inner());
         all.iter()
             .filter(|(_, s)| s.connected)
             .filter_map(|(k, s)| Some((k.clone(), serde_json::to_vec(&(k, s)).ok()?)))
-            .collect()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into()
     }
 
     /// Registers a stream.

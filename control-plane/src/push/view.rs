@@ -92,24 +92,41 @@ impl Directory {
         resource(ADDRESS, &ip.to_string(), version, Body::AddressService(service))
     }
 
-    fn build(endpoints: Vec<Endpoint>) -> Self {
-        let mut grouped: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+    /// The directory from `grouped` endpoints (sorted by address within a
+    /// service); a service whose endpoints did not change keeps its
+    /// resource from `old`, digest and all.
+    fn build(old: &Directory, grouped: BTreeMap<Arc<str>, Vec<Endpoint>>) -> Self {
         let mut by_ip = HashMap::new();
-        for e in endpoints {
-            if let Ok(addr) = e.address.parse::<std::net::SocketAddr>() {
-                by_ip.entry(addr.ip()).or_insert_with(|| e.service.clone());
+        let mut services = HashMap::with_capacity(grouped.len());
+        for (name, endpoints) in grouped {
+            for e in &endpoints {
+                if let Ok(addr) = e.address.parse::<std::net::SocketAddr>() {
+                    by_ip.entry(addr.ip()).or_insert_with(|| name.to_string());
+                }
             }
-            grouped.entry(e.service.clone()).or_default().push(e);
+            let same = old.services.get(&*name).filter(|r| match &r.body {
+                Some(Body::Service(s)) => s.endpoints == endpoints,
+                _ => false,
+            });
+            let r = match same {
+                Some(r) => r.clone(),
+                None => {
+                    let version = digest(endpoints.iter().flat_map(|e| [e.identity.as_bytes(), e.address.as_bytes()]));
+                    resource(SERVICE, &name, version, Body::Service(ServiceEndpoints { endpoints }))
+                }
+            };
+            services.insert(name.to_string(), r);
         }
-        let services = grouped
-            .into_iter()
-            .map(|(name, endpoints)| {
-                let version = digest(endpoints.iter().flat_map(|e| [e.identity.as_bytes(), e.address.as_bytes()]));
-                let r = resource(SERVICE, &name, version, Body::Service(ServiceEndpoints { endpoints }));
-                (name, r)
-            })
-            .collect();
         Self { services, by_ip }
+    }
+
+    #[cfg(test)]
+    fn of(endpoints: Vec<Endpoint>) -> Self {
+        let mut grouped: BTreeMap<Arc<str>, Vec<Endpoint>> = BTreeMap::new();
+        for e in endpoints {
+            grouped.entry(e.service.as_str().into()).or_default().push(e);
+        }
+        Self::build(&Directory::default(), grouped)
     }
 
     /// The services and IPs whose resources differ between `self` and `new`.
@@ -134,6 +151,8 @@ pub(crate) struct Views {
     parsed: Mutex<Option<Arc<Parsed>>>,
     policy: Mutex<HashMap<String, Arc<PolicyView>>>,
     directory: RwLock<Arc<Directory>>,
+    /// Identity -> its service name (`None`: not a workload).
+    service_names: Mutex<HashMap<String, Option<Arc<str>>>>,
     bundle: Mutex<Option<Arc<Resource>>>,
 }
 
@@ -188,10 +207,47 @@ impl Views {
         self.directory.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Rebuilds the directory from the store; returns what changed.
+    /// Rebuilds the directory from the store (the proxies with a valid
+    /// certificate and an inbound address); returns what changed.
     pub(crate) fn rebuild_directory(&self, shared: &Shared) -> (HashSet<String>, HashSet<IpAddr>) {
-        let new = Directory::build(crate::discovery::endpoints(shared));
+        let now = crate::attest::join_token::unix_now();
+        let mut grouped: BTreeMap<Arc<str>, Vec<Endpoint>> = BTreeMap::new();
+        {
+            // An identity's service name, parsed once.
+            let mut names = self.service_names.lock().unwrap_or_else(|p| p.into_inner());
+            shared.store.visit_proxies(&mut |p| {
+                if p.cert_not_after <= now || p.inbound_addr.is_empty() {
+                    return;
+                }
+                let name = match names.get(&p.identity) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n = p.identity.parse::<palisade_certs::SpiffeId>().ok().and_then(|id| {
+                            id.workload().map(|(ns, sa)| Arc::<str>::from(format!("{sa}.{ns}").as_str()))
+                        });
+                        if names.len() >= 1 << 20 {
+                            names.clear();
+                        }
+                        names.insert(p.identity.clone(), n.clone());
+                        n
+                    }
+                };
+                if let Some(name) = name {
+                    let e = Endpoint {
+                        service: name.to_string(),
+                        identity: p.identity.clone(),
+                        address: p.inbound_addr.clone(),
+                    };
+                    grouped.entry(name).or_default().push(e);
+                }
+            });
+        }
+        for list in grouped.values_mut() {
+            list.sort_by(|a, b| a.address.cmp(&b.address));
+            list.dedup_by(|a, b| a.address == b.address);
+        }
         let mut cur = self.directory.write().unwrap_or_else(|p| p.into_inner());
+        let new = Directory::build(&cur, grouped);
         let changes = cur.changes(&new);
         if !changes.0.is_empty() || !changes.1.is_empty() {
             *cur = Arc::new(new);
@@ -302,8 +358,8 @@ mod tests {
 
     #[test]
     fn directory_changes_are_per_service_and_per_address() {
-        let a = Directory::build(vec![ep("a.x", "10.0.0.1:1"), ep("a.x", "10.0.0.2:1"), ep("b.x", "10.0.0.3:1")]);
-        let b = Directory::build(vec![ep("a.x", "10.0.0.1:1"), ep("a.x", "10.0.0.2:1"), ep("c.x", "10.0.0.4:1")]);
+        let a = Directory::of(vec![ep("a.x", "10.0.0.1:1"), ep("a.x", "10.0.0.2:1"), ep("b.x", "10.0.0.3:1")]);
+        let b = Directory::of(vec![ep("a.x", "10.0.0.1:1"), ep("a.x", "10.0.0.2:1"), ep("c.x", "10.0.0.4:1")]);
         let (services, ips) = a.changes(&b);
         assert_eq!(services, HashSet::from(["b.x".to_string(), "c.x".to_string()]));
         assert_eq!(ips.len(), 2, "{ips:?}");

@@ -1066,6 +1066,10 @@ impl Store for EtcdStore {
         self.read(|s| s.proxies.values().cloned().collect())
     }
 
+    fn visit_proxies(&self, f: &mut dyn FnMut(&ProxyRecord)) {
+        self.read(|s| s.proxies.values().for_each(f))
+    }
+
     fn proxies_near(&self, identity: &str, addr: &str, serial: Option<&str>) -> Vec<ProxyRecord> {
         // A scan without copies: only the matches are cloned.
         self.read(|s| {
