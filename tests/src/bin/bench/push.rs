@@ -23,7 +23,7 @@ use palisade_proto::v1::config_request::Kind;
 use palisade_proto::v1::identity_client::IdentityClient;
 use palisade_proto::v1::mesh_config_client::MeshConfigClient;
 use palisade_proto::v1::{
-    ApplyPolicyRequest, CertifyRequest, ConfigAck, ConfigRequest, CreateJoinTokenRequest, Hello, Want,
+    ApplyPolicyRequest, CertifyRequest, ConfigAck, ConfigRequest, CreateJoinTokenRequest, Hello, ResourceVersion, Want,
 };
 use palisade_tests::{ControlPlane, grpc};
 use rustls_pki_types::CertificateDer;
@@ -41,6 +41,8 @@ pub(super) struct Opts {
     churn_for: Duration,
     concurrency: usize,
     etcd: bool,
+    /// Control-plane replicas (more than one needs etcd); the last is killed at the end.
+    replicas: usize,
     rotate: bool,
 }
 
@@ -53,6 +55,7 @@ impl Opts {
             churn_for: Duration::from_secs(60),
             concurrency: 8,
             etcd: false,
+            replicas: 1,
             rotate: false,
         };
         while let Some(a) = args.next() {
@@ -63,13 +66,16 @@ impl Opts {
                 "--churn-for" => o.churn_for = humantime::parse_duration(&val()?)?,
                 "--concurrency" => o.concurrency = val()?.parse()?,
                 "etcd" | "--etcd" => o.etcd = true,
+                "--replicas" => o.replicas = val()?.parse()?,
                 "rotate" | "--rotate" => o.rotate = true,
                 "-h" | "--help" => {
                     println!(
-                        "palisade-bench push [N] [--services S] [--churn PCT] [--churn-for 60s] [--concurrency 8] [etcd] [rotate]\n\
+                        "palisade-bench push [N] [--services S] [--churn PCT] [--churn-for 60s] [--concurrency 8] [etcd [--replicas R]] [rotate]\n\
                          N simulated sidecars (default 1000) of S services (default N/5) join a control plane,\n\
                          each subscribed to two other services; then endpoint and policy changes are timed,\n\
                          optionally while PCT% of the sidecars restart per minute, and a root CA rotation.\n\
+                         With R replicas on etcd the sidecars spread over them; at the end one is killed\n\
+                         (SIGKILL) and the time until its sidecars are back on the others is measured.\n\
                          Needs ulimit -n above 2N+100 (both sides of every connection are in this machine)."
                     );
                     std::process::exit(0);
@@ -81,6 +87,10 @@ impl Opts {
         if o.services == 0 {
             o.services = (o.n / 5).max(1);
         }
+        if o.replicas > 1 && !o.etcd {
+            bail!("--replicas needs etcd (replicas share their state in etcd)");
+        }
+        o.replicas = o.replicas.max(1);
         Ok(o)
     }
 }
@@ -98,7 +108,7 @@ struct Arrival {
 
 /// What every simulated sidecar shares.
 struct Ctx {
-    addr: String,
+    addrs: Vec<String>,
     bundle: String,
     tokens: Vec<String>,
     services: usize,
@@ -112,6 +122,10 @@ struct Ctx {
     renewals: AtomicUsize,
     /// Join permits: at most `concurrency` joins in flight.
     joins: tokio::sync::Semaphore,
+    /// The replica each sidecar's stream is on (`usize::MAX`: none).
+    on: Vec<AtomicUsize>,
+    /// Replicas killed on purpose: their sidecars fail over, not counted as dropped.
+    killed: Vec<AtomicBool>,
 }
 
 fn service_of(i: usize, services: usize) -> usize {
@@ -129,58 +143,110 @@ fn addresses(i: usize) -> (IpAddr, String) {
 }
 
 /// One simulated sidecar: joins, subscribes, ACKs every update, restarts
-/// when asked to, and renews when a root rotation asks.
+/// when asked to, renews when a root rotation asks, and when its replica
+/// goes away reconnects to another with jittered backoff, saying what it holds.
 async fn sidecar(ctx: Arc<Ctx>, i: usize) {
     let mut first_join = true;
     loop {
         let permit = if first_join { ctx.joins.acquire().await.ok() } else { None };
-        let restart = match session(&ctx, i, permit).await {
-            Ok(()) => true,
+        first_join = false;
+        let mut home = i % ctx.addrs.len();
+        let cert = match certify(&ctx, i, home).await {
+            Ok(c) => c,
             Err(e) => {
-                if !ctx.restarting[i].load(Ordering::Relaxed) {
-                    ctx.dropped.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("sidecar {i}: {e:#}");
-                }
-                ctx.restarting[i].swap(false, Ordering::Relaxed)
+                ctx.dropped.fetch_add(1, Ordering::Relaxed);
+                eprintln!("sidecar {i}: {e:#}");
+                return;
             }
         };
-        first_join = false;
-        if !restart {
-            return;
+        let mut held: HashMap<(String, String), String> = HashMap::new();
+        let mut backoff = Duration::from_millis(200);
+        let mut permit = permit;
+        loop {
+            match session(&ctx, i, &cert, home, &mut held, &mut permit).await {
+                Ok(()) => break, // a restart: a new process, a new certificate
+                Err(e) => {
+                    ctx.on[i].store(usize::MAX, Ordering::Relaxed);
+                    if ctx.restarting[i].swap(false, Ordering::Relaxed) {
+                        break;
+                    }
+                    if !ctx.killed[home].load(Ordering::Relaxed) {
+                        ctx.dropped.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("sidecar {i}: {e:#}");
+                    }
+                    // The next replica, after a jittered wait (no herd).
+                    home = (home + 1) % ctx.addrs.len();
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos());
+                    tokio::time::sleep(backoff.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
         }
     }
 }
 
-async fn session(ctx: &Ctx, i: usize, permit: Option<tokio::sync::SemaphorePermit<'_>>) -> Result<()> {
+/// A certificate, and what rebuilds its TLS identity for a new connection.
+struct Cert {
+    certified: Arc<rustls::sign::CertifiedKey>,
+    info: SvidInfo,
+    id: palisade_certs::SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+}
+
+impl Cert {
+    fn svid(&self) -> Svid {
+        Svid { certified: self.certified.clone(), info: self.info.clone(), id: self.id.clone() }
+    }
+}
+
+async fn certify(ctx: &Ctx, i: usize, replica: usize) -> Result<Cert> {
     let k = service_of(i, ctx.services);
     let (local, addr) = addresses(i);
     let key = WorkloadKey::generate()?;
-    let anonymous = grpc::channel_from(&ctx.addr, &ctx.bundle, None, Some(local)).await?;
+    let anonymous = grpc::channel_from(&ctx.addrs[replica], &ctx.bundle, None, Some(local)).await?;
     let resp = IdentityClient::new(anonymous)
         .certify(CertifyRequest {
             csr_der: key.csr_der(None)?,
             attestation: Some(Attestation::JoinToken(ctx.tokens[k].clone())),
-            inbound_addr: addr.clone(),
+            inbound_addr: addr,
         })
         .await?
         .into_inner();
     let chain: Vec<CertificateDer<'static>> = resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
-    let mut held_chain = chain.clone();
     let (id, info) = SvidInfo::parse_svid(&chain[0])?;
-    let svid = Svid { certified: key.certified(chain)?, info, id };
-    let ch = grpc::channel_from(&ctx.addr, &ctx.bundle, Some(svid), Some(local)).await?;
+    Ok(Cert { certified: key.certified(chain.clone())?, info, id, chain })
+}
+
+async fn session(
+    ctx: &Ctx,
+    i: usize,
+    cert: &Cert,
+    replica: usize,
+    held: &mut HashMap<(String, String), String>,
+    permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
+) -> Result<()> {
+    let k = service_of(i, ctx.services);
+    let (local, addr) = addresses(i);
+    let mut held_chain = cert.chain.clone();
+    let ch = grpc::channel_from(&ctx.addrs[replica], &ctx.bundle, Some(cert.svid()), Some(local)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let want = Want {
         services: vec![service_name((k + 1) % ctx.services), service_name((k + 2) % ctx.services)],
         addresses: vec![],
     };
-    let hello = Hello { inbound_addr: addr.clone(), capabilities: vec![], held: vec![], want: Some(want) };
+    let held_list = held
+        .iter()
+        .map(|((t, n), v)| ResourceVersion { r#type: t.clone(), name: n.clone(), version: v.clone() })
+        .collect();
+    let hello = Hello { inbound_addr: addr.clone(), capabilities: vec![], held: held_list, want: Some(want) };
     tx.send(ConfigRequest { kind: Some(Kind::Hello(hello)) }).await?;
     let mut updates = MeshConfigClient::new(ch.clone())
         .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut permit = permit;
+    let mut first = true;
     loop {
         let u = tokio::select! {
             m = updates.message() => match m? {
@@ -191,8 +257,11 @@ async fn session(ctx: &Ctx, i: usize, permit: Option<tokio::sync::SemaphorePermi
         };
         let bytes = prost::Message::encoded_len(&u);
         ctx.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        if permit.take().is_some() {
-            ctx.joined.fetch_add(1, Ordering::Relaxed);
+        if std::mem::take(&mut first) {
+            ctx.on[i].store(replica, Ordering::Relaxed);
+            if permit.take().is_some() {
+                ctx.joined.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let mut stale = false;
         {
@@ -200,6 +269,7 @@ async fn session(ctx: &Ctx, i: usize, permit: Option<tokio::sync::SemaphorePermi
             // Taken under the lock, so arrivals are in time order.
             let at = Instant::now();
             for r in &u.resources {
+                held.insert((r.r#type.clone(), r.name.clone()), r.version.clone());
                 a.push(Arrival { sidecar: i, kind: r.r#type.clone(), name: r.name.clone(), at, bytes });
                 if let Some(palisade_proto::v1::resource::Body::TrustBundle(b)) = &r.body {
                     let roots: Vec<CertificateDer<'static>> =
@@ -209,6 +279,9 @@ async fn session(ctx: &Ctx, i: usize, permit: Option<tokio::sync::SemaphorePermi
                             palisade_certs::svid::verify_chain(&held_chain, &r, std::time::SystemTime::now()).is_err()
                         });
                 }
+            }
+            for r in &u.removed {
+                held.remove(&(r.r#type.clone(), r.name.clone()));
             }
         }
         if stale {
@@ -320,11 +393,19 @@ pub(super) async fn run(o: Opts) -> Result<()> {
         None
     };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let cp = ControlPlane::start(&tmp.path().join("data"), tmp.path(), &args).await?;
-    let pid = cp.proc.child.id();
+    let mut cps = Vec::new();
+    for r in 0..o.replicas {
+        cps.push(ControlPlane::start(&tmp.path().join(format!("data{r}")), tmp.path(), &args).await?);
+    }
+    let cp = &cps[0];
+    let pids: Vec<u32> = cps.iter().map(|c| c.proc.child.id()).collect();
+    let pid = pids[0];
+    // CPU of every replica together.
+    let cpu = || pids.iter().map(|p| super::cpu_seconds(*p)).sum::<f64>();
     println!("machine: {}", super::machine());
     println!(
-        "control plane: store {}, {} simulated sidecars of {} services, {} joining at a time",
+        "control plane: {} replica(s), store {}, {} simulated sidecars of {} services, {} joining at a time",
+        o.replicas,
         if o.etcd { "etcd (one member, loopback)" } else { "file" },
         o.n,
         o.services,
@@ -339,7 +420,7 @@ pub(super) async fn run(o: Opts) -> Result<()> {
     }
     let extra = 64; // sidecars joining after the others, to time endpoint changes
     let ctx = Arc::new(Ctx {
-        addr: cp.addr.clone(),
+        addrs: cps.iter().map(|c| c.addr.clone()).collect(),
         bundle: bundle.clone(),
         tokens,
         services: o.services,
@@ -351,12 +432,14 @@ pub(super) async fn run(o: Opts) -> Result<()> {
         restarting: (0..o.n + extra).map(|_| AtomicBool::new(false)).collect(),
         renewals: AtomicUsize::new(0),
         joins: tokio::sync::Semaphore::new(o.concurrency),
+        on: (0..o.n + extra).map(|_| AtomicUsize::new(usize::MAX)).collect(),
+        killed: (0..o.replicas).map(|_| AtomicBool::new(false)).collect(),
     });
 
     // Joins, with the control plane's CPU per join early and late.
     eprintln!("joining {} sidecars...", o.n);
     let t0 = Instant::now();
-    let cpu0 = super::cpu_seconds(pid);
+    let cpu0 = cpu();
     let mut tasks = Vec::new();
     for i in 0..o.n {
         tasks.push(tokio::spawn(sidecar(ctx.clone(), i)));
@@ -368,7 +451,7 @@ pub(super) async fn run(o: Opts) -> Result<()> {
         loop {
             let done = ctx.joined.load(Ordering::Relaxed);
             if done >= m {
-                at.push((super::cpu_seconds(pid), t0.elapsed()));
+                at.push((cpu(), t0.elapsed()));
                 break;
             }
             if t0.elapsed() > Duration::from_secs(1800) {
@@ -410,14 +493,15 @@ pub(super) async fn run(o: Opts) -> Result<()> {
         join_bytes as f64 / o.n as f64
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let cpu_idle0 = super::cpu_seconds(pid);
+    let cpu_idle0 = cpu();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle = (super::cpu_seconds(pid) - cpu_idle0) / 10.0 * 100.0;
+    let idle = (cpu() - cpu_idle0) / 10.0 * 100.0;
+    let rss = |field: &str| pids.iter().map(|p| format!("{:.0}", rss_mb(*p, field))).collect::<Vec<_>>().join(" + ");
     println!(
-        "control plane with {} connected: RSS {:.0} MB (peak {:.0} MB), idle CPU {idle:.1}% of a core; this simulator RSS {:.0} MB",
+        "control plane with {} connected: RSS {} MB (peak {} MB), idle CPU {idle:.1}% of a core; this simulator RSS {:.0} MB",
         o.n,
-        rss_mb(pid, "VmRSS:"),
-        rss_mb(pid, "VmHWM:"),
+        rss("VmRSS:"),
+        rss("VmHWM:"),
         rss_mb(std::process::id(), "VmRSS:")
     );
 
@@ -467,11 +551,16 @@ pub(super) async fn run(o: Opts) -> Result<()> {
     if o.rotate {
         rotate(&ctx, &mut admin, everyone).await?;
     }
+    if o.replicas > 1 {
+        let last = o.replicas - 1;
+        failover(&ctx, &mut cps[last], last, everyone).await?;
+    }
     println!(
         "healthy sidecars disconnected: {}; control plane peak RSS {:.0} MB",
         ctx.dropped.load(Ordering::Relaxed),
         rss_mb(pid, "VmHWM:")
     );
+    drop(cps);
     for t in tasks {
         t.abort();
     }
@@ -523,6 +612,43 @@ async fn churn(
     }
     let restarts = restarter.await?;
     println!("during churn ({restarts} restarts in {:?}): endpoint appears: {}", o.churn_for, quantiles(lat));
+    Ok(())
+}
+
+/// SIGKILL of replica `r`: how long until its sidecars are all back on the
+/// others, and what their reconnects cost (they say what they hold, so
+/// they are sent only the difference).
+async fn failover(ctx: &Ctx, cp: &mut ControlPlane, r: usize, total: usize) -> Result<()> {
+    let on = |replica: usize| ctx.on.iter().filter(|x| x.load(Ordering::Relaxed) == replica).count();
+    let theirs = on(r);
+    let up = |ctx: &Ctx| ctx.on.iter().filter(|x| x.load(Ordering::Relaxed) != usize::MAX).count();
+    eprintln!("killing replica {r} (SIGKILL) with {theirs} sidecars on it...");
+    let (bytes0, t0) = (ctx.bytes.load(Ordering::Relaxed), Instant::now());
+    ctx.killed[r].store(true, Ordering::Relaxed);
+    cp.proc.child.kill()?;
+    let mut marks = Vec::new();
+    while on(r) > 0 || up(ctx) < total {
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("{} of {total} sidecars connected 120 s after the kill", up(ctx));
+        }
+        // Those of the killed replica's sidecars connected again.
+        let back = theirs.saturating_sub(on(r) + (total - up(ctx)));
+        for q in [0.5, 0.99] {
+            if back as f64 >= theirs as f64 * q && !marks.iter().any(|(x, _)| *x == q) {
+                marks.push((q, t0.elapsed()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all = t0.elapsed();
+    let at = |q: f64| marks.iter().find(|(x, _)| *x == q).map_or(all, |(_, t)| *t);
+    println!(
+        "replica killed with {theirs} sidecars on it: half back on the others after {:.1?}, 99% after {:.1?}, all after {:.1?}; {:.1} MB sent to them",
+        at(0.5),
+        at(0.99),
+        all,
+        (ctx.bytes.load(Ordering::Relaxed) - bytes0) as f64 / 1e6
+    );
     Ok(())
 }
 
