@@ -214,7 +214,10 @@ impl ConfigStream {
             if received {
                 backoff = Duration::from_millis(200);
             }
-            let wait = jitter(backoff);
+            // A stream that worked and was lost: every sidecar of a replica
+            // that died loses it at once, so the first retry is spread over
+            // a whole second (no herd at the next replica); later ones back off.
+            let wait = if received { spread(FIRST_RETRY_SPREAD) } else { jitter(backoff) };
             match result {
                 Ok(Ended::Renewed) => continue,
                 Ok(Ended::NoCertificate) => {
@@ -378,6 +381,15 @@ async fn resolve(addr: &ControlPlaneAddr) -> Vec<ControlPlaneAddr> {
     let start = (crate::seed() as usize) % ips.len();
     ips.rotate_left(start);
     ips.into_iter().map(|ip| ControlPlaneAddr { host: ip.to_string(), port: addr.port }).collect()
+}
+
+/// How widely the first reconnect after a lost stream is spread.
+const FIRST_RETRY_SPREAD: Duration = Duration::from_secs(1);
+
+/// Anywhere in `[0, d)`.
+fn spread(d: Duration) -> Duration {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
+    d.mul_f64(f64::from(nanos % 10_000) / 10_000.0)
 }
 
 /// `d` give or take a quarter, so sidecars that lost the control plane

@@ -117,6 +117,8 @@ struct Ctx {
     joined: AtomicUsize,
     /// Streams that ended without being asked to (a healthy sidecar disconnected).
     dropped: AtomicUsize,
+    /// Reconnects not admitted after a replica was killed (then retried).
+    refused: AtomicUsize,
     restart: Vec<tokio::sync::Notify>,
     restarting: Vec<AtomicBool>,
     renewals: AtomicUsize,
@@ -163,24 +165,37 @@ async fn sidecar(ctx: Arc<Ctx>, i: usize) {
         let mut backoff = Duration::from_millis(200);
         let mut permit = permit;
         loop {
+            let was_on = ctx.on[i].load(Ordering::Relaxed);
             match session(&ctx, i, &cert, home, &mut held, &mut permit).await {
                 Ok(()) => break, // a restart: a new process, a new certificate
                 Err(e) => {
-                    ctx.on[i].store(usize::MAX, Ordering::Relaxed);
+                    let lost = ctx.on[i].swap(usize::MAX, Ordering::Relaxed) != usize::MAX;
                     if ctx.restarting[i].swap(false, Ordering::Relaxed) {
                         break;
                     }
-                    if !ctx.killed[home].load(Ordering::Relaxed) {
-                        ctx.dropped.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("sidecar {i}: {e:#}");
-                    }
-                    // The next replica, after a jittered wait (no herd).
-                    home = (home + 1) % ctx.addrs.len();
                     let nanos = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.subsec_nanos());
-                    tokio::time::sleep(backoff.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let draw = f64::from(nanos % 10_000) / 10_000.0;
+                    let wait = if lost {
+                        // As sidecars do: a lost stream's first retry is
+                        // spread over a second, later ones back off.
+                        if !ctx.killed[home].load(Ordering::Relaxed) {
+                            ctx.dropped.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("sidecar {i}: {e:#}");
+                        }
+                        backoff = Duration::from_millis(200);
+                        Duration::from_secs(1).mul_f64(draw)
+                    } else {
+                        // Not admitted (or the replica is gone): back off.
+                        if was_on == usize::MAX && ctx.killed.iter().any(|k| k.load(Ordering::Relaxed)) {
+                            ctx.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff.mul_f64(0.5 + draw)
+                    };
+                    home = (home + 1) % ctx.addrs.len();
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
@@ -428,6 +443,7 @@ pub(super) async fn run(o: Opts) -> Result<()> {
         bytes: AtomicU64::new(0),
         joined: AtomicUsize::new(0),
         dropped: AtomicUsize::new(0),
+        refused: AtomicUsize::new(0),
         restart: (0..o.n + extra).map(|_| tokio::sync::Notify::new()).collect(),
         restarting: (0..o.n + extra).map(|_| AtomicBool::new(false)).collect(),
         renewals: AtomicUsize::new(0),
@@ -643,11 +659,12 @@ async fn failover(ctx: &Ctx, cp: &mut ControlPlane, r: usize, total: usize) -> R
     let all = t0.elapsed();
     let at = |q: f64| marks.iter().find(|(x, _)| *x == q).map_or(all, |(_, t)| *t);
     println!(
-        "replica killed with {theirs} sidecars on it: half back on the others after {:.1?}, 99% after {:.1?}, all after {:.1?}; {:.1} MB sent to them",
+        "replica killed with {theirs} sidecars on it: half back on the others after {:.1?}, 99% after {:.1?}, all after {:.1?}; {:.1} MB sent to them; {} reconnects not admitted (retried)",
         at(0.5),
         at(0.99),
         all,
-        (ctx.bytes.load(Ordering::Relaxed) - bytes0) as f64 / 1e6
+        (ctx.bytes.load(Ordering::Relaxed) - bytes0) as f64 / 1e6,
+        ctx.refused.load(Ordering::Relaxed)
     );
     Ok(())
 }
