@@ -323,20 +323,31 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 }
             }
         }));
+        // Connected proxies per identity on the other replicas: cluster-scope
+        // shares depend on them.
+        let streams_changed = Arc::new(tokio::sync::Notify::new());
+        {
+            let (shared, changed) = (shared.clone(), streams_changed.clone());
+            spawn(Box::pin(async move {
+                loop {
+                    changed.notified().await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let mut now = std::collections::HashMap::<String, usize>::new();
+                    for (_, s) in push::remote_statuses(&shared) {
+                        *now.entry(s.identity).or_default() += 1;
+                    }
+                    shared.hub.remote_counts(now);
+                }
+            }));
+        }
         let shared = shared.clone();
         spawn(Box::pin(async move {
             use store::etcd::Change;
             loop {
                 match changes.recv().await {
-                    Ok(Change::Streams) => {
-                        // Connected proxies per identity on the other replicas:
-                        // cluster-scope shares depend on them.
-                        let mut now = std::collections::HashMap::<String, usize>::new();
-                        for (_, s) in push::remote_statuses(&shared) {
-                            *now.entry(s.identity).or_default() += 1;
-                        }
-                        shared.hub.remote_counts(now);
-                    }
+                    // Counted at most every 300 ms: a replica publishes its
+                    // sidecars in batches, one watch event per record.
+                    Ok(Change::Streams) => streams_changed.notify_one(),
                     Ok(Change::Policies) => shared.hub.policies_changed(),
                     Ok(Change::Credentials) => {
                         shared.hub.credentials_changed();
