@@ -7,6 +7,7 @@ mod attack_control;
 mod attack_directory;
 mod attack_listeners;
 mod attack_protocol;
+mod attack_push;
 mod authn;
 mod certify;
 mod cli;

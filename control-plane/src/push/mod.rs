@@ -57,9 +57,12 @@ pub struct SyncStatus {
     /// and the old stream closing late must not mark it disconnected.
     #[serde(skip)]
     pub stream: u64,
-    /// The nonce of the last update sent, and what it carried.
+    /// The nonce of the last update sent.
     #[serde(skip)]
     pub sent_nonce: String,
+    /// The nonce last NACKed (a NACK is recorded once).
+    #[serde(skip)]
+    pub nacked_nonce: String,
     /// When the change the last sent update carries happened (for the
     /// push latency, observed at its ACK).
     #[serde(skip)]
@@ -84,6 +87,13 @@ impl SyncStatus {
     }
 }
 
+/// Most config streams one identity holds open (its replicas, each at
+/// its own address, and reconnects overlapping); beyond, refused.
+pub(crate) const MAX_STREAMS_PER_IDENTITY: usize = 1024;
+/// Most subscriptions one identity's streams hold together: one workload
+/// cannot grow the control plane's memory without bound by opening streams.
+pub(crate) const MAX_SUBSCRIPTIONS_PER_IDENTITY: usize = 65_536;
+
 /// What changed since the engine last looked.
 #[derive(Debug, Default)]
 struct Dirty {
@@ -106,6 +116,10 @@ struct Dirty {
 pub(crate) struct Handle {
     pub(crate) id: u64,
     pub(crate) identity: String,
+    /// Its sync-status key: one stream per key, the newest.
+    pub(crate) key: String,
+    /// Ends the stream (a newer one took its key over).
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
     /// Set by the engine when something this stream holds may have changed.
     pub(crate) wake: tokio::sync::Notify,
     /// When the change it was woken for happened (for the push latency).
@@ -132,11 +146,25 @@ pub(crate) struct Registry {
     pub(crate) by_identity: HashMap<String, HashSet<u64>>,
     pub(crate) by_service: HashMap<String, HashSet<u64>>,
     pub(crate) by_ip: HashMap<IpAddr, HashSet<u64>>,
+    /// The stream holding each sync-status key.
+    by_key: HashMap<String, u64>,
+    /// Subscriptions held by each identity's streams together.
+    subs_by_identity: HashMap<String, usize>,
 }
 
 impl Registry {
     fn drop_stream(&mut self, h: &Handle, services: &HashSet<String>, ips: &HashSet<IpAddr>) {
         self.streams.remove(&h.id);
+        if self.by_key.get(&h.key) == Some(&h.id) {
+            self.by_key.remove(&h.key);
+        }
+        let held = services.len() + ips.len();
+        if let Some(n) = self.subs_by_identity.get_mut(&h.identity) {
+            *n = n.saturating_sub(held);
+            if *n == 0 {
+                self.subs_by_identity.remove(&h.identity);
+            }
+        }
         let prune = |m: &mut HashSet<u64>| {
             m.remove(&h.id);
             m.is_empty()
@@ -325,14 +353,35 @@ impl Hub {
             .into()
     }
 
-    /// Registers a stream.
-    pub(crate) fn join(&self, h: Arc<Handle>) {
+    /// Registers a stream: it takes its key over from an older stream
+    /// (a sidecar that reconnected; that one ends). `false`: the identity
+    /// holds [`MAX_STREAMS_PER_IDENTITY`] streams already.
+    pub(crate) fn join(&self, h: Arc<Handle>) -> bool {
         {
             let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) = r.by_key.get(&h.key).and_then(|id| r.streams.get(id)) {
+                old.cancel.cancel();
+            }
+            let open = r.by_identity.get(&h.identity).map_or(0, |s| s.len());
+            let replacing = r.by_key.contains_key(&h.key);
+            if open >= MAX_STREAMS_PER_IDENTITY && !replacing {
+                return false;
+            }
             r.by_identity.entry(h.identity.clone()).or_default().insert(h.id);
+            r.by_key.insert(h.key.clone(), h.id);
             r.streams.insert(h.id, h.clone());
         }
         self.replicas_changed(&h.identity);
+        true
+    }
+
+    /// Reserves up to `n` subscriptions for `identity`'s streams; returns how many it may add.
+    pub(crate) fn reserve(&self, identity: &str, n: usize) -> usize {
+        let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let used = r.subs_by_identity.entry(identity.to_string()).or_default();
+        let granted = n.min(MAX_SUBSCRIPTIONS_PER_IDENTITY.saturating_sub(*used));
+        *used += granted;
+        granted
     }
 
     /// Unregisters a stream and what it subscribed to.

@@ -25,8 +25,12 @@ use palisade_telemetry::Untrusted;
 pub(crate) const MAX_SUBSCRIPTIONS: usize = 4096;
 /// Most resources a Hello may say it holds.
 const MAX_HELD: usize = MAX_SUBSCRIPTIONS + 4096;
-/// Longest service name or resource name accepted from a sidecar.
+/// Longest resource name accepted from a sidecar.
 const MAX_NAME: usize = 512;
+/// A NACK is recorded with at most this many types, each name and reason cut.
+const MAX_NACK_TYPES: usize = 8;
+const MAX_NACK_TYPE: usize = 32;
+const MAX_NACK_REASON: usize = 1024;
 
 /// The MeshConfig service.
 #[derive(Debug, Clone)]
@@ -43,33 +47,37 @@ struct Subs {
 }
 
 impl Subs {
-    /// Adds what `want` names (valid, new, within the bound); returns the additions.
-    fn add(&mut self, want: Want, key: &str) -> (Vec<String>, Vec<IpAddr>) {
+    /// Adds what `want` names (valid, new, within the stream's bound and
+    /// its identity's, reserved from `hub`); returns the additions.
+    fn add(&mut self, want: Want, key: &str, hub: &super::Hub, identity: &str) -> (Vec<String>, Vec<IpAddr>) {
         let mut services = Vec::new();
         let mut ips = Vec::new();
-        let room = |s: &Self, n: usize| s.services.len() + s.ips.len() + n < MAX_SUBSCRIPTIONS;
+        let room = MAX_SUBSCRIPTIONS.saturating_sub(self.services.len() + self.ips.len() + 1);
         for s in want.services {
-            if !valid_service(&s) || self.services.contains(&s) {
-                continue;
-            }
-            if !room(self, services.len() + ips.len()) {
-                self.full(key);
+            if services.len() >= room {
                 break;
             }
-            services.push(s);
+            if valid_service(&s) && !self.services.contains(&s) && !services.contains(&s) {
+                services.push(s);
+            }
         }
         for a in want.addresses {
-            let Ok(ip) = a.parse::<IpAddr>() else { continue };
-            let ip = crate::directory_guard::canonical(ip);
-            if self.ips.contains(&ip) || ips.contains(&ip) {
-                continue;
-            }
-            if !room(self, services.len() + ips.len()) {
-                self.full(key);
+            if services.len() + ips.len() >= room {
                 break;
             }
-            ips.push(ip);
+            let Ok(ip) = a.parse::<IpAddr>() else { continue };
+            let ip = crate::directory_guard::canonical(ip);
+            if !self.ips.contains(&ip) && !ips.contains(&ip) {
+                ips.push(ip);
+            }
         }
+        let asked = services.len() + ips.len();
+        let granted = hub.reserve(identity, asked);
+        if granted < asked || asked == room {
+            self.full(key);
+        }
+        services.truncate(granted);
+        ips.truncate(granted - services.len());
         self.services.extend(services.iter().cloned());
         self.ips.extend(ips.iter().copied());
         (services, ips)
@@ -77,17 +85,22 @@ impl Subs {
 
     fn full(&mut self, key: &str) {
         if !std::mem::replace(&mut self.warned, true) {
-            tracing::warn!(target: "audit", event = "config_subscriptions_full", proxy = %Untrusted(key), max = MAX_SUBSCRIPTIONS, "a sidecar asked for more services and addresses than a stream may subscribe to; the rest are not answered");
+            tracing::warn!(target: "audit", event = "config_subscriptions_full", proxy = %Untrusted(key), per_stream = MAX_SUBSCRIPTIONS, per_identity = super::MAX_SUBSCRIPTIONS_PER_IDENTITY, "a sidecar asked for more services and addresses than its stream or identity may subscribe to; the rest are not answered");
         }
     }
 }
 
-/// `<service-account>.<namespace>`: DNS labels, at most [`MAX_NAME`] bytes.
+/// `<service-account>.<namespace>`: dot-separated DNS labels (a service
+/// account name may hold dots), at most 253 bytes.
 fn valid_service(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME
-        && s.contains('.')
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    s.len() <= 253 && s.contains('.') && s.split('.').all(label)
 }
 
 type Held = HashMap<(String, String), String>;
@@ -129,8 +142,8 @@ impl MeshConfig for MeshConfigService {
             Some(Kind::Hello(h)) => h,
             _ => return Err(Status::invalid_argument("the stream must start with a hello")),
         };
-        if hello.inbound_addr.len() > MAX_NAME {
-            return Err(Status::invalid_argument("the inbound address is too long"));
+        if !hello.inbound_addr.is_empty() && hello.inbound_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument("the inbound address must be empty or IP:PORT"));
         }
         let held = held(&hello)?;
         let key = status_key(&identity, &hello.inbound_addr);
@@ -142,16 +155,21 @@ impl MeshConfig for MeshConfigService {
         let handle = Arc::new(Handle {
             id,
             identity: identity.clone(),
+            key: key.clone(),
+            cancel: tokio_util::sync::CancellationToken::new(),
             wake: tokio::sync::Notify::new(),
             since: Mutex::new(Some(std::time::Instant::now())),
         });
+        if !hub.join(handle.clone()) {
+            tracing::warn!(target: "audit", event = "config_streams_full", src.addr = %src, src.identity = %identity, max = super::MAX_STREAMS_PER_IDENTITY, "refused a config stream: its identity holds the most streams already");
+            return Err(Status::resource_exhausted("too many configuration streams for this identity"));
+        }
         hub.update(&key, |s| {
             *s = SyncStatus { identity: identity.clone(), connected: true, stream: id, ..Default::default() };
         });
-        hub.join(handle.clone());
         let subs = Arc::new(Mutex::new(Subs::default()));
         if let Some(want) = hello.want {
-            let (services, ips) = subs.lock().unwrap_or_else(|p| p.into_inner()).add(want, &key);
+            let (services, ips) = subs.lock().unwrap_or_else(|p| p.into_inner()).add(want, &key, hub, &identity);
             hub.subscribe(id, &services, &ips);
         }
         crate::metrics::METRICS.policy_streams.inc();
@@ -165,7 +183,11 @@ impl MeshConfig for MeshConfigService {
         tokio::spawn(async move {
             let hub = &recv_shared.hub;
             loop {
-                match inbound.message().await {
+                let m = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = handle.cancel.cancelled() => break,
+                };
+                match m {
                     Ok(Some(ConfigRequest { kind: Some(kind) })) => receive(&recv_shared, &handle, &key, &subs, kind),
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
@@ -194,7 +216,7 @@ fn receive(shared: &Shared, handle: &Handle, key: &str, subs: &Mutex<Subs>, kind
     match kind {
         Kind::Hello(_) => tracing::debug!(proxy = %Untrusted(key), "a second hello on one stream is ignored"),
         Kind::Want(want) => {
-            let (services, ips) = subs.lock().unwrap_or_else(|p| p.into_inner()).add(want, key);
+            let (services, ips) = subs.lock().unwrap_or_else(|p| p.into_inner()).add(want, key, hub, &handle.identity);
             if !services.is_empty() || !ips.is_empty() {
                 hub.subscribe(id, &services, &ips);
                 hub.poke(id);
@@ -211,13 +233,39 @@ fn receive(shared: &Shared, handle: &Handle, key: &str, subs: &Mutex<Subs>, kind
             }
         }),
         Kind::Nack(nack) => {
-            let mut types: Vec<&String> = nack.rejected.keys().collect();
-            types.sort();
-            let error = nack.rejected.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ");
+            // Only a NACK of the update this stream was last sent counts,
+            // once: another stream's nonce, or the same NACK again, is
+            // neither recorded nor logged (the audit log is not a workload's to fill).
+            let fresh = {
+                let mut all = hub.status.lock().unwrap_or_else(|p| p.into_inner());
+                all.get_mut(key).is_some_and(|s| {
+                    let fresh = s.stream == id && nack.nonce == s.sent_nonce && s.nacked_nonce != nack.nonce;
+                    if fresh {
+                        s.nacked_nonce = nack.nonce.clone();
+                    }
+                    fresh
+                })
+            };
+            if !fresh {
+                return;
+            }
+            let mut rejected: Vec<(String, String)> = nack
+                .rejected
+                .into_iter()
+                .map(|(k, v)| (k.chars().take(MAX_NACK_TYPE).collect(), v.chars().take(MAX_NACK_REASON).collect()))
+                .collect();
+            rejected.sort();
+            let more = rejected.len().saturating_sub(MAX_NACK_TYPES);
+            rejected.truncate(MAX_NACK_TYPES);
+            let types: Vec<&String> = rejected.iter().map(|(k, _)| k).collect();
+            let mut error = rejected.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ");
+            if more > 0 {
+                error.push_str(&format!("; and {more} more types"));
+            }
             crate::metrics::METRICS.nacks.inc();
             tracing::warn!(target: "audit", event = "config_nack", proxy = %Untrusted(key), src.identity = %handle.identity, rejected = ?types, error = %Untrusted(&error), "sidecar rejected part of a config update");
             hub.update(key, |s| {
-                if s.stream == id && nack.nonce == s.sent_nonce {
+                if s.stream == id {
                     s.nacked = true;
                     s.last_nack = error;
                 }
@@ -312,6 +360,7 @@ impl Sender {
                 _ = self.handle.wake.notified() => {}
                 _ = tx.closed() => break,
                 _ = closing.changed() => break,
+                _ = self.handle.cancel.cancelled() => break,
             }
         }
     }

@@ -119,6 +119,8 @@ struct Ctx {
     dropped: AtomicUsize,
     /// Reconnects not admitted after a replica was killed (then retried).
     refused: AtomicUsize,
+    /// Set when the figures are printed: streams ending now are the bench's doing.
+    done: AtomicBool,
     restart: Vec<tokio::sync::Notify>,
     restarting: Vec<AtomicBool>,
     renewals: AtomicUsize,
@@ -180,7 +182,7 @@ async fn sidecar(ctx: Arc<Ctx>, i: usize) {
                     let wait = if lost {
                         // As sidecars do: a lost stream's first retry is
                         // spread over a second, later ones back off.
-                        if !ctx.killed[home].load(Ordering::Relaxed) {
+                        if !ctx.killed[home].load(Ordering::Relaxed) && !ctx.done.load(Ordering::Relaxed) {
                             ctx.dropped.fetch_add(1, Ordering::Relaxed);
                             eprintln!("sidecar {i}: {e:#}");
                         }
@@ -444,6 +446,7 @@ pub(super) async fn run(o: Opts) -> Result<()> {
         joined: AtomicUsize::new(0),
         dropped: AtomicUsize::new(0),
         refused: AtomicUsize::new(0),
+        done: AtomicBool::new(false),
         restart: (0..o.n + extra).map(|_| tokio::sync::Notify::new()).collect(),
         restarting: (0..o.n + extra).map(|_| AtomicBool::new(false)).collect(),
         renewals: AtomicUsize::new(0),
@@ -576,6 +579,7 @@ pub(super) async fn run(o: Opts) -> Result<()> {
         ctx.dropped.load(Ordering::Relaxed),
         rss_mb(pid, "VmHWM:")
     );
+    ctx.done.store(true, Ordering::Relaxed);
     drop(cps);
     for t in tasks {
         t.abort();
