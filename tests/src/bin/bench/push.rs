@@ -429,7 +429,7 @@ pub(super) async fn run(o: Opts) -> Result<()> {
         o.concurrency
     );
     let bundle = std::fs::read_to_string(cp.bundle())?;
-    let mut admin = admin(&cp, &bundle).await?;
+    let mut admin = admin(cp, &bundle).await?;
     let mut tokens = Vec::with_capacity(o.services);
     for k in 0..o.services {
         let req = CreateJoinTokenRequest { identity: format!("{NS}s{k}"), ttl_seconds: 3600, uses: 10_000 };
