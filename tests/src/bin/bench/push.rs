@@ -702,3 +702,26 @@ async fn rotate(ctx: &Ctx, client: &mut AdminClient<Channel>, streams: usize) ->
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Opts;
+
+    /// Every `palisade-bench push` command the docs show is one this bench takes.
+    #[test]
+    fn the_documented_commands_parse() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut seen = 0;
+        for doc in ["README.md", "docs/scale.md"] {
+            let text = std::fs::read_to_string(root.join(doc)).unwrap();
+            for line in text.lines().filter(|l| l.starts_with("target/release/palisade-bench push")) {
+                let args = line.split('#').next().unwrap().split_whitespace().skip(2).map(String::from);
+                let o = Opts::parse(args).unwrap_or_else(|e| panic!("{doc}: {line}: {e}"));
+                assert!(o.n >= 1000, "{line}");
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5, "{seen} documented commands");
+        assert!(Opts::parse(["100", "--replicas", "2"].map(String::from).into_iter()).is_err(), "replicas need etcd");
+    }
+}
