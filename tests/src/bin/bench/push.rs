@@ -463,10 +463,19 @@ pub(super) async fn run(o: Opts) -> Result<()> {
     for i in 0..o.n {
         tasks.push(tokio::spawn(sidecar(ctx.clone(), i)));
     }
+    // CPU and wall time per join over windows around the 100th join, the
+    // 1,000th (when there are that many) and the last.
     let window = (o.n / 10).clamp(10, 100);
-    let marks = [window, 2 * window, o.n.saturating_sub(window).max(2 * window), o.n];
+    let mut windows = vec![(window, 2 * window)];
+    if o.n >= 1000 + 3 * window {
+        windows.push((1000, 1000 + window));
+    }
+    windows.push((o.n.saturating_sub(window).max(2 * window), o.n));
+    let mut marks: Vec<usize> = windows.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    marks.sort();
+    marks.dedup();
     let mut at = Vec::new();
-    for m in marks {
+    for m in marks.iter().copied() {
         loop {
             let done = ctx.joined.load(Ordering::Relaxed);
             if done >= m {
@@ -484,27 +493,31 @@ pub(super) async fn run(o: Opts) -> Result<()> {
     }
     let join_time = t0.elapsed();
     let join_bytes = ctx.bytes.load(Ordering::Relaxed);
-    let per_join = |a: usize, b: usize| {
-        let n = (marks[b] - marks[a]).max(1) as f64;
-        ((at[b].0 - at[a].0) * 1e3 / n, (at[b].1 - at[a].1).as_secs_f64() * 1e3 / n)
+    let sample = |m: usize| at[marks.iter().position(|x| *x == m).expect("invariant: a mark")];
+    let per_join = |(a, b): (usize, usize)| {
+        let n = (b - a).max(1) as f64;
+        let ((ca, wa), (cb, wb)) = (sample(a), sample(b));
+        ((cb - ca) * 1e3 / n, (wb - wa).as_secs_f64() * 1e3 / n)
     };
-    let (early_cpu, early_wall) = per_join(0, 1);
-    let (late_cpu, late_wall) = per_join(2, 3);
+    let end = at[at.len() - 1].0;
     println!(
         "joins: {} in {:.1} s ({:.0}/s); control plane CPU {:.1} s ({:.2} ms per join)",
         o.n,
         join_time.as_secs_f64(),
         o.n as f64 / join_time.as_secs_f64(),
-        at[3].0 - cpu0,
-        (at[3].0 - cpu0) * 1e3 / o.n as f64
+        end - cpu0,
+        (end - cpu0) * 1e3 / o.n as f64
     );
+    let costs: Vec<(f64, f64)> = windows.iter().map(|w| per_join(*w)).collect();
+    let shown: Vec<String> = windows
+        .iter()
+        .zip(&costs)
+        .map(|((a, b), (c, w))| format!("joins {a}..{b}: {c:.2} ms CPU, {w:.2} ms wall"))
+        .collect();
     println!(
-        "  cost per join, joins {}..{}: {early_cpu:.2} ms control-plane CPU, {early_wall:.2} ms wall; joins {}..{}: {late_cpu:.2} ms CPU, {late_wall:.2} ms wall ({:.2}x CPU)",
-        marks[0],
-        marks[1],
-        marks[2],
-        marks[3],
-        late_cpu / early_cpu.max(1e-9)
+        "  cost per join (control plane): {}; last/first {:.2}x CPU",
+        shown.join("; "),
+        costs[costs.len() - 1].0 / costs[0].0.max(1e-9)
     );
     println!(
         "  bytes sent by the control plane on the config streams during the joins: {:.1} MB ({:.0} B per sidecar)",
