@@ -69,13 +69,21 @@ impl Collector {
 
     /// The spans of one trace, once `n` have arrived.
     async fn trace(&self, trace_id: &str, n: usize) -> Vec<serde_json::Value> {
-        eventually(&format!("{n} spans of trace {trace_id}"), Duration::from_secs(30), || async {
+        self.trace_or(trace_id, n, String::new).await
+    }
+
+    /// [`trace`](Self::trace), saying what `explain` returns when they do not arrive.
+    async fn trace_or(&self, trace_id: &str, n: usize, explain: impl FnOnce() -> String) -> Vec<serde_json::Value> {
+        let got = eventually(&format!("{n} spans of trace {trace_id}"), Duration::from_secs(30), || async {
             let got: Vec<_> =
                 self.spans.lock().unwrap().iter().filter(|s| s["trace_id"] == trace_id).cloned().collect();
             (got.len() >= n).then_some(got)
         })
-        .await
-        .unwrap()
+        .await;
+        got.unwrap_or_else(|e| {
+            let all = self.spans.lock().unwrap().clone();
+            panic!("{e}\nspans received: {all:?}\n{}", explain())
+        })
     }
 }
 
@@ -129,7 +137,9 @@ async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
     let tp = echoed["headers"]["traceparent"].as_str().expect("the app receives a traceparent").to_string();
     let parts: Vec<&str> = tp.split('-').collect();
     assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{tp}");
-    let spans = collector.trace(parts[1], 2).await;
+    let spans = collector
+        .trace_or(parts[1], 2, || format!("--- web\n{}\n--- orders\n{}", web.proc.logs(), server.proc.logs()))
+        .await;
     let (client, srv) = (by_kind(&spans, CLIENT), by_kind(&spans, SERVER));
     assert_eq!(client["parent_span_id"], "", "web's span is the root: {client}");
     assert_eq!(srv["parent_span_id"], client["span_id"], "orders' span is its child: {spans:?}");
