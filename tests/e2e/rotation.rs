@@ -291,7 +291,8 @@ async fn an_interrupted_rotation_resumes_and_an_aborted_one_restores_the_old_roo
     assert_eq!(started["phase"], "publishing");
     let again = cp.ctl(&["ca", "rotate", "--generate"]);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("in progress (phase publishing)"));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("in progress (phase publishing)"), "{said}\n{}", cp.proc.logs());
     phase_is(&cp, "reissuing", Duration::from_secs(15)).await;
     // SIGKILL between steps, and start it again on the same data and port.
     cp.proc.child.kill().unwrap();
