@@ -168,15 +168,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The records of `identity`, at `addr`, or with serial `serial`: what
     /// a directory claim is checked against (not the whole directory).
     fn proxies_near(&self, identity: &str, addr: &str, serial: Option<&str>) -> Vec<ProxyRecord> {
-        self.proxies()
-            .into_iter()
-            .filter(|p| {
-                p.identity == identity
-                    || (!addr.is_empty() && p.inbound_addr == addr)
-                    || Some(p.cert_serial.as_str()) == serial
-            })
-            .collect()
+        // A scan without copies: only the matches are cloned.
+        let mut near = Vec::new();
+        self.visit_proxies(&mut |p| {
+            if p.identity == identity
+                || (!addr.is_empty() && p.inbound_addr == addr)
+                || Some(p.cert_serial.as_str()) == serial
+            {
+                near.push(p.clone());
+            }
+        });
+        near
     }
+
     /// Drops tokens and proxy records that ended before `cutoff`.
     fn prune(&self, cutoff: u64) -> Result<(), StoreError>;
     /// All policies and the current policy revision.

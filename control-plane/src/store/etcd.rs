@@ -1070,21 +1070,6 @@ impl Store for EtcdStore {
         self.read(|s| s.proxies.values().for_each(f))
     }
 
-    fn proxies_near(&self, identity: &str, addr: &str, serial: Option<&str>) -> Vec<ProxyRecord> {
-        // A scan without copies: only the matches are cloned.
-        self.read(|s| {
-            s.proxies
-                .values()
-                .filter(|p| {
-                    p.identity == identity
-                        || (!addr.is_empty() && p.inbound_addr == addr)
-                        || Some(p.cert_serial.as_str()) == serial
-                })
-                .cloned()
-                .collect()
-        })
-    }
-
     fn prune(&self, cutoff: u64) -> Result<(), StoreError> {
         let stale: Vec<String> = self.read(|s| {
             s.tokens
