@@ -10,6 +10,7 @@
 //!   program quietly instead of a panic.
 
 use std::io::{IsTerminal, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod logfmt;
 
@@ -202,4 +203,42 @@ pub fn ratio(s: &str) -> Result<f64, String> {
 /// A listen or connect address flag: `IP:PORT`, with a message that says so.
 pub fn socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
     s.parse().map_err(|_| "expected IP:PORT such as 127.0.0.1:7700 or [::]:7700 (not a host name)".to_string())
+}
+
+/// Parses a flag's duration: `500ms`, `10s`, `5m`, `1h30m` (humantime
+/// syntax). The error says what a valid value looks like.
+pub fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// [`parse_duration`] for clap's `value_parser`: the message names valid values.
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| format!("{e}; use a duration such as 500ms, 10s, 5m or 1h"))
+}
+
+/// Seconds since the Unix epoch (0 if the clock is set before it).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod helper_tests {
+    #[test]
+    fn durations_hex_and_clock() {
+        assert_eq!(super::parse_duration("1h30m").unwrap(), std::time::Duration::from_secs(5400));
+        let e = super::duration_arg("ten").unwrap_err();
+        assert!(e.contains("use a duration such as"), "{e}");
+        assert_eq!(super::hex(&[0, 0xab, 0x10]), "00ab10");
+        assert!(super::unix_now() > 1_700_000_000);
+    }
 }
