@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use palisade_policy::{Enforcer, HeaderList, Headers as _, Inputs, Request as PolicyRequest, Resource};
+use palisade_policy::{Enforcer, HeaderList, Headers as _, Inputs, Resource};
 use palisade_proto::limits;
 use palisade_proto::v1::AppliedPolicy;
 use tonic::Status;
@@ -321,118 +321,33 @@ pub(crate) fn simulate(
             claims,
         )
     });
-    // The sidecar decides on the normalised path (per the workload's TrafficPolicies).
-    let raw_path = req.path.split('?').next().unwrap_or_default();
-    let path = match palisade_policy::path::normalize_with(raw_path, enforcer.checks().path_options()) {
-        Ok(p) => p,
-        Err(e) => {
-            return Ok(palisade_proto::v1::SimulateResponse {
-                decision: "invalid".into(),
-                rule: -1,
-                reason: format!("the sidecar refuses this path with 400: {e}"),
-                ..Default::default()
-            });
-        }
+    let (path, query) = match req.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (req.path.as_str(), None),
     };
-    let preq = PolicyRequest {
-        source: (!req.source.is_empty()).then_some(req.source.as_str()),
-        method: (!req.method.is_empty()).then_some(req.method.as_str()),
-        path: (!req.path.is_empty()).then_some(&*path),
-        port: u16::try_from(req.port).unwrap_or(0),
-        host: None,
-        headers: &headers,
-        auth: given.as_ref(),
-    };
-    // TrafficPolicy validation comes before authentication.
-    let query = req.path.split_once('?').map(|(_, q)| q);
     let content_type = headers.first("content-type");
-    let head = palisade_policy::traffic::Head {
+    let head = palisade_policy::RequestHead {
+        source: (!req.source.is_empty()).then_some(req.source.as_str()),
+        caller_expired: false,
         method: &req.method,
+        path,
         query,
-        content_type,
+        host: None,
+        port: u16::try_from(req.port).unwrap_or(0),
+        headers: &headers,
         content_length: None,
         has_body: content_type.is_some(),
     };
-    if let Err(invalid) = enforcer.checks().check(&head) {
-        return Ok(palisade_proto::v1::SimulateResponse {
-            decision: "invalid".into(),
-            policy: invalid.policy.clone(),
-            rule: -1,
-            reason: format!("TrafficPolicy {} refuses it with {}: {}", invalid.policy, invalid.status, invalid.reason),
-            ..Default::default()
-        });
-    }
-    // Authentication comes first: where a credential is required and the
-    // request carries none, the sidecar answers 401 before any rule.
-    let required_by: Vec<String> = resources
-        .iter()
-        .filter(|r| r.targets(&req.target))
-        .filter_map(|r| match r {
-            Resource::AuthenticationPolicy { spec, .. }
-                if spec.mode == palisade_policy::resource::AuthnMode::Required =>
-            {
-                Some(r.key())
-            }
-            _ => None,
-        })
-        .collect();
-    if given.is_none() && !required_by.is_empty() {
-        return Ok(palisade_proto::v1::SimulateResponse {
-            decision: "unauthenticated".into(),
-            policy: required_by[0].clone(),
-            rule: -1,
-            reason: format!(
-                "AuthenticationPolicy {} requires a request credential and this request carries none (401); \
-                 give --principal or --api-key to check one that does",
-                required_by.join(", ")
-            ),
-            ..Default::default()
-        });
-    }
-    let d = enforcer.authorize(&preq);
-    let rate_limits = enforcer.limits_for(&preq).iter().map(ToString::to_string).collect();
-    let vars = palisade_policy::traffic::Vars {
-        caller: preq.source,
-        principal: given.as_ref().and_then(|g| g.principal.as_deref()),
-        request_id: Some("<x-request-id>"),
-    };
-    let rewrites = enforcer.rewrites();
-    let cors = match (enforcer.cors(), headers.first("origin")) {
-        (Some(c), Some(origin)) => {
-            let preflight = req
-                .method
-                .eq_ignore_ascii_case("OPTIONS")
-                .then(|| headers.first("access-control-request-method"))
-                .flatten();
-            let answer = match preflight {
-                Some(m) => c.preflight(origin, m, headers.first("access-control-request-headers")),
-                None => c.actual(origin),
-            };
-            let what = if preflight.is_some() { "preflight" } else { "request" };
-            match answer {
-                Some(h) => format!(
-                    "{what} from {origin} allowed by {}: {}",
-                    c.policy,
-                    h.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
-                ),
-                None => format!(
-                    "{what} from {origin} not allowed by {} (no Access-Control-* headers: the browser blocks it)",
-                    c.policy
-                ),
-            }
-        }
-        (Some(c), None) => format!("{} has CORS; give --header origin=... to check a browser's request", c.policy),
-        _ => String::new(),
-    };
+    let e = enforcer.explain(&head, given.as_ref());
     Ok(palisade_proto::v1::SimulateResponse {
-        decision: d.label().into(),
-        policy: d.policy.as_deref().unwrap_or_default().to_string(),
-        rule: d.rule.map(|r| r as i64).unwrap_or(-1),
-        reason: d.reason(),
-        rate_limits,
-        request_changes: rewrites.request.iter().map(|op| op.describe(&vars)).collect(),
-        response_changes: rewrites.response.iter().map(|op| op.describe(&vars)).collect(),
-        cors,
+        decision: e.decision.into(),
+        policy: e.policy,
+        rule: e.rule.map(|r| r as i64).unwrap_or(-1),
+        reason: e.reason,
+        rate_limits: e.rate_limits,
+        request_changes: e.request_changes,
+        response_changes: e.response_changes,
+        cors: e.cors,
     })
 }
 

@@ -161,6 +161,8 @@ pub struct Enforcer {
     /// The snapshot version it came from.
     pub version: String,
     authn: Option<Authenticator>,
+    /// `namespace/name` of the AuthenticationPolicies that require a credential.
+    authn_required_by: Vec<Arc<str>>,
     rewrites: crate::traffic::Rewrites,
     checks: crate::traffic::Checks,
     cors: Option<crate::traffic::CorsPolicy>,
@@ -186,6 +188,15 @@ impl Enforcer {
             })
             .collect();
         let authn = Authenticator::compile(&authn_specs, inputs.jwks, inputs.api_keys);
+        let authn_required_by = inputs
+            .resources
+            .iter()
+            .filter(|r| r.targets(identity))
+            .filter(|r| {
+                matches!(r, Resource::AuthenticationPolicy { spec, .. } if spec.mode == crate::resource::AuthnMode::Required)
+            })
+            .map(|r| Arc::from(r.key()))
+            .collect();
         let recorded = crate::preview::Recorded::compile(
             inputs.resources,
             identity,
@@ -238,6 +249,7 @@ impl Enforcer {
         Ok(Self {
             version: inputs.version.to_string(),
             authn,
+            authn_required_by,
             rewrites,
             checks,
             cors,
@@ -282,6 +294,11 @@ impl Enforcer {
     /// header and claim names the authorization policies' conditions use.
     pub fn recorded(&self) -> &crate::preview::Recorded {
         &self.recorded
+    }
+
+    /// `namespace/name` of the AuthenticationPolicies that require a credential.
+    pub fn authn_required_by(&self) -> &[Arc<str>] {
+        &self.authn_required_by
     }
 
     /// The request authentication in force, if a policy asks for one.

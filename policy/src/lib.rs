@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod authn;
+pub mod decide;
 pub mod enforcer;
 pub mod eval;
 pub mod path;
@@ -26,6 +27,7 @@ pub mod traffic;
 pub mod yaml;
 
 pub use authn::{ApiKey, Authenticated, Failure as AuthnFailure, Outcome as AuthnOutcome};
+pub use decide::{Action, Authn, HeaderOp, Mode, Outcome, Refusal, Refused, RequestHead};
 pub use enforcer::{Enforcer, Inputs, Limited};
 pub use eval::{Decision, HeaderList, Headers, Request, RuleSet, Verdict};
 pub use resource::{KINDS, LimitKey, PolicyError, Resource, canonical_kind};

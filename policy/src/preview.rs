@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::eval::Basis;
 use crate::{Enforcer, HeaderList, Inputs, PolicyError, Request, Resource, Verdict};
 
 /// Size limits of one sample: a sidecar does not record a request beyond
@@ -188,7 +187,7 @@ impl Recorded {
 /// One request's outcome under one set of policies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    /// `allow`, `deny` or `unauthenticated`.
+    /// `allow`, `deny`, `unauthenticated`, `invalid` or `preflight`.
     pub decision: &'static str,
     /// The deciding policy and rule, or why none decided.
     pub rule: String,
@@ -242,37 +241,44 @@ impl Judge {
         Ok(Self { enforcer, recorded })
     }
 
+    /// The one pipeline's decision about a recorded request, as the
+    /// sidecar would make it (the credential taken as verified).
     fn decide(&self, s: &Sample) -> Outcome {
         let authenticated = s.principal.is_some() || s.api_key.is_some() || !s.claims.is_empty();
-        if !authenticated && self.enforcer.authenticator().is_some_and(|a| a.required()) {
-            return Outcome {
-                decision: "unauthenticated",
-                rule: "an AuthenticationPolicy requires a credential".into(),
-            };
-        }
         let auth = authenticated
             .then(|| crate::Authenticated::given(s.principal.clone(), s.api_key.clone(), s.claims.clone()));
         let pairs: Vec<(&str, &str)> = s.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let headers = HeaderList(&pairs);
-        let req = Request {
+        let head = crate::RequestHead {
             source: s.from.as_deref(),
-            method: Some(&s.method),
-            path: Some(&s.path),
-            port: s.port,
+            caller_expired: false,
+            method: &s.method,
+            path: &s.path,
+            query: None,
             host: s.host.as_deref(),
+            port: s.port,
             headers: &headers,
-            auth: auth.as_ref(),
+            content_length: None,
+            has_body: false,
         };
-        let d = self.enforcer.authorize(&req);
-        let policy = d.policy.as_deref().unwrap_or("?");
-        let rule = match d.basis {
-            Basis::DenyRule => format!("{policy} DENY rule {}", d.rule.unwrap_or(0)),
-            Basis::AllowRule => format!("{policy} ALLOW rule {}", d.rule.unwrap_or(0)),
-            Basis::NoAllowMatched => "no ALLOW rule matched".into(),
-            Basis::DefaultAllowAuthenticated => "mesh default: allow authenticated".into(),
-            Basis::DefaultDeny => "mesh default: deny".into(),
+        let o = self.enforcer.decide(&head, crate::Mode::Explain { given: auth.as_ref() });
+        let rule = match (&o.action, &o.decision) {
+            (crate::Action::Refuse(r), _) if r.kind == crate::Refused::Unauthenticated => {
+                "an AuthenticationPolicy requires a credential".into()
+            }
+            (crate::Action::Refuse(r), None) => match &o.policy {
+                Some(p) => format!("{p}: {}", r.reason),
+                None => r.reason.clone(),
+            },
+            (crate::Action::Preflight { .. }, _) => "a CORS preflight, answered by the sidecar".into(),
+            (_, Some(d)) => crate::decide::basis_text(d),
+            (_, None) => String::new(),
         };
-        Outcome { decision: if d.verdict == Verdict::Allow { "allow" } else { "deny" }, rule }
+        let decision = match (&o.action, &o.decision) {
+            (crate::Action::Forward, Some(d)) if d.verdict == Verdict::Allow => "allow",
+            _ => o.label(),
+        };
+        Outcome { decision, rule }
     }
 }
 

@@ -1,0 +1,608 @@
+//! The one request pipeline at the callee: [`Enforcer::decide`] takes what
+//! the sidecar knows of a request before its body and returns everything
+//! that is decided about it, in this order:
+//!
+//! 1. a caller whose certificate expired while its connection stayed open
+//!    is refused (403);
+//! 2. the path is put in its one normal form, or refused (400);
+//! 3. a CORS preflight is answered here (204; the app never sees one);
+//! 4. TrafficPolicy validation (405, 415, 414, 400, 413);
+//! 5. authentication (401);
+//! 6. authorization (403);
+//! 7. rate limits (429);
+//! 8. otherwise the request goes to the app, with the credential rewrite,
+//!    the request and response header changes, the CORS response headers
+//!    and the body check to run.
+//!
+//! The sidecar enforces an [`Outcome`] ([`Mode::Enforce`]); `authz check`
+//! and `policy preview` explain one ([`Mode::Explain`]). Both run this code,
+//! so an explanation cannot disagree with enforcement.
+
+mod explain;
+
+pub use explain::Explanation;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::authn::{Authenticated, Failure, Outcome as AuthnOutcome};
+use crate::enforcer::{Enforcer, LimitInfo, Limited};
+use crate::eval::{Basis, Decision, Headers, Request, Verdict};
+use crate::traffic::{BodyRule, Head, Op, Var, Vars};
+
+/// The header the app reads the verified request principal from (`<iss>/<sub>`
+/// of a JWT, or an API key's principal); removed from every request first.
+pub const PRINCIPAL_HEADER: &str = "x-palisade-request-principal";
+
+/// What is known of a request before its body.
+#[derive(Clone, Copy)]
+pub struct RequestHead<'a> {
+    /// The caller's verified SPIFFE ID (mutual TLS); `None` for plaintext.
+    pub source: Option<&'a str>,
+    /// The caller's certificate expired after its connection was opened.
+    pub caller_expired: bool,
+    /// The method.
+    pub method: &'a str,
+    /// The path as received (before normalisation), without the query.
+    pub path: &'a str,
+    /// The query, without `?`.
+    pub query: Option<&'a str>,
+    /// The authority (`:authority` or `Host`).
+    pub host: Option<&'a str>,
+    /// The workload port the request is for.
+    pub port: u16,
+    /// The request's headers.
+    pub headers: &'a dyn Headers,
+    /// `Content-Length`, when declared.
+    pub content_length: Option<u64>,
+    /// Whether a body follows.
+    pub has_body: bool,
+}
+
+impl std::fmt::Debug for RequestHead<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Headers may carry credentials: never printed.
+        f.debug_struct("RequestHead")
+            .field("source", &self.source)
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a request is enforced or explained.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode<'a> {
+    /// The sidecar: the credential is verified from the headers at `now`
+    /// (unix seconds), the request counts against the rate limits (keyed by
+    /// `src_ip` where a limit says so), and with `record` a sample is kept
+    /// for policy previews.
+    Enforce {
+        /// Unix seconds.
+        now: u64,
+        /// The caller's address.
+        src_ip: IpAddr,
+        /// Keep a preview sample.
+        record: bool,
+    },
+    /// An explanation (`authz check`, `policy preview`): `given` is taken as
+    /// the verified credential (`None`: the request carries none); rate
+    /// limits are listed, not counted.
+    Explain {
+        /// The credential, as if verified.
+        given: Option<&'a Authenticated>,
+    },
+}
+
+/// Why the sidecar answers a request itself.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Malformed, or against a TrafficPolicy's validation.
+    Invalid,
+    /// A credential is required and missing or not valid.
+    Unauthenticated,
+    /// Authorization denied it.
+    Forbidden,
+    /// A rate limit refused it.
+    RateLimited,
+    /// No policy has arrived yet: the caller may retry.
+    NotReady,
+}
+
+impl Refused {
+    /// The decision's name in logs, tap and explanations.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Invalid => "invalid",
+            Refused::Unauthenticated => "unauthenticated",
+            Refused::Forbidden => "deny",
+            Refused::RateLimited => "rate_limited",
+            Refused::NotReady => "unavailable",
+        }
+    }
+}
+
+/// A refusal: what the caller is told, and why (for the audit log only).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The kind.
+    pub kind: Refused,
+    /// The HTTP status.
+    pub status: u16,
+    /// What the caller reads: short, never the reason.
+    pub message: &'static str,
+    /// Headers the answer carries (`Allow`, `WWW-Authenticate`, `Retry-After`, `RateLimit`).
+    pub headers: Vec<(&'static str, String)>,
+    /// Why, for the audit log and explanations.
+    pub reason: String,
+}
+
+/// What happens to the request.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// The sidecar answers it with a refusal.
+    Refuse(Refusal),
+    /// A CORS preflight, answered 204 by the sidecar: with the headers that
+    /// allow it, or none (the browser reads that as a refusal).
+    Preflight {
+        /// Whether the policy allows it.
+        allowed: bool,
+    },
+    /// It goes to the app.
+    Forward,
+}
+
+/// The request's credential.
+#[derive(Debug, Clone, Default)]
+pub enum Authn {
+    /// No authentication ran (refused earlier, a preflight, or no policy asks for one).
+    #[default]
+    NotChecked,
+    /// None presented, and none required.
+    Anonymous,
+    /// Verified.
+    Verified(Arc<Authenticated>),
+    /// Presented or required, and refused.
+    Refused(Failure),
+}
+
+/// Everything decided about a request.
+#[derive(Debug)]
+pub struct Outcome<'e> {
+    /// What happens to it.
+    pub action: Action,
+    /// The policy (and rule) that decided, when one did.
+    pub policy: Option<Arc<str>>,
+    /// The rule's index in that policy.
+    pub rule: Option<usize>,
+    /// The path's normal form, when it differs from the one received: the
+    /// app receives this one.
+    pub normal_path: Option<String>,
+    /// The authorization decision, when the request reached it.
+    pub decision: Option<Decision>,
+    /// The credential.
+    pub authn: Authn,
+    /// What the body must hold to before it reaches the app (`None`: it streams through).
+    pub body: Option<BodyRule>,
+    /// The rate limit that refused it.
+    pub limited: Option<Limited>,
+    /// The rate limits that apply ([`Mode::Explain`] only).
+    pub limits: Vec<LimitInfo>,
+    /// A sample for policy previews ([`Mode::Enforce`] with `record`).
+    pub sample: Option<crate::preview::Sample>,
+    /// The header changes, and what they are rendered with.
+    changes: Option<Changes<'e>>,
+}
+
+/// The header changes of an outcome, with their variables' values.
+#[derive(Debug)]
+struct Changes<'e> {
+    enforcer: &'e Enforcer,
+    caller: Option<String>,
+    principal: Option<String>,
+    request_id: Option<String>,
+    /// The CORS headers of the answer (`Some`: CORS is in force).
+    cors: Option<Vec<(&'static str, String)>>,
+}
+
+/// One header change, for the sidecar to apply to an HTTP header map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderOp<'a> {
+    /// Remove every value.
+    Remove(&'a str),
+    /// Replace every value with this one.
+    Set(&'a str, &'a str),
+    /// Add a value.
+    Append(&'a str, &'a str),
+    /// Set only when the header is absent.
+    Default(&'a str, &'a str),
+}
+
+const CORS_RESPONSE_HEADERS: [&str; 6] = [
+    "access-control-allow-origin",
+    "access-control-allow-credentials",
+    "access-control-expose-headers",
+    "access-control-allow-methods",
+    "access-control-allow-headers",
+    "access-control-max-age",
+];
+
+impl<'e> Outcome<'e> {
+    fn new(action: Action) -> Self {
+        Outcome {
+            action,
+            policy: None,
+            rule: None,
+            normal_path: None,
+            decision: None,
+            authn: Authn::NotChecked,
+            body: None,
+            limited: None,
+            limits: Vec::new(),
+            sample: None,
+            changes: None,
+        }
+    }
+
+    fn refuse(kind: Refused, status: u16, message: &'static str, reason: impl Into<String>) -> Self {
+        Self::new(Action::Refuse(Refusal { kind, status, message, headers: Vec::new(), reason: reason.into() }))
+    }
+
+    /// The answer while no policy has arrived: 503 with `Retry-After`, so
+    /// callers retry rather than treat it as a decision.
+    pub fn not_ready() -> Outcome<'static> {
+        let mut o = Outcome::refuse(
+            Refused::NotReady,
+            503,
+            "not ready",
+            "no policy received from the control plane yet (not ready)",
+        );
+        if let Action::Refuse(r) = &mut o.action {
+            r.headers.push(("retry-after", "1".into()));
+        }
+        o
+    }
+
+    /// The decision's name: `allow` (or `audit_allow`/`audit_deny` for an
+    /// AUDIT rule), `preflight`, or the refusal's.
+    pub fn label(&self) -> &'static str {
+        match &self.action {
+            Action::Refuse(r) => r.kind.label(),
+            Action::Preflight { .. } => "preflight",
+            Action::Forward => self.decision.as_ref().map_or("allow", Decision::label),
+        }
+    }
+
+    /// The refusal, if the sidecar answers with one.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match &self.action {
+            Action::Refuse(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The changes to the request before it goes to the app (forwarded
+    /// requests only): what the app receives of the credential (never a
+    /// claim header or principal the caller wrote, never an API key, the
+    /// token only when the issuer says `forwardToken`; then the verified
+    /// claims and principal), then the TrafficPolicies' request headers.
+    pub fn for_each_request_op(&self, mut f: impl FnMut(HeaderOp<'_>)) {
+        let (Action::Forward, Some(c)) = (&self.action, &self.changes) else { return };
+        if let Some(authn) = c.enforcer.authenticator() {
+            for name in authn.claim_headers().iter().chain(authn.api_key_headers()) {
+                f(HeaderOp::Remove(name));
+            }
+            if let Authn::Verified(a) = &self.authn {
+                if !a.claims.is_empty() && !a.forward_token {
+                    // The token's own header (the verified JWT came from one of these).
+                    for name in authn.credential_headers().filter(|n| !authn.api_key_headers().iter().any(|k| k == n)) {
+                        f(HeaderOp::Remove(name));
+                    }
+                }
+                for (name, value) in &a.claim_headers {
+                    f(HeaderOp::Set(name, value));
+                }
+                if let Some(p) = a.principal.as_deref() {
+                    f(HeaderOp::Set(PRINCIPAL_HEADER, p));
+                }
+            }
+        }
+        c.apply(&c.enforcer.rewrites().request, &mut f);
+    }
+
+    /// The changes to the answer, whoever gives it (the app, or the sidecar
+    /// refusing or answering a preflight): the TrafficPolicies' response
+    /// headers, and the CORS headers (the app's own Access-Control-*
+    /// headers are replaced by the policy's, so no origin is ever reflected
+    /// that the policy does not name).
+    pub fn for_each_response_op(&self, mut f: impl FnMut(HeaderOp<'_>)) {
+        let Some(c) = &self.changes else { return };
+        if let Action::Preflight { .. } = self.action {
+            for (name, value) in c.cors.iter().flatten() {
+                f(HeaderOp::Set(name, value));
+            }
+            f(HeaderOp::Set("vary", "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"));
+            c.apply(&c.enforcer.rewrites().response, &mut f);
+            return;
+        }
+        c.apply(&c.enforcer.rewrites().response, &mut f);
+        if let Some(cors) = &c.cors {
+            for name in CORS_RESPONSE_HEADERS {
+                f(HeaderOp::Remove(name));
+            }
+            for (name, value) in cors {
+                f(HeaderOp::Set(name, value));
+            }
+            f(HeaderOp::Append("vary", "Origin"));
+        }
+    }
+}
+
+impl Changes<'_> {
+    fn apply(&self, ops: &[Op], f: &mut impl FnMut(HeaderOp<'_>)) {
+        if ops.is_empty() {
+            return;
+        }
+        let vars = Vars {
+            caller: self.caller.as_deref(),
+            principal: self.principal.as_deref(),
+            request_id: self.request_id.as_deref(),
+        };
+        for op in ops {
+            match op {
+                Op::Remove(name) => f(HeaderOp::Remove(name)),
+                Op::Set(n, t) => f(HeaderOp::Set(n, &t.render(&vars))),
+                Op::Add(n, t) => f(HeaderOp::Append(n, &t.render(&vars))),
+                Op::Default(n, t) => f(HeaderOp::Default(n, &t.render(&vars))),
+            }
+        }
+    }
+}
+
+impl Enforcer {
+    /// Decides a request: the one pipeline (see the module's documentation).
+    pub fn decide<'e>(&'e self, head: &RequestHead<'_>, mode: Mode<'_>) -> Outcome<'e> {
+        if head.caller_expired {
+            return Outcome::refuse(
+                Refused::Forbidden,
+                403,
+                "forbidden",
+                "the caller's certificate expired after this connection was opened",
+            );
+        }
+        let checks = self.checks();
+        let normal = match crate::path::normalize_with(head.path, checks.path_options()) {
+            Ok(p) => p,
+            Err(e) => return Outcome::refuse(Refused::Invalid, 400, "bad request path", e.reason()),
+        };
+        let cors = self.cors();
+        let origin = cors.and_then(|_| head.headers.first("origin"));
+        if let (Some(cors), Some(origin), true) = (cors, origin, head.method == "OPTIONS")
+            && let Some(asked) = head.headers.first("access-control-request-method")
+        {
+            let allowed = cors.preflight(origin, asked, head.headers.first("access-control-request-headers"));
+            let mut o = Outcome::new(Action::Preflight { allowed: allowed.is_some() });
+            o.policy = Some(cors.policy.as_str().into());
+            o.changes = Some(Changes {
+                enforcer: self,
+                caller: head.source.map(str::to_string),
+                principal: None,
+                request_id: None,
+                cors: Some(allowed.unwrap_or_default()),
+            });
+            return o;
+        }
+        let mut o = self.decide_request(head, &normal, mode);
+        if let std::borrow::Cow::Owned(p) = normal {
+            o.normal_path = Some(p);
+        }
+        if !self.rewrites().is_empty() || cors.is_some() {
+            let principal = match &o.authn {
+                Authn::Verified(a) if matches!(o.action, Action::Forward) => a.principal.clone(),
+                _ => None,
+            };
+            let request_id = self.rewrites().request_uses(Var::RequestId).then(|| request_id(head, mode)).flatten();
+            o.changes = Some(Changes {
+                enforcer: self,
+                caller: head.source.map(str::to_string),
+                principal,
+                request_id,
+                cors: cors.map(|c| origin.and_then(|o| c.actual(o)).unwrap_or_default()),
+            });
+        }
+        o
+    }
+
+    /// Steps 4 to 7, on the normalised path.
+    fn decide_request<'e>(&'e self, head: &RequestHead<'_>, path: &str, mode: Mode<'_>) -> Outcome<'e> {
+        let checks = self.checks();
+        let mut body = None;
+        if !checks.is_empty() {
+            let h = Head {
+                method: head.method,
+                query: head.query,
+                content_type: head.headers.first("content-type"),
+                content_length: head.content_length,
+                has_body: head.has_body,
+            };
+            match checks.check(&h) {
+                Ok(rule) if rule.cap.is_some() || rule.schema => body = Some(rule),
+                Ok(_) => {}
+                Err(invalid) => {
+                    let message = match invalid.status {
+                        405 => "method not allowed",
+                        415 => "unsupported media type",
+                        414 => "request target too long",
+                        400 => "too many query parameters",
+                        _ => "request body too large",
+                    };
+                    let mut o = Outcome::refuse(Refused::Invalid, invalid.status, message, invalid.reason);
+                    o.policy = Some(invalid.policy.into());
+                    if let (Action::Refuse(r), Some(allow)) = (&mut o.action, invalid.allow) {
+                        r.headers.push(("allow", allow));
+                    }
+                    return o;
+                }
+            }
+        }
+        let authn = match mode {
+            Mode::Enforce { now, .. } => match self.authenticate(head.headers, now) {
+                AuthnOutcome::Anonymous => Authn::Anonymous,
+                AuthnOutcome::Verified(a) => Authn::Verified(a),
+                AuthnOutcome::Refused(f) => {
+                    let mut o = Outcome::refuse(Refused::Unauthenticated, 401, "unauthenticated", f.reason());
+                    if let Action::Refuse(r) = &mut o.action {
+                        r.headers.push(("www-authenticate", f.challenge().into()));
+                    }
+                    o.authn = Authn::Refused(f);
+                    return o;
+                }
+            },
+            Mode::Explain { given: Some(a) } => Authn::Verified(Arc::new(a.clone())),
+            Mode::Explain { given: None } => match self.authenticator() {
+                Some(a) if a.required() => {
+                    let by = self.authn_required_by().join(", ");
+                    let mut o = Outcome::refuse(
+                        Refused::Unauthenticated,
+                        401,
+                        "unauthenticated",
+                        format!(
+                            "AuthenticationPolicy {by} requires a request credential and this request carries none"
+                        ),
+                    );
+                    o.policy = self.authn_required_by().first().cloned();
+                    o.authn = Authn::Refused(Failure::Missing);
+                    return o;
+                }
+                _ => Authn::Anonymous,
+            },
+        };
+        let auth = match &authn {
+            Authn::Verified(a) => Some(&**a),
+            _ => None,
+        };
+        let req = Request {
+            source: head.source,
+            method: Some(head.method),
+            path: Some(path),
+            port: head.port,
+            host: head.host,
+            headers: head.headers,
+            auth,
+        };
+        let d = self.authorize(&req);
+        let mut o = Outcome::new(Action::Forward);
+        if let Mode::Enforce { record: true, .. } = mode {
+            o.sample = Some(crate::preview::Sample::of(&req, self.recorded()));
+        }
+        o.policy = d.policy.clone();
+        o.rule = d.rule;
+        match mode {
+            Mode::Enforce { src_ip, .. } if d.verdict == Verdict::Allow => {
+                if let Some(limited) = self.rate_limit(&req, src_ip) {
+                    o.action = Action::Refuse(rate_limited(&limited));
+                    o.policy = Some(limited.policy.clone());
+                    o.rule = None;
+                    o.limited = Some(limited);
+                }
+            }
+            Mode::Explain { .. } => o.limits = self.limits_for(&req),
+            Mode::Enforce { .. } => {}
+        }
+        if d.verdict == Verdict::Deny {
+            o.action = Action::Refuse(Refusal {
+                kind: Refused::Forbidden,
+                status: 403,
+                message: "forbidden",
+                headers: Vec::new(),
+                reason: d.reason(),
+            });
+        }
+        o.body = body.filter(|_| matches!(o.action, Action::Forward));
+        o.decision = Some(d);
+        o.authn = authn;
+        o
+    }
+
+    /// Decides an opaque TCP connection, where only the caller and the port
+    /// exist: DENY rules that name HTTP fields match (deny errs on the side
+    /// of denying); ALLOW rules that name them do not; and where a request
+    /// credential is required, it is refused (opaque TCP carries none).
+    pub fn decide_connection(&self, source: Option<&str>, port: u16) -> Outcome<'_> {
+        if self.authenticator().is_some_and(|a| a.required()) {
+            let mut o = Outcome::refuse(
+                Refused::Unauthenticated,
+                401,
+                "unauthenticated",
+                "an AuthenticationPolicy requires a request credential and opaque TCP carries none",
+            );
+            o.authn = Authn::Refused(Failure::Missing);
+            return o;
+        }
+        let d = self.authorize(&Request { source, port, ..Default::default() });
+        let mut o = Outcome::new(Action::Forward);
+        if d.verdict == Verdict::Deny {
+            o.action = Action::Refuse(Refusal {
+                kind: Refused::Forbidden,
+                status: 403,
+                message: "forbidden",
+                headers: Vec::new(),
+                reason: d.reason(),
+            });
+        }
+        o.policy = d.policy.clone();
+        o.rule = d.rule;
+        o.decision = Some(d);
+        o
+    }
+}
+
+/// `${request_id}`: the request's `x-request-id`, or a new one; in an
+/// explanation, a placeholder.
+fn request_id(head: &RequestHead<'_>, mode: Mode<'_>) -> Option<String> {
+    if let Mode::Explain { .. } = mode {
+        return Some("<x-request-id>".into());
+    }
+    if let Some(v) = head.headers.first("x-request-id").filter(|v| v.len() <= 128) {
+        return Some(v.to_string());
+    }
+    let mut id = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).ok()?;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The 429 answer's headers: `Retry-After` and the RateLimit headers.
+fn rate_limited(limited: &Limited) -> Refusal {
+    let secs = |d: std::time::Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let policy = format!("\"{}\";q={};w={}", limited.limit, limited.quota.rate, secs(limited.quota.period).max(1));
+    let state =
+        format!("\"{}\";r={};t={}", limited.limit, limited.outcome.remaining, secs(limited.outcome.reset_after));
+    Refusal {
+        kind: Refused::RateLimited,
+        status: 429,
+        message: "rate limited",
+        headers: vec![
+            ("retry-after", secs(limited.outcome.retry_after).max(1).to_string()),
+            ("ratelimit-policy", policy),
+            ("ratelimit", state),
+        ],
+        reason: format!("limit {} of {} is spent", limited.limit, limited.policy),
+    }
+}
+
+/// What decided, in words (previews group requests by it).
+pub fn basis_text(d: &Decision) -> String {
+    let policy = d.policy.as_deref().unwrap_or("?");
+    match d.basis {
+        Basis::DenyRule => format!("{policy} DENY rule {}", d.rule.unwrap_or(0)),
+        Basis::AllowRule => format!("{policy} ALLOW rule {}", d.rule.unwrap_or(0)),
+        Basis::NoAllowMatched => "no ALLOW rule matched".into(),
+        Basis::DefaultAllowAuthenticated => "mesh default: allow authenticated".into(),
+        Basis::DefaultDeny => "mesh default: deny".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
