@@ -1,0 +1,126 @@
+use super::*;
+
+#[test]
+fn cors_allows_named_origins_and_never_reflects_others() {
+    let c: Cors = serde_json::from_value(serde_json::json!({
+        "allowOrigins": ["https://app.example.com", "https://*.example.org"],
+        "allowMethods": ["GET", "PUT"], "allowHeaders": ["x-token"], "exposeHeaders": ["x-total"],
+        "allowCredentials": true, "maxAge": 60}))
+    .unwrap();
+    let p = CorsPolicy::compile("shop/c", &c);
+    assert!(p.allows("https://app.example.com") && p.allows("https://a.example.org"));
+    for o in [
+        "https://evil.com",
+        "https://a.b.example.org",
+        "https://example.org",
+        "https://app.example.com.evil.com",
+        "null",
+        "http://app.example.com",
+        "https://.example.org",
+    ] {
+        assert!(!p.allows(o), "{o}");
+    }
+    let pf = p.preflight("https://app.example.com", "PUT", Some("X-Token")).unwrap();
+    assert!(pf.contains(&("access-control-allow-origin", "https://app.example.com".into())));
+    assert!(pf.contains(&("access-control-allow-credentials", "true".into())));
+    assert!(pf.contains(&("access-control-allow-headers", "x-token".into())));
+    assert!(p.preflight("https://app.example.com", "DELETE", None).is_none());
+    assert!(p.preflight("https://app.example.com", "PUT", Some("x-other")).is_none());
+    assert!(p.actual("https://evil.com").is_none());
+    let any: Cors = serde_json::from_value(serde_json::json!({"allowOrigins": ["*"]})).unwrap();
+    let a = CorsPolicy::compile("shop/a", &any);
+    assert_eq!(a.actual("https://x.test").unwrap()[0].1, "*");
+    assert!(!a.allows("null"), "null only when named");
+    let bad = spec(
+        serde_json::json!({"target": {"identities": ["*"]}, "cors": {"allowOrigins": ["*"], "allowCredentials": true}}),
+    );
+    assert_eq!(validate(&bad).unwrap_err().0, "spec.cors.allowOrigins[0]");
+    let bad = spec(serde_json::json!({"target": {"identities": ["*"]}, "cors": {"allowOrigins": ["https://*.*.com"]}}));
+    assert_eq!(validate(&bad).unwrap_err().0, "spec.cors.allowOrigins[0]");
+}
+
+#[test]
+fn validation_checks_method_media_type_and_length() {
+    let s = spec(serde_json::json!({"target": {"identities": ["*"]},
+        "validation": {"methods": ["GET", "POST"], "contentTypes": ["application/json", "text/*"], "maxBodyBytes": 100}}));
+    validate(&s).unwrap();
+    let c = Checks::compile(&[("shop/v".into(), &s)]);
+    let head =
+        |method, ct, len, body| Head { method, query: None, content_type: ct, content_length: len, has_body: body };
+    assert_eq!(c.check(&head("GET", None, None, false)).unwrap().cap, Some(100));
+    let e = c.check(&head("DELETE", None, None, false)).unwrap_err();
+    assert_eq!((e.status, e.allow.as_deref()), (405, Some("GET, POST")));
+    assert_eq!(c.check(&head("POST", Some("application/json; charset=utf-8"), Some(10), true)).unwrap().cap, Some(100));
+    assert_eq!(c.check(&head("POST", Some("Text/Plain"), Some(10), true)).unwrap().cap, Some(100));
+    assert_eq!(c.check(&head("POST", Some("application/xml"), Some(10), true)).unwrap_err().status, 415);
+    assert_eq!(c.check(&head("POST", None, Some(10), true)).unwrap_err().status, 415);
+    assert_eq!(c.check(&head("POST", Some("application/json"), Some(101), true)).unwrap_err().status, 413);
+    let q = spec(
+        serde_json::json!({"target": {"identities": ["*"]}, "validation": {"maxQueryParams": 2, "maxQueryBytes": 12}}),
+    );
+    let c = Checks::compile(&[("shop/q".into(), &q)]);
+    let with = |query| Head { method: "GET", query: Some(query), ..Default::default() };
+    assert_eq!(c.check(&with("a=1&b=2")), Ok(BodyRule::default()));
+    assert_eq!(c.check(&with("a=1&b=2&c")).unwrap_err().status, 400);
+    assert_eq!(c.check(&with("a=12345678901")).unwrap_err().status, 414);
+    let bad = spec(serde_json::json!({"target": {"identities": ["*"]}, "validation": {"contentTypes": ["json"]}}));
+    assert_eq!(validate(&bad).unwrap_err().0, "spec.validation.contentTypes[0]");
+}
+
+fn spec(yaml_like: serde_json::Value) -> TrafficSpec {
+    serde_json::from_value(yaml_like).unwrap()
+}
+
+#[test]
+fn compiles_in_order_with_security_defaults_and_variables() {
+    let s = spec(serde_json::json!({
+        "target": {"identities": ["*"]},
+        "requestHeaders": {"set": {"x-caller": "${caller} via ${principal}"}, "remove": ["x-debug"]},
+        "responseHeaders": {"add": {"x-served-by": "orders"}},
+        "securityHeaders": {"hsts": true, "frameOptions": "SAMEORIGIN", "contentSecurityPolicy": {"value": "default-src 'self'", "always": true}, "removeServerHeaders": true},
+    }));
+    validate(&s).unwrap();
+    let r = Rewrites::compile(&[&s]);
+    assert_eq!(r.request[0], Op::Remove("x-debug".into()));
+    let Op::Set(name, t) = &r.request[1] else { panic!() };
+    assert_eq!(name, "x-caller");
+    let vars = Vars { caller: Some("spiffe://td/ns/a/sa/b"), principal: Some("idp/u"), request_id: None };
+    assert_eq!(t.render(&vars), "spiffe://td/ns/a/sa/b via idp/u");
+    assert!(r.request_uses(Var::Caller) && !r.request_uses(Var::RequestId));
+    assert!(r.response.contains(&Op::Remove("server".into())));
+    assert!(r.response.contains(&Op::Default(
+        "strict-transport-security".into(),
+        Template::literal("max-age=31536000; includeSubDomains")
+    )));
+    assert!(r.response.contains(&Op::Default("x-frame-options".into(), Template::literal("SAMEORIGIN"))));
+    assert!(r.response.contains(&Op::Set("content-security-policy".into(), Template::literal("default-src 'self'"))));
+    assert_eq!(r.response.last(), Some(&Op::Add("x-served-by".into(), Template::literal("orders"))));
+}
+
+#[test]
+fn owned_and_framing_headers_and_bad_values_are_refused() {
+    for (body, field) in [
+        (
+            serde_json::json!({"requestHeaders": {"set": {"x-palisade-peer-identity": "spiffe://evil"}}}),
+            "spec.requestHeaders.set.x-palisade-peer-identity",
+        ),
+        (
+            serde_json::json!({"requestHeaders": {"set": {"x-palisade-request-principal": "admin"}}}),
+            "spec.requestHeaders.set.x-palisade-request-principal",
+        ),
+        (
+            serde_json::json!({"responseHeaders": {"set": {"content-length": "0"}}}),
+            "spec.responseHeaders.set.content-length",
+        ),
+        (serde_json::json!({"requestHeaders": {"remove": ["host"]}}), "spec.requestHeaders.remove[0]"),
+        (serde_json::json!({"requestHeaders": {"add": {"x-a": "line\nbreak"}}}), "spec.requestHeaders.add.x-a"),
+        (serde_json::json!({"requestHeaders": {"add": {"x-a": "${secret}"}}}), "spec.requestHeaders.add.x-a"),
+        (serde_json::json!({"requestHeaders": {"add": {"x-a": "${caller"}}}), "spec.requestHeaders.add.x-a"),
+        (serde_json::json!({"securityHeaders": {"hsts": ""}}), "spec.securityHeaders.hsts"),
+    ] {
+        let mut v = body;
+        v["target"] = serde_json::json!({"identities": ["*"]});
+        let (f, _, _) = validate(&spec(v)).unwrap_err();
+        assert_eq!(f, field);
+    }
+}
