@@ -124,3 +124,71 @@ fn owned_and_framing_headers_and_bad_values_are_refused() {
         assert_eq!(f, field);
     }
 }
+
+#[test]
+fn cors_preflight_answers_an_allowed_request_and_refuses_each_mismatch() {
+    let c: Cors = serde_json::from_value(serde_json::json!({
+        "allowOrigins": ["https://app.example.com"], "allowHeaders": ["Content-Type", "x-token"],
+        "exposeHeaders": ["x-total", "x-page"]}))
+    .unwrap();
+    let p = CorsPolicy::compile("shop/c", &c);
+    // The defaults: GET, HEAD and POST, cached 600 s, no credentials.
+    let pf = p.preflight("https://app.example.com", "POST", Some("content-type, X-Token")).unwrap();
+    assert_eq!(
+        pf,
+        vec![
+            ("access-control-allow-origin", "https://app.example.com".to_string()),
+            ("access-control-allow-methods", "GET, HEAD, POST".to_string()),
+            ("access-control-max-age", "600".to_string()),
+            ("access-control-allow-headers", "content-type, x-token".to_string()),
+        ]
+    );
+    let pf = p.preflight("https://app.example.com", "GET", None).unwrap();
+    assert!(
+        !pf.iter().any(|(h, _)| *h == "access-control-allow-headers" || *h == "access-control-allow-credentials"),
+        "{pf:?}"
+    );
+    // Each mismatch alone is a refusal.
+    assert_eq!(p.preflight("https://evil.example.com", "GET", None), None);
+    assert_eq!(p.preflight("https://app.example.com", "PUT", None), None);
+    assert_eq!(p.preflight("https://app.example.com", "GET", Some("x-token, authorization")), None);
+    assert_eq!(
+        p.actual("https://app.example.com").unwrap(),
+        vec![
+            ("access-control-allow-origin", "https://app.example.com".to_string()),
+            ("access-control-expose-headers", "x-total, x-page".to_string()),
+        ]
+    );
+    // `*` answers `*`, except to an origin it also names, which gets itself back.
+    let c: Cors = serde_json::from_value(serde_json::json!({
+        "allowOrigins": ["*", "https://app.example.com"], "allowMethods": ["DELETE"], "maxAge": 30}))
+    .unwrap();
+    let p = CorsPolicy::compile("shop/any", &c);
+    let pf = p.preflight("https://x.test", "DELETE", None).unwrap();
+    assert!(pf.contains(&("access-control-allow-origin", "*".into())), "{pf:?}");
+    assert!(pf.contains(&("access-control-max-age", "30".into())), "{pf:?}");
+    assert_eq!(p.preflight("https://x.test", "GET", None), None, "allowMethods replaces the defaults");
+    assert_eq!(p.actual("https://app.example.com").unwrap()[0].1, "https://app.example.com");
+}
+
+#[test]
+fn header_ops_render_per_request_and_describe_themselves() {
+    let s = spec(serde_json::json!({"target": {"identities": ["*"]},
+        "requestHeaders": {"set": {"x-trace": "req-${request_id}"}, "add": {"x-who": "${caller}|${principal}"}, "remove": ["X-Debug"]},
+        "securityHeaders": {"contentTypeOptions": true}}));
+    validate(&s).unwrap();
+    let r = Rewrites::compile(&[&s]);
+    let vars = Vars { caller: Some("spiffe://td/ns/a/sa/b"), principal: None, request_id: Some("r1") };
+    let described: Vec<String> = r.request.iter().map(|op| op.describe(&vars)).collect();
+    // Removals first, then sets, then adds; a missing variable renders empty.
+    assert_eq!(described, ["remove x-debug", "set x-trace: req-r1", "add x-who: spiffe://td/ns/a/sa/b|"]);
+    let described: Vec<String> = r.response.iter().map(|op| op.describe(&vars)).collect();
+    assert_eq!(described, ["set x-content-type-options: nosniff (unless the app set it)"]);
+    assert!(r.request_uses(Var::RequestId) && r.request_uses(Var::Principal));
+    // A later policy's set comes after an earlier one's, so it wins.
+    let later =
+        spec(serde_json::json!({"target": {"identities": ["*"]}, "requestHeaders": {"set": {"x-trace": "fixed"}}}));
+    let r = Rewrites::compile(&[&s, &later]);
+    assert_eq!(r.request.last().map(|op| op.describe(&Vars::default())).as_deref(), Some("set x-trace: fixed"));
+    assert!(Rewrites::compile(&[]).is_empty() && !r.is_empty());
+}
