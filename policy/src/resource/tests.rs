@@ -118,3 +118,25 @@ fn authentication_policies_are_validated_with_field_paths() {
     assert!(e.contains("spec.rules[0].from[0].requestPrincipals[0]"), "{e}");
     assert!(parse_all(&format!("{authz}    - from: [{{apiKeys: [ci], requestPrincipals: [\"https://idp/*\"]}}]\n      when: [{{claim: scope, values: [read]}}]\n")).is_ok());
 }
+
+#[test]
+fn periods_skews_and_reserved_headers_have_their_bounds() {
+    use std::time::Duration;
+
+    use crate::resource::{parse_clock_skew, parse_period, reserved_header};
+
+    assert_eq!(parse_period("1m"), Ok(Duration::from_secs(60)));
+    assert_eq!(parse_period("24h"), Ok(Duration::from_secs(86400)));
+    for bad in ["25h", "0s", "soon"] {
+        assert!(parse_period(bad).is_err(), "{bad}");
+    }
+    assert_eq!(parse_clock_skew(None), Ok(Duration::from_secs(60)));
+    assert_eq!(parse_clock_skew(Some("5m")), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_clock_skew(Some("6m")), Err("must be at most 5m"));
+    for h in ["X-Palisade-Peer-Identity", "Host", "content-length", ":authority", "Cookie", "Authorization"] {
+        assert!(reserved_header(h), "{h}");
+    }
+    for h in ["x-request-id", "x-api-key", "server"] {
+        assert!(!reserved_header(h), "{h}");
+    }
+}
