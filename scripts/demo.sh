@@ -6,7 +6,7 @@
 # web's plaintext HTTP carried over mTLS to orders, and policy at work (default
 # deny, an allowed call, a denied call with its explanation, a rate-limited
 # call), then an API protected, a browser-facing API, refusals explained, a
-# policy change previewed and the root CA rotated.
+# policy change previewed and the root CA rotated; last, README.md's taste.
 # Everything runs on 127.0.0.1; state and logs live in ./demo-data (removed
 # on start). At the end everything is stopped, unless --keep is given.
 #
@@ -25,4 +25,4 @@ done
 if [ -z "${PALISADE_BIN_DIR:-}" ]; then
   cargo build --workspace --bins
 fi
-exec python3 scripts/demo/walkthrough.py "$@" docs/walkthroughs
+exec python3 scripts/demo/walkthrough.py "$@" docs/walkthroughs README.md

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Runs the walk-throughs in docs/walkthroughs/: every ```sh block under a
+"""Runs the walk-throughs in docs/walkthroughs/ (and README.md's taste after
+them): every ```sh block under a
 "# Walk-through" (or "## Walk-through") heading, file after file in name order
 (01-..., 02-...: state carries over from one to the next), in one bash session
 from the repository root, with the debug binaries first on PATH. This is the
@@ -14,7 +15,8 @@ is compared loosely: timestamps (with or without fractions), durations, long hex
 for any number of lines. Every block must exit 0.
 
 Usage: walkthrough.py [--check] [--keep] [--cwd DIR] [FILE|DIR ...]
-       (default: docs/walkthroughs; a DIR stands for its NN-*.md files, in order)
+       (default: docs/walkthroughs README.md, what ./scripts/demo.sh runs; a DIR
+       stands for its NN-*.md files, in order)
        walkthrough.py --self-test      (the comparison's own tests)
 
 --cwd DIR runs the commands in DIR instead of the repository root (the test
@@ -235,7 +237,7 @@ def main():
         del argv[i:i + 2]
     args = [a for a in argv if not a.startswith("--")]
     check, keep = "--check" in argv, "--keep" in argv
-    files = walk_files(args or [os.path.join(ROOT, "docs", "walkthroughs")])
+    files = walk_files(args or [os.path.join(ROOT, "docs", "walkthroughs"), os.path.join(ROOT, "README.md")])
     todo = blocks(files)
     if not todo:
         sys.exit(f"{' '.join(args) or 'docs/walkthroughs'}: no ```sh blocks under a 'Walk-through' heading")

@@ -1,5 +1,5 @@
-//! The walk-throughs (docs/walkthroughs/, in order), run as a newcomer types
-//! them, with their outputs compared to what the docs show
+//! The walk-throughs (docs/walkthroughs/, in order, then README.md's taste),
+//! run as a newcomer types them, with their outputs compared to what the docs show
 //! (scripts/demo/walkthrough.py): the docs cannot drift from the binaries.
 
 use std::process::Command;
@@ -24,6 +24,7 @@ fn the_docs_walkthroughs_run_as_written() {
             .args(["--check", "--cwd"])
             .arg(scratch.path())
             .arg(root.join("docs/walkthroughs"))
+            .arg(root.join("README.md"))
             .env("PALISADE_BIN_DIR", bin_dir())
             .output()
             .expect("python3 runs")
