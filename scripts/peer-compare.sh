@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (A copy of the project's shared side-by-side benchmark, kept here so the README's figures can be
+# (A copy of the project's shared side-by-side benchmark, kept here so the figures of docs/benchmarks.md can be
 # reproduced from a clone: apt-get install nginx wrk; cargo install oha --locked;
 # cargo build --release --workspace --bins.)
 # side-by-side.sh — ONE invocation, three paths to the same upstream nginx (return 200 "ok"),

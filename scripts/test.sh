@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: builds the binaries the end-to-end tests start,
-# then every unit and end-to-end test (the README walk-through included).
+# then every unit and end-to-end test (the walk-throughs of docs/ included).
 # A test that cannot run here (root, iptables, kubernetes-validate, Python
 # packages missing) is listed as SKIPPED at the end; under CI=true it fails.
 set -euo pipefail

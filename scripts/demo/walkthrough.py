@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""Runs the README's walk-throughs: every ```sh block under a "## Walk-through"
-heading, in order, in one bash session from the repository root, with the
-debug binaries first on PATH. This is the local demo (./scripts/demo.sh).
+"""Runs the walk-throughs in docs/walkthroughs/ (and README.md's taste after
+them): every ```sh block under a
+"# Walk-through" (or "## Walk-through") heading, file after file in name order
+(01-..., 02-...: state carries over from one to the next), in one bash session
+from the repository root, with the debug binaries first on PATH. This is the
+local demo (./scripts/demo.sh).
 
 With --check, each block's output is compared with the output block that
-follows it in the README, so the
-README cannot drift from what the commands print. What varies from run to run
+follows it in the docs, so the
+docs cannot drift from what the commands print. What varies from run to run
 is compared loosely: timestamps (with or without fractions), durations, long hex ids (serials, token ids),
 5-digit (ephemeral) ports, Retry-After/reset seconds, the Date header, and
 `pending`/`synced` in proxy listings. A line `...` in an expected block stands
 for any number of lines. Every block must exit 0.
 
-Usage: walkthrough.py [--check] [--keep] [--cwd DIR] [README]
+Usage: walkthrough.py [--check] [--keep] [--cwd DIR] [FILE|DIR ...]
+       (default: docs/walkthroughs README.md, what ./scripts/demo.sh runs; a DIR
+       stands for its NN-*.md files, in order)
        walkthrough.py --self-test      (the comparison's own tests)
 
 --cwd DIR runs the commands in DIR instead of the repository root (the test
@@ -32,17 +37,40 @@ MARK = "@@palisade-walkthrough-done"
 BLOCK_TIMEOUT = 90
 
 
-def blocks(readme):
-    """[(section, code, expected_or_None)] for the walk-through sections."""
+def walk_files(paths):
+    """The Markdown files to run, in order: a directory stands for its
+    numbered files (01-identity.md, 02-...), sorted by name."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(
+                os.path.join(p, f) for f in os.listdir(p) if re.match(r"^\d+-.*\.md$", f)
+            )
+        else:
+            files.append(p)
+    return files
+
+
+def blocks(paths):
+    """[(section, code, expected_or_None)] for the walk-through sections of
+    the files, in order."""
+    out = []
+    for path in paths:
+        out += file_blocks(path)
+    return out
+
+
+def file_blocks(path):
     out, section, in_walk = [], None, False
     fence, lang, buf = None, None, []
     pending = None  # the last sh block, waiting for its output block
-    for line in open(readme, encoding="utf-8"):
+    for line in open(path, encoding="utf-8"):
         line = line.rstrip("\n")
         if fence is None:
-            if line.startswith("## "):
-                in_walk = line.startswith("## Walk-through")
-                section = line[3:]
+            h = re.match(r"^#{1,2} (.*)$", line)
+            if h:
+                in_walk = h.group(1).startswith("Walk-through")
+                section = h.group(1)
                 pending = None
             m = re.match(r"^(\s*)```(\w*)\s*$", line)
             if m and in_walk:
@@ -64,7 +92,7 @@ def blocks(readme):
 
 VARIABLE = re.compile(
     r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)"
-    r"|(?P<dms>(?<=\"duration_ms\":)[0-9.]+|\b\d+\.\d+ms\b)"
+    r"|(?P<dms>(?<=\"duration_ms\":)[0-9.]+|(?<=\"duration_ms\": )[0-9.]+|\b\d+\.\d+ms\b)"
     r"|(?P<date>^date: .*$)"
     r"|(?P<ra>(?<=retry-after: )\d+)"
     r"|(?P<reset>(?<=;t=)\d+)"
@@ -167,15 +195,16 @@ def busy_ports(code):
 
 
 def self_test():
-    readme = ["[ok]   CA valid: expires 2027-12-01T07:27:37Z (in 364d 23h)", "retry-after: 12", "...", "r1  synced"]
-    assert matches(readme, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7", "r1 pending"])
-    assert matches(readme, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 9m 2s)", "retry-after: 7", "x", "y", "r1 synced"])
-    assert not matches(readme, ["[FAIL] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7", "r1 synced"])
-    assert not matches(readme, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7", "r2 synced"])
-    assert not matches(readme, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7"])
+    doc = ["[ok]   CA valid: expires 2027-12-01T07:27:37Z (in 364d 23h)", "retry-after: 12", "...", "r1  synced"]
+    assert matches(doc, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7", "r1 pending"])
+    assert matches(doc, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 9m 2s)", "retry-after: 7", "x", "y", "r1 synced"])
+    assert not matches(doc, ["[FAIL] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7", "r1 synced"])
+    assert not matches(doc, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7", "r2 synced"])
+    assert not matches(doc, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7"])
     assert not matches(["forbidden", " -> 403"], ["forbidden", " -> 200"])
     assert not matches(["a"], ["a", "b"])
     assert matches(['{"time":"2026-12-01T17:20:00.123456Z","duration_ms":0.41}'], ['{"time":"2026-12-02T01:02:03.9Z","duration_ms":12.5}'])
+    assert matches(['    "duration_ms": 0.35,'], ['    "duration_ms": 12.5,'])
     assert matches(["GET /x 403 deny 0.4ms"], ["GET /x 403 deny 13.25ms"])
     assert not matches(["GET /x 403 deny 0.4ms"], ["GET /x 200 allow 0.4ms"])
     assert matches(["127.0.0.1:4143 127.0.0.1:54848"], ["127.0.0.1:4143 127.0.0.1:33678"])
@@ -183,6 +212,17 @@ def self_test():
     assert not matches(["Serial: 7fe07ff9d3dc6c65"], ["Serial: (none)"])
     code = "curl -s 'a' \\\n  -H x\necho b &\n"
     assert commands(code) == ["curl -s 'a' \\\n  -H x", "echo b &"], commands(code)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in [
+            ("02-b.md", "# Walk-through: b\n\n```sh\necho b\n```\n```text\nb\n```\n"),
+            ("01-a.md", "# Walk-through: a\n\n1. step\n\n   ```sh\n   echo a\n   ```\n## Notes\n\n```sh\nnot run\n```\n"),
+            ("README.md", "# Walk-through: not numbered\n\n```sh\nnot run\n```\n"),
+        ]:
+            with open(os.path.join(d, name), "w") as f:
+                f.write(text)
+        got = blocks(walk_files([d]))
+        assert got == [("Walk-through: a", "echo a", None), ("Walk-through: b", "echo b", ["b"])], got
     print("walkthrough self-test: ok")
 
 
@@ -197,10 +237,10 @@ def main():
         del argv[i:i + 2]
     args = [a for a in argv if not a.startswith("--")]
     check, keep = "--check" in argv, "--keep" in argv
-    readme = args[0] if args else os.path.join(ROOT, "README.md")
-    todo = blocks(readme)
+    files = walk_files(args or [os.path.join(ROOT, "docs", "walkthroughs"), os.path.join(ROOT, "README.md")])
+    todo = blocks(files)
     if not todo:
-        sys.exit(f"{readme}: no ```sh blocks under a '## Walk-through' heading")
+        sys.exit(f"{' '.join(args) or 'docs/walkthroughs'}: no ```sh blocks under a 'Walk-through' heading")
     busy = busy_ports("\n".join(code for _, code, _ in todo))
     if busy:
         sys.exit(
@@ -255,8 +295,8 @@ def main():
                 break
             if check and expected is not None and not matches(expected, lines):
                 failures.append(
-                    f"block {n} ({sec}) printed other output than the README shows.\n--- command\n{code}\n"
-                    "--- README\n" + "\n".join(expected) + "\n--- printed\n" + text
+                    f"block {n} ({sec}) printed other output than the docs show.\n--- command\n{code}\n"
+                    "--- docs\n" + "\n".join(expected) + "\n--- printed\n" + text
                 )
         if keep and not failures:
             print("\nEverything is still running (logs in demo-data/*.log). Ctrl-C to stop.", flush=True)
@@ -273,7 +313,7 @@ def main():
         sys.exit(1)
     if check:
         print(f"\nwalk-through: {len(todo)} command blocks ran, "
-              f"{sum(1 for t in todo if t[2] is not None)} outputs matched the README")
+              f"{sum(1 for t in todo if t[2] is not None)} outputs matched the docs")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ fn pods_run_the_image_with_the_injected_yaml() {
     // The image, as scripts/image.sh builds it (from this build's binaries),
     // and the test apps on the same base.
     // PALISADE_PODMAN_RELEASE=1: the release image, as users build it (for
-    // the README's start-to-ready figure); otherwise this build's binaries.
+    // the start-to-ready figure of docs/operations/container.md); otherwise this build's binaries.
     let release = std::env::var_os("PALISADE_PODMAN_RELEASE").is_some();
     // --prebuilt: the binaries other tests are running are not re-linked under them.
     let built =

@@ -1,13 +1,13 @@
-//! The README's walk-throughs, run as a newcomer types them, with their
-//! outputs compared to what the README shows (scripts/demo/walkthrough.py):
-//! the README cannot drift from the binaries.
+//! The walk-throughs (docs/walkthroughs/, in order, then README.md's taste),
+//! run as a newcomer types them, with their outputs compared to what the docs show
+//! (scripts/demo/walkthrough.py): the docs cannot drift from the binaries.
 
 use std::process::Command;
 
 use palisade_tests::{bin_dir, repo_root};
 
 #[test]
-fn readme_walkthrough_runs_as_written() {
+fn the_docs_walkthroughs_run_as_written() {
     let root = repo_root();
     let runner = root.join("scripts/demo/walkthrough.py");
     // The comparison itself: loose where output varies, strict elsewhere.
@@ -23,6 +23,7 @@ fn readme_walkthrough_runs_as_written() {
             .arg(&runner)
             .args(["--check", "--cwd"])
             .arg(scratch.path())
+            .arg(root.join("docs/walkthroughs"))
             .arg(root.join("README.md"))
             .env("PALISADE_BIN_DIR", bin_dir())
             .output()
@@ -43,8 +44,8 @@ fn readme_walkthrough_runs_as_written() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "the README walk-through does not run as written:\n{}\n--- output\n{stdout}",
+        "the walk-through does not run as written:\n{}\n--- output\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("outputs matched the README"), "{stdout}");
+    assert!(stdout.contains("outputs matched the docs"), "{stdout}");
 }
