@@ -369,15 +369,17 @@ pub(crate) fn simulate_route(
         Some((p, q)) => (p, Some(q)),
         None => (raw, None),
     };
-    let path = palisade_policy::path::normalize(raw_path)
-        .map_err(|e| Status::invalid_argument(format!("path: {e} (the callee's sidecar refuses it with 400)")))?;
     let headers: Vec<(String, String)> = req.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
     let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let with_query = |p: &str| match query {
         Some(q) => format!("{p}?{q}"),
         None => p.to_string(),
     };
-    let Some(route) = enforcer.routes().route(&req.service, &path, &HeaderList(&pairs)) else {
+    let refused = |e: palisade_policy::path::PathError| {
+        Status::invalid_argument(format!("path: {e} (the callee's sidecar refuses it with 400)"))
+    };
+    let Some(routed) = enforcer.route_request(&req.service, raw_path, &HeaderList(&pairs)).map_err(refused)? else {
+        let path = palisade_policy::path::normalize(raw_path).map_err(refused)?;
         return Ok(palisade_proto::v1::SimulateRouteResponse {
             policy: String::new(),
             route: -1,
@@ -386,12 +388,13 @@ pub(crate) fn simulate_route(
             reason: format!("no TrafficPolicy route of {} matches: the request goes to {}", req.source, req.service),
         });
     };
+    let route = routed.route;
     let backends: Vec<palisade_proto::v1::RouteBackend> = route
         .backends()
         .into_iter()
         .map(|(service, weight)| palisade_proto::v1::RouteBackend { service: service.to_string(), weight })
         .collect();
-    let new_path = route.rewrite(&path).unwrap_or_else(|| path.to_string());
+    let new_path = routed.rewritten.unwrap_or(routed.path);
     let total: u32 = backends.iter().map(|b| b.weight).sum();
     let split = backends
         .iter()

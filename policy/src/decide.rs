@@ -398,7 +398,7 @@ impl Enforcer {
         if let std::borrow::Cow::Owned(p) = normal {
             o.normal_path = Some(p);
         }
-        if !self.rewrites().is_empty() || cors.is_some() {
+        if !self.rewrites().is_empty() || cors.is_some() || self.authenticator().is_some() {
             let principal = match &o.authn {
                 Authn::Verified(a) if matches!(o.action, Action::Forward) => a.principal.clone(),
                 _ => None,

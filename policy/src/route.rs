@@ -252,6 +252,44 @@ impl Routes {
     }
 }
 
+/// Where a caller's request goes: the route it takes, the path it was
+/// matched on, and the path the backend receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed<'e> {
+    /// The route.
+    pub route: &'e CompiledRoute,
+    /// The normalised path the route matched.
+    pub path: String,
+    /// The path the backend receives, when the route rewrites it.
+    pub rewritten: Option<String>,
+}
+
+impl crate::Enforcer {
+    /// The caller side's one routing decision (the sidecar routes with it and
+    /// `palisadectl route` explains it): the first route of this workload's
+    /// TrafficPolicies that matches the called `service`, the request's
+    /// normalised `path` (without its query) and `headers`. `Ok(None)`: no
+    /// route matches; `Err`: the path has no normal form (the callee refuses
+    /// it; it goes unrouted).
+    pub fn route_request(
+        &self,
+        service: &str,
+        path: &str,
+        headers: &dyn Headers,
+    ) -> Result<Option<Routed<'_>>, crate::path::PathError> {
+        let routes = self.routes();
+        if routes.is_empty() || !routes.for_service(service) {
+            return Ok(None);
+        }
+        let path = crate::path::normalize(path)?;
+        Ok(routes.route(service, &path, headers).map(|route| Routed {
+            route,
+            rewritten: route.rewrite(&path),
+            path: path.into_owned(),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

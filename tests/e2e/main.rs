@@ -12,6 +12,7 @@ mod authn;
 mod certify;
 mod cli;
 mod dataplane;
+mod differential;
 mod failover;
 mod identity;
 mod k8s;

@@ -132,6 +132,10 @@ fn a_missing_credential_is_unauthenticated_with_a_challenge_and_the_reason_stays
     let x = e.explain(&head("GET", "/orders", &HeaderList(&[])), None);
     assert_eq!(x.decision, "unauthenticated");
     assert!(x.reason.starts_with("AuthenticationPolicy shop/orders-api requires a request credential"), "{x:?}");
+    // A verified key reaches authorization, and the app gets its principal, never the key.
+    let h = HeaderList(&[("x-api-key", "pal_not_a_key")]);
+    let o = e.decide(&head("GET", "/orders", &h), ENFORCE);
+    assert_eq!(o.refusal().map(|r| r.kind), Some(Refused::Unauthenticated), "an unknown key is refused");
     // Given a principal, the explanation goes on to authorization.
     let given = Authenticated::given(Some("acme".into()), None, Default::default());
     assert_eq!(e.explain(&head("GET", "/orders", &HeaderList(&[])), Some(&given)).decision, "allow");
@@ -204,4 +208,24 @@ fn a_connection_is_decided_on_its_caller_and_port_and_refused_where_a_credential
     let e = enforcer(&with_authn(tcp));
     let o = e.decide_connection(Some(WEB), 8080);
     assert_eq!(o.refusal().map(|r| r.kind), Some(Refused::Unauthenticated), "opaque TCP carries no credential");
+}
+
+#[test]
+fn a_verified_key_reaches_the_app_as_its_principal_never_as_the_key() {
+    let hex: String = crate::authn::sha256(b"pal_good").iter().map(|b| format!("{b:02x}")).collect();
+    let keys = [crate::ApiKey { name: "ci".into(), principal: "team/ci".into(), sha256: hex, expires_at: 0 }];
+    let resources = with_authn(mesh());
+    let e = Enforcer::compile(
+        Inputs { version: "t", resources: &resources, api_keys: &keys, ..Inputs::none() },
+        ORDERS,
+        None,
+    )
+    .unwrap();
+    let h = HeaderList(&[("x-api-key", "pal_good"), (PRINCIPAL_HEADER, "forged")]);
+    let o = e.decide(&head("GET", "/orders", &h), ENFORCE);
+    assert!(matches!(o.action, Action::Forward), "{o:?}");
+    assert!(matches!(&o.authn, Authn::Verified(a) if a.principal.as_deref() == Some("team/ci")));
+    let ops = ops(&o, true);
+    assert!(ops.contains(&"Remove(\"x-api-key\")".to_string()), "{ops:?}");
+    assert!(ops.contains(&format!("Set(\"{PRINCIPAL_HEADER}\", \"team/ci\")")), "{ops:?}");
 }
