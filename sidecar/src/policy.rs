@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
-use palisade_policy::{ApiKey, Decision, Enforcer, Inputs, Resource};
+use palisade_policy::{ApiKey, Decision, Enforcer, Inputs, PolicyError, Resource};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{DecisionLabels, Metrics};
@@ -35,6 +35,18 @@ pub struct Sources {
     pub api_keys: Vec<ApiKey>,
 }
 
+/// Why the policies the control plane sent cannot be put in force (the
+/// config stream NACKs them with this text; the previous policy stays).
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// One of the policies does not parse.
+    #[error(transparent)]
+    Parse(PolicyError),
+    /// They parse, but do not compile together for this workload.
+    #[error(transparent)]
+    Compile(PolicyError),
+}
+
 /// The policy in force: the engine's [`Enforcer`] for this workload, and the
 /// decision counters it feeds, resolved once when it was compiled (deciding
 /// a request then costs no label string and no metric lookup).
@@ -57,10 +69,10 @@ impl InForce {
         identity: &str,
         previous: Option<&InForce>,
         metrics: &Metrics,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, CompileError> {
         let mut resources = Vec::new();
         for json in &sources.policies_json {
-            resources.extend(Resource::parse_json(json).map_err(|e| e.to_string())?);
+            resources.extend(Resource::parse_json(json).map_err(CompileError::Parse)?);
         }
         let inputs = Inputs {
             version: &sources.version,
@@ -70,7 +82,8 @@ impl InForce {
             jwks: &sources.jwks,
             api_keys: &sources.api_keys,
         };
-        let enforcer = Enforcer::compile(inputs, identity, previous.map(|p| &p.enforcer)).map_err(|e| e.to_string())?;
+        let enforcer =
+            Enforcer::compile(inputs, identity, previous.map(|p| &p.enforcer)).map_err(CompileError::Compile)?;
         let counters = |policy: &str| {
             ["allow", "deny", "audit_allow", "audit_deny"].map(|action| {
                 metrics.decisions.get_or_create(&DecisionLabels { action, policy: policy.to_string() }).clone()
