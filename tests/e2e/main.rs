@@ -14,6 +14,7 @@ mod cli;
 mod dataplane;
 mod failover;
 mod identity;
+mod inproc;
 mod k8s;
 mod kube;
 mod negative;

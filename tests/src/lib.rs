@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod apps;
 pub mod http;
+pub mod inproc;
 
 /// Directory of the workspace's built binaries (next to the test executable).
 pub fn bin_dir() -> PathBuf {
