@@ -32,6 +32,8 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 
 pub mod apply;
+#[cfg(test)]
+mod tests;
 
 use apply::{Applier, Held};
 

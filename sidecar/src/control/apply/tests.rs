@@ -216,3 +216,65 @@ async fn the_hello_names_what_is_held_and_every_want() {
     assert_eq!(want.addresses, ["10.0.0.9"]);
     assert_eq!(parts.directory.take_wants(), None, "the Hello carried the queued wants");
 }
+
+#[test]
+fn a_nack_names_each_type_rejected_and_why() {
+    let parts = Parts::new();
+    let bare = Resource { r#type: SETTINGS.into(), name: "mesh".into(), version: "s1".into(), body: None };
+    let bad_addr = resource(ADDRESS, "not-an-ip", "v", Body::AddressService(String::new()));
+    let bad_policy = policy("AuthorizationPolicy/shop/p", "p1", "{not json");
+    let rejected = parts.apply(&update("1", "r1", vec![bare, bad_addr, bad_policy], &[]));
+    assert!(matches!(rejected.get(ADDRESS), Some(ApplyError::AddressName { name }) if name == "not-an-ip"));
+    assert!(matches!(rejected.get(POLICY), Some(ApplyError::Policy(CompileError::Parse(_)))), "{rejected:?}");
+    let reasons = nack_reasons(rejected);
+    assert_eq!(reasons[ADDRESS], r#"address "not-an-ip": the name is not an IP address"#);
+    assert_eq!(reasons[SETTINGS], r#"settings "mesh": the resource does not carry a settings body"#);
+    assert!(!reasons[POLICY].is_empty(), "the policy engine's reason is passed on: {reasons:?}");
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+}
+
+#[test]
+fn an_unusable_trust_bundle_is_rejected_and_the_roots_stay() {
+    let parts = Parts::new();
+    let before = parts.bundle.der();
+    let garbage =
+        palisade_proto::v1::TrustBundle { roots_der: vec![b"not a certificate".to_vec()], ..Default::default() };
+    let rejected = parts.apply(&update(
+        "1",
+        "r1",
+        vec![resource(TRUST_BUNDLE, "roots", "b1", Body::TrustBundle(garbage)), settings("s1")],
+        &[],
+    ));
+    assert!(matches!(rejected.get(TRUST_BUNDLE), Some(ApplyError::TrustBundle(_))), "{rejected:?}");
+    assert_eq!(rejected.len(), 1, "the other types apply: {rejected:?}");
+    assert_eq!(*parts.bundle.der(), *before, "the roots in force stay");
+    assert_eq!(versions(&parts.held.lock().unwrap()), [triple(SETTINGS, "mesh", "s1")], "the bundle is not held");
+    assert_eq!(parts.policy_version().as_deref(), Some("r1"));
+
+    // A usable one replaces them, and its renew hint reaches the identity task.
+    let td = palisade_certs::TrustDomain::new("cluster.local").unwrap();
+    let next = palisade_certs::CertificateAuthority::generate(&td, Duration::from_secs(3600)).unwrap();
+    let roots: Vec<Vec<u8>> = next.trust_bundle().iter().map(|c| c.to_vec()).collect();
+    let good = palisade_proto::v1::TrustBundle { roots_der: roots.clone(), renew_unless_chains_to: roots.clone() };
+    let rejected =
+        parts.apply(&update("2", "r1", vec![resource(TRUST_BUNDLE, "roots", "b2", Body::TrustBundle(good))], &[]));
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(parts.bundle.der().iter().map(|c| c.to_vec()).collect::<Vec<_>>(), roots);
+    assert_eq!(parts.renew_unless.borrow().iter().map(|c| c.to_vec()).collect::<Vec<_>>(), roots);
+}
+
+#[test]
+fn removed_services_leave_the_directory_and_unknown_types_are_ignored() {
+    let parts = Parts::new();
+    let a =
+        palisade_proto::v1::Endpoint { address: "10.0.0.2:4143".into(), identity: WEB.into(), ..Default::default() };
+    let svc = resource(SERVICE, "orders.shop", "e1", Body::Service(ServiceEndpoints { endpoints: vec![a] }));
+    let future = resource("future", "x", "f1", Body::PolicyJson("{}".into()));
+    assert!(parts.apply(&update("1", "r1", vec![svc, future, settings("s1")], &[])).is_empty());
+    assert_eq!(parts.metrics.directory_endpoints.get(), 1);
+    assert_eq!(parts.directory.pick("orders.shop").map(|p| p.addr.to_string()).ok().as_deref(), Some("10.0.0.2:4143"));
+    assert!(parts.apply(&update("2", "r1", vec![], &[(SERVICE, "orders.shop")])).is_empty());
+    assert_eq!(parts.metrics.directory_endpoints.get(), 0);
+    assert!(parts.directory.pick("orders.shop").is_err());
+    assert_eq!(versions(&parts.held.lock().unwrap()), [triple(SETTINGS, "mesh", "s1")]);
+}
