@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use palisade_tests::eventually;
-use palisade_tests::inproc::{Mesh, WEB};
+use palisade_tests::inproc::{Mesh, WEB, get_via};
 
 /// A DENY of web's calls to orders, or (`deny = false`) the same policy
 /// updated to deny only another caller.
@@ -92,4 +92,25 @@ async fn inproc_sidecar_keeps_its_policy_without_the_control_plane_and_reconnect
     mesh.cp.apply(&gate(false)).await.unwrap();
     let body = mesh.until_status("/echo", 200, Duration::from_secs(10)).await.unwrap();
     assert_eq!(json(&body)["headers"]["x-palisade-peer-identity"], WEB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inproc_a_draining_sidecar_finishes_what_is_in_flight_and_takes_nothing_new() {
+    let mesh = Mesh::start(&["--default-policy", "allow-authenticated"]).await.unwrap();
+    let requests = mesh.app.requests.clone();
+    let slow = tokio::spawn(get_via(mesh.port, "/slow?ms=500"));
+    eventually("the slow request reaches the app", Duration::from_secs(5), || async {
+        (requests.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let started = Instant::now();
+    assert!(mesh.callee.drain(Duration::from_secs(5)).await, "the in-flight request finished within the deadline");
+    assert!(started.elapsed() >= Duration::from_millis(200), "drain waited for it: {:?}", started.elapsed());
+    assert_eq!(slow.await.unwrap().unwrap(), (200, "slow done".to_string()));
+
+    let (status, body) = get_via(mesh.port, "/echo").await.unwrap();
+    assert_ne!(status, 200, "a drained sidecar takes no new request: {body}");
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

@@ -218,14 +218,7 @@ impl Mesh {
 
     /// GET `path` through the caller's upstream port; status and body.
     pub async fn get(&self, path: &str) -> Result<(u16, String)> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get(path).header("host", "orders.shop").body(Full::new(Bytes::new()))?;
-        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await??;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        get_via(self.port, path).await
     }
 
     /// Polls `GET path` until it answers `status` and returns the body;
@@ -245,4 +238,16 @@ impl Mesh {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// GET `path` as orders.shop through a caller's upstream `port`; status and body.
+pub async fn get_via(port: u16, path: &str) -> Result<(u16, String)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path).header("host", "orders.shop").body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await??;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

@@ -16,6 +16,8 @@ use crate::proxy::detect::Protocol;
 use crate::proxy::{ALPN_HTTP1, Body, ORIG_PROTO, PEER_IDENTITY, ProxyError, is_upgrade};
 
 impl Outbound {
+    /// One request from the app to a sidecar of `dest` (or of the backend
+    /// its route picks), over the pooled HTTP/2 mTLS connection.
     pub(super) async fn forward(
         &self,
         mut req: Request<Incoming>,
