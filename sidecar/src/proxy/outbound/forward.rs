@@ -41,25 +41,7 @@ impl Outbound {
         };
         let mut peer = self.pick(&target).await?;
 
-        // Rewrite for HTTP/2: absolute URI (authority from Host), no
-        // hop-by-hop headers, the app's version carried in ORIG_PROTO.
-        let authority = authority_of(&req).unwrap_or_else(|| Authority::try_from(dest.to_string()).ok());
-        let mut parts = req.uri().clone().into_parts();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = authority;
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(PathAndQuery::from_static("/"));
-        }
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-        let headers = req.headers_mut();
-        crate::proxy::strip_hop_by_hop(headers);
-        headers.remove(HOST);
-        headers.remove(PEER_IDENTITY);
-        headers.remove(ORIG_PROTO);
-        if app == Protocol::Http1 {
-            headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-        }
-        *req.version_mut() = Version::HTTP_2;
+        to_h2(&mut req, dest, app)?;
         let (parts, body) = req.into_parts();
         let body = if app == Protocol::Http1 && chunked {
             Box::pin(crate::proxy::body::check_first_frame(body, CHUNK_CHECK_WAIT))
@@ -143,6 +125,30 @@ impl Outbound {
         }
         Ok(resp.map(|b| b.boxed_unsync()))
     }
+}
+
+/// Rewrites a request of the app for HTTP/2 between sidecars: an absolute
+/// URI (authority from Host, else the destination), no hop-by-hop headers
+/// and no identity header of the app's, the app's version in ORIG_PROTO.
+pub(super) fn to_h2<B>(req: &mut Request<B>, dest: &Dest, app: Protocol) -> Result<(), ProxyError> {
+    let authority = authority_of(req).unwrap_or_else(|| Authority::try_from(dest.to_string()).ok());
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = authority;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    let headers = req.headers_mut();
+    crate::proxy::strip_hop_by_hop(headers);
+    headers.remove(HOST);
+    headers.remove(PEER_IDENTITY);
+    headers.remove(ORIG_PROTO);
+    if app == Protocol::Http1 {
+        headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
+    *req.version_mut() = Version::HTTP_2;
+    Ok(())
 }
 
 /// A copy of a request that may be sent again: an idempotent method and no body.

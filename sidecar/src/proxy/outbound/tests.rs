@@ -4,14 +4,15 @@ use bytes::Bytes;
 
 use clap::Parser;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{Method, Request};
+use http::{Method, Request, Version};
 use palisade_certs::tls::{SvidStore, TrustBundle};
 
-use super::forward::{check_framing, content_length, replayable};
+use super::forward::{check_framing, content_length, replayable, to_h2};
 use super::*;
 use crate::directory::Changes;
 use crate::policy::{InForce, Sources};
-use crate::proxy::ProxyError;
+use crate::proxy::detect::Protocol;
+use crate::proxy::{ORIG_PROTO, PEER_IDENTITY, ProxyError};
 
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -182,4 +183,42 @@ async fn a_service_is_picked_from_the_directory() {
         Err(ProxyError::UnknownService(s)) => assert_eq!(s, "db.shop"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn an_http1_request_is_rewritten_for_http2_between_sidecars() {
+    let orders = Dest::Service("orders.shop".into());
+    let mut req = Request::post("/items?page=2")
+        .header(HOST, "orders.shop:9001")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header(TRANSFER_ENCODING, "chunked")
+        .header(PEER_IDENTITY, "spiffe://cluster.local/ns/evil/sa/spoof")
+        .header("x-kept", "1")
+        .body(())
+        .unwrap();
+    to_h2(&mut req, &orders, Protocol::Http1).unwrap();
+    assert_eq!(req.uri(), "http://orders.shop:9001/items?page=2", "absolute, the authority from Host");
+    assert_eq!(req.version(), Version::HTTP_2);
+    let h = req.headers();
+    for gone in ["host", "connection", "x-hop", "keep-alive", "transfer-encoding", "x-palisade-peer-identity"] {
+        assert!(!h.contains_key(gone), "{gone} is still there: {h:?}");
+    }
+    assert_eq!(h[ORIG_PROTO], "HTTP/1.1", "the callee's sidecar gives the app the protocol the caller spoke");
+    assert_eq!(h["x-kept"], "1");
+}
+
+#[test]
+fn an_http2_request_keeps_its_authority_and_loses_a_forged_orig_proto() {
+    let orders = Dest::Service("orders.shop".into());
+    let mut req = Request::get("http://orders.shop/a").header(ORIG_PROTO, "HTTP/1.1").body(()).unwrap();
+    to_h2(&mut req, &orders, Protocol::Http2).unwrap();
+    assert_eq!(req.uri(), "http://orders.shop/a");
+    assert!(!req.headers().contains_key(ORIG_PROTO), "an app speaking HTTP/2 cannot claim HTTP/1.1");
+
+    // No Host and no authority: the destination names the callee.
+    let mut bare = get("/");
+    to_h2(&mut bare, &orders, Protocol::Http2).unwrap();
+    assert_eq!(bare.uri(), "http://orders.shop/");
 }
