@@ -32,6 +32,8 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 
 pub mod apply;
+#[cfg(test)]
+mod tests;
 
 use apply::{Applier, Held};
 
@@ -179,6 +181,27 @@ impl ControlPlane {
     }
 }
 
+/// Why a config stream session failed (the stream is reopened, and what
+/// was applied last stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// No replica could be reached.
+    #[error(transparent)]
+    Connect(#[from] ChannelError),
+    /// The control plane refused or ended the stream with a gRPC status.
+    #[error("{code:?}: {message}")]
+    Status { code: tonic::Code, message: String },
+    /// The stream's request half closed before the Hello went out.
+    #[error("channel closed")]
+    Closed,
+}
+
+impl From<tonic::Status> for StreamError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status { code: s.code(), message: s.message().to_string() }
+    }
+}
+
 /// Keeps the configuration stream open and applies what it carries.
 #[derive(Debug)]
 pub struct ConfigStream {
@@ -250,21 +273,17 @@ impl ConfigStream {
         }
     }
 
-    async fn session(&self, received: &mut bool) -> Result<Ended, String> {
+    async fn session(&self, received: &mut bool) -> Result<Ended, StreamError> {
         let Some(ours) = self.control.svids.valid() else { return Ok(Ended::NoCertificate) };
-        let Some(channel) = self.control.channel().await.map_err(|e| e.to_string())? else {
+        let Some(channel) = self.control.channel().await? else {
             return Ok(Ended::NoCertificate);
         };
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let hello = self.applier().hello(&self.inbound_addr);
-        tx.send(request(Kind::Hello(hello))).await.map_err(|e| e.to_string())?;
+        tx.send(request(Kind::Hello(hello))).await.map_err(|_| StreamError::Closed)?;
         let mut client =
             MeshConfigClient::new(channel).max_decoding_message_size(palisade_proto::limits::MAX_SNAPSHOT_BYTES);
-        let mut updates = client
-            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-            .into_inner();
+        let mut updates = client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         self.metrics.policy_stream_connected.set(1);
         let mut renewal = tokio::time::interval(RENEWAL_CHECK);
         let mut report = tokio::time::interval(self.report_interval);
@@ -304,7 +323,7 @@ impl ConfigStream {
                     }
                     continue;
                 }
-                m = updates.message() => match m.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
+                m = updates.message() => match m? {
                     Some(update) => update,
                     None => return Ok(Ended::ByServer),
                 },
@@ -335,7 +354,7 @@ impl ConfigStream {
                 *received = true;
                 Kind::Ack(ConfigAck { nonce: update.nonce })
             } else {
-                Kind::Nack(ConfigNack { nonce: update.nonce, rejected })
+                Kind::Nack(ConfigNack { nonce: update.nonce, rejected: apply::nack_reasons(rejected) })
             };
             if !send(&tx, reply).await {
                 return Ok(Ended::ByServer);

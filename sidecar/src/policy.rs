@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
-use palisade_policy::{ApiKey, Decision, Enforcer, Inputs, Resource};
+use palisade_policy::{ApiKey, Decision, Enforcer, Inputs, PolicyError, Resource};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{DecisionLabels, Metrics};
@@ -35,6 +35,18 @@ pub struct Sources {
     pub api_keys: Vec<ApiKey>,
 }
 
+/// Why the policies the control plane sent cannot be put in force (the
+/// config stream NACKs them with this text; the previous policy stays).
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// One of the policies does not parse.
+    #[error(transparent)]
+    Parse(PolicyError),
+    /// They parse, but do not compile together for this workload.
+    #[error(transparent)]
+    Compile(PolicyError),
+}
+
 /// The policy in force: the engine's [`Enforcer`] for this workload, and the
 /// decision counters it feeds, resolved once when it was compiled (deciding
 /// a request then costs no label string and no metric lookup).
@@ -57,10 +69,10 @@ impl InForce {
         identity: &str,
         previous: Option<&InForce>,
         metrics: &Metrics,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, CompileError> {
         let mut resources = Vec::new();
         for json in &sources.policies_json {
-            resources.extend(Resource::parse_json(json).map_err(|e| e.to_string())?);
+            resources.extend(Resource::parse_json(json).map_err(CompileError::Parse)?);
         }
         let inputs = Inputs {
             version: &sources.version,
@@ -70,7 +82,8 @@ impl InForce {
             jwks: &sources.jwks,
             api_keys: &sources.api_keys,
         };
-        let enforcer = Enforcer::compile(inputs, identity, previous.map(|p| &p.enforcer)).map_err(|e| e.to_string())?;
+        let enforcer =
+            Enforcer::compile(inputs, identity, previous.map(|p| &p.enforcer)).map_err(CompileError::Compile)?;
         let counters = |policy: &str| {
             ["allow", "deny", "audit_allow", "audit_deny"].map(|action| {
                 metrics.decisions.get_or_create(&DecisionLabels { action, policy: policy.to_string() }).clone()
@@ -173,5 +186,57 @@ impl PolicyState {
     }
     pub(crate) fn set(&self, e: InForce) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(e));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn routes(name: &str, target: &str, backend: &str) -> String {
+        format!(
+            r#"{{"apiVersion":"palisade.dev/v1","kind":"TrafficPolicy","metadata":{{"name":"{name}","namespace":"shop"}},"spec":{{"target":{{"identities":["{target}"]}},"routes":[{{"match":{{"service":"orders.shop"}},"backends":[{{"service":"{backend}"}}]}}]}}}}"#
+        )
+    }
+
+    fn sources(policies: Vec<String>) -> Sources {
+        Sources { version: "r7".into(), policies_json: policies, ..Default::default() }
+    }
+
+    #[test]
+    fn a_policy_that_does_not_parse_is_a_parse_error() {
+        let e = InForce::compile(&sources(vec!["{not json".into()]), WEB, None, &Metrics::default()).unwrap_err();
+        assert!(matches!(e, CompileError::Parse(_)), "{e:?}");
+        assert!(!e.to_string().is_empty());
+    }
+
+    #[test]
+    fn only_the_routes_that_target_this_workload_are_subscribed() {
+        let mine = routes("mine", WEB, "orders-v2.shop");
+        let theirs = routes("theirs", "spiffe://cluster.local/ns/shop/sa/db", "orders-v3.shop");
+        let in_force = InForce::compile(&sources(vec![mine, theirs]), WEB, None, &Metrics::default()).unwrap();
+        assert_eq!(in_force.enforcer.version, "r7");
+        assert_eq!(in_force.route_backends(), ["orders-v2.shop"]);
+    }
+
+    #[test]
+    fn the_policy_state_swaps_what_is_in_force() {
+        let state = PolicyState::default();
+        assert!(state.current().is_none(), "nothing in force before the first update (fail closed)");
+        state.set(InForce::compile(&sources(vec![]), WEB, None, &Metrics::default()).unwrap());
+        assert_eq!(state.current().map(|p| p.enforcer.version.clone()).as_deref(), Some("r7"));
+    }
+
+    #[test]
+    fn a_key_set_refresh_is_asked_once_per_interval() {
+        let state = PolicyState::default();
+        state.request_refresh("https://idp.example/jwks");
+        state.request_refresh("https://idp.example/jwks");
+        assert_eq!(state.refresh().take(), ["https://idp.example/jwks"]);
+        assert!(state.refresh().take().is_empty(), "taken once");
+        state.request_refresh("https://idp.example/jwks");
+        assert!(state.refresh().take().is_empty(), "not again within {REFRESH_INTERVAL:?}");
     }
 }

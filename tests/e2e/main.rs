@@ -15,6 +15,7 @@ mod dataplane;
 mod differential;
 mod failover;
 mod identity;
+mod inproc;
 mod k8s;
 mod kube;
 mod negative;

@@ -1,7 +1,8 @@
 //! Shared harness for Palisade's end-to-end tests and benchmarks: starts the
 //! real binaries (`palisade-control-plane`, `palisade-sidecar`,
 //! `palisadectl`) as child processes on loopback, waits on conditions with a
-//! deadline (never fixed sleeps), and kills everything on drop.
+//! deadline (never fixed sleeps), and kills everything on drop; [`inproc`]
+//! starts the same daemons through their libraries, in the test's process.
 
 #![allow(missing_docs)]
 
@@ -13,6 +14,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod apps;
 pub mod http;
+pub mod inproc;
 
 /// Directory of the workspace's built binaries (next to the test executable).
 pub fn bin_dir() -> PathBuf {

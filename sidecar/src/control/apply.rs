@@ -29,7 +29,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::directory::{Changes, Directory};
 use crate::metrics::Metrics;
-use crate::policy::{InForce, PolicyState, Sources};
+use crate::policy::{CompileError, InForce, PolicyState, Sources};
 use crate::proxy::peer::Peer;
 
 /// A policy targeting this identity (`<kind>/<namespace>/<name>`), canonical JSON.
@@ -53,6 +53,32 @@ const POLICY_TYPES: [&str; 4] = [POLICY, SETTINGS, API_KEYS, JWKS];
 /// `(type, name)`.
 type Key = (String, String);
 
+/// Why a type of an update was rejected. Its text is the reason the NACK
+/// gives the control plane for that type.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// An `address` resource whose name is not an IP address.
+    #[error("address {name:?}: the name is not an IP address")]
+    AddressName { name: String },
+    /// A resource without the body its type carries.
+    #[error("{kind} {name:?}: the resource does not carry a {kind} body")]
+    MissingBody { kind: String, name: String },
+    /// The trust bundle's roots cannot verify anything.
+    #[error(transparent)]
+    TrustBundle(#[from] palisade_certs::SvidError),
+    /// The policy types do not compile together.
+    #[error(transparent)]
+    Policy(#[from] CompileError),
+}
+
+/// The types an update could not apply, and why: empty, ACK.
+pub type Rejected = BTreeMap<String, ApplyError>;
+
+/// A NACK's `rejected` field: each type rejected and the reason, as text.
+pub fn nack_reasons(rejected: Rejected) -> HashMap<String, String> {
+    rejected.into_iter().map(|(kind, e)| (kind, e.to_string())).collect()
+}
+
 /// The resources this sidecar holds, by type and name.
 #[derive(Debug, Default)]
 pub struct Held {
@@ -69,7 +95,7 @@ struct Merged {
     /// Each change in order, with what was held before (`None`: nothing).
     undo: Vec<(Key, Option<Resource>)>,
     /// Types of resources that could not be read, and why (not merged).
-    rejected: BTreeMap<String, String>,
+    rejected: Rejected,
 }
 
 impl Held {
@@ -164,7 +190,7 @@ impl Held {
 /// Whether `r` carries the body its type does: `Ok(false)` for a type this
 /// sidecar does not know (a newer control plane's), which is skipped. A
 /// service or address without a body is the empty answer.
-fn check(r: &Resource) -> Result<bool, String> {
+fn check(r: &Resource) -> Result<bool, ApplyError> {
     let fits = match (r.r#type.as_str(), &r.body) {
         (POLICY, Some(Body::PolicyJson(_)))
         | (SETTINGS, Some(Body::Settings(_)))
@@ -174,18 +200,14 @@ fn check(r: &Resource) -> Result<bool, String> {
         | (SERVICE, Some(Body::Service(_)) | None) => true,
         (ADDRESS, Some(Body::AddressService(_)) | None) => {
             if r.name.parse::<IpAddr>().is_err() {
-                return Err(format!("address {:?}: the name is not an IP address", r.name));
+                return Err(ApplyError::AddressName { name: r.name.clone() });
             }
             true
         }
         (POLICY | SETTINGS | API_KEYS | JWKS | TRUST_BUNDLE | SERVICE | ADDRESS, _) => false,
         _ => return Ok(false),
     };
-    if fits {
-        Ok(true)
-    } else {
-        Err(format!("{} {:?}: the resource does not carry a {} body", r.r#type, r.name, r.r#type))
-    }
+    if fits { Ok(true) } else { Err(ApplyError::MissingBody { kind: r.r#type.clone(), name: r.name.clone() }) }
 }
 
 /// The directory's part of an update.
@@ -198,7 +220,7 @@ fn directory_changes(update: &ConfigUpdate) -> Changes {
             _ => {}
         }
     }
-    for r in update.resources.iter().filter(|r| check(r) == Ok(true)) {
+    for r in update.resources.iter().filter(|r| matches!(check(r), Ok(true))) {
         match (r.r#type.as_str(), &r.body) {
             (SERVICE, body) => {
                 let endpoints = match body {
@@ -255,10 +277,10 @@ impl Applier<'_> {
 
     /// Applies an update's resources (its taps are the caller's), type by
     /// type. Returns the types rejected and why: empty, ACK.
-    pub fn apply(&self, update: &ConfigUpdate, identity: &SpiffeId) -> HashMap<String, String> {
+    pub fn apply(&self, update: &ConfigUpdate, identity: &SpiffeId) -> Rejected {
         let mut held = self.held();
-        let merged = held.merge(update);
-        let mut rejected: HashMap<String, String> = merged.rejected.clone().into_iter().collect();
+        let mut merged = held.merge(update);
+        let mut rejected = std::mem::take(&mut merged.rejected);
         if merged.touched.contains(TRUST_BUNDLE)
             && let Err(e) = self.apply_bundle(&held)
         {
@@ -295,7 +317,7 @@ impl Applier<'_> {
 
     /// Replaces the roots with the bundle held (an empty one is ignored),
     /// and passes on its renew hint.
-    fn apply_bundle(&self, held: &Held) -> Result<(), String> {
+    fn apply_bundle(&self, held: &Held) -> Result<(), ApplyError> {
         let bundle = held.trust_bundle().cloned().unwrap_or_default();
         let renew: Vec<CertificateDer<'static>> =
             bundle.renew_unless_chains_to.into_iter().map(CertificateDer::from).collect();
@@ -310,7 +332,7 @@ impl Applier<'_> {
         }
         self.bundle.replace(&roots).map_err(|e| {
             tracing::warn!(error = %e, "ignoring an unusable trust bundle from the control plane");
-            e.to_string()
+            ApplyError::TrustBundle(e)
         })
     }
 
@@ -319,7 +341,7 @@ impl Applier<'_> {
         sources: &Sources,
         identity: &SpiffeId,
         previous: Option<Arc<InForce>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApplyError> {
         let in_force = InForce::compile(sources, &identity.to_string(), previous.as_deref(), self.metrics)?;
         let changed = previous.as_ref().is_none_or(|p| p.enforcer.version != in_force.enforcer.version);
         // The services routes send to: their endpoints are then held before
@@ -340,228 +362,4 @@ impl Applier<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use palisade_proto::v1::{MeshSettings, ResourceName, ServiceEndpoints};
-
-    use super::*;
-
-    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-
-    fn resource(r#type: &str, name: &str, version: &str, body: Body) -> Resource {
-        Resource { r#type: r#type.into(), name: name.into(), version: version.into(), body: Some(body) }
-    }
-
-    fn policy(name: &str, version: &str, json: &str) -> Resource {
-        resource(POLICY, name, version, Body::PolicyJson(json.into()))
-    }
-
-    fn settings(version: &str) -> Resource {
-        resource(SETTINGS, "mesh", version, Body::Settings(MeshSettings::default()))
-    }
-
-    fn update(nonce: &str, version: &str, resources: Vec<Resource>, removed: &[(&str, &str)]) -> ConfigUpdate {
-        ConfigUpdate {
-            nonce: nonce.into(),
-            policy_version: version.into(),
-            resources,
-            removed: removed.iter().map(|(t, n)| ResourceName { r#type: t.to_string(), name: n.to_string() }).collect(),
-            taps: None,
-        }
-    }
-
-    fn versions(held: &Held) -> Vec<(String, String, String)> {
-        held.versions().into_iter().map(|v| (v.r#type, v.name, v.version)).collect()
-    }
-
-    fn triple(t: &str, n: &str, v: &str) -> (String, String, String) {
-        (t.into(), n.into(), v.into())
-    }
-
-    const DENY_NO_RULES: &str = r#"{"apiVersion":"palisade.dev/v1","kind":"AuthorizationPolicy","metadata":{"name":"p","namespace":"shop"},"spec":{"target":{"identities":["spiffe://cluster.local/ns/shop/sa/web"]},"action":"DENY"}}"#;
-    const ROUTES: &str = r#"{"apiVersion":"palisade.dev/v1","kind":"TrafficPolicy","metadata":{"name":"r","namespace":"shop"},"spec":{"target":{"identities":["spiffe://cluster.local/ns/shop/sa/web"]},"routes":[{"match":{"service":"orders.shop"},"backends":[{"service":"orders-v2.shop"}]}]}}"#;
-
-    /// The parts an update configures, owned by the test.
-    struct Parts {
-        held: Mutex<Held>,
-        bundle: TrustBundle,
-        policy: PolicyState,
-        directory: Directory,
-        metrics: Metrics,
-        renew_unless: tokio::sync::watch::Sender<Vec<CertificateDer<'static>>>,
-    }
-
-    impl Parts {
-        fn new() -> Self {
-            let td = palisade_certs::TrustDomain::new("cluster.local").unwrap();
-            let ca = palisade_certs::CertificateAuthority::generate(&td, Duration::from_secs(3600)).unwrap();
-            Self {
-                held: Mutex::default(),
-                bundle: TrustBundle::new(ca.trust_bundle()).unwrap(),
-                policy: PolicyState::default(),
-                directory: Directory::default(),
-                metrics: Metrics::default(),
-                renew_unless: tokio::sync::watch::channel(Vec::new()).0,
-            }
-        }
-
-        fn applier(&self) -> Applier<'_> {
-            Applier {
-                held: &self.held,
-                bundle: &self.bundle,
-                policy: &self.policy,
-                directory: &self.directory,
-                metrics: &self.metrics,
-                renew_unless: &self.renew_unless,
-            }
-        }
-
-        fn apply(&self, u: &ConfigUpdate) -> HashMap<String, String> {
-            self.applier().apply(u, &WEB.parse().unwrap())
-        }
-
-        fn policy_version(&self) -> Option<String> {
-            self.policy.current().map(|p| p.enforcer.version.clone())
-        }
-    }
-
-    #[test]
-    fn held_merges_additions_changes_and_removals() {
-        let mut held = Held::default();
-        held.merge(&update(
-            "1",
-            "r1",
-            vec![policy("AuthorizationPolicy/shop/a", "a1", "{}"), policy("AuthorizationPolicy/shop/b", "b1", "{}")],
-            &[],
-        ));
-        let merged = held.merge(&update(
-            "2",
-            "r2",
-            vec![
-                policy("AuthorizationPolicy/shop/a", "a2", "{}"),
-                settings("s1"),
-                resource("future", "x", "f1", Body::PolicyJson("{}".into())),
-            ],
-            &[(POLICY, "AuthorizationPolicy/shop/b"), (POLICY, "AuthorizationPolicy/shop/never-held")],
-        ));
-        assert_eq!(
-            versions(&held),
-            [triple(POLICY, "AuthorizationPolicy/shop/a", "a2"), triple(SETTINGS, "mesh", "s1")],
-            "a type this sidecar does not know is not held"
-        );
-        assert!(merged.rejected.is_empty(), "{:?}", merged.rejected);
-        held.undo(&merged, &[POLICY]);
-        assert_eq!(
-            versions(&held),
-            [
-                triple(POLICY, "AuthorizationPolicy/shop/a", "a1"),
-                triple(POLICY, "AuthorizationPolicy/shop/b", "b1"),
-                triple(SETTINGS, "mesh", "s1")
-            ]
-        );
-    }
-
-    #[test]
-    fn a_resource_without_its_body_is_rejected_and_not_held() {
-        let mut held = Held::default();
-        let bare = Resource { r#type: SETTINGS.into(), name: "mesh".into(), version: "s1".into(), body: None };
-        let bad_addr = resource(ADDRESS, "not-an-ip", "v", Body::AddressService(String::new()));
-        let merged = held.merge(&update("1", "r1", vec![bare, bad_addr], &[]));
-        assert!(held.versions().is_empty());
-        assert!(
-            merged.rejected.contains_key(SETTINGS) && merged.rejected.contains_key(ADDRESS),
-            "{:?}",
-            merged.rejected
-        );
-    }
-
-    #[test]
-    fn a_first_update_without_policies_still_compiles() {
-        let parts = Parts::new();
-        let rejected = parts.apply(&update("1", "r1", vec![settings("s1")], &[]));
-        assert!(rejected.is_empty(), "{rejected:?}");
-        assert_eq!(parts.policy_version().as_deref(), Some("r1"));
-        assert!(parts.directory.loaded());
-        // Nothing at all (no settings either) compiles too.
-        let parts = Parts::new();
-        assert!(parts.apply(&update("1", "r1", vec![], &[])).is_empty());
-        assert!(parts.policy.current().is_some());
-    }
-
-    #[test]
-    fn a_failed_policy_compile_rolls_back_the_policy_types() {
-        let parts = Parts::new();
-        let first =
-            update("1", "r1", vec![policy("AuthorizationPolicy/shop/p", "p1", DENY_NO_RULES), settings("s1")], &[]);
-        assert!(parts.apply(&first).is_empty());
-        assert_eq!(parts.policy_version().as_deref(), Some("r1"));
-        let nacks = parts.metrics.policy_nacks.get();
-
-        let api_keys = resource(API_KEYS, "api_keys", "k1", Body::ApiKeys(Default::default()));
-        let service = resource(SERVICE, "orders.shop", "e1", Body::Service(ServiceEndpoints::default()));
-        let bad = update(
-            "2",
-            "r2",
-            vec![policy("AuthorizationPolicy/shop/p", "p2", "{not json"), api_keys, service],
-            &[(SETTINGS, "mesh")],
-        );
-        let rejected = parts.apply(&bad);
-        assert_eq!(rejected.keys().collect::<Vec<_>>(), [POLICY], "{rejected:?}");
-        assert_eq!(parts.policy_version().as_deref(), Some("r1"), "the previous policy stays in force");
-        assert_eq!(parts.metrics.policy_nacks.get(), nacks + 1);
-        assert_eq!(
-            versions(&parts.held.lock().unwrap()),
-            [
-                triple(POLICY, "AuthorizationPolicy/shop/p", "p1"),
-                triple(SERVICE, "orders.shop", "e1"),
-                triple(SETTINGS, "mesh", "s1")
-            ],
-            "the policy types are what is in force; the service, applied, is held"
-        );
-    }
-
-    #[test]
-    fn after_a_rejected_first_policy_the_sidecar_stays_unready() {
-        let parts = Parts::new();
-        let bad = update("1", "r1", vec![policy("AuthorizationPolicy/shop/p", "p1", "{not json"), settings("s1")], &[]);
-        assert!(parts.apply(&bad).contains_key(POLICY));
-        assert!(versions(&parts.held.lock().unwrap()).is_empty());
-        let service = resource(SERVICE, "orders.shop", "e1", Body::Service(ServiceEndpoints::default()));
-        assert!(parts.apply(&update("2", "r1", vec![service], &[])).is_empty());
-        assert!(parts.policy.current().is_none(), "no policy in force until one compiles");
-        let good = update("3", "r2", vec![policy("AuthorizationPolicy/shop/p", "p2", DENY_NO_RULES)], &[]);
-        assert!(parts.apply(&good).is_empty());
-        assert_eq!(parts.policy_version().as_deref(), Some("r2"));
-    }
-
-    #[test]
-    fn route_backends_are_subscribed_after_a_compile() {
-        let parts = Parts::new();
-        assert!(parts.apply(&update("1", "r1", vec![policy("TrafficPolicy/shop/r", "r1", ROUTES)], &[])).is_empty());
-        assert_eq!(parts.directory.take_wants().map(|w| w.services), Some(vec!["orders-v2.shop".to_string()]));
-    }
-
-    #[tokio::test]
-    async fn the_hello_names_what_is_held_and_every_want() {
-        let parts = Parts::new();
-        parts.directory.want_services(["orders.shop"]);
-        // Sent on an earlier stream, which then failed.
-        assert!(parts.directory.take_wants().is_some());
-        let service = resource(SERVICE, "orders.shop", "e1", Body::Service(ServiceEndpoints::default()));
-        assert!(parts.apply(&update("1", "r1", vec![service, settings("s1")], &[])).is_empty());
-        // Asked while no stream is open.
-        let _ = parts.directory.pick_or_wait("db.shop", Duration::ZERO).await;
-        let _ = parts.directory.identity_for_ip_or_wait("10.0.0.9".parse().unwrap(), Duration::ZERO).await;
-
-        let hello = parts.applier().hello("10.0.0.1:4143");
-        assert_eq!(hello.inbound_addr, "10.0.0.1:4143");
-        assert_eq!(hello.capabilities, ["taps"]);
-        let held: Vec<_> = hello.held.into_iter().map(|v| (v.r#type, v.name, v.version)).collect();
-        assert_eq!(held, [triple(SERVICE, "orders.shop", "e1"), triple(SETTINGS, "mesh", "s1")]);
-        let want = hello.want.unwrap_or_default();
-        assert_eq!(want.services, ["db.shop", "orders.shop"]);
-        assert_eq!(want.addresses, ["10.0.0.9"]);
-        assert_eq!(parts.directory.take_wants(), None, "the Hello carried the queued wants");
-    }
-}
+mod tests;
