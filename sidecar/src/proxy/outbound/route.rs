@@ -73,20 +73,18 @@ impl Outbound {
                 None => return Ok(None),
             },
         };
-        if !routes.for_service(&service) {
-            return Ok(None);
-        }
         // Routes match the path as the callee will see it (normalised); a
         // path that cannot be normalised goes unrouted and the callee refuses it.
-        let Ok(path) = palisade_policy::path::normalize(req.uri().path()) else { return Ok(None) };
-        let Some(route) = routes.route(&service, &path, &crate::proxy::RequestHeaders(req.headers())) else {
+        let headers = crate::proxy::RequestHeaders(req.headers());
+        let Ok(Some(routed)) = policy.enforcer.route_request(&service, req.uri().path(), &headers) else {
             return Ok(None);
         };
+        let route = routed.route;
         let backend = route.pick(self.draw()).clone();
         if let Some(slot) = req.extensions().get::<Arc<crate::proxy::access::Decided>>() {
             slot.set(route.policy.clone(), Some(route.index));
         }
-        if let Some(new) = route.rewrite(&path) {
+        if let Some(new) = routed.rewritten {
             let pq = match req.uri().query() {
                 Some(q) => format!("{new}?{q}"),
                 None => new,
