@@ -248,3 +248,27 @@ pub fn sampled(ratio: f64) -> bool {
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) < ratio
 }
+
+/// The end of a request in either direction, in one place: the decision
+/// its answer shows, the span's last attributes and end, and the access-log
+/// entry written once the body has been sent.
+pub(crate) fn finish(
+    resp: http::Response<Body>,
+    span: palisade_telemetry::ReqSpan,
+    entry: Option<Entry>,
+    client: bool,
+) -> http::Response<Body> {
+    let status = resp.status().as_u16();
+    let decision = super::decision_of(status, resp.headers().contains_key("x-palisade-error"));
+    if span.recording() {
+        span.set(super::response_attributes(&resp, decision));
+    }
+    span.end(status, client);
+    match entry {
+        Some(e) => {
+            let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+            resp.map(|b| Logged::wrap(b, e, status, grpc, decision))
+        }
+        None => resp,
+    }
+}

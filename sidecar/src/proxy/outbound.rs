@@ -297,19 +297,7 @@ impl Outbound {
             e
         });
         let resp = self.clone().handle(req, dest, app).await;
-        let status = resp.status().as_u16();
-        let decision = super::decision_of(status, resp.headers().contains_key("x-palisade-error"));
-        if span.recording() {
-            span.set(super::response_attributes(&resp, decision));
-        }
-        span.end(status, true);
-        match entry {
-            Some(e) => {
-                let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
-                resp.map(|b| super::access::Logged::wrap(b, e, status, grpc, decision))
-            }
-            None => resp,
-        }
+        super::access::finish(resp, span, entry, true)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, dest: Arc<Dest>, app: Protocol) -> Response<Body> {

@@ -83,19 +83,7 @@ impl Inbound {
             e
         });
         let resp = self.clone().handle(req, peer, src, conn_proto, app).await;
-        let status = resp.status().as_u16();
-        let decision = crate::proxy::decision_of(status, resp.headers().contains_key("x-palisade-error"));
-        if span.recording() {
-            span.set(crate::proxy::response_attributes(&resp, decision));
-        }
-        span.end(status, false);
-        match entry {
-            Some(e) => {
-                let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
-                resp.map(|b| crate::proxy::access::Logged::wrap(b, e, status, grpc, decision))
-            }
-            None => resp,
-        }
+        crate::proxy::access::finish(resp, span, entry, false)
     }
 
     /// One request: the identity headers set, the one decision made, and
@@ -340,5 +328,34 @@ fn strip_underscore_aliases(h: &mut http::HeaderMap, authn: Option<&palisade_pol
         .collect();
     for name in aliases {
         h.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn underscore_aliases_of_palisade_headers_are_dropped_and_others_kept() {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in
+            [("x_palisade_peer_identity", "spiffe://evil"), ("x_custom", "1"), ("x-palisade-peer-identity", "ok")]
+        {
+            h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), http::HeaderValue::from_static(v));
+        }
+        strip_underscore_aliases(&mut h, None);
+        assert!(h.get("x_palisade_peer_identity").is_none(), "an alias of an identity header never reaches the app");
+        assert_eq!(h["x_custom"], "1");
+        assert_eq!(h["x-palisade-peer-identity"], "ok", "only underscore spellings are dropped here");
+    }
+
+    #[test]
+    fn the_normal_path_replaces_the_received_one_and_keeps_the_query() {
+        let mut req = Request::builder().uri("http://orders/a/../b//c?x=1&y=2").body(()).unwrap();
+        assert!(set_path(&mut req, "/b/c"));
+        assert_eq!(req.uri().to_string(), "http://orders/b/c?x=1&y=2");
+        let mut req = Request::builder().uri("/a").body(()).unwrap();
+        assert!(!set_path(&mut req, "/a b"), "a path that does not parse is refused, not passed on as received");
+        assert_eq!(req.uri(), "/a");
     }
 }
