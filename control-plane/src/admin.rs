@@ -302,7 +302,7 @@ impl Admin for AdminService {
     ) -> Result<Response<PreviewPolicyResponse>, Status> {
         self.authorize(&req)?;
         let (shared, document) = (self.shared.clone(), req.into_inner().document);
-        Ok(Response::new(blocking(move || crate::policy::preview(&shared, &document)).await?))
+        Ok(Response::new(blocking(move || crate::explain::preview(&shared, &document)).await?))
     }
 
     async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<CaStatus>, Status> {
@@ -379,7 +379,7 @@ impl Admin for AdminService {
 
     async fn simulate(&self, req: Request<SimulateRequest>) -> Result<Response<SimulateResponse>, Status> {
         self.authorize(&req)?;
-        Ok(Response::new(crate::policy::simulate(&self.shared, &req.into_inner())?))
+        Ok(Response::new(crate::explain::simulate(&self.shared, &req.into_inner())?))
     }
 
     async fn simulate_route(
@@ -387,7 +387,7 @@ impl Admin for AdminService {
         req: Request<SimulateRouteRequest>,
     ) -> Result<Response<SimulateRouteResponse>, Status> {
         self.authorize(&req)?;
-        Ok(Response::new(crate::policy::simulate_route(&self.shared, &req.into_inner())?))
+        Ok(Response::new(crate::explain::simulate_route(&self.shared, &req.into_inner())?))
     }
 
     async fn create_api_key(

@@ -29,6 +29,7 @@ mod conn;
 mod credentials;
 pub mod directory_guard;
 pub mod discovery;
+mod explain;
 pub mod https;
 pub mod identity;
 pub mod jwks;
