@@ -80,6 +80,10 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
+    Ca(#[from] ca::HomeError),
+    #[error(transparent)]
+    StoreKey(#[from] store::sealed::SealError),
+    #[error(transparent)]
     Pki(#[from] pki::PkiError),
     #[error("Kubernetes attestation: {0}")]
     K8s(String),
@@ -182,12 +186,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             tracing::info!(endpoints = %cfg.etcd_endpoints.join(","), prefix = %cfg.etcd_prefix, "state in etcd");
             let s = Arc::new(s);
             if let (Some(from), Some(key_file)) = (&cfg.migrate_from, &cfg.store_key_file) {
-                let kek = store::sealed::Kek::from_file(key_file)
-                    .map_err(|e| store::StoreError::Etcd { why: e.to_string() })?;
+                let secrets = store::etcd::EtcdSecrets::new(s.clone(), Arc::new(store_key(key_file)?));
                 let (etcd, from) = (s.clone(), from.clone());
-                let report = tokio::task::spawn_blocking(move || etcd.import(&from, &kek))
-                    .await
-                    .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??;
+                let report = tokio::task::spawn_blocking(move || {
+                    let ca = ca::migrating(&from)?;
+                    Ok::<_, StartError>(etcd.import(&from, &secrets, ca)?)
+                })
+                .await
+                .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??;
                 tracing::info!(target: "audit", event = "migrated", "{report}");
             }
             etcd_store = Some(s.clone());
@@ -199,15 +205,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         // On etcd with a store key the CA lives in etcd, where it rotates; an
         // operator's root (no --ca-bundle) seeds it on the first start.
         (Some(etcd), op, Some(key_file)) if op.is_none_or(|(_, _, bundle)| bundle.is_none()) => {
-            let kek =
-                store::sealed::Kek::from_file(key_file).map_err(|e| store::StoreError::Etcd { why: e.to_string() })?;
-            Box::new(store::etcd::EtcdCaHome {
-                store: etcd.clone(),
-                kek: Arc::new(kek),
-                td: td.clone(),
-                validity: pki::ROOT_VALIDITY,
-                seed: op.map(|(c, k, _)| (c.to_path_buf(), k.to_path_buf())),
-            })
+            let secrets = store::etcd::EtcdSecrets::new(etcd.clone(), Arc::new(store_key(key_file)?));
+            Box::new(ca::SealedHome::new(
+                Arc::new(secrets),
+                &td,
+                pki::ROOT_VALIDITY,
+                op.map(|(c, k, _)| (c.to_path_buf(), k.to_path_buf())),
+            ))
         }
         (Some(_), None, None) => Box::new(ca::FileHome::new(
             data,
@@ -253,17 +257,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             let settings =
                 oauth::Settings { issuer, token_ttl: cfg.oauth_token_ttl, key_rotation: cfg.oauth_key_rotation };
             // On etcd the signing keys are shared by every replica, sealed like the CA.
-            let home = match (&etcd_store, &cfg.store_key_file) {
-                (Some(etcd), Some(key_file)) => {
-                    let kek = store::sealed::Kek::from_file(key_file)
-                        .map_err(|e| store::StoreError::Etcd { why: e.to_string() })?;
-                    oauth::KeyHome::Etcd(etcd.clone(), Arc::new(kek))
-                }
-                _ => oauth::KeyHome::File(data.join("oauth-keys.json")),
+            let (home, name): (Arc<dyn store::sealed::SecretHome>, _) = match (&etcd_store, &cfg.store_key_file) {
+                (Some(etcd), Some(key_file)) => (
+                    Arc::new(store::etcd::EtcdSecrets::new(etcd.clone(), Arc::new(store_key(key_file)?))),
+                    oauth::KEYS_RECORD,
+                ),
+                _ => (Arc::new(store::sealed::FileSecrets::new(data)), oauth::KEYS_FILE),
             };
             let store = store.clone();
             Some(Arc::new(
-                tokio::task::spawn_blocking(move || oauth::TokenService::open_at(home, settings, store))
+                tokio::task::spawn_blocking(move || oauth::TokenService::open_at(home, name, settings, store))
                     .await
                     .map_err(|e| store::StoreError::Etcd { why: e.to_string() })??,
             ))
@@ -342,7 +345,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }
         let shared = shared.clone();
         spawn(Box::pin(async move {
-            use store::etcd::Change;
+            use store::Change;
             loop {
                 match changes.recv().await {
                     // Counted at most every 300 ms: a replica publishes its
@@ -354,8 +357,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     }
                     Ok(Change::Endpoints) => shared.hub.endpoints_changed(),
                     Ok(Change::Tokens) => {}
-                    Ok(Change::Ca) => reload_ca(&shared).await,
-                    Ok(Change::OAuthKeys) => {
+                    Ok(Change::Secret(name)) if name.starts_with("ca") => reload_ca(&shared).await,
+                    Ok(Change::Secret(name)) if name == oauth::KEYS_RECORD => {
                         // The leader rotated the shared signing keys: publish them here too.
                         if let Some(o) = shared.oauth.clone() {
                             match tokio::task::spawn_blocking(move || o.reload()).await {
@@ -367,6 +370,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                             }
                         }
                     }
+                    Ok(Change::Secret(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         reload_ca(&shared).await;
                         shared.hub.credentials_changed();
@@ -495,7 +499,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 let s = service.clone();
                 let rotated = tokio::task::spawn_blocking(move || s.rotate_if_due(attest::join_token::unix_now()))
                     .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
                 match rotated {
                     Ok(true) => {
                         shared.hub.credentials_changed();
@@ -638,4 +642,9 @@ async fn reload_ca(shared: &Arc<Shared>) {
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.ca.reload()).await {
         tracing::error!(error = %e, "cannot read the CA from the store");
     }
+}
+
+/// The key that seals the store's secrets (`--store-key-file`), as private as the CA key.
+fn store_key(path: &std::path::Path) -> Result<store::sealed::Kek, StartError> {
+    Ok(store::sealed::Kek::from_file(path, |p| pki::check_key_mode(p).is_ok())?)
 }
