@@ -38,7 +38,7 @@ mod tests;
 
 pub(crate) use drive::{drive, status};
 pub use file_home::FileHome;
-pub use sealed_home::{SealedHome, migrating};
+pub use sealed_home::{SECRET_NAMES, SealedHome, migrating};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -134,11 +134,6 @@ pub trait CaHome: Send + Sync + std::fmt::Debug {
 }
 
 pub use palisade_certs::ca::sha256_hex;
-
-/// The roots of a bundle as one comparable string.
-pub fn roots_key(roots: &[Vec<u8>]) -> String {
-    roots.iter().map(|r| sha256_hex(r)).collect::<Vec<_>>().join(",")
-}
 
 /// What the control plane runs on now.
 #[derive(Debug)]

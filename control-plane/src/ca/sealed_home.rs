@@ -17,6 +17,8 @@ use crate::store::sealed::{SecretHome, SecretWrite};
 const CA: &str = "ca";
 /// The rotation record's name.
 const ROTATION: &str = "ca-rotation";
+/// The secret records the CA keeps (a change of one is a change of the CA).
+pub const SECRET_NAMES: [&str; 2] = [CA, ROTATION];
 
 /// A CA as a secret record: its certificate and its key.
 #[derive(Serialize, Deserialize)]
