@@ -34,9 +34,6 @@ pub enum StoreError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("etcd: {why}")]
     Etcd { why: String },
-    /// A secret record (see [`sealed::SecretHome`]) could not be read, opened or written.
-    #[error("{name}: {why}")]
-    Secret { name: String, why: String },
     /// Another replica changed what this call was changing.
     #[error("{what}")]
     Conflict { what: String },

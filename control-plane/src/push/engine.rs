@@ -201,4 +201,33 @@ mod tests {
         assert_eq!(process(&shared, policies(), &mut pushed), 0, "nothing changed");
         assert!(!woken(&orders).await && !woken(&web).await);
     }
+
+    #[tokio::test]
+    async fn an_endpoint_change_wakes_the_subscribers_of_its_service_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path());
+        // web watches orders.shop; orders watches web.shop.
+        let (orders, web) = (stream(1, ORDERS), stream(2, WEB));
+        assert!(shared.hub.join(orders.clone()) && shared.hub.join(web.clone()));
+        shared.hub.subscribe(web.id, &["orders.shop".into()], &[]);
+        shared.hub.subscribe(orders.id, &["web.shop".into()], &[]);
+        let mut pushed = HashMap::new();
+        process(&shared, Dirty { policies: true, ..Default::default() }, &mut pushed);
+        assert!(woken(&orders).await && woken(&web).await);
+
+        let proxy = crate::store::ProxyRecord {
+            identity: ORDERS.into(),
+            inbound_addr: "10.0.0.1:4143".into(),
+            cert_serial: "o1".into(),
+            cert_not_after: u64::MAX,
+            ..Default::default()
+        };
+        shared.store.upsert_proxy(proxy, None, false).unwrap();
+        let endpoints = || Dirty { endpoints: true, ..Default::default() };
+        assert_eq!(process(&shared, endpoints(), &mut pushed), 1);
+        assert!(woken(&web).await, "web subscribed to orders.shop");
+        assert!(!woken(&orders).await, "orders did not");
+        // A rebuild that finds nothing new wakes no one.
+        assert_eq!(process(&shared, endpoints(), &mut pushed), 0);
+    }
 }
