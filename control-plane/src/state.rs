@@ -69,7 +69,12 @@ pub(crate) async fn open_store(cfg: &Config) -> Result<(Arc<dyn Store>, Option<A
         let (to, from) = (etcd.clone(), from.clone());
         let report = blocking(move || {
             let ca = ca::migrating(&from)?;
-            Ok(to.import(&from, &secrets, ca)?)
+            let note = if ca.is_empty() {
+                "no generated CA (an operator CA: give --ca-cert and --ca-key to every replica)"
+            } else {
+                "its generated CA"
+            };
+            Ok(format!("{}; {note}", to.import(&from, &secrets, ca)?))
         })
         .await?;
         tracing::info!(target: "audit", event = "migrated", "{report}");

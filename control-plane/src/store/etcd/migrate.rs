@@ -72,12 +72,12 @@ impl EtcdStore {
         for chunk in puts.chunks(TXN_OPS) {
             self.txn(vec![], chunk.to_vec(), vec![])?;
         }
-        let secrets_imported = sealed.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ");
+        let secrets_imported = sealed.len();
         if !sealed.is_empty() && !secrets.put(None, sealed).map_err(|e| etcd_err(e.to_string()))? {
             return Err(StoreError::Conflict { what: "--migrate-from: the secrets changed meanwhile".into() });
         }
         Ok(format!(
-            "imported {}: {} policies (revision {}), {} join tokens, {} proxies, {} API keys, {} OAuth clients, secrets: [{secrets_imported}]",
+            "imported {}: {} policies (revision {}), {} join tokens, {} proxies, {} API keys, {} OAuth clients, {secrets_imported} sealed secrets",
             dir.display(),
             state.policies.len(),
             state.policy_revision,
