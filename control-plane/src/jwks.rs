@@ -23,6 +23,52 @@ use hyper_util::rt::TokioIo;
 use palisade_policy::authn::{Jwks, MAX_JWKS_BYTES};
 use tokio::net::TcpStream;
 
+/// Why a key set is not at hand (fetch errors are logged and shown to `policy apply`).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "its key set is pending: it is being fetched in the background (at most {secs}s a try); apply does not wait for it",
+        secs = FETCH_TIMEOUT.as_secs()
+    )]
+    Pending,
+    #[error("no answer within {secs}s", secs = FETCH_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("not a URL: {0}")]
+    NotUrl(http::uri::InvalidUri),
+    #[error("only https:// key set URLs are fetched")]
+    NotHttps,
+    #[error("no host")]
+    NoHost,
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("bad host name: {0}")]
+    HostName(rustls_pki_types::InvalidDnsNameError),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Request(#[from] http::Error),
+    #[error("HTTP status {0}")]
+    Status(StatusCode),
+    #[error("cannot read the body (at most {max} bytes): {0}", max = MAX_JWKS_BYTES)]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the body is not UTF-8")]
+    NotUtf8,
+    #[error("the key set {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Json(serde_json::Error),
+}
+
+/// Why `--jwks-ca-file` is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct RootsError {
+    path: std::path::PathBuf,
+    source: rustls_pki_types::pem::Error,
+}
+
 /// Time allowed for one fetch, connection included.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -121,7 +167,7 @@ impl JwksCache {
     }
 
     /// Records a fetch; `true` if the set changed.
-    fn store(&self, uri: &str, result: Result<String, String>) -> bool {
+    fn store(&self, uri: &str, result: Result<String, FetchError>) -> bool {
         let mut all = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = all.get_mut(uri) else { return false };
         e.in_flight = false;
@@ -136,7 +182,7 @@ impl JwksCache {
                 changed
             }
             Err(why) => {
-                tracing::warn!(jwks_uri = %palisade_telemetry::Untrusted(uri), error = %palisade_telemetry::Untrusted(&why), kept_last_good = e.json.is_some(), "cannot fetch a JWT key set; tokens of its issuer are refused until it can be fetched, unless a last good set is kept");
+                tracing::warn!(jwks_uri = %palisade_telemetry::Untrusted(uri), error = %palisade_telemetry::Untrusted(&why.to_string()), kept_last_good = e.json.is_some(), "cannot fetch a JWT key set; tokens of its issuer are refused until it can be fetched, unless a last good set is kept");
                 false
             }
         }
@@ -167,7 +213,7 @@ impl JwksCache {
     /// For `policy apply`: the set of `uri` if it is held; otherwise starts
     /// fetching it in the background (unless a fetch is running) and says it
     /// is pending, at once. Apply never waits on a key set server.
-    pub async fn fetch(self: &Arc<Self>, uri: &str) -> Result<String, String> {
+    pub async fn fetch(self: &Arc<Self>, uri: &str) -> Result<String, FetchError> {
         let start = {
             let mut all = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             let e = all.entry(uri.to_string()).or_insert_with(Entry::new);
@@ -184,10 +230,7 @@ impl JwksCache {
         if start {
             self.spawn_fetch(uri.to_string());
         }
-        Err(format!(
-            "its key set is pending: it is being fetched in the background (at most {}s a try); apply does not wait for it",
-            FETCH_TIMEOUT.as_secs()
-        ))
+        Err(FetchError::Pending)
     }
 
     /// Waits until a refresh is requested or `max` passes.
@@ -201,27 +244,22 @@ impl JwksCache {
     }
 
     /// Fetches and checks one key set, in [`FETCH_TIMEOUT`] at most.
-    async fn fetch_now(&self, uri: &str) -> Result<String, String> {
-        tokio::time::timeout(FETCH_TIMEOUT, self.fetch_inner(uri))
-            .await
-            .map_err(|_| format!("no answer within {}s", FETCH_TIMEOUT.as_secs()))?
+    async fn fetch_now(&self, uri: &str) -> Result<String, FetchError> {
+        tokio::time::timeout(FETCH_TIMEOUT, self.fetch_inner(uri)).await.map_err(|_| FetchError::Timeout)?
     }
 
-    async fn fetch_inner(&self, uri: &str) -> Result<String, String> {
-        let parsed: Uri = uri.parse().map_err(|e| format!("not a URL: {e}"))?;
+    async fn fetch_inner(&self, uri: &str) -> Result<String, FetchError> {
+        let parsed: Uri = uri.parse().map_err(FetchError::NotUrl)?;
         if parsed.scheme_str() != Some("https") {
-            return Err("only https:// key set URLs are fetched".into());
+            return Err(FetchError::NotHttps);
         }
-        let host = parsed.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = parsed.host().ok_or(FetchError::NoHost)?.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = parsed.port_u16().unwrap_or(443);
-        let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("cannot connect: {e}"))?;
-        let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("bad host name: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("HTTP: {e}"))?;
+        let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(FetchError::Connect)?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(FetchError::HostName)?;
+        let tls =
+            tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(FetchError::Tls)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -230,37 +268,32 @@ impl JwksCache {
             .header(header::HOST, authority)
             .header(header::ACCEPT, "application/json, application/jwk-set+json")
             .header(header::USER_AGENT, concat!("palisade-control-plane/", env!("CARGO_PKG_VERSION")))
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
+            .body(Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
         if resp.status() != StatusCode::OK {
-            return Err(format!("HTTP status {}", resp.status()));
+            return Err(FetchError::Status(resp.status()));
         }
-        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("cannot read the body (at most {MAX_JWKS_BYTES} bytes): {e}"))?
-            .to_bytes();
-        let text = std::str::from_utf8(&body).map_err(|_| "the body is not UTF-8")?;
-        Jwks::parse(text).map_err(|why| format!("the key set {why}"))?;
+        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES).collect().await.map_err(FetchError::Body)?.to_bytes();
+        let text = std::str::from_utf8(&body).map_err(|_| FetchError::NotUtf8)?;
+        Jwks::parse(text).map_err(FetchError::Invalid)?;
         // Stored compact, so an unchanged set compares equal however it was formatted.
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let v: serde_json::Value = serde_json::from_str(text).map_err(FetchError::Json)?;
         Ok(v.to_string())
     }
 }
 
 /// The roots a `--jwks-ca-file` names; a missing default file gives none.
-pub fn load_roots(path: &std::path::Path, explicit: bool) -> Result<rustls::RootCertStore, String> {
+pub fn load_roots(path: &std::path::Path, explicit: bool) -> Result<rustls::RootCertStore, RootsError> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     let certs: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(path) {
-        Ok(it) => it.collect::<Result<_, _>>().map_err(|e| format!("{}: {e}", path.display()))?,
+        Ok(it) => it.collect::<Result<_, _>>().map_err(|source| RootsError { path: path.to_path_buf(), source })?,
         Err(e) if !explicit => {
             tracing::warn!(path = %path.display(), error = %e, "no CA file for jwksUri servers: key sets can be given inline (jwks) only; pass --jwks-ca-file");
             return Ok(roots);
         }
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(source) => return Err(RootsError { path: path.to_path_buf(), source }),
     };
     let (_, bad) = roots.add_parsable_certificates(certs);
     if bad > 0 {
@@ -295,10 +328,10 @@ mod tests {
         assert!(!c.fetch_due(&uris).await);
         // What apply calls: pending at once, and no second fetch of a set in flight.
         let e = c.fetch(&uris[0]).await.unwrap_err();
-        assert!(e.contains("pending"), "{e}");
+        assert!(matches!(e, FetchError::Pending), "{e}");
         assert!(c.due(&uris).is_empty(), "in flight: not started again");
         let fresh = "https://127.0.0.1:1/other.json".to_string();
-        assert!(c.fetch(&fresh).await.unwrap_err().contains("pending"));
+        assert!(matches!(c.fetch(&fresh).await.unwrap_err(), FetchError::Pending));
         assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
         // A set that is not wanted any more is kept while its fetch runs.
         c.due(&uris[..1]);

@@ -10,7 +10,6 @@
 //! any other address, is still served. No secret or token is ever logged.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -21,14 +20,17 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::{Value, json};
 
 use crate::attest::join_token::unix_now;
 use crate::https::reply;
-use crate::store::{OAuthClientRecord, Store};
+use crate::store::Store;
 
+mod keys;
 mod throttle;
+
+use keys::SigningKey;
+pub use keys::{KEYS_FILE, KEYS_RECORD, KeyError};
 
 /// The token endpoint's path.
 pub const TOKEN_PATH: &str = "/oauth2/token";
@@ -43,8 +45,8 @@ const MAX_BODY: usize = 16 * 1024;
 /// Why the token service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum OAuthError {
-    #[error("OAuth signing keys {path}: {why}")]
-    Keys { path: PathBuf, why: String },
+    #[error("OAuth signing keys {at}: {source}")]
+    Keys { at: String, source: KeyError },
 }
 
 /// Random bytes, base64url.
@@ -64,61 +66,6 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-struct SigningKey {
-    kid: String,
-    created: u64,
-    /// Unix seconds from which it signs (published before that, so every
-    /// sidecar holds it before the first token it signs exists).
-    active_from: u64,
-    pkcs8: Vec<u8>,
-    pair: EcdsaKeyPair,
-}
-
-impl SigningKey {
-    fn generate(now: u64, active_from: u64) -> Result<Self, String> {
-        let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map_err(|e| e.to_string())?;
-        Self::from_pkcs8(pkcs8.as_ref().to_vec(), now, active_from)
-    }
-
-    fn from_pkcs8(pkcs8: Vec<u8>, created: u64, active_from: u64) -> Result<Self, String> {
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &SystemRandom::new())
-            .map_err(|e| format!("unusable key: {e}"))?;
-        let kid = hex(&palisade_policy::authn::sha256(pair.public_key().as_ref())[..8]);
-        Ok(Self { kid, created, active_from, pkcs8, pair })
-    }
-
-    fn jwk(&self) -> Value {
-        let p = self.pair.public_key().as_ref();
-        json!({"kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": self.kid,
-               "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..65])})
-    }
-}
-
-/// The stored keys' bytes, if any.
-fn read_keys(home: &KeyHome) -> Result<Option<Vec<u8>>, String> {
-    match home {
-        KeyHome::File(path) => match std::fs::read(path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.to_string()),
-        },
-        KeyHome::Etcd(etcd, kek) => etcd.get_sealed("oauth-keys", kek).map_err(|e| e.to_string()),
-    }
-}
-
-fn parse_keys(bytes: Option<&[u8]>) -> Result<Vec<SigningKey>, String> {
-    let Some(bytes) = bytes else { return Ok(Vec::new()) };
-    let stored: Vec<StoredKey> = serde_json::from_slice(bytes).map_err(|e| format!("corrupt: {e}"))?;
-    stored
-        .into_iter()
-        .map(|k| {
-            let pkcs8 = STANDARD.decode(&k.pkcs8).map_err(|e| format!("corrupt key: {e}"))?;
-            SigningKey::from_pkcs8(pkcs8, k.created, k.active_from)
-        })
-        .collect()
-}
-
 /// How the token service is set up.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -129,28 +76,13 @@ pub struct Settings {
     pub key_rotation: Duration,
 }
 
-/// Where the signing keys are kept.
-#[derive(Debug)]
-pub enum KeyHome {
-    /// `DIR/oauth-keys.json`, mode 0600.
-    File(PathBuf),
-    /// Sealed in etcd, shared by every replica (the leader rotates them).
-    Etcd(Arc<crate::store::etcd::EtcdStore>, Arc<crate::store::sealed::Kek>),
-}
-
-impl KeyHome {
-    fn describe(&self) -> PathBuf {
-        match self {
-            Self::File(p) => p.clone(),
-            Self::Etcd(..) => PathBuf::from("etcd:oauth-keys"),
-        }
-    }
-}
-
 /// The token service.
 pub struct TokenService {
     settings: Settings,
-    home: KeyHome,
+    /// Where the signing keys are kept, under which name (shared by the
+    /// replicas on etcd, where the leader rotates them).
+    home: Arc<dyn crate::store::sealed::SecretHome>,
+    name: &'static str,
     keys: RwLock<Vec<SigningKey>>,
     store: Arc<dyn Store>,
     failures: Mutex<throttle::Throttle>,
@@ -166,124 +98,10 @@ impl std::fmt::Debug for TokenService {
     }
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredKey {
-    kid: String,
-    created: u64,
-    active_from: u64,
-    pkcs8: String,
-}
-
 impl TokenService {
-    /// Loads the signing keys from `dir/oauth-keys.json` (mode 0600), making
-    /// the first one if there is none.
-    pub fn open(dir: &Path, settings: Settings, store: Arc<dyn Store>) -> Result<Self, OAuthError> {
-        Self::open_at(KeyHome::File(dir.join("oauth-keys.json")), settings, store)
-    }
-
-    /// Loads the signing keys from `home`, making the first one if there is none.
-    pub fn open_at(home: KeyHome, settings: Settings, store: Arc<dyn Store>) -> Result<Self, OAuthError> {
-        let path = home.describe();
-        let err = |why: String| OAuthError::Keys { path: path.clone(), why };
-        let keys = parse_keys(read_keys(&home).map_err(err)?.as_deref()).map_err(err)?;
-        let svc = Self { settings, home, keys: RwLock::new(keys), store, failures: Mutex::default() };
-        if svc.keys.read().map(|k| k.is_empty()).unwrap_or(true) {
-            let now = unix_now();
-            let first = SigningKey::generate(now, now).map_err(err)?;
-            svc.keys.write().unwrap_or_else(|p| p.into_inner()).push(first);
-            if !svc.save(true).map_err(err)? {
-                // Another replica made the first key meanwhile: use its.
-                svc.reload().map_err(err)?;
-            }
-        }
-        Ok(svc)
-    }
-
-    /// Reads the keys again (another replica rotated them).
-    pub fn reload(&self) -> Result<(), String> {
-        let keys = parse_keys(read_keys(&self.home)?.as_deref())?;
-        if !keys.is_empty() {
-            *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        }
-        Ok(())
-    }
-
     /// The issuer (`iss`).
     pub fn issuer(&self) -> &str {
         &self.settings.issuer
-    }
-
-    /// Writes the keys; with `create` (the first key), only if no other
-    /// replica stored some first (`false` then).
-    fn save(&self, create: bool) -> Result<bool, String> {
-        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let stored: Vec<StoredKey> = keys
-            .iter()
-            .map(|k| StoredKey {
-                kid: k.kid.clone(),
-                created: k.created,
-                active_from: k.active_from,
-                pkcs8: STANDARD.encode(&k.pkcs8),
-            })
-            .collect();
-        let bytes = serde_json::to_vec_pretty(&stored).unwrap_or_default();
-        match &self.home {
-            KeyHome::File(path) => {
-                palisade_certs::files::write_atomic(path, &bytes, 0o600).map_err(|e| e.to_string()).map(|()| true)
-            }
-            KeyHome::Etcd(etcd, kek) => etcd.put_sealed("oauth-keys", &bytes, kek, create).map_err(|e| e.to_string()),
-        }
-    }
-
-    /// How long before it signs a new key is published.
-    fn lead(&self) -> u64 {
-        (self.settings.key_rotation / 4).min(Duration::from_secs(300)).as_secs().max(1)
-    }
-
-    /// How often [`Self::rotate_if_due`] should run.
-    pub fn check_interval(&self) -> Duration {
-        Duration::from_secs((self.lead() / 2).clamp(1, 60))
-    }
-
-    /// Publishes the next key when the current one nears its rotation, and
-    /// retires keys no live token can carry. `true` if the key set changed.
-    pub fn rotate_if_due(&self, now: u64) -> Result<bool, String> {
-        let rotation = self.settings.key_rotation.as_secs().max(1);
-        let ttl = self.settings.token_ttl.as_secs() + 60;
-        let mut changed = false;
-        {
-            let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-            let newest = keys.iter().map(|k| k.active_from).max().unwrap_or(0);
-            if newest + rotation <= now + self.lead() {
-                let from = (newest + rotation).max(now + self.lead());
-                keys.push(SigningKey::generate(now, from)?);
-                changed = true;
-            }
-            // A key is retired once the key after it has signed for longer than a token lives.
-            let mut starts: Vec<u64> = keys.iter().map(|k| k.active_from).collect();
-            starts.sort_unstable();
-            let before = keys.len();
-            keys.retain(|k| match starts.iter().find(|s| **s > k.active_from) {
-                Some(next) => *next > now || now - *next < ttl,
-                None => true,
-            });
-            changed |= keys.len() != before;
-        }
-        if changed {
-            self.save(false)?;
-            tracing::info!(target: "audit", event = "oauth_keys_rotated", kids = ?self.kids(), "OAuth signing keys changed");
-        }
-        Ok(changed)
-    }
-
-    fn kids(&self) -> Vec<String> {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).iter().map(|k| k.kid.clone()).collect()
-    }
-
-    /// The published key set (every key not retired, including the next one).
-    pub fn jwks_json(&self) -> String {
-        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        json!({"keys": keys.iter().map(SigningKey::jwk).collect::<Vec<_>>()}).to_string()
     }
 
     fn metadata(&self) -> Value {
@@ -297,39 +115,6 @@ impl TokenService {
             "response_types_supported": ["token"],
             "scopes_supported": [],
         })
-    }
-
-    /// Signs an access token for `client`.
-    fn issue(
-        &self,
-        client: &OAuthClientRecord,
-        scopes: &[String],
-        aud: Vec<String>,
-        now: u64,
-    ) -> Result<String, String> {
-        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let key = keys
-            .iter()
-            .filter(|k| k.active_from <= now)
-            .max_by_key(|k| k.active_from)
-            .ok_or("no signing key is active")?;
-        let header = json!({"alg": "ES256", "typ": "at+jwt", "kid": key.kid});
-        let aud = if aud.len() == 1 { json!(aud[0]) } else { json!(aud) };
-        let claims = json!({
-            "iss": self.settings.issuer,
-            "sub": client.client_id,
-            "aud": aud,
-            "exp": now + self.settings.token_ttl.as_secs(),
-            "iat": now,
-            "nbf": now,
-            "jti": random_b64(16),
-            "client_id": client.client_id,
-            "scope": scopes.join(" "),
-        });
-        let input =
-            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
-        let sig = key.pair.sign(&SystemRandom::new(), input.as_bytes()).map_err(|e| e.to_string())?;
-        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
     }
 
     /// Whether `addr`, or `client` from `addr`, is locked out after too many failures.
@@ -604,49 +389,5 @@ mod tests {
         assert_eq!(parse_basic(Some(&h)).unwrap(), ("my:id".into(), "s+cret".into()));
         assert!(parse_basic(Some(&HeaderValue::from_static("Bearer x"))).is_none());
         assert!(parse_basic(Some(&HeaderValue::from_static("Basic !!!"))).is_none());
-    }
-
-    #[test]
-    fn keys_rotate_by_kid_publish_ahead_and_retire_after_the_last_token() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(crate::store::FileStore::open(dir.path()).unwrap());
-        let settings = Settings {
-            issuer: "https://127.0.0.1:7443".into(),
-            token_ttl: Duration::from_secs(60),
-            key_rotation: Duration::from_secs(3600),
-        };
-        let svc = TokenService::open(dir.path(), settings.clone(), store.clone()).unwrap();
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(dir.path().join("oauth-keys.json")).unwrap().permissions(),
-        );
-        assert_eq!(mode & 0o777, 0o600);
-        let first = svc.kids();
-        let t0 = svc.keys.read().unwrap()[0].active_from;
-        assert!(!svc.rotate_if_due(t0 + 100).unwrap());
-        // 15 minutes (the lead) before the hour, the next key is published, not yet signing.
-        assert!(svc.rotate_if_due(t0 + 3600 - 300).unwrap());
-        assert_eq!(svc.kids().len(), 2);
-        let client = OAuthClientRecord {
-            client_id: "c".into(),
-            name: "n".into(),
-            secret_sha256: String::new(),
-            scopes: vec![],
-            audiences: vec![],
-            created_at: 0,
-        };
-        let kid_of = |t: &str| {
-            let h: Value =
-                serde_json::from_slice(&URL_SAFE_NO_PAD.decode(t.split('.').next().unwrap()).unwrap()).unwrap();
-            h["kid"].as_str().unwrap().to_string()
-        };
-        assert_eq!(kid_of(&svc.issue(&client, &[], vec!["a".into()], t0 + 3600 - 10).unwrap()), first[0]);
-        assert_ne!(kid_of(&svc.issue(&client, &[], vec!["a".into()], t0 + 3600).unwrap()), first[0]);
-        // The old key stays published while a token it signed may live, then goes.
-        assert!(!svc.rotate_if_due(t0 + 3600 + 60).unwrap());
-        assert!(svc.rotate_if_due(t0 + 3600 + 121).unwrap());
-        assert!(!svc.kids().contains(&first[0]));
-        // And the keys survive a restart.
-        let again = TokenService::open(dir.path(), settings, store).unwrap();
-        assert_eq!(again.kids(), svc.kids());
     }
 }

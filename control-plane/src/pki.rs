@@ -4,7 +4,6 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use palisade_certs::ca::parse_pem_certs;
@@ -154,13 +153,13 @@ impl AdminCredential {
 /// Ensures `<data>/admin/` holds a valid admin credential for this CA,
 /// issuing one if it is missing, expiring soon, from another CA, or (during
 /// a root rotation) not from the root that signs now or with another bundle.
+/// `ca` is the CA that signs now, `bundle_pem` the roots in force.
 pub fn ensure_admin_credential(
     data_dir: &Path,
-    view: &crate::ca::View,
+    ca: &CertificateAuthority,
+    bundle_pem: &str,
     td: &TrustDomain,
 ) -> Result<AdminCredential, PkiError> {
-    let ca = &view.signing;
-    let bundle_pem = view.bundle_pem();
     let cred = AdminCredential { dir: data_dir.join("admin") };
     let reusable = (|| {
         let chain = parse_pem_certs(&std::fs::read_to_string(cred.cert()).ok()?).ok()?;
@@ -184,7 +183,7 @@ pub fn ensure_admin_credential(
     let ttl = ADMIN_VALIDITY.min(ca.info().time_left(SystemTime::now()));
     let (issued, key) = ca.issue_with_key(&td.admin(), &[], &[], ttl)?;
     // The key last: whoever waits for it (scripts, tests) then finds all three.
-    write(&cred.ca(), &bundle_pem, false)?;
+    write(&cred.ca(), bundle_pem, false)?;
     write(&cred.cert(), &issued.chain_pem(), false)?;
     write(&cred.key(), key.expose(), true)?;
     tracing::info!(dir = %cred.dir.display(), identity = %td.admin(), not_after = %palisade_certs::svid::rfc3339::format(issued.info.not_after), "wrote the admin credential for palisadectl");
@@ -203,45 +202,6 @@ pub fn issue_server_cert(
     let certified = certified_key_from_pem(issued.chain.clone(), &key)?;
     store.set(Svid { certified, id: td.control_plane(), info: issued.info });
     Ok(())
-}
-
-/// Reissues the server certificate at half its lifetime, and at once when
-/// the CA that signs changes (a root rotation), forever.
-pub async fn rotate_server_cert(
-    ca: Arc<crate::ca::Authority>,
-    td: TrustDomain,
-    names: Vec<String>,
-    ips: Vec<IpAddr>,
-    store: SvidStore,
-) {
-    let mut changed = ca.subscribe();
-    let mut signer = ca.view().signing_sha.clone();
-    let mut due = tokio::time::Instant::now() + SERVER_CERT_TTL / 2;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(due) => {}
-            r = changed.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                if ca.view().signing_sha == signer {
-                    continue;
-                }
-            }
-        }
-        let view = ca.view();
-        match issue_server_cert(&view.signing, &td, &names, &ips, &store) {
-            Ok(()) => {
-                tracing::info!("reissued the control plane's server certificate");
-                signer = view.signing_sha.clone();
-                due = tokio::time::Instant::now() + SERVER_CERT_TTL / 2;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reissue the control plane's server certificate; retrying in 1m");
-                due = tokio::time::Instant::now() + Duration::from_secs(60);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

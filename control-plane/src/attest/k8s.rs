@@ -16,6 +16,42 @@ use serde_json::json;
 
 use super::{AttestError, Attested, Attestor};
 
+/// Why the Kubernetes attestor could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error("no API server: pass --k8s-api-server or run in a pod (KUBERNETES_SERVICE_HOST)")]
+    NoApiServer,
+    #[error("cannot read {path}: {source}")]
+    ReadCa { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {why}")]
+    Ca { path: PathBuf, why: String },
+    #[error("{0}")]
+    Roots(String),
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    #[error("Kubernetes API server {0:?} must be an https:// URL")]
+    NotHttps(String),
+    #[error("invalid API server address {0:?}")]
+    BadAddress(String),
+}
+
+/// Why a TokenReview call failed (the API server is unavailable to us).
+#[derive(Debug, thiserror::Error)]
+enum ReviewError {
+    #[error("{0}")]
+    Connect(std::io::Error),
+    #[error("{0}")]
+    Name(rustls_pki_types::InvalidDnsNameError),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Request(#[from] http::Error),
+    #[error("TokenReview returned HTTP {0}")]
+    Status(http::StatusCode),
+    #[error("TokenReview response is not JSON: {0}")]
+    NotJson(serde_json::Error),
+}
+
 /// Where and how to reach the API server.
 #[derive(Debug, Clone)]
 pub struct K8sConfig {
@@ -55,23 +91,22 @@ impl std::fmt::Debug for K8sAttestor {
 }
 
 impl K8sAttestor {
-    pub fn new(cfg: K8sConfig, td: TrustDomain) -> Result<Self, String> {
-        let pem =
-            std::fs::read_to_string(&cfg.ca_file).map_err(|e| format!("cannot read {}: {e}", cfg.ca_file.display()))?;
-        let certs = palisade_certs::ca::parse_pem_certs(&pem).map_err(|e| format!("{}: {e}", cfg.ca_file.display()))?;
-        let roots = palisade_certs::svid::root_store(&certs).map_err(|e| e.to_string())?;
+    pub fn new(cfg: K8sConfig, td: TrustDomain) -> Result<Self, K8sError> {
+        let pem = std::fs::read_to_string(&cfg.ca_file)
+            .map_err(|source| K8sError::ReadCa { path: cfg.ca_file.clone(), source })?;
+        let certs =
+            palisade_certs::ca::parse_pem_certs(&pem).map_err(|why| K8sError::Ca { path: cfg.ca_file.clone(), why })?;
+        let roots = palisade_certs::svid::root_store(&certs).map_err(|e| K8sError::Roots(e.to_string()))?;
         let tls = rustls::ClientConfig::builder_with_provider(palisade_certs::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let authority = cfg
             .api_server
             .strip_prefix("https://")
-            .ok_or_else(|| format!("Kubernetes API server {:?} must be an https:// URL", cfg.api_server))?
+            .ok_or_else(|| K8sError::NotHttps(cfg.api_server.clone()))?
             .trim_end_matches('/');
-        let auth: http::uri::Authority =
-            authority.parse().map_err(|_| format!("invalid API server address {:?}", cfg.api_server))?;
+        let auth: http::uri::Authority = authority.parse().map_err(|_| K8sError::BadAddress(cfg.api_server.clone()))?;
         let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
         let port = auth.port_u16().unwrap_or(443);
         Ok(Self { cfg, td, tls: tokio_rustls::TlsConnector::from(Arc::new(tls)), host, port })
@@ -88,32 +123,29 @@ impl K8sAttestor {
         });
         let call = async {
             let tcp =
-                tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| e.to_string())?;
-            let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
-            let tls = self.tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+                tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(ReviewError::Connect)?;
+            let name = ServerName::try_from(self.host.clone()).map_err(ReviewError::Name)?;
+            let tls = self.tls.connect(name, tcp).await.map_err(ReviewError::Connect)?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
             tokio::spawn(conn);
             let req = http::Request::post("/apis/authentication.k8s.io/v1/tokenreviews")
                 .header(http::header::HOST, &self.host)
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .header(http::header::ACCEPT, "application/json")
                 .header(http::header::AUTHORIZATION, format!("Bearer {}", own_token.trim()))
-                .body(Full::new(Bytes::from(body.to_string())))
-                .map_err(|e| e.to_string())?;
-            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                .body(Full::new(Bytes::from(body.to_string())))?;
+            let resp = sender.send_request(req).await?;
             let status = resp.status();
-            let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            let bytes = resp.into_body().collect().await?.to_bytes();
             if !status.is_success() {
-                return Err(format!("TokenReview returned HTTP {status}"));
+                return Err(ReviewError::Status(status));
             }
-            serde_json::from_slice::<serde_json::Value>(&bytes)
-                .map_err(|e| format!("TokenReview response is not JSON: {e}"))
+            serde_json::from_slice::<serde_json::Value>(&bytes).map_err(ReviewError::NotJson)
         };
         tokio::time::timeout(Duration::from_secs(10), call)
             .await
             .map_err(|_| unavailable("timed out after 10s".into()))?
-            .map_err(unavailable)
+            .map_err(|e| unavailable(e.to_string()))
     }
 }
 

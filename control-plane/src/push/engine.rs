@@ -128,3 +128,106 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::push::Handle;
+
+    const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    /// A control plane's shared state on a file store in `dir`, without listeners.
+    fn shared(dir: &std::path::Path) -> Arc<Shared> {
+        let cfg =
+            crate::Config::try_parse_from(["palisade-control-plane", "--data-dir", dir.to_str().unwrap()]).unwrap();
+        let td = cfg.trust_domain.clone();
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::FileStore::open(dir).unwrap());
+        let home = Box::new(crate::ca::FileHome::new(dir, &td, None, None));
+        let ca = Arc::new(crate::ca::Authority::open(home, td).unwrap());
+        crate::state::shared(&cfg, store, ca, None).unwrap()
+    }
+
+    fn stream(id: u64, identity: &str) -> Arc<Handle> {
+        Arc::new(Handle {
+            id,
+            identity: identity.into(),
+            key: format!("{identity} 10.0.0.{id}:4143"),
+            cancel: Default::default(),
+            wake: Default::default(),
+            since: Default::default(),
+        })
+    }
+
+    /// Whether `h` was woken (and takes the wake-up).
+    async fn woken(h: &Handle) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), h.wake.notified()).await.is_ok()
+    }
+
+    fn deny(target: &str) -> String {
+        format!(
+            "apiVersion: palisade.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-admin, namespace: shop}}\nspec:\n  target: {{identities: [\"{target}\"]}}\n  action: DENY\n  rules: [{{to: [{{paths: [\"/admin/*\"]}}]}}]\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_wakes_only_the_streams_it_concerns() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path());
+        let (orders, web) = (stream(1, ORDERS), stream(2, WEB));
+        assert!(shared.hub.join(orders.clone()) && shared.hub.join(web.clone()));
+        let policies = || Dirty { policies: true, ..Default::default() };
+        let mut pushed = HashMap::new();
+        // The first look computes every identity's view: both are woken.
+        assert_eq!(process(&shared, policies(), &mut pushed), 2);
+        assert!(woken(&orders).await && woken(&web).await);
+
+        let apply = |yaml: &str| {
+            let resources = crate::policy::parse(yaml).unwrap();
+            let items = resources.iter().map(|r| (r.kind().to_string(), r.key(), r.to_json())).collect();
+            shared.store.apply_policies(items).unwrap();
+        };
+        apply(&deny(ORDERS));
+        assert_eq!(process(&shared, policies(), &mut pushed), 1, "only the identity the policy targets");
+        assert!(woken(&orders).await, "orders' view changed");
+        assert!(!woken(&web).await, "web's view did not");
+
+        // Retargeted: both views change, both are woken; unchanged again, neither.
+        apply(&deny(WEB));
+        assert_eq!(process(&shared, policies(), &mut pushed), 2);
+        assert!(woken(&orders).await && woken(&web).await);
+        assert_eq!(process(&shared, policies(), &mut pushed), 0, "nothing changed");
+        assert!(!woken(&orders).await && !woken(&web).await);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_change_wakes_the_subscribers_of_its_service_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path());
+        // web watches orders.shop; orders watches web.shop.
+        let (orders, web) = (stream(1, ORDERS), stream(2, WEB));
+        assert!(shared.hub.join(orders.clone()) && shared.hub.join(web.clone()));
+        shared.hub.subscribe(web.id, &["orders.shop".into()], &[]);
+        shared.hub.subscribe(orders.id, &["web.shop".into()], &[]);
+        let mut pushed = HashMap::new();
+        process(&shared, Dirty { policies: true, ..Default::default() }, &mut pushed);
+        assert!(woken(&orders).await && woken(&web).await);
+
+        let proxy = crate::store::ProxyRecord {
+            identity: ORDERS.into(),
+            inbound_addr: "10.0.0.1:4143".into(),
+            cert_serial: "o1".into(),
+            cert_not_after: u64::MAX,
+            ..Default::default()
+        };
+        shared.store.upsert_proxy(proxy, None, false).unwrap();
+        let endpoints = || Dirty { endpoints: true, ..Default::default() };
+        assert_eq!(process(&shared, endpoints(), &mut pushed), 1);
+        assert!(woken(&web).await, "web subscribed to orders.shop");
+        assert!(!woken(&orders).await, "orders did not");
+        // A rebuild that finds nothing new wakes no one.
+        assert_eq!(process(&shared, endpoints(), &mut pushed), 0);
+    }
+}

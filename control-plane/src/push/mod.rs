@@ -28,6 +28,12 @@ pub(crate) mod view;
 
 pub use stream::MeshConfigService;
 
+/// The roots of a bundle as one comparable string (what a root rotation
+/// compares an ACKed bundle against).
+pub fn roots_key(roots: &[Vec<u8>]) -> String {
+    roots.iter().map(|r| palisade_certs::ca::sha256_hex(r)).collect::<Vec<_>>().join(",")
+}
+
 /// What the control plane knows of one proxy's config sync (and, with a
 /// replicated store, what each replica publishes of its own proxies).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -37,7 +43,7 @@ pub struct SyncStatus {
     pub sent: String,
     /// Policy version last ACKed.
     pub acked: String,
-    /// The roots of the last sent trust bundle ([`crate::ca::roots_key`]).
+    /// The roots of the last sent trust bundle ([`roots_key`]).
     #[serde(skip)]
     pub sent_roots: String,
     /// The roots of the trust bundle it last ACKed: a root rotation waits on them.

@@ -325,7 +325,7 @@ impl Sender {
                         held.remove(&(r.r#type.clone(), r.name.clone()));
                     }
                     crate::metrics::METRICS.config_bytes.inc_by(prost::Message::encoded_len(&u) as u64);
-                    let roots = crate::ca::roots_key(&bundle_roots(&self.shared));
+                    let roots = super::roots_key(&bundle_roots(&self.shared));
                     let nonce = u.nonce.clone();
                     let since = self.handle.since.lock().unwrap_or_else(|p| p.into_inner()).take();
                     if tx.send(Ok(u)).await.is_err() {
