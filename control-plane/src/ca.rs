@@ -29,8 +29,8 @@ use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use crate::Shared;
-use crate::attest::join_token::unix_now;
 use crate::store::StoreError;
+use palisade_cmd::unix_now;
 
 /// How often the leader checks whether the current step is complete.
 const DRIVE_EVERY: Duration = Duration::from_millis(500);

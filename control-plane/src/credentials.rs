@@ -12,9 +12,9 @@ use palisade_proto::v1::{
 use tonic::Status;
 
 use crate::Shared;
-use crate::attest::join_token::unix_now;
-use crate::oauth::{hex, random_b64};
+use crate::oauth::random_b64;
 use crate::store::{ApiKeyRecord, OAuthClientRecord, StoreError};
+use palisade_cmd::{hex, unix_now};
 
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
@@ -166,7 +166,7 @@ pub(crate) fn create_oauth_client(
     let secret = format!("pcs_{}", random_b64(32));
     let record = OAuthClientRecord {
         // Not a secret: hex, so that logs and tools show it plainly.
-        client_id: format!("pc-{}", crate::oauth::hex(&random_bytes::<10>())),
+        client_id: format!("pc-{}", hex(&random_bytes::<10>())),
         name: req.name.clone(),
         secret_sha256: hex(&palisade_policy::authn::sha256(secret.as_bytes())),
         scopes: req.scopes,

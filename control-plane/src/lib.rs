@@ -434,7 +434,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             if leading.as_ref().is_some_and(|l| !*l.borrow()) {
                 continue;
             }
-            let cutoff = attest::join_token::unix_now().saturating_sub(86400);
+            let cutoff = palisade_cmd::unix_now().saturating_sub(86400);
             if let Err(e) = store::blocking(&prune_store, move |s| s.prune(cutoff)).await {
                 tracing::warn!(error = %e, "cannot prune old tokens and proxy records");
             }
@@ -493,7 +493,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     continue;
                 }
                 let s = service.clone();
-                let rotated = tokio::task::spawn_blocking(move || s.rotate_if_due(attest::join_token::unix_now()))
+                let rotated = tokio::task::spawn_blocking(move || s.rotate_if_due(palisade_cmd::unix_now()))
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()));
                 match rotated {

@@ -24,9 +24,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::{Value, json};
 
-use crate::attest::join_token::unix_now;
 use crate::https::reply;
 use crate::store::{OAuthClientRecord, Store};
+use palisade_cmd::{hex, unix_now};
 
 mod throttle;
 
@@ -52,11 +52,6 @@ pub fn random_b64(n: usize) -> String {
     let mut b = vec![0u8; n];
     SystemRandom::new().fill(&mut b).expect("invariant: the system RNG works");
     URL_SAFE_NO_PAD.encode(b)
-}
-
-/// Lower-case hex.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Equal, in time that depends only on the length.

@@ -19,12 +19,8 @@ struct WaitReady {
     #[arg(long, default_value = "127.0.0.1:4191")]
     admin: String,
     /// Give up (exit 1) after this long.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = palisade_cmd::duration_arg)]
     timeout: std::time::Duration,
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 30s or 2m"))
 }
 
 /// The whole command line: the proxy's flags, or one of its subcommands.

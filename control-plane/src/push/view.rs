@@ -210,7 +210,7 @@ impl Views {
     /// Rebuilds the directory from the store (the proxies with a valid
     /// certificate and an inbound address); returns what changed.
     pub(crate) fn rebuild_directory(&self, shared: &Shared) -> (HashSet<String>, HashSet<IpAddr>) {
-        let now = crate::attest::join_token::unix_now();
+        let now = palisade_cmd::unix_now();
         let mut grouped: BTreeMap<Arc<str>, Vec<Endpoint>> = BTreeMap::new();
         {
             // An identity's service name, parsed once.
