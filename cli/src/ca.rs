@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use palisade_proto::v1::*;
 
-use crate::{Online, Output, admin, print_value, status_err, time_str, ts};
+use crate::client::{admin, status_err};
+use crate::show::{print_value, time_str, ts};
+use crate::{Online, Output};
 use palisade_cmd::outln;
 
 #[derive(Debug, clap::Subcommand)]
@@ -32,13 +34,13 @@ pub(crate) enum CaCmd {
         abort: bool,
         /// Hold each step at least this long (e.g. 5m), for clients outside the
         /// mesh that read the trust bundle to pick the new root up.
-        #[arg(long, default_value = "0s", value_parser = crate::parse_duration)]
+        #[arg(long, default_value = "0s", value_parser = palisade_cmd::duration_arg)]
         min_phase: Duration,
         /// Return once the rotation has started; follow it with `palisadectl ca status`.
         #[arg(long)]
         no_wait: bool,
         /// Give up waiting after this long (the rotation itself goes on).
-        #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
+        #[arg(long, default_value = "10m", value_parser = palisade_cmd::duration_arg)]
         timeout: Duration,
     },
     /// Where a root rotation stands: the phase, the roots, the proxies it waits for.
