@@ -82,7 +82,7 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
             if *no_wait {
                 return print(cli.output, &s);
             }
-            let target = if *abort { "aborted" } else { "done" };
+            let target = if *abort { Phase::Aborted } else { Phase::Done };
             if cli.output == Output::Table {
                 eprintln!("{}: {}", s.phase, s.detail);
             }
@@ -102,10 +102,11 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
                             eprintln!("{}: {}", s.phase, s.detail);
                         }
                         last = s.phase.clone();
-                        if s.phase == target {
+                        let phase = Phase::from(s.phase.as_str());
+                        if phase == target {
                             return print(cli.output, &s);
                         }
-                        if s.phase == "aborted" || s.phase == "done" {
+                        if phase.ended() {
                             bail!("the rotation ended {} (another admin?)", s.phase);
                         }
                     }
@@ -119,6 +120,47 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Where a root rotation stands. The wire carries a string
+/// (`CaStatus.phase`); it is parsed once, here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Never rotated.
+    None,
+    /// The new root is in every bundle; waiting for every proxy to ACK it.
+    Publishing,
+    /// Certificates come from the new root; waiting for every proxy to renew.
+    Reissuing,
+    /// The old root is retired.
+    Done,
+    /// Going back to the old root.
+    Aborting,
+    /// Back on the old root.
+    Aborted,
+    /// A phase this CLI does not know (from a newer control plane).
+    Other,
+}
+
+impl Phase {
+    /// Whether the rotation is over, one way or the other.
+    fn ended(self) -> bool {
+        matches!(self, Self::Done | Self::Aborted)
+    }
+}
+
+impl From<&str> for Phase {
+    fn from(s: &str) -> Self {
+        match s {
+            "none" => Self::None,
+            "publishing" => Self::Publishing,
+            "reissuing" => Self::Reissuing,
+            "done" => Self::Done,
+            "aborting" => Self::Aborting,
+            "aborted" => Self::Aborted,
+            _ => Self::Other,
         }
     }
 }
@@ -173,4 +215,26 @@ fn print(output: Output, s: &CaStatus) -> Result<()> {
         outln!("            {p}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Phase;
+
+    #[test]
+    fn a_rotation_ends_done_or_aborted() {
+        let phases = [
+            ("none", Phase::None, false),
+            ("publishing", Phase::Publishing, false),
+            ("reissuing", Phase::Reissuing, false),
+            ("done", Phase::Done, true),
+            ("aborting", Phase::Aborting, false),
+            ("aborted", Phase::Aborted, true),
+            ("paused", Phase::Other, false),
+        ];
+        for (wire, phase, ended) in phases {
+            assert_eq!(Phase::from(wire), phase, "{wire}");
+            assert_eq!(phase.ended(), ended, "{wire}");
+        }
+    }
 }
