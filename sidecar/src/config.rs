@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use palisade_certs::TrustDomain;
-use palisade_cmd::duration_arg;
+use palisade_cmd::{duration_arg, ser_duration};
 
 /// Palisade sidecar proxy: holds the workload's SPIFFE identity, enforces
 /// mTLS and policy on its traffic, and serves an admin endpoint.
@@ -290,10 +290,6 @@ fn handshake_timeout(s: &str) -> Result<Duration, String> {
         d if d >= Duration::from_millis(100) && d <= Duration::from_secs(60) => Ok(d),
         _ => Err("must be between 100ms and 60s".into()),
     }
-}
-
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_duration(*d))
 }
 
 /// What validation turns the flags into, once: the values `start` runs on
