@@ -222,6 +222,20 @@ pub fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S
     s.collect_str(&humantime::format_duration(*d))
 }
 
+/// Resolves at the first SIGTERM or SIGINT: when a daemon starts draining.
+/// (Never, if the handlers cannot be installed: the process is then ended
+/// by SIGKILL, as it would be without them.)
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
 /// Seconds since the Unix epoch (0 if the clock is set before it).
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)

@@ -90,7 +90,7 @@ async fn run(cfg: Config) -> i32 {
     };
     let shutdown = running.shutdown.clone();
     tokio::select! {
-        _ = wait_for_signal() => {}
+        _ = palisade_cmd::shutdown_signal() => {}
         _ = shutdown.cancelled() => {}
     }
     tracing::info!(deadline = ?drain, "draining: no new connections, finishing in-flight requests");
@@ -100,17 +100,6 @@ async fn run(cfg: Config) -> i32 {
         tracing::warn!("drain deadline passed with requests still in flight; exiting");
     }
     0
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 /// Polls `http://<admin>/ready` until 200 (exit 0) or the timeout (exit 1).
