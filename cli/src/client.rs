@@ -19,6 +19,7 @@ pub(crate) struct Credentials {
     pub(crate) svid: Svid,
 }
 
+/// Reads the admin credential from `--credentials`; errors name the file and the fix.
 pub(crate) fn load_credentials(cli: &Online) -> Result<Credentials> {
     let dir = cli
         .credentials
@@ -42,6 +43,8 @@ pub(crate) fn load_credentials(cli: &Online) -> Result<Credentials> {
     Ok(Credentials { bundle, svid: Svid { certified, info, id } })
 }
 
+/// A TLS channel to the control plane, presenting the admin credential and
+/// requiring the control plane's own identity; errors carry a hint.
 pub(crate) async fn connect(cli: &Online, creds: &Credentials) -> Result<Channel> {
     let addr = ControlPlaneAddr::parse(&cli.control_plane)?;
     let now = SystemTime::now();
