@@ -325,7 +325,7 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String
 /// SHA-256 of a DER certificate, lowercase hex: how roots are named in
 /// status output and compared across the mesh.
 pub fn sha256_hex(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::svid::hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }
 
 /// Encodes one DER certificate as PEM (LF line endings).

@@ -69,6 +69,15 @@ impl TrustDomain {
     }
 }
 
+/// Parses with [`TrustDomain::new`], so a flag can be a `TrustDomain`
+/// directly (clap picks `FromStr`).
+impl FromStr for TrustDomain {
+    type Err = SpiffeIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
 impl fmt::Display for TrustDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -189,6 +198,15 @@ mod tests {
                 "{not_workload}"
             );
         }
+    }
+
+    #[test]
+    fn trust_domains_parse_from_str() {
+        assert_eq!("example.org".parse::<TrustDomain>().unwrap().as_str(), "example.org");
+        let e = "Example.org".parse::<TrustDomain>().unwrap_err();
+        assert_eq!(e, SpiffeIdError::TrustDomain { value: "Example.org".into() });
+        assert!(e.to_string().contains("use lowercase letters"), "{e}");
+        assert!("".parse::<TrustDomain>().is_err());
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub fn verify_chain(chain: &[CertificateDer<'_>], roots: &RootCertStore, now: Sy
     .map_err(|e| SvidError::Chain { reason: e.to_string() })
 }
 
+/// Lower-case hex of bytes (the one copy in `certs`, which does not depend
+/// on `palisade-cmd`; other crates use `palisade_cmd::hex`).
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use palisade_proto::v1::*;
 
-use crate::{Online, Output, admin, print_value, status_err, time_str, ts};
+use crate::client::{admin, status_err};
+use crate::show::{print_value, time_str, ts};
+use crate::{Online, Output};
 use palisade_cmd::outln;
 
 #[derive(Debug, clap::Subcommand)]
@@ -32,13 +34,13 @@ pub(crate) enum CaCmd {
         abort: bool,
         /// Hold each step at least this long (e.g. 5m), for clients outside the
         /// mesh that read the trust bundle to pick the new root up.
-        #[arg(long, default_value = "0s", value_parser = crate::parse_duration)]
+        #[arg(long, default_value = "0s", value_parser = palisade_cmd::duration_arg)]
         min_phase: Duration,
         /// Return once the rotation has started; follow it with `palisadectl ca status`.
         #[arg(long)]
         no_wait: bool,
         /// Give up waiting after this long (the rotation itself goes on).
-        #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
+        #[arg(long, default_value = "10m", value_parser = palisade_cmd::duration_arg)]
         timeout: Duration,
     },
     /// Where a root rotation stands: the phase, the roots, the proxies it waits for.
@@ -80,7 +82,7 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
             if *no_wait {
                 return print(cli.output, &s);
             }
-            let target = if *abort { "aborted" } else { "done" };
+            let target = if *abort { Phase::Aborted } else { Phase::Done };
             if cli.output == Output::Table {
                 eprintln!("{}: {}", s.phase, s.detail);
             }
@@ -100,10 +102,11 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
                             eprintln!("{}: {}", s.phase, s.detail);
                         }
                         last = s.phase.clone();
-                        if s.phase == target {
+                        let phase = Phase::from(s.phase.as_str());
+                        if phase == target {
                             return print(cli.output, &s);
                         }
-                        if s.phase == "aborted" || s.phase == "done" {
+                        if phase.ended() {
                             bail!("the rotation ended {} (another admin?)", s.phase);
                         }
                     }
@@ -117,6 +120,47 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Where a root rotation stands. The wire carries a string
+/// (`CaStatus.phase`); it is parsed once, here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Never rotated.
+    None,
+    /// The new root is in every bundle; waiting for every proxy to ACK it.
+    Publishing,
+    /// Certificates come from the new root; waiting for every proxy to renew.
+    Reissuing,
+    /// The old root is retired.
+    Done,
+    /// Going back to the old root.
+    Aborting,
+    /// Back on the old root.
+    Aborted,
+    /// A phase this CLI does not know (from a newer control plane).
+    Other,
+}
+
+impl Phase {
+    /// Whether the rotation is over, one way or the other.
+    fn ended(self) -> bool {
+        matches!(self, Self::Done | Self::Aborted)
+    }
+}
+
+impl From<&str> for Phase {
+    fn from(s: &str) -> Self {
+        match s {
+            "none" => Self::None,
+            "publishing" => Self::Publishing,
+            "reissuing" => Self::Reissuing,
+            "done" => Self::Done,
+            "aborting" => Self::Aborting,
+            "aborted" => Self::Aborted,
+            _ => Self::Other,
         }
     }
 }
@@ -171,4 +215,26 @@ fn print(output: Output, s: &CaStatus) -> Result<()> {
         outln!("            {p}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Phase;
+
+    #[test]
+    fn a_rotation_ends_done_or_aborted() {
+        let phases = [
+            ("none", Phase::None, false),
+            ("publishing", Phase::Publishing, false),
+            ("reissuing", Phase::Reissuing, false),
+            ("done", Phase::Done, true),
+            ("aborting", Phase::Aborting, false),
+            ("aborted", Phase::Aborted, true),
+            ("paused", Phase::Other, false),
+        ];
+        for (wire, phase, ended) in phases {
+            assert_eq!(Phase::from(wire), phase, "{wire}");
+            assert_eq!(phase.ended(), ended, "{wire}");
+        }
+    }
 }

@@ -12,7 +12,9 @@ use palisade_proto::v1::{
     ListOAuthClientsRequest, OAuthClientInfo, RevokeApiKeyRequest,
 };
 
-use crate::{Online, Output, admin, parse_duration, print_value, relative, status_err, table, time_str, ts};
+use crate::client::{admin, status_err};
+use crate::show::{print_value, relative, time_str, ts};
+use crate::{Online, Output, table};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ApiKeyCmd {
@@ -25,7 +27,7 @@ pub(crate) enum ApiKeyCmd {
         #[arg(long)]
         principal: String,
         /// Lifetime, e.g. 30d (default: no expiry).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = palisade_cmd::duration_arg)]
         expires: Option<Duration>,
         /// Only workloads in this namespace accept the key (default: every workload an
         /// AuthenticationPolicy with apiKeys targets).

@@ -2,7 +2,7 @@
 //! from a live TLS endpoint, show its SVID facts, and verify it.
 
 use palisade_cmd::outln;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -12,6 +12,25 @@ use palisade_certs::svid::rfc3339;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum CertCmd {
+    /// Show a certificate's SPIFFE ID, issuer, validity and time left, and
+    /// verify its chain against a trust bundle.
+    Inspect {
+        /// A PEM file (leaf first), or a TLS endpoint: HOST:PORT or https://HOST:PORT.
+        target: String,
+        /// Trust bundle (PEM) to verify against; default: <credentials>/ca.pem.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Directory holding the admin credential; its ca.pem is the default bundle.
+        #[arg(long, env = "PALISADE_CREDENTIALS")]
+        credentials: Option<PathBuf>,
+        /// Output format (table or json).
+        #[arg(short, long, value_enum, default_value_t = crate::Output::Table)]
+        output: crate::Output,
+    },
+}
 
 /// Records the server's chain; verification is done afterwards, against the
 /// bundle the operator chose, so a bad chain is shown rather than hidden.

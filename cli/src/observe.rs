@@ -3,7 +3,9 @@
 use anyhow::{Result, bail};
 use palisade_proto::v1::*;
 
-use crate::{Online, Output, admin, print_value, status_err, table};
+use crate::client::{admin, status_err};
+use crate::show::print_value;
+use crate::{Online, Output, table};
 use palisade_cmd::{out, outln};
 
 /// What `tap` selects.

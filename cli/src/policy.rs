@@ -6,7 +6,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use palisade_proto::v1::*;
 
-use crate::{Online, Output, admin, print_value, status_err, table};
+use crate::client::{admin, status_err};
+use crate::proxies::SyncState;
+use crate::show::print_value;
+use crate::{Online, Output, table};
 use palisade_cmd::{out, outln};
 
 /// Policy management.
@@ -20,7 +23,7 @@ pub(crate) enum PolicyCmd {
         file: PathBuf,
         /// Then wait (up to this long, e.g. 30s) until every connected proxy enforces the result;
         /// exit 1 if one rejects it or time runs out.
-        #[arg(long, value_parser = crate::parse_duration)]
+        #[arg(long, value_parser = palisade_cmd::duration_arg)]
         wait: Option<std::time::Duration>,
         /// First show what the change would decide differently for recent traffic
         /// (as `policy preview`), and ask before applying.
@@ -233,14 +236,13 @@ async fn wait_synced(
     let deadline = std::time::Instant::now() + wait;
     loop {
         let proxies = c.list_proxies(ListProxiesRequest {}).await.map_err(status_err)?.into_inner().proxies;
-        let connected: Vec<_> =
-            proxies.iter().filter(|p| !p.sync_state.is_empty() && p.sync_state != "disconnected").collect();
-        if let Some(p) = connected.iter().find(|p| p.sync_state == "nacked") {
+        let connected: Vec<_> = proxies.iter().filter(|p| SyncState::of(p).is_connected()).collect();
+        if let Some(p) = connected.iter().find(|p| SyncState::of(p) == SyncState::Nacked) {
             bail!("{} ({}) rejected the policy: {}", p.identity, p.inbound_addr, p.last_nack);
         }
         let behind: Vec<_> = connected
             .iter()
-            .filter(|p| p.policy_revision_evaluated < revision || p.sync_state != "synced")
+            .filter(|p| p.policy_revision_evaluated < revision || SyncState::of(p) != SyncState::Synced)
             .map(|p| format!("{} ({})", p.identity, p.inbound_addr))
             .collect();
         if behind.is_empty() {
@@ -252,6 +254,56 @@ async fn wait_synced(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// The request `authz check` and `route` ask about.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RequestArgs {
+    /// HTTP method of the request (any case: get is GET).
+    #[arg(long, default_value = "GET", value_parser = parse_method)]
+    pub(crate) method: String,
+    /// Request path (with its query, if any), e.g. /api/orders.
+    #[arg(long, default_value = "/")]
+    pub(crate) path: String,
+    /// Request header NAME=VALUE, repeatable.
+    #[arg(long = "header")]
+    pub(crate) headers: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuthzCmd {
+    /// What the callee's sidecar would decide for a request, and which rule decides.
+    Check {
+        /// Caller SPIFFE ID; omit for an unauthenticated (plaintext) caller.
+        #[arg(long)]
+        from: Option<String>,
+        /// Callee SPIFFE ID.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        request: RequestArgs,
+        /// The app port the request is addressed to (rules naming ports match only when it is given).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The request principal, as if its credential verified: `<iss>/<sub>` of a JWT, or an API key's principal.
+        #[arg(long)]
+        principal: Option<String>,
+        /// The name of the API key the request carries.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// A claim of the verified token NAME=VALUE (VALUE may be JSON, e.g. roles=["a","b"]), repeatable.
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+    },
+}
+
+/// An HTTP method token (RFC 9110), upper-cased: policies name methods in upper case.
+fn parse_method(s: &str) -> Result<String, String> {
+    let token = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err("not an HTTP method; use e.g. GET, POST, DELETE".into());
+    }
+    Ok(s.to_ascii_uppercase())
 }
 
 /// What `authz check` asks about.
@@ -371,4 +423,14 @@ pub(crate) async fn route(
     outln!("path:        {}", resp.path);
     outln!("reason:      {}", resp.reason);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn methods_are_tokens_in_upper_case() {
+        assert_eq!(super::parse_method("get").unwrap(), "GET");
+        assert!(super::parse_method("GE T").is_err());
+        assert!(super::parse_method("").is_err());
+    }
 }

@@ -216,6 +216,26 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| format!("{e}; use a duration such as 500ms, 10s, 5m or 1h"))
 }
 
+/// Serializes a duration as a flag takes it (`10m`, `1h 30m`): for the
+/// effective config the programs log and show (`#[serde(serialize_with = ...)]`).
+pub fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+/// Resolves at the first SIGTERM or SIGINT: when a daemon starts draining.
+/// (Never, if the handlers cannot be installed: the process is then ended
+/// by SIGKILL, as it would be without them.)
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
 /// Seconds since the Unix epoch (0 if the clock is set before it).
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -240,5 +260,17 @@ mod helper_tests {
         assert!(e.contains("use a duration such as"), "{e}");
         assert_eq!(super::hex(&[0, 0xab, 0x10]), "00ab10");
         assert!(super::unix_now() > 1_700_000_000);
+    }
+
+    #[test]
+    fn durations_serialize_as_flags_take_them() {
+        #[derive(serde::Serialize)]
+        struct C {
+            #[serde(serialize_with = "super::ser_duration")]
+            d: std::time::Duration,
+        }
+        let json = serde_json::to_string(&C { d: std::time::Duration::from_secs(5400) }).unwrap();
+        assert_eq!(json, r#"{"d":"1h 30m"}"#);
+        assert_eq!(super::parse_duration("1h 30m").unwrap(), std::time::Duration::from_secs(5400));
     }
 }

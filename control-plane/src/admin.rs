@@ -2,7 +2,7 @@
 //! admin client certificate (`spiffe://<td>/palisade/admin`).
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use palisade_certs::SpiffeId;
 use palisade_proto::v1::admin_server::Admin;
@@ -24,16 +24,12 @@ const MAX_TOKEN_USES: u32 = 10_000;
 /// Longest join token lifetime.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
 
-fn ts(unix: u64) -> Option<prost_types::Timestamp> {
-    Some((UNIX_EPOCH + Duration::from_secs(unix)).into())
-}
-
 fn token_info(t: &TokenRecord) -> JoinTokenInfo {
     JoinTokenInfo {
         id: t.id.clone(),
         identity: t.identity.clone(),
-        created_at: ts(t.created_at),
-        expires_at: ts(t.expires_at),
+        created_at: palisade_proto::unix_timestamp(t.created_at),
+        expires_at: palisade_proto::unix_timestamp(t.expires_at),
         uses_total: t.uses_total,
         uses_left: t.uses_left,
         revoked: t.revoked,
@@ -201,8 +197,8 @@ impl Admin for AdminService {
                     inbound_addr: p.inbound_addr,
                     peer_addr: p.peer_addr,
                     cert_serial: p.cert_serial,
-                    cert_not_after: ts(p.cert_not_after),
-                    last_seen: ts(p.last_seen),
+                    cert_not_after: palisade_proto::unix_timestamp(p.cert_not_after),
+                    last_seen: palisade_proto::unix_timestamp(p.last_seen),
                     attestation: p.attestation,
                 }
             })

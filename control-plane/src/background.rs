@@ -14,9 +14,9 @@ use palisade_certs::TrustDomain;
 use palisade_certs::tls::SvidStore;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::attest::join_token::unix_now;
 use crate::store::{self, Change};
 use crate::{Shared, ca, oauth, pki, policy, push};
+use palisade_cmd::unix_now;
 
 /// Where the background tasks run: stopped by `stop`, tracked by `tracker`.
 #[derive(Debug, Clone, Default)]

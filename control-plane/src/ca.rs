@@ -27,8 +27,8 @@ use palisade_certs::{CertificateAuthority, TrustDomain};
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
-use crate::attest::join_token::unix_now;
 use crate::store::sealed::SecretError;
+use palisade_cmd::unix_now;
 
 mod drive;
 mod file_home;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use palisade_certs::TrustDomain;
+use palisade_cmd::{duration_arg, ser_duration};
 
 pub use crate::directory_guard::AddrCheck;
 
@@ -69,17 +70,17 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// SPIFFE trust domain of every identity this control plane issues.
-    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: TrustDomain,
 
     /// Lifetime of workload certificates: 10s (tests) to 24h; below 5m is warned about.
-    #[arg(long, env = "PALISADE_CERT_TTL", default_value = "1h", value_parser = parse_duration)]
-    #[serde(with = "humantime_serde_compat")]
+    #[arg(long, env = "PALISADE_CERT_TTL", default_value = "1h", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub cert_ttl: Duration,
 
     /// Default lifetime of join tokens created without --ttl.
-    #[arg(long, env = "PALISADE_JOIN_TOKEN_TTL", default_value = "10m", value_parser = parse_duration)]
-    #[serde(with = "humantime_serde_compat")]
+    #[arg(long, env = "PALISADE_JOIN_TOKEN_TTL", default_value = "10m", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub join_token_ttl: Duration,
 
     /// Operator CA certificate (PEM: the signing root or intermediate first,
@@ -119,8 +120,8 @@ pub struct Config {
     pub trace_sampling: f64,
 
     /// How long requests the sidecars recorded are kept for `palisadectl policy preview`: 1m to 24h.
-    #[arg(long, env = "PALISADE_PREVIEW_WINDOW", default_value = "15m", value_parser = parse_duration)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[arg(long, env = "PALISADE_PREVIEW_WINDOW", default_value = "15m", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub preview_window: Duration,
 
     /// Memory the recorded requests for previews may take, in MiB (counted
@@ -189,7 +190,7 @@ pub struct Config {
     /// How long changes (policies, the directory, credentials) are gathered
     /// before they are pushed to the sidecars that need them: 0 to 1s.
     #[arg(long, env = "PALISADE_PUSH_COALESCE", default_value = "100ms", value_parser = parse_coalesce)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[serde(serialize_with = "ser_duration")]
     pub push_coalesce: Duration,
 
     /// Most connections with a client certificate (sidecars, operators) open at once on the
@@ -219,8 +220,8 @@ pub struct Config {
 
     /// A connection without a client certificate is closed this long after it was accepted,
     /// whatever it sends (HTTP/2 PINGs included); it carries at most 4 calls.
-    #[arg(long, env = "PALISADE_ANONYMOUS_DEADLINE", default_value = "10s", value_parser = parse_duration)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[arg(long, env = "PALISADE_ANONYMOUS_DEADLINE", default_value = "10s", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub anonymous_deadline: Duration,
 
     /// Connections beyond every limit that only 127.0.0.1 and ::1 may open, on each listener
@@ -251,14 +252,14 @@ pub struct Config {
     pub directory_changes_per_minute: u32,
 
     /// Time allowed for a TLS handshake (gRPC and webhook listeners).
-    #[arg(long, env = "PALISADE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[arg(long, env = "PALISADE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub handshake_timeout: Duration,
 
     /// A connection with a client certificate whose peer sends nothing for this long is closed
     /// (the server pings every 30s, so live clients always answer).
-    #[arg(long, env = "PALISADE_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[arg(long, env = "PALISADE_IDLE_TIMEOUT", default_value = "2m", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
 
     /// Serve the mesh's OAuth 2.0 token service (client credentials grant,
@@ -273,14 +274,14 @@ pub struct Config {
     pub oauth_issuer: Option<String>,
 
     /// Lifetime of the access tokens the token service issues (10s to 24h).
-    #[arg(long, env = "PALISADE_OAUTH_TOKEN_TTL", default_value = "10m", value_parser = parse_duration)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[arg(long, env = "PALISADE_OAUTH_TOKEN_TTL", default_value = "10m", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub oauth_token_ttl: Duration,
 
     /// A new token-signing key every this long (the next one is published
     /// ahead, the old one kept while its tokens live).
-    #[arg(long, env = "PALISADE_OAUTH_KEY_ROTATION", default_value = "30days", value_parser = parse_duration)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[arg(long, env = "PALISADE_OAUTH_KEY_ROTATION", default_value = "30days", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub oauth_key_rotation: Duration,
 
     /// CA certificates (PEM) trusted to serve the key sets policies name by
@@ -289,14 +290,14 @@ pub struct Config {
     pub jwks_ca_file: Option<PathBuf>,
 
     /// How often key sets named by jwksUri are fetched again.
-    #[arg(long, env = "PALISADE_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[arg(long, env = "PALISADE_JWKS_REFRESH", default_value = "5m", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub jwks_refresh: Duration,
 
     /// Least time between two fetches of one key set (refreshes asked for by
     /// sidecars that saw an unknown `kid` included).
-    #[arg(long, env = "PALISADE_JWKS_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
-    #[serde(serialize_with = "humantime_serde_compat::serialize")]
+    #[arg(long, env = "PALISADE_JWKS_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = duration_arg)]
+    #[serde(serialize_with = "ser_duration")]
     pub jwks_min_refresh_interval: Duration,
 
     /// Log output format.
@@ -509,24 +510,9 @@ impl Config {
     }
 }
 
-fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
-    TrustDomain::new(s).map_err(|e| e.to_string())
-}
-
-/// Parses `10s`, `5m`, `1h`, `1h30m` (humantime syntax).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 10s, 5m or 1h"))
-}
-
-mod humantime_serde_compat {
-    pub(crate) fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
-    }
-}
-
 /// `--push-coalesce`: a duration up to 1s (longer would hold every change back).
 fn parse_coalesce(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
+    let d = duration_arg(s)?;
     if d > Duration::from_secs(1) {
         return Err("at most 1s: every change waits this long before it is pushed".into());
     }

@@ -3,7 +3,7 @@
 //! returned once at creation and stored only as SHA-256 hashes; sidecars
 //! receive the hashes of the API keys they may accept, nothing else.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use palisade_proto::v1::{
     ApiKeyHash, ApiKeyInfo, CreateApiKeyRequest, CreateApiKeyResponse, CreateOAuthClientRequest,
@@ -12,9 +12,9 @@ use palisade_proto::v1::{
 use tonic::Status;
 
 use crate::Shared;
-use crate::attest::join_token::unix_now;
-use crate::oauth::{hex, random_b64};
+use crate::oauth::random_b64;
 use crate::store::{ApiKeyRecord, OAuthClientRecord, StoreError};
+use palisade_cmd::{hex, unix_now};
 
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
@@ -24,10 +24,6 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 
 /// Longest API key lifetime.
 const MAX_KEY_TTL: Duration = Duration::from_secs(365 * 86400);
-
-fn ts(unix: u64) -> Option<prost_types::Timestamp> {
-    Some((UNIX_EPOCH + Duration::from_secs(unix)).into())
-}
 
 fn name_ok(s: &str) -> bool {
     !s.is_empty()
@@ -47,8 +43,8 @@ pub(crate) fn key_info(k: &ApiKeyRecord) -> ApiKeyInfo {
         name: k.name.clone(),
         principal: k.principal.clone(),
         namespace: k.namespace.clone(),
-        created_at: ts(k.created_at),
-        expires_at: (k.expires_at != 0).then(|| ts(k.expires_at)).flatten(),
+        created_at: palisade_proto::unix_timestamp(k.created_at),
+        expires_at: (k.expires_at != 0).then(|| palisade_proto::unix_timestamp(k.expires_at)).flatten(),
         revoked: k.revoked,
     }
 }
@@ -60,7 +56,7 @@ pub(crate) fn client_info(c: &OAuthClientRecord) -> OAuthClientInfo {
         name: c.name.clone(),
         scopes: c.scopes.clone(),
         audiences: c.audiences.clone(),
-        created_at: ts(c.created_at),
+        created_at: palisade_proto::unix_timestamp(c.created_at),
     }
 }
 
@@ -166,7 +162,7 @@ pub(crate) fn create_oauth_client(
     let secret = format!("pcs_{}", random_b64(32));
     let record = OAuthClientRecord {
         // Not a secret: hex, so that logs and tools show it plainly.
-        client_id: format!("pc-{}", crate::oauth::hex(&random_bytes::<10>())),
+        client_id: format!("pc-{}", hex(&random_bytes::<10>())),
         name: req.name.clone(),
         secret_sha256: hex(&palisade_policy::authn::sha256(secret.as_bytes())),
         scopes: req.scopes,

@@ -10,7 +10,7 @@ use palisade_proto::v1::{Endpoint, ListEndpointsRequest, ListEndpointsResponse};
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
-use crate::attest::join_token::unix_now;
+use palisade_cmd::unix_now;
 
 /// The Discovery service.
 #[derive(Debug, Clone)]

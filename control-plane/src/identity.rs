@@ -11,10 +11,10 @@ use palisade_proto::v1::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
-use crate::attest::join_token::unix_now;
 use crate::attest::{AttestError, Attested};
 use crate::directory_guard::{Allowed, Claim, DirectoryRefusal};
 use crate::store::ProxyRecord;
+use palisade_cmd::unix_now;
 
 /// The Identity service.
 #[derive(Debug, Clone)]

@@ -22,20 +22,9 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    wait_for_signal().await;
+    palisade_cmd::shutdown_signal().await;
     tracing::info!("shutting down");
     running.shutdown().await;
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 #[cfg(test)]

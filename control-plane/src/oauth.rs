@@ -22,9 +22,9 @@ use hyper::body::Incoming;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{Value, json};
 
-use crate::attest::join_token::unix_now;
 use crate::https::reply;
 use crate::store::Store;
+use palisade_cmd::{hex, unix_now};
 
 mod keys;
 mod throttle;
@@ -54,11 +54,6 @@ pub fn random_b64(n: usize) -> String {
     let mut b = vec![0u8; n];
     SystemRandom::new().fill(&mut b).expect("invariant: the system RNG works");
     URL_SAFE_NO_PAD.encode(b)
-}
-
-/// Lower-case hex.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Equal, in time that depends only on the length.

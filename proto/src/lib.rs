@@ -34,3 +34,8 @@ pub mod limits {
     /// Largest snapshot on the policy stream; sidecars decode up to this.
     pub const MAX_SNAPSHOT_BYTES: usize = 16 << 20;
 }
+
+/// A unix time (seconds) as a protobuf `Timestamp`, as every API message carries times.
+pub fn unix_timestamp(unix: u64) -> Option<prost_types::Timestamp> {
+    Some((std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix)).into())
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use palisade_certs::TrustDomain;
+use palisade_cmd::{duration_arg, ser_duration};
 
 /// Palisade sidecar proxy: holds the workload's SPIFFE identity, enforces
 /// mTLS and policy on its traffic, and serves an admin endpoint.
@@ -45,7 +46,7 @@ pub struct Config {
     pub k8s_token_file: Option<PathBuf>,
 
     /// Trust domain of this mesh (the control plane's identity is spiffe://<td>/palisade/control-plane).
-    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: TrustDomain,
 
     /// Inbound listener (mTLS from other sidecars), registered with the control plane.
@@ -223,15 +224,15 @@ impl std::str::FromStr for Upstream {
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct Limits {
     /// Plaintext protocol detection gives up after this and treats the connection as opaque TCP.
-    #[arg(long, env = "PALISADE_PROTOCOL_DETECT_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "PALISADE_PROTOCOL_DETECT_TIMEOUT", default_value = "500ms", value_parser = duration_arg)]
     #[serde(serialize_with = "ser_duration")]
     pub protocol_detect_timeout: Duration,
     /// Time allowed for a client to send a complete HTTP/1 request head.
-    #[arg(long, env = "PALISADE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "PALISADE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
     #[serde(serialize_with = "ser_duration")]
     pub header_read_timeout: Duration,
     /// Time allowed for the upstream to answer with response headers (then 504).
-    #[arg(long, env = "PALISADE_RESPONSE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "PALISADE_RESPONSE_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
     #[serde(serialize_with = "ser_duration")]
     pub response_timeout: Duration,
     /// Largest request head (request line + headers), in bytes (then 431).
@@ -268,11 +269,11 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// HTTP/2 PING interval on pooled connections to peer sidecars, idle ones included: a dead
     /// connection is found within this plus 5s, before a request is put on it.
-    #[arg(long, env = "PALISADE_PEER_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "PALISADE_PEER_KEEPALIVE", default_value = "10s", value_parser = duration_arg)]
     #[serde(serialize_with = "ser_duration")]
     pub peer_keepalive: Duration,
     /// On SIGTERM, how long in-flight requests and connections may finish before exit.
-    #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
     #[serde(serialize_with = "ser_duration")]
     pub drain_timeout: Duration,
 }
@@ -285,18 +286,10 @@ fn count(s: &str) -> Result<usize, String> {
 }
 
 fn handshake_timeout(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
+    match duration_arg(s)? {
         d if d >= Duration::from_millis(100) && d <= Duration::from_secs(60) => Ok(d),
         _ => Err("must be between 100ms and 60s".into()),
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 500ms, 10s or 5m"))
-}
-
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_duration(*d))
 }
 
 /// What validation turns the flags into, once: the values `start` runs on
@@ -382,10 +375,6 @@ impl Config {
     }
 }
 
-fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
-    TrustDomain::new(s).map_err(|e| e.to_string())
-}
-
 /// An endpoint as logged and shown: credentials in it (user@host, refused
 /// at start) never appear.
 fn ser_endpoint<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -402,7 +391,7 @@ fn ser_endpoint<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok,
 }
 
 fn report_interval(s: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 10s or 1m"))?;
+    let d = duration_arg(s)?;
     if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(300) {
         return Err("must be between 1s and 5m".into());
     }

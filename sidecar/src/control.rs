@@ -16,7 +16,7 @@
 //! applied last stays in force while the control plane is away.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use palisade_certs::TrustDomain;
 use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
@@ -28,6 +28,7 @@ use rustls_pki_types::CertificateDer;
 use tonic::transport::Channel;
 
 use crate::directory::Directory;
+use crate::identity::jitter;
 use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 
@@ -240,7 +241,7 @@ impl ConfigStream {
             // A stream that worked and was lost: every sidecar of a replica
             // that died loses it at once, so the first retry is spread over
             // a whole second (no herd at the next replica); later ones back off.
-            let wait = if received { spread(FIRST_RETRY_SPREAD) } else { jitter(backoff) };
+            let wait = if received { spread(FIRST_RETRY_SPREAD) } else { jitter(backoff, 0.5) };
             match result {
                 Ok(Ended::Renewed) => continue,
                 Ok(Ended::NoCertificate) => {
@@ -405,16 +406,7 @@ async fn resolve(addr: &ControlPlaneAddr) -> Vec<ControlPlaneAddr> {
 /// How widely the first reconnect after a lost stream is spread.
 const FIRST_RETRY_SPREAD: Duration = Duration::from_secs(1);
 
-/// Anywhere in `[0, d)`.
+/// Anywhere in `[0, d]`.
 fn spread(d: Duration) -> Duration {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
-    d.mul_f64(f64::from(nanos % 10_000) / 10_000.0)
-}
-
-/// `d` give or take a quarter, so sidecars that lost the control plane
-/// together do not come back in lockstep.
-pub(crate) fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
-    let spread = d / 2;
-    d - d / 4 + spread.mul_f64(f64::from(nanos % 1000) / 1000.0)
+    jitter(d / 2, 2.0)
 }

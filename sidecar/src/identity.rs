@@ -280,8 +280,10 @@ fn renewal_delay(info: &SvidInfo, now: SystemTime) -> Duration {
     jitter(left / 2, 0.2)
 }
 
-/// `d` scaled by a random factor in `[1 - spread/2, 1 + spread/2]`.
-fn jitter(d: Duration, spread: f64) -> Duration {
+/// `d` scaled by a random factor in `[1 - spread/2, 1 + spread/2]`, so
+/// sidecars that renew or reconnect together do not do so in lockstep (the
+/// sidecar's one jitter: certificate renewal and control-stream reconnects).
+pub(crate) fn jitter(d: Duration, spread: f64) -> Duration {
     let mut b = [0u8; 4];
     let r = match ring::rand::SystemRandom::new().fill(&mut b) {
         Ok(()) => f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX),

@@ -19,12 +19,8 @@ struct WaitReady {
     #[arg(long, default_value = "127.0.0.1:4191")]
     admin: String,
     /// Give up (exit 1) after this long.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = palisade_cmd::duration_arg)]
     timeout: std::time::Duration,
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 30s or 2m"))
 }
 
 /// The whole command line: the proxy's flags, or one of its subcommands.
@@ -94,7 +90,7 @@ async fn run(cfg: Config) -> i32 {
     };
     let shutdown = running.shutdown.clone();
     tokio::select! {
-        _ = wait_for_signal() => {}
+        _ = palisade_cmd::shutdown_signal() => {}
         _ = shutdown.cancelled() => {}
     }
     tracing::info!(deadline = ?drain, "draining: no new connections, finishing in-flight requests");
@@ -104,17 +100,6 @@ async fn run(cfg: Config) -> i32 {
         tracing::warn!("drain deadline passed with requests still in flight; exiting");
     }
     0
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 /// Polls `http://<admin>/ready` until 200 (exit 0) or the timeout (exit 1).

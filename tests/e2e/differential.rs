@@ -217,7 +217,10 @@ async fn authz_check_and_the_sidecar_agree_on_generated_policies_and_requests() 
         .await;
         if let Err(e) = ran {
             let config = server.config().await;
-            panic!("seed {seed}: {e}: want {want}, the sidecar says {:?}\n{v}", config.map(|c| c["policy_version"].clone()));
+            panic!(
+                "seed {seed}: {e}: want {want}, the sidecar says {:?}\n{v}",
+                config.map(|c| c["policy_version"].clone())
+            );
         }
         for _ in 0..40 {
             let c = case(&mut g);

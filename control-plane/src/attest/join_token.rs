@@ -2,9 +2,11 @@
 //! SHA-256 hash with an expiry and a use count.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
+use palisade_certs::ca::sha256_hex;
+use palisade_cmd::unix_now;
 use ring::rand::SecureRandom;
 
 use super::{AttestError, Attested, Attestor};
@@ -25,12 +27,9 @@ impl std::fmt::Debug for NewToken {
     }
 }
 
-pub fn sha256_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+/// How a token is stored and looked up: the SHA-256 of its text, lower-case hex.
+fn token_hash(token: &str) -> String {
+    sha256_hex(token.as_bytes())
 }
 
 /// Creates and stores a token for `identity`.
@@ -43,7 +42,7 @@ pub fn create(
     let mut raw = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut raw).expect("invariant: the OS random source is available");
     let secret = format!("{TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
-    let sha256 = sha256_hex(&secret);
+    let sha256 = token_hash(&secret);
     let now = unix_now();
     let record = TokenRecord {
         id: sha256[..12].to_string(),
@@ -68,7 +67,7 @@ pub struct JoinTokenAttestor {
 #[async_trait::async_trait]
 impl Attestor for JoinTokenAttestor {
     async fn attest(&self, credential: &str) -> Result<Attested, AttestError> {
-        let hash = sha256_hex(credential.trim());
+        let hash = token_hash(credential.trim());
         let (store, h) = (self.store.clone(), hash.clone());
         let consumed = crate::store::blocking(&store, move |s| s.consume_token(&h, unix_now())).await;
         let record = match consumed? {

@@ -9,7 +9,7 @@ use rustls_pki_types::CertificateDer;
 
 use super::{Phase, RotateError, View, sha256_hex, signing_cert};
 use crate::Shared;
-use crate::attest::join_token::unix_now;
+use palisade_cmd::unix_now;
 
 /// How often the leader checks whether the current step is complete.
 const DRIVE_EVERY: Duration = Duration::from_millis(500);

@@ -14,9 +14,9 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::{Value, json};
 
 use super::{OAuthError, Settings, TokenService, hex, random_b64};
-use crate::attest::join_token::unix_now;
 use crate::store::sealed::{FileSecrets, SecretError, SecretHome};
 use crate::store::{OAuthClientRecord, Store};
+use palisade_cmd::unix_now;
 
 /// The keys' record in a data dir (mode 0600).
 pub const KEYS_FILE: &str = "oauth-keys.json";

@@ -31,7 +31,7 @@ pub(crate) fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
         ctx.update(&(p.len() as u64).to_le_bytes());
         ctx.update(p);
     }
-    ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    palisade_cmd::hex(&ctx.finish().as_ref()[..8])
 }
 
 fn resource(kind: &str, name: &str, version: String, body: Body) -> Arc<Resource> {
@@ -210,7 +210,7 @@ impl Views {
     /// Rebuilds the directory from the store (the proxies with a valid
     /// certificate and an inbound address); returns what changed.
     pub(crate) fn rebuild_directory(&self, shared: &Shared) -> (HashSet<String>, HashSet<IpAddr>) {
-        let now = crate::attest::join_token::unix_now();
+        let now = palisade_cmd::unix_now();
         let mut grouped: BTreeMap<Arc<str>, Vec<Endpoint>> = BTreeMap::new();
         {
             // An identity's service name, parsed once.

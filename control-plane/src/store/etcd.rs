@@ -161,7 +161,7 @@ impl EtcdStore {
         let mut id = [0u8; 6];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
             .map_err(|_| etcd_err("no randomness"))?;
-        let replica: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let replica: String = palisade_cmd::hex(&id);
         let store = Self {
             rt: Some(rt),
             replica,

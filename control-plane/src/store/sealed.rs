@@ -103,7 +103,7 @@ impl Kek {
 
     pub(crate) fn from_bytes(raw: &[u8]) -> Result<Self, SealError> {
         let digest = ring::digest::digest(&ring::digest::SHA256, raw);
-        let id = digest.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let id = palisade_cmd::hex(&digest.as_ref()[..6]);
         let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, raw).map_err(|_| SealError::Open)?);
         Ok(Self { key, id })
     }
