@@ -98,7 +98,7 @@ pub struct Config {
     #[arg(long, env = "PALISADE_THREADS", default_value_t = 1)]
     pub threads: usize,
 
-    /// Write one JSON line per request (and per TCP connection) on stderr, target `access` (fields: README "Access logs").
+    /// Write one JSON line per request (and per TCP connection) on stderr, target `access` (fields: docs/observability.md "Access logs").
     #[arg(long, env = "PALISADE_ACCESS_LOG")]
     pub access_log: bool,
 

@@ -2,7 +2,7 @@
 //! TCP connection, on stderr (the `access` target), written when the
 //! response body (or the connection) ends (the same line goes to the taps
 //! that want it), so it holds the bytes both ways
-//! and the whole duration. Fields are documented in the README ("Access
+//! and the whole duration. Fields are documented in docs/observability.md ("Access
 //! logs"); no header value is ever logged, so no credential can be.
 
 use std::io::Write as _;
