@@ -66,12 +66,32 @@ pub(crate) fn simulate(
             .map_err(|e| Status::invalid_argument(format!("source: {e}")))?;
     }
     let resources = all_resources(shared);
-    // The enforcer the target's sidecar runs, compiled the same way; only the
-    // cluster-scope shares are left at the full quota (they depend on replicas).
+    // The enforcer the target's sidecar runs, compiled the same way, with the
+    // API keys and key sets it holds (a credential in `headers` is verified as
+    // it would be); only the cluster-scope shares are left at the full quota
+    // (they depend on replicas).
+    let mut key_sets = std::collections::BTreeMap::new();
+    for r in resources.iter().filter(|r| r.targets(&req.target)) {
+        if let Resource::AuthenticationPolicy { spec, .. } = r {
+            crate::push::view::key_sets_into(shared, spec, &mut key_sets);
+        }
+    }
+    let jwks: std::collections::HashMap<String, String> = key_sets.into_iter().collect();
+    let api_keys: Vec<palisade_policy::ApiKey> = crate::credentials::api_keys_for(shared, &req.target)
+        .into_iter()
+        .map(|k| palisade_policy::ApiKey {
+            name: k.name,
+            principal: k.principal,
+            sha256: k.sha256,
+            expires_at: k.expires_at,
+        })
+        .collect();
     let inputs = Inputs {
         version: "simulate",
         resources: &resources,
         default_allow_authenticated: shared.default_allow_authenticated,
+        jwks: &jwks,
+        api_keys: &api_keys,
         ..Inputs::none()
     };
     let enforcer = Enforcer::compile(inputs, &req.target, None).map_err(|e| Status::internal(e.to_string()))?;
@@ -94,24 +114,29 @@ pub(crate) fn simulate(
             claims,
         )
     });
-    let (path, query) = match req.path.split_once('?') {
+    // As the sidecar's HTTP parser reads a request target: no fragment, then
+    // the query apart.
+    let target = req.path.split('#').next().unwrap_or_default();
+    let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
-        None => (req.path.as_str(), None),
+        None => (target, None),
     };
-    let content_type = headers.first("content-type");
+    // A body is what `content-length` (above 0) or `transfer-encoding` says.
+    let content_length = headers.first("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    let has_body = content_length.is_some_and(|n| n > 0) || headers.first("transfer-encoding").is_some();
     let head = palisade_policy::RequestHead {
         source: (!req.source.is_empty()).then_some(req.source.as_str()),
         caller_expired: false,
         method: &req.method,
         path,
         query,
-        host: None,
+        host: headers.first(":authority").or_else(|| headers.first("host")),
         port: u16::try_from(req.port).unwrap_or(0),
         headers: &headers,
-        content_length: None,
-        has_body: content_type.is_some(),
+        content_length,
+        has_body,
     };
-    let e = enforcer.explain(&head, given.as_ref());
+    let e = enforcer.explain(&head, given.as_ref(), palisade_cmd::unix_now());
     Ok(palisade_proto::v1::SimulateResponse {
         decision: e.decision.into(),
         policy: e.policy,

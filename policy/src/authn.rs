@@ -214,6 +214,11 @@ impl Authenticator {
                 Outcome::Verified(Arc::new(Authenticated::given(Some(k.principal.clone()), None, Map::new())))
                     .with_key(k)
             }
+            // One request, one principal: a token and a key for two
+            // different principals would let a rule on either be walked around.
+            (Some(v), Some(k)) if v.principal.as_deref() != Some(k.principal.as_str()) => {
+                Outcome::Refused(Failure::PrincipalConflict)
+            }
             (Some(v), Some(k)) => Outcome::Verified(v).with_key(k),
         }
     }

@@ -91,11 +91,15 @@ pub enum Mode<'a> {
         record: bool,
     },
     /// An explanation (`authz check`, `policy preview`): `given` is taken as
-    /// the verified credential (`None`: the request carries none); rate
-    /// limits are listed, not counted.
+    /// the verified credential; without one, the credential the headers
+    /// carry is verified as the sidecar would (at `now`), with the keys and
+    /// key sets the enforcer was compiled with. Rate limits are listed, not
+    /// counted.
     Explain {
         /// The credential, as if verified.
         given: Option<&'a Authenticated>,
+        /// Unix seconds.
+        now: u64,
     },
 }
 
@@ -117,7 +121,9 @@ impl Enforcer {
         };
         let cors = self.cors();
         let origin = cors.and_then(|_| head.headers.first("origin"));
-        if let (Some(cors), Some(origin), true) = (cors, origin, head.method == "OPTIONS")
+        // Methods match in any case everywhere (a DENY of DELETE also refuses
+        // `delete`), so a preflight is any spelling of OPTIONS too.
+        if let (Some(cors), Some(origin), true) = (cors, origin, head.method.eq_ignore_ascii_case("OPTIONS"))
             && let Some(asked) = head.headers.first("access-control-request-method")
         {
             let allowed = cors.preflight(origin, asked, head.headers.first("access-control-request-headers"));
@@ -185,37 +191,31 @@ impl Enforcer {
                 }
             }
         }
-        let authn = match mode {
-            Mode::Enforce { now, .. } => match self.authenticate(head.headers, now) {
-                AuthnOutcome::Anonymous => Authn::Anonymous,
-                AuthnOutcome::Verified(a) => Authn::Verified(a),
-                AuthnOutcome::Refused(f) => {
-                    let mut o = Outcome::refuse(Refused::Unauthenticated, 401, "unauthenticated", f.reason());
-                    if let Action::Refuse(r) = &mut o.action {
-                        r.headers.push(("www-authenticate", f.challenge().into()));
-                    }
-                    o.authn = Authn::Refused(f);
-                    return o;
+        let verified = match mode {
+            Mode::Explain { given: Some(a), .. } => AuthnOutcome::Verified(Arc::new(a.clone())),
+            Mode::Enforce { now, .. } | Mode::Explain { given: None, now } => self.authenticate(head.headers, now),
+        };
+        let authn = match verified {
+            AuthnOutcome::Anonymous => Authn::Anonymous,
+            AuthnOutcome::Verified(a) => Authn::Verified(a),
+            AuthnOutcome::Refused(f) => {
+                let reason = match (mode, &f) {
+                    (Mode::Explain { .. }, Failure::Missing) => format!(
+                        "AuthenticationPolicy {} requires a request credential and this request carries none",
+                        self.authn_required_by().join(", ")
+                    ),
+                    _ => f.reason().to_string(),
+                };
+                let mut o = Outcome::refuse(Refused::Unauthenticated, 401, "unauthenticated", reason);
+                if let Action::Refuse(r) = &mut o.action {
+                    r.headers.push(("www-authenticate", f.challenge().into()));
                 }
-            },
-            Mode::Explain { given: Some(a) } => Authn::Verified(Arc::new(a.clone())),
-            Mode::Explain { given: None } => match self.authenticator() {
-                Some(a) if a.required() => {
-                    let by = self.authn_required_by().join(", ");
-                    let mut o = Outcome::refuse(
-                        Refused::Unauthenticated,
-                        401,
-                        "unauthenticated",
-                        format!(
-                            "AuthenticationPolicy {by} requires a request credential and this request carries none"
-                        ),
-                    );
+                if let (Mode::Explain { .. }, Failure::Missing) = (mode, &f) {
                     o.policy = self.authn_required_by().first().cloned();
-                    o.authn = Authn::Refused(Failure::Missing);
-                    return o;
                 }
-                _ => Authn::Anonymous,
-            },
+                o.authn = Authn::Refused(f);
+                return o;
+            }
         };
         let auth = match &authn {
             Authn::Verified(a) => Some(&**a),

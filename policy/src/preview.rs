@@ -261,7 +261,8 @@ impl Judge {
             content_length: None,
             has_body: false,
         };
-        let o = self.enforcer.decide(&head, crate::Mode::Explain { given: auth.as_ref() });
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let o = self.enforcer.decide(&head, crate::Mode::Explain { given: auth.as_ref(), now });
         let rule = match (&o.action, &o.decision) {
             (crate::Action::Refuse(r), _) if r.kind == crate::Refused::Unauthenticated => {
                 "an AuthenticationPolicy requires a credential".into()

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
-use palisade_certs::{SecretPem, TrustDomain, WorkloadKey};
+use palisade_certs::{TrustDomain, WorkloadKey};
 use palisade_tests::apps::HttpApp;
 use palisade_tests::{ControlPlane, Sidecar, eventually, free_port, grpc, rss_kb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -174,12 +174,7 @@ async fn smuggling_corpus_is_refused_on_every_http1_path() {
 
 /// Reads the admin credential as a client certificate resolver.
 pub(crate) fn admin_svid(cp: &ControlPlane) -> Svid {
-    let dir = cp.admin_dir();
-    let chain = palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(dir.join("cert.pem")).unwrap()).unwrap();
-    let key = SecretPem::new(std::fs::read_to_string(dir.join("key.pem")).unwrap());
-    let certified = palisade_certs::csr::certified_key_from_pem(chain.clone(), &key).unwrap();
-    let (id, info) = palisade_certs::SvidInfo::parse_svid(&chain[0]).unwrap();
-    Svid { certified, info, id }
+    palisade_tests::inproc::admin_svid(&cp.admin_dir()).unwrap()
 }
 
 /// One TLS connection with `cfg`; returns how the handshake went.

@@ -1,6 +1,6 @@
 //! Explanation and enforcement cannot disagree: generated policy sets and
-//! requests (methods, paths, queries, origins, preflights, bodies, API
-//! keys), each sent through a real caller sidecar to a real callee sidecar
+//! requests (methods in any case, paths, queries, origins, preflights,
+//! bodies, API keys sent as headers to both), each sent through a real caller sidecar to a real callee sidecar
 //! and asked of `authz check` (the Simulate API); the two decisions must be
 //! the same for every case.
 
@@ -66,7 +66,7 @@ fn policies(g: &mut Gen) -> String {
     if g.chance(50) {
         docs.push(
             meta("AuthorizationPolicy", "deny")
-                + "  action: DENY\n  rules:\n    - to: [{paths: [\"/admin*\"], methods: [\"DELETE\", \"PUT\"]}]\n",
+                + "  action: DENY\n  rules:\n    - to: [{paths: [\"/admin*\"], methods: [\"DELETE\", \"PUT\"]}]\n    - to: [{hosts: [\"evil.*\"]}]\n",
         );
     }
     let mut traffic = String::new();
@@ -115,10 +115,11 @@ struct Case {
     headers: Vec<(&'static str, &'static str)>,
     body: bool,
     key: bool,
+    host: &'static str,
 }
 
 fn case(g: &mut Gen) -> Case {
-    let method = *g.pick(&["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]);
+    let method = *g.pick(&["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "options"]);
     let path = *g.pick(&["/orders", "/orders/1", "/admin/x", "/a/../orders", "/orders//2", "/x/../admin/y"]);
     let query = *g.pick(&["", "", "?a=1", "?a=1&b=2&c=3"]);
     let mut headers = Vec::new();
@@ -127,7 +128,7 @@ fn case(g: &mut Gen) -> Case {
         1 => headers.push(("origin", "https://evil.example")),
         _ => {}
     }
-    if method == "OPTIONS" && g.chance(70) {
+    if method.eq_ignore_ascii_case("OPTIONS") && g.chance(70) {
         headers.push(("access-control-request-method", *g.pick(&["GET", "POST", "DELETE"])));
         if g.chance(40) {
             headers.push(("access-control-request-headers", *g.pick(&["content-type", "x-secret"])));
@@ -137,7 +138,8 @@ fn case(g: &mut Gen) -> Case {
     if body {
         headers.push(("content-type", *g.pick(&["application/json", "text/plain"])));
     }
-    Case { method, path, query, headers, body, key: g.chance(50) }
+    let host = *g.pick(&["orders", "orders", "evil.example"]);
+    Case { method, path, query, headers, body, key: g.chance(50), host }
 }
 
 /// The decision a sidecar's answer shows: its own refusals carry
@@ -146,7 +148,8 @@ fn enforced(c: &Case, resp: &str) -> &'static str {
     let status: u16 = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     let head = resp.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase();
     let by_sidecar = head.contains("\r\nx-palisade-error:");
-    let preflight = c.method == "OPTIONS" && c.headers.iter().any(|(k, _)| *k == "access-control-request-method");
+    let preflight = c.method.eq_ignore_ascii_case("OPTIONS")
+        && c.headers.iter().any(|(k, _)| *k == "access-control-request-method");
     match (by_sidecar, status) {
         (false, 204) if preflight => "preflight",
         (false, _) => "allow",
@@ -168,8 +171,10 @@ async fn send(port: u16, c: &Case, key: &str) -> String {
     if c.body {
         head += "content-length: 2\r\n";
     }
-    let req =
-        format!("{} {}{} HTTP/1.1\r\nHost: orders\r\n{head}Connection: close\r\n\r\n{body}", c.method, c.path, c.query);
+    let req = format!(
+        "{} {}{} HTTP/1.1\r\nHost: {}\r\n{head}Connection: close\r\n\r\n{body}",
+        c.method, c.path, c.query, c.host
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
@@ -226,15 +231,23 @@ async fn authz_check_and_the_sidecar_agree_on_generated_policies_and_requests() 
             let c = case(&mut g);
             let resp = send(port, &c, &key).await;
             let got = enforced(&c, &resp);
+            // The same request, headers (the API key included) and all.
+            let mut headers: std::collections::HashMap<String, String> =
+                c.headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            headers.insert("host".into(), c.host.into());
+            if c.key {
+                headers.insert("x-api-key".into(), key.clone());
+            }
+            if c.body {
+                headers.insert("content-length".into(), "2".into());
+            }
             let sim = SimulateRequest {
                 source: WEB.into(),
                 target: ORDERS.into(),
                 method: c.method.into(),
                 path: format!("{}{}", c.path, c.query),
-                headers: c.headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                headers,
                 port: app.addr.port().into(),
-                principal: if c.key { "team/ci".into() } else { String::new() },
-                api_key: if c.key { "ci".into() } else { String::new() },
                 ..Default::default()
             };
             let e = admin.simulate(sim).await.unwrap().into_inner();

@@ -278,6 +278,26 @@ impl Views {
     }
 }
 
+/// The key sets an AuthenticationPolicy's issuers need, as its sidecars get
+/// them: fetched ones by `jwksUri`, the mesh issuer's own by its `iss`.
+pub(crate) fn key_sets_into(
+    shared: &Shared,
+    spec: &palisade_policy::resource::AuthenticationSpec,
+    out: &mut BTreeMap<String, String>,
+) {
+    for j in &spec.jwt {
+        if let Some(uri) = &j.jwks_uri {
+            if let Some(set) = shared.jwks.get(uri) {
+                out.insert(uri.clone(), set);
+            }
+        } else if j.jwks.is_none()
+            && let Some(o) = shared.oauth.as_ref().filter(|o| o.issuer() == j.issuer)
+        {
+            out.insert(j.issuer.clone(), o.jwks_json());
+        }
+    }
+}
+
 /// What targets `identity`: its policies, the settings with its rate
 /// shares, the API keys and key sets its policies need.
 fn build_policy(shared: &Shared, parsed: &Parsed, identity: &str, generation: u64, replicas: u64) -> PolicyView {
@@ -304,17 +324,7 @@ fn build_policy(shared: &Shared, parsed: &Parsed, identity: &str, generation: u6
             targeted = true;
             if let Policy::AuthenticationPolicy { spec, .. } = r {
                 wants_api_keys |= spec.api_keys.is_some();
-                for j in &spec.jwt {
-                    if let Some(uri) = &j.jwks_uri {
-                        if let Some(set) = shared.jwks.get(uri) {
-                            jwks.insert(uri.clone(), set);
-                        }
-                    } else if j.jwks.is_none()
-                        && let Some(o) = shared.oauth.as_ref().filter(|o| o.issuer() == j.issuer)
-                    {
-                        jwks.insert(j.issuer.clone(), o.jwks_json());
-                    }
-                }
+                key_sets_into(shared, spec, &mut jwks);
             }
             if let Policy::RateLimitPolicy { spec, .. } = r {
                 for l in spec.limits.iter().filter(|l| l.scope == Scope::Cluster) {

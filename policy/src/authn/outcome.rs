@@ -41,6 +41,9 @@ pub enum Failure {
     UnknownApiKey,
     /// The API key expired.
     ExpiredApiKey,
+    /// A token and an API key that name different principals: one request
+    /// acts as one principal, so neither is taken.
+    PrincipalConflict,
 }
 
 impl Failure {
@@ -61,11 +64,12 @@ impl Failure {
             Self::Type => "wrong_type",
             Self::UnknownApiKey => "unknown_api_key",
             Self::ExpiredApiKey => "expired_api_key",
+            Self::PrincipalConflict => "principal_conflict",
         }
     }
 
     /// Every reason, for metrics that start at zero.
-    pub const REASONS: [&'static str; 14] = [
+    pub const REASONS: [&'static str; 15] = [
         "missing_credential",
         "malformed",
         "too_large",
@@ -80,6 +84,7 @@ impl Failure {
         "wrong_type",
         "unknown_api_key",
         "expired_api_key",
+        "principal_conflict",
     ];
 
     /// The `WWW-Authenticate` value (RFC 6750 section 3): a request with no

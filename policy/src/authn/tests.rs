@@ -249,11 +249,11 @@ fn modes_and_api_keys() {
     assert_eq!(refused(a.authenticate(&HeaderList(&[("x-api-key", "pal_old")]), NOW)), "expired_api_key");
     let two = HeaderList(&[("x-api-key", "pal_good"), ("x-api-key", "pal_good")]);
     assert_eq!(refused(a.authenticate(&two, NOW)), "malformed");
-    // Both: the token's principal, the key's name.
+    // Both, for two different principals: refused (one request acts as one
+    // principal, or a DENY on either would be walked around with the other).
     let v2 = format!("Bearer {}", s.good());
     let both = HeaderList(&[("authorization", &v2), ("x-api-key", "pal_good")]);
-    let Outcome::Verified(v) = a.authenticate(&both, NOW) else { panic!() };
-    assert_eq!((v.principal.as_deref(), v.api_key.as_deref()), (Some("https://issuer.example/client-7"), Some("ci")));
+    assert_eq!(refused(a.authenticate(&both, NOW)), "principal_conflict");
     // A bad key spoils a good token.
     let both = HeaderList(&[("authorization", &v2), ("x-api-key", "nope")]);
     assert_eq!(refused(a.authenticate(&both, NOW)), "unknown_api_key");

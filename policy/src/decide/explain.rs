@@ -32,9 +32,10 @@ pub struct Explanation {
 
 impl Enforcer {
     /// Explains [`Enforcer::decide`] for a request whose credential is
-    /// `given` (as if verified; `None`: it carries none).
-    pub fn explain(&self, head: &RequestHead<'_>, given: Option<&Authenticated>) -> Explanation {
-        let o = self.decide(head, Mode::Explain { given });
+    /// `given` (as if verified; `None`: the one its headers carry, verified
+    /// at `now`).
+    pub fn explain(&self, head: &RequestHead<'_>, given: Option<&Authenticated>, now: u64) -> Explanation {
+        let o = self.decide(head, Mode::Explain { given, now });
         let mut e = Explanation {
             decision: o.label(),
             policy: o.policy.as_deref().unwrap_or_default().to_string(),
@@ -87,8 +88,11 @@ impl Enforcer {
         let Some(origin) = head.headers.first("origin") else {
             return format!("{} has CORS; give --header origin=... to check a browser's request", c.policy);
         };
-        let preflight =
-            (head.method == "OPTIONS").then(|| head.headers.first("access-control-request-method")).flatten();
+        let preflight = head
+            .method
+            .eq_ignore_ascii_case("OPTIONS")
+            .then(|| head.headers.first("access-control-request-method"))
+            .flatten();
         let answer = match preflight {
             Some(m) => c.preflight(origin, m, head.headers.first("access-control-request-headers")),
             None => c.actual(origin),

@@ -84,7 +84,7 @@ fn a_preflight_is_answered_by_the_sidecar_and_explained_the_same() {
     assert!(resp.iter().any(|s| s.contains("access-control-allow-origin") && s.contains(ORIGIN)), "{resp:?}");
     assert!(resp.iter().any(|s| s.contains("x-frame-options")), "response changes apply to it too: {resp:?}");
     // The explanation (no credential given: it is not needed for a preflight).
-    let x = e.explain(&head("OPTIONS", "/orders", &h), None);
+    let x = e.explain(&head("OPTIONS", "/orders", &h), None, 1_800_000_000);
     assert_eq!(x.decision, "preflight", "{x:?}");
     assert_eq!(x.status, Some(204));
     assert!(x.cors.contains("preflight from https://shop.example.com allowed"), "{x:?}");
@@ -104,7 +104,7 @@ fn validation_refuses_before_authentication_with_the_status_and_allow_header() {
     assert!(r.headers.iter().any(|(n, v)| *n == "allow" && v.contains("POST")), "{r:?}");
     assert_eq!(o.policy.as_deref(), Some("shop/orders-edge"));
     assert!(matches!(o.authn, Authn::NotChecked), "validation comes before authentication");
-    let x = e.explain(&head("DELETE", "/orders", &HeaderList(&[])), None);
+    let x = e.explain(&head("DELETE", "/orders", &HeaderList(&[])), None, 1_800_000_000);
     assert_eq!((x.decision, x.status), ("invalid", Some(405)));
     assert!(x.reason.contains("TrafficPolicy shop/orders-edge refuses it with 405"), "{x:?}");
 }
@@ -129,7 +129,7 @@ fn a_missing_credential_is_unauthenticated_with_a_challenge_and_the_reason_stays
     assert_eq!((r.kind, r.status, r.message), (Refused::Unauthenticated, 401, "unauthenticated"));
     assert!(r.headers.iter().any(|(n, _)| *n == "www-authenticate"));
     assert!(matches!(o.authn, Authn::Refused(_)));
-    let x = e.explain(&head("GET", "/orders", &HeaderList(&[])), None);
+    let x = e.explain(&head("GET", "/orders", &HeaderList(&[])), None, 1_800_000_000);
     assert_eq!(x.decision, "unauthenticated");
     assert!(x.reason.starts_with("AuthenticationPolicy shop/orders-api requires a request credential"), "{x:?}");
     // A verified key reaches authorization, and the app gets its principal, never the key.
@@ -138,7 +138,7 @@ fn a_missing_credential_is_unauthenticated_with_a_challenge_and_the_reason_stays
     assert_eq!(o.refusal().map(|r| r.kind), Some(Refused::Unauthenticated), "an unknown key is refused");
     // Given a principal, the explanation goes on to authorization.
     let given = Authenticated::given(Some("acme".into()), None, Default::default());
-    assert_eq!(e.explain(&head("GET", "/orders", &HeaderList(&[])), Some(&given)).decision, "allow");
+    assert_eq!(e.explain(&head("GET", "/orders", &HeaderList(&[])), Some(&given), 1_800_000_000).decision, "allow");
 }
 
 #[test]
@@ -177,7 +177,7 @@ fn rate_limits_refuse_when_enforced_and_are_listed_when_explained() {
     assert_eq!(o.policy.as_deref(), Some("shop/orders-limit"));
     // Explaining counts nothing, however often.
     for _ in 0..5 {
-        let x = e.explain(&head("GET", "/orders", &h), None);
+        let x = e.explain(&head("GET", "/orders", &h), None, 1_800_000_000);
         assert_eq!(x.decision, "allow");
         assert_eq!(x.rate_limits.len(), 1, "{x:?}");
     }
@@ -228,4 +228,20 @@ fn a_verified_key_reaches_the_app_as_its_principal_never_as_the_key() {
     let ops = ops(&o, true);
     assert!(ops.contains(&"Remove(\"x-api-key\")".to_string()), "{ops:?}");
     assert!(ops.contains(&format!("Set(\"{PRINCIPAL_HEADER}\", \"team/ci\")")), "{ops:?}");
+}
+
+#[test]
+fn an_explanation_verifies_the_credential_its_headers_carry_as_the_sidecar_does() {
+    let text = meta("AuthenticationPolicy", "keys") + "  mode: optional\n  apiKeys: {header: x-api-key}\n";
+    let mut resources = mesh();
+    resources.extend(parse_all(&text).unwrap());
+    let e = enforcer(&resources);
+    let bad = HeaderList(&[("x-api-key", "pal_revoked_or_made_up")]);
+    let x = e.explain(&head("GET", "/orders", &bad), None, 1_800_000_000);
+    assert_eq!((x.decision, x.status), ("unauthenticated", Some(401)), "{x:?}");
+    assert_eq!(e.decide(&head("GET", "/orders", &bad), ENFORCE).label(), "unauthenticated");
+    // A lower-case `options` preflight is a preflight on both sides too.
+    let h = HeaderList(&[("origin", ORIGIN), ("access-control-request-method", "POST")]);
+    assert_eq!(e.explain(&head("options", "/orders", &h), None, 1_800_000_000).decision, "preflight");
+    assert_eq!(e.decide(&head("options", "/orders", &h), ENFORCE).label(), "preflight");
 }
