@@ -129,13 +129,13 @@ impl Enforcer {
             let allowed = cors.preflight(origin, asked, head.headers.first("access-control-request-headers"));
             let mut o = Outcome::new(Action::Preflight { allowed: allowed.is_some() });
             o.policy = Some(cors.policy.as_str().into());
-            o.changes = Some(Changes {
+            o.changes = Some(Box::new(Changes {
                 enforcer: self,
                 caller: head.source.map(str::to_string),
                 principal: None,
                 request_id: None,
                 cors: Some(allowed.unwrap_or_default()),
-            });
+            }));
             return o;
         }
         let mut o = self.decide_request(head, &normal, mode);
@@ -148,13 +148,13 @@ impl Enforcer {
                 _ => None,
             };
             let request_id = self.rewrites().request_uses(Var::RequestId).then(|| request_id(head, mode)).flatten();
-            o.changes = Some(Changes {
+            o.changes = Some(Box::new(Changes {
                 enforcer: self,
                 caller: head.source.map(str::to_string),
                 principal,
                 request_id,
                 cors: cors.map(|c| origin.and_then(|o| c.actual(o)).unwrap_or_default()),
-            });
+            }));
         }
         o
     }
@@ -233,30 +233,30 @@ impl Enforcer {
         let d = self.authorize(&req);
         let mut o = Outcome::new(Action::Forward);
         if let Mode::Enforce { record: true, .. } = mode {
-            o.sample = Some(crate::preview::Sample::of(&req, self.recorded()));
+            o.sample = Some(Box::new(crate::preview::Sample::of(&req, self.recorded())));
         }
         o.policy = d.policy.clone();
         o.rule = d.rule;
         match mode {
             Mode::Enforce { src_ip, .. } if d.verdict == Verdict::Allow => {
                 if let Some(limited) = self.rate_limit(&req, src_ip) {
-                    o.action = Action::Refuse(rate_limited(&limited));
+                    o.action = Action::Refuse(Box::new(rate_limited(&limited)));
                     o.policy = Some(limited.policy.clone());
                     o.rule = None;
-                    o.limited = Some(limited);
+                    o.limited = Some(Box::new(limited));
                 }
             }
             Mode::Explain { .. } => o.limits = self.limits_for(&req),
             Mode::Enforce { .. } => {}
         }
         if d.verdict == Verdict::Deny {
-            o.action = Action::Refuse(Refusal {
+            o.action = Action::Refuse(Box::new(Refusal {
                 kind: Refused::Forbidden,
                 status: 403,
                 message: "forbidden",
                 headers: Vec::new(),
                 reason: d.reason(),
-            });
+            }));
         }
         o.body = body.filter(|_| matches!(o.action, Action::Forward));
         o.decision = Some(d);
@@ -282,13 +282,13 @@ impl Enforcer {
         let d = self.authorize(&Request { source, port, ..Default::default() });
         let mut o = Outcome::new(Action::Forward);
         if d.verdict == Verdict::Deny {
-            o.action = Action::Refuse(Refusal {
+            o.action = Action::Refuse(Box::new(Refusal {
                 kind: Refused::Forbidden,
                 status: 403,
                 message: "forbidden",
                 headers: Vec::new(),
                 reason: d.reason(),
-            });
+            }));
         }
         o.policy = d.policy.clone();
         o.rule = d.rule;

@@ -57,8 +57,8 @@ pub struct Refusal {
 /// What happens to the request.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// The sidecar answers it with a refusal.
-    Refuse(Refusal),
+    /// The sidecar answers it with a refusal (boxed: the rare path).
+    Refuse(Box<Refusal>),
     /// A CORS preflight, answered 204 by the sidecar: with the headers that
     /// allow it, or none (the browser reads that as a refusal).
     Preflight {
@@ -102,13 +102,13 @@ pub struct Outcome<'e> {
     /// What the body must hold to before it reaches the app (`None`: it streams through).
     pub body: Option<BodyRule>,
     /// The rate limit that refused it.
-    pub limited: Option<Limited>,
+    pub limited: Option<Box<Limited>>,
     /// The rate limits that apply ([`Mode::Explain`] only).
     pub limits: Vec<LimitInfo>,
     /// A sample for policy previews ([`Mode::Enforce`] with `record`).
-    pub sample: Option<crate::preview::Sample>,
+    pub sample: Option<Box<crate::preview::Sample>>,
     /// The header changes, and what they are rendered with.
-    pub(super) changes: Option<Changes<'e>>,
+    pub(super) changes: Option<Box<Changes<'e>>>,
 }
 
 /// The header changes of an outcome, with their variables' values.
@@ -162,7 +162,13 @@ impl<'e> Outcome<'e> {
     }
 
     pub(super) fn refuse(kind: Refused, status: u16, message: &'static str, reason: impl Into<String>) -> Self {
-        Self::new(Action::Refuse(Refusal { kind, status, message, headers: Vec::new(), reason: reason.into() }))
+        Self::new(Action::Refuse(Box::new(Refusal {
+            kind,
+            status,
+            message,
+            headers: Vec::new(),
+            reason: reason.into(),
+        })))
     }
 
     /// The answer while no policy has arrived: 503 with `Retry-After`, so

@@ -245,3 +245,9 @@ fn an_explanation_verifies_the_credential_its_headers_carry_as_the_sidecar_does(
     assert_eq!(e.explain(&head("options", "/orders", &h), None, 1_800_000_000).decision, "preflight");
     assert_eq!(e.decide(&head("options", "/orders", &h), ENFORCE).label(), "preflight");
 }
+
+#[test]
+fn the_outcome_stays_small_as_it_is_moved_on_every_request() {
+    // The rare parts (a refusal, a sample, a limit, header changes) are boxed.
+    assert!(std::mem::size_of::<Outcome<'_>>() <= 256, "{}", std::mem::size_of::<Outcome<'_>>());
+}
