@@ -233,7 +233,7 @@ impl Enforcer {
         let d = self.authorize(&req);
         let mut o = Outcome::new(Action::Forward);
         if let Mode::Enforce { record: true, .. } = mode {
-            o.sample = Some(Box::new(crate::preview::Sample::of(&req, self.recorded())));
+            o.sample = Some(Box::new(crate::preview::sample::Sample::of(&req, self.recorded())));
         }
         o.policy = d.policy.clone();
         o.rule = d.rule;

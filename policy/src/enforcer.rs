@@ -169,7 +169,7 @@ pub struct Enforcer {
     routes: crate::route::Routes,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
-    recorded: crate::preview::Recorded,
+    recorded: crate::preview::sample::Recorded,
     origin: Instant,
 }
 
@@ -197,7 +197,7 @@ impl Enforcer {
             })
             .map(|r| Arc::from(r.key()))
             .collect();
-        let recorded = crate::preview::Recorded::compile(
+        let recorded = crate::preview::sample::Recorded::compile(
             inputs.resources,
             identity,
             authn.iter().flat_map(|a| a.credential_headers().chain(a.claim_headers().iter().map(String::as_str))),
@@ -292,7 +292,7 @@ impl Enforcer {
 
     /// What the sidecar records of a request for policy previews: the
     /// header and claim names the authorization policies' conditions use.
-    pub fn recorded(&self) -> &crate::preview::Recorded {
+    pub fn recorded(&self) -> &crate::preview::sample::Recorded {
         &self.recorded
     }
 

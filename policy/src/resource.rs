@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-mod spec;
+pub(crate) mod spec;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -13,7 +13,8 @@ pub use spec::{
     Action, ApiKeys, AuthenticationSpec, AuthnMode, AuthorizationSpec, ClaimToHeader, Condition, JWT_ALGORITHMS,
     JwtIssuer, Limit, LimitKey, LimitMatch, MAX_CLOCK_SKEW, Operation, RateLimitSpec, Rule, Scope, Source, TokenHeader,
 };
-pub use validate::{parse_clock_skew, parse_period, reserved_header};
+pub use spec::{Target, reserved_header};
+pub use validate::{parse_clock_skew, parse_period};
 
 /// Why a document is not a valid Palisade resource. Every variant names the
 /// resource and the field, says what is wrong, and what would be right.
@@ -50,15 +51,6 @@ pub struct Metadata {
     pub name: String,
     /// The namespace the policy belongs to.
     pub namespace: String,
-}
-
-/// Which workloads a policy applies to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct Target {
-    /// SPIFFE IDs (globs: `*` matches within and across segments, `?` one character).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub identities: Vec<String>,
 }
 
 /// A parsed, validated resource.

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::resource::Target;
+use crate::resource::spec::Target;
 
 mod checks;
 mod cors;

@@ -156,8 +156,6 @@ impl std::fmt::Debug for Config {
     }
 }
 
-pub use crate::proxy::outbound::Egress;
-
 /// Inbound mTLS mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -396,4 +394,14 @@ fn report_interval(s: &str) -> Result<std::time::Duration, String> {
         return Err("must be between 1s and 5m".into());
     }
     Ok(d)
+}
+
+/// What transparent mode does with traffic to destinations outside the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Connect to the original destination in plaintext, as if there were no mesh.
+    Passthrough,
+    /// Close the connection.
+    Deny,
 }

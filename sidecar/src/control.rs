@@ -24,15 +24,28 @@ use palisade_proto::channel::{ChannelError, ControlPlaneAddr};
 use palisade_proto::v1::config_request::Kind;
 use palisade_proto::v1::mesh_config_client::MeshConfigClient;
 use palisade_proto::v1::{ConfigAck, ConfigNack, ConfigRequest, Report};
+use ring::rand::SecureRandom;
 use rustls_pki_types::CertificateDer;
 use tonic::transport::Channel;
 
 use crate::directory::Directory;
-use crate::identity::jitter;
 use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 
 pub mod apply;
+
+/// `d` scaled by a random factor in `[1 - spread/2, 1 + spread/2]`, so
+/// sidecars that renew or reconnect together do not do so in lockstep (the
+/// sidecar's one jitter: certificate renewal and control-stream reconnects).
+pub(crate) fn jitter(d: Duration, spread: f64) -> Duration {
+    let mut b = [0u8; 4];
+    let r = match ring::rand::SystemRandom::new().fill(&mut b) {
+        Ok(()) => f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX),
+        Err(_) => 0.5,
+    };
+    d.mul_f64(1.0 - spread / 2.0 + spread * r)
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -12,9 +12,9 @@ use palisade_certs::{SvidInfo, TrustDomain, WorkloadKey};
 use palisade_proto::v1::CertifyRequest;
 use palisade_proto::v1::certify_request::Attestation;
 use palisade_proto::v1::identity_client::IdentityClient;
-use ring::rand::SecureRandom;
 use rustls_pki_types::CertificateDer;
 
+use crate::control::jitter;
 use crate::metrics::Metrics;
 
 /// First retry delay after a failure.
@@ -278,18 +278,6 @@ fn renewal_delay(info: &SvidInfo, now: SystemTime) -> Duration {
     // Measured from now, not notBefore: notBefore is backdated for clock skew.
     let left = info.time_left(now);
     jitter(left / 2, 0.2)
-}
-
-/// `d` scaled by a random factor in `[1 - spread/2, 1 + spread/2]`, so
-/// sidecars that renew or reconnect together do not do so in lockstep (the
-/// sidecar's one jitter: certificate renewal and control-stream reconnects).
-pub(crate) fn jitter(d: Duration, spread: f64) -> Duration {
-    let mut b = [0u8; 4];
-    let r = match ring::rand::SystemRandom::new().fill(&mut b) {
-        Ok(()) => f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX),
-        Err(_) => 0.5,
-    };
-    d.mul_f64(1.0 - spread / 2.0 + spread * r)
 }
 
 fn unix(t: SystemTime) -> u64 {

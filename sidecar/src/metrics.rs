@@ -11,8 +11,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::proxy::Direction;
-
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirLabels {
     direction: &'static str,
@@ -340,5 +338,21 @@ impl Metrics {
             "Inbound connections closed for what the client sent first (not_http, head_timeout) or at the expiry of the certificate an opaque stream was authorised with (cert_expired)",
             self.protocol_refused.clone(),
         );
+    }
+}
+
+/// Which side of the sidecar a connection or request is on (metrics, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
     }
 }

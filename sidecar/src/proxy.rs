@@ -140,21 +140,7 @@ pub const BAD_REQUEST_CLOSE: &[u8] =
 /// ALPN between sidecars: opaque TCP.
 pub const ALPN_TCP: &[u8] = b"palisade.dev/tcp";
 
-/// Which side of the sidecar a connection or request is on (metrics, logs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Inbound,
-    Outbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inbound => "inbound",
-            Self::Outbound => "outbound",
-        }
-    }
-}
+pub use crate::metrics::Direction;
 
 /// An empty or small fixed body.
 pub fn full(b: impl Into<Bytes>) -> Body {

@@ -106,7 +106,7 @@ pub struct Outcome<'e> {
     /// The rate limits that apply ([`Mode::Explain`] only).
     pub limits: Vec<LimitInfo>,
     /// A sample for policy previews ([`Mode::Enforce`] with `record`).
-    pub sample: Option<Box<crate::preview::Sample>>,
+    pub sample: Option<Box<crate::preview::sample::Sample>>,
     /// The header changes, and what they are rendered with.
     pub(super) changes: Option<Box<Changes<'e>>>,
 }

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::Target;
 use crate::ratelimit::Algorithm;
 
 /// What an authorization policy does when a rule matches.
@@ -357,3 +356,34 @@ pub const JWT_ALGORITHMS: [&str; 5] = ["RS256", "PS256", "ES256", "ES384", "EdDS
 
 /// Longest clock skew an issuer may be given.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Which workloads a policy applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// SPIFFE IDs (globs: `*` matches within and across segments, `?` one character).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+}
+
+/// Headers a policy may not have Palisade write: the identity headers
+/// Palisade owns, and those that change how a request is routed or framed.
+pub fn reserved_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.starts_with("x-palisade-")
+        || n.starts_with(':')
+        || [
+            "host",
+            "authorization",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "te",
+            "trailer",
+            "keep-alive",
+            "proxy-authorization",
+            "cookie",
+        ]
+        .contains(&n.as_str())
+}

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::spec::reserved_header;
 use super::{AuthenticationSpec, JWT_ALGORITHMS, LimitKey, MAX_CLOCK_SKEW, Operation, PolicyError, Resource};
 use crate::ratelimit::Algorithm;
 
@@ -287,28 +288,6 @@ pub fn parse_clock_skew(s: Option<&str>) -> Result<Duration, &'static str> {
         return Err("must be at most 5m");
     }
     Ok(d)
-}
-
-/// Headers a policy may not have Palisade write: the identity headers
-/// Palisade owns, and those that change how a request is routed or framed.
-pub fn reserved_header(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    n.starts_with("x-palisade-")
-        || n.starts_with(':')
-        || [
-            "host",
-            "authorization",
-            "content-length",
-            "transfer-encoding",
-            "connection",
-            "upgrade",
-            "te",
-            "trailer",
-            "keep-alive",
-            "proxy-authorization",
-            "cookie",
-        ]
-        .contains(&n.as_str())
 }
 
 fn header_name_ok(h: &str) -> bool {

@@ -3,7 +3,7 @@
 
 use super::rewrites::parse_template;
 use super::{SecurityHeaders, Setting, TrafficSpec};
-use crate::resource::reserved_header;
+use crate::resource::spec::reserved_header;
 
 fn name_ok(h: &str) -> bool {
     !h.is_empty() && h.len() <= 128 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))

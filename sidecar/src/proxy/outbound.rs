@@ -56,15 +56,7 @@ impl std::fmt::Display for Dest {
     }
 }
 
-/// What transparent mode does with traffic to destinations outside the mesh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Egress {
-    /// Connect to the original destination in plaintext, as if there were no mesh.
-    Passthrough,
-    /// Close the connection.
-    Deny,
-}
+pub use crate::config::Egress;
 
 /// Shared state of the outbound side.
 #[derive(Debug)]
