@@ -250,10 +250,10 @@ impl EtcdStore {
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         for k in &deletes {
-            cache::apply(&mut cache, &self.prefix, k, None, revision);
+            cache::apply_unless_older(&mut cache, &self.prefix, k, None, revision);
         }
         for (k, v) in &puts {
-            cache::apply(&mut cache, &self.prefix, k, Some(v), revision);
+            cache::apply_unless_older(&mut cache, &self.prefix, k, Some(v), revision);
         }
         Ok(true)
     }
@@ -269,17 +269,20 @@ impl EtcdStore {
             })
             .await
         })?;
+        // The revision the read saw the store at: a key the cache holds at a
+        // later one (the watch got there first) stays as it is.
+        let read_at = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         match resp.kvs().first() {
             Some(kv) => {
-                cache::apply(&mut cache, &self.prefix, key, Some(kv.value()), kv.mod_revision());
-                Ok(kv.mod_revision())
+                cache::apply_unless_older(&mut cache, &self.prefix, key, Some(kv.value()), kv.mod_revision());
             }
             None => {
-                cache::apply(&mut cache, &self.prefix, key, None, 0);
-                Ok(0)
+                cache::apply_unless_older(&mut cache, &self.prefix, key, None, read_at);
             }
         }
+        // The caller compares against what the cache now holds.
+        Ok(cache.revs.get(key).copied().unwrap_or(0))
     }
 
     /// Read-modify-write of one record with compare-and-swap, retried on

@@ -43,6 +43,22 @@ pub(super) async fn load(client: &Client, prefix: &str, cache: &Mutex<Cache>) ->
     Ok(revision)
 }
 
+/// [`apply`], unless the cache already holds a later revision of the key: a
+/// write's own answer or a read can arrive after the watch brought a newer
+/// value, and must not undo it (the watch never sends that value again).
+pub(super) fn apply_unless_older(
+    c: &mut Cache,
+    prefix: &str,
+    key: &str,
+    value: Option<&[u8]>,
+    revision: i64,
+) -> Option<Change> {
+    if c.revs.get(key).is_some_and(|have| *have > revision) {
+        return None;
+    }
+    apply(c, prefix, key, value, revision)
+}
+
 /// Puts one key's value (or its deletion) into the cache; what kind of change it was.
 pub(super) fn apply(c: &mut Cache, prefix: &str, key: &str, value: Option<&[u8]>, revision: i64) -> Option<Change> {
     let rest = key.strip_prefix(prefix)?;
@@ -165,5 +181,29 @@ pub(super) async fn watch(
             }
             Err(e) => tracing::warn!(error = %e, "cannot reload the store from etcd"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(revision: u64) -> Vec<u8> {
+        serde_json::to_vec(&PolicyDoc { revision, policies: BTreeMap::new() }).unwrap()
+    }
+
+    #[test]
+    fn a_late_answer_or_read_never_takes_the_cache_back() {
+        let mut c = Cache::default();
+        let key = "/p/policies";
+        // The watch brought revision 7 before this replica's own write at 5 answered.
+        apply(&mut c, "/p/", key, Some(&doc(3)), 7);
+        assert_eq!(apply_unless_older(&mut c, "/p/", key, Some(&doc(2)), 5), None);
+        assert_eq!((c.state.policy_revision, c.revs[key]), (3, 7), "the newer value stays");
+        assert!(apply_unless_older(&mut c, "/p/", key, Some(&doc(4)), 8).is_some());
+        assert_eq!((c.state.policy_revision, c.revs[key]), (4, 8));
+        // A read that found the key gone at an older revision changes nothing either.
+        assert_eq!(apply_unless_older(&mut c, "/p/", key, None, 6), None);
+        assert_eq!(c.revs[key], 8);
     }
 }
