@@ -381,9 +381,46 @@ async fn mesh_oauth_tokens_from_a_real_client_are_enforced_through_two_sidecars(
     assert_eq!((c, meta["issuer"].as_str()), (200, Some(issuer.as_str())));
     assert_eq!(meta["token_endpoint"], token_url.as_str());
 
+    // A token next to an API key for another principal: one request acts as
+    // one principal, so it is refused (401), or a DENY of either principal
+    // could be walked around with the other; authz check says the same.
+    m.apply("keys", &mesh_policies(&issuer).replacen("  jwt:\n", "  apiKeys: {header: x-api-key}\n  jwt:\n", 1)).await;
+    let created: serde_json::Value =
+        serde_json::from_str(&m.ctl(&["apikey", "create", "--name", "ci", "--principal", "team/ci", "-o", "json"]))
+            .unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    eventually("the key reaches the sidecar", Duration::from_secs(10), || async {
+        (status(&call(m.port, "GET", "/echo", &[("x-api-key", &key)]).await) == 403).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(status(&call(m.port, "GET", "/echo", &[("authorization", &bearer)]).await), 200, "the token alone");
+    let r = call(m.port, "GET", "/echo", &[("authorization", &bearer), ("x-api-key", &key)]).await;
+    assert_eq!(status(&r), 401, "a token and a key for two principals: {r}");
+    assert!(!r.contains("principal_conflict"), "the reason stays in the audit log: {r}");
+    assert!(m.refused("principal_conflict").await >= 1.0);
+    let both: serde_json::Value = serde_json::from_str(&m.ctl(&[
+        "authz",
+        "check",
+        "--from",
+        WEB,
+        "--to",
+        ORDERS,
+        "--path",
+        "/echo",
+        "--header",
+        &format!("authorization={bearer}"),
+        "--header",
+        &format!("x-api-key={key}"),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(both["decision"], "unauthenticated", "{both}");
+
     // Neither the secret nor any token is ever logged; the refusals are, with their reason.
     let logs = m.logs();
-    for s in [secret, &token, &rtoken] {
+    for s in [secret, &token, &rtoken, &key] {
         assert!(!logs.contains(s), "a secret or token reached a log");
     }
     assert!(logs.contains("reason=\"malformed\"") || logs.contains("reason=malformed"), "audit reason missing");
