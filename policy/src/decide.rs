@@ -250,13 +250,7 @@ impl Enforcer {
             Mode::Enforce { .. } => {}
         }
         if d.verdict == Verdict::Deny {
-            o.action = Action::Refuse(Box::new(Refusal {
-                kind: Refused::Forbidden,
-                status: 403,
-                message: "forbidden",
-                headers: Vec::new(),
-                reason: d.reason(),
-            }));
+            o.action = Action::Refuse(Box::new(Refusal::forbidden(d.reason())));
         }
         o.body = body.filter(|_| matches!(o.action, Action::Forward));
         o.decision = Some(d);
@@ -282,13 +276,7 @@ impl Enforcer {
         let d = self.authorize(&Request { source, port, ..Default::default() });
         let mut o = Outcome::new(Action::Forward);
         if d.verdict == Verdict::Deny {
-            o.action = Action::Refuse(Box::new(Refusal {
-                kind: Refused::Forbidden,
-                status: 403,
-                message: "forbidden",
-                headers: Vec::new(),
-                reason: d.reason(),
-            }));
+            o.action = Action::Refuse(Box::new(Refusal::forbidden(d.reason())));
         }
         o.policy = d.policy.clone();
         o.rule = d.rule;

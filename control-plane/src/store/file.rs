@@ -314,15 +314,7 @@ mod tests {
     fn api_keys_and_oauth_clients_are_unique_revocable_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
-        let key = ApiKeyRecord {
-            name: "ci".into(),
-            principal: "team/ci".into(),
-            sha256: "ab".into(),
-            namespace: String::new(),
-            created_at: 1,
-            expires_at: 0,
-            revoked: false,
-        };
+        let key = ApiKeyRecord::sample("ci");
         assert!(store.put_api_key(key.clone()).unwrap());
         assert!(!store.put_api_key(key).unwrap(), "names are unique");
         assert!(store.revoke_api_key("ci").unwrap().unwrap().revoked);

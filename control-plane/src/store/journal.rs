@@ -369,15 +369,7 @@ mod tests {
         store.upsert_proxy(proxy(2, "p2"), None, false).unwrap();
         store.upsert_proxy(proxy(1, "p1b"), Some("p1"), false).unwrap();
         store.upsert_proxy(ProxyRecord { cert_not_after: 5, ..proxy(3, "p3") }, None, false).unwrap();
-        let key = ApiKeyRecord {
-            name: "ci".into(),
-            principal: "team/ci".into(),
-            sha256: "ab".into(),
-            namespace: String::new(),
-            created_at: 1,
-            expires_at: 0,
-            revoked: false,
-        };
+        let key = ApiKeyRecord::sample("ci");
         store.put_api_key(key.clone()).unwrap();
         store.revoke_api_key("ci").unwrap().unwrap();
         store.put_api_key(ApiKeyRecord { name: "ops".into(), ..key }).unwrap();

@@ -111,3 +111,19 @@ pub(super) struct State {
     #[serde(default)]
     pub(super) oauth_clients: BTreeMap<String, OAuthClientRecord>,
 }
+
+#[cfg(test)]
+impl ApiKeyRecord {
+    /// A live key `name` for `team/ci`, for the stores' tests.
+    pub(crate) fn sample(name: &str) -> Self {
+        ApiKeyRecord {
+            name: name.into(),
+            principal: "team/ci".into(),
+            sha256: "ab".into(),
+            namespace: String::new(),
+            created_at: 1,
+            expires_at: 0,
+            revoked: false,
+        }
+    }
+}

@@ -54,6 +54,19 @@ pub struct Refusal {
     pub reason: String,
 }
 
+impl Refusal {
+    /// An authorization refusal (403).
+    pub(super) fn forbidden(reason: impl Into<String>) -> Self {
+        Refusal {
+            kind: Refused::Forbidden,
+            status: 403,
+            message: "forbidden",
+            headers: Vec::new(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// What happens to the request.
 #[derive(Debug, Clone)]
 pub enum Action {

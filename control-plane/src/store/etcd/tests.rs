@@ -72,15 +72,7 @@ fn open(etcd: &Etcd) -> EtcdStore {
 }
 
 fn key(name: &str) -> ApiKeyRecord {
-    ApiKeyRecord {
-        name: name.into(),
-        principal: "team/ci".into(),
-        sha256: "ab".into(),
-        namespace: String::new(),
-        created_at: 1,
-        expires_at: 0,
-        revoked: false,
-    }
+    ApiKeyRecord::sample(name)
 }
 
 /// Waits for `change` on `rx`, skipping others.
