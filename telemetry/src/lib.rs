@@ -28,8 +28,10 @@ const BATCH: usize = 512;
 const BATCH_DELAY: Duration = Duration::from_millis(500);
 /// Longest one export may take (then its spans count as failed).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause before a failed export is tried again.
+/// Pause before a failed export is tried again (doubled each time).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How many more times a failed export is tried.
+const RETRIES: u32 = 2;
 
 /// Span counters, by `result`: exported, dropped (queue full), failed (the
 /// collector refused, was unreachable or too slow).
@@ -86,12 +88,13 @@ async fn drain<E: SpanExporter>(exporter: E, mut rx: tokio::sync::mpsc::Receiver
             }
         }
         let n = batch.len();
-        // A failed export is tried once more after a pause (a collector
+        // A failed export is tried again after a pause, twice (a collector
         // restarting, a connection being made under load), unless spans are
         // piling up behind it: then they come first, and the batch is lost.
-        let mut again = Some(batch.clone());
         let mut spans = std::mem::take(&mut batch);
+        let (mut retries, mut pause) = (RETRIES, RETRY_AFTER);
         loop {
+            let again = (retries > 0).then(|| spans.clone());
             let why = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
                 Ok(Ok(())) => {
                     counts.add("exported", n);
@@ -100,11 +103,11 @@ async fn drain<E: SpanExporter>(exporter: E, mut rx: tokio::sync::mpsc::Receiver
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "timed out".to_string(),
             };
-            match again.take().filter(|_| rx.len() < QUEUE / 2) {
+            match again.filter(|_| rx.len() < QUEUE / 2) {
                 Some(retry) => {
-                    tracing::debug!(error = %why, spans = n, "span export failed; trying once more");
-                    tokio::time::sleep(RETRY_AFTER).await;
-                    spans = retry;
+                    tracing::debug!(error = %why, spans = n, "span export failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    (retries, pause, spans) = (retries - 1, pause * 2, retry);
                 }
                 None => {
                     counts.add("failed", n);
