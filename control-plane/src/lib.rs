@@ -69,8 +69,14 @@ pub(crate) struct Shared {
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot create data dir {path}: {source}")]
-    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot create data dir {path}: {source}{}", state::data_dir_fix(.path, *.runs_as))]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+        /// This process's effective uid and gid when access was refused:
+        /// the directory (often a mounted volume) must be writable by them.
+        runs_as: Option<(u32, u32)>,
+    },
     #[error("data dir {path} is in use by another control plane (lock held on {path}/lock)")]
     Locked { path: std::path::PathBuf },
     #[error(transparent)]

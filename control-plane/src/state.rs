@@ -17,7 +17,10 @@ use crate::{Config, Shared, StartError, ca, config, directory_guard, jwks, oauth
 /// Creates the data dir (owner only: it holds the CA key and token hashes)
 /// and takes its lock: one control plane per data dir.
 pub(crate) fn lock_data_dir(data: &Path) -> Result<std::fs::File, StartError> {
-    let dir_err = |source| StartError::DataDir { path: data.to_path_buf(), source };
+    let dir_err = |source: std::io::Error| {
+        let runs_as = (source.kind() == std::io::ErrorKind::PermissionDenied).then(effective_ids).flatten();
+        StartError::DataDir { path: data.to_path_buf(), source, runs_as }
+    };
     std::fs::create_dir_all(data).map_err(dir_err)?;
     std::fs::set_permissions(data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(dir_err)?;
     let lock = std::fs::OpenOptions::new()
@@ -30,6 +33,28 @@ pub(crate) fn lock_data_dir(data: &Path) -> Result<std::fs::File, StartError> {
         return Err(StartError::Locked { path: data.to_path_buf() });
     }
     Ok(lock)
+}
+
+/// This process's effective uid and gid, from /proc/self/status ("Uid:" and
+/// "Gid:" list the real, effective, saved and filesystem ids).
+fn effective_ids() -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let effective =
+        |name: &str| status.lines().find_map(|l| l.strip_prefix(name))?.split_whitespace().nth(1)?.parse().ok();
+    Some((effective("Uid:")?, effective("Gid:")?))
+}
+
+/// The fix a refused data dir needs, for [`StartError::DataDir`]'s message:
+/// the image runs as 65532:65532, and a volume made by root is not writable by it.
+pub(crate) fn data_dir_fix(path: &Path, runs_as: Option<(u32, u32)>) -> String {
+    match runs_as {
+        Some((uid, gid)) => format!(
+            "; the control plane runs as {uid}:{gid} and the directory must be writable by it \
+             (for a mounted volume, on the host: `chown {uid}:{gid} <the host directory>`; here: `chown {uid}:{gid} {}`)",
+            path.display()
+        ),
+        None => String::new(),
+    }
 }
 
 /// Runs a blocking start-up step off the async threads.
@@ -185,4 +210,37 @@ pub(crate) fn shared(
         oauth,
         jwks,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn a_refused_data_dir_names_the_user_and_the_chown() {
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let runs_as = effective_ids();
+        let (uid, gid) = runs_as.expect("Linux has /proc/self/status");
+        let tmp = tempfile::tempdir().unwrap();
+        let made = std::fs::metadata(tmp.path()).unwrap();
+        assert_eq!((uid, gid), (made.uid(), made.gid()), "what a file this process makes is owned by");
+        let err = StartError::DataDir { path: "/data/cp".into(), source: denied, runs_as };
+        let msg = err.to_string();
+        assert!(msg.starts_with("cannot create data dir /data/cp: permission denied"), "{msg}");
+        assert!(msg.contains(&format!("runs as {uid}:{gid}")), "{msg}");
+        assert!(msg.contains(&format!("`chown {uid}:{gid} /data/cp`")), "{msg}");
+    }
+
+    #[test]
+    fn a_data_dir_under_a_file_is_refused_without_the_chown_hint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let err = lock_data_dir(&file.join("cp")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with(&format!("cannot create data dir {}/cp: ", file.display())), "{msg}");
+        assert!(!msg.contains("chown"), "not a permission problem: {msg}");
+    }
 }
