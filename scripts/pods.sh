@@ -74,8 +74,11 @@ find_ctl() {
   echo "$c"
 }
 
+# Seconds since $1 (a `date +%s.%N`), to a tenth.
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1fs", b - a }'; }
+
 # The last lines a container logged, indented.
-last_logs() { podman logs --tail "${2:-20}" "$1" 2>&1 | sed 's/^/    /'; }
+last_logs() { podman logs --tail "${2:-12}" "$1" 2>&1 | sed 's/^/    /'; }
 
 # Waits up to $2 seconds for the command $3... to succeed; on timeout shows
 # the logs of container $1 and fails.
@@ -134,11 +137,12 @@ up() {
   chown 65532:65532 "$state/cp-data" && chmod 0700 "$state/cp-data"
   podman network create --subnet "$subnet" "$net" >/dev/null \
     || die "cannot create podman network $net on $subnet (another network or route uses it? podman network ls)"
-  local started=$SECONDS
+  local started
+  started=$(date +%s.%N)
   play "$cp_ip" "$state/control-plane.yaml"
   export PALISADE_CONTROL_PLANE=https://$cp_ip:7700 PALISADE_CREDENTIALS=$state/admin
   wait_ready "$cp_pod-control-plane" 60 "$ctl" check
-  echo "$cp_pod at $cp_ip: answers palisadectl after $((SECONDS - started))s (join tokens: TokenReview needs a Kubernetes API server)"
+  echo "$cp_pod at $cp_ip: answers palisadectl $(since "$started") after podman kube play (join tokens: TokenReview needs a Kubernetes API server)"
 
   say "web and orders: palisadectl inject, then podman kube play"
   local name
@@ -163,11 +167,11 @@ EOF
       >"$state/$name.injected.yaml" 2>/dev/null
     python3 tests/podman/for_podman.py app "${ip[$name]}" "$state/$name-token" \
       <"$state/$name.injected.yaml" >"$state/$name.podman.yaml"
-    started=$SECONDS
+    started=$(date +%s.%N)
     play "${ip[$name]}" "$state/$name.podman.yaml"
     # The proxy's readiness probe (/ready: certificate, policy, directory), from the host.
     wait_ready "shop-$name-palisade-proxy" 60 curl -sf -m 2 "http://${ip[$name]}:4191/ready"
-    echo "shop-$name at ${ip[$name]}: proxy ready $((SECONDS - started))s after podman kube play"
+    echo "shop-$name at ${ip[$name]}: proxy ready $(since "$started") after podman kube play"
   done
   exports >"$state/env"
 
