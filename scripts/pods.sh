@@ -118,6 +118,9 @@ up() {
   found=$(existing | paste -sd, | sed 's/,/, /g')
   [ -z "$found" ] || die "a mesh is already up ($found): ./scripts/pods.sh status shows it, ./scripts/pods.sh down removes it"
   [ ! -e "$state" ] || die "$state exists (a previous run's state): ./scripts/pods.sh down removes it"
+  local taken
+  taken=$(podman network ls --format '{{.Name}} {{range .Subnets}}{{.Subnet}} {{end}}' | awk -v s="$subnet" '$2 == s { print $1 }')
+  [ -z "$taken" ] || die "podman network $taken already uses $subnet, which this mesh needs (podman network rm $taken, if nothing uses it)"
 
   say "image"
   local image app_image
@@ -167,6 +170,7 @@ EOF
       >"$state/$name.injected.yaml" 2>/dev/null
     python3 tests/podman/for_podman.py app "${ip[$name]}" "$state/$name-token" \
       <"$state/$name.injected.yaml" >"$state/$name.podman.yaml"
+    [ "$name" = web ] || echo "for podman 4.3 (tests/podman/for_podman.py): the proxy, a native sidecar, runs as the pod's first container (podman runs init containers to completion); a join token stands in for the ServiceAccount token"
     started=$(date +%s.%N)
     play "${ip[$name]}" "$state/$name.podman.yaml"
     # The proxy's readiness probe (/ready: certificate, policy, directory), from the host.
