@@ -253,7 +253,7 @@ down() {
   local left
   left=$(existing | paste -sd, | sed 's/,/, /g')
   [ -z "$left" ] || die "still there after down: $left"
-  echo "removed the mesh's pods, network $net and $state"
+  echo "removed the mesh's pods, network $net and $state (the images stay, for the next up)"
 }
 
 cmd=${1:-}
