@@ -46,8 +46,8 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
     while let Some(ev) = stream.message().await.map_err(status_err)? {
         if ev.dropped > dropped {
             eprintln!(
-                "({} requests not shown: over 100 a second per sidecar, or arriving faster than read)",
-                ev.dropped - dropped
+                "({} not shown: over 100 a second per sidecar, or arriving faster than read)",
+                palisade_cmd::plural(ev.dropped - dropped, "request", "requests")
             );
             dropped = ev.dropped;
         }
@@ -81,7 +81,10 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
         );
     }
     if args.max.is_some_and(|m| seen < m) {
-        bail!("the tap ended after {seen} requests (the control plane ends a tap after an hour)");
+        bail!(
+            "the tap ended after {} (the control plane ends a tap after an hour)",
+            palisade_cmd::plural(seen, "request", "requests")
+        );
     }
     Ok(())
 }
@@ -170,8 +173,8 @@ pub(crate) fn preview_text(p: &PreviewPolicyResponse) -> String {
     let window = humantime::format_duration(std::time::Duration::from_secs(p.window_seconds));
     if p.changes.is_empty() {
         return format!(
-            "no decision changes for the {} requests recorded in the last {window}\n",
-            p.requests_evaluated
+            "no decision changes for the {} recorded in the last {window}\n",
+            palisade_cmd::plural(p.requests_evaluated, "request", "requests")
         );
     }
     let flipped: u64 = p.changes.iter().map(|c| c.count).sum();
@@ -191,8 +194,8 @@ pub(crate) fn preview_text(p: &PreviewPolicyResponse) -> String {
         })
         .collect();
     format!(
-        "{flipped} of {} requests recorded in the last {window} would be decided differently:\n{}",
-        p.requests_evaluated,
+        "{flipped} of {} recorded in the last {window} would be decided differently:\n{}",
+        palisade_cmd::plural(p.requests_evaluated, "request", "requests"),
         table::render(&["FROM", "TO", "METHOD", "PATH", "CHANGE", "COUNT", "RULE"], rows)
     )
 }

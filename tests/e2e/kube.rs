@@ -434,7 +434,7 @@ fn check_reports_what_is_wrong_with_a_cluster_install() {
         !ok && detail.contains("kubectl -n palisade-system port-forward svc/palisade-control-plane 7700:7700"),
         "{detail}"
     );
-    assert_eq!(find(&report, "control plane running"), (true, "1 replica(s) available".into()));
+    assert_eq!(find(&report, "control plane running"), (true, "1 replica available".into()));
     assert!(find(&report, "webhook inject.palisade.dev").0);
     assert_eq!(find(&report, "injected pods"), (true, "1 found".into()));
     let failed: Vec<&Value> = report["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).collect();
