@@ -549,3 +549,23 @@ fn the_reference_names_every_flag_command_and_metric() {
     }
     assert!(missing.is_empty(), "docs/reference.md lacks: {missing:?}");
 }
+
+/// `./scripts/test.sh --help` answers at once with its own short help (how
+/// to run one test, how to list them), building nothing: cargo is not even
+/// on its PATH here, so a build would fail.
+#[test]
+fn the_test_script_has_its_own_short_help() {
+    for flag in ["--help", "-h"] {
+        let start = std::time::Instant::now();
+        let out = Command::new(palisade_tests::repo_root().join("scripts/test.sh"))
+            .arg(flag)
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        let help = text(&out);
+        assert!(out.status.success(), "{flag}: {help}");
+        assert!(help.lines().count() < 30, "{flag}: {} lines: {help}", help.lines().count());
+        assert!(help.contains("./scripts/test.sh -E 'test(") && help.contains("--list"), "{flag}: {help}");
+        assert!(start.elapsed() < Duration::from_secs(5), "{flag} took {:?}", start.elapsed());
+    }
+}
