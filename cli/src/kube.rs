@@ -23,7 +23,7 @@ const HA: &[(&str, &str)] = &[
     ("etcd.yaml", include_str!("../../deploy/ha/etcd.yaml")),
 ];
 
-fn read_input(file: &Path) -> Result<String> {
+pub(crate) fn read_input(file: &Path) -> Result<String> {
     if file == Path::new("-") {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
@@ -209,34 +209,6 @@ fn write_admin_credential(
     palisade_certs::files::write_public(&dir.join("cert.pem"), &issued.chain_pem())?;
     palisade_certs::files::write_public(&dir.join("ca.pem"), &ca.trust_bundle_pem())?;
     Ok(())
-}
-
-/// What `palisadectl check --kubernetes` reads: one `kubectl get` of every
-/// object it looks at, as JSON (a `List`).
-pub(crate) const KUBECTL_GET: &[&str] =
-    &["get", "deployments,pods,configmaps,mutatingwebhookconfigurations", "--all-namespaces", "-o", "json"];
-
-/// Reads the cluster state with kubectl, or from a file holding the output of
-/// `kubectl get deployments,pods,configmaps,mutatingwebhookconfigurations -A -o json`.
-pub(crate) fn cluster_state(kubectl: &str, file: Option<&Path>) -> Result<Value> {
-    let text = match file {
-        Some(f) => read_input(f)?,
-        None => {
-            let out = std::process::Command::new(kubectl)
-                .args(KUBECTL_GET)
-                .output()
-                .with_context(|| format!("cannot run {kubectl} (is kubectl installed and on PATH?)"))?;
-            if !out.status.success() {
-                return Err(anyhow!(
-                    "{kubectl} {}: {}",
-                    KUBECTL_GET.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            String::from_utf8(out.stdout).context("kubectl printed something that is not UTF-8")?
-        }
-    };
-    serde_json::from_str(&text).context("the cluster state is not kubectl's JSON (-o json)")
 }
 
 /// One finding: what was checked, whether it is fine, and what to do.

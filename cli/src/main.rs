@@ -16,6 +16,7 @@ mod client;
 mod creds;
 mod inspect;
 mod kube;
+mod kubectl;
 mod man;
 mod observe;
 mod policy;
@@ -162,6 +163,10 @@ enum Command {
         /// The time to compute rates over (at most 10m).
         #[arg(long, default_value = "1m", value_parser = duration_arg)]
         window: Duration,
+        /// First wait (up to this long, e.g. 15s) until every sidecar counted has reported
+        /// since the command started, so that requests sent just before are counted.
+        #[arg(long, value_parser = duration_arg)]
+        wait: Option<Duration>,
     },
     /// Explain authorization decisions.
     Authz {
@@ -351,7 +356,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Tap { online, args } => observe::tap(online, args).await,
         Command::Ca { online, cmd } => ca::run(online, cmd).await,
-        Command::Stat { online, workload, window } => observe::stat(online, workload.as_deref(), *window).await,
+        Command::Stat { online, workload, window, wait } => {
+            observe::stat(online, workload.as_deref(), *window, *wait).await
+        }
         Command::Apikey { online, cmd } => creds::apikey(online, cmd).await,
         Command::Oauth { online, cmd } => creds::oauth(online, cmd).await,
         Command::Completion { shell } => {

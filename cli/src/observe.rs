@@ -1,7 +1,9 @@
 //! `palisadectl tap`, `palisadectl stat` and the policy preview's output.
 
 use anyhow::{Result, bail};
+use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::*;
+use tonic::transport::Channel;
 
 use crate::client::{admin, status_err};
 use crate::show::print_value;
@@ -89,13 +91,22 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
     Ok(())
 }
 
-/// Per-workload traffic.
-pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time::Duration) -> Result<()> {
-    let req = StatRequest {
-        identity: identity.unwrap_or_default().to_string(),
-        window_seconds: u32::try_from(window.as_secs()).unwrap_or(u32::MAX),
-    };
-    let workloads = admin(cli).await?.stat(req).await.map_err(status_err)?.into_inner().workloads;
+/// Per-workload traffic; with `wait`, once every sidecar counted has sent a
+/// report newer than the command (so requests sent before it are counted).
+pub(crate) async fn stat(
+    cli: &Online,
+    identity: Option<&str>,
+    window: std::time::Duration,
+    wait: Option<std::time::Duration>,
+) -> Result<()> {
+    let identity = identity.unwrap_or_default();
+    let window_seconds = u32::try_from(window.as_secs()).unwrap_or(u32::MAX);
+    let mut client = admin(cli).await?;
+    if let Some(wait) = wait {
+        wait_for_reports(&mut client, identity, window_seconds, wait).await?;
+    }
+    let req = StatRequest { identity: identity.to_string(), window_seconds };
+    let workloads = client.stat(req).await.map_err(status_err)?.into_inner().workloads;
     if cli.output != Output::Table {
         let v: Vec<_> = workloads
             .iter()
@@ -117,6 +128,7 @@ pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time
         return print_value(cli.output, &serde_json::Value::Array(v));
     }
     let pct = |r: f64| format!("{:.2}%", r * 100.0);
+    let rate = |r: f64| format!("{r:.1}/s");
     let ms = |m: f64| if m == 0.0 { "-".to_string() } else { format!("{m:.1}ms") };
     let rows = workloads
         .iter()
@@ -125,7 +137,7 @@ pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time
                 w.identity.clone(),
                 w.proxies.to_string(),
                 w.requests.to_string(),
-                format!("{:.1}", w.rps),
+                rate(w.rps),
                 pct(w.success_rate),
                 pct(w.refused_rate),
                 ms(w.p50_ms),
@@ -134,8 +146,44 @@ pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time
             ]
         })
         .collect();
-    table::print(&["WORKLOAD", "PROXIES", "REQUESTS", "RPS", "SUCCESS", "REFUSED", "P50", "P95", "P99"], rows);
+    table::print(&["WORKLOAD", "PROXIES", "REQUESTS", "RATE", "SUCCESS", "REFUSED", "P50", "P95", "P99"], rows);
     Ok(())
+}
+
+/// Waits until every sidecar `stat` counts (over `window_seconds`) has sent
+/// a report since this was called. A stat over the whole seconds since then
+/// counts only the sidecars whose last report is that recent: when it counts
+/// as many per workload as the full window does, every report is fresh.
+async fn wait_for_reports(
+    client: &mut AdminClient<Channel>,
+    identity: &str,
+    window_seconds: u32,
+    wait: std::time::Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut stat = async |window_seconds: u32| {
+        let req = StatRequest { identity: identity.to_string(), window_seconds };
+        client.stat(req).await.map_err(status_err).map(|r| r.into_inner().workloads)
+    };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let since = u32::try_from(start.elapsed().as_secs()).unwrap_or(u32::MAX).min(600);
+        if since >= 1 {
+            let (all, fresh) = (stat(window_seconds).await?, stat(since).await?);
+            let reported = |w: &WorkloadStat| fresh.iter().any(|f| f.identity == w.identity && f.proxies >= w.proxies);
+            if !all.is_empty() && all.iter().all(reported) {
+                return Ok(());
+            }
+        }
+        if start.elapsed() >= wait {
+            bail!(
+                "no report newer than this command from every sidecar of {} within {} (sidecars report every \
+                 --report-interval, 10s by default)",
+                if identity.is_empty() { "the mesh" } else { identity },
+                humantime::format_duration(wait)
+            );
+        }
+    }
 }
 
 /// Prints a preview; returns whether anything would change.

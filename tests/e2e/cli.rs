@@ -569,3 +569,49 @@ fn the_test_script_has_its_own_short_help() {
         assert!(start.elapsed() < Duration::from_secs(5), "{flag} took {:?}", start.elapsed());
     }
 }
+
+/// `check --kubernetes` where no cluster answers: one line that says so,
+/// with kubectl's reason, the kubeconfig and the context it used (not
+/// kubectl's eight lines of retries), and a failing exit status.
+#[test]
+fn check_kubernetes_without_a_cluster_says_so_in_one_line() {
+    let check = |kubectl: &str, kubeconfig: &std::path::Path| {
+        let out = Command::new(bin("palisadectl"))
+            .args(["check", "--kubernetes", "--kubectl", kubectl])
+            .env("NO_COLOR", "1")
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("PALISADE_CREDENTIALS")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let all = text(&out);
+        let lines: Vec<String> = all.lines().filter(|l| l.contains("kubernetes")).map(String::from).collect();
+        assert_eq!(lines.len(), 1, "{all}");
+        assert!(!all.contains(".go:"), "kubectl's own log lines: {all}");
+        lines[0].clone()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let line = check("kubectl-is-not-here", tmp.path());
+    assert!(line.contains("[FAIL] kubernetes: kubectl-is-not-here is not installed (not found on PATH)"), "{line}");
+
+    if Command::new("kubectl").args(["version", "--client"]).output().is_err() {
+        return palisade_tests::skip("check_kubernetes_without_a_cluster_says_so_in_one_line", "kubectl not installed");
+    }
+    let port = free_port();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- cluster: {{server: \"https://127.0.0.1:{port}\"}}\n  name: nowhere\n\
+             contexts:\n- context: {{cluster: nowhere, user: u}}\n  name: nowhere-ctx\ncurrent-context: nowhere-ctx\n\
+             users:\n- name: u\n  user: {{token: x}}\n"
+        ),
+    )
+    .unwrap();
+    let line = check("kubectl", &kubeconfig);
+    let want = format!(
+        "[FAIL] kubernetes: no Kubernetes cluster is reachable: The connection to the server 127.0.0.1:{port} was refused (kubeconfig {}, context nowhere-ctx)",
+        kubeconfig.display()
+    );
+    assert_eq!(line, want);
+}
