@@ -244,7 +244,7 @@ async fn install_and_inject_output_is_valid_kubernetes() {
     // --credentials-out never overwrites.
     let again =
         Command::new(&ctl).args(["install", "--generate-ca", "--credentials-out"]).arg(&creds).output().unwrap();
-    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(again.status.code(), Some(64), "a usage error: choose another directory");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     for kind in [
         "Namespace",
@@ -324,7 +324,7 @@ spec: {containers: [{name: c, image: busybox}]}
     assert_eq!(injected.matches(&first_line(&bundle)).count(), 3, "the install's CA, in every pod");
     // Without a bundle, inject says where to get one.
     let none = Command::new(&ctl).args(["inject", "-f", "-"]).env_remove("PALISADE_CREDENTIALS").output().unwrap();
-    assert_eq!(none.status.code(), Some(1));
+    assert_eq!(none.status.code(), Some(64), "a missing flag is a usage error");
     assert!(String::from_utf8_lossy(&none.stderr).contains("--ca-bundle FILE or --credentials DIR"));
     validate(&injected, &["1.29.0", "1.33.0"]);
     let (again, report) = run(&injected, &[]);
