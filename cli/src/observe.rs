@@ -57,11 +57,16 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
             continue;
         }
         seen += 1;
-        if cli.output != Output::Table {
+        if cli.output == Output::Json {
             outln!("{}", ev.json);
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap_or_default();
+        if cli.output == Output::Yaml {
+            // One YAML document per request, as the JSON form has one line each.
+            out!("---\n{}", serde_saphyr::to_string(&v)?);
+            continue;
+        }
         let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
         let status = v["status"].as_u64().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
         let rule = match (v["policy"].as_str(), v["rule"].as_u64()) {

@@ -221,7 +221,12 @@ pub(crate) async fn run(cli: &Online, cmd: &PolicyCmd) -> Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            outln!("{} {key} deleted (revision {})", palisade_policy::canonical_kind(kind).unwrap_or(kind), r.revision);
+            let kind = palisade_policy::canonical_kind(kind).unwrap_or(kind);
+            if cli.output != Output::Table {
+                let v = serde_json::json!({"kind": kind, "key": key, "change": "deleted", "revision": r.revision});
+                return print_value(cli.output, &v);
+            }
+            outln!("{kind} {key} deleted (revision {})", r.revision);
             Ok(())
         }
     }

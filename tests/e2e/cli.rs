@@ -463,6 +463,15 @@ async fn policy_commands_read_input_as_users_type_it() {
     assert_eq!(err.lines().filter(|l| l.starts_with("warning:")).count(), 21, "{err}");
     assert!(err.contains("... and 480 more identities like these"), "{err}");
 
+    // -o before the subcommand, on a command that changes something too.
+    let out = cp.ctl(&["-o", "json", "policy", "delete", "ap", "shop/p"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["kind"].as_str(), v["key"].as_str(), v["change"].as_str()),
+        (Some("AuthorizationPolicy"), Some("shop/p"), Some("deleted"))
+    );
+
     // A token for another trust domain: said in words, not Debug output.
     let out = cp.ctl(&["token", "create", "--identity", "spiffe://other.example/ns/shop/sa/web"]);
     assert!(!out.status.success());
