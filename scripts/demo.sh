@@ -11,7 +11,7 @@
 # on start). At the end everything is stopped, unless --keep is given.
 #
 #   ./scripts/demo.sh           run it
-#   ./scripts/demo.sh --keep    leave it running (Ctrl-C stops it)
+#   ./scripts/demo.sh --keep    leave it running; print the exports for another shell (Ctrl-C stops it)
 #   ./scripts/demo.sh --check   also compare every output with the docs' (exit 1 on a difference)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,6 +5,35 @@
 # packages missing) is listed as SKIPPED at the end; under CI=true it fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+usage() {
+  cat <<'EOF'
+Usage: ./scripts/test.sh [OPTIONS]   (OPTIONS go to `cargo nextest run`)
+
+Builds the binaries the end-to-end tests start, then runs every unit and
+end-to-end test; a test that cannot run here is listed as SKIPPED at the end
+(under CI=true it fails instead).
+
+  ./scripts/test.sh                                 every test
+  ./scripts/test.sh -E 'test(walkthrough)'          one test: those whose name contains "walkthrough"
+  ./scripts/test.sh -E 'package(palisade-policy)'   one crate's tests
+  ./scripts/test.sh --list [-E ...]                 list the tests (builds them, runs none)
+  ./scripts/test.sh --help                          this help
+
+Filters (-E): https://nexte.st/docs/filtersets/
+EOF
+}
+
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+  esac
+done
+if [ "${1:-}" = "--list" ]; then
+  shift
+  exec cargo nextest list --workspace "$@"
+fi
+
 cargo build --workspace --bins
 export PALISADE_SKIP_LOG="$PWD/target/skipped-tests.txt"
 rm -f "$PALISADE_SKIP_LOG"

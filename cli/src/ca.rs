@@ -87,6 +87,11 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
                 eprintln!("{}: {}", s.phase, s.detail);
             }
             let (start, mut last) = (Instant::now(), s.phase.clone());
+            // The proxies connected during the rotation: the last step ends
+            // their streams (their certificates change root), and the final
+            // status is shown once they are back, not mid-reconnect.
+            let mut most = s.proxies;
+            let mut ended_at: Option<Instant> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 // A new connection each time: every step rewrites the admin
@@ -103,8 +108,13 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
                         }
                         last = s.phase.clone();
                         let phase = Phase::from(s.phase.as_str());
+                        most = most.max(s.proxies);
                         if phase == target {
-                            return print(cli.output, &s);
+                            let ended = *ended_at.get_or_insert_with(Instant::now);
+                            if s.proxies >= most || ended.elapsed() >= RECONNECT_GRACE {
+                                return print(cli.output, &s);
+                            }
+                            continue;
                         }
                         if phase.ended() {
                             bail!("the rotation ended {} (another admin?)", s.phase);
@@ -123,6 +133,10 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
         }
     }
 }
+
+/// How long a finished rotation's status waits for the proxies connected
+/// during it to be connected again.
+const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 
 /// Where a root rotation stands. The wire carries a string
 /// (`CaStatus.phase`); it is parsed once, here.

@@ -29,7 +29,7 @@ pub(crate) async fn run(
                      7700:7700` and --control-plane https://127.0.0.1:7700",
                 );
             }
-            match kube::cluster_state(kubectl, file) {
+            match crate::kubectl::cluster_state(kubectl, file) {
                 Ok(state) => {
                     let bundle = cli.credentials.as_ref().and_then(|d| std::fs::read_to_string(d.join("ca.pem")).ok());
                     results.extend(kube::cluster_findings(&state, bundle.as_deref()));

@@ -24,7 +24,7 @@ pub(crate) fn load_credentials(cli: &Online) -> Result<Credentials> {
     let dir = cli
         .credentials
         .as_ref()
-        .ok_or_else(|| anyhow!("no admin credential: pass --credentials DIR or set PALISADE_CREDENTIALS to the control plane's <data-dir>/admin"))?;
+        .ok_or_else(|| crate::usage("no admin credential: pass --credentials DIR or set PALISADE_CREDENTIALS to the control plane's <data-dir>/admin"))?;
     let read = |name: &str| {
         let p = dir.join(name);
         std::fs::read_to_string(&p).with_context(|| {
@@ -84,9 +84,22 @@ pub(crate) async fn admin(cli: &Online) -> Result<AdminClient<Channel>> {
         .max_encoding_message_size(palisade_proto::limits::MAX_ADMIN_MESSAGE_BYTES))
 }
 
+/// A gRPC status as the operator reads it: `PERMISSION_DENIED: <message>`
+/// (kept typed: `INVALID_ARGUMENT` is a usage error, see `exit_code`).
+#[derive(Debug)]
+pub(crate) struct StatusError(pub(crate) tonic::Status);
+
+impl std::fmt::Display for StatusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", code_name(self.0.code()), self.0.message())
+    }
+}
+
+impl std::error::Error for StatusError {}
+
 /// A gRPC status as the operator reads it: `PERMISSION_DENIED: <message>`.
 pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{}: {}", code_name(s.code()), s.message())
+    StatusError(s).into()
 }
 
 /// `PermissionDenied` as `PERMISSION_DENIED`, the name gRPC documents.

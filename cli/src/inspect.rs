@@ -26,9 +26,6 @@ pub(crate) enum CertCmd {
         /// Directory holding the admin credential; its ca.pem is the default bundle.
         #[arg(long, env = "PALISADE_CREDENTIALS")]
         credentials: Option<PathBuf>,
-        /// Output format (table or json).
-        #[arg(short, long, value_enum, default_value_t = crate::Output::Table)]
-        output: crate::Output,
     },
 }
 
@@ -79,14 +76,17 @@ impl ServerCertVerifier for Capture {
 fn endpoint(target: &str) -> Result<(String, String)> {
     let rest = match target.split_once("://") {
         Some(("https", rest)) => rest,
-        Some((scheme, _)) => bail!("{target}: only https:// endpoints carry certificates, not {scheme}://"),
+        Some((scheme, _)) => {
+            return Err(crate::usage(format!("{target}: only https:// endpoints carry certificates, not {scheme}://")));
+        }
         None => target,
     };
     let authority = rest.split('/').next().unwrap_or_default();
-    let parsed: http::uri::Authority =
-        authority.parse().map_err(|_| anyhow!("{target:?} is neither a readable PEM file nor HOST:PORT"))?;
+    let parsed: http::uri::Authority = authority
+        .parse()
+        .map_err(|_| crate::usage(format!("{target:?} is neither a readable PEM file nor HOST:PORT")))?;
     if parsed.port_u16().is_none() {
-        bail!("{target}: missing port (HOST:PORT, e.g. 127.0.0.1:7700)");
+        return Err(crate::usage(format!("{target}: missing port (HOST:PORT, e.g. 127.0.0.1:7700)")));
     }
     let host = parsed.host().trim_start_matches('[').trim_end_matches(']').to_string();
     Ok((host, authority.to_string()))
@@ -133,14 +133,14 @@ async fn fetch_chain(target: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(chain)
 }
 
-pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, json: bool) -> Result<()> {
+pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, output: crate::Output) -> Result<()> {
     let chain = if Path::new(target).exists() {
         let pem = std::fs::read_to_string(target).with_context(|| format!("cannot read {target}"))?;
         palisade_certs::ca::parse_pem_certs(&pem).map_err(|e| anyhow!("{target}: {e}"))?
     } else if target.contains(':') {
         fetch_chain(target).await?
     } else {
-        bail!("{target:?} is neither a readable PEM file nor HOST:PORT");
+        return Err(crate::usage(format!("{target:?} is neither a readable PEM file nor HOST:PORT")));
     };
     if chain.is_empty() {
         bail!("{target}: no certificate in it (expected PEM blocks BEGIN CERTIFICATE)");
@@ -155,7 +155,7 @@ pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, json: bool) -> 
         palisade_certs::svid::verify_chain(&chain, &store, now).map_err(|e| e.to_string())
     });
     let left = info.time_left(now);
-    if json {
+    if output != crate::Output::Table {
         let v = serde_json::json!({
             "spiffe_id": info.spiffe_id.as_ref().map(|i| i.to_string()),
             "uri_sans": info.uri_sans,
@@ -173,7 +173,7 @@ pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, json: bool) -> 
             "chain_error": verification.as_ref().and_then(|r| r.as_ref().err()),
             "bundle": bundle.map(|b| b.display().to_string()),
         });
-        outln!("{}", serde_json::to_string_pretty(&v)?);
+        crate::show::print_value(output, &v)?;
     } else {
         outln!(
             "SPIFFE ID:   {}",
@@ -193,7 +193,7 @@ pub(crate) async fn inspect(target: &str, bundle: Option<&Path>, json: bool) -> 
             humantime::format_duration(Duration::from_secs(left.as_secs())).to_string()
         };
         outln!("Time left:   {left_s}");
-        outln!("Chain:       {} certificate(s)", chain.len());
+        outln!("Chain:       {}", palisade_cmd::plural(chain.len(), "certificate", "certificates"));
         match &verification {
             None => outln!("Verified:    not checked (pass --bundle FILE or --credentials DIR)"),
             Some(Ok(())) => {

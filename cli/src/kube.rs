@@ -23,7 +23,7 @@ const HA: &[(&str, &str)] = &[
     ("etcd.yaml", include_str!("../../deploy/ha/etcd.yaml")),
 ];
 
-fn read_input(file: &Path) -> Result<String> {
+pub(crate) fn read_input(file: &Path) -> Result<String> {
     if file == Path::new("-") {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
@@ -33,7 +33,14 @@ fn read_input(file: &Path) -> Result<String> {
     }
 }
 
-fn print_docs(docs: &[Value]) -> Result<()> {
+/// Prints manifests as YAML documents, or with `-o json` as one `List`
+/// (what `kubectl get -o json` prints for several objects; `kubectl apply` takes it).
+fn print_docs(docs: &[Value], format: crate::Output) -> Result<()> {
+    if format == crate::Output::Json {
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs});
+        outln!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
     for (i, d) in docs.iter().enumerate() {
         if i > 0 {
             outln!("---");
@@ -50,22 +57,24 @@ pub(crate) fn inject(
     bundle: Option<&Path>,
     control_plane: &str,
     classic: bool,
+    format: crate::Output,
 ) -> Result<()> {
     let bundle = bundle.ok_or_else(|| {
-        anyhow!(
+        crate::usage(
             "inject needs the mesh's trust bundle: --ca-bundle FILE or --credentials DIR (its ca.pem; \
-             `palisadectl install --credentials-out DIR` writes one)"
+             `palisadectl install --credentials-out DIR` writes one)",
         )
     })?;
     let trust_bundle_pem =
         std::fs::read_to_string(bundle).with_context(|| format!("--ca-bundle: cannot read {}", bundle.display()))?;
     let roots = palisade_certs::ca::parse_pem_certs(&trust_bundle_pem)
-        .map_err(|e| anyhow!("--ca-bundle {}: {e}", bundle.display()))?;
+        .map_err(|e| crate::usage(format!("--ca-bundle {}: {e}", bundle.display())))?;
     if roots.is_empty() {
-        return Err(anyhow!("--ca-bundle {}: no certificate in it", bundle.display()));
+        return Err(crate::usage(format!("--ca-bundle {}: no certificate in it", bundle.display())));
     }
     let text = read_input(file)?;
-    let mut docs: Vec<Value> = serde_saphyr::from_multiple(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    let mut docs: Vec<Value> =
+        serde_saphyr::from_multiple(&text).map_err(|e| crate::usage(format!("{}: {e}", file.display())))?;
     docs.retain(|d| !d.is_null());
     let cfg = palisade_inject::Config {
         image: image.to_string(),
@@ -83,10 +92,10 @@ pub(crate) fn inject(
         match palisade_inject::inject_object(d, &cfg) {
             Ok(palisade_inject::Outcome::Injected) => eprintln!("{what}: injected"),
             Ok(palisade_inject::Outcome::Skipped(why)) => eprintln!("{what}: skipped ({why})"),
-            Err(e) => return Err(anyhow!("{what}: {e}")),
+            Err(e) => return Err(crate::usage(format!("{what}: {e}"))),
         }
     }
-    print_docs(&docs)
+    print_docs(&docs, format)
 }
 
 /// Prints the install manifests, optionally with a freshly generated CA
@@ -97,11 +106,15 @@ pub(crate) fn install(
     image: &str,
     credentials_out: Option<&Path>,
     ha: bool,
+    format: crate::Output,
 ) -> Result<()> {
     if let Some(dir) = credentials_out
         && dir.exists()
     {
-        return Err(anyhow!("--credentials-out {}: already exists; choose a new directory", dir.display()));
+        return Err(crate::usage(format!(
+            "--credentials-out {}: already exists; choose a new directory",
+            dir.display()
+        )));
     }
     let mut docs = Vec::new();
     for (name, text) in COMMON.iter().chain(if ha { HA } else { BASE }) {
@@ -110,7 +123,8 @@ pub(crate) fn install(
     }
     set_images(&mut docs, image);
     if generate_ca {
-        let td = palisade_certs::TrustDomain::new(trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
+        let td =
+            palisade_certs::TrustDomain::new(trust_domain).map_err(|e| crate::usage(format!("--trust-domain: {e}")))?;
         let ca = palisade_certs::CertificateAuthority::generate(&td, std::time::Duration::from_secs(365 * 86400))?;
         let bundle = ca.trust_bundle_pem();
         for d in &mut docs {
@@ -156,7 +170,7 @@ pub(crate) fn install(
             );
         }
     }
-    print_docs(&docs)
+    print_docs(&docs, format)
 }
 
 /// Every container of the manifests runs `image`, and the control plane
@@ -195,34 +209,6 @@ fn write_admin_credential(
     palisade_certs::files::write_public(&dir.join("cert.pem"), &issued.chain_pem())?;
     palisade_certs::files::write_public(&dir.join("ca.pem"), &ca.trust_bundle_pem())?;
     Ok(())
-}
-
-/// What `palisadectl check --kubernetes` reads: one `kubectl get` of every
-/// object it looks at, as JSON (a `List`).
-pub(crate) const KUBECTL_GET: &[&str] =
-    &["get", "deployments,pods,configmaps,mutatingwebhookconfigurations", "--all-namespaces", "-o", "json"];
-
-/// Reads the cluster state with kubectl, or from a file holding the output of
-/// `kubectl get deployments,pods,configmaps,mutatingwebhookconfigurations -A -o json`.
-pub(crate) fn cluster_state(kubectl: &str, file: Option<&Path>) -> Result<Value> {
-    let text = match file {
-        Some(f) => read_input(f)?,
-        None => {
-            let out = std::process::Command::new(kubectl)
-                .args(KUBECTL_GET)
-                .output()
-                .with_context(|| format!("cannot run {kubectl} (is kubectl installed and on PATH?)"))?;
-            if !out.status.success() {
-                return Err(anyhow!(
-                    "{kubectl} {}: {}",
-                    KUBECTL_GET.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            String::from_utf8(out.stdout).context("kubectl printed something that is not UTF-8")?
-        }
-    };
-    serde_json::from_str(&text).context("the cluster state is not kubectl's JSON (-o json)")
 }
 
 /// One finding: what was checked, whether it is fine, and what to do.
@@ -299,7 +285,7 @@ pub(crate) fn cluster_findings(state: &Value, bundle: Option<&str>) -> Vec<Findi
             p["metadata"]["namespace"] == SYSTEM_NS && p["metadata"]["labels"]["app.kubernetes.io/name"] == CP_NAME
         })
         .collect();
-    let mut cp_detail = format!("{available} replica(s) available");
+    let mut cp_detail = format!("{} available", palisade_cmd::plural(available, "replica", "replicas"));
     let mut cp_ok = available > 0;
     for pod in &cp_pods {
         for (_, image, reason) in pull_failures(pod) {

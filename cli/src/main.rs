@@ -16,6 +16,7 @@ mod client;
 mod creds;
 mod inspect;
 mod kube;
+mod kubectl;
 mod man;
 mod observe;
 mod policy;
@@ -28,12 +29,17 @@ mod token;
 #[derive(Debug, Parser)]
 #[command(name = "palisadectl", version, about, long_about = None, propagate_version = true)]
 pub(crate) struct Cli {
+    /// Output format, before or after the subcommand (default: table; manifests: yaml).
+    #[arg(short, long, global = true, value_enum)]
+    output: Option<Output>,
+
     #[command(subcommand)]
     command: Command,
 }
 
 /// How commands that talk to the control plane reach it, and how they print.
-/// Offered only on those commands (and their subcommands).
+/// The connection flags are offered only on those commands (and their
+/// subcommands); `output` is the global `-o`, copied in after parsing.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Online {
     /// Control-plane address (https://HOST:PORT).
@@ -45,14 +51,14 @@ pub(crate) struct Online {
     #[arg(long, global = true, env = "PALISADE_CREDENTIALS")]
     credentials: Option<PathBuf>,
 
-    /// Output format.
-    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    #[arg(skip)]
     output: Output,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Output {
     /// Human-readable text.
+    #[default]
     Table,
     /// JSON.
     Json,
@@ -157,6 +163,10 @@ enum Command {
         /// The time to compute rates over (at most 10m).
         #[arg(long, default_value = "1m", value_parser = duration_arg)]
         window: Duration,
+        /// First wait (up to this long, e.g. 15s) until every sidecar counted has reported
+        /// since the command started, so that requests sent just before are counted.
+        #[arg(long, value_parser = duration_arg)]
+        wait: Option<Duration>,
     },
     /// Explain authorization decisions.
     Authz {
@@ -226,10 +236,80 @@ enum Command {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     palisade_certs::install_default_provider();
-    let cli: Cli = palisade_cmd::parse_from(argv::hoist_connection_flags(std::env::args_os().collect()));
+    let mut cli: Cli = palisade_cmd::parse_from(argv::hoist_connection_flags(std::env::args_os().collect()));
+    let output = cli.output.unwrap_or_default();
+    if let Some(online) = cli.command.online_mut() {
+        online.output = output;
+    }
     if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
-        std::process::exit(palisade_cmd::EXIT_FAILURE);
+        std::process::exit(exit_code(&e));
+    }
+}
+
+/// The exit status of a failed command: 64 (`EX_USAGE`) when what the user
+/// typed or gave is wrong (a flag's value or an argument palisadectl checks
+/// itself, a policy document that is not valid, or what the control plane
+/// answers `INVALID_ARGUMENT` to), 1 when it is right but the job cannot be
+/// done (unreachable, refused, not found, not verified, timed out).
+fn exit_code(e: &anyhow::Error) -> i32 {
+    let usage = e.chain().any(|c| {
+        c.is::<palisade_cmd::UsageError>()
+            || c.is::<palisade_policy::PolicyError>()
+            || c.downcast_ref::<client::StatusError>().is_some_and(|s| s.0.code() == tonic::Code::InvalidArgument)
+    });
+    if usage { palisade_cmd::EXIT_USAGE } else { palisade_cmd::EXIT_FAILURE }
+}
+
+impl Command {
+    /// The connection flags of a command that talks to the control plane.
+    fn online_mut(&mut self) -> Option<&mut Online> {
+        match self {
+            Self::Token { online, .. }
+            | Self::Proxies { online }
+            | Self::Ca { online, .. }
+            | Self::Check { online, .. }
+            | Self::Policy { online, .. }
+            | Self::Apikey { online, .. }
+            | Self::Oauth { online, .. }
+            | Self::Route { online, .. }
+            | Self::Tap { online, .. }
+            | Self::Stat { online, .. }
+            | Self::Authz { online, .. } => Some(online),
+            Self::Cert(_) | Self::Inject { .. } | Self::Install { .. } | Self::Completion { .. } | Self::Man { .. } => {
+                None
+            }
+        }
+    }
+}
+
+/// An error in what the user typed or gave: exit 64 (see [`exit_code`]).
+pub(crate) fn usage(message: impl std::fmt::Display) -> anyhow::Error {
+    palisade_cmd::UsageError(message.to_string()).into()
+}
+
+/// `-o` of a command that prints Kubernetes manifests: YAML (the default) or
+/// a JSON `List`, as kubectl reads either; a table is not a manifest.
+fn manifest_format(output: Option<Output>, command: &str) -> Result<Output> {
+    match output {
+        None | Some(Output::Yaml) => Ok(Output::Yaml),
+        Some(Output::Json) => Ok(Output::Json),
+        Some(Output::Table) => Err(palisade_cmd::UsageError(format!(
+            "-o table: `palisadectl {command}` prints Kubernetes manifests; use -o yaml (the default) or -o json"
+        ))
+        .into()),
+    }
+}
+
+/// `-o` given to a command whose output has one form only.
+fn no_output_format(output: Option<Output>, command: &str, prints: &str) -> Result<()> {
+    match output {
+        None => Ok(()),
+        Some(o) => Err(palisade_cmd::UsageError(format!(
+            "-o {}: `palisadectl {command}` {prints}, in one form only; leave -o out",
+            o.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+        ))
+        .into()),
     }
 }
 
@@ -237,9 +317,9 @@ async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Token { online, cmd } => token::run(online, cmd).await,
         Command::Proxies { online } => proxies::run(online).await,
-        Command::Cert(inspect::CertCmd::Inspect { target, bundle, credentials, output }) => {
+        Command::Cert(inspect::CertCmd::Inspect { target, bundle, credentials }) => {
             let bundle = bundle.clone().or_else(|| credentials.as_ref().map(|c| c.join("ca.pem")));
-            inspect::inspect(target, bundle.as_deref(), *output != Output::Table).await
+            inspect::inspect(target, bundle.as_deref(), cli.output.unwrap_or_default()).await
         }
         Command::Check { online, wait, kubernetes, kubernetes_state, kubectl } => {
             let cluster = kubernetes.then(|| (kubectl.as_str(), kubernetes_state.as_deref()));
@@ -248,10 +328,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Policy { online, cmd } => policy::run(online, cmd).await,
         Command::Inject { file, image, ca_bundle, credentials, mesh_control_plane, classic_sidecar } => {
             let bundle = ca_bundle.clone().or_else(|| credentials.as_ref().map(|c| c.join("ca.pem")));
-            kube::inject(file, image, bundle.as_deref(), mesh_control_plane, *classic_sidecar)
+            let format = manifest_format(cli.output, "inject")?;
+            kube::inject(file, image, bundle.as_deref(), mesh_control_plane, *classic_sidecar, format)
         }
         Command::Install { generate_ca, trust_domain, image, credentials_out, ha } => {
-            kube::install(*generate_ca, trust_domain, image, credentials_out.as_deref(), *ha)
+            let format = manifest_format(cli.output, "install")?;
+            kube::install(*generate_ca, trust_domain, image, credentials_out.as_deref(), *ha, format)
         }
         Command::Authz {
             online,
@@ -274,16 +356,22 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Tap { online, args } => observe::tap(online, args).await,
         Command::Ca { online, cmd } => ca::run(online, cmd).await,
-        Command::Stat { online, workload, window } => observe::stat(online, workload.as_deref(), *window).await,
+        Command::Stat { online, workload, window, wait } => {
+            observe::stat(online, workload.as_deref(), *window, *wait).await
+        }
         Command::Apikey { online, cmd } => creds::apikey(online, cmd).await,
         Command::Oauth { online, cmd } => creds::oauth(online, cmd).await,
         Command::Completion { shell } => {
+            no_output_format(cli.output, "completion", "prints a shell script")?;
             let mut script = Vec::new();
             clap_complete::generate(*shell, &mut Cli::command(), "palisadectl", &mut script);
             out!("{}", String::from_utf8_lossy(&script));
             Ok(())
         }
-        Command::Man { dir } => man::write_pages(dir),
+        Command::Man { dir } => {
+            no_output_format(cli.output, "man", "writes man pages")?;
+            man::write_pages(dir)
+        }
     }
 }
 

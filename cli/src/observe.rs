@@ -1,7 +1,9 @@
 //! `palisadectl tap`, `palisadectl stat` and the policy preview's output.
 
 use anyhow::{Result, bail};
+use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::*;
+use tonic::transport::Channel;
 
 use crate::client::{admin, status_err};
 use crate::show::print_value;
@@ -46,8 +48,8 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
     while let Some(ev) = stream.message().await.map_err(status_err)? {
         if ev.dropped > dropped {
             eprintln!(
-                "({} requests not shown: over 100 a second per sidecar, or arriving faster than read)",
-                ev.dropped - dropped
+                "({} not shown: over 100 a second per sidecar, or arriving faster than read)",
+                palisade_cmd::plural(ev.dropped - dropped, "request", "requests")
             );
             dropped = ev.dropped;
         }
@@ -55,11 +57,16 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
             continue;
         }
         seen += 1;
-        if cli.output != Output::Table {
+        if cli.output == Output::Json {
             outln!("{}", ev.json);
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap_or_default();
+        if cli.output == Output::Yaml {
+            // One YAML document per request, as the JSON form has one line each.
+            out!("---\n{}", serde_saphyr::to_string(&v)?);
+            continue;
+        }
         let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
         let status = v["status"].as_u64().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
         let rule = match (v["policy"].as_str(), v["rule"].as_u64()) {
@@ -81,18 +88,30 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
         );
     }
     if args.max.is_some_and(|m| seen < m) {
-        bail!("the tap ended after {seen} requests (the control plane ends a tap after an hour)");
+        bail!(
+            "the tap ended after {} (the control plane ends a tap after an hour)",
+            palisade_cmd::plural(seen, "request", "requests")
+        );
     }
     Ok(())
 }
 
-/// Per-workload traffic.
-pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time::Duration) -> Result<()> {
-    let req = StatRequest {
-        identity: identity.unwrap_or_default().to_string(),
-        window_seconds: u32::try_from(window.as_secs()).unwrap_or(u32::MAX),
-    };
-    let workloads = admin(cli).await?.stat(req).await.map_err(status_err)?.into_inner().workloads;
+/// Per-workload traffic; with `wait`, once every sidecar counted has sent a
+/// report newer than the command (so requests sent before it are counted).
+pub(crate) async fn stat(
+    cli: &Online,
+    identity: Option<&str>,
+    window: std::time::Duration,
+    wait: Option<std::time::Duration>,
+) -> Result<()> {
+    let identity = identity.unwrap_or_default();
+    let window_seconds = u32::try_from(window.as_secs()).unwrap_or(u32::MAX);
+    let mut client = admin(cli).await?;
+    if let Some(wait) = wait {
+        wait_for_reports(&mut client, identity, window_seconds, wait).await?;
+    }
+    let req = StatRequest { identity: identity.to_string(), window_seconds };
+    let workloads = client.stat(req).await.map_err(status_err)?.into_inner().workloads;
     if cli.output != Output::Table {
         let v: Vec<_> = workloads
             .iter()
@@ -114,6 +133,7 @@ pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time
         return print_value(cli.output, &serde_json::Value::Array(v));
     }
     let pct = |r: f64| format!("{:.2}%", r * 100.0);
+    let rate = |r: f64| format!("{r:.1}/s");
     let ms = |m: f64| if m == 0.0 { "-".to_string() } else { format!("{m:.1}ms") };
     let rows = workloads
         .iter()
@@ -122,7 +142,7 @@ pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time
                 w.identity.clone(),
                 w.proxies.to_string(),
                 w.requests.to_string(),
-                format!("{:.1}", w.rps),
+                rate(w.rps),
                 pct(w.success_rate),
                 pct(w.refused_rate),
                 ms(w.p50_ms),
@@ -131,8 +151,44 @@ pub(crate) async fn stat(cli: &Online, identity: Option<&str>, window: std::time
             ]
         })
         .collect();
-    table::print(&["WORKLOAD", "PROXIES", "REQUESTS", "RPS", "SUCCESS", "REFUSED", "P50", "P95", "P99"], rows);
+    table::print(&["WORKLOAD", "PROXIES", "REQUESTS", "RATE", "SUCCESS", "REFUSED", "P50", "P95", "P99"], rows);
     Ok(())
+}
+
+/// Waits until every sidecar `stat` counts (over `window_seconds`) has sent
+/// a report since this was called. A stat over the whole seconds since then
+/// counts only the sidecars whose last report is that recent: when it counts
+/// as many per workload as the full window does, every report is fresh.
+async fn wait_for_reports(
+    client: &mut AdminClient<Channel>,
+    identity: &str,
+    window_seconds: u32,
+    wait: std::time::Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut stat = async |window_seconds: u32| {
+        let req = StatRequest { identity: identity.to_string(), window_seconds };
+        client.stat(req).await.map_err(status_err).map(|r| r.into_inner().workloads)
+    };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let since = u32::try_from(start.elapsed().as_secs()).unwrap_or(u32::MAX).min(600);
+        if since >= 1 {
+            let (all, fresh) = (stat(window_seconds).await?, stat(since).await?);
+            let reported = |w: &WorkloadStat| fresh.iter().any(|f| f.identity == w.identity && f.proxies >= w.proxies);
+            if !all.is_empty() && all.iter().all(reported) {
+                return Ok(());
+            }
+        }
+        if start.elapsed() >= wait {
+            bail!(
+                "no report newer than this command from every sidecar of {} within {} (sidecars report every \
+                 --report-interval, 10s by default)",
+                if identity.is_empty() { "the mesh" } else { identity },
+                humantime::format_duration(wait)
+            );
+        }
+    }
 }
 
 /// Prints a preview; returns whether anything would change.
@@ -170,8 +226,8 @@ pub(crate) fn preview_text(p: &PreviewPolicyResponse) -> String {
     let window = humantime::format_duration(std::time::Duration::from_secs(p.window_seconds));
     if p.changes.is_empty() {
         return format!(
-            "no decision changes for the {} requests recorded in the last {window}\n",
-            p.requests_evaluated
+            "no decision changes for the {} recorded in the last {window}\n",
+            palisade_cmd::plural(p.requests_evaluated, "request", "requests")
         );
     }
     let flipped: u64 = p.changes.iter().map(|c| c.count).sum();
@@ -191,8 +247,8 @@ pub(crate) fn preview_text(p: &PreviewPolicyResponse) -> String {
         })
         .collect();
     format!(
-        "{flipped} of {} requests recorded in the last {window} would be decided differently:\n{}",
-        p.requests_evaluated,
+        "{flipped} of {} recorded in the last {window} would be decided differently:\n{}",
+        palisade_cmd::plural(p.requests_evaluated, "request", "requests"),
         table::render(&["FROM", "TO", "METHOD", "PATH", "CHANGE", "COUNT", "RULE"], rows)
     )
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use palisade_proto::v1::*;
 
@@ -92,7 +92,7 @@ fn read_documents(path: &Path) -> Result<Vec<(String, String)>> {
             .collect();
         files.sort();
         if files.is_empty() {
-            bail!("{} holds no .yaml, .yml or .json file", path.display());
+            return Err(crate::usage(format!("{} holds no .yaml, .yml or .json file", path.display())));
         }
         return files
             .iter()
@@ -115,11 +115,12 @@ fn load(path: &Path) -> Result<String> {
     let docs = read_documents(path)?;
     let mut all = Vec::new();
     for (name, text) in &docs {
-        let resources = palisade_policy::yaml::parse_text(text).map_err(|e| anyhow!("{name}: {e}"))?;
+        let resources =
+            palisade_policy::yaml::parse_text(text).map_err(|e| anyhow::Error::new(e).context(name.clone()))?;
         all.extend(resources);
     }
     if all.is_empty() {
-        bail!("{} holds no resource", path.display());
+        return Err(crate::usage(format!("{} holds no resource", path.display())));
     }
     Ok(serde_json::to_string(&all)?)
 }
@@ -220,7 +221,12 @@ pub(crate) async fn run(cli: &Online, cmd: &PolicyCmd) -> Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            outln!("{} {key} deleted (revision {})", palisade_policy::canonical_kind(kind).unwrap_or(kind), r.revision);
+            let kind = palisade_policy::canonical_kind(kind).unwrap_or(kind);
+            if cli.output != Output::Table {
+                let v = serde_json::json!({"kind": kind, "key": key, "change": "deleted", "revision": r.revision});
+                return print_value(cli.output, &v);
+            }
+            outln!("{kind} {key} deleted (revision {})", r.revision);
             Ok(())
         }
     }
@@ -246,7 +252,7 @@ async fn wait_synced(
             .map(|p| format!("{} ({})", p.identity, p.inbound_addr))
             .collect();
         if behind.is_empty() {
-            eprintln!("in force on {} connected proxies", connected.len());
+            eprintln!("in force on {}", in_force_on(connected.len()));
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {
@@ -254,6 +260,11 @@ async fn wait_synced(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// `1 connected proxy`, `3 connected proxies`: what `--wait` reports.
+fn in_force_on(connected: usize) -> String {
+    palisade_cmd::plural(connected, "connected proxy", "connected proxies")
 }
 
 /// The request `authz check` and `route` ask about.
@@ -375,7 +386,7 @@ pub(crate) async fn check(cli: &Online, r: CheckRequest<'_>) -> Result<()> {
 fn pairs(list: &[String], flag: &str) -> Result<std::collections::HashMap<String, String>> {
     let mut out = std::collections::HashMap::new();
     for h in list {
-        let (k, v) = h.split_once('=').ok_or_else(|| anyhow!("--{flag} {h:?}: expected NAME=VALUE"))?;
+        let (k, v) = h.split_once('=').ok_or_else(|| crate::usage(format!("--{flag} {h:?}: expected NAME=VALUE")))?;
         out.insert(k.trim().to_string(), v.trim().to_string());
     }
     Ok(out)
@@ -427,6 +438,12 @@ pub(crate) async fn route(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_wait_counts_proxies_in_english() {
+        assert_eq!(super::in_force_on(1), "1 connected proxy");
+        assert_eq!(super::in_force_on(2), "2 connected proxies");
+    }
+
     #[test]
     fn methods_are_tokens_in_upper_case() {
         assert_eq!(super::parse_method("get").unwrap(), "GET");

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use clap::Subcommand;
 use palisade_cmd::outln;
 use palisade_proto::v1::{CreateJoinTokenRequest, JoinTokenInfo, ListJoinTokensRequest, RevokeJoinTokenRequest};
@@ -66,7 +66,7 @@ pub(crate) async fn run(cli: &Online, cmd: &TokenCmd) -> Result<()> {
     let mut client = admin(cli).await?;
     match cmd {
         TokenCmd::Create { identity, ttl, uses } => {
-            palisade_certs::SpiffeId::parse_workload(identity).map_err(|e| anyhow!("--identity: {e}"))?;
+            palisade_certs::SpiffeId::parse_workload(identity).map_err(|e| crate::usage(format!("--identity: {e}")))?;
             let resp = client
                 .create_join_token(CreateJoinTokenRequest {
                     identity: identity.clone(),
@@ -84,12 +84,12 @@ pub(crate) async fn run(cli: &Online, cmd: &TokenCmd) -> Result<()> {
                 outln!("{}", resp.token);
                 if let Some(info) = &resp.info {
                     eprintln!(
-                        "token {} for {} expires {} ({}), {} use(s); it is shown only once",
+                        "token {} for {} expires {} ({}), {}; it is shown only once",
                         info.id,
                         info.identity,
                         time_str(ts(&info.expires_at)),
                         relative(ts(&info.expires_at)),
-                        info.uses_total
+                        palisade_cmd::plural(info.uses_total, "use", "uses")
                     );
                 }
             }

@@ -65,6 +65,28 @@ pub fn exit_on(e: clap::Error) -> ! {
     std::process::exit(code)
 }
 
+/// An error in what the user typed or gave (a flag's value, an argument, an
+/// input file): a program that meets one after clap has parsed the command
+/// line exits [`EXIT_USAGE`], as clap does for its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// `1 proxy`, `0 proxies`, `2 proxies`: a count with the noun in the number
+/// it takes in English (`one` for exactly 1, `many` otherwise).
+pub fn plural(n: impl std::fmt::Display, one: &str, many: &str) -> String {
+    let n = n.to_string();
+    let noun = if n == "1" { one } else { many };
+    format!("{n} {noun}")
+}
+
 /// Whether a stream may carry ANSI colour: it is a terminal and `NO_COLOR`
 /// (<https://no-color.org>) is unset or empty.
 pub fn color_allowed(stream: &impl IsTerminal) -> bool {
@@ -260,6 +282,15 @@ mod helper_tests {
         assert!(e.contains("use a duration such as"), "{e}");
         assert_eq!(super::hex(&[0, 0xab, 0x10]), "00ab10");
         assert!(super::unix_now() > 1_700_000_000);
+    }
+
+    #[test]
+    fn counts_take_the_noun_in_their_number() {
+        assert_eq!(super::plural(1, "proxy", "proxies"), "1 proxy");
+        assert_eq!(super::plural(0u64, "proxy", "proxies"), "0 proxies");
+        assert_eq!(super::plural(2usize, "proxy", "proxies"), "2 proxies");
+        assert_eq!(super::plural(11, "request", "requests"), "11 requests");
+        assert_eq!(super::plural(1.5, "second", "seconds"), "1.5 seconds");
     }
 
     #[test]

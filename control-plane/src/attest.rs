@@ -22,7 +22,8 @@ pub enum AttestError {
     #[error("join token {id} expired at {expired_at}; create a new one with `palisadectl token create`")]
     ExpiredToken { id: String, expired_at: String },
     #[error(
-        "join token {id} has been used up ({uses} of {uses} uses); create a new one with `palisadectl token create`"
+        "join token {id} has been used up ({uses} of {}); create a new one with `palisadectl token create`",
+        palisade_cmd::plural(.uses, "use", "uses")
     )]
     ExhaustedToken { id: String, uses: u32 },
     #[error("Kubernetes attestation is not enabled on this control plane (start it with --k8s-attestation)")]

@@ -144,7 +144,7 @@ fn warnings(shared: &Shared, resources: &[Resource]) -> Vec<String> {
     if out.len() > MAX_WARNINGS {
         let more = out.len() - MAX_WARNINGS;
         out.truncate(MAX_WARNINGS);
-        out.push(format!("... and {more} more identities like these"));
+        out.push(format!("... and {} like these", palisade_cmd::plural(more, "more identity", "more identities")));
     }
     out
 }

@@ -220,8 +220,7 @@ impl Resource {
         let missing =
             |field: &str| PolicyError::Parse { what: what.clone(), message: format!("missing field `{field}`") };
         let kind = env.kind.ok_or_else(|| missing("kind"))?;
-        let metadata: Metadata = serde_json::from_value(env.metadata.ok_or_else(|| missing("metadata"))?)
-            .map_err(|e| PolicyError::Parse { what: what.clone(), message: format!("metadata: {e}") })?;
+        let metadata: Metadata = field(env.metadata.ok_or_else(|| missing("metadata"))?, &what, "metadata")?;
         let api_version = env.api_version.ok_or_else(|| missing("apiVersion"))?;
         let name = format!("{kind} {}/{}", metadata.namespace, metadata.name);
         let invalid = |field: &str, value: &str, why: &str| PolicyError::Invalid {
@@ -234,24 +233,15 @@ impl Resource {
             return Err(invalid("apiVersion", &api_version, &format!("is not supported; use {}", crate::API_VERSION)));
         }
         let spec = env.spec.ok_or_else(|| invalid("spec", "", "is missing"))?;
-        let spec_err = |e: serde_json::Error| PolicyError::Parse { what: name.clone(), message: format!("spec: {e}") };
         let resource = match kind.as_str() {
-            "AuthorizationPolicy" => Self::AuthorizationPolicy {
-                api_version,
-                metadata,
-                spec: serde_json::from_value(spec).map_err(spec_err)?,
-            },
-            "RateLimitPolicy" => {
-                Self::RateLimitPolicy { api_version, metadata, spec: serde_json::from_value(spec).map_err(spec_err)? }
+            "AuthorizationPolicy" => {
+                Self::AuthorizationPolicy { api_version, metadata, spec: field(spec, &name, "spec")? }
             }
-            "AuthenticationPolicy" => Self::AuthenticationPolicy {
-                api_version,
-                metadata,
-                spec: serde_json::from_value(spec).map_err(spec_err)?,
-            },
-            "TrafficPolicy" => {
-                Self::TrafficPolicy { api_version, metadata, spec: serde_json::from_value(spec).map_err(spec_err)? }
+            "RateLimitPolicy" => Self::RateLimitPolicy { api_version, metadata, spec: field(spec, &name, "spec")? },
+            "AuthenticationPolicy" => {
+                Self::AuthenticationPolicy { api_version, metadata, spec: field(spec, &name, "spec")? }
             }
+            "TrafficPolicy" => Self::TrafficPolicy { api_version, metadata, spec: field(spec, &name, "spec")? },
             other => {
                 return Err(invalid(
                     "kind",
@@ -263,4 +253,27 @@ impl Resource {
         resource.validate()?;
         Ok(resource)
     }
+}
+
+/// Deserializes the part of a document at `at` (`spec`, `metadata`); an
+/// error names the exact field it is about, `spec.rules[0].form: unknown
+/// field, expected one of `from`, `to`, `when``, not just `spec`.
+fn field<T: serde::de::DeserializeOwned>(value: serde_json::Value, what: &str, at: &str) -> Result<T, PolicyError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        let mut field = if path == "." { at.to_string() } else { format!("{at}.{path}") };
+        // `unknown field `form`, expected ...`: the path stops at the struct;
+        // name the field itself and say the rest once.
+        let message = match message.strip_prefix("unknown field `").and_then(|m| m.split_once('`')) {
+            Some((unknown, rest)) => {
+                if !field.ends_with(&format!(".{unknown}")) {
+                    field = format!("{field}.{unknown}");
+                }
+                format!("unknown field{rest}")
+            }
+            None => message,
+        };
+        PolicyError::Parse { what: what.to_string(), message: format!("{field}: {message}") }
+    })
 }

@@ -99,6 +99,7 @@ VARIABLE = re.compile(
     r"|(?P<port>(?<=127\.0\.0\.1:)\d{5})"
     r"|(?P<hex>\b[0-9a-f]{8,}\b)"
     r"|(?P<dur>\b\d+(?:d|h|m|s|ms)(?: \d+(?:h|m|s))?\b)"
+    r"|(?P<rate>\b\d+\.\d+/s\b)"
     r"|(?P<sync>\b(?:pending|synced)$)",
     re.IGNORECASE,
 )
@@ -111,6 +112,7 @@ LOOSE = {
     "port": r"\d+",
     "hex": r"[0-9a-f]+",
     "dur": r"\d+(?:d|h|m|s|ms)(?: \d+(?:h|m|s))?",
+    "rate": r"\d+\.\d+/s",
     "sync": r"(?:pending|synced)",
 }
 
@@ -194,6 +196,43 @@ def busy_ports(code):
     return busy
 
 
+def sidecars(code):
+    """[(name, {flag: value})] of the sidecars the walk-through starts: every
+    `palisade-sidecar` command but `wait-ready` and `init`, named after its
+    join token file (demo-data/web.token: web)."""
+    out = []
+    for command in commands(code):
+        flat = command.replace("\\\n", " ")
+        if not re.search(r"(^|[;&|]\s*)palisade-sidecar\s+--", flat):
+            continue
+        flags = dict(re.findall(r"--(inbound|admin|app|upstream|join-token-file)[ =](\S+)", flat))
+        name = os.path.basename(flags.get("join-token-file", "sidecar")).split(".")[0]
+        out.append((name, flags))
+    return out
+
+
+def keep_message(cwd, bin_dir, control_plane, credentials, code):
+    """What --keep prints: the exports another shell needs to use the running
+    mesh, the sidecars' addresses, and how to stop it."""
+    credentials = os.path.join(cwd, credentials) if credentials and not os.path.isabs(credentials) else credentials
+    lines = [
+        "Everything is still running (logs in demo-data/*.log). To use the mesh from another shell:",
+        "",
+        f"  export PATH=\"{bin_dir}:$PATH\" PALISADE_CONTROL_PLANE={control_plane} PALISADE_CREDENTIALS={credentials}",
+        "  palisadectl proxies",
+        "",
+        "Sidecars:",
+    ]
+    for name, f in sidecars(code):
+        parts = [f"inbound {f['inbound']}" if "inbound" in f else None,
+                 f"admin http://{f['admin']}" if "admin" in f else None,
+                 f"app {f['app']}" if "app" in f else None,
+                 "calls " + f["upstream"].replace("=", " -> ") if "upstream" in f else None]
+        lines.append(f"  {name:<8} " + ", ".join(p for p in parts if p))
+    lines += ["", "To stop everything: Ctrl-C here (or kill " + str(os.getpid()) + ")."]
+    return "\n".join(lines)
+
+
 def self_test():
     doc = ["[ok]   CA valid: expires 2027-12-01T07:27:37Z (in 364d 23h)", "retry-after: 12", "...", "r1  synced"]
     assert matches(doc, ["[ok] CA valid: expires 2028-01-02T00:00:00Z (in 3d)", "retry-after: 7", "r1 pending"])
@@ -223,6 +262,17 @@ def self_test():
                 f.write(text)
         got = blocks(walk_files([d]))
         assert got == [("Walk-through: a", "echo a", None), ("Walk-through: b", "echo b", ["b"])], got
+    assert matches(["orders   1   21   0.5/s   100.00%   42.86%   0.5ms"], ["orders 1 21 12.25/s 100.00% 42.86% 3.5ms"])
+    assert not matches(["orders   1   21   0.5/s   100.00%"], ["orders 1 0 0.0/s 100.00%"])
+    code = ("palisade-sidecar --ca-bundle c --join-token-file demo-data/web.token \\\n"
+            "  --inbound 127.0.0.1:4143 --admin 127.0.0.1:4191 --upstream 127.0.0.1:9001=orders.shop 2> w.log &\n"
+            "palisade-sidecar wait-ready --admin 127.0.0.1:4191\n"
+            "palisade-sidecar --join-token-file demo-data/orders.token --inbound 127.0.0.1:4144 --app 127.0.0.1:8081 --admin 127.0.0.1:4192 &\n")
+    msg = keep_message("/w", "/b", "https://127.0.0.1:7700", "demo-data/cp/admin", code)
+    assert 'export PATH="/b:$PATH" PALISADE_CONTROL_PLANE=https://127.0.0.1:7700 PALISADE_CREDENTIALS=/w/demo-data/cp/admin' in msg, msg
+    assert "  web      inbound 127.0.0.1:4143, admin http://127.0.0.1:4191, calls 127.0.0.1:9001 -> orders.shop" in msg, msg
+    assert "  orders   inbound 127.0.0.1:4144, admin http://127.0.0.1:4192, app 127.0.0.1:8081" in msg, msg
+    assert msg.count("inbound") == 2 and "Ctrl-C" in msg, msg
     print("walkthrough self-test: ok")
 
 
@@ -299,7 +349,11 @@ def main():
                     "--- docs\n" + "\n".join(expected) + "\n--- printed\n" + text
                 )
         if keep and not failures:
-            print("\nEverything is still running (logs in demo-data/*.log). Ctrl-C to stop.", flush=True)
+            probe = 'printf "%s\\n" "$PALISADE_CONTROL_PLANE" "$PALISADE_CREDENTIALS" "$(dirname "$(command -v palisadectl)")"'
+            out, _, buf = run(shell, probe, buf)
+            control_plane, credentials, bin_dir = (out.decode(errors="replace").splitlines() + ["", "", ""])[:3]
+            code = "\n".join(c for _, c, _ in todo)
+            print("\n" + keep_message(cwd, bin_dir, control_plane, credentials, code), flush=True)
             try:
                 signal.pause()
             except KeyboardInterrupt:

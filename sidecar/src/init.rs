@@ -166,7 +166,8 @@ impl InitConfig {
         let mut missing: Vec<String> =
             want.iter().chain(self.jump_rules().iter()).filter(|r| !have.contains(r)).cloned().collect();
         if ours.len() != want.len() {
-            missing.push(format!("{} rules in the Palisade chains, expected {}", ours.len(), want.len()));
+            let rules = palisade_cmd::plural(ours.len(), "rule", "rules");
+            missing.push(format!("{rules} in the Palisade chains, expected {}", want.len()));
         }
         if missing.is_empty() { Ok(()) } else { Err(InitError::Missing { missing }) }
     }

@@ -79,7 +79,8 @@ fn init(init: InitConfig) -> i32 {
 }
 
 async fn run(cfg: Config) -> i32 {
-    tracing::info!(config = ?cfg, "starting palisade-sidecar");
+    // As JSON (what /config shows): Debug would print `Some(..)`/`None`.
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting palisade-sidecar");
     let drain = cfg.limits.drain_timeout;
     let running = match start(cfg).await {
         Ok(r) => r,

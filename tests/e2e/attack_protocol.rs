@@ -171,6 +171,13 @@ async fn no_spelling_of_a_request_line_reaches_a_lenient_app_unchecked() {
         assert!(metrics.contains("palisade_inbound_protocol_refused_total{reason=\"not_http\"}"), "{metrics}");
         let logs = p.server.proc.logs();
         assert!(logs.contains("not valid HTTP/1.1 or HTTP/2"), "the audit log says why: {logs}");
+        // Identities in audit lines are plain values, never Debug of an Option.
+        let refused: Vec<&str> = logs.lines().filter(|l| l.contains("not valid HTTP/1.1 or HTTP/2")).collect();
+        assert!(
+            refused.iter().any(|l| l.contains(&format!("src.identity=\"{WEB}\""))),
+            "{name}: the caller's identity, plain: {refused:#?}"
+        );
+        assert!(!refused.iter().any(|l| l.contains("Some(") || l.contains("None")), "{name}: {refused:#?}");
     }
 }
 

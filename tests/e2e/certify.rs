@@ -113,7 +113,7 @@ async fn single_use_expired_and_revoked_tokens_are_refused() {
 
     let once = cp.create_token(WEB, &[]).unwrap();
     certify(&cp, csr_for(None), token(&once)).await.unwrap();
-    expect(certify(&cp, csr_for(None), token(&once)).await, Code::Unauthenticated, "used up (1 of 1 uses)");
+    expect(certify(&cp, csr_for(None), token(&once)).await, Code::Unauthenticated, "used up (1 of 1 use)");
 
     let short = cp.create_token(WEB, &["--ttl", "1s"]).unwrap();
     // Let the token's lifetime pass (wall clock, not readiness).

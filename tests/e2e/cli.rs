@@ -81,9 +81,10 @@ fn usage_errors_exit_64_on_all_three_binaries() {
         ("palisadectl", &["token", "create"], "--identity"),
         ("palisadectl", &["token", "create", "--identity", "x", "--uses", "0"], "--uses"),
         ("palisadectl", &["authz", "check", "--to", "x", "--method", "GE T"], "not an HTTP method"),
-        ("palisadectl", &["inject", "-f", "-", "-o", "json"], "unexpected argument '-o'"),
         ("palisadectl", &["install", "--control-plane", "https://x:1"], "unexpected argument"),
-        ("palisadectl", &["-o", "json", "install"], "unexpected argument '-o'"),
+        ("palisadectl", &["-o", "table", "install"], "use -o yaml (the default) or -o json"),
+        ("palisadectl", &["completion", "bash", "-o", "json"], "prints a shell script, in one form only"),
+        ("palisadectl", &["-o", "xml", "proxies"], "invalid value 'xml'"),
         ("palisadectl", &[], "Usage"),
     ];
     for (binary, args, says) in cases {
@@ -91,6 +92,97 @@ fn usage_errors_exit_64_on_all_three_binaries() {
         assert_eq!(out.status.code(), Some(64), "{binary} {args:?}: {}", text(&out));
         assert!(text(&out).contains(says), "{binary} {args:?} should say {says:?}: {}", text(&out));
     }
+}
+
+/// What palisadectl checks itself after parsing, in what the user typed or
+/// gave (no control plane needed: each is refused before connecting), exits
+/// 64 as clap's own errors do; a right command that cannot be done exits 1.
+#[test]
+fn palisadectl_usage_errors_past_the_parser_exit_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| {
+        let f = tmp.path().join(name);
+        std::fs::write(&f, body).unwrap();
+        f.to_str().unwrap().to_string()
+    };
+    let meta = "apiVersion: palisade.dev/v1\nmetadata: {name: p, namespace: shop}\n";
+    let unknown_kind = write("kind.yaml", &format!("{meta}kind: Gateway\nspec: {{}}\n"));
+    let misspelt = write(
+        "field.yaml",
+        &format!(
+            "{meta}kind: AuthorizationPolicy\nspec:\n  target: {{identities: [\"*\"]}}\n  action: ALLOW\n  rules:\n    - form: []\n"
+        ),
+    );
+    let no_yaml = tmp.path().join("empty");
+    std::fs::create_dir(&no_yaml).unwrap();
+    let no_yaml = no_yaml.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["policy", "apply", "-f", &unknown_kind], "kind: \"Gateway\" is not a Palisade policy kind"),
+        (
+            &["policy", "validate", "-f", &misspelt],
+            "spec.rules[0].form: unknown field, expected one of `from`, `to`, `when`",
+        ),
+        (&["policy", "preview", "-f", no_yaml], "holds no .yaml, .yml or .json file"),
+        (&["authz", "check", "--to", "x", "--header", "no-value"], "--header \"no-value\": expected NAME=VALUE"),
+        (&["cert", "inspect", "nothing-here"], "is neither a readable PEM file nor HOST:PORT"),
+        (&["cert", "inspect", "http://127.0.0.1:1"], "only https:// endpoints carry certificates"),
+        (&["inject", "-f", "-"], "inject needs the mesh's trust bundle"),
+        (&["install", "--generate-ca", "--trust-domain", "Not A Domain"], "--trust-domain"),
+        (&["proxies"], "no admin credential: pass --credentials DIR"),
+    ];
+    for (args, says) in cases {
+        let out = Command::new(bin("palisadectl"))
+            .args(*args)
+            .env("NO_COLOR", "1")
+            .env_remove("PALISADE_CREDENTIALS")
+            .env_remove("PALISADE_CONTROL_PLANE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(says), "{args:?} should say {says:?}: {}", text(&out));
+    }
+    // Right, but not doable: nothing listens there (exit 1).
+    let out = run("palisadectl", &["cert", "inspect", &format!("127.0.0.1:{}", free_port())]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+/// `-o` is global: before or after the subcommand, on every command that
+/// prints, the same output; manifests come as YAML or a JSON `List`.
+#[test]
+fn output_format_works_before_and_after_every_subcommand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("creds");
+    let out = run("palisadectl", &["install", "--generate-ca", "--credentials-out", creds.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let cert = creds.join("cert.pem");
+    let (cert, bundle) = (cert.to_str().unwrap(), creds.join("ca.pem"));
+    let bundle = bundle.to_str().unwrap();
+    for args in [
+        &["-o", "json", "cert", "inspect", cert, "--bundle", bundle][..],
+        &["cert", "-o", "json", "inspect", cert, "--bundle", bundle],
+        &["cert", "inspect", cert, "--bundle", bundle, "-o", "json"],
+        &["--output=json", "cert", "inspect", cert, "--bundle", bundle],
+    ] {
+        let out = run("palisadectl", args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out)));
+        assert_eq!(v["spiffe_id"], "spiffe://cluster.local/palisade/admin", "{v}");
+        assert_eq!(v["chain_verified"], true, "{v}");
+    }
+    let out = run("palisadectl", &["-o", "yaml", "cert", "inspect", cert]);
+    assert!(out.status.success() && text(&out).contains("spiffe_id: spiffe://"), "{}", text(&out));
+
+    for args in [&["-o", "json", "install"][..], &["install", "-o", "json"]] {
+        let out = run("palisadectl", args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["kind"], "List");
+        assert!(v["items"].as_array().unwrap().iter().any(|i| i["kind"] == "Deployment"), "{v}");
+    }
+    let yaml = run("palisadectl", &["-o", "yaml", "install"]);
+    assert_eq!(yaml.stdout, run("palisadectl", &["install"]).stdout);
 }
 
 #[test]
@@ -304,6 +396,8 @@ async fn policy_commands_read_input_as_users_type_it() {
     }
     let out = cp.ctl(&["policy", "get", "Policy", "shop/p"]);
     assert!(text(&out).contains("unknown policy kind \"Policy\""), "{}", text(&out));
+    // What the control plane answers INVALID_ARGUMENT to is a usage error too.
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     let out = cp.ctl(&["policy", "get", "ap", "p"]);
     assert!(text(&out).contains("INVALID_ARGUMENT") && text(&out).contains("is not NAMESPACE/NAME"), "{}", text(&out));
 
@@ -368,6 +462,15 @@ async fn policy_commands_read_input_as_users_type_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().filter(|l| l.starts_with("warning:")).count(), 21, "{err}");
     assert!(err.contains("... and 480 more identities like these"), "{err}");
+
+    // -o before the subcommand, on a command that changes something too.
+    let out = cp.ctl(&["-o", "json", "policy", "delete", "ap", "shop/p"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["kind"].as_str(), v["key"].as_str(), v["change"].as_str()),
+        (Some("AuthorizationPolicy"), Some("shop/p"), Some("deleted"))
+    );
 
     // A token for another trust domain: said in words, not Debug output.
     let out = cp.ctl(&["token", "create", "--identity", "spiffe://other.example/ns/shop/sa/web"]);
@@ -454,4 +557,70 @@ fn the_reference_names_every_flag_command_and_metric() {
         }
     }
     assert!(missing.is_empty(), "docs/reference.md lacks: {missing:?}");
+}
+
+/// `./scripts/test.sh --help` answers at once with its own short help (how
+/// to run one test, how to list them), building nothing: cargo is not even
+/// on its PATH here, so a build would fail.
+#[test]
+fn the_test_script_has_its_own_short_help() {
+    for flag in ["--help", "-h"] {
+        let start = std::time::Instant::now();
+        let out = Command::new(palisade_tests::repo_root().join("scripts/test.sh"))
+            .arg(flag)
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        let help = text(&out);
+        assert!(out.status.success(), "{flag}: {help}");
+        assert!(help.lines().count() < 30, "{flag}: {} lines: {help}", help.lines().count());
+        assert!(help.contains("./scripts/test.sh -E 'test(") && help.contains("--list"), "{flag}: {help}");
+        assert!(start.elapsed() < Duration::from_secs(5), "{flag} took {:?}", start.elapsed());
+    }
+}
+
+/// `check --kubernetes` where no cluster answers: one line that says so,
+/// with kubectl's reason, the kubeconfig and the context it used (not
+/// kubectl's eight lines of retries), and a failing exit status.
+#[test]
+fn check_kubernetes_without_a_cluster_says_so_in_one_line() {
+    let check = |kubectl: &str, kubeconfig: &std::path::Path| {
+        let out = Command::new(bin("palisadectl"))
+            .args(["check", "--kubernetes", "--kubectl", kubectl])
+            .env("NO_COLOR", "1")
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("PALISADE_CREDENTIALS")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let all = text(&out);
+        let lines: Vec<String> = all.lines().filter(|l| l.contains("kubernetes")).map(String::from).collect();
+        assert_eq!(lines.len(), 1, "{all}");
+        assert!(!all.contains(".go:"), "kubectl's own log lines: {all}");
+        lines[0].clone()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let line = check("kubectl-is-not-here", tmp.path());
+    assert!(line.contains("[FAIL] kubernetes: kubectl-is-not-here is not installed (not found on PATH)"), "{line}");
+
+    if Command::new("kubectl").args(["version", "--client"]).output().is_err() {
+        return palisade_tests::skip("check_kubernetes_without_a_cluster_says_so_in_one_line", "kubectl not installed");
+    }
+    let port = free_port();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- cluster: {{server: \"https://127.0.0.1:{port}\"}}\n  name: nowhere\n\
+             contexts:\n- context: {{cluster: nowhere, user: u}}\n  name: nowhere-ctx\ncurrent-context: nowhere-ctx\n\
+             users:\n- name: u\n  user: {{token: x}}\n"
+        ),
+    )
+    .unwrap();
+    let line = check("kubectl", &kubeconfig);
+    let want = format!(
+        "[FAIL] kubernetes: no Kubernetes cluster is reachable: The connection to the server 127.0.0.1:{port} was refused (kubeconfig {}, context nowhere-ctx)",
+        kubeconfig.display()
+    );
+    assert_eq!(line, want);
 }

@@ -244,7 +244,7 @@ async fn install_and_inject_output_is_valid_kubernetes() {
     // --credentials-out never overwrites.
     let again =
         Command::new(&ctl).args(["install", "--generate-ca", "--credentials-out"]).arg(&creds).output().unwrap();
-    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(again.status.code(), Some(64), "a usage error: choose another directory");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     for kind in [
         "Namespace",
@@ -324,7 +324,7 @@ spec: {containers: [{name: c, image: busybox}]}
     assert_eq!(injected.matches(&first_line(&bundle)).count(), 3, "the install's CA, in every pod");
     // Without a bundle, inject says where to get one.
     let none = Command::new(&ctl).args(["inject", "-f", "-"]).env_remove("PALISADE_CREDENTIALS").output().unwrap();
-    assert_eq!(none.status.code(), Some(1));
+    assert_eq!(none.status.code(), Some(64), "a missing flag is a usage error");
     assert!(String::from_utf8_lossy(&none.stderr).contains("--ca-bundle FILE or --credentials DIR"));
     validate(&injected, &["1.29.0", "1.33.0"]);
     let (again, report) = run(&injected, &[]);
@@ -434,7 +434,7 @@ fn check_reports_what_is_wrong_with_a_cluster_install() {
         !ok && detail.contains("kubectl -n palisade-system port-forward svc/palisade-control-plane 7700:7700"),
         "{detail}"
     );
-    assert_eq!(find(&report, "control plane running"), (true, "1 replica(s) available".into()));
+    assert_eq!(find(&report, "control plane running"), (true, "1 replica available".into()));
     assert!(find(&report, "webhook inject.palisade.dev").0);
     assert_eq!(find(&report, "injected pods"), (true, "1 found".into()));
     let failed: Vec<&Value> = report["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).collect();

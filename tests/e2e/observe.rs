@@ -289,14 +289,13 @@ async fn stat_shows_each_workloads_rate_success_refusals_and_latency() {
             assert_eq!(curl("GET", &format!("{base}{path}")).await, status);
         }
     }
-    let row = eventually("orders' counters to reach the control plane", Duration::from_secs(15), || async {
-        let out = cp.ctl(&["stat", "-o", "json", "--workload", ORDERS]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array().and_then(|a| a.first().cloned()).filter(|r| r["requests"] == 20)
-    })
-    .await
-    .unwrap();
+    // Right after the requests, --wait counts every one of them: it waits for
+    // a report newer than the command rather than show the last one.
+    let out = cp.ctl(&["stat", "-o", "json", "--workload", ORDERS, "--wait", "10s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = v[0].clone();
+    assert_eq!(row["requests"], 20, "{v}");
     assert_eq!(row["identity"], ORDERS);
     assert_eq!(row["proxies"], 1);
     assert!((row["success_rate"].as_f64().unwrap() - 0.8).abs() < 1e-9, "4 of 20 failed: {row}");
@@ -312,6 +311,9 @@ async fn stat_shows_each_workloads_rate_success_refusals_and_latency() {
     assert!(line.contains("80.00%") && line.contains("20.00%"), "{line}");
     let out = cp.ctl(&["stat", "--workload", "spiffe://cluster.local/ns/nothing/*"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("(none)"));
+    let out = cp.ctl(&["stat", "--workload", "spiffe://cluster.local/ns/nothing/*", "--wait", "1s"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no report newer than this command"));
     let out = cp.ctl(&["stat", "--window", "1h"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at most 600"));

@@ -188,6 +188,13 @@ async fn authorization_is_enforced_by_the_callees_sidecar() {
         "{}",
         m.server.proc.logs()
     );
+    // Every field of every log line is a plain value: an identity is
+    // `src.identity="spiffe://..."`, never `Some("spiffe://...")`.
+    let logs = m.server.proc.logs();
+    assert!(logs.contains(&format!("src.identity=\"{WEB}\"")), "{logs}");
+    for l in logs.lines().chain(m.cp.proc.logs().lines()) {
+        assert!(!l.contains("=Some(") && !l.contains("=None"), "a Debug Option in a log line: {l}");
+    }
     assert!(
         m.server
             .proc

@@ -34,7 +34,7 @@ fn errors_name_the_resource_the_field_and_the_fix() {
     let e = err(&format!("{head}spec:\n  target: {{identities: [\"x\"]}}\n  action: ALLOW\n"));
     assert!(e.contains("AuthorizationPolicy shop/p: spec.target.identities[0]: \"x\" must be a SPIFFE ID"), "{e}");
     let e = err(&format!("{head}spec:\n  target: {{identities: [\"*\"]}}\n  action: ALLOW\n  bogus: 1\n"));
-    assert!(e.contains("unknown field `bogus`"), "{e}");
+    assert!(e.contains("spec.bogus: unknown field, expected one of"), "{e}");
     let e = err(&format!("{head}spec:\n  target: {{identities: [\"*\"]}}\n  action: MAYBE\n"));
     assert!(e.contains("MAYBE"), "{e}");
     let e = err(&format!(
@@ -138,5 +138,82 @@ fn periods_skews_and_reserved_headers_have_their_bounds() {
     }
     for h in ["x-request-id", "x-api-key", "server"] {
         assert!(!reserved_header(h), "{h}");
+    }
+}
+
+#[test]
+fn a_misspelt_field_is_named_by_its_exact_path_in_every_kind() {
+    let doc = |kind: &str, spec: &str| {
+        format!(
+            "apiVersion: palisade.dev/v1\nkind: {kind}\nmetadata: {{name: p, namespace: shop}}\nspec:\n  target: {{identities: [\"*\"]}}\n{spec}"
+        )
+    };
+    let authz = |s: &str| doc("AuthorizationPolicy", &format!("  action: ALLOW\n{s}"));
+    let limits = |s: &str| {
+        doc(
+            "RateLimitPolicy",
+            &format!("  limits:\n    - {{name: a, algorithm: token_bucket, rate: 1, period: 1s, {s}}}\n"),
+        )
+    };
+    let authn = |s: &str| doc("AuthenticationPolicy", s);
+    let traffic = |s: &str| doc("TrafficPolicy", s);
+    let cases = [
+        (
+            authz("  rules:\n    - form: [{identities: [\"*\"]}]\n"),
+            "AuthorizationPolicy shop/p: spec.rules[0].form: unknown field, expected one of `from`, `to`, `when`",
+        ),
+        (
+            authz("  rules:\n    - from: [{identites: [\"*\"]}]\n"),
+            "spec.rules[0].from[0].identites: unknown field, expected one of",
+        ),
+        (
+            authz("  rules:\n    - to: [{method: [GET]}]\n"),
+            "spec.rules[0].to[0].method: unknown field, expected one of `methods`",
+        ),
+        (authz("  rules:\n    - when: [{heder: x, values: [a]}]\n"), "spec.rules[0].when[0].heder: unknown field"),
+        (authz("  rules:\n    - to: [{ports: [http]}]\n"), "spec.rules[0].to[0].ports[0]: invalid type"),
+        (
+            doc("AuthorizationPolicy", "  action: ALLOW\n  rule: []\n"),
+            "spec.rule: unknown field, expected one of `target`, `action`, `rules`",
+        ),
+        (limits("match: {path: [/x]}"), "spec.limits[0].match.path: unknown field, expected `paths` or `methods`"),
+        (limits("sope: cluster"), "spec.limits[0].sope: unknown field"),
+        (authn("  apiKeys: {headr: x-api-key}\n"), "spec.apiKeys.headr: unknown field, expected `header`"),
+        (authn("  jwt: [{issuer: i, audiences: [a], jwksURI: https://i/j}]\n"), "spec.jwt[0].jwksURI: unknown field"),
+        (
+            authn("  jwt: [{issuer: i, audiences: [a], claimsToHeaders: [{claims: a, header: x-a}]}]\n"),
+            "spec.jwt[0].claimsToHeaders[0].claims: unknown field",
+        ),
+        (
+            authn("  jwt: [{issuer: i, audiences: [a], fromHeaders: [{nme: x}]}]\n"),
+            "spec.jwt[0].fromHeaders[0].nme: unknown field",
+        ),
+        (
+            traffic("  requestHeaders: {sett: {a: b}}\n"),
+            "spec.requestHeaders.sett: unknown field, expected one of `set`, `add`, `remove`",
+        ),
+        (traffic("  securityHeaders: {hst: true}\n"), "spec.securityHeaders.hst: unknown field"),
+        (traffic("  cors: {allowOrigin: [\"*\"]}\n"), "spec.cors.allowOrigin: unknown field"),
+        (traffic("  validation: {maxBody: 10}\n"), "spec.validation.maxBody: unknown field"),
+        (
+            traffic("  routes: [{backends: [{service: a.shop, wieght: 1}]}]\n"),
+            "spec.routes[0].backends[0].wieght: unknown field, expected `service` or `weight`",
+        ),
+        (
+            traffic("  routes: [{match: {prefix: /v2}, backends: [{service: a.shop}]}]\n"),
+            "spec.routes[0].match.prefix: unknown field",
+        ),
+        (
+            doc("TrafficPolicy", "").replace("target: {identities", "target: {identity"),
+            "spec.target.identity: unknown field, expected `identities`",
+        ),
+        (
+            doc("AuthorizationPolicy", "  action: ALLOW\n").replace("namespace: shop", "namespace: shop, label: x"),
+            "metadata.label: unknown field",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let e = err(&yaml);
+        assert!(e.contains(want), "want {want:?} in:\n{e}\nfrom:\n{yaml}");
     }
 }

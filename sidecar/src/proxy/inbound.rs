@@ -300,7 +300,7 @@ impl Inbound {
             // framing guard, timeouts), never spliced past them.
             Some(ALPN_TCP) => return self.stream(tls, src, Some(caller), app, cancel).await,
             other => {
-                tracing::warn!(src.addr = %src, src.identity = %caller.id, alpn = ?other.map(String::from_utf8_lossy), "unknown ALPN; closing");
+                tracing::warn!(src.addr = %src, src.identity = %caller.id, alpn = other.map(String::from_utf8_lossy).as_deref(), "unknown ALPN; closing");
                 return;
             }
         };
@@ -376,7 +376,7 @@ impl Inbound {
             Ok(Detected::TimedOut) => "head_timeout",
         };
         self.metrics.protocol_refused(reason);
-        tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = ?identity, dst.addr = %app.addr, reason, first_bytes = ?String::from_utf8_lossy(&buf[..buf.len().min(32)]), "connection refused: the client spoke first and not valid HTTP/1.1 or HTTP/2 (declare the port with --opaque-port to carry another client-first protocol)");
+        tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = identity, dst.addr = %app.addr, reason, first_bytes = ?String::from_utf8_lossy(&buf[..buf.len().min(32)]), "connection refused: the client spoke first and not valid HTTP/1.1 or HTTP/2 (declare the port with --opaque-port to carry another client-first protocol)");
         if reason == "not_http" {
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),

@@ -76,15 +76,17 @@ impl EtcdStore {
         if !sealed.is_empty() && !secrets.put(None, sealed).map_err(|e| etcd_err(e.to_string()))? {
             return Err(StoreError::Conflict { what: "--migrate-from: the secrets changed meanwhile".into() });
         }
+        use palisade_cmd::plural;
         Ok(format!(
-            "imported {}: {} policies (revision {}), {} join tokens, {} proxies, {} API keys, {} OAuth clients, {secrets_imported} sealed secrets",
+            "imported {}: {} (revision {}), {}, {}, {}, {}, {}",
             dir.display(),
-            state.policies.len(),
+            plural(state.policies.len(), "policy", "policies"),
             state.policy_revision,
-            state.tokens.len(),
-            state.proxies.len(),
-            state.api_keys.len(),
-            state.oauth_clients.len()
+            plural(state.tokens.len(), "join token", "join tokens"),
+            plural(state.proxies.len(), "proxy", "proxies"),
+            plural(state.api_keys.len(), "API key", "API keys"),
+            plural(state.oauth_clients.len(), "OAuth client", "OAuth clients"),
+            plural(secrets_imported, "sealed secret", "sealed secrets"),
         ))
     }
 }

@@ -49,7 +49,7 @@ impl Inbound {
                 match TcpStream::connect(app_target.addr).await {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(src.addr = %src, src.identity = ?caller.map(|c| c.subject.as_str()), dst.addr = %app_target.addr, error = %e, "app unreachable for TCP");
+                        tracing::warn!(src.addr = %src, src.identity = caller.map(|c| c.subject.as_str()), dst.addr = %app_target.addr, error = %e, "app unreachable for TCP");
                         return;
                     }
                 }
@@ -74,7 +74,7 @@ impl Inbound {
             Ok(r) => r,
             Err(_) => {
                 self.metrics.protocol_refused("cert_expired");
-                tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = ?caller.map(|c| c.subject.as_str()), reason = "the certificate the connection was authorised with expired", "opaque TCP connection closed");
+                tracing::info!(target: "audit", decision = "deny", src.addr = %src, src.identity = caller.map(|c| c.subject.as_str()), reason = "the certificate the connection was authorised with expired", "opaque TCP connection closed");
                 Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "caller certificate expired"))
             }
         };
