@@ -11,6 +11,7 @@ use palisade_certs::csr::certified_key_from_pem;
 use palisade_certs::files::{write_public, write_secret};
 use palisade_certs::tls::{Svid, SvidStore};
 use palisade_certs::{CaError, CertificateAuthority, SecretPem, SvidInfo, TrustDomain};
+use rustls_pki_types::CertificateDer;
 
 /// Lifetime of a generated root CA.
 pub const ROOT_VALIDITY: Duration = Duration::from_secs(365 * 86400);
@@ -190,16 +191,20 @@ pub fn ensure_admin_credential(
     Ok(cred)
 }
 
-/// Issues the control plane's server certificate into `store`.
+/// Issues the control plane's server certificate into `store`; its chain
+/// ends with `cross` (the root rotations' cross certificates, for clients
+/// that trust only a retired root; see `ca::cross`).
 pub fn issue_server_cert(
     ca: &CertificateAuthority,
+    cross: &[CertificateDer<'static>],
     td: &TrustDomain,
     names: &[String],
     ips: &[IpAddr],
     store: &SvidStore,
 ) -> Result<(), PkiError> {
     let (issued, key) = ca.issue_with_key(&td.control_plane(), names, ips, SERVER_CERT_TTL)?;
-    let certified = certified_key_from_pem(issued.chain.clone(), &key)?;
+    let chain = issued.chain.iter().chain(cross).cloned().collect();
+    let certified = certified_key_from_pem(chain, &key)?;
     store.set(Svid { certified, id: td.control_plane(), info: issued.info });
     Ok(())
 }
