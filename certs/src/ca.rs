@@ -336,3 +336,5 @@ pub fn der_to_pem(der: &[u8]) -> String {
 
 // `CertificateAuthority::cross_sign`, for root rotation.
 mod cross;
+// `CertificateAuthority::issue_for_key`, for renewing with the same key.
+mod renew;
