@@ -155,6 +155,16 @@ async fn answered(sc: &Sidecar, direction: &str) -> f64 {
     sc.metric(&name).await.unwrap_or(0.0)
 }
 
+/// Waits until `sc` has sent `n` answered requests: on a busy machine a
+/// rotation can finish before the traffic the test counts has flowed.
+async fn sent_at_least(sc: &Sidecar, n: f64) {
+    eventually(&format!("{n} answered requests through the sidecar"), Duration::from_secs(30), || async {
+        (answered(sc, "outbound").await >= n).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
 /// A sidecar's certificate chain (PEM) and the roots it trusts (SHA-256).
 async fn sidecar_ca(sc: &Sidecar) -> (String, Vec<String>) {
     let c = sc.config().await.unwrap();
@@ -270,6 +280,8 @@ async fn rotating_the_root_ca_under_traffic_fails_no_request() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    sent_at_least(&m.web, 210.0).await;
+    sent_at_least(&invoices, 60.0).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
     let (ok2, failed2) = load2.await.unwrap();
@@ -434,6 +446,7 @@ async fn an_interrupted_rotation_resumes_and_an_aborted_one_restores_the_old_roo
     .await
     .unwrap();
 
+    sent_at_least(&m.web, 210.0).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
     // The control plane was down for a moment; the data path never was.
@@ -582,6 +595,7 @@ async fn replicas_on_etcd_rotate_together_and_the_survivor_finishes_the_rotation
     joiner.wait_ready().await.unwrap();
     assert_eq!(sidecar_ca(&joiner).await.1, vec![new_sha.clone()]);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    sent_at_least(&web, 210.0).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
     assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
