@@ -26,9 +26,18 @@ impl CertificateAuthority {
     /// Refused ([`CaError::CertPem`]) for a certificate that is not a CA, or
     /// that carries name constraints or extended key usages (the cross
     /// certificate would not restrict what the root does in the same way),
-    /// and when this CA has expired.
+    /// when this CA's pathLenConstraint allows no CA below it, and when this
+    /// CA has expired. An intermediate signing CA sends its chain after the
+    /// cross certificate ([`CertificateAuthority::cert_pem`] without roots).
     pub fn cross_sign(&self, root: &CertificateDer<'_>) -> Result<CertificateDer<'static>, CaError> {
         let refuse = |why: String| CaError::CertPem { reason: format!("cannot cross-sign the new root: {why}") };
+        let signing = self.chain.first().or(self.bundle.first()).ok_or(CaError::NoRoot)?;
+        if let Ok((_, s)) = X509Certificate::from_der(signing)
+            && let Ok(Some(bc)) = s.basic_constraints()
+            && bc.value.path_len_constraint == Some(0)
+        {
+            return Err(refuse(format!("the signing CA {} allows no CA below it (pathLenConstraint 0)", s.subject())));
+        }
         let (_, cert) = X509Certificate::from_der(root).map_err(|e| refuse(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished_name(cert.subject()).map_err(refuse)?;

@@ -85,3 +85,44 @@ fn only_a_ca_certificate_is_cross_signed() {
     assert!(err.contains("is not a CA certificate"), "{err}");
     assert!(ca.cross_sign(&rustls_pki_types::CertificateDer::from(vec![1u8, 2, 3])).is_err());
 }
+
+/// An operator's CA: a root (another name) and an intermediate that signs.
+fn operator(path_len: rcgen::BasicConstraints) -> (CertificateAuthority, CertificateAuthority) {
+    let ca = |name: &str, bc| {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(bc);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        p.use_authority_key_identifier_extension = true;
+        p.not_after = (SystemTime::now() + DAY * 100).into();
+        p
+    };
+    let (root_key, int_key) = (rcgen::KeyPair::generate().unwrap(), rcgen::KeyPair::generate().unwrap());
+    let root =
+        rcgen::CertifiedIssuer::self_signed(ca("Operator Root", rcgen::BasicConstraints::Unconstrained), root_key)
+            .unwrap();
+    let int = ca("Operator Intermediate", path_len).signed_by(&int_key, &*root).unwrap();
+    let signing = CertificateAuthority::from_pem(
+        &format!("{}{}", int.pem(), root.pem()),
+        crate::SecretPem::new(int_key.serialize_pem()),
+        None,
+    )
+    .unwrap();
+    let root_only =
+        CertificateAuthority::from_pem(&root.pem(), crate::SecretPem::new(root.key().serialize_pem()), None).unwrap();
+    (signing, root_only)
+}
+
+#[test]
+fn an_intermediate_cross_signs_and_its_chain_follows() {
+    let (int, op_root) = operator(rcgen::BasicConstraints::Unconstrained);
+    let new = root(400);
+    let cross = int.cross_sign(&new.trust_bundle()[0]).unwrap();
+    let intermediate = crate::ca::parse_pem_certs(&int.cert_pem()).unwrap()[0].clone();
+    assert!(verifies(&[leaf(&new), cross.clone(), intermediate], &op_root));
+    assert!(!verifies(&[leaf(&new), cross], &op_root), "not without the intermediate");
+
+    let (pinned, _) = operator(rcgen::BasicConstraints::Constrained(0));
+    let err = pinned.cross_sign(&new.trust_bundle()[0]).unwrap_err().to_string();
+    assert!(err.contains("pathLenConstraint 0"), "{err}");
+}
