@@ -346,6 +346,7 @@ impl Authority {
             seq: view.rotation.as_ref().map(|r| r.seq + 1).unwrap_or(1),
         };
         self.write(&view, Write { record: &record, new: &new, keep: true, replace_ca: false })?;
+        cross::audit(&record);
         tracing::info!(target: "audit", event = "ca_rotation_started", new_root = %sha256_hex(&signing_cert(&new)), old_root = %sha256_hex(&signing_cert(&old)), "root CA rotation started: the new root is published in every trust bundle");
         Ok(())
     }

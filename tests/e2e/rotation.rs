@@ -337,7 +337,7 @@ async fn rotating_the_root_ca_under_traffic_fails_no_request() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("phase:      done") && text.contains("the old root is retired"), "{text}");
     let logs = cp.proc.logs();
-    for event in ["ca_rotation_started", "ca_rotation_step"] {
+    for event in ["ca_rotation_started", "ca_cross_signed", "ca_rotation_step"] {
         assert!(logs.contains(event), "audit {event}: {logs}");
     }
     assert!(!logs.contains("BEGIN PRIVATE KEY") && !logs.contains("BEGIN EC PRIVATE KEY"));

@@ -31,14 +31,19 @@ pub(super) fn make(old: &CertificateAuthority, new: &CertificateAuthority) -> St
         Ok(cross) => {
             let parents = parse_pem_certs(&old.cert_pem()).unwrap_or_default();
             let parents = parents.iter().filter(|c| !old.trust_bundle().contains(c));
-            let pem: String = std::iter::once(&cross).chain(parents).map(|c| der_to_pem(c)).collect();
-            tracing::info!(target: "audit", event = "ca_cross_signed", cross = %sha256_hex(&cross), "the new root is cross-signed by the old one: pods that carry only the old bundle keep verifying the control plane");
-            pem
+            std::iter::once(&cross).chain(parents).map(|c| der_to_pem(c)).collect()
         }
         Err(e) => {
             tracing::warn!(error = %e, "no cross certificate for this rotation: pods made before it that restart after it must be re-created");
             String::new()
         }
+    }
+}
+
+/// Logs a rotation's cross certificate once the rotation is stored.
+pub(super) fn audit(record: &RotationRecord) {
+    if let Some(cross) = parse_pem_certs(&record.cross_pem).ok().and_then(|c| c.into_iter().next()) {
+        tracing::info!(target: "audit", event = "ca_cross_signed", cross = %sha256_hex(&cross), "the new root is cross-signed by the old one: pods that carry only the old bundle keep verifying the control plane");
     }
 }
 
