@@ -333,3 +333,8 @@ pub fn der_to_pem(der: &[u8]) -> String {
     let cfg = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
     pem::encode_config(&pem::Pem::new("CERTIFICATE", der.to_vec()), cfg)
 }
+
+// `CertificateAuthority::cross_sign`, for root rotation.
+mod cross;
+// `CertificateAuthority::issue_for_key`, for renewing with the same key.
+mod renew;

@@ -369,8 +369,9 @@ pub(crate) fn cluster_findings(state: &Value, bundle: Option<&str>) -> Vec<Findi
                 format!("pod {who}"),
                 false,
                 format!(
-                    "carries another trust bundle (injected before the CA changed): its sidecar cannot verify the \
-                     control plane; restart its workload (`kubectl -n {ns} rollout restart deployment/NAME`)"
+                    "carries another trust bundle (injected before the CA changed): after a root rotation its \
+                     restarted sidecar still joins through the cross-signed root, after any other change it cannot \
+                     verify the control plane; restart its workload (`kubectl -n {ns} rollout restart deployment/NAME`)"
                 ),
             )),
             None => {

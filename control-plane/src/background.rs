@@ -235,7 +235,9 @@ pub(crate) async fn rotate_server_cert(
     store: SvidStore,
 ) {
     let mut changed = ca.subscribe();
-    let mut signer = ca.view().signing_sha.clone();
+    // Reissued when the signing root or the cross certificates change.
+    let served = |v: &ca::View| (v.signing_sha.clone(), v.cross.clone());
+    let mut signer = served(&ca.view());
     let mut due = tokio::time::Instant::now() + pki::SERVER_CERT_TTL / 2;
     loop {
         tokio::select! {
@@ -244,16 +246,16 @@ pub(crate) async fn rotate_server_cert(
                 if r.is_err() {
                     return;
                 }
-                if ca.view().signing_sha == signer {
+                if served(&ca.view()) == signer {
                     continue;
                 }
             }
         }
         let view = ca.view();
-        match pki::issue_server_cert(&view.signing, &td, &names, &ips, &store) {
+        match pki::issue_server_cert(&view.signing, &view.cross, &td, &names, &ips, &store) {
             Ok(()) => {
                 tracing::info!("reissued the control plane's server certificate");
-                signer = view.signing_sha.clone();
+                signer = served(&view);
                 due = tokio::time::Instant::now() + pki::SERVER_CERT_TTL / 2;
             }
             Err(e) => {

@@ -18,6 +18,10 @@
 //! from the new root. Only then is the old root dropped from the bundles, so
 //! no certificate in use ever stops verifying. An abort before `done` runs the
 //! same renewal back to the old root before the new one leaves the bundles.
+//!
+//! A rotation also cross-signs the new root with the old one, so that pods
+//! still carrying the old bundle in their spec verify the control plane
+//! after `done` ([`cross`]).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -30,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::store::sealed::SecretError;
 use palisade_cmd::unix_now;
 
+mod cross;
 mod drive;
 mod file_home;
 mod sealed_home;
@@ -78,6 +83,15 @@ pub struct RotationRecord {
     pub since: u64,
     #[serde(default)]
     pub min_phase_secs: u64,
+    /// The new root cross-signed by the old one (then the old CA's
+    /// intermediates), PEM; public. Served from `reissuing` on, and kept
+    /// after `done`; empty if it could not be made.
+    #[serde(default)]
+    pub cross_pem: String,
+    /// The cross certificates of earlier rotations (newest first, each a
+    /// PEM like `cross_pem`), served as long as they are valid.
+    #[serde(default)]
+    pub earlier_cross_pem: Vec<String>,
     /// Bumped on every write (the file home's compare-and-swap).
     #[serde(default)]
     pub seq: u64,
@@ -145,6 +159,9 @@ pub struct View {
     pub bundle: Vec<CertificateDer<'static>>,
     /// Sidecars whose certificate does not chain to one of these renew now.
     pub renew_unless: Vec<CertificateDer<'static>>,
+    /// Cross certificates the control plane sends after each of its own
+    /// certificates, for clients that trust only a retired root.
+    pub cross: Vec<CertificateDer<'static>>,
     pub rotation: Option<RotationRecord>,
     version: i64,
     /// During a rotation: the old and the new CA.
@@ -172,7 +189,18 @@ impl View {
             _ => (base.clone(), base.trust_bundle().to_vec(), vec![]),
         };
         let signing_sha = sha256_hex(signing_cert(&signing).as_ref());
-        Self { signing, signing_sha, bundle, renew_unless, rotation: record, version: l.version, old: Some(base), new }
+        let cross = cross::served(record.as_ref(), SystemTime::now());
+        Self {
+            signing,
+            signing_sha,
+            bundle,
+            renew_unless,
+            cross,
+            rotation: record,
+            version: l.version,
+            old: Some(base),
+            new,
+        }
     }
 
     pub fn bundle_pem(&self) -> String {
@@ -313,9 +341,12 @@ impl Authority {
             started: now,
             since: now,
             min_phase_secs: min_phase.as_secs(),
+            cross_pem: cross::make(&old, &new),
+            earlier_cross_pem: cross::carried(view.rotation.as_ref(), SystemTime::now()),
             seq: view.rotation.as_ref().map(|r| r.seq + 1).unwrap_or(1),
         };
         self.write(&view, Write { record: &record, new: &new, keep: true, replace_ca: false })?;
+        cross::audit(&record);
         tracing::info!(target: "audit", event = "ca_rotation_started", new_root = %sha256_hex(&signing_cert(&new)), old_root = %sha256_hex(&signing_cert(&old)), "root CA rotation started: the new root is published in every trust bundle");
         Ok(())
     }

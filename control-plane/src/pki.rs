@@ -11,6 +11,7 @@ use palisade_certs::csr::certified_key_from_pem;
 use palisade_certs::files::{write_public, write_secret};
 use palisade_certs::tls::{Svid, SvidStore};
 use palisade_certs::{CaError, CertificateAuthority, SecretPem, SvidInfo, TrustDomain};
+use rustls_pki_types::CertificateDer;
 
 /// Lifetime of a generated root CA.
 pub const ROOT_VALIDITY: Duration = Duration::from_secs(365 * 86400);
@@ -181,25 +182,42 @@ pub fn ensure_admin_credential(
         source,
     })?;
     let ttl = ADMIN_VALIDITY.min(ca.info().time_left(SystemTime::now()));
-    let (issued, key) = ca.issue_with_key(&td.admin(), &[], &[], ttl)?;
+    // A credential is renewed for the key it has: palisadectl, reading
+    // cert.pem then key.pem while they are rewritten (a root rotation's
+    // steps), would otherwise pair a new certificate with the old key.
+    let kept = std::fs::read_to_string(cred.key()).ok().map(SecretPem::new).and_then(|key| {
+        let issued = ca.issue_for_key(&td.admin(), &[], &[], ttl, &key).ok()?;
+        Some((issued, key))
+    });
+    let renewed = kept.is_some();
+    let (issued, key) = match kept {
+        Some(k) => k,
+        None => ca.issue_with_key(&td.admin(), &[], &[], ttl)?,
+    };
     // The key last: whoever waits for it (scripts, tests) then finds all three.
     write(&cred.ca(), bundle_pem, false)?;
     write(&cred.cert(), &issued.chain_pem(), false)?;
-    write(&cred.key(), key.expose(), true)?;
+    if !renewed {
+        write(&cred.key(), key.expose(), true)?;
+    }
     tracing::info!(dir = %cred.dir.display(), identity = %td.admin(), not_after = %palisade_certs::svid::rfc3339::format(issued.info.not_after), "wrote the admin credential for palisadectl");
     Ok(cred)
 }
 
-/// Issues the control plane's server certificate into `store`.
+/// Issues the control plane's server certificate into `store`; its chain
+/// ends with `cross` (the root rotations' cross certificates, for clients
+/// that trust only a retired root; see `ca::cross`).
 pub fn issue_server_cert(
     ca: &CertificateAuthority,
+    cross: &[CertificateDer<'static>],
     td: &TrustDomain,
     names: &[String],
     ips: &[IpAddr],
     store: &SvidStore,
 ) -> Result<(), PkiError> {
     let (issued, key) = ca.issue_with_key(&td.control_plane(), names, ips, SERVER_CERT_TTL)?;
-    let certified = certified_key_from_pem(issued.chain.clone(), &key)?;
+    let chain = issued.chain.iter().chain(cross).cloned().collect();
+    let certified = certified_key_from_pem(chain, &key)?;
     store.set(Svid { certified, id: td.control_plane(), info: issued.info });
     Ok(())
 }
@@ -217,6 +235,31 @@ mod tests {
         }
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         p
+    }
+
+    #[test]
+    fn the_admin_credential_is_reissued_for_the_key_it_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::default();
+        let (old, new) = (
+            CertificateAuthority::generate(&td, ROOT_VALIDITY).unwrap(),
+            CertificateAuthority::generate(&td, ROOT_VALIDITY).unwrap(),
+        );
+        let cred = ensure_admin_credential(dir.path(), &old, &old.trust_bundle_pem(), &td).unwrap();
+        let key = std::fs::read_to_string(cred.key()).unwrap();
+        let cert = std::fs::read_to_string(cred.cert()).unwrap();
+        ensure_admin_credential(dir.path(), &new, &new.trust_bundle_pem(), &td).unwrap();
+        assert_ne!(std::fs::read_to_string(cred.cert()).unwrap(), cert, "reissued from the new root");
+        assert_eq!(std::fs::read_to_string(cred.key()).unwrap(), key, "for the same key");
+        let chain = parse_pem_certs(&std::fs::read_to_string(cred.cert()).unwrap()).unwrap();
+        let roots = palisade_certs::svid::root_store(new.trust_bundle()).unwrap();
+        assert!(palisade_certs::svid::verify_chain(&chain, &roots, SystemTime::now()).is_ok());
+        let pair = certified_key_from_pem(chain, &SecretPem::new(key)).unwrap();
+        assert!(pair.keys_match().is_ok());
+        // An unreadable key is replaced.
+        std::fs::write(cred.key(), "not a key").unwrap();
+        ensure_admin_credential(dir.path(), &old, &old.trust_bundle_pem(), &td).unwrap();
+        assert!(std::fs::read_to_string(cred.key()).unwrap().contains("PRIVATE KEY"));
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl Listeners {
 /// A server certificate of the control plane, kept fresh by a background task.
 fn server_cert(shared: &Shared, tasks: &Tasks, names: Vec<String>, ips: Vec<IpAddr>) -> Result<SvidStore, StartError> {
     let cert = SvidStore::new();
-    pki::issue_server_cert(&shared.ca.view().signing, &shared.trust_domain, &names, &ips, &cert)?;
+    let view = shared.ca.view();
+    pki::issue_server_cert(&view.signing, &view.cross, &shared.trust_domain, &names, &ips, &cert)?;
     tasks.spawn(rotate_server_cert(shared.ca.clone(), shared.trust_domain.clone(), names, ips, cert.clone()));
     Ok(cert)
 }

@@ -1,7 +1,9 @@
 //! Live root CA rotation (`palisadectl ca rotate`): under traffic through
 //! real sidecars, with a sidecar joining mid-rotation, a control plane
 //! SIGKILLed between steps, and an abort; no request fails, and at the end
-//! every certificate and every bundle holds the new root only.
+//! every certificate and every bundle holds the new root only. A sidecar
+//! that starts after `done` with the bundle of a pod made before the
+//! rotation joins through the cross certificate the control plane serves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use palisade_certs::tls::{PeerIdentity, SpiffeServerVerifier, Svid, SvidStore, TrustBundle};
 use palisade_certs::{CertificateAuthority, SecretPem, SpiffeId};
 use palisade_tests::apps::HttpApp;
-use palisade_tests::{ControlPlane, Sidecar, eventually, free_port};
+use palisade_tests::{ControlPlane, Proc, Sidecar, eventually, free_port};
 use tokio::io::AsyncReadExt;
 
 use crate::dataplane::{ORDERS, WEB};
@@ -94,7 +96,7 @@ struct Mesh {
     orders: Sidecar,
     web: Sidecar,
     base: String,
-    _app: HttpApp,
+    app: HttpApp,
 }
 
 async fn mesh(cp: &ControlPlane, dir: &std::path::Path) -> Mesh {
@@ -109,7 +111,58 @@ async fn mesh(cp: &ControlPlane, dir: &std::path::Path) -> Mesh {
     })
     .await
     .unwrap();
-    Mesh { orders, web, base, _app: app }
+    Mesh { orders, web, base, app }
+}
+
+/// A sidecar container of a pod made before the rotation, restarted: the
+/// same spec, so the trust bundle of that day (`bundle_pem`), not the
+/// control plane's current one. Ready, or the test fails with its log.
+async fn restarted_with(
+    bundle_pem: &str,
+    cp: &ControlPlane,
+    dir: &std::path::Path,
+    identity: &str,
+    args: &[&str],
+) -> Sidecar {
+    let token = cp.create_token(identity, &[]).unwrap();
+    let (admin, inbound) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let mut cmd = std::process::Command::new(palisade_tests::bin("palisade-sidecar"));
+    cmd.env("PALISADE_CA_BUNDLE_PEM", bundle_pem)
+        .args(["--control-plane", &cp.addr, "--join-token", &token, "--admin", &admin, "--inbound", &inbound])
+        .args(args);
+    let sc = Sidecar { proc: Proc::spawn("restarted", &mut cmd, dir).unwrap(), admin, inbound };
+    sc.wait_ready().await.unwrap_or_else(|e| panic!("{e:#}\n{}", cp.proc.logs()));
+    sc
+}
+
+/// The certificates the control plane's gRPC port sends to a client that
+/// trusts only `roots`; `None` if that client cannot verify them.
+async fn served_chain(cp: &ControlPlane, roots: &CertificateAuthority) -> Option<Vec<Vec<u8>>> {
+    let verifier = SpiffeServerVerifier::new(
+        TrustBundle::new(roots.trust_bundle()).unwrap(),
+        PeerIdentity::Exact(palisade_certs::TrustDomain::default().control_plane()),
+    );
+    let cfg = palisade_certs::tls::client_config(verifier, None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", cp.port)).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.ok()?;
+    Some(tls.get_ref().1.peer_certificates()?.iter().map(|c| c.to_vec()).collect())
+}
+
+/// 2xx requests a sidecar has served (inbound) or sent (outbound).
+async fn answered(sc: &Sidecar, direction: &str) -> f64 {
+    let name = format!("palisade_requests_total{{direction=\"{direction}\",status_class=\"2xx\"}}");
+    sc.metric(&name).await.unwrap_or(0.0)
+}
+
+/// Waits until `sc` has sent `n` answered requests: on a busy machine a
+/// rotation can finish before the traffic the test counts has flowed.
+async fn sent_at_least(sc: &Sidecar, n: f64) {
+    eventually(&format!("{n} answered requests through the sidecar"), Duration::from_secs(30), || async {
+        (answered(sc, "outbound").await >= n).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 /// A sidecar's certificate chain (PEM) and the roots it trusts (SHA-256).
@@ -136,6 +189,7 @@ async fn rotating_the_root_ca_under_traffic_fails_no_request() {
     .await
     .unwrap();
     let old = data_ca(&cp);
+    let old_bundle = std::fs::read_to_string(cp.bundle()).unwrap();
     let s = status(&cp);
     assert_eq!(s["phase"], "none", "{s}");
     assert_eq!(s["signing"]["sha256"], sha(&old));
@@ -226,12 +280,51 @@ async fn rotating_the_root_ca_under_traffic_fails_no_request() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    sent_at_least(&m.web, 210.0).await;
+    sent_at_least(&invoices, 60.0).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
     let (ok2, failed2) = load2.await.unwrap();
     assert!(failed.is_empty() && failed2.is_empty(), "failed: {failed:?} {failed2:?}");
     assert!(ok > 200 && ok2 > 50, "{ok} + {ok2} requests");
     eprintln!("rotation under traffic: {ok} + {ok2} requests, 0 failed");
+
+    // A pod made before the rotation restarts its sidecar: the old bundle
+    // verifies the control plane through the cross certificate (the new
+    // root's key signed by the old one) sent after the control plane's own.
+    let chain = served_chain(&cp, &old).await.expect("a client with the old root alone verifies the control plane");
+    assert_eq!(chain.len(), 2, "the certificate, then the cross certificate");
+    assert!(served_chain(&cp, &new).await.is_some());
+    let port = free_port();
+    let late = restarted_with(
+        &old_bundle,
+        &cp,
+        tmp.path(),
+        ORDERS,
+        &["--app", &m.app.addr.to_string(), "--upstream", &format!("127.0.0.1:{port}=orders.shop")],
+    )
+    .await;
+    eventually("the restarted sidecar to hold the new bundle", Duration::from_secs(10), || async {
+        (sidecar_ca(&late).await.1 == vec![new_sha.clone()]).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(chains_to(&sidecar_ca(&late).await.0, &new));
+    // It serves web's calls (round robin over both orders sidecars), and
+    // calls orders.shop itself, over mTLS with new-root certificates.
+    let late_base = format!("127.0.0.1:{port}");
+    eventually("requests to and from the restarted sidecar", Duration::from_secs(15), || async {
+        for base in [&m.base, &late_base, &m.base, &late_base] {
+            if palisade_tests::http::get(base, "/echo").await.ok()?.0 != 200 {
+                return None;
+            }
+        }
+        (answered(&late, "inbound").await >= 1.0 && answered(&late, "outbound").await >= 1.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", late.proc.logs()));
+    assert!(accepted(&late.inbound, &new, WEB, &new).await, "it trusts the new root");
+    assert!(!accepted(&late.inbound, &old, WEB, &new).await, "and not the old one it started with");
 
     // The old root is gone: a certificate it signs is refused, one from the new root accepted.
     assert!(accepted(&m.orders.inbound, &new, WEB, &new).await, "a new-root certificate is accepted");
@@ -244,7 +337,7 @@ async fn rotating_the_root_ca_under_traffic_fails_no_request() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("phase:      done") && text.contains("the old root is retired"), "{text}");
     let logs = cp.proc.logs();
-    for event in ["ca_rotation_started", "ca_rotation_step"] {
+    for event in ["ca_rotation_started", "ca_cross_signed", "ca_rotation_step"] {
         assert!(logs.contains(event), "audit {event}: {logs}");
     }
     assert!(!logs.contains("BEGIN PRIVATE KEY") && !logs.contains("BEGIN EC PRIVATE KEY"));
@@ -340,7 +433,20 @@ async fn an_interrupted_rotation_resumes_and_an_aborted_one_restores_the_old_roo
     let again = cp.ctl(&["ca", "rotate", "--abort"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already aborted"));
     signal("-CONT");
+    // The withdrawn root's cross certificate is not served; the first
+    // rotation's is, and a sidecar with the bundle of before both joins.
+    let chain = served_chain(&cp, &old).await.expect("the first root still verifies the control plane");
+    assert_eq!(chain.len(), 2, "the certificate and the first rotation's cross certificate only");
+    let leaf = rustls_pki_types::CertificateDer::from(chain[0].clone());
+    assert!(chains_to(&palisade_certs::ca::der_to_pem(&leaf), &first), "signed by the root in force");
+    let late = restarted_with(&old.trust_bundle_pem(), &cp, tmp.path(), INVOICES, &[]).await;
+    eventually("the restarted sidecar to hold the bundle in force", Duration::from_secs(10), || async {
+        (sidecar_ca(&late).await.1 == vec![sha(&first)]).then_some(())
+    })
+    .await
+    .unwrap();
 
+    sent_at_least(&m.web, 210.0).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
     // The control plane was down for a moment; the data path never was.
@@ -489,6 +595,7 @@ async fn replicas_on_etcd_rotate_together_and_the_survivor_finishes_the_rotation
     joiner.wait_ready().await.unwrap();
     assert_eq!(sidecar_ca(&joiner).await.1, vec![new_sha.clone()]);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    sent_at_least(&web, 210.0).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
     assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);

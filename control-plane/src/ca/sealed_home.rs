@@ -131,13 +131,15 @@ impl CaHome for SealedHome {
 }
 
 /// What `--migrate-from DIR` moves into the store's secrets: the install's
-/// generated CA (`DIR/ca/`), if it has one. Refuses an install whose root
-/// rotation is half done (its new root would be left behind).
+/// generated CA (`DIR/ca/`), if it has one, with its last (finished)
+/// rotation, whose cross certificates pods made before it still need.
+/// Refuses an install whose root rotation is half done (its new root would
+/// be left behind).
 pub fn migrating(dir: &Path) -> Result<Vec<SecretWrite>, HomeError> {
-    if let Ok(b) = std::fs::read(dir.join("ca/rotation.json"))
-        && let Ok(r) = serde_json::from_slice::<RotationRecord>(&b)
-        && !r.phase.finished()
-    {
+    let last = std::fs::read(dir.join("ca/rotation.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<RotationRecord>(&b).ok());
+    if let Some(r) = last.as_ref().filter(|r| !r.phase.finished()) {
         return Err(HomeError::ca(format!(
             "--migrate-from {}: a root CA rotation is in progress there (phase {}); let it finish (palisadectl ca status) or abort it, then migrate",
             dir.display(),
@@ -146,7 +148,14 @@ pub fn migrating(dir: &Path) -> Result<Vec<SecretWrite>, HomeError> {
     }
     let ca_dir = dir.join("ca");
     match (std::fs::read_to_string(ca_dir.join("ca.pem")), std::fs::read_to_string(ca_dir.join("ca-key.pem"))) {
-        (Ok(cert_pem), Ok(key_pem)) => Ok(vec![(CA, Some(CaPem { cert_pem, key_pem }.to_bytes()?))]),
+        (Ok(cert_pem), Ok(key_pem)) => {
+            let mut writes = vec![(CA, Some(CaPem { cert_pem, key_pem }.to_bytes()?))];
+            if let Some(record) = last {
+                let value = RotationValue { record, new: None };
+                writes.push((ROTATION, Some(serde_json::to_vec(&value).map_err(HomeError::ca)?)));
+            }
+            Ok(writes)
+        }
         // An operator CA: every replica is given --ca-cert and --ca-key.
         _ => Ok(Vec::new()),
     }
@@ -181,5 +190,26 @@ mod tests {
         let fresh = Authority::open(home(), td.clone()).unwrap();
         assert_ne!(fresh.view().signing_sha, old, "the new root is the CA record now");
         assert_eq!(fresh.view().bundle.len(), 1);
+    }
+
+    #[test]
+    fn a_migration_keeps_the_last_rotations_cross_certificate() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let files =
+            Authority::open(Box::new(crate::ca::FileHome::new(from.path(), &td, None, None)), td.clone()).unwrap();
+        files.start(Duration::ZERO, None).unwrap();
+        assert!(migrating(from.path()).unwrap_err().to_string().contains("in progress"));
+        for next in [Phase::Reissuing, Phase::Done] {
+            let v = files.view();
+            files.step(&v, v.rotation.clone().unwrap(), next).unwrap();
+        }
+        let secrets: Arc<dyn SecretHome> = Arc::new(FileSecrets::new(to.path()));
+        assert!(secrets.put(None, migrating(from.path()).unwrap()).unwrap());
+        let home = SealedHome::new(secrets, &td, Duration::from_secs(365 * 86400), None);
+        let sealed = Authority::open(Box::new(home), td).unwrap();
+        assert_eq!(sealed.view().signing_sha, files.view().signing_sha);
+        assert_eq!(sealed.view().cross, files.view().cross);
+        assert_eq!(sealed.view().cross.len(), 1);
     }
 }

@@ -1,8 +1,9 @@
 //! Root rotation through its phases, on the file home.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use palisade_certs::{CertificateAuthority, TrustDomain};
+use rustls_pki_types::CertificateDer;
 
 use super::*;
 
@@ -97,4 +98,87 @@ fn an_operator_ca_is_not_rotated_here() {
     let home = FileHome::new(dir.path(), &td(), None, Some("fixed".into()));
     let a = Authority::open(Box::new(home), td()).unwrap();
     assert_eq!(a.start(Duration::ZERO, None).unwrap_err().to_string(), "fixed");
+}
+
+/// A leaf from the CA that signs now, as the control plane serves it: its
+/// chain then the cross certificates.
+fn served_chain(a: &Authority) -> Vec<CertificateDer<'static>> {
+    let v = a.view();
+    let (issued, _) = v.signing.issue_with_key(&td().control_plane(), &[], &[], Duration::from_secs(600)).unwrap();
+    issued.chain.into_iter().chain(v.cross.iter().cloned()).collect()
+}
+
+fn verifies(chain: &[CertificateDer<'static>], root: &CertificateDer<'static>) -> bool {
+    let roots = palisade_certs::svid::root_store(std::slice::from_ref(root)).unwrap();
+    palisade_certs::svid::verify_chain(chain, &roots, SystemTime::now()).is_ok()
+}
+
+fn to_done(a: &Authority) {
+    a.start(Duration::ZERO, None).unwrap();
+    for next in [Phase::Reissuing, Phase::Done] {
+        let v = a.view();
+        a.step(&v, v.rotation.clone().unwrap(), next).unwrap();
+    }
+}
+
+#[test]
+fn the_old_bundle_verifies_the_control_plane_through_the_cross_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || Authority::open(Box::new(FileHome::new(dir.path(), &td(), None, None)), td()).unwrap();
+    let a = open();
+    let r0 = a.view().bundle[0].clone();
+    assert!(a.view().cross.is_empty(), "no rotation, no cross certificate");
+    a.start(Duration::ZERO, None).unwrap();
+    assert!(a.view().cross.is_empty(), "publishing signs with the old root: nothing to cross");
+    let v = a.view();
+    a.step(&v, v.rotation.clone().unwrap(), Phase::Reissuing).unwrap();
+    assert_eq!(a.view().cross.len(), 1);
+    assert!(verifies(&served_chain(&a), &r0), "reissuing: the old root verifies a new-root certificate");
+    let v = a.view();
+    a.step(&v, v.rotation.clone().unwrap(), Phase::Done).unwrap();
+    drop(a);
+    let a = open();
+    let r1 = a.view().bundle[0].clone();
+    assert_ne!(r1, r0);
+    assert!(verifies(&served_chain(&a), &r0), "done, and after a restart: still");
+    assert!(verifies(&served_chain(&a), &r1));
+
+    // A second rotation chains them: R2 by R1, R1 by R0.
+    to_done(&a);
+    assert_eq!(a.view().cross.len(), 2);
+    assert!(verifies(&served_chain(&a), &r0));
+    assert!(verifies(&served_chain(&a), &r1));
+    let r2 = a.view().bundle[0].clone();
+
+    // An aborted one serves no cross certificate for its root, and keeps the earlier ones.
+    a.start(Duration::ZERO, None).unwrap();
+    let v = a.view();
+    a.step(&v, v.rotation.clone().unwrap(), Phase::Reissuing).unwrap();
+    assert_eq!(a.view().cross.len(), 3);
+    a.abort().unwrap();
+    let v = a.view();
+    a.step(&v, v.rotation.clone().unwrap(), Phase::Aborted).unwrap();
+    assert_eq!(a.view().cross.len(), 2, "the withdrawn root's cross certificate is gone");
+    assert!(verifies(&served_chain(&a), &r0));
+    assert_eq!(a.view().bundle, vec![r2.clone()]);
+    // At most KEEP, the oldest dropped first.
+    to_done(&a);
+    to_done(&a);
+    assert_eq!(a.view().cross.len(), cross::KEEP);
+    assert!(!verifies(&served_chain(&a), &r0), "R1 by R0 fell off the end");
+    assert!(verifies(&served_chain(&a), &r2));
+}
+
+#[test]
+fn the_sealed_home_keeps_the_cross_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets: std::sync::Arc<dyn crate::store::sealed::SecretHome> =
+        std::sync::Arc::new(crate::store::sealed::FileSecrets::new(dir.path()));
+    let home = || Box::new(SealedHome::new(secrets.clone(), &td(), Duration::from_secs(365 * 86400), None));
+    let a = Authority::open(home(), td()).unwrap();
+    let r0 = a.view().bundle[0].clone();
+    to_done(&a);
+    let fresh = Authority::open(home(), td()).unwrap();
+    assert_eq!(fresh.view().cross.len(), 1);
+    assert!(verifies(&served_chain(&fresh), &r0));
 }
