@@ -270,4 +270,35 @@ mod tests {
             assert!(std::env::var_os("CI").is_none(), "CI runs as root, where a foreign group can be set");
         }
     }
+
+    #[test]
+    fn a_cert_manager_ca_crt_is_the_bundle_only_of_a_tls_crt_without_its_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::default();
+        let root = CertificateAuthority::generate(&td, Duration::from_secs(3600)).unwrap();
+        let id = td.workload("ns", "sa").unwrap();
+        let (issued, _) = root.issue_with_key(&id, &[], &[], Duration::from_secs(600)).unwrap();
+        let ca = |cert: &str, bundle: Option<&str>| {
+            let d = dir.path();
+            operator_ca(crate::config::OperatorCa {
+                cert: d.join(cert),
+                key: d.join("tls.key"),
+                bundle: bundle.map(|b| d.join(b)),
+            })
+            .bundle
+        };
+        std::fs::write(dir.path().join("ca.crt"), root.cert_pem()).unwrap();
+        // An intermediate (here any certificate that is not a root) in tls.crt: ca.crt is its bundle.
+        std::fs::write(dir.path().join("tls.crt"), issued.chain_pem()).unwrap();
+        assert_eq!(ca("tls.crt", None), Some(dir.path().join("ca.crt")));
+        assert_eq!(ca("tls.crt", Some("mine.pem")), Some(dir.path().join("mine.pem")), "--ca-bundle wins");
+        std::fs::write(dir.path().join("other.crt"), issued.chain_pem()).unwrap();
+        assert_eq!(ca("other.crt", None), None, "only in the Secret's layout");
+        // A root in tls.crt is its own bundle, as before (it may seed etcd).
+        std::fs::write(dir.path().join("tls.crt"), root.cert_pem()).unwrap();
+        assert_eq!(ca("tls.crt", None), None);
+        std::fs::remove_file(dir.path().join("ca.crt")).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), issued.chain_pem()).unwrap();
+        assert_eq!(ca("tls.crt", None), None, "no ca.crt, nothing to add");
+    }
 }
