@@ -14,10 +14,13 @@ use ring::rand::SecureRandom;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
+pub use self::key::KeyError;
 use crate::csr::ValidatedCsr;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::svid::SvidInfo;
 use crate::{CsrError, SecretPem};
+
+pub mod key;
 
 /// How far `notBefore` is backdated, to tolerate clock skew between hosts.
 pub const BACKDATE: Duration = Duration::from_secs(60);
@@ -36,11 +39,13 @@ pub enum CaError {
         /// What failed.
         reason: String,
     },
-    /// The CA key PEM is unreadable or does not match the certificate.
-    #[error("CA private key is invalid: {reason}")]
+    /// The CA key PEM is unreadable, of a form not accepted, or does not
+    /// match the certificate.
+    #[error("CA private key is invalid: {source}")]
     KeyPem {
         /// What failed (never the key itself).
-        reason: String,
+        #[source]
+        source: KeyError,
     },
     /// The certificate given as CA is not a CA (no basicConstraints CA:TRUE).
     #[error("certificate {subject:?} is not a CA certificate (basicConstraints CA:TRUE missing)")]
@@ -174,10 +179,14 @@ impl CertificateAuthority {
                 not_after: crate::svid::rfc3339::format(info.not_after),
             });
         }
-        let key = KeyPair::from_pem(key_pem.expose()).map_err(|e| CaError::KeyPem { reason: e.to_string() })?;
+        let key = key::load(key_pem.expose()).map_err(|source| CaError::KeyPem { source })?;
         if !spki_matches(signing, &key) {
-            return Err(CaError::KeyPem { reason: "the key does not match the CA certificate's public key".into() });
+            let (cert, key) = (spki_kind(signing), key::describe(&key).to_string());
+            return Err(CaError::KeyPem { source: KeyError::Mismatch { cert, key } });
         }
+        // Kept as PKCS#8 whatever form it came in: what is persisted (the
+        // sealed store) reads back with any rcgen.
+        let key_pem = SecretPem::new(key.serialize_pem());
         let issuer = Issuer::from_ca_cert_der(signing, key).map_err(|e| CaError::CertPem { reason: e.to_string() })?;
         // The wire chain holds intermediates only: the signing cert unless it is a root itself.
         let chain = chain.into_iter().filter(|c| !bundle.contains(c)).collect();
@@ -298,7 +307,8 @@ fn sign_err(e: rcgen::Error) -> CaError {
     CaError::Sign { reason: e.to_string() }
 }
 
-fn is_self_signed(der: &CertificateDer<'_>) -> bool {
+/// Whether a DER certificate is self-signed (subject = issuer and its own key verifies it): a root.
+pub fn is_self_signed(der: &CertificateDer<'_>) -> bool {
     use x509_parser::prelude::*;
     X509Certificate::from_der(der)
         .map(|(_, c)| c.subject() == c.issuer() && c.verify_signature(None).is_ok())
@@ -310,6 +320,22 @@ fn spki_matches(cert: &CertificateDer<'_>, key: &KeyPair) -> bool {
     X509Certificate::from_der(cert)
         .map(|(_, c)| c.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
         .unwrap_or(false)
+}
+
+/// The algorithm of a certificate's public key, for messages.
+fn spki_kind(cert: &CertificateDer<'_>) -> String {
+    use x509_parser::prelude::*;
+    let Ok((_, c)) = X509Certificate::from_der(cert) else { return "unreadable".into() };
+    let alg = &c.public_key().algorithm;
+    let param = alg.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
+    match (alg.algorithm.to_id_string().as_str(), param.as_deref()) {
+        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => "EC P-256".into(),
+        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => "EC P-384".into(),
+        ("1.2.840.10045.2.1", _) => "EC (another curve)".into(),
+        ("1.2.840.113549.1.1.1", _) => "RSA".into(),
+        ("1.3.101.112", _) => "Ed25519".into(),
+        (oid, _) => format!("OID {oid}"),
+    }
 }
 
 /// Parses every CERTIFICATE block of a PEM text.

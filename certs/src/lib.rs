@@ -4,7 +4,8 @@
 //! every Palisade TLS endpoint uses.
 //!
 //! It is not a general X.509 toolkit: it builds and checks exactly the
-//! certificates Palisade needs (P-256 keys, one URI SAN, short lifetimes).
+//! certificates Palisade needs (P-256 workload keys, one URI SAN, short
+//! lifetimes; an operator's CA key may also be P-384, RSA or Ed25519).
 //! Key material lives in [`SecretPem`] and [`tls::SvidStore`], whose `Debug`
 //! output never shows it.
 

@@ -92,9 +92,18 @@ pub struct Config {
     #[arg(long, env = "PALISADE_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
 
-    /// Roots to trust (PEM), when --ca-cert is an intermediate whose root is not in the file.
+    /// Roots to trust (PEM), when --ca-cert is an intermediate whose root is
+    /// not in the file. Default: the roots in --ca-cert; or, when --ca-cert is
+    /// a cert-manager Secret's DIR/tls.crt holding no root, DIR/ca.crt.
     #[arg(long, env = "PALISADE_CA_BUNDLE", requires = "ca_cert")]
     pub ca_bundle: Option<PathBuf>,
+
+    /// The operator CA as a directory laid out like a Kubernetes TLS Secret
+    /// (what cert-manager writes): DIR/tls.crt (the CA certificate, then its
+    /// parents), DIR/tls.key, and DIR/ca.crt (the root) if present. The same
+    /// as --ca-cert DIR/tls.crt --ca-key DIR/tls.key.
+    #[arg(long, env = "PALISADE_CA_DIR", conflicts_with_all = ["ca_cert", "ca_key", "ca_bundle"])]
+    pub ca_dir: Option<PathBuf>,
 
     /// DNS names put in the control plane's server certificate beside its
     /// SPIFFE ID (clients check the SPIFFE ID, tools like grpcurl the name).
@@ -344,7 +353,28 @@ pub enum ConfigError {
     Range { flag: &'static str, value: String, min: String, max: String },
 }
 
+/// The operator's CA files, as given: the certificate (then its parents),
+/// its key and, if given, the roots to trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorCa {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: Option<PathBuf>,
+}
+
 impl Config {
+    /// The operator's CA: --ca-dir's tls.crt and tls.key, or --ca-cert,
+    /// --ca-key and --ca-bundle; None for a CA of the control plane's own.
+    /// (A cert-manager ca.crt beside tls.crt is looked at when the CA is
+    /// loaded: `pki::operator_ca`.)
+    pub fn operator_ca(&self) -> Option<OperatorCa> {
+        if let Some(dir) = &self.ca_dir {
+            return Some(OperatorCa { cert: dir.join("tls.crt"), key: dir.join("tls.key"), bundle: None });
+        }
+        let (cert, key) = self.ca_cert.clone().zip(self.ca_key.clone())?;
+        Some(OperatorCa { cert, key, bundle: self.ca_bundle.clone() })
+    }
+
     /// Cross-field validation, before anything binds or writes.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cert_ttl < palisade_certs::ca::MIN_TTL || self.cert_ttl > palisade_certs::ca::MAX_TTL {
@@ -446,9 +476,9 @@ impl Config {
             if self.etcd_endpoints.is_empty() {
                 return Err(err("needs --etcd-endpoints URL,..."));
             }
-            if self.ca_cert.is_none() && self.store_key_file.is_none() {
+            if self.operator_ca().is_none() && self.store_key_file.is_none() {
                 return Err(err(
-                    "needs --store-key-file (the replicas keep a shared CA in etcd, its key sealed with it), or the CA with --ca-cert and --ca-key",
+                    "needs --store-key-file (the replicas keep a shared CA in etcd, its key sealed with it), or the CA with --ca-cert and --ca-key (or --ca-dir)",
                 ));
             }
             if self.oauth_listen.is_some() && (self.oauth_issuer.is_none() || self.store_key_file.is_none()) {

@@ -96,6 +96,28 @@ fn process_ids() -> ProcessIds {
     ProcessIds { uid, groups }
 }
 
+/// The operator's CA files with the roots to trust resolved: a cert-manager
+/// `Certificate` Secret holds tls.crt (the CA, maybe followed by its
+/// parents), tls.key and ca.crt (the issuing root). When tls.crt holds no
+/// root and no bundle was given, the ca.crt beside it is the bundle; when
+/// it holds its root (a self-signed CA), nothing changes, so such a root
+/// still seeds the store on etcd and rotates there.
+pub fn operator_ca(mut ca: crate::config::OperatorCa) -> crate::config::OperatorCa {
+    if ca.bundle.is_some() || ca.cert.file_name().is_none_or(|n| n != "tls.crt") {
+        return ca;
+    }
+    let root = ca.cert.with_file_name("ca.crt");
+    let holds_root = std::fs::read_to_string(&ca.cert)
+        .ok()
+        .and_then(|pem| parse_pem_certs(&pem).ok())
+        .is_some_and(|certs| certs.iter().any(|c| palisade_certs::ca::is_self_signed(c)));
+    if !holds_root && root.is_file() {
+        tracing::info!(cert = %ca.cert.display(), bundle = %root.display(), "the CA certificate holds no root: trusting the ca.crt beside it (a cert-manager Secret)");
+        ca.bundle = Some(root);
+    }
+    ca
+}
+
 /// Loads the operator's CA, or the one in `<data>/ca/`, or generates and saves a new root.
 pub fn load_or_create_ca(
     data_dir: &Path,
@@ -110,7 +132,11 @@ pub fn load_or_create_ca(
             SecretPem::new(read(key, "read")?),
             bundle_pem.as_deref(),
         )
-        .map_err(|source| PkiError::Ca { path: cert.to_path_buf(), source });
+        .map_err(|source| {
+            // Name the file at fault: the key's for a key error.
+            let path = if matches!(source, CaError::KeyPem { .. }) { key } else { cert };
+            PkiError::Ca { path: path.to_path_buf(), source }
+        });
     }
     let dir = data_dir.join("ca");
     let cert_path = dir.join("ca.pem");
@@ -286,5 +312,36 @@ mod tests {
         } else {
             assert!(std::env::var_os("CI").is_none(), "CI runs as root, where a foreign group can be set");
         }
+    }
+
+    #[test]
+    fn a_cert_manager_ca_crt_is_the_bundle_only_of_a_tls_crt_without_its_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::default();
+        let root = CertificateAuthority::generate(&td, Duration::from_secs(3600)).unwrap();
+        let id = td.workload("ns", "sa").unwrap();
+        let (issued, _) = root.issue_with_key(&id, &[], &[], Duration::from_secs(600)).unwrap();
+        let ca = |cert: &str, bundle: Option<&str>| {
+            let d = dir.path();
+            operator_ca(crate::config::OperatorCa {
+                cert: d.join(cert),
+                key: d.join("tls.key"),
+                bundle: bundle.map(|b| d.join(b)),
+            })
+            .bundle
+        };
+        std::fs::write(dir.path().join("ca.crt"), root.cert_pem()).unwrap();
+        // An intermediate (here any certificate that is not a root) in tls.crt: ca.crt is its bundle.
+        std::fs::write(dir.path().join("tls.crt"), issued.chain_pem()).unwrap();
+        assert_eq!(ca("tls.crt", None), Some(dir.path().join("ca.crt")));
+        assert_eq!(ca("tls.crt", Some("mine.pem")), Some(dir.path().join("mine.pem")), "--ca-bundle wins");
+        std::fs::write(dir.path().join("other.crt"), issued.chain_pem()).unwrap();
+        assert_eq!(ca("other.crt", None), None, "only in the Secret's layout");
+        // A root in tls.crt is its own bundle, as before (it may seed etcd).
+        std::fs::write(dir.path().join("tls.crt"), root.cert_pem()).unwrap();
+        assert_eq!(ca("tls.crt", None), None);
+        std::fs::remove_file(dir.path().join("ca.crt")).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), issued.chain_pem()).unwrap();
+        assert_eq!(ca("tls.crt", None), None, "no ca.crt, nothing to add");
     }
 }

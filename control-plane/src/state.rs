@@ -112,7 +112,8 @@ pub(crate) async fn open_store(cfg: &Config) -> Result<(Arc<dyn Store>, Option<A
 /// `--ca-bundle` seeds it on the first start); else the data dir's files.
 pub(crate) async fn open_ca(cfg: &Config, etcd: Option<&Arc<EtcdStore>>) -> Result<Arc<ca::Authority>, StartError> {
     let (data, td) = (&cfg.data_dir, &cfg.trust_domain);
-    let operator = cfg.ca_cert.as_deref().zip(cfg.ca_key.as_deref()).map(|(c, k)| (c, k, cfg.ca_bundle.as_deref()));
+    let operator = cfg.operator_ca().map(pki::operator_ca);
+    let operator = operator.as_ref().map(|o| (o.cert.as_path(), o.key.as_path(), o.bundle.as_deref()));
     let home: Box<dyn ca::CaHome> = match (etcd, operator, &cfg.store_key_file) {
         (Some(etcd), op, Some(key_file)) if op.is_none_or(|(_, _, bundle)| bundle.is_none()) => {
             let secrets = EtcdSecrets::new(etcd.clone(), store_key(key_file)?);
