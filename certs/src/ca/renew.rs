@@ -3,8 +3,6 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use rcgen::KeyPair;
-
 use super::{CaError, CertificateAuthority, IssuedCert, sign_err};
 use crate::SecretPem;
 use crate::spiffe::SpiffeId;
@@ -22,7 +20,7 @@ impl CertificateAuthority {
         ttl: Duration,
         key: &SecretPem,
     ) -> Result<IssuedCert, CaError> {
-        let key = KeyPair::from_pem(key.expose()).map_err(|e| CaError::KeyPem { reason: e.to_string() })?;
+        let key = super::key::load(key.expose()).map_err(|source| CaError::KeyPem { source })?;
         let cert = self.leaf_params(id, dns, ips, ttl)?.signed_by(&key, &self.issuer).map_err(sign_err)?;
         self.issued(cert.der().clone())
     }
