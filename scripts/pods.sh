@@ -61,10 +61,9 @@ existing() {
 # The sample apps' image: the demo's echo app and a small client, on the
 # Palisade base. ONE place, so that it can move to its own base.
 build_app_image() {
-  local tag=localhost/palisade-testapp:e2e
-  podman build --quiet --network host -t "$tag" -f tests/podman/app.Containerfile . >/dev/null \
-    || die "building the sample app image failed (podman build -f tests/podman/app.Containerfile)"
-  echo "$tag"
+  local out
+  out=$(scripts/image.sh --apps) || die "building the sample app image failed (scripts/image.sh --apps)"
+  echo "${out##*$'\n'}"
 }
 
 # palisadectl on the host, from the build the image came from (target/, as scripts/image.sh).

@@ -11,8 +11,9 @@
 //! else is the YAML a user applies. The test checks what the script shows,
 //! then what only the pods show, then that `down` leaves nothing.
 //!
-//! Needs root, podman, runc, debootstrap, python3 with PyYAML, and the
-//! Debian mirror for the base and test-app images (`.ci/run` installs them).
+//! Needs root, podman, runc, iptables, debootstrap, python3 with PyYAML,
+//! and the Debian mirror for the test apps' base image (`.ci/run` installs
+//! them); the Palisade image itself is made from this machine's files.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -84,6 +85,55 @@ fn line<'a>(output: &'a str, prefix: &str) -> &'a str {
     output.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line `{prefix}...` in:\n{output}"))
 }
 
+/// Every file and link of the image, as docs/operations/container.md lists
+/// them: a name ending in `*` stands for the names it begins (without a `/`
+/// after it), every other name must be there.
+const IMAGE_FILES: &[&str] = &[
+    "usr/local/bin/palisade",
+    "usr/local/bin/palisade-control-plane",
+    "usr/local/bin/palisade-sidecar",
+    "usr/local/bin/palisadectl",
+    "lib",
+    "lib64",
+    "usr/lib64/ld-linux-x86-64.so.2",
+    "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    "usr/lib/x86_64-linux-gnu/libc.so.6",
+    "usr/lib/x86_64-linux-gnu/lib*",
+    "usr/sbin/xtables-nft-multi",
+    "usr/sbin/xtables-legacy-multi",
+    "usr/sbin/iptables",
+    "usr/sbin/iptables-legacy",
+    "usr/sbin/iptables*",
+    "usr/sbin/ip6tables*",
+    "usr/lib/x86_64-linux-gnu/xtables/libxt_*",
+    "etc/passwd",
+    "etc/group",
+    "etc/nsswitch.conf",
+];
+
+/// The image holds what the docs say and nothing else: no shell, package
+/// manager, perl or coreutils.
+fn assert_image_holds_only_what_the_docs_say(image: &str) {
+    let root = must(&format!("podman image mount {image}"));
+    let files = must(&format!("find {} -mindepth 1 ! -type d -printf '%P\\n' | sort", root.trim()));
+    must(&format!("podman image unmount {image}"));
+    let listed = |f: &str| {
+        IMAGE_FILES.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => f.strip_prefix(prefix).is_some_and(|rest| !rest.contains('/')),
+            None => f == *p,
+        })
+    };
+    let extra: Vec<&str> = files.lines().filter(|f| !listed(f)).collect();
+    assert!(extra.is_empty(), "{image} holds files docs/operations/container.md does not list: {extra:?}");
+    let missing: Vec<&&str> =
+        IMAGE_FILES.iter().filter(|p| !p.ends_with('*') && !files.lines().any(|f| f == **p)).collect();
+    assert!(missing.is_empty(), "{image} lacks {missing:?}");
+    assert!(files.lines().count() < 50, "{image}: more files than the docs list:\n{files}");
+    // So nothing but the programs and iptables can run in it.
+    let shell = sh(&format!("podman run --rm --entrypoint /bin/sh {image} -c true"));
+    assert!(!shell.status.success(), "{image} has a shell");
+}
+
 #[test]
 fn pods_run_the_image_with_the_injected_yaml() {
     if let Some(why) = missing_prerequisite() {
@@ -134,7 +184,16 @@ fn pods_run_the_image_with_the_injected_yaml() {
 
     // No shell is needed: the entrypoint runs the program named first.
     let size = must(&format!("podman image inspect --format '{{{{.Size}}}}' {image}"));
-    println!("image {image}: {} MB", size.trim().parse::<u64>().unwrap_or(0) / 1_000_000);
+    let size = size.trim().parse::<u64>().expect("podman prints the size in bytes");
+    println!("image {image}: {:.1} MB", size as f64 / 1e6);
+    if release {
+        // docs/operations/container.md: 48.6 MB, nearly all of it the four programs.
+        assert!(
+            size < 55_000_000,
+            "the release image grew to {size} bytes (docs/operations/container.md says 48.6 MB)"
+        );
+    }
+    assert_image_holds_only_what_the_docs_say(image);
     let version = must(&format!("podman run --rm {image} ctl --version"));
     assert!(version.starts_with("palisadectl "), "{version}");
     assert_eq!(sh(&format!("podman run --rm {image} bogus")).status.code(), Some(64), "unknown program: usage error");
