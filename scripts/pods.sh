@@ -66,9 +66,9 @@ build_app_image() {
   echo "${out##*$'\n'}"
 }
 
-# palisadectl on the host, from the build the image came from (target/, as scripts/image.sh).
+# palisadectl on the host, from the build the image came from ($CARGO_TARGET_DIR or target/, as scripts/image.sh).
 find_ctl() {
-  local c=${PALISADECTL:-$repo/target/$profile/palisadectl}
+  local c=${PALISADECTL:-${CARGO_TARGET_DIR:-$repo/target}/$profile/palisadectl}
   [ -x "$c" ] || die "$c is missing: cargo build --bins$([ "$profile" = release ] && echo " --release") (or set PALISADECTL)"
   echo "$c"
 }
