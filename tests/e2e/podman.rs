@@ -259,4 +259,51 @@ fn pods_run_the_image_with_the_injected_yaml() {
     assert!(!state.exists(), "{} is left", state.display());
     let status = pods(&state, &["status"]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("no mesh is up"), "{}", text(&status));
+
+    run_the_image_by_hand(release, tmp.path(), &ctl_bin);
+}
+
+/// docs/operations/container.md's "Running the image by hand" block, as a
+/// reader types it, with this build's image, palisadectl, a free port and
+/// a temporary directory in place of the release build, 7700 and /tmp.
+fn run_the_image_by_hand(release: bool, tmp: &Path, ctl_bin: &Path) {
+    let page = std::fs::read_to_string(palisade_tests::repo_root().join("docs/operations/container.md")).unwrap();
+    let block = page
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .find(|b| b.contains("podman run -d --name palisade-cp"))
+        .expect("container.md runs the image by hand");
+    let port = palisade_tests::free_port().to_string();
+    let data = tmp.join("palisade-cp");
+    let script = block
+        .replace(
+            "./scripts/image.sh |",
+            if release { "./scripts/image.sh --prebuilt |" } else { "./scripts/image.sh --prebuilt --debug |" },
+        )
+        .replace("target/release/palisadectl", ctl_bin.to_str().unwrap())
+        .replace("127.0.0.1:7700:7700", &format!("127.0.0.1:{port}:7700"))
+        .replace("https://127.0.0.1:7700", &format!("https://127.0.0.1:{port}"))
+        .replace("/tmp/palisade-cp", data.to_str().unwrap())
+        .replace("--name palisade-cp", "--name palisade-pods-by-hand")
+        .replace("0 palisade-cp", "0 palisade-pods-by-hand");
+    sh("podman rm -f -t 0 palisade-pods-by-hand");
+    let out = Command::new("bash")
+        .args([
+            "-euo",
+            "pipefail",
+            "-c",
+            &format!(
+                "cd {} && timeout 120 bash -euo pipefail -c '{}'",
+                palisade_tests::repo_root().display(),
+                script.replace('\'', "'\\''")
+            ),
+        ])
+        .output()
+        .unwrap();
+    sh("podman rm -f -t 0 palisade-pods-by-hand");
+    assert!(out.status.success(), "the by-hand block failed:\n{script}\n{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("control plane"), "palisadectl check through the published port:\n{shown}");
+    assert!(!data.exists(), "the block cleans up after itself");
 }
