@@ -133,6 +133,18 @@ pub(crate) fn install(
                     d["stringData"]["tls.crt"] = Value::String(ca.cert_pem());
                     d["stringData"]["tls.key"] = Value::String(ca.key_pem().expose().to_string());
                 }
+                // The generated root only seeds the control plane's own CA,
+                // which it keeps (data volume or etcd) and may rotate.
+                (Some("Deployment"), Some(CP_NAME)) => {
+                    for c in d["spec"]["template"]["spec"]["containers"].as_array_mut().into_iter().flatten() {
+                        if let Some(args) = c["args"].as_array_mut()
+                            && let Some(at) =
+                                args.iter().position(|a| a.as_str() == Some("--ca-key=/etc/palisade/ca/tls.key"))
+                        {
+                            args.insert(at + 1, Value::String("--ca-seed".into()));
+                        }
+                    }
+                }
                 (Some("ConfigMap"), Some("palisade-trust-bundle")) => {
                     d["data"]["ca.pem"] = Value::String(bundle.clone())
                 }

@@ -105,6 +105,15 @@ pub struct Config {
     #[arg(long, env = "PALISADE_CA_DIR", conflicts_with_all = ["ca_cert", "ca_key", "ca_bundle"])]
     pub ca_dir: Option<PathBuf>,
 
+    /// The CA of --ca-cert/--ca-dir is a self-signed root that only seeds the
+    /// control plane's own CA: copied into the data dir on the first start
+    /// (with a store key, into etcd, as always), and from then on kept and
+    /// rotated there (`palisadectl ca rotate`), so the file is read once.
+    /// What `palisadectl install --generate-ca` sets. Without it a CA given
+    /// by file is the operator's to rotate.
+    #[arg(long, env = "PALISADE_CA_SEED", conflicts_with = "ca_bundle")]
+    pub ca_seed: bool,
+
     /// DNS names put in the control plane's server certificate beside its
     /// SPIFFE ID (clients check the SPIFFE ID, tools like grpcurl the name).
     #[arg(long = "server-name", env = "PALISADE_SERVER_NAMES", value_delimiter = ',', default_value = "localhost")]
@@ -351,6 +360,8 @@ pub enum ConfigError {
     Limit { flag: &'static str, value: String, why: &'static str },
     #[error("--{flag} {value}: must be between {min} and {max}")]
     Range { flag: &'static str, value: String, min: String, max: String },
+    #[error("--ca-seed: give the root to seed with --ca-cert and --ca-key, or --ca-dir")]
+    Seed,
 }
 
 /// The operator's CA files, as given: the certificate (then its parents),
@@ -377,6 +388,9 @@ impl Config {
 
     /// Cross-field validation, before anything binds or writes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ca_seed && self.operator_ca().is_none() {
+            return Err(ConfigError::Seed);
+        }
         if self.cert_ttl < palisade_certs::ca::MIN_TTL || self.cert_ttl > palisade_certs::ca::MAX_TTL {
             return Err(ConfigError::CertTtl { value: humantime::format_duration(self.cert_ttl).to_string() });
         }

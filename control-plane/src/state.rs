@@ -126,6 +126,7 @@ pub(crate) async fn open_ca(cfg: &Config, etcd: Option<&Arc<EtcdStore>>) -> Resu
             None,
             Some("each replica keeps its own CA in its data dir (no --store-key-file): give the replicas --store-key-file so that the CA lives in etcd, where it can be rotated".into()),
         )),
+        (None, Some((cert, key, None)), _) if cfg.ca_seed => Box::new(ca::FileHome::seeded(data, td, cert, key)),
         _ => Box::new(ca::FileHome::new(data, td, operator, None)),
     };
     let td = td.clone();

@@ -238,6 +238,9 @@ async fn install_and_inject_output_is_valid_kubernetes() {
     assert!(manifests.contains(&format!("image: {image}")), "{manifests}");
     let base_cp = std::fs::read_to_string(palisade_tests::repo_root().join("deploy/base/control-plane.yaml")).unwrap();
     assert!(base_cp.contains(&format!("image: {image}")), "deploy/base names the workspace version's image");
+    // The generated root only seeds the control plane's own, rotatable CA;
+    // a CA the operator puts in the Secret (deploy/base as is) stays theirs.
+    assert!(manifests.contains("- --ca-seed\n") && !base_cp.contains("--ca-seed"), "{manifests}");
     let other = Command::new(&ctl).args(["install", "--image", "registry.example/mesh/palisade:9"]).output().unwrap();
     let other = String::from_utf8(other.stdout).unwrap();
     assert!(!other.contains(&image) && other.contains("--proxy-image=registry.example/mesh/palisade:9"), "{other}");

@@ -14,6 +14,9 @@ pub struct FileHome {
     /// A CA given by --ca-cert/--ca-key, or one per replica: not rotated here.
     fixed: Option<String>,
     operator: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
+    /// A self-signed root (--ca-cert/--ca-key with --ca-seed) copied into the
+    /// data directory on the first start, then kept and rotated there.
+    seed: Option<(PathBuf, PathBuf)>,
     td: TrustDomain,
 }
 
@@ -34,8 +37,44 @@ impl FileHome {
             dir: data_dir.join("ca"),
             fixed,
             operator: operator.map(|(c, k, b)| (c.to_path_buf(), k.to_path_buf(), b.map(Path::to_path_buf))),
+            seed: None,
             td: td.clone(),
         }
+    }
+
+    /// The data directory's CA, seeded on the first start from the
+    /// self-signed root `cert` and its `key` (--ca-seed), rotatable.
+    pub fn seeded(data_dir: &Path, td: &TrustDomain, cert: &Path, key: &Path) -> Self {
+        Self { seed: Some((cert.to_path_buf(), key.to_path_buf())), ..Self::new(data_dir, td, None, None) }
+    }
+
+    /// On the first start, the seed becomes the data directory's CA; later,
+    /// the data directory's (perhaps rotated since) stays in force.
+    fn plant_seed(&self) -> Result<(), HomeError> {
+        let Some((cert, key)) = &self.seed else { return Ok(()) };
+        let seed = crate::pki::load_or_create_ca(Path::new("/nonexistent"), &self.td, Some((cert, key, None)))
+            .map_err(HomeError::ca)?;
+        let root = super::signing_cert(&seed);
+        if !palisade_certs::ca::is_self_signed(&root) {
+            return Err(HomeError::ca(format!(
+                "--ca-seed: {} is not a self-signed root (an intermediate is the operator's to rotate: drop --ca-seed)",
+                cert.display()
+            )));
+        }
+        let planted = self.dir.join("ca.pem");
+        match std::fs::read_to_string(&planted) {
+            Ok(pem) if pem.trim() == seed.cert_pem().trim() => {}
+            Ok(_) => {
+                tracing::info!(seed = %cert.display(), ca = %planted.display(), "the data dir's CA is in force: --ca-cert only seeded it on the first start, and a rotation has replaced it since (or the seed changed)")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&self.dir).map_err(|e| Self::io("create", &self.dir, e))?;
+                write_ca_files(&self.dir, &seed)?;
+                tracing::info!(seed = %cert.display(), ca = %planted.display(), "seeded the data dir's CA from --ca-cert/--ca-key; from now on it is kept and rotated there");
+            }
+            Err(e) => return Err(Self::io("read", &planted, e)),
+        }
+        Ok(())
     }
 
     fn rotation_path(&self) -> PathBuf {
@@ -53,6 +92,7 @@ impl FileHome {
 impl CaHome for FileHome {
     fn load(&self) -> Result<Loaded, HomeError> {
         let pki = |e: crate::pki::PkiError| HomeError::ca(e);
+        self.plant_seed()?;
         let record: Option<RotationRecord> = match std::fs::read(self.rotation_path()) {
             Ok(b) => Some(
                 serde_json::from_slice(&b)

@@ -182,3 +182,35 @@ fn the_sealed_home_keeps_the_cross_certificate() {
     assert_eq!(fresh.view().cross.len(), 1);
     assert!(verifies(&served_chain(&fresh), &r0));
 }
+
+/// `palisadectl install --generate-ca`'s root, given by file with
+/// --ca-seed: planted in the data dir once, rotated there, and the file is
+/// not read back over the rotated root.
+#[test]
+fn a_seed_root_is_planted_once_and_rotates_in_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = CertificateAuthority::generate(&td(), Duration::from_secs(86400)).unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, seed.cert_pem()).unwrap();
+    palisade_certs::files::write_secret(&key, seed.key_pem().expose()).unwrap();
+    let data = dir.path().join("data");
+    let open = || Authority::open(Box::new(FileHome::seeded(&data, &td(), &cert, &key)), td()).unwrap();
+    let a = open();
+    let seed_sha = sha256_hex(signing_cert(&seed).as_ref());
+    assert_eq!(a.view().signing_sha, seed_sha, "the seed signs");
+    assert!(data.join("ca/ca.pem").exists() && data.join("ca/ca-key.pem").exists());
+    to_done(&a);
+    let rotated = a.view().signing_sha.clone();
+    assert_ne!(rotated, seed_sha);
+    drop(a);
+    let a = open();
+    assert_eq!(a.view().signing_sha, rotated, "after a restart the rotated root stays in force, not the seed");
+    // An intermediate is not a seed.
+    let inter = tempfile::tempdir().unwrap();
+    let issued = seed.issue_with_key(&td().control_plane(), &[], &[], Duration::from_secs(600)).unwrap();
+    let (leaf_cert, leaf_key) = (inter.path().join("c.pem"), inter.path().join("k.pem"));
+    std::fs::write(&leaf_cert, palisade_certs::ca::der_to_pem(&issued.0.chain[0])).unwrap();
+    palisade_certs::files::write_secret(&leaf_key, issued.1.expose()).unwrap();
+    let err = Authority::open(Box::new(FileHome::seeded(inter.path(), &td(), &leaf_cert, &leaf_key)), td());
+    assert!(err.is_err());
+}
