@@ -15,7 +15,7 @@ end-to-end test; a test that cannot run here is listed as SKIPPED at the end
 (under CI=true it fails instead).
 
   ./scripts/test.sh                                 every test
-  ./scripts/test.sh -E 'test(walkthrough)'          one test: those whose name contains "walkthrough"
+  ./scripts/test.sh -E 'test(walkthrough)'          the tests whose name contains "walkthrough"
   ./scripts/test.sh -E 'package(palisade-policy)'   one crate's tests
   ./scripts/test.sh --list [-E ...]                 list the tests (builds them, runs none)
   ./scripts/test.sh --help                          this help

@@ -135,16 +135,18 @@ impl CertificateAuthority {
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + validity).into();
         params.serial_number = Some(random_serial()?);
-        let key_pem = SecretPem::new(key.serialize_pem());
-        let ca = CertifiedIssuer::self_signed(params, key).map_err(sign_err)?;
-        let der = ca.der().clone();
-        Self::from_parts(vec![der.clone()], vec![der], key_pem)
+        let der = CertifiedIssuer::self_signed(params, &key).map_err(sign_err)?.der().clone();
+        Self::from_parts(vec![der.clone()], vec![der], key)
     }
 
     /// Loads an operator CA: `cert_pem` holds the signing certificate first,
     /// optionally followed by its parents; `bundle_pem` the roots to trust
     /// (default: the self-signed certificates found in `cert_pem`).
     pub fn from_pem(cert_pem: &str, key_pem: SecretPem, bundle_pem: Option<&str>) -> Result<Self, CaError> {
+        // The key first: a root whose key type is not accepted (P-521,
+        // RSA-1024) cannot verify its own signature here, so the search for
+        // a root below would call it "no root" instead of naming its key.
+        let key = key::load(key_pem.expose()).map_err(|source| CaError::KeyPem { source })?;
         let certs = parse_pem_certs(cert_pem).map_err(|reason| CaError::CertPem { reason })?;
         let bundle = match bundle_pem {
             Some(b) => {
@@ -159,13 +161,13 @@ impl CertificateAuthority {
             .into_iter()
             .filter(|c| !is_self_signed(c) || bundle.len() == 1 && bundle[0] == *c)
             .collect::<Vec<_>>();
-        Self::from_parts(chain, bundle, key_pem)
+        Self::from_parts(chain, bundle, key)
     }
 
     fn from_parts(
         chain: Vec<CertificateDer<'static>>,
         bundle: Vec<CertificateDer<'static>>,
-        key_pem: SecretPem,
+        key: KeyPair,
     ) -> Result<Self, CaError> {
         let signing = chain.first().ok_or(CaError::CertPem { reason: "no certificate".into() })?;
         let info = SvidInfo::parse(signing).map_err(|e| CaError::CertPem { reason: e.to_string() })?;
@@ -179,7 +181,6 @@ impl CertificateAuthority {
                 not_after: crate::svid::rfc3339::format(info.not_after),
             });
         }
-        let key = key::load(key_pem.expose()).map_err(|source| CaError::KeyPem { source })?;
         if !spki_matches(signing, &key) {
             let (cert, key) = (spki_kind(signing), key::describe(&key).to_string());
             return Err(CaError::KeyPem { source: KeyError::Mismatch { cert, key } });

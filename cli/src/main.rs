@@ -153,7 +153,9 @@ enum Command {
         args: observe::TapArgs,
     },
     /// Per-workload inbound traffic from the sidecars' reports: request rate, success rate,
-    /// share refused by policy, latency percentiles.
+    /// share refused by policy, latency percentiles. Sidecars report every 10 s (their
+    /// --report-interval), so requests of the last seconds may not be counted yet: --wait
+    /// waits for the next report.
     Stat {
         #[command(flatten)]
         online: Online,

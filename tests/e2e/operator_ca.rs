@@ -229,6 +229,21 @@ async fn a_damaged_or_encrypted_ca_key_stops_the_control_plane_saying_what_is_ac
             assert!(!logs.contains(&body[i..i + 12]), "{file}: key bytes in the output");
         }
     }
+    // A self-signed root whose key is not accepted: named as such, not as "no root".
+    openssl("genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-521 -out p521.pem");
+    openssl(
+        "req -x509 -new -key p521.pem -subj /CN=root521 -days 2 -addext basicConstraints=critical,CA:TRUE \
+         -addext keyUsage=critical,keyCertSign,cRLSign -out root521.pem",
+    );
+    let mut cmd = Command::new(palisade_tests::bin("palisade-control-plane"));
+    cmd.arg("--data-dir").arg(dir.join("p521-data")).args(["--listen", "127.0.0.1:0", "--ca-cert"]);
+    cmd.arg(dir.join("root521.pem")).arg("--ca-key").arg(dir.join("p521.pem"));
+    let mut p = Proc::spawn("p521", &mut cmd, dir).unwrap();
+    let status = p.wait_exit(Duration::from_secs(20)).unwrap();
+    let logs = p.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(logs.contains("EC keys on P-521 (secp521r1) are not supported"), "{logs}");
+    assert!(logs.contains("accepted: unencrypted PEM, EC P-256/P-384") && !logs.contains("no trust bundle"), "{logs}");
     // --ca-dir replaces the three flags; both at once is a usage error.
     let out = Command::new(palisade_tests::bin("palisade-control-plane"))
         .arg("--data-dir")

@@ -196,6 +196,14 @@ async fn rotating_the_root_ca_under_traffic_fails_no_request() {
     let m = mesh(&cp, tmp.path()).await;
     // A sidecar without traffic, frozen (SIGSTOP) while a step must wait for it.
     let idle = Sidecar::meshed("idle", &cp, tmp.path(), IDLE, &[]).await.unwrap();
+    // With no rotation yet, the status still counts the connected proxies.
+    eventually("the status to count 3 connected proxies", Duration::from_secs(10), || async {
+        let out = cp.ctl(&["ca", "status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (status(&cp)["proxies"] == 3 && text.contains("proxies:    3 connected, 0 waited for")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", status(&cp)));
     let signal = |sig: &str| {
         let ok = std::process::Command::new("kill").args([sig, &idle.proc.child.id().to_string()]).status().unwrap();
         assert!(ok.success());

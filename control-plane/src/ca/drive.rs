@@ -16,9 +16,8 @@ const DRIVE_EVERY: Duration = Duration::from_millis(500);
 /// Proxies listed by name in a status, at most.
 const LIST_WAITING: usize = 20;
 
-/// The connected proxies the current step waits for, and how many are connected.
-fn waiting(shared: &Shared, view: &View) -> (usize, Vec<String>, String) {
-    let Some(r) = view.rotation.as_ref() else { return (0, vec![], String::new()) };
+/// The proxies connected to any replica, by `<identity> <inbound address>`.
+fn connected(shared: &Shared) -> Vec<(String, crate::push::SyncStatus)> {
     let mut connected: Vec<(String, crate::push::SyncStatus)> = {
         let all = shared.hub.status.lock().unwrap_or_else(|p| p.into_inner());
         all.iter().filter(|(_, s)| s.connected).map(|(k, s)| (k.clone(), s.clone())).collect()
@@ -26,7 +25,15 @@ fn waiting(shared: &Shared, view: &View) -> (usize, Vec<String>, String) {
     connected.extend(crate::push::remote_statuses(shared));
     connected.sort_by(|a, b| a.0.cmp(&b.0));
     connected.dedup_by(|a, b| a.0 == b.0);
+    connected
+}
+
+/// How many proxies are connected (with or without a rotation), the ones
+/// the current step waits for, and what it waits for in words.
+fn waiting(shared: &Shared, view: &View) -> (usize, Vec<String>, String) {
+    let connected = connected(shared);
     let total = connected.len();
+    let Some(r) = view.rotation.as_ref() else { return (total, vec![], String::new()) };
     let root_sha = |pem: &str| {
         palisade_certs::ca::parse_pem_certs(pem).ok().and_then(|c| c.first().map(|c| sha256_hex(c))).unwrap_or_default()
     };

@@ -300,3 +300,32 @@ fn a_key_that_is_not_the_certificates_is_refused_naming_both() {
     let text = err.to_string();
     assert!(text.contains("certificate: EC P-256, key: RSA") && text.contains(ACCEPTED), "{text}");
 }
+
+#[test]
+fn a_self_signed_root_with_a_key_not_accepted_is_refused_naming_the_key_not_the_chain() {
+    let Some(tmp) = openssl() else { return };
+    let dir = tmp.path();
+    let cases = [
+        (
+            "genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-521 -out p521.pem",
+            "p521.pem",
+            "EC keys on P-521 (secp521r1) are not supported",
+        ),
+        ("genrsa -traditional -out rsa1024.pem 1024", "rsa1024.pem", "an RSA key of 1024 bits is not supported"),
+    ];
+    for (cmd, file, says) in cases {
+        run(dir, cmd);
+        // Its own signature cannot be checked here (ring verifies neither):
+        // the search for a root alone would find none.
+        let root = std::fs::read_to_string(openssl_root(dir, file, &file.replace(".pem", ""))).unwrap();
+        let err = CertificateAuthority::from_pem(&root, SecretPem::new(read(dir, file)), None).unwrap_err();
+        let named =
+            matches!(&err, CaError::KeyPem { source: KeyError::Curve { .. } | KeyError::RsaSize { bits: 1024 } });
+        assert!(named, "{cmd}: {err:?}");
+        let text = err.to_string();
+        assert!(text.contains(says) && text.contains(ACCEPTED), "{cmd}: {text}");
+        // The same with the root given as the trust bundle too.
+        let err = CertificateAuthority::from_pem(&root, SecretPem::new(read(dir, file)), Some(&root)).unwrap_err();
+        assert!(err.to_string().contains(says), "{cmd} with a bundle: {err}");
+    }
+}
