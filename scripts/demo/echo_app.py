@@ -4,6 +4,7 @@ the caller identity the Palisade sidecar put in x-palisade-peer-identity and,
 when the request carried a verified credential, its principal."""
 import http.server
 import json
+import signal
 import sys
 
 
@@ -40,6 +41,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+
+# Stops at once on SIGTERM (as PID 1 in a container the default action does
+# not apply, and podman or Kubernetes would wait its grace period, then kill).
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 # argv: PORT [NAME [HOST]] (HOST defaults to 127.0.0.1: behind a sidecar).
 host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"

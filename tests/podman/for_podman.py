@@ -27,7 +27,21 @@ An injected app pod:
   containers, first, as in the injector's classic mode;
 - projected ServiceAccount tokens and TokenReview (no Kubernetes API server):
   the token volume becomes a host directory holding a join token, and the
-  proxy reads it with PALISADE_JOIN_TOKEN_FILE at the same path;
+  proxy reads it with PALISADE_JOIN_TOKEN_FILE at the same path. The kubelet
+  keeps a projected token fresh for the pod's life, so a restarted proxy can
+  attest again; the join token (scripts/pods.sh makes it) lasts like one:
+  24 hours and 100 uses, one per start of the proxy (renewals go over mTLS
+  and spend none). A single-use token would leave a restarted proxy
+  unready for good ("has been used up");
+- init containers: podman 4.3 runs them once and removes them, unless the
+  pod has the annotation io.podman.annotations.init.container.type: always;
+  a pod's network namespace is new on every pod start, and Kubernetes reruns
+  init containers when it re-creates the pod sandbox, so the pod gets that
+  annotation and palisade-init writes its rules again on `podman pod start`.
+  `podman pod restart` in 4.3 reruns no init container (libpod's
+  Pod.Restart skips them, unlike Pod.Start): the pod comes back without
+  interception, its app reachable in plaintext. Restart a pod with `podman
+  pod stop NAME && podman pod start NAME`;
 - status.podIP in the downward API: the pod's IP is assigned up front
   (podman kube play --ip), so PALISADE_ADVERTISE names it directly;
 - podman 4.3 applies the pod's restartPolicy (default Always) to init
@@ -85,6 +99,7 @@ def app(docs, pod_ip, token_dir):
     for doc in docs:
         meta = doc["metadata"]
         meta["name"] = f"{meta.get('namespace', 'default')}-{meta['name']}"
+        meta.setdefault("annotations", {})["io.podman.annotations.init.container.type"] = "always"
         spec = doc["spec"]
         if spec.get("restartPolicy", "Always") == "Always":
             spec["restartPolicy"] = "OnFailure"
