@@ -228,6 +228,12 @@ impl CertificateAuthority {
         if ttl > MAX_TTL || ttl < MIN_TTL {
             return Err(CaError::Ttl { ttl });
         }
+        self.certify_key(csr, id, ttl)
+    }
+
+    /// Signs `id` for the public key of `csr` (checked to name `id`, if it
+    /// names anything), valid for `ttl`.
+    fn certify_key(&self, csr: &ValidatedCsr, id: &SpiffeId, ttl: Duration) -> Result<IssuedCert, CaError> {
         csr.check_identity(id)?;
         let mut req = rcgen::CertificateSigningRequestParams {
             params: self.leaf_params(id, &[], &[], ttl)?,

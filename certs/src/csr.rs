@@ -140,6 +140,13 @@ impl WorkloadKey {
     }
 }
 
+/// A DER CSR for `id` signed by an existing key (PEM): a long-lived
+/// credential re-certified under a new root keeps its key file.
+pub fn csr_for_key(key_pem: &crate::SecretPem, id: &SpiffeId) -> Result<Vec<u8>, CsrError> {
+    let key = crate::ca::key::load(key_pem.expose()).map_err(|e| CsrError::Key { reason: e.to_string() })?;
+    WorkloadKey { key }.csr_der(Some(id))
+}
+
 /// Loads a PKCS#8 DER key and chain into a rustls `CertifiedKey`.
 pub fn certified_key(chain: Vec<CertificateDer<'static>>, pkcs8_der: Vec<u8>) -> Result<Arc<CertifiedKey>, CsrError> {
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8_der));

@@ -86,6 +86,12 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
             if cli.output == Output::Table {
                 eprintln!("{}: {}", s.phase, s.detail);
             }
+            // This credential follows the root that signs (while the bundles
+            // hold both), so that it still works once the other is retired.
+            let mut moved = None;
+            if matches!(Phase::from(s.phase.as_str()), Phase::Reissuing | Phase::Aborting) {
+                moved = recertify(cli, &s.phase, moved).await;
+            }
             let (start, mut last) = (Instant::now(), s.phase.clone());
             // The proxies connected during the rotation: the last step ends
             // their streams (their certificates change root), and the final
@@ -109,7 +115,11 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
                         last = s.phase.clone();
                         let phase = Phase::from(s.phase.as_str());
                         most = most.max(s.proxies);
+                        if matches!(phase, Phase::Reissuing | Phase::Aborting) {
+                            moved = recertify(cli, &s.phase, moved).await;
+                        }
                         if phase == target {
+                            keep_bundle(cli, &s.bundle_pem);
                             let ended = *ended_at.get_or_insert_with(Instant::now);
                             if s.proxies >= most || ended.elapsed() >= RECONNECT_GRACE {
                                 return print(cli.output, &s);
@@ -131,6 +141,33 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Re-certifies this palisadectl's admin credential under the root that
+/// signs now (same key, same expiry; the control plane's own `DIR/admin` is
+/// rewritten by it anyway), once per phase: `moved` is the phase it last
+/// moved in. A failure is said, not fatal: the rotation goes on.
+async fn recertify(cli: &Online, phase: &str, moved: Option<String>) -> Option<String> {
+    if moved.as_deref() == Some(phase) {
+        return moved;
+    }
+    match crate::client::recertify(cli).await {
+        Ok(()) => {}
+        Err(e) => eprintln!(
+            "warning: could not move this credential to the root that signs ({e:#}); it stops working when the rotation ends"
+        ),
+    }
+    Some(phase.to_string())
+}
+
+/// At the end, the credential trusts the roots of the bundle alone.
+fn keep_bundle(cli: &Online, bundle_pem: &str) {
+    if let Some(dir) = &cli.credentials
+        && !bundle_pem.is_empty()
+        && let Err(e) = palisade_certs::files::write_public(&dir.join("ca.pem"), bundle_pem)
+    {
+        eprintln!("warning: cannot write {}: {e}", dir.join("ca.pem").display());
     }
 }
 

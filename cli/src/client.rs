@@ -84,6 +84,39 @@ pub(crate) async fn admin(cli: &Online) -> Result<AdminClient<Channel>> {
         .max_encoding_message_size(palisade_proto::limits::MAX_ADMIN_MESSAGE_BYTES))
 }
 
+/// Re-certifies the admin credential of `--credentials` under the root that
+/// signs now: the same key (key.pem is not touched), the same expiry; the
+/// roots of both bundles go to ca.pem first, then the new cert.pem.
+pub(crate) async fn recertify(cli: &Online) -> Result<()> {
+    let dir = cli.credentials.clone().ok_or_else(|| anyhow!("no --credentials directory"))?;
+    let creds = load_credentials(cli)?;
+    let key = palisade_certs::SecretPem::new(
+        std::fs::read_to_string(dir.join("key.pem")).with_context(|| format!("{}/key.pem", dir.display()))?,
+    );
+    let csr = palisade_certs::csr::csr_for_key(&key, &creds.svid.id)?;
+    let mut identity = palisade_proto::v1::identity_client::IdentityClient::new(connect(cli, &creds).await?);
+    let resp = identity
+        .certify(palisade_proto::v1::CertifyRequest { csr_der: csr, ..Default::default() })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let pem = |ders: &[Vec<u8>]| -> String {
+        ders.iter()
+            .map(|d| palisade_certs::ca::der_to_pem(&rustls_pki_types::CertificateDer::from(d.clone())))
+            .collect()
+    };
+    let mut roots = std::fs::read_to_string(dir.join("ca.pem")).unwrap_or_default();
+    for root in resp.trust_bundle_der.chunks(1) {
+        let root = pem(root);
+        if !roots.contains(root.trim()) {
+            roots.push_str(&root);
+        }
+    }
+    palisade_certs::files::write_public(&dir.join("ca.pem"), &roots)?;
+    palisade_certs::files::write_public(&dir.join("cert.pem"), &pem(&resp.cert_chain_der))?;
+    Ok(())
+}
+
 /// A gRPC status as the operator reads it: `PERMISSION_DENIED: <message>`
 /// (kept typed: `INVALID_ARGUMENT` is a usage error, see `exit_code`).
 #[derive(Debug)]

@@ -122,8 +122,11 @@ impl Identity for IdentityService {
                 (k8s.attest(&token).await.map_err(|e| refuse(attest_status(e), &src, &claimed))?, None)
             }
             None => match peer {
-                // The TLS layer verified the chain and validity; only workload
-                // identities may renew (not the admin or control-plane certs).
+                // The TLS layer verified the chain and validity. The operator's
+                // credential is re-certified under the root that signs, for its
+                // own key and expiry (`palisadectl ca rotate`); otherwise only
+                // workload identities may renew (not the control plane's certs).
+                Some((id, info)) if id == td.admin() => return recertify_admin(shared, &csr, &id, &info, &src),
                 Some((id, info)) if id.workload().is_some() && id.trust_domain() == td => {
                     (Attested { identity: id, method: "renewal", refund: None }, Some(info.serial))
                 }
@@ -240,6 +243,47 @@ impl Identity for IdentityService {
             serial: info.serial.clone(),
         }))
     }
+}
+
+/// An admin credential presented over mTLS, re-signed for the same key by
+/// the root that signs now, valid no longer than it already was: a root rotation
+/// does not lock out the operators whose credentials it did not write.
+fn recertify_admin(
+    shared: &Shared,
+    csr: &ValidatedCsr,
+    id: &SpiffeId,
+    presented: &palisade_certs::SvidInfo,
+    src: &str,
+) -> Result<Response<CertifyResponse>, Status> {
+    let view = shared.ca.view();
+    // The CA that signs now: during `reissuing`, the new root.
+    let issued = view.signing.recertify_csr(csr, id, presented.not_after).map_err(|e| {
+        let status = match e {
+            palisade_certs::CaError::Csr(_) => Status::invalid_argument(e.to_string()),
+            _ => Status::failed_precondition("the credential cannot be re-certified (expired?)"),
+        };
+        refuse(status, src, &id.to_string())
+    })?;
+    let info = &issued.info;
+    tracing::info!(
+        target: "audit",
+        event = "admin_recertified",
+        identity = %id,
+        serial = %info.serial,
+        replaces = %presented.serial,
+        not_after = %palisade_certs::svid::rfc3339::format(info.not_after),
+        src.addr = %src,
+        "re-certified an admin credential under the root that signs"
+    );
+    Ok(Response::new(CertifyResponse {
+        cert_chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
+        trust_bundle_der: view.bundle_der(),
+        spiffe_id: id.to_string(),
+        not_before: Some(info.not_before.into()),
+        not_after: Some(info.not_after.into()),
+        refresh_after: Some(info.not_after.into()),
+        serial: info.serial.clone(),
+    }))
 }
 
 pub(crate) fn unix_secs(t: SystemTime) -> u64 {

@@ -246,6 +246,17 @@ fn pods_run_the_image_with_the_injected_yaml() {
     let metrics = must(&format!("curl -s -m 2 http://{ORDERS_IP}:4191/metrics"));
     assert!(metrics.contains("palisade_"), "{metrics}");
 
+    // A root rotation, as install's generated root allows (--ca-seed), then
+    // restarts: the pods' spec still carries the old root, and their
+    // proxies join again through the cross-signed new root.
+    let bundle_before = must("podman inspect --format '{{.Config.Env}}' shop-orders-palisade-proxy");
+    let rotated = ctl(&["ca", "rotate", "--generate"]);
+    assert!(rotated.lines().any(|l| l.starts_with("phase:") && l.ends_with("done")), "{rotated}");
+    let status = ctl(&["-o", "json", "ca", "status"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let new_root = status["bundle_pem"].as_str().expect("ca status names the bundle").to_string();
+    let new_line = new_root.lines().nth(1).unwrap();
+    assert!(!bundle_before.contains(new_line), "the pod spec holds only the old root");
     restart_and_check(&state);
 
     // Down leaves nothing: no container, pod or network, no state.

@@ -1,10 +1,11 @@
 //! Renewing a long-lived credential for the key it already has.
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::{CaError, CertificateAuthority, IssuedCert, sign_err};
 use crate::SecretPem;
+use crate::csr::ValidatedCsr;
 use crate::spiffe::SpiffeId;
 
 impl CertificateAuthority {
@@ -23,6 +24,22 @@ impl CertificateAuthority {
         let key = super::key::load(key.expose()).map_err(|source| CaError::KeyPem { source })?;
         let cert = self.leaf_params(id, dns, ips, ttl)?.signed_by(&key, &self.issuer).map_err(sign_err)?;
         self.issued(cert.der().clone())
+    }
+}
+
+impl CertificateAuthority {
+    /// Re-signs a long-lived credential (the operator's) under this CA for
+    /// the key of `csr`, valid until `not_after` at most: the credential's own
+    /// expiry, never extended. What a root rotation does to an admin
+    /// credential the control plane does not keep.
+    pub fn recertify_csr(
+        &self,
+        csr: &ValidatedCsr,
+        id: &SpiffeId,
+        not_after: SystemTime,
+    ) -> Result<IssuedCert, CaError> {
+        let ttl = not_after.duration_since(SystemTime::now()).map_err(|_| CaError::Ttl { ttl: Duration::ZERO })?;
+        self.certify_key(csr, id, ttl)
     }
 }
 
@@ -45,5 +62,23 @@ mod tests {
         assert!(
             ca.issue_for_key(&td.admin(), &[], &[], Duration::from_secs(600), &SecretPem::new("x".into())).is_err()
         );
+    }
+
+    #[test]
+    fn a_recertified_credential_keeps_its_key_and_its_expiry() {
+        let td = TrustDomain::default();
+        let old = CertificateAuthority::generate(&td, Duration::from_secs(86400)).unwrap();
+        let new = CertificateAuthority::generate(&td, Duration::from_secs(86400)).unwrap();
+        let (first, key) = old.issue_with_key(&td.admin(), &[], &[], Duration::from_secs(3600)).unwrap();
+        let csr = crate::csr::csr_for_key(&key, &td.admin()).unwrap();
+        let csr = ValidatedCsr::from_der(&csr).unwrap();
+        let again = new.recertify_csr(&csr, &td.admin(), first.info.not_after).unwrap();
+        assert!(again.info.not_after <= first.info.not_after, "never extended");
+        assert!(crate::csr::certified_key_from_pem(again.chain.clone(), &key).unwrap().keys_match().is_ok());
+        let roots = crate::svid::root_store(new.trust_bundle()).unwrap();
+        assert!(crate::svid::verify_chain(&again.chain, &roots, SystemTime::now()).is_ok(), "from the new root");
+        // Only for the identity it names; and not past its end.
+        assert!(new.recertify_csr(&csr, &td.control_plane(), first.info.not_after).is_err());
+        assert!(new.recertify_csr(&csr, &td.admin(), SystemTime::now() - Duration::from_secs(1)).is_err());
     }
 }

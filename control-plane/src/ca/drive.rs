@@ -102,6 +102,9 @@ pub(crate) fn status(shared: &Shared) -> palisade_proto::v1::CaStatus {
     }
 }
 
+/// The shortest `reissuing` phase, in seconds.
+const REISSUING_AT_LEAST_SECS: u64 = 3;
+
 /// The leader's part: moves a rotation on when its step is complete.
 pub(crate) async fn drive(shared: Arc<Shared>, leading: Option<tokio::sync::watch::Receiver<bool>>) {
     loop {
@@ -119,6 +122,11 @@ pub(crate) async fn drive(shared: Arc<Shared>, leading: Option<tokio::sync::watc
         let (_, waiting_for, _) = waiting(&shared, &view);
         crate::metrics::METRICS.ca_rotation_waiting.set(waiting_for.len() as i64);
         if !waiting_for.is_empty() || (r.min_phase_secs > 0 && unix_now() <= r.since + r.min_phase_secs) {
+            continue;
+        }
+        // `reissuing` lasts long enough for a watching `palisadectl ca rotate`
+        // (it polls twice a second) to move its own credential to the new root.
+        if r.phase == Phase::Reissuing && unix_now() < r.since + REISSUING_AT_LEAST_SECS {
             continue;
         }
         let next = match r.phase {
