@@ -1262,6 +1262,35 @@ async fn root_rotation_cannot_be_driven_or_skipped_by_a_workload() {
             .contains(&key_line)
     );
     assert_eq!(a.get_ca_status(GetCaStatusRequest {}).await.unwrap().into_inner().phase, "none");
+    // The admin credential's re-certification (what `ca rotate` does for
+    // its own credential): the admin identity only, never longer than the
+    // presented certificate, and no other identity through it.
+    let identity = |svid: Svid| {
+        let addr = p.cp.addr.clone();
+        let bundle = bundle.clone();
+        async move {
+            palisade_proto::v1::identity_client::IdentityClient::new(
+                grpc::channel(&addr, &bundle, Some(svid)).await.unwrap(),
+            )
+        }
+    };
+    let admin_cert = std::fs::read_to_string(p.cp.admin_dir().join("cert.pem")).unwrap();
+    let admin_cert = palisade_certs::ca::parse_pem_certs(&admin_cert).unwrap();
+    let (_, presented) = palisade_certs::SvidInfo::parse_svid(&admin_cert[0]).unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let mut id = identity(admin_svid(&p.cp)).await;
+    let again = id.certify(CertifyRequest { csr_der: key.csr_der(None).unwrap(), ..Default::default() }).await;
+    let again = again.unwrap().into_inner();
+    assert_eq!(again.spiffe_id, td.admin().to_string());
+    let not_after = std::time::SystemTime::try_from(again.not_after.unwrap()).unwrap();
+    assert!(not_after <= presented.not_after, "a re-certified admin credential outlives the one presented");
+    let web: palisade_certs::SpiffeId = WEB.parse().unwrap();
+    let as_web = CertifyRequest { csr_der: key.csr_der(Some(&web)).unwrap(), ..Default::default() };
+    assert!(id.certify(as_web).await.is_err(), "the admin credential re-certified as a workload");
+    let mut w = identity(workload_svid(&p.cp, WEB).await).await;
+    let as_admin = CertifyRequest { csr_der: key.csr_der(Some(&td.admin())).unwrap(), ..Default::default() };
+    let err = w.certify(as_admin).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "a workload renewed as the admin: {err:?}");
     let err = a.rotate_ca(RotateCaRequest { abort: true, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
 
