@@ -80,6 +80,11 @@ pub(crate) async fn run(cli: &Online, cmd: &CaCmd) -> Result<()> {
             }
             let s = admin(cli).await?.rotate_ca(req).await.map_err(status_err)?.into_inner();
             if *no_wait {
+                if !*abort {
+                    eprintln!(
+                        "note: with --no-wait this credential stays on the old root and stops working at done; watch with `palisadectl ca rotate` (it moves its credential) or use the control plane's DIR/admin"
+                    );
+                }
                 return print(cli.output, &s);
             }
             let target = if *abort { Phase::Aborted } else { Phase::Done };

@@ -124,7 +124,16 @@ pub(crate) struct StatusError(pub(crate) tonic::Status);
 
 impl std::fmt::Display for StatusError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", code_name(self.0.code()), self.0.message())
+        write!(f, "{}: {}", code_name(self.0.code()), self.0.message())?;
+        // TLS 1.3: a client certificate the server refuses shows only as the
+        // first call failing.
+        if self.0.code() == tonic::Code::Unknown && self.0.message().contains("transport error") {
+            write!(
+                f,
+                "\nhint: the connection ended under the call; if the control plane refused this credential (one from a root a rotation has retired since: it moves only with a watching `ca rotate`), use the control plane's own DIR/admin, which it keeps current"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -154,5 +163,7 @@ mod tests {
         assert_eq!(super::code_name(tonic::Code::Ok), "OK");
         let e = super::status_err(tonic::Status::not_found("no policy x"));
         assert_eq!(e.to_string(), "NOT_FOUND: no policy x");
+        let e = super::status_err(tonic::Status::unknown("transport error"));
+        assert!(e.to_string().starts_with("UNKNOWN: transport error\nhint: ") && e.to_string().contains("DIR/admin"));
     }
 }
