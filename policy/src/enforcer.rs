@@ -285,6 +285,13 @@ impl Enforcer {
         &self.routes
     }
 
+    /// How this workload balances its calls and ejects endpoints (the first
+    /// TrafficPolicy targeting it with `balancing`, else the defaults).
+    pub fn balancing(&self) -> &crate::resilience::Balancing {
+        static DEFAULT: std::sync::LazyLock<crate::resilience::Balancing> = std::sync::LazyLock::new(Default::default);
+        &DEFAULT
+    }
+
     /// The request checks TrafficPolicies ask for (`validation`).
     pub fn checks(&self) -> &crate::traffic::Checks {
         &self.checks

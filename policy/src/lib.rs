@@ -19,6 +19,7 @@ pub mod eval;
 pub mod path;
 pub mod preview;
 pub mod ratelimit;
+pub mod resilience;
 pub mod resource;
 pub mod route;
 pub mod schema;

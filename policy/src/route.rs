@@ -27,6 +27,16 @@ pub struct Route {
     /// /v2/` and `rewritePrefix: /` becomes `/orders`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite_prefix: Option<String>,
+    /// The whole call, retries included (`2s`; default: the sidecar's
+    /// `--response-timeout`); then 504 (gRPC `DEADLINE_EXCEEDED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// One try (`500ms`; default: none but the whole call's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// Which failures are tried again, how often, within what budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::resilience::RetrySpec>,
 }
 
 /// `routes[].match`.
@@ -151,6 +161,8 @@ pub struct CompiledRoute {
     /// `(service, cumulative weight)`.
     backends: Vec<(Arc<str>, u32)>,
     rewrite: Option<String>,
+    /// Its timeouts and retry policy.
+    pub resilience: Arc<crate::resilience::Resilience>,
 }
 
 impl CompiledRoute {
@@ -229,6 +241,7 @@ impl Routes {
                     headers: r.matches.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     backends,
                     rewrite: r.rewrite_prefix.clone(),
+                    resilience: Arc::default(),
                 });
             }
         }

@@ -112,6 +112,10 @@ pub struct TrafficSpec {
     /// workloads `target` names), to the requests it sends.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<crate::route::Route>,
+    /// How the targeted (calling) workloads balance their calls over a
+    /// service's endpoints and eject failing ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancing: Option<crate::resilience::BalancingSpec>,
 }
 
 /// `cors`.
