@@ -80,6 +80,13 @@ pub struct Config {
     #[arg(long, env = "PALISADE_EGRESS", value_enum, default_value_t = Egress::Passthrough)]
     pub egress: Egress,
 
+    /// How calls are spread over a service's endpoints: `peak-ewma` (the
+    /// cheaper by latency and load of two drawn, with warm-up and ejection;
+    /// see TrafficPolicy `balancing`), or `round-robin` (in turn, passing
+    /// over unreachable ones only; for comparisons).
+    #[arg(long, env = "PALISADE_BALANCE", value_enum, default_value_t = crate::balance::Mode::PeakEwma)]
+    pub balance: crate::balance::Mode,
+
     /// Inbound mTLS mode: strict (mTLS only) or permissive (plaintext too, as unauthenticated).
     #[arg(long, env = "PALISADE_MTLS_MODE", value_enum, default_value_t = MtlsMode::Strict)]
     pub mtls_mode: MtlsMode,

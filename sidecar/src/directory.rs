@@ -42,6 +42,8 @@ struct Index {
     /// Answered addresses where nothing meshed is (egress rules apply).
     unmeshed: HashSet<IpAddr>,
     loaded: bool,
+    /// Which build this is (the balancer resyncs a service when it changes).
+    generation: u64,
 }
 
 /// What is held and what was asked for.
@@ -167,6 +169,26 @@ impl Directory {
             _ if !index.loaded => Err(LookupError::NotLoaded),
             _ => Err(LookupError::Unknown),
         }
+    }
+
+    /// Hands `f` the endpoints of `service` and the generation of the
+    /// directory they come from (the balancer chooses among them).
+    pub fn with_endpoints<R>(&self, service: &str, f: impl FnOnce(u64, &[Peer]) -> R) -> Result<R, LookupError> {
+        let index = self.index();
+        match index.by_service.get(service) {
+            Some(peers) if !peers.is_empty() => Ok(f(index.generation, peers)),
+            _ if !index.loaded => Err(LookupError::NotLoaded),
+            _ => Err(LookupError::Unknown),
+        }
+    }
+
+    /// Waits up to `wait` for the endpoints of a service this sidecar does
+    /// not hold yet (subscribing to it), as [`pick_or_wait`](Self::pick_or_wait) does.
+    pub async fn await_service(&self, service: &str, wait: Duration) {
+        if self.index().by_service.get(service).is_some_and(|p| !p.is_empty()) {
+            return;
+        }
+        let _ = self.pick_or_wait(service, wait).await;
     }
 
     /// Like [`pick`](Self::pick), but a service whose endpoints this
@@ -353,7 +375,8 @@ impl Directory {
             held.subscribed_addresses.insert(ip);
             held.addresses.insert(ip, service);
         }
-        let (index, endpoints) = build(&held);
+        let (mut index, endpoints) = build(&held);
+        index.generation = *self.version.borrow() + 1;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
         drop(held);
         self.version.send_modify(|v| *v += 1);

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod control;
 pub mod directory;
@@ -182,6 +183,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics.clone(),
     );
     let inbound = Arc::new(inbound);
+    let balancer = Arc::new(balance::Balancer::new(cfg.balance));
     let outbound = Arc::new(proxy::outbound::Outbound {
         directory: directory.clone(),
         peers: Arc::new(proxy::peer::PeerClient::new(
@@ -200,6 +202,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         draws: std::sync::atomic::AtomicU64::new(seed()),
         tracing: tracing.clone(),
         me: svids.clone(),
+        balancer: balancer.clone(),
     });
 
     let state = Arc::new(admin::AdminState {

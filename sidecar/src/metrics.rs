@@ -63,6 +63,12 @@ pub struct ProtocolRefusedLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    /// `request` (the whole call's, then 504) or `try` (one try's).
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsFailureLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -107,6 +113,8 @@ pub struct Metrics {
     pub rate_limited: Family<PolicyLabels, Counter>,
     pub authn: Family<AuthnLabels, Counter>,
     pub routes: Family<RouteLabels, Counter>,
+    /// Outbound calls or tries ended by a timeout.
+    pub timeouts: Family<TimeoutLabels, Counter>,
     pub spans: crate::trace::SpanCounts,
     pub policy_revision: Gauge,
     pub policy_updated: Gauge,
@@ -163,6 +171,7 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             authn: Family::default(),
             routes: Family::default(),
+            timeouts: Family::default(),
             spans: crate::trace::SpanCounts::default(),
             policy_revision: Gauge::default(),
             policy_updated: Gauge::default(),
@@ -211,6 +220,10 @@ impl Metrics {
     /// Counts a failed TLS handshake.
     pub fn tls_failure(&self, d: Direction, reason: &'static str) {
         self.tls_failures.get_or_create(&TlsFailureLabels { direction: d.as_str(), reason }).inc();
+    }
+
+    pub fn timeout(&self, kind: &'static str) {
+        self.timeouts.get_or_create(&TimeoutLabels { kind }).inc();
     }
 
     pub fn protocol_refused(&self, reason: &'static str) {
@@ -297,6 +310,11 @@ impl Metrics {
             "request_authentications",
             "Request credentials (JWT, API key) checked, by result and reason (credential kind when verified)",
             self.authn.clone(),
+        );
+        reg.register(
+            "outbound_timeouts",
+            "Outbound calls (kind=request, answered 504) and tries (kind=try) ended by their timeout",
+            self.timeouts.clone(),
         );
         reg.register(
             "policy_revision",

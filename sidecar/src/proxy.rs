@@ -23,6 +23,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod peer;
 pub mod pool;
+pub mod replay;
 mod respond;
 pub mod serve;
 pub mod tcp;

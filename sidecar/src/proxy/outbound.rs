@@ -22,17 +22,22 @@ use crate::config::{Limits, Upstream};
 use crate::directory::Directory;
 use crate::metrics::Metrics;
 
+mod attempt;
 mod forward;
 mod route;
 #[cfg(test)]
 mod tests;
 
+pub use attempt::{ATTEMPT, grpc_timeout};
 use forward::authority_of;
 pub use forward::splice_upgraded;
 
 /// How long to wait for the first chunk of an HTTP/1 chunked body before
 /// forwarding, so a malformed first chunk is refused rather than forwarded.
 const CHUNK_CHECK_WAIT: Duration = Duration::from_millis(20);
+
+/// On the answer to the app: how many tries the call took.
+pub const ATTEMPTS: http::HeaderName = http::HeaderName::from_static("x-palisade-attempts");
 
 /// On a directory miss (a service or address this sidecar never asked
 /// about), how long a connection or request waits for the control plane's answer.
@@ -78,6 +83,8 @@ pub struct Outbound {
     pub tracing: crate::trace::Tracing,
     /// This workload's certificate (its identity, for access logs).
     pub me: palisade_certs::tls::SvidStore,
+    /// Which endpoint of a service each call goes to.
+    pub balancer: Arc<crate::balance::Balancer>,
 }
 
 impl Outbound {
@@ -221,20 +228,39 @@ impl Outbound {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let peer = match self.pick(dest).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(src.addr = %src, dst = %dest, error = %e, "outbound TCP refused");
-                return;
+        // Balanced by connection: the endpoint with fewer open (weighted by
+        // its connect latency) of two drawn; one unreachable is ejected and
+        // another tried.
+        let mut avoid = None;
+        let mut tls = None;
+        for _ in 0..3 {
+            let (peer, flight) = match self.choose(dest, avoid).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(src.addr = %src, dst = %dest, error = %e, "outbound TCP refused");
+                    return;
+                }
+            };
+            match self.peers.connect(&peer, ALPN_TCP).await {
+                Ok(t) => {
+                    tls = Some((t, peer, flight));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(src.addr = %src, dst.addr = %peer.addr, dst.identity = %peer.identity, error = %e, "outbound TCP failed");
+                    let down =
+                        matches!(e, super::peer::PeerError::Connect { .. } | super::peer::PeerError::Timeout { .. });
+                    if let Some(f) = flight {
+                        self.balancer.finish(f, crate::balance::Outcome::Unreachable, self.balancing().as_ref());
+                    }
+                    if !down || matches!(dest, Dest::Peer(_)) {
+                        return;
+                    }
+                    avoid = Some(peer.addr);
+                }
             }
-        };
-        let mut tls = match self.peers.connect(&peer, ALPN_TCP).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(src.addr = %src, dst.addr = %peer.addr, dst.identity = %peer.identity, error = %e, "outbound TCP failed");
-                return;
-            }
-        };
+        }
+        let Some((mut tls, peer, _open)) = tls else { return };
         match super::tcp::splice(&mut io, &mut tls).await {
             Ok((up, down)) => {
                 tracing::debug!(src.addr = %src, dst.addr = %peer.addr, bytes_up = up, bytes_down = down, "TCP stream closed")
@@ -298,13 +324,17 @@ impl Outbound {
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         // Boxed: the forward's state is allocated once instead of being
         // moved with this future at every step.
-        let resp = match Box::pin(self.forward(req, &dest, app)).await {
+        let (resp, attempts) = Box::pin(self.forward(req, &dest, app)).await;
+        let mut resp = match resp {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(direction = "outbound", dst = %dest, http.method = %method, http.path = %path, error = %e, "request failed");
+                tracing::warn!(direction = "outbound", dst = %dest, http.method = %method, http.path = %path, attempts, error = %e, "request failed");
                 e.response(grpc)
             }
         };
+        if attempts > 0 {
+            resp.headers_mut().insert(ATTEMPTS, http::HeaderValue::from(attempts));
+        }
         self.metrics.request(Direction::Outbound, resp.status().as_u16(), start.elapsed());
         resp
     }

@@ -3,107 +3,127 @@
 //! in ORIG_PROTO), a retry on a pooled connection found dead, and HTTP/1.1
 //! upgrades on a dedicated connection.
 
-use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::{CHUNK_CHECK_WAIT, Dest, Outbound};
 use crate::proxy::detect::Protocol;
+use crate::proxy::peer::Peer;
 use crate::proxy::{ALPN_HTTP1, Body, ORIG_PROTO, PEER_IDENTITY, ProxyError, is_upgrade};
 
 impl Outbound {
     /// One request from the app to a sidecar of `dest` (or of the backend
-    /// its route picks), over the pooled HTTP/2 mTLS connection.
+    /// its route picks), over pooled HTTP/2 mTLS connections, tried as its
+    /// route allows ([`super::attempt`]); returns the answer and the tries.
     pub(super) async fn forward(
         &self,
         mut req: Request<Incoming>,
         dest: &Dest,
         app: Protocol,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> (Result<Response<Body>, ProxyError>, u32) {
         if app == Protocol::Http1 && is_upgrade(&req) {
-            return Box::pin(self.upgrade(req, dest)).await;
+            return (Box::pin(self.upgrade(req, dest)).await, 1);
         }
-        check_framing(&req)?;
-        if let Some(len) = content_length(&req)?
-            && self.limits.max_request_body_bytes > 0
-            && len > self.limits.max_request_body_bytes
-        {
-            return Err(ProxyError::TooLarge { limit: self.limits.max_request_body_bytes });
-        }
-        let chunked = req.headers().contains_key(TRANSFER_ENCODING);
-        let target = match self.route(&mut req, dest)? {
-            Some(backend) => Dest::Service(backend),
-            None => dest.clone(),
-        };
-        let mut peer = self.pick(&target).await?;
-
-        to_h2(&mut req, dest, app)?;
-        let (parts, body) = req.into_parts();
-        let body = if app == Protocol::Http1 && chunked {
-            Box::pin(crate::proxy::body::check_first_frame(body, CHUNK_CHECK_WAIT))
-                .await
-                .map_err(ProxyError::BadBody)?
-        } else {
-            body.boxed_unsync()
-        };
-        let body = match parts.extensions.get::<crate::proxy::access::BytesIn>() {
-            Some(c) => crate::proxy::access::CountIn::wrap(body, c.0.clone()),
-            None => body,
-        };
-        let req = Request::from_parts(parts, body);
-
-        // A request that can be sent again safely (idempotent, no body) is
-        // kept, so a pooled connection found dead only once the request was
-        // on it (reset, GOAWAY, ping timeout) costs a retry, not a failure.
-        let replay = replayable(&req);
-        // The pooled connection without an await; opening one (TLS, HTTP/2
-        // handshake) is boxed so a request on a pooled connection does not
-        // carry its state.
-        let mut sender = match self.peers.pooled(&peer) {
-            Some(s) => s,
-            None => Box::pin(self.connect_h2(&target, &mut peer)).await?,
-        };
-        let send = async {
-            let _ = sender.ready().await;
-            match sender.try_send_request(req).await {
-                Ok(r) => Ok(r),
-                Err(mut e) => {
-                    let retry = match e.take_message() {
-                        // It never left: always safe to send on a new connection.
-                        Some(req) => req,
-                        None => match replay {
-                            // No answer came: an idempotent request without a body may go again.
-                            Some(parts) => Request::from_parts(parts, crate::proxy::full(Bytes::new())),
-                            _ => return Err(ProxyError::Upstream(e.into_error())),
-                        },
-                    };
-                    tracing::debug!(dst.addr = %peer.addr, error = %e.error(), "pooled connection failed; retrying on a new one");
-                    self.peers.evict(&peer);
-                    let mut fresh = Box::pin(self.peers.h2(&peer)).await?;
-                    fresh.send_request(retry).await.map_err(ProxyError::Upstream)
-                }
+        let prepared = async {
+            check_framing(&req)?;
+            if let Some(len) = content_length(&req)?
+                && self.limits.max_request_body_bytes > 0
+                && len > self.limits.max_request_body_bytes
+            {
+                return Err(ProxyError::TooLarge { limit: self.limits.max_request_body_bytes });
             }
+            let chunked = req.headers().contains_key(TRANSFER_ENCODING);
+            let (target, resilience) = match self.route(&mut req, dest)? {
+                Some((backend, r)) => (backend.map_or_else(|| dest.clone(), Dest::Service), Some(r)),
+                None => (dest.clone(), None),
+            };
+            to_h2(&mut req, dest, app)?;
+            let (parts, body) = req.into_parts();
+            let body = if app == Protocol::Http1 && chunked {
+                Box::pin(crate::proxy::body::check_first_frame(body, CHUNK_CHECK_WAIT))
+                    .await
+                    .map_err(ProxyError::BadBody)?
+            } else {
+                body.boxed_unsync()
+            };
+            let body = match parts.extensions.get::<crate::proxy::access::BytesIn>() {
+                Some(c) => crate::proxy::access::CountIn::wrap(body, c.0.clone()),
+                None => body,
+            };
+            Ok((parts, body, target, resilience))
         };
-        let mut resp = tokio::time::timeout(self.limits.response_timeout, send)
-            .await
-            .map_err(|_| ProxyError::Timeout(self.limits.response_timeout))??;
-        crate::proxy::strip_hop_by_hop(resp.headers_mut());
-        *resp.version_mut() = if app == Protocol::Http1 { Version::HTTP_11 } else { Version::HTTP_2 };
-        Ok(resp.map(|b| b.boxed_unsync()))
+        let (parts, body, target, resilience) = match prepared.await {
+            Ok(p) => p,
+            Err(e) => return (Err(e), 0),
+        };
+        let grpc = crate::proxy::is_grpc(&parts.headers);
+        let res = resilience.as_deref().unwrap_or(&super::attempt::NO_ROUTE);
+        let called = self.call(parts, body, &target, res, grpc).await;
+        let resp = called.result.map(|mut resp| {
+            crate::proxy::strip_hop_by_hop(resp.headers_mut());
+            *resp.version_mut() = if app == Protocol::Http1 { Version::HTTP_11 } else { Version::HTTP_2 };
+            resp.map(|b| b.boxed_unsync())
+        });
+        (resp, called.attempts)
+    }
+
+    /// The pooled HTTP/2 connection to `peer`, or a new one (boxed: a
+    /// request on a pooled connection does not carry the connect's state).
+    pub(super) async fn sender(
+        &self,
+        peer: &Peer,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
+        match self.peers.pooled(peer) {
+            Some(s) => Ok(s),
+            None => Ok(Box::pin(self.peers.h2(peer)).await?),
+        }
+    }
+
+    /// Sends one try on `sender`. A pooled connection found dead before the
+    /// request left (GOAWAY, reset) costs a new connection to the same
+    /// peer, not a try.
+    pub(super) async fn send(
+        &self,
+        sender: &mut hyper::client::conn::http2::SendRequest<Body>,
+        peer: &Peer,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let _ = sender.ready().await;
+        match sender.try_send_request(req).await {
+            Ok(r) => Ok(r),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    tracing::debug!(dst.addr = %peer.addr, error = %e.error(), "pooled connection failed; sending on a new one");
+                    self.peers.evict(peer);
+                    let mut fresh = Box::pin(self.peers.h2(peer)).await?;
+                    fresh.send_request(req).await.map_err(ProxyError::Upstream)
+                }
+                None => Err(ProxyError::Upstream(e.into_error())),
+            },
+        }
     }
 
     /// HTTP/1.1 Upgrade (WebSocket...): a dedicated mTLS connection speaking
     /// HTTP/1.1, then the two upgraded streams are spliced.
     async fn upgrade(&self, mut req: Request<Incoming>, dest: &Dest) -> Result<Response<Body>, ProxyError> {
-        let peer = match self.route(&mut req, dest)? {
-            Some(backend) => self.pick(&Dest::Service(backend)).await?,
-            None => self.pick(dest).await?,
+        let target = match self.route(&mut req, dest)? {
+            Some((Some(backend), _)) => Dest::Service(backend),
+            _ => dest.clone(),
         };
-        let tls = self.peers.connect(&peer, ALPN_HTTP1).await?;
+        let (peer, flight) = self.choose(&target, None).await?;
+        let tls = self.peers.connect(&peer, ALPN_HTTP1).await;
+        let outcome = match &tls {
+            Ok(_) => crate::balance::Outcome::Success,
+            Err(_) => crate::balance::Outcome::Unreachable,
+        };
+        if let Some(f) = flight {
+            self.balancer.finish(f, outcome, self.balancing().as_ref());
+        }
+        let tls = tls?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(ProxyError::Upstream)?;
         tokio::spawn(async move {
@@ -144,26 +164,12 @@ pub(super) fn to_h2<B>(req: &mut Request<B>, dest: &Dest, app: Protocol) -> Resu
     headers.remove(HOST);
     headers.remove(PEER_IDENTITY);
     headers.remove(ORIG_PROTO);
+    headers.remove(super::attempt::ATTEMPT);
     if app == Protocol::Http1 {
         headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
     *req.version_mut() = Version::HTTP_2;
     Ok(())
-}
-
-/// A copy of a request that may be sent again: an idempotent method and no body.
-pub(super) fn replayable(req: &Request<Body>) -> Option<http::request::Parts> {
-    use http_body::Body as _;
-    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
-    if !idempotent || !req.body().is_end_stream() {
-        return None;
-    }
-    let mut copy = Request::new(());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy.into_parts().0)
 }
 
 /// Splices two upgraded HTTP/1.1 connections.

@@ -1,66 +1,43 @@
-//! Where a request goes: the sidecar picked for a destination, a new
-//! HTTP/2 connection with failover to another sidecar of the service, and
-//! the TrafficPolicy route that sends a request to another backend.
+//! Where a request goes: the TrafficPolicy route that sends it to another
+//! backend with its timeouts and retries, and the caller's balancing.
 
 use std::sync::Arc;
 
 use http::uri::PathAndQuery;
 use http::{Request, Uri};
 
-use super::{DIRECTORY_MISS_WAIT, Dest, Outbound};
-use crate::directory::LookupError;
-use crate::proxy::peer::{Peer, PeerError};
-use crate::proxy::{Body, ProxyError};
+use palisade_policy::resilience::{Balancing, Resilience};
+
+use super::{Dest, Outbound};
+use crate::proxy::ProxyError;
+
+/// The caller's balancing, held with the policy it comes from.
+pub(super) struct BalancingRef(Option<Arc<crate::policy::InForce>>);
+
+impl BalancingRef {
+    pub(super) fn as_ref(&self) -> &Balancing {
+        static DEFAULT: std::sync::LazyLock<Balancing> = std::sync::LazyLock::new(Balancing::default);
+        self.0.as_ref().map_or(&*DEFAULT, |p| p.enforcer.balancing())
+    }
+}
 
 impl Outbound {
-    /// A new HTTP/2 connection to `peer`; when it cannot be reached at all
-    /// (refused, timed out: nothing was sent), another sidecar of the same
-    /// service is tried (3 in all), and the unreachable one is passed over
-    /// for a while: a sidecar that died stays in the directory until its
-    /// certificate expires.
-    pub(super) async fn connect_h2(
-        &self,
-        target: &Dest,
-        peer: &mut Peer,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
-        let mut attempt = 0;
-        loop {
-            match self.peers.h2(peer).await {
-                Ok(s) => return Ok(s),
-                Err(e @ (PeerError::Connect { .. } | PeerError::Timeout { .. }))
-                    if attempt < 2 && matches!(target, Dest::Service(_)) =>
-                {
-                    self.directory.mark_down(peer.addr);
-                    let next = self.pick(target).await?;
-                    if next.addr == peer.addr {
-                        return Err(e.into());
-                    }
-                    tracing::info!(dst = %target, unreachable = %peer.addr, next = %next.addr, error = %e, "peer sidecar unreachable; trying another");
-                    *peer = next;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+    /// The caller's balancing (its TrafficPolicies', or the defaults).
+    pub(super) fn balancing(&self) -> BalancingRef {
+        BalancingRef(self.policy.current())
     }
 
-    pub(super) async fn pick(&self, dest: &Dest) -> Result<Peer, ProxyError> {
-        let service = match dest {
-            Dest::Peer(p) => return Ok(p.clone()),
-            Dest::Service(s) => s,
-        };
-        self.directory.pick_or_wait(service, DIRECTORY_MISS_WAIT).await.map_err(|e| match e {
-            LookupError::NotLoaded => ProxyError::NoDirectory,
-            LookupError::Unknown => ProxyError::UnknownService(service.to_string()),
-        })
-    }
-
-    /// The backend service a TrafficPolicy route sends this request to (the
-    /// first route that matches the called service, path and headers), with
+    /// The TrafficPolicy route this request takes (the first that matches
+    /// the called service, path and headers): the backend service it sends
+    /// it to (`None`: the called one) and its timeouts and retries, with
     /// the path rewritten when the route says so; `None` when no route
     /// matches. Routing decides where a request goes, not whether it may:
     /// the backend's sidecar enforces its own policy on what it receives.
-    pub(super) fn route<B>(&self, req: &mut Request<B>, dest: &Dest) -> Result<Option<Arc<str>>, ProxyError> {
+    pub(super) fn route<B>(
+        &self,
+        req: &mut Request<B>,
+        dest: &Dest,
+    ) -> Result<Option<(Option<Arc<str>>, Arc<Resilience>)>, ProxyError> {
         let Some(policy) = self.policy.current() else { return Ok(None) };
         let routes = policy.enforcer.routes();
         if routes.is_empty() {
@@ -81,6 +58,7 @@ impl Outbound {
         };
         let route = routed.route;
         let backend = route.pick(self.draw()).clone();
+        let resilience = route.resilience.clone();
         if let Some(slot) = req.extensions().get::<Arc<crate::proxy::access::Decided>>() {
             slot.set(route.policy.clone(), Some(route.index));
         }
@@ -102,7 +80,7 @@ impl Outbound {
             })
             .inc();
         tracing::debug!(dst = %dest, route.policy = %route.policy, route.index = route.index, backend = %backend, "routed");
-        Ok(Some(backend))
+        Ok(Some((Some(backend), resilience)))
     }
 
     /// A uniform draw for a weighted route (splitmix64 over a counter: no
