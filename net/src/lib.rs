@@ -74,6 +74,7 @@ macro_rules! delegate_async_write {
     };
 }
 
+pub mod deadline;
 pub mod detect;
 mod evict;
 pub mod h1guard;
