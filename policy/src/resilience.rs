@@ -31,7 +31,8 @@ pub struct RetrySpec {
     /// First backoff before a retry, jittered (default 25ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<String>,
-    /// Largest backoff (default 250ms); each retry doubles the last.
+    /// Largest backoff (default 250ms, or `backoff` when that is larger);
+    /// each retry doubles the last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_backoff: Option<String>,
     /// Retry methods that are not idempotent (POST, PATCH) too.
@@ -86,7 +87,7 @@ pub struct EjectionSpec {
     /// First ejection's length (default 10s); each ejection in a row doubles it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_time: Option<String>,
-    /// Longest ejection (default 5m).
+    /// Longest ejection (default 5m, or `baseTime` when that is larger).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_time: Option<String>,
     /// Most of a service's endpoints ejected at once, in percent (default 50).
