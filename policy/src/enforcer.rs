@@ -167,6 +167,9 @@ pub struct Enforcer {
     checks: crate::traffic::Checks,
     cors: Option<crate::traffic::CorsPolicy>,
     routes: crate::route::Routes,
+    balancing: crate::resilience::Balancing,
+    /// `namespace/name` of the TrafficPolicy `balancing` comes from.
+    balancing_from: Option<Arc<str>>,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
     recorded: crate::preview::sample::Recorded,
@@ -223,6 +226,10 @@ impl Enforcer {
         let routes: Vec<(String, &[crate::route::Route])> =
             keyed.iter().map(|(k, s)| (k.clone(), s.routes.as_slice())).collect();
         let routes = crate::route::Routes::compile(&routes);
+        // The first TrafficPolicy (in `namespace/name` order, as routes) that says how to balance.
+        let first = keyed.iter().find_map(|(k, s)| Some((k, s.balancing.as_ref()?)));
+        let balancing = first.map(|(_, b)| crate::resilience::Balancing::compile(b)).unwrap_or_default();
+        let balancing_from = first.map(|(k, _)| Arc::from(k.as_str()));
         let mut limits = Vec::new();
         for r in inputs.resources {
             let Resource::RateLimitPolicy { spec, .. } = r else { continue };
@@ -254,6 +261,8 @@ impl Enforcer {
             checks,
             cors,
             routes,
+            balancing,
+            balancing_from,
             rules,
             limits,
             recorded,
@@ -288,8 +297,13 @@ impl Enforcer {
     /// How this workload balances its calls and ejects endpoints (the first
     /// TrafficPolicy targeting it with `balancing`, else the defaults).
     pub fn balancing(&self) -> &crate::resilience::Balancing {
-        static DEFAULT: std::sync::LazyLock<crate::resilience::Balancing> = std::sync::LazyLock::new(Default::default);
-        &DEFAULT
+        &self.balancing
+    }
+
+    /// `namespace/name` of the TrafficPolicy [`balancing`](Self::balancing)
+    /// comes from (`None`: the defaults).
+    pub fn balancing_policy(&self) -> Option<&str> {
+        self.balancing_from.as_deref()
     }
 
     /// The request checks TrafficPolicies ask for (`validation`).
