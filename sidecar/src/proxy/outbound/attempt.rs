@@ -64,8 +64,8 @@ impl Outbound {
             None => limit,
         };
         let deadline = Instant::now() + total;
-        let method_ok = retry.non_idempotent || idempotent(&parts.method);
-        let (body, again) = if retry.attempts <= 1 || !method_ok {
+        // The same rule `palisadectl route` explains.
+        let (body, again) = if !retry.retries_method(parts.method.as_str()) {
             (body, Again::No)
         } else if hyper::body::Body::is_end_stream(&body) {
             (body, Again::Empty)
@@ -256,10 +256,6 @@ fn judge(resp: &Response<Incoming>, res: &Resilience) -> (bool, bool) {
     let failed = status >= 500 || code.is_some_and(|c| c == 14 || (c == 13 && !ours));
     let retryable = res.retry.on.status(status) || code.is_some_and(|c| res.retry.on.grpc_code(c));
     (failed, retryable)
-}
-
-fn idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
 /// A backoff drawn between half and all of `d`.
