@@ -36,7 +36,7 @@ pub use forward::splice_upgraded;
 /// forwarding, so a malformed first chunk is refused rather than forwarded.
 const CHUNK_CHECK_WAIT: Duration = Duration::from_millis(20);
 
-/// On the answer to the app: how many tries the call took.
+/// On the answer to the app: how many tries the call took (absent: one).
 pub const ATTEMPTS: http::HeaderName = http::HeaderName::from_static("x-palisade-attempts");
 
 /// On a directory miss (a service or address this sidecar never asked
@@ -332,7 +332,7 @@ impl Outbound {
                 e.response(grpc)
             }
         };
-        if attempts > 0 {
+        if attempts > 1 {
             resp.headers_mut().insert(ATTEMPTS, http::HeaderValue::from(attempts));
         }
         self.metrics.request(Direction::Outbound, resp.status().as_u16(), start.elapsed());
