@@ -4,8 +4,17 @@ the caller identity the Palisade sidecar put in x-palisade-peer-identity and,
 when the request carried a verified credential, its principal."""
 import http.server
 import json
+import os
+import random
 import signal
 import sys
+import time
+
+# To play an instance that is slow or failing (the resilience walk-through):
+# ECHO_DELAY_MS waits that long before every answer; ECHO_FAIL_PERCENT
+# answers that share of requests 503.
+DELAY = int(os.environ.get("ECHO_DELAY_MS", "0")) / 1000
+FAIL = int(os.environ.get("ECHO_FAIL_PERCENT", "0"))
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -29,6 +38,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 seen["body"] = json.loads(received)
             except ValueError:
                 seen["body_bytes"] = len(received)
+        if DELAY:
+            time.sleep(DELAY)
+        if FAIL and random.randrange(100) < FAIL:
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
         body = json.dumps(seen).encode() + b"\n"
         self.send_response(200)
         self.send_header("content-type", "application/json")
