@@ -74,8 +74,10 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
             (Some(p), None) => format!(" {p}"),
             _ => String::new(),
         };
+        // A retry of its caller's (the callee's sidecar logs only the second try on).
+        let attempt = v["attempt"].as_u64().map(|n| format!(" (try {n})")).unwrap_or_default();
         outln!(
-            "{} {} -> {} {} {} {} {}{} {}ms",
+            "{} {} -> {} {} {} {} {}{} {}ms{}",
             s("time"),
             v["caller"].as_str().unwrap_or("(plaintext)"),
             s("callee"),
@@ -84,7 +86,8 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
             status,
             s("decision"),
             rule,
-            v["duration_ms"].as_f64().unwrap_or(0.0)
+            v["duration_ms"].as_f64().unwrap_or(0.0),
+            attempt
         );
     }
     if args.max.is_some_and(|m| seen < m) {

@@ -55,7 +55,7 @@ impl Collector for BalancerCollector {
         let (gauge, counter) = (MetricType::Gauge, MetricType::Counter);
         let per_endpoint: [(&str, &str, MetricType, Value); 6] = [
             ("endpoint_requests_in_flight", "Requests (or connections) in flight to the endpoint", gauge, |e| {
-                Some(Sample::Gauge(f64::from(e.in_flight)))
+                Some(Sample::Int(i64::from(e.in_flight)))
             }),
             (
                 "endpoint_latency_ewma_seconds",
@@ -64,7 +64,7 @@ impl Collector for BalancerCollector {
                 |e| e.latency_ms.map(|ms| Sample::Gauge(ms / 1e3)),
             ),
             ("endpoint_ejected", "1 while the endpoint is ejected from balancing", gauge, |e| {
-                Some(Sample::Gauge(if e.ejected_for_ms > 0 { 1.0 } else { 0.0 }))
+                Some(Sample::Int(i64::from(e.ejected_for_ms > 0)))
             }),
             ("endpoint_ejections", "Times the endpoint was ejected from balancing", counter, |e| {
                 Some(Sample::Counter(e.ejections))
@@ -101,7 +101,7 @@ impl Collector for BalancerCollector {
                 Sample::Counter(s.retries_refused)
             }),
             ("retry_budget_remaining", "Retries the service's budget allows now", gauge, |s| {
-                Sample::Gauge(s.budget.left as f64)
+                Sample::Int(i64::try_from(s.budget.left).unwrap_or(i64::MAX))
             }),
         ];
         for (name, help, kind, value) in per_service {
@@ -122,6 +122,7 @@ impl Collector for BalancerCollector {
 }
 
 enum Sample {
+    Int(i64),
     Gauge(f64),
     Counter(u64),
 }
@@ -134,6 +135,7 @@ impl Sample {
     ) -> Result<(), std::fmt::Error> {
         let fam = m.encode_family(labels)?;
         match self {
+            Self::Int(v) => ConstGauge::new(*v).encode(fam),
             Self::Gauge(v) => ConstGauge::new(*v).encode(fam),
             Self::Counter(v) => ConstCounter::new(*v).encode(fam),
         }
@@ -171,18 +173,18 @@ mod tests {
 
     #[test]
     fn a_scrape_shows_each_endpoint_and_service() {
-        let b = Arc::new(Balancer::new(Mode::RoundRobin));
+        let b = Arc::new(Balancer::new(Mode::PeakEwma));
         let s = b.service("orders.shop");
         let ps = peers(2);
         let cfg = Balancing { warmup: Duration::ZERO, ..Balancing::default() };
-        // Round robin: the first call goes to .1 and fails, the second to .2.
-        for outcome in [Outcome::Failure, Outcome::Success] {
-            let (ep, _) = b.pick(&s, &ps, 1, &cfg, None);
+        // A failure on .1, a success on .2 (each chosen by avoiding the other).
+        for (avoid, outcome) in [(&ps[1], Outcome::Failure), (&ps[0], Outcome::Success)] {
+            let (ep, _) = b.pick(&s, &ps, 1, &cfg, Some(avoid.addr));
             let f = b.start(&s, ep.expect("an endpoint"));
             b.finish(f, outcome, &cfg);
         }
         // One still in flight on .1.
-        let (ep, _) = b.pick(&s, &ps, 1, &cfg, None);
+        let (ep, _) = b.pick(&s, &ps, 1, &cfg, Some(ps[1].addr));
         let _flight = b.start(&s, ep.expect("an endpoint"));
         s.retries.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
         s.retries_refused.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
@@ -206,7 +208,7 @@ mod tests {
         }
         assert!(text.contains("# TYPE palisade_endpoint_requests counter"), "{text}");
         assert!(text.contains("# TYPE palisade_retry_budget_remaining gauge"), "{text}");
-        assert!(text.contains(&format!("palisade_endpoint_latency_ewma_seconds{l1} ")), "{text}");
+        assert!(text.contains(&format!("palisade_endpoint_latency_ewma_seconds{l2} ")), "{text}");
         assert!(text.contains(r#"palisade_retry_budget_remaining{service="orders.shop"} "#), "{text}");
     }
 
