@@ -162,6 +162,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy: policy_state.clone(),
         directory: directory.clone(),
         metrics: metrics.clone(),
+        balancer: balancer.clone(),
         observe: observe.clone(),
         report_interval: cfg.report_interval,
         renew_unless,
