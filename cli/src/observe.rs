@@ -379,7 +379,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let text = endpoints_text(&[w.clone()]);
+        let text = endpoints_text(std::slice::from_ref(&w));
         assert!(text.contains("ENDPOINTS of spiffe://td/ns/shop/sa/web at 10.1.0.5:4143 (reported 4s ago)"), "{text}");
         let row = |addr: &str| {
             text.lines().find(|l| l.contains(addr)).unwrap_or_default().split_whitespace().collect::<Vec<_>>()
