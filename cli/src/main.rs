@@ -170,6 +170,11 @@ enum Command {
         /// since the command started, so that requests sent just before are counted.
         #[arg(long, value_parser = duration_arg)]
         wait: Option<Duration>,
+        /// Also print, for each sidecar of the workloads as a caller, the endpoints of the
+        /// services it calls as its balancer sees them (latency, in flight, failures,
+        /// ejections) and its retries (-o json/yaml always include them).
+        #[arg(long)]
+        endpoints: bool,
     },
     /// Explain authorization decisions.
     Authz {
@@ -359,8 +364,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Tap { online, args } => observe::tap(online, args).await,
         Command::Ca { online, cmd } => ca::run(online, cmd).await,
-        Command::Stat { online, workload, window, wait } => {
-            observe::stat(online, workload.as_deref(), *window, *wait).await
+        Command::Stat { online, workload, window, wait, endpoints } => {
+            observe::stat(online, workload.as_deref(), *window, *wait, *endpoints).await
         }
         Command::Apikey { online, cmd } => creds::apikey(online, cmd).await,
         Command::Oauth { online, cmd } => creds::oauth(online, cmd).await,

@@ -74,8 +74,10 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
             (Some(p), None) => format!(" {p}"),
             _ => String::new(),
         };
+        // A retry of its caller's (the callee's sidecar logs only the second try on).
+        let attempt = v["attempt"].as_u64().map(|n| format!(" (try {n})")).unwrap_or_default();
         outln!(
-            "{} {} -> {} {} {} {} {}{} {}ms",
+            "{} {} -> {} {} {} {} {}{} {}ms{}",
             s("time"),
             v["caller"].as_str().unwrap_or("(plaintext)"),
             s("callee"),
@@ -84,7 +86,8 @@ pub(crate) async fn tap(cli: &Online, args: &TapArgs) -> Result<()> {
             status,
             s("decision"),
             rule,
-            v["duration_ms"].as_f64().unwrap_or(0.0)
+            v["duration_ms"].as_f64().unwrap_or(0.0),
+            attempt
         );
     }
     if args.max.is_some_and(|m| seen < m) {
@@ -103,6 +106,7 @@ pub(crate) async fn stat(
     identity: Option<&str>,
     window: std::time::Duration,
     wait: Option<std::time::Duration>,
+    endpoints: bool,
 ) -> Result<()> {
     let identity = identity.unwrap_or_default();
     let window_seconds = u32::try_from(window.as_secs()).unwrap_or(u32::MAX);
@@ -127,6 +131,7 @@ pub(crate) async fn stat(
                     "p95_ms": w.p95_ms,
                     "p99_ms": w.p99_ms,
                     "window_seconds": w.window_seconds,
+                    "callers": w.callers.iter().map(caller_json).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -152,7 +157,95 @@ pub(crate) async fn stat(
         })
         .collect();
     table::print(&["WORKLOAD", "PROXIES", "REQUESTS", "RATE", "SUCCESS", "REFUSED", "P50", "P95", "P99"], rows);
+    if endpoints {
+        out!("{}", endpoints_text(&workloads));
+    }
     Ok(())
+}
+
+fn caller_json(c: &CallerView) -> serde_json::Value {
+    let services: Vec<_> = c
+        .services
+        .iter()
+        .map(|s| {
+            let endpoints: Vec<_> = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "addr": e.addr, "identity": e.identity, "in_flight": e.in_flight,
+                        "latency_ms": e.latency_ms, "ejected_for_ms": e.ejected_for_ms,
+                        "ejections": e.ejections, "requests": e.requests, "failures": e.failures,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "service": s.service,
+                "endpoints": endpoints,
+                "endpoints_omitted": s.endpoints_omitted,
+                "retries": s.retries,
+                "retries_refused": s.retries_refused,
+                "budget": { "left": s.budget_left, "requests": s.budget_requests, "retries": s.budget_retries },
+            })
+        })
+        .collect();
+    serde_json::json!({ "proxy": c.proxy, "age_seconds": c.age_seconds, "services": services })
+}
+
+/// `stat --endpoints`: per calling sidecar, an ENDPOINTS table and a
+/// RETRIES line per service.
+fn endpoints_text(workloads: &[WorkloadStat]) -> String {
+    let mut out = String::new();
+    for w in workloads {
+        for c in &w.callers {
+            out.push_str(&format!(
+                "\nENDPOINTS of {} at {} (reported {:.0}s ago):\n",
+                w.identity, c.proxy, c.age_seconds
+            ));
+            let rows = c
+                .services
+                .iter()
+                .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)))
+                .map(|(s, e)| {
+                    let state = match e.ejected_for_ms {
+                        0 => "ok".to_string(),
+                        ms => format!("ejected {}s", ms.div_ceil(1000)),
+                    };
+                    vec![
+                        s.service.clone(),
+                        e.addr.clone(),
+                        e.latency_ms.map_or_else(|| "-".to_string(), |l| format!("{l:.1}ms")),
+                        e.in_flight.to_string(),
+                        e.requests.to_string(),
+                        e.failures.to_string(),
+                        state,
+                        e.ejections.to_string(),
+                    ]
+                })
+                .collect();
+            out.push_str(&table::render(
+                &["SERVICE", "ENDPOINT", "LATENCY", "IN-FLIGHT", "REQUESTS", "FAILURES", "STATE", "EJECTIONS"],
+                rows,
+            ));
+            for s in &c.services {
+                if s.endpoints_omitted > 0 {
+                    out.push_str(&format!(
+                        "({} of {} not reported: a report holds 256 endpoints)\n",
+                        palisade_cmd::plural(u64::from(s.endpoints_omitted), "endpoint", "endpoints"),
+                        s.service
+                    ));
+                }
+                out.push_str(&format!(
+                    "RETRIES {}: {} sent, {} refused by the budget, {} left in the budget\n",
+                    s.service, s.retries, s.retries_refused, s.budget_left
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push_str("\nno sidecar of these workloads has called a mesh service since it started\n");
+    }
+    out
 }
 
 /// Waits until every sidecar `stat` counts (over `window_seconds`) has sent
@@ -251,4 +344,54 @@ pub(crate) fn preview_text(p: &PreviewPolicyResponse) -> String {
         palisade_cmd::plural(p.requests_evaluated, "request", "requests"),
         table::render(&["FROM", "TO", "METHOD", "PATH", "CHANGE", "COUNT", "RULE"], rows)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_show_per_caller_with_their_state_and_retries() {
+        let ep = |addr: &str, latency_ms, ejected_for_ms| CalledEndpoint {
+            addr: addr.into(),
+            identity: "spiffe://td/ns/shop/sa/orders".into(),
+            in_flight: 2,
+            latency_ms,
+            ejected_for_ms,
+            ejections: 1,
+            requests: 40,
+            failures: 5,
+        };
+        let w = WorkloadStat {
+            identity: "spiffe://td/ns/shop/sa/web".into(),
+            callers: vec![CallerView {
+                proxy: "10.1.0.5:4143".into(),
+                services: vec![CalledService {
+                    service: "orders.shop".into(),
+                    endpoints: vec![ep("10.0.0.1:4143", Some(12.34), 0), ep("10.0.0.2:4143", None, 7200)],
+                    retries: 3,
+                    retries_refused: 1,
+                    budget_left: 9,
+                    endpoints_omitted: 2,
+                    ..Default::default()
+                }],
+                age_seconds: 4.2,
+            }],
+            ..Default::default()
+        };
+        let text = endpoints_text(std::slice::from_ref(&w));
+        assert!(text.contains("ENDPOINTS of spiffe://td/ns/shop/sa/web at 10.1.0.5:4143 (reported 4s ago)"), "{text}");
+        let row = |addr: &str| {
+            text.lines().find(|l| l.contains(addr)).unwrap_or_default().split_whitespace().collect::<Vec<_>>()
+        };
+        assert_eq!(row("10.0.0.1:4143"), ["orders.shop", "10.0.0.1:4143", "12.3ms", "2", "40", "5", "ok", "1"]);
+        assert_eq!(row("10.0.0.2:4143"), ["orders.shop", "10.0.0.2:4143", "-", "2", "40", "5", "ejected", "8s", "1"]);
+        assert!(text.contains("RETRIES orders.shop: 3 sent, 1 refused by the budget, 9 left in the budget"), "{text}");
+        assert!(text.contains("(2 endpoints of orders.shop not reported"), "{text}");
+        let json = caller_json(&w.callers[0]);
+        assert_eq!(json["services"][0]["endpoints"][1]["latency_ms"], serde_json::Value::Null);
+        assert_eq!(json["services"][0]["budget"]["left"], 9);
+        let none = WorkloadStat { callers: Vec::new(), ..w };
+        assert!(endpoints_text(&[none]).contains("no sidecar of these workloads has called"));
+    }
 }

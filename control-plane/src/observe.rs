@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade_policy::preview::Sample;
-use palisade_proto::v1::{RecordedRequest, StatReport, TapEvent, TapRecord, TapRequest, TapSpec, WorkloadStat};
+use palisade_proto::v1::{
+    CalledService, CallerView, RecordedRequest, StatReport, TapEvent, TapRecord, TapRequest, TapSpec, WorkloadStat,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -51,7 +53,37 @@ struct Tap {
 
 struct ProxyStats {
     identity: String,
+    /// The counters of each report (without their `called`).
     reports: VecDeque<(Instant, StatReport)>,
+    /// The called services of the latest report only (a view, not counters).
+    called: Vec<CalledService>,
+}
+
+/// Called services kept from one report, at most (the sidecar sends no more).
+const MAX_CALLED_SERVICES: usize = 64;
+/// Endpoints kept from one report, at most, all services together.
+const MAX_CALLED_ENDPOINTS: usize = 256;
+
+/// A report's called services within the bounds, without entries whose
+/// text is too long or holds control characters (they are printed).
+fn checked_called(mut called: Vec<CalledService>) -> Vec<CalledService> {
+    let printable = |s: &str, max: usize| s.len() <= max && !s.chars().any(char::is_control);
+    called.retain(|c| printable(&c.service, 512));
+    called.truncate(MAX_CALLED_SERVICES);
+    let mut room = MAX_CALLED_ENDPOINTS;
+    for c in &mut called {
+        let before = c.endpoints.len();
+        c.endpoints.retain(|e| printable(&e.addr, 64) && printable(&e.identity, 2048));
+        let keep = c.endpoints.len().min(room);
+        c.endpoints.truncate(keep);
+        room -= keep;
+        let dropped = u32::try_from(before - keep).unwrap_or(u32::MAX);
+        c.endpoints_omitted = c.endpoints_omitted.saturating_add(dropped);
+        for e in &mut c.endpoints {
+            e.latency_ms = e.latency_ms.filter(|l| l.is_finite() && *l >= 0.0);
+        }
+    }
+    called
 }
 
 /// Taps, recorded requests and stats.
@@ -254,12 +286,17 @@ impl Observatory {
         {
             return;
         }
+        let mut report = report;
+        let called = checked_called(std::mem::take(&mut report.called));
         let mut all = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let e = all
-            .entry(proxy.to_string())
-            .or_insert_with(|| ProxyStats { identity: identity.to_string(), reports: VecDeque::new() });
+        let e = all.entry(proxy.to_string()).or_insert_with(|| ProxyStats {
+            identity: identity.to_string(),
+            reports: VecDeque::new(),
+            called: Vec::new(),
+        });
         e.reports.push_back((now, report));
+        e.called = called;
         while e.reports.front().is_some_and(|(at, _)| now.duration_since(*at) > STATS_KEPT) || e.reports.len() > 3600 {
             e.reports.pop_front();
         }
@@ -281,9 +318,10 @@ impl Observatory {
             buckets: Vec<u64>,
             bounds: Vec<f64>,
             span: f64,
+            callers: Vec<CallerView>,
         }
         let mut by: HashMap<&str, Sum> = HashMap::new();
-        for p in all.values() {
+        for (key, p) in all.iter() {
             if filter.as_ref().is_some_and(|g| !g.matches(&p.identity)) {
                 continue;
             }
@@ -301,6 +339,13 @@ impl Observatory {
                 .filter(|(at, _)| at < last_at);
             let s = by.entry(p.identity.as_str()).or_default();
             s.proxies += 1;
+            if !p.called.is_empty() {
+                s.callers.push(CallerView {
+                    proxy: proxy_name(key),
+                    services: p.called.clone(),
+                    age_seconds: now.duration_since(*last_at).as_secs_f64(),
+                });
+            }
             let Some((first_at, first)) = first else { continue };
             // Counters that went down: the sidecar restarted; count from zero.
             let restarted = last.status_classes.iter().zip(&first.status_classes).any(|(l, f)| l < f)
@@ -329,7 +374,8 @@ impl Observatory {
         }
         let mut out: Vec<WorkloadStat> = by
             .into_iter()
-            .map(|(identity, s)| {
+            .map(|(identity, mut s)| {
+                s.callers.sort_by(|a, b| a.proxy.cmp(&b.proxy));
                 let share = |n: u64| if s.requests == 0 { 0.0 } else { n as f64 / s.requests as f64 };
                 let q = |q: f64| quantile(q, &s.buckets, &s.bounds) * 1e3;
                 WorkloadStat {
@@ -343,11 +389,21 @@ impl Observatory {
                     p95_ms: q(0.95),
                     p99_ms: q(0.99),
                     window_seconds: s.span,
+                    callers: s.callers,
                 }
             })
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
+    }
+}
+
+/// A sidecar as `stat` names it: its inbound address (its key is
+/// `<identity> <inbound address>`).
+fn proxy_name(key: &str) -> String {
+    match key.rsplit_once(' ') {
+        Some((_, addr)) if !addr.is_empty() => addr.to_string(),
+        _ => "(no inbound address)".to_string(),
     }
 }
 
@@ -394,6 +450,51 @@ mod tests {
         assert!((quantile(0.75, &[10, 10, 0, 0], &bounds) - 0.0055).abs() < 1e-9);
         // Beyond the last bound: the last bound.
         assert_eq!(quantile(0.99, &[0, 0, 0, 5], &bounds), 0.1);
+    }
+
+    #[test]
+    fn stat_shows_each_callers_latest_view_of_its_endpoints() {
+        use palisade_proto::v1::CalledEndpoint;
+        let o = Observatory::new(Duration::from_secs(60), 1 << 20);
+        let report = |requests: u64, endpoints: usize| StatReport {
+            status_classes: vec![0, requests, 0, 0, 0],
+            latency_buckets: vec![0, 0],
+            bounds_seconds: vec![0.1],
+            refused: 0,
+            called: vec![CalledService {
+                service: "orders.shop".into(),
+                endpoints: (0..endpoints)
+                    .map(|i| CalledEndpoint {
+                        addr: format!("10.0.{}.{}:4143", i / 250, i % 250),
+                        identity: "spiffe://td/ns/shop/sa/orders".into(),
+                        requests,
+                        latency_ms: Some(f64::NAN),
+                        ..Default::default()
+                    })
+                    .collect(),
+                retries: requests,
+                ..Default::default()
+            }],
+        };
+        let web = "spiffe://td/ns/shop/sa/web";
+        o.stats_report(web, &format!("{web} 10.1.0.5:4143"), report(1, 2));
+        o.stats_report(web, &format!("{web} 10.1.0.5:4143"), report(7, 3));
+        // A view past the bound is cut to it.
+        o.stats_report(web, &format!("{web} 10.1.0.6:4143"), report(1, 300));
+        let stats = o.stat("", Duration::from_secs(60));
+        assert_eq!(stats.len(), 1);
+        let callers = &stats[0].callers;
+        assert_eq!(callers.iter().map(|c| c.proxy.as_str()).collect::<Vec<_>>(), ["10.1.0.5:4143", "10.1.0.6:4143"]);
+        let latest = &callers[0].services[0];
+        assert_eq!((latest.retries, latest.endpoints.len(), latest.endpoints[0].requests), (7, 3, 7));
+        assert_eq!(latest.endpoints[0].latency_ms, None, "a latency that is not a number is dropped");
+        let cut = &callers[1].services[0];
+        assert_eq!((cut.endpoints.len(), cut.endpoints_omitted), (MAX_CALLED_ENDPOINTS, 300 - 256));
+        // The history keeps counters only.
+        let all = o.stats.lock().unwrap();
+        assert!(all.values().all(|p| p.reports.iter().all(|(_, r)| r.called.is_empty())));
+        drop(all);
+        assert!(o.stat("spiffe://td/ns/other/*", Duration::from_secs(60)).is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The admin HTTP server (plain HTTP, bind it to loopback or the pod IP):
 //! `/live`, `/ready`, `/metrics` (Prometheus text) from anywhere; `/config`
-//! (JSON, public data only) and `PUT /shutdown` from inside the pod only.
+//! (JSON, public data only), `/endpoints` (JSON: the balancer's view of the
+//! services this sidecar calls) and `PUT /shutdown` from inside the pod only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ pub struct AdminState {
     pub bundle: palisade_certs::tls::TrustBundle,
     /// Connection refusals are counted here.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What the balancer knows of the services this sidecar calls (`/endpoints`).
+    pub balancer: Arc<crate::balance::Balancer>,
 }
 
 /// Most admin connections open at once (probes and scrapes need a few).
@@ -187,10 +190,32 @@ fn route(state: &AdminState, src: SocketAddr, req: Request<Incoming>) -> Respons
                 "authentication": state.policy.current().and_then(|p| p.enforcer.authenticator().map(|a| a.describe())),
                 "version": env!("CARGO_PKG_VERSION"),
             });
-            let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&body).unwrap_or_default());
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-            r
+            json_response(&body)
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /config or PUT /shutdown\n"),
+        "/endpoints" => {
+            if let Some(refused) = local_only(src, &req) {
+                return refused;
+            }
+            json_response(&endpoints_json(state.balancer.snapshot()))
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live, /ready, /metrics, /config, /endpoints or PUT /shutdown\n",
+        ),
     }
+}
+
+fn json_response(body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(body).unwrap_or_default());
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// `/endpoints`: every service this sidecar called, its endpoints as the
+/// balancer sees them, its retries and its budget (the same bound as the
+/// metrics': 1000 endpoints, 256 services; `omitted` counts the rest).
+fn endpoints_json(snapshot: Vec<crate::balance::ServiceSnapshot>) -> serde_json::Value {
+    use crate::metrics::balance::{MAX_ENDPOINTS, MAX_SERVICES, bounded};
+    let (services, omitted) = bounded(snapshot, MAX_SERVICES, MAX_ENDPOINTS);
+    json!({ "services": services, "omitted": omitted })
 }

@@ -225,6 +225,8 @@ pub struct ConfigStream {
     pub policy: PolicyState,
     pub directory: Arc<Directory>,
     pub metrics: Arc<Metrics>,
+    /// The balancer, whose view of the called services goes up with the stats.
+    pub balancer: Arc<crate::balance::Balancer>,
     /// Taps, recorded requests and stats, carried on the stream.
     pub observe: Arc<crate::observe::Observe>,
     pub report_interval: Duration,
@@ -313,7 +315,7 @@ impl ConfigStream {
                 }
                 _ = report.tick() => {
                     let up = Report {
-                        stats: Some(crate::observe::stat_report(&self.metrics)),
+                        stats: Some(crate::observe::stat_report(&self.metrics, &self.balancer)),
                         recorded: self.observe.take_recorded(),
                         ..Default::default()
                     };

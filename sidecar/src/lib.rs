@@ -107,6 +107,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     metrics.register(&mut registry);
     let observe = Arc::new(observe::Observe::new(cfg.preview_record_rate));
     observe.metrics.register(&mut registry);
+    // Read at scrape time, so recording a request costs no label lookup.
+    let balancer = Arc::new(balance::Balancer::new(cfg.balance));
+    registry.register_collector(Box::new(metrics::balance::BalancerCollector(balancer.clone())));
     let svids = SvidStore::new();
     let shutdown = CancellationToken::new();
     let background_stop = CancellationToken::new();
@@ -159,6 +162,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy: policy_state.clone(),
         directory: directory.clone(),
         metrics: metrics.clone(),
+        balancer: balancer.clone(),
         observe: observe.clone(),
         report_interval: cfg.report_interval,
         renew_unless,
@@ -183,7 +187,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics.clone(),
     );
     let inbound = Arc::new(inbound);
-    let balancer = Arc::new(balance::Balancer::new(cfg.balance));
     let outbound = Arc::new(proxy::outbound::Outbound {
         directory: directory.clone(),
         peers: Arc::new(proxy::peer::PeerClient::new(
@@ -214,6 +217,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         shutdown: shutdown.clone(),
         bundle: bundle.clone(),
         metrics: metrics.clone(),
+        balancer: balancer.clone(),
     });
     let stop = background_stop.clone();
     background.spawn(async move {

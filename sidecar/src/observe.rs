@@ -11,7 +11,9 @@
 //!   `--preview-record-rate` requests a second, as authorization saw them
 //!   ([`Sample`]: no body, no credential), counted by shape and sent every
 //!   `--report-interval`.
-//! - **stats** (`palisadectl stat`): the inbound counters, every `--report-interval`.
+//! - **stats** (`palisadectl stat`): the inbound counters, and the
+//!   balancer's view of the services this sidecar calls (bounded), every
+//!   `--report-interval`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use palisade_policy::preview::Sample;
-use palisade_proto::v1::{RecordedRequest, StatReport, TapRecord, TapSpec};
+use palisade_proto::v1::{CalledEndpoint, CalledService, RecordedRequest, StatReport, TapRecord, TapSpec};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -277,10 +279,56 @@ impl Observe {
     }
 }
 
-/// The inbound counters, for `palisadectl stat`.
-pub fn stat_report(m: &crate::metrics::Metrics) -> StatReport {
+/// The inbound counters and the balancer's view of the called services
+/// (bounded), for `palisadectl stat`.
+pub fn stat_report(m: &crate::metrics::Metrics, balancer: &crate::balance::Balancer) -> StatReport {
     let (classes, buckets, bounds) = m.inbound_stats();
-    StatReport { status_classes: classes, latency_buckets: buckets, bounds_seconds: bounds, refused: m.refused.get() }
+    StatReport {
+        status_classes: classes,
+        latency_buckets: buckets,
+        bounds_seconds: bounds,
+        refused: m.refused.get(),
+        called: called(balancer.snapshot()),
+    }
+}
+
+/// Services in a report, at most (the control plane drops reports beyond).
+pub const REPORT_SERVICES: usize = 64;
+/// Endpoints in a report, at most, all services together.
+pub const REPORT_ENDPOINTS: usize = 256;
+
+/// A balancer snapshot as a report carries it: at most [`REPORT_SERVICES`]
+/// services and [`REPORT_ENDPOINTS`] endpoints (services in name order;
+/// a service's endpoints cut by the bound are counted in `endpoints_omitted`).
+fn called(snapshot: Vec<crate::balance::ServiceSnapshot>) -> Vec<CalledService> {
+    let full: Vec<usize> = snapshot.iter().take(REPORT_SERVICES).map(|s| s.endpoints.len()).collect();
+    let (kept, _) = crate::metrics::balance::bounded(snapshot, REPORT_SERVICES, REPORT_ENDPOINTS);
+    kept.into_iter()
+        .zip(full)
+        .map(|(s, n)| CalledService {
+            endpoints_omitted: u32::try_from(n - s.endpoints.len()).unwrap_or(u32::MAX),
+            service: s.service,
+            endpoints: s
+                .endpoints
+                .into_iter()
+                .map(|e| CalledEndpoint {
+                    addr: e.addr.to_string(),
+                    identity: e.identity,
+                    in_flight: e.in_flight,
+                    latency_ms: e.latency_ms,
+                    ejected_for_ms: e.ejected_for_ms,
+                    ejections: e.ejections,
+                    requests: e.requests,
+                    failures: e.failures,
+                })
+                .collect(),
+            retries: s.retries,
+            retries_refused: s.retries_refused,
+            budget_left: s.budget.left,
+            budget_requests: s.budget.requests,
+            budget_retries: s.budget.retries,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -326,6 +374,54 @@ mod tests {
         assert!(o.take_drops().is_empty());
         o.set_taps(&[]);
         assert!(!o.tapping());
+    }
+
+    #[test]
+    fn a_report_carries_the_called_services_bounded() {
+        use crate::balance::{Balancer, Mode};
+        let b = Balancer::new(Mode::PeakEwma);
+        let cfg = palisade_policy::resilience::Balancing::default();
+        let id: palisade_certs::spiffe::SpiffeId = "spiffe://td/ns/shop/sa/orders".parse().expect("id");
+        let peers = |n: usize, base: usize| -> Vec<crate::proxy::peer::Peer> {
+            (0..n)
+                .map(|i| crate::proxy::peer::Peer {
+                    addr: format!("10.0.{base}.{}:4143", i + 1).parse().expect("addr"),
+                    identity: id.clone(),
+                })
+                .collect()
+        };
+        let orders = b.service("orders");
+        let ps = peers(2, 0);
+        let (ep, _) = b.pick(&orders, &ps, 1, &cfg, Some(ps[1].addr));
+        let f = b.start(&orders, ep.expect("an endpoint"));
+        b.finish(f, crate::balance::Outcome::Success, &cfg);
+        orders.retries.fetch_add(4, Ordering::Relaxed);
+        let m = crate::metrics::Metrics::default();
+        let r = stat_report(&m, &b);
+        assert_eq!(r.called.len(), 1);
+        let c = &r.called[0];
+        assert_eq!((c.service.as_str(), c.retries, c.endpoints.len(), c.endpoints_omitted), ("orders", 4, 2, 0));
+        let e = &c.endpoints[0];
+        assert_eq!(
+            (e.addr.as_str(), e.identity.as_str(), e.requests, e.failures),
+            ("10.0.0.1:4143", id.to_string().as_str(), 1, 0)
+        );
+        assert!(
+            e.latency_ms.is_some() && c.endpoints[1].latency_ms.is_none(),
+            "only the one that answered has a latency"
+        );
+        assert_eq!(c.budget_requests, 0, "no call went through the budget");
+
+        // Past the bound: the endpoints that do not fit are counted, services beyond dropped.
+        for n in 0..REPORT_SERVICES + 5 {
+            let s = b.service(&format!("svc{n:03}"));
+            let _ = b.pick(&s, &peers(10, n % 200 + 1), 1, &cfg, None);
+        }
+        let r = stat_report(&m, &b);
+        assert_eq!(r.called.len(), REPORT_SERVICES);
+        let sent: usize = r.called.iter().map(|c| c.endpoints.len()).sum();
+        assert_eq!(sent, REPORT_ENDPOINTS);
+        assert!(r.called.iter().any(|c| c.endpoints_omitted == 10), "a service cut off entirely says so");
     }
 
     #[test]

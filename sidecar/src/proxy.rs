@@ -92,6 +92,27 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// A short name of the failure, for the access log's `error` field.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoDirectory => "no_directory",
+            Self::UnknownService(_) => "no_endpoint",
+            Self::Peer(PeerError::IdentityMismatch { .. }) => "identity_mismatch",
+            Self::Peer(PeerError::Connect { .. } | PeerError::Timeout { .. }) => "unreachable",
+            Self::Peer(PeerError::NoCertificate) => "no_identity",
+            Self::Peer(_) | Self::Upstream(_) => "upstream_failed",
+            Self::Timeout(_) => "timeout",
+            Self::TooLarge { .. } => "too_large",
+            Self::BadBody(_) | Self::BadRequest(_) => "malformed",
+            Self::AppUnavailable(_) => "app_unavailable",
+            Self::AppFailed(_) => "app_failed",
+            Self::AppTimeout(_) => "app_timeout",
+            Self::InvalidBody(_) => "invalid_body",
+        }
+    }
+}
+
 /// What decided a request, for its span: the sidecar's own answer (it
 /// carries `x-palisade-error`) by its status, else the app's (`allow`).
 pub(crate) fn decision_of(status: u16, by_sidecar: bool) -> &'static str {

@@ -28,4 +28,5 @@ mod push;
 mod replicas;
 mod rotation;
 mod trace;
+mod visible;
 mod walkthrough;

@@ -50,6 +50,22 @@ pub struct Entry {
     pub log: bool,
     /// Offered to the taps running.
     pub tap: Option<Arc<crate::observe::Observe>>,
+    /// Inbound: which try of its call this request is, as the peer sidecar
+    /// said (over mTLS only; `None` for the first).
+    pub attempt: Option<u32>,
+    /// Outbound: the tries the call took (`None` for one).
+    pub attempts: Option<u32>,
+    /// Outbound: why the sidecar answered the app itself (e.g. `timeout`).
+    pub error: Option<&'static str>,
+}
+
+/// What the outbound side attaches to the response it gives the app, for
+/// the log line: the tries the call took, and why the sidecar answered
+/// itself, if it did ([`crate::proxy::ProxyError::reason`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CallNote {
+    pub attempts: u32,
+    pub error: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -81,6 +97,12 @@ struct Line<'a> {
     bytes_out: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 impl Entry {
@@ -100,6 +122,9 @@ impl Entry {
             bytes_in: Arc::default(),
             log: true,
             tap: None,
+            attempt: None,
+            attempts: None,
+            error: None,
         }
     }
 
@@ -128,6 +153,9 @@ impl Entry {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out,
             trace_id: self.trace_id.as_deref(),
+            attempt: self.attempt.filter(|n| *n > 1),
+            attempts: self.attempts.filter(|n| *n > 1),
+            error: self.error,
         };
         if self.log
             && let Ok(mut text) = serde_json::to_vec(&line)
@@ -265,10 +293,74 @@ pub(crate) fn finish(
     }
     span.end(status, client);
     match entry {
-        Some(e) => {
+        Some(mut e) => {
+            if let Some(note) = resp.extensions().get::<CallNote>() {
+                e.attempts = Some(note.attempts);
+                e.error = note.error;
+            }
             let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
             resp.map(|b| Logged::wrap(b, e, status, grpc, decision))
         }
         None => resp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The line a tap receives for `entry` (the same as the log's).
+    fn tapped(mut e: Entry, status: u16, decision: &str) -> serde_json::Value {
+        let o = Arc::new(crate::observe::Observe::new(0));
+        let spec = palisade_proto::v1::TapSpec { id: 1, ..Default::default() };
+        o.set_taps(&[spec]);
+        e.log = false;
+        e.tap = Some(o.clone());
+        e.write(Some(status), None, decision, 0);
+        let events = o.take_events();
+        assert_eq!(events.len(), 1);
+        serde_json::from_str(&events[0].json).expect("a JSON line")
+    }
+
+    #[test]
+    fn tries_show_only_beyond_the_first() {
+        let src: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let mut e = Entry::new("inbound", src);
+        e.attempt = Some(3);
+        assert_eq!(tapped(e, 200, "allow")["attempt"], 3);
+        let mut e = Entry::new("inbound", src);
+        e.attempt = Some(1);
+        let line = tapped(e, 200, "allow");
+        assert!(line.get("attempt").is_none(), "a first try says nothing: {line}");
+
+        let mut e = Entry::new("outbound", src);
+        e.attempts = Some(2);
+        e.error = Some("timeout");
+        let line = tapped(e, 504, "error");
+        assert_eq!((line["attempts"].as_u64(), line["error"].as_str()), (Some(2), Some("timeout")));
+        let mut e = Entry::new("outbound", src);
+        e.attempts = Some(1);
+        let line = tapped(e, 200, "allow");
+        assert!(line.get("attempts").is_none() && line.get("error").is_none(), "{line}");
+    }
+
+    #[test]
+    fn an_outbound_answer_carries_its_tries_to_the_line() {
+        let mut resp = http::Response::new(super::super::full(Bytes::new()));
+        resp.extensions_mut().insert(CallNote { attempts: 2, error: Some("timeout") });
+        let span = palisade_telemetry::Tracing::default().start_request(
+            opentelemetry::trace::SpanKind::Client,
+            "GET",
+            &mut http::HeaderMap::new(),
+            Vec::new,
+        );
+        let e = Entry::new("outbound", "127.0.0.1:5000".parse().expect("addr"));
+        let o = Arc::new(crate::observe::Observe::new(0));
+        o.set_taps(&[palisade_proto::v1::TapSpec { id: 1, ..Default::default() }]);
+        let e = Entry { log: false, tap: Some(o.clone()), ..e };
+        drop(finish(resp, span, Some(e), true));
+        let events = o.take_events();
+        let line: serde_json::Value = serde_json::from_str(&events[0].json).expect("a JSON line");
+        assert_eq!((line["attempts"].as_u64(), line["error"].as_str()), (Some(2), Some("timeout")));
     }
 }

@@ -325,16 +325,18 @@ impl Outbound {
         // Boxed: the forward's state is allocated once instead of being
         // moved with this future at every step.
         let (resp, attempts) = Box::pin(self.forward(req, &dest, app)).await;
-        let mut resp = match resp {
-            Ok(r) => r,
+        let (mut resp, error) = match resp {
+            Ok(r) => (r, None),
             Err(e) => {
                 tracing::warn!(direction = "outbound", dst = %dest, http.method = %method, http.path = %path, attempts, error = %e, "request failed");
-                e.response(grpc)
+                (e.response(grpc), Some(e.reason()))
             }
         };
         if attempts > 1 {
             resp.headers_mut().insert(ATTEMPTS, http::HeaderValue::from(attempts));
         }
+        // For the access-log line (the response's extensions stay in this process).
+        resp.extensions_mut().insert(super::access::CallNote { attempts, error });
         self.metrics.request(Direction::Outbound, resp.status().as_u16(), start.elapsed());
         resp
     }

@@ -15,6 +15,7 @@ use super::forward::BodyCap;
 use super::{AppTarget, Caller, Inbound};
 use crate::metrics::AuthnLabels;
 use crate::proxy::detect::Protocol;
+use crate::proxy::outbound::ATTEMPT;
 use crate::proxy::respond;
 use crate::proxy::{
     Body, Direction, ORIG_PROTO, PEER_IDENTITY, ProxyError, REQUEST_PRINCIPAL, RequestHeaders, is_grpc, is_upgrade,
@@ -70,6 +71,8 @@ impl Inbound {
         );
         let entry = (log || tap).then(|| {
             let mut e = crate::proxy::access::Entry::new("inbound", src);
+            // Only a peer sidecar (mTLS) says which try this is; a plaintext caller's claim is ignored.
+            e.attempt = peer.as_ref().and_then(|_| attempt_of(req.headers()));
             e.log = log;
             e.tap = tap.then(|| self.opts.observe.clone());
             e.caller = caller();
@@ -105,6 +108,8 @@ impl Inbound {
             headers.insert(PEER_IDENTITY, c.header.clone());
         }
         headers.remove(REQUEST_PRINCIPAL);
+        // Between sidecars only: logged above, never the app's.
+        headers.remove(ATTEMPT);
         let orig = headers.remove(ORIG_PROTO);
         let app_proto = conn_proto.unwrap_or(if orig.as_ref().is_some_and(|v| v == "HTTP/1.1") {
             Protocol::Http1
@@ -307,6 +312,11 @@ fn set_path<B>(req: &mut Request<B>, normal: &str) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Which try of its call a request is, as the caller's sidecar numbers it.
+fn attempt_of(h: &http::HeaderMap) -> Option<u32> {
+    h.get(ATTEMPT)?.to_str().ok()?.parse().ok()
 }
 
 /// Drops headers whose names hold `_` and that a server reading `_` as `-`
