@@ -147,15 +147,17 @@ impl Balancer {
         let list = &endpoints.list;
         let now = self.now_ms();
         let usable = |e: &Arc<Endpoint>| e.ejected_until.load(Ordering::Relaxed) <= now && Some(e.peer.addr) != avoid;
-        let n = list.iter().filter(|e| usable(e)).count();
+        let mut n = list.iter().filter(|e| usable(e)).count();
         // None usable: every endpoint is ejected or avoided; better one of
         // them than a refusal (the call may still succeed).
-        let (n, usable): (usize, &dyn Fn(&Arc<Endpoint>) -> bool) =
-            if n == 0 { (list.len(), &|_| true) } else { (n, &usable) };
+        let any = n == 0;
+        if any {
+            n = list.len();
+        }
         if n == 0 {
             return (None, removed);
         }
-        let nth = |k: usize| list.iter().filter(|e| usable(e)).nth(k).cloned();
+        let nth = |k: usize| list.iter().filter(|e| any || usable(e)).nth(k).cloned();
         let chosen = match self.mode {
             Mode::RoundRobin => nth(service.next.fetch_add(1, Ordering::Relaxed) % n),
             Mode::PeakEwma if n == 1 => nth(0),

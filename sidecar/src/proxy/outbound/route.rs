@@ -11,6 +11,10 @@ use palisade_policy::resilience::{Balancing, Resilience};
 use super::{Dest, Outbound};
 use crate::proxy::ProxyError;
 
+/// Where a route sends a request (`None`: the called destination) and its
+/// timeouts and retries.
+pub(super) type Routed = (Option<Arc<str>>, Arc<Resilience>);
+
 /// The caller's balancing, held with the policy it comes from.
 pub(super) struct BalancingRef(Option<Arc<crate::policy::InForce>>);
 
@@ -33,11 +37,7 @@ impl Outbound {
     /// the path rewritten when the route says so; `None` when no route
     /// matches. Routing decides where a request goes, not whether it may:
     /// the backend's sidecar enforces its own policy on what it receives.
-    pub(super) fn route<B>(
-        &self,
-        req: &mut Request<B>,
-        dest: &Dest,
-    ) -> Result<Option<(Option<Arc<str>>, Arc<Resilience>)>, ProxyError> {
+    pub(super) fn route<B>(&self, req: &mut Request<B>, dest: &Dest) -> Result<Option<Routed>, ProxyError> {
         let Some(policy) = self.policy.current() else { return Ok(None) };
         let routes = policy.enforcer.routes();
         if routes.is_empty() {

@@ -2,7 +2,7 @@ use std::sync::atomic::AtomicU64;
 
 use clap::Parser;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{Method, Request, Version};
+use http::{Request, Version};
 use palisade_certs::tls::{SvidStore, TrustBundle};
 
 use super::forward::{check_framing, content_length, to_h2};
@@ -104,7 +104,7 @@ fn routes_pick_the_backend_and_rewrite_the_path() {
     let out = outbound();
     let orders = Dest::Service("orders.shop".into());
     // No policy yet, then a policy: unrouted requests keep their destination.
-    assert_eq!(out.route(&mut get("/v2/items"), &orders).unwrap().is_none(), true);
+    assert!(out.route(&mut get("/v2/items"), &orders).unwrap().is_none());
     with_routes(&out);
     let mut plain = get("/v1/items");
     assert!(out.route(&mut plain, &orders).unwrap().is_none());
