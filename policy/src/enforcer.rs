@@ -167,6 +167,7 @@ pub struct Enforcer {
     checks: crate::traffic::Checks,
     cors: Option<crate::traffic::CorsPolicy>,
     routes: crate::route::Routes,
+    balancing: crate::resilience::Balancing,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
     recorded: crate::preview::sample::Recorded,
@@ -223,6 +224,12 @@ impl Enforcer {
         let routes: Vec<(String, &[crate::route::Route])> =
             keyed.iter().map(|(k, s)| (k.clone(), s.routes.as_slice())).collect();
         let routes = crate::route::Routes::compile(&routes);
+        // The first TrafficPolicy (in `namespace/name` order, as routes) that says how to balance.
+        let balancing = traffic_specs
+            .iter()
+            .find_map(|s| s.balancing.as_ref())
+            .map(crate::resilience::Balancing::compile)
+            .unwrap_or_default();
         let mut limits = Vec::new();
         for r in inputs.resources {
             let Resource::RateLimitPolicy { spec, .. } = r else { continue };
@@ -254,6 +261,7 @@ impl Enforcer {
             checks,
             cors,
             routes,
+            balancing,
             rules,
             limits,
             recorded,
@@ -288,8 +296,7 @@ impl Enforcer {
     /// How this workload balances its calls and ejects endpoints (the first
     /// TrafficPolicy targeting it with `balancing`, else the defaults).
     pub fn balancing(&self) -> &crate::resilience::Balancing {
-        static DEFAULT: std::sync::LazyLock<crate::resilience::Balancing> = std::sync::LazyLock::new(Default::default);
-        &DEFAULT
+        &self.balancing
     }
 
     /// The request checks TrafficPolicies ask for (`validation`).

@@ -11,6 +11,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub(crate) use validate::{balancing as validate_balancing, route as validate_route};
+
 /// `routes[].retry`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -202,15 +208,23 @@ impl RetryOn {
 /// A route's compiled retry policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retry {
-    /// Tries in all (1: no retry).
+    /// Tries in all, the first included (1: no retry; default 2).
     pub attempts: u32,
+    /// Which failures are retried.
     pub on: RetryOn,
+    /// Backoff before the first retry, jittered (default 25ms).
     pub backoff: Duration,
+    /// Largest backoff; each retry doubles the last (default 250ms).
     pub max_backoff: Duration,
+    /// Whether methods that are not idempotent (POST, PATCH) are retried too.
     pub non_idempotent: bool,
+    /// Largest request body kept to send again (default 64 KiB); a
+    /// request with a larger body is not retried.
     pub max_body_bytes: u64,
-    /// Percent of the requests that may be retried (20).
+    /// Retries in the last 10 s may be at most this percent of the requests
+    /// in that time (default 20), per calling sidecar and called service ...
     pub budget_percent: u32,
+    /// ... plus this many a second (default 10).
     pub budget_min_per_second: u32,
 }
 
@@ -236,18 +250,25 @@ pub struct Resilience {
     pub timeout: Option<Duration>,
     /// One try (`None`: only the whole call's).
     pub per_try_timeout: Option<Duration>,
+    /// The retry policy ([`Retry::default`] when the route sets none).
     pub retry: Retry,
 }
 
 /// Compiled `balancing.ejection`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ejection {
-    /// 0: never by failures in a row.
+    /// Failures in a row that eject an endpoint (default 5; 0: never by
+    /// failures in a row).
     pub consecutive_failures: u32,
-    /// 0: never by success rate.
+    /// Requests an endpoint must have had in the last 10 s before its
+    /// success rate is compared with its peers' (default 20; 0: never by
+    /// success rate).
     pub success_rate_min_requests: u32,
+    /// First ejection's length (default 10s); each ejection in a row doubles it.
     pub base_time: Duration,
+    /// Longest ejection (default 5m).
     pub max_time: Duration,
+    /// Most of a service's endpoints ejected at once, in percent (default 50).
     pub max_percent: u32,
 }
 
@@ -266,7 +287,10 @@ impl Default for Ejection {
 /// Compiled `balancing` (the default when no TrafficPolicy of the caller has one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Balancing {
+    /// How long a new endpoint takes to get its full share (default 10s;
+    /// zero: at once).
     pub warmup: Duration,
+    /// When an endpoint is taken out of balancing.
     pub ejection: Ejection,
 }
 
@@ -276,20 +300,74 @@ impl Default for Balancing {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Whether `method` is idempotent (RFC 9110, 9.2.2): `GET`, `HEAD`,
+/// `OPTIONS`, `TRACE`, `PUT`, `DELETE`. Only these are retried unless a
+/// route's `retry.nonIdempotent` says so.
+pub fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+}
 
-    #[test]
-    fn retry_on_parses_names_statuses_and_codes() {
-        let on = RetryOn::parse(&["gateway-error".into(), "429".into(), "internal".into()]).unwrap();
-        assert!(on.status(502) && on.status(429) && !on.status(500));
-        assert!(on.grpc_code(13) && !on.grpc_code(14));
-        assert!(!on.connect_failure);
-        assert_eq!(on.names(), ["429", "502", "503", "504", "internal"]);
-        let d = RetryOn::parse(&[]).unwrap();
-        assert!(d.status(503) && !d.status(429) && d.grpc_code(14) && d.connect_failure);
-        assert_eq!(RetryOn::parse(&["reset".into(), "600".into()]).unwrap_err().0, 1);
-        assert_eq!(RetryOn::parse(&["bogus".into()]).unwrap_err().0, 0);
+/// A duration field already validated (a value that does not parse is the default).
+fn or_default(v: Option<&String>, default: Duration) -> Duration {
+    v.and_then(|s| humantime::parse_duration(s).ok()).unwrap_or(default)
+}
+
+impl Retry {
+    /// Compiles a route's `retry` (validated first), every default filled
+    /// in. A `backoff` above the default `maxBackoff` raises it to `backoff`.
+    pub fn compile(spec: &RetrySpec) -> Self {
+        let d = Self::default();
+        let backoff = or_default(spec.backoff.as_ref(), d.backoff);
+        let budget = spec.budget.clone().unwrap_or_default();
+        Self {
+            attempts: spec.attempts.unwrap_or(d.attempts).clamp(1, 5),
+            on: RetryOn::parse(&spec.on).unwrap_or_default(),
+            backoff,
+            max_backoff: or_default(spec.max_backoff.as_ref(), d.max_backoff.max(backoff)),
+            non_idempotent: spec.non_idempotent,
+            max_body_bytes: spec.max_body_bytes.unwrap_or(d.max_body_bytes),
+            budget_percent: budget.percent.unwrap_or(d.budget_percent),
+            budget_min_per_second: budget.min_per_second.unwrap_or(d.budget_min_per_second),
+        }
+    }
+
+    /// Whether a request with this method (upper case) may be retried at
+    /// all: more than one attempt, and an idempotent method or
+    /// `nonIdempotent`. (Its body size and the budget are decided per request.)
+    pub fn retries_method(&self, method: &str) -> bool {
+        self.attempts > 1 && (self.non_idempotent || idempotent(method))
+    }
+}
+
+impl Resilience {
+    /// Compiles a route's `timeout`, `perTryTimeout` and `retry`
+    /// (validated first); no `retry` is [`Retry::default`].
+    pub fn compile(timeout: Option<&String>, per_try_timeout: Option<&String>, retry: Option<&RetrySpec>) -> Self {
+        let parse = |v: Option<&String>| v.and_then(|s| humantime::parse_duration(s).ok());
+        Self {
+            timeout: parse(timeout),
+            per_try_timeout: parse(per_try_timeout),
+            retry: retry.map(Retry::compile).unwrap_or_default(),
+        }
+    }
+}
+
+impl Balancing {
+    /// Compiles `balancing` (validated first), every default filled in. A
+    /// `baseTime` above the default `maxTime` raises it to `baseTime`.
+    pub fn compile(spec: &BalancingSpec) -> Self {
+        let d = Self::default();
+        let e = spec.ejection.clone().unwrap_or_default();
+        let base_time = or_default(e.base_time.as_ref(), d.ejection.base_time);
+        Self {
+            warmup: or_default(spec.warmup.as_ref(), d.warmup),
+            ejection: Ejection {
+                consecutive_failures: e.consecutive_failures.unwrap_or(d.ejection.consecutive_failures),
+                success_rate_min_requests: e.success_rate_min_requests.unwrap_or(d.ejection.success_rate_min_requests),
+                base_time,
+                max_time: or_default(e.max_time.as_ref(), d.ejection.max_time.max(base_time)),
+                max_percent: e.max_percent.unwrap_or(d.ejection.max_percent),
+            },
+        }
     }
 }

@@ -21,7 +21,9 @@ pub struct Route {
     /// What a request must look like (every field given must hold).
     #[serde(rename = "match", default)]
     pub matches: RouteMatch,
-    /// Where matching requests go.
+    /// Where matching requests go; absent or empty: the called service
+    /// itself (a route that only sets timeouts or retries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
     /// Replaces the matched `pathPrefix` (`/v2/orders` with `pathPrefix:
     /// /v2/` and `rewritePrefix: /` becomes `/orders`).
@@ -114,8 +116,12 @@ pub(crate) fn validate(routes: &[Route]) -> Result<(), (String, String, String)>
                 return err(format!("{at}.match.headers.{name}"), value, "must be visible ASCII, at most 1024 bytes");
             }
         }
-        if r.backends.is_empty() || r.backends.len() > MAX_BACKENDS {
-            return err(format!("{at}.backends"), "", "must list 1 to 16 backends");
+        if r.backends.len() > MAX_BACKENDS {
+            return err(
+                format!("{at}.backends"),
+                &r.backends.len().to_string(),
+                "must list at most 16 backends (none: the called service)",
+            );
         }
         for (j, b) in r.backends.iter().enumerate() {
             if !service_ok(&b.service) {
@@ -133,7 +139,7 @@ pub(crate) fn validate(routes: &[Route]) -> Result<(), (String, String, String)>
                 );
             }
         }
-        if r.backends.iter().map(|b| b.weight.unwrap_or(1)).sum::<u32>() == 0 {
+        if !r.backends.is_empty() && r.backends.iter().map(|b| b.weight.unwrap_or(1)).sum::<u32>() == 0 {
             return err(format!("{at}.backends"), "", "at least one backend must have a weight above 0");
         }
         if let Some(rw) = &r.rewrite_prefix {
@@ -144,6 +150,7 @@ pub(crate) fn validate(routes: &[Route]) -> Result<(), (String, String, String)>
                 return err(format!("{at}.rewritePrefix"), rw, "must be a normalised path starting with /");
             }
         }
+        crate::resilience::validate_route(&at, r.timeout.as_ref(), r.per_try_timeout.as_ref(), r.retry.as_ref())?;
     }
     Ok(())
 }
@@ -158,7 +165,7 @@ pub struct CompiledRoute {
     service: Option<String>,
     prefix: Option<String>,
     headers: Vec<(String, String)>,
-    /// `(service, cumulative weight)`.
+    /// `(service, cumulative weight)`; empty: the called service.
     backends: Vec<(Arc<str>, u32)>,
     rewrite: Option<String>,
     /// Its timeouts and retry policy.
@@ -173,15 +180,16 @@ impl CompiledRoute {
             && self.headers.iter().all(|(n, v)| headers.any(n, &mut |x| x == v))
     }
 
-    /// The backend for a random draw `r` (uniform over `u32`).
-    pub fn pick(&self, r: u32) -> &Arc<str> {
-        let total = self.backends.last().map(|b| b.1).unwrap_or(1).max(1);
+    /// The backend for a random draw `r` (uniform over `u32`); `None`: the
+    /// route names no backends, the request goes to the called service.
+    pub fn pick(&self, r: u32) -> Option<&Arc<str>> {
+        let total = self.backends.last()?.1.max(1);
         let x = ((u64::from(r) * u64::from(total)) >> 32) as u32;
         let i = self.backends.iter().position(|b| x < b.1).unwrap_or(0);
-        &self.backends[i].0
+        Some(&self.backends[i].0)
     }
 
-    /// The backends and their weights.
+    /// The backends and their weights (empty: the called service).
     pub fn backends(&self) -> Vec<(Arc<str>, u32)> {
         let mut prev = 0;
         self.backends
@@ -241,7 +249,11 @@ impl Routes {
                     headers: r.matches.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     backends,
                     rewrite: r.rewrite_prefix.clone(),
-                    resilience: Arc::default(),
+                    resilience: Arc::new(crate::resilience::Resilience::compile(
+                        r.timeout.as_ref(),
+                        r.per_try_timeout.as_ref(),
+                        r.retry.as_ref(),
+                    )),
                 });
             }
         }
@@ -332,9 +344,11 @@ mod tests {
         assert!(c.route("orders.shop", "/api2", &none).is_none(), "segment-aware prefix");
         let r = c.route("orders.shop", "/api/x", &none).unwrap();
         assert_eq!(r.index, 2);
-        assert_eq!(&**r.pick(0), "orders.shop");
-        assert_eq!(&**r.pick(u32::MAX), "orders-v2.shop");
-        let v2_share = (0..1000u32).filter(|i| &**r.pick(i.wrapping_mul(4_294_967)) == "orders-v2.shop").count();
+        assert_eq!(r.pick(0).map(|s| &**s), Some("orders.shop"));
+        assert_eq!(r.pick(u32::MAX).map(|s| &**s), Some("orders-v2.shop"));
+        let v2_share = (0..1000u32)
+            .filter(|i| r.pick(i.wrapping_mul(4_294_967)).is_some_and(|s| &**s == "orders-v2.shop"))
+            .count();
         assert!((90..=110).contains(&v2_share), "{v2_share}");
         assert_eq!(r.backends()[1].1, 10);
     }
@@ -356,7 +370,10 @@ mod tests {
     #[test]
     fn bad_routes_are_refused_with_field_paths() {
         for (v, field) in [
-            (serde_json::json!([{"backends": []}]), "spec.routes[0].backends"),
+            (
+                serde_json::json!([{"backends": vec![serde_json::json!({"service": "a.b"}); 17]}]),
+                "spec.routes[0].backends",
+            ),
             (serde_json::json!([{"backends": [{"service": "nodot"}]}]), "spec.routes[0].backends[0].service"),
             (serde_json::json!([{"backends": [{"service": "a.b", "weight": 0}]}]), "spec.routes[0].backends"),
             (

@@ -140,6 +140,9 @@ pub(crate) fn validate(spec: &TrafficSpec) -> Result<(), (String, String, String
         }
     }
     crate::route::validate(&spec.routes)?;
+    if let Some(b) = &spec.balancing {
+        crate::resilience::validate_balancing(b)?;
+    }
     if let Some(sec) = &spec.security_headers {
         for (field, setting) in sec.settings() {
             let value = match setting {
