@@ -57,7 +57,8 @@ impl Outbound {
             return Ok(None);
         };
         let route = routed.route;
-        let backend = route.pick(self.draw()).clone();
+        // No backends named: the called service itself.
+        let backend = route.pick(self.draw()).cloned();
         let resilience = route.resilience.clone();
         if let Some(slot) = req.extensions().get::<Arc<crate::proxy::access::Decided>>() {
             slot.set(route.policy.clone(), Some(route.index));
@@ -76,11 +77,11 @@ impl Outbound {
             .routes
             .get_or_create(&crate::metrics::RouteLabels {
                 route: format!("{}#{}", route.policy, route.index),
-                backend: backend.to_string(),
+                backend: backend.as_deref().unwrap_or(&service).to_string(),
             })
             .inc();
-        tracing::debug!(dst = %dest, route.policy = %route.policy, route.index = route.index, backend = %backend, "routed");
-        Ok(Some((Some(backend), resilience)))
+        tracing::debug!(dst = %dest, route.policy = %route.policy, route.index = route.index, backend = ?backend, "routed");
+        Ok(Some((backend, resilience)))
     }
 
     /// A uniform draw for a weighted route (splitmix64 over a counter: no
