@@ -101,7 +101,13 @@ impl Outbound {
                 Ok(s) => s,
                 Err(e) => {
                     let down = matches!(e, ProxyError::Peer(PeerError::Connect { .. } | PeerError::Timeout { .. }));
-                    self.settle(flight, if down { Outcome::Unreachable } else { Outcome::Failure }, balancing);
+                    // Only an endpoint that cannot be reached is its own fault
+                    // (no certificate of ours yet, or an identity it does not
+                    // hold, is not a failure of its serving).
+                    match down {
+                        true => self.settle(flight, Outcome::Unreachable, balancing),
+                        false => drop(flight),
+                    }
                     unreachable += 1;
                     let retryable = down && retry.on.connect_failure && unreachable < CONNECT_TRIES;
                     if retryable && Instant::now() < deadline && self.spend(&service, res) {
@@ -245,7 +251,9 @@ fn judge(resp: &Response<Incoming>, res: &Resilience) -> (bool, bool) {
     let status = resp.status().as_u16();
     // A trailers-only gRPC answer carries its status in the headers.
     let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
-    let failed = status >= 500 || code.is_some_and(|c| matches!(c, 13 | 14));
+    // INTERNAL from a sidecar is about the request (too large, malformed), not the endpoint.
+    let ours = resp.headers().contains_key("x-palisade-error");
+    let failed = status >= 500 || code.is_some_and(|c| c == 14 || (c == 13 && !ours));
     let retryable = res.retry.on.status(status) || code.is_some_and(|c| res.retry.on.grpc_code(c));
     (failed, retryable)
 }
