@@ -21,6 +21,7 @@ mod man;
 mod observe;
 mod policy;
 mod proxies;
+mod route;
 mod show;
 mod table;
 mod token;
@@ -354,7 +355,7 @@ async fn run(cli: Cli) -> Result<()> {
             policy::check(online, req).await
         }
         Command::Route { online, from, to, request: policy::RequestArgs { method, path, headers } } => {
-            policy::route(online, from, to, method, path, headers).await
+            route::route(online, from, to, method, path, headers).await
         }
         Command::Tap { online, args } => observe::tap(online, args).await,
         Command::Ca { online, cmd } => ca::run(online, cmd).await,

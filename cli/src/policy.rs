@@ -383,57 +383,13 @@ pub(crate) async fn check(cli: &Online, r: CheckRequest<'_>) -> Result<()> {
 }
 
 /// `NAME=VALUE` pairs of a repeatable flag.
-fn pairs(list: &[String], flag: &str) -> Result<std::collections::HashMap<String, String>> {
+pub(crate) fn pairs(list: &[String], flag: &str) -> Result<std::collections::HashMap<String, String>> {
     let mut out = std::collections::HashMap::new();
     for h in list {
         let (k, v) = h.split_once('=').ok_or_else(|| crate::usage(format!("--{flag} {h:?}: expected NAME=VALUE")))?;
         out.insert(k.trim().to_string(), v.trim().to_string());
     }
     Ok(out)
-}
-
-/// `route`: which TrafficPolicy route the caller's sidecar takes.
-pub(crate) async fn route(
-    cli: &Online,
-    from: &str,
-    to: &str,
-    method: &str,
-    path: &str,
-    headers: &[String],
-) -> Result<()> {
-    let hmap = pairs(headers, "header")?.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
-    let resp = admin(cli)
-        .await?
-        .simulate_route(SimulateRouteRequest {
-            source: from.to_string(),
-            service: to.to_string(),
-            method: method.to_string(),
-            path: path.to_string(),
-            headers: hmap,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    let backends: Vec<serde_json::Value> =
-        resp.backends.iter().map(|b| serde_json::json!({"service": b.service, "weight": b.weight})).collect();
-    let v = serde_json::json!({
-        "policy": (!resp.policy.is_empty()).then_some(&resp.policy),
-        "route": (resp.route >= 0).then_some(resp.route),
-        "backends": backends,
-        "path": resp.path,
-        "reason": resp.reason,
-    });
-    if cli.output != Output::Table {
-        return print_value(cli.output, &v);
-    }
-    outln!("policy:      {}", if resp.policy.is_empty() { "-" } else { &resp.policy });
-    outln!("route:       {}", if resp.route >= 0 { resp.route.to_string() } else { "-".into() });
-    for b in &resp.backends {
-        outln!("backend:     {} (weight {})", b.service, b.weight);
-    }
-    outln!("path:        {}", resp.path);
-    outln!("reason:      {}", resp.reason);
-    Ok(())
 }
 
 #[cfg(test)]

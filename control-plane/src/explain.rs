@@ -4,6 +4,7 @@
 //! compiled for the workload from the policies in the store, so an
 //! explanation is what that workload's sidecar would do.
 
+use palisade_policy::resilience::Resilience;
 use palisade_policy::{Enforcer, HeaderList, Headers as _, Inputs, Resource};
 use tonic::Status;
 
@@ -176,6 +177,8 @@ pub(crate) fn simulate_route(
     let refused = |e: palisade_policy::path::PathError| {
         Status::invalid_argument(format!("path: {e} (the callee's sidecar refuses it with 400)"))
     };
+    let method = if req.method.is_empty() { "GET" } else { req.method.as_str() };
+    let balancing = Some(balancing_of(&enforcer));
     let Some(routed) = enforcer.route_request(&req.service, raw_path, &HeaderList(&pairs)).map_err(refused)? else {
         let path = palisade_policy::path::normalize(raw_path).map_err(refused)?;
         return Ok(palisade_proto::v1::SimulateRouteResponse {
@@ -184,27 +187,73 @@ pub(crate) fn simulate_route(
             backends: vec![palisade_proto::v1::RouteBackend { service: req.service.clone(), weight: 1 }],
             path: with_query(&path),
             reason: format!("no TrafficPolicy route of {} matches: the request goes to {}", req.source, req.service),
+            resilience: Some(resilience_of(&Resilience::default(), method)),
+            balancing,
         });
     };
     let route = routed.route;
-    let backends: Vec<palisade_proto::v1::RouteBackend> = route
+    let mut backends: Vec<palisade_proto::v1::RouteBackend> = route
         .backends()
         .into_iter()
         .map(|(service, weight)| palisade_proto::v1::RouteBackend { service: service.to_string(), weight })
         .collect();
     let new_path = routed.rewritten.unwrap_or(routed.path);
     let total: u32 = backends.iter().map(|b| b.weight).sum();
-    let split = backends
-        .iter()
-        .filter(|b| b.weight > 0)
-        .map(|b| format!("{} {:.0}%", b.service, f64::from(b.weight) * 100.0 / f64::from(total.max(1))))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let split = if backends.is_empty() {
+        // A route that names no backends (timeouts or retries only) keeps the called service.
+        backends.push(palisade_proto::v1::RouteBackend { service: req.service.clone(), weight: 1 });
+        format!("{} (the called service)", req.service)
+    } else {
+        backends
+            .iter()
+            .filter(|b| b.weight > 0)
+            .map(|b| format!("{} {:.0}%", b.service, f64::from(b.weight) * 100.0 / f64::from(total.max(1))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     Ok(palisade_proto::v1::SimulateRouteResponse {
         policy: route.policy.to_string(),
         route: route.index as i64,
         backends,
         path: with_query(&new_path),
         reason: format!("TrafficPolicy {} route {} matches: {split}", route.policy, route.index),
+        resilience: Some(resilience_of(&route.resilience, method)),
+        balancing,
     })
+}
+
+fn human(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// The timeouts and retries a request gets, for `method`.
+fn resilience_of(r: &Resilience, method: &str) -> palisade_proto::v1::RouteResilience {
+    let retry = &r.retry;
+    palisade_proto::v1::RouteResilience {
+        timeout: r.timeout.map(human).unwrap_or_default(),
+        per_try_timeout: r.per_try_timeout.map(human).unwrap_or_default(),
+        attempts: retry.attempts,
+        retry_on: retry.on.names(),
+        backoff: human(retry.backoff),
+        max_backoff: human(retry.max_backoff),
+        non_idempotent: retry.non_idempotent,
+        method_retried: retry.retries_method(method),
+        max_body_bytes: retry.max_body_bytes,
+        budget_percent: retry.budget_percent,
+        budget_min_per_second: retry.budget_min_per_second,
+    }
+}
+
+/// How the caller balances and ejects endpoints.
+fn balancing_of(enforcer: &Enforcer) -> palisade_proto::v1::RouteBalancing {
+    let b = enforcer.balancing();
+    palisade_proto::v1::RouteBalancing {
+        policy: enforcer.balancing_policy().unwrap_or_default().to_string(),
+        warmup: human(b.warmup),
+        consecutive_failures: b.ejection.consecutive_failures,
+        success_rate_min_requests: b.ejection.success_rate_min_requests,
+        base_time: human(b.ejection.base_time),
+        max_time: human(b.ejection.max_time),
+        max_percent: b.ejection.max_percent,
+    }
 }

@@ -168,6 +168,8 @@ pub struct Enforcer {
     cors: Option<crate::traffic::CorsPolicy>,
     routes: crate::route::Routes,
     balancing: crate::resilience::Balancing,
+    /// `namespace/name` of the TrafficPolicy `balancing` comes from.
+    balancing_from: Option<Arc<str>>,
     rules: RuleSet,
     limits: Vec<CompiledLimit>,
     recorded: crate::preview::sample::Recorded,
@@ -225,11 +227,9 @@ impl Enforcer {
             keyed.iter().map(|(k, s)| (k.clone(), s.routes.as_slice())).collect();
         let routes = crate::route::Routes::compile(&routes);
         // The first TrafficPolicy (in `namespace/name` order, as routes) that says how to balance.
-        let balancing = traffic_specs
-            .iter()
-            .find_map(|s| s.balancing.as_ref())
-            .map(crate::resilience::Balancing::compile)
-            .unwrap_or_default();
+        let first = keyed.iter().find_map(|(k, s)| Some((k, s.balancing.as_ref()?)));
+        let balancing = first.map(|(_, b)| crate::resilience::Balancing::compile(b)).unwrap_or_default();
+        let balancing_from = first.map(|(k, _)| Arc::from(k.as_str()));
         let mut limits = Vec::new();
         for r in inputs.resources {
             let Resource::RateLimitPolicy { spec, .. } = r else { continue };
@@ -262,6 +262,7 @@ impl Enforcer {
             cors,
             routes,
             balancing,
+            balancing_from,
             rules,
             limits,
             recorded,
@@ -297,6 +298,12 @@ impl Enforcer {
     /// TrafficPolicy targeting it with `balancing`, else the defaults).
     pub fn balancing(&self) -> &crate::resilience::Balancing {
         &self.balancing
+    }
+
+    /// `namespace/name` of the TrafficPolicy [`balancing`](Self::balancing)
+    /// comes from (`None`: the defaults).
+    pub fn balancing_policy(&self) -> Option<&str> {
+        self.balancing_from.as_deref()
     }
 
     /// The request checks TrafficPolicies ask for (`validation`).

@@ -843,6 +843,11 @@ spec:
     - match: {service: orders.shop, pathPrefix: /canary}
       backends: [{service: orders.shop, weight: 80}, {service: orders-v2.shop, weight: 20}]
       rewritePrefix: /echo
+    - match: {service: orders.shop, pathPrefix: /slow}
+      rewritePrefix: /echo
+      timeout: 2s
+      perTryTimeout: 500ms
+      retry: {attempts: 3, on: [5xx, reset], budget: {percent: 10}}
 "#;
     m.apply_at(&m.web, "routes", routes).await;
     let count = |a: &HttpApp| a.requests.load(Ordering::SeqCst);
@@ -886,6 +891,12 @@ spec:
         format!(r#"palisade_routed_requests_total{{route="shop/web-routes#2",backend="orders-v2.shop"}} {to_v2}"#);
     assert!(metric.contains(&line), "{line}\n{metric}");
 
+    // A route without backends keeps the called service (it sets timeouts and retries only).
+    let before = count(&v1);
+    let r = call(m.web_port, "GET", "/slow?x=2", "").await;
+    assert_eq!((status(&r), count(&v1)), (200, before + 1), "{r}");
+    assert!(r.contains(r#""uri":"/echo?x=2""#), "{r}");
+
     // palisadectl shows the route a request takes.
     let route = |args: &[&str]| {
         let mut all = vec!["route", "--from", WEB, "--to", "orders.shop", "-o", "json"];
@@ -910,6 +921,28 @@ spec:
     assert_eq!(r["route"], 0);
     let r = route(&["--path", "/v1/x"]);
     assert_eq!((r["route"].is_null(), r["backends"][0]["service"].as_str()), (true, Some("orders.shop")), "{r}");
+    // ... with the defaults: the sidecar's timeout, 2 attempts for idempotent methods, default balancing.
+    assert_eq!((r["timeout"].is_null(), r["retry"]["attempts"].as_u64()), (true, Some(2)), "{r}");
+    assert_eq!(r["retry"]["on"], serde_json::json!(["connect-failure", "reset", "try-timeout", "503", "unavailable"]));
+    assert_eq!((r["retry"]["methodRetried"].as_bool(), r["balancing"]["warmup"].as_str()), (Some(true), Some("10s")));
+    assert_eq!(
+        (r["balancing"]["policy"].is_null(), r["balancing"]["ejection"]["consecutiveFailures"].as_u64()),
+        (true, Some(5))
+    );
+    // The timeouts and retries of the route a request takes.
+    let r = route(&["--path", "/slow/x", "--method", "post"]);
+    assert_eq!((r["route"].as_i64(), r["backends"][0]["service"].as_str()), (Some(3), Some("orders.shop")), "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("(the called service)") && r["path"] == "/echo/x", "{r}");
+    assert_eq!((r["timeout"].as_str(), r["perTryTimeout"].as_str()), (Some("2s"), Some("500ms")), "{r}");
+    let retry = &r["retry"];
+    assert_eq!((retry["attempts"].as_u64(), &retry["on"]), (Some(3), &serde_json::json!(["reset", "5xx"])), "{r}");
+    assert_eq!((retry["methodRetried"].as_bool(), retry["budget"]["percent"].as_u64()), (Some(false), Some(10)), "{r}");
+    let table = String::from_utf8_lossy(
+        &m.cp.ctl(&["route", "--from", WEB, "--to", "orders.shop", "--path", "/slow", "--method", "POST"]).stdout,
+    )
+    .into_owned();
+    assert!(table.contains("timeout:     2s") && table.contains("POST is not retried (not idempotent"), "{table}");
+    assert!(table.contains("at most 10% of the requests + 10/s"), "{table}");
     let table = String::from_utf8_lossy(
         &m.cp.ctl(&["route", "--from", WEB, "--to", "orders.shop", "--path", "/canary"]).stdout,
     )

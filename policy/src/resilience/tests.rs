@@ -177,12 +177,14 @@ fn balancing_compiles_with_defaults_and_the_first_policy_decides() {
     let e = crate::Enforcer::compile(inputs, WEB, None).unwrap();
     let b = e.balancing();
     assert_eq!((b.warmup, b.ejection.consecutive_failures), (Duration::from_secs(1), 0), "shop/b comes first");
+    assert_eq!(e.balancing_policy(), Some("shop/b"));
     let routed = e.route_request("orders.shop", "/x", &crate::HeaderList(&[])).unwrap().unwrap();
     assert_eq!((routed.route.pick(0), routed.route.resilience.timeout), (None, Some(Duration::from_secs(2))));
     let none =
         crate::Enforcer::compile(crate::Inputs { resources: &resources[1..2], ..crate::Inputs::none() }, WEB, None)
             .unwrap();
     assert_eq!(*none.balancing(), Balancing::default());
+    assert_eq!(none.balancing_policy(), None);
     // The whole resource names the field and its value.
     let bad = policy("x", WEB, "  balancing: {ejection: {maxPercent: 150}}\n");
     let e = crate::test_util::parse_all(&bad).unwrap_err().to_string();
