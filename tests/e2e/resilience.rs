@@ -140,11 +140,11 @@ struct Load {
 
 impl Load {
     fn start(port: u16, workers: usize) -> Self {
-        let (stop, ok, errors) = (Arc::new(AtomicBool::new(false)), Arc::default(), Arc::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, errors) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let tasks = (0..workers)
             .map(|_| {
-                let (stop, ok, errors): (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>) =
-                    (stop.clone(), Arc::clone(&ok), Arc::clone(&errors));
+                let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
                 tokio::spawn(async move {
                     let mut c = crate::dataplane::h1_client(port).await;
                     while !stop.load(Ordering::SeqCst) {
@@ -305,18 +305,6 @@ async fn retries_recover_transient_failures_within_the_budget_and_timeouts_end_h
     b.fail(50, 503);
     let a = send(orders_port, "POST", "/hello", Bytes::from_static(b"once")).await;
     assert_eq!((a.status, a.attempts, b.received("POST")), (503, Some(1), 1), "{a:?}");
-    // ... and is, whole, when it does (nonIdempotent).
-    let sent = Bytes::from("0123456789abcdef".repeat(512));
-    b.fail(50, 503);
-    let a = send(orders_port, "POST", "/echo", sent.clone()).await;
-    assert_eq!((a.status, a.attempts, b.received("POST")), (200, Some(2), 3), "{a:?}");
-    let echoed: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
-    assert_eq!(echoed["body"].as_str().map(str::len), Some(sent.len()), "the retry carried the whole body");
-    assert_eq!(echoed["body"], String::from_utf8_lossy(&sent).as_ref());
-    // A body larger than the route keeps (maxBodyBytes) is not sent again.
-    b.fail(50, 503);
-    let a = send(orders_port, "POST", "/echo", Bytes::from(vec![b'x'; 32 << 10])).await;
-    assert_eq!((a.status, a.attempts, b.received("POST")), (503, Some(1), 4), "{a:?}");
     b.fail(0, 503);
 
     // (d) A hung app: the route's 500ms timeout answers 504.
@@ -334,7 +322,8 @@ async fn retries_recover_transient_failures_within_the_budget_and_timeouts_end_h
     // perTryTimeout: one stock instance hangs, the other answers: 200, tried twice.
     stock_a.behaviour.hang.store(true, Ordering::SeqCst);
     let mut tries = Vec::new();
-    for _ in 0..5 {
+    let stock_calls = 5;
+    for _ in 0..stock_calls {
         let a = send(stock_port, "GET", "/hello", Bytes::new()).await;
         assert_eq!(a.status, 200, "{a:?}");
         assert!(a.took < Duration::from_secs(5), "{a:?}");
@@ -383,7 +372,6 @@ async fn retries_recover_transient_failures_within_the_budget_and_timeouts_end_h
     // (c) A total outage of stock: the extra requests reaching the apps
     // stay within the budget (20% of the requests plus 10 a second over
     // its 10 s window), though the route allows 3 tries.
-    let earlier_calls = 5;
     stock_a.behaviour.fail(100, 503);
     stock_b.behaviour.fail(100, 503);
     let count = || stock_a.requests.load(Ordering::SeqCst) + stock_b.requests.load(Ordering::SeqCst);
@@ -416,8 +404,23 @@ async fn retries_recover_transient_failures_within_the_budget_and_timeouts_end_h
     assert!(statuses.iter().all(|s| *s == 503), "the outage shows: {:?}", &statuses[..10]);
     let extra = count() - before - n;
     // The floor is 10 a second over any 10 s window: 100 per window begun.
-    let bound = (n + earlier_calls) * 20 / 100 + 100 * secs.div_ceil(10) as usize;
+    let bound = (n + stock_calls) * 20 / 100 + 100 * secs.div_ceil(10) as usize;
     println!("outage: {n} calls in {secs} s, {extra} extra requests at the apps, budget bound {bound}");
     assert!(extra > 0, "retries were tried");
     assert!(extra <= bound, "{extra} extra requests over {secs} s for {n} calls: the budget allows {bound}");
+
+    // (b, last: orders has its own budget) A POST is retried, whole, when its
+    // route says so (nonIdempotent).
+    let sent = Bytes::from("0123456789abcdef".repeat(512));
+    b.fail(50, 503);
+    let a = send(orders_port, "POST", "/echo", sent.clone()).await;
+    assert_eq!((a.status, a.attempts, b.received("POST")), (200, Some(2), 3), "{a:?}");
+    let echoed: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(echoed["body"].as_str().map(str::len), Some(sent.len()), "the retry carried the whole body");
+    assert_eq!(echoed["body"], String::from_utf8_lossy(&sent).as_ref());
+    // A body larger than the route keeps (maxBodyBytes) is not sent again.
+    b.fail(50, 503);
+    let a = send(orders_port, "POST", "/echo", Bytes::from(vec![b'x'; 32 << 10])).await;
+    assert_eq!((a.status, a.attempts, b.received("POST")), (503, Some(1), 4), "{a:?}");
+    b.fail(0, 503);
 }
