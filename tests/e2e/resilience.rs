@@ -101,6 +101,23 @@ async fn send(port: u16, method: &str, path: &str, body: Bytes) -> Answer {
     Answer { status, attempts, body, took: started.elapsed() }
 }
 
+/// POSTs `chunks` to /echo (chunked) on the caller's local `port`: the
+/// status, `x-palisade-attempts` and the app's echo.
+async fn send_chunked(port: u16, chunks: &[&'static str]) -> (u16, Option<u32>, serde_json::Value) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let (mut s, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::StreamBody<_>>(io).await.unwrap();
+    tokio::spawn(conn);
+    let frames = chunks.iter().map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(*c))));
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames.collect::<Vec<_>>()));
+    let req = http::Request::post("/echo").header("host", "orders").body(body).unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let attempts = resp.headers().get("x-palisade-attempts").and_then(|v| v.to_str().ok()?.parse().ok());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, attempts, serde_json::from_slice(&body).unwrap_or_default())
+}
+
 /// Calls `Echo/Slow` on the caller's local `port` over h2c with a
 /// `grpc-timeout` header and no timer of the client's; returns the
 /// grpc-status and whether a sidecar answered (`x-palisade-error`).
@@ -410,17 +427,21 @@ async fn retries_recover_transient_failures_within_the_budget_and_timeouts_end_h
     assert!(extra <= bound, "{extra} extra requests over {secs} s for {n} calls: the budget allows {bound}");
 
     // (b, last: orders has its own budget) A POST is retried, whole, when its
-    // route says so (nonIdempotent).
+    // route says so (nonIdempotent): streamed (chunked), and of a declared length.
+    b.fail(50, 503);
+    let (status, attempts, echoed) = send_chunked(orders_port, &["part1-", "part2"]).await;
+    assert_eq!((status, attempts, b.received("POST")), (200, Some(2), 3));
+    assert_eq!(echoed["body"], "part1-part2", "{echoed}");
     let sent = Bytes::from("0123456789abcdef".repeat(512));
     b.fail(50, 503);
     let a = send(orders_port, "POST", "/echo", sent.clone()).await;
-    assert_eq!((a.status, a.attempts, b.received("POST")), (200, Some(2), 3), "{a:?}");
+    assert_eq!((a.status, a.attempts, b.received("POST")), (200, Some(2), 5), "{a:?}");
     let echoed: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
     assert_eq!(echoed["body"].as_str().map(str::len), Some(sent.len()), "the retry carried the whole body");
     assert_eq!(echoed["body"], String::from_utf8_lossy(&sent).as_ref());
     // A body larger than the route keeps (maxBodyBytes) is not sent again.
     b.fail(50, 503);
     let a = send(orders_port, "POST", "/echo", Bytes::from(vec![b'x'; 32 << 10])).await;
-    assert_eq!((a.status, a.attempts, b.received("POST")), (503, Some(1), 4), "{a:?}");
+    assert_eq!((a.status, a.attempts, b.received("POST")), (503, Some(1), 6), "{a:?}");
     b.fail(0, 503);
 }
