@@ -26,6 +26,7 @@ mod podman;
 mod policy;
 mod push;
 mod replicas;
+mod resilience;
 mod rotation;
 mod trace;
 mod visible;

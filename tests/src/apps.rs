@@ -6,7 +6,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,23 +35,94 @@ pub struct HttpApp {
     pub addr: SocketAddr,
     /// Requests received (any path).
     pub requests: Arc<AtomicUsize>,
+    /// How it answers, changeable while it runs.
+    pub behaviour: Arc<Behaviour>,
+}
+
+/// How an [`HttpApp`] answers, changed at run time by the tests: added
+/// latency, a share of requests failed, or no answer at all; and what it
+/// received, by method.
+#[derive(Debug, Default)]
+pub struct Behaviour {
+    /// Milliseconds added before every answer.
+    pub delay_ms: AtomicU64,
+    /// Percent of requests answered `fail_status` (spread evenly, not at
+    /// random: at 50 % the first request since [`fail`](Self::fail) fails,
+    /// the next succeeds, and so on).
+    fail_percent: AtomicU64,
+    fail_status: AtomicU16,
+    /// Requests since the failure share was last set.
+    seq: AtomicU64,
+    /// Never answer (the request hangs until the caller gives up).
+    pub hang: AtomicBool,
+    received: Mutex<std::collections::BTreeMap<String, usize>>,
+}
+
+impl Behaviour {
+    /// Answers `percent`% of the requests from now on with `status`.
+    pub fn fail(&self, percent: u64, status: u16) {
+        self.fail_status.store(status, Ordering::SeqCst);
+        self.seq.store(0, Ordering::SeqCst);
+        self.fail_percent.store(percent.min(100), Ordering::SeqCst);
+    }
+
+    /// Requests received with `method` (`GET`, `POST`...).
+    pub fn received(&self, method: &str) -> usize {
+        self.received.lock().unwrap_or_else(|p| p.into_inner()).get(method).copied().unwrap_or(0)
+    }
+
+    /// What to do with one request: `Some(status)` to fail it.
+    async fn apply(&self, method: &http::Method) -> Option<u16> {
+        *self.received.lock().unwrap_or_else(|p| p.into_inner()).entry(method.to_string()).or_default() += 1;
+        let n = self.seq.fetch_add(1, Ordering::SeqCst);
+        let percent = self.fail_percent.load(Ordering::SeqCst);
+        let fails = percent > 0 && (n * percent) % 100 < percent;
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        fails.then(|| self.fail_status.load(Ordering::SeqCst))
+    }
 }
 
 impl HttpApp {
     pub async fn start() -> Self {
+        Self::start_with(Arc::default()).await
+    }
+
+    /// An app that answers as `behaviour` says (see [`Behaviour`]).
+    pub async fn start_with(behaviour: Arc<Behaviour>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("invariant: loopback bind");
         let addr = listener.local_addr().expect("invariant: bound");
         let requests = Arc::new(AtomicUsize::new(0));
         let counter = requests.clone();
+        let b = behaviour.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 let _ = tcp.set_nodelay(true);
                 let counter = counter.clone();
+                let b = b.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         counter.fetch_add(1, Ordering::SeqCst);
-                        handle(req)
+                        let b = b.clone();
+                        async move {
+                            match b.apply(req.method()).await {
+                                Some(status) => {
+                                    // Read what was sent, as a real app would before failing.
+                                    let _ = req.into_body().collect().await;
+                                    let mut r = Response::new(body("failing on purpose"));
+                                    *r.status_mut() =
+                                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                                    Ok(r)
+                                }
+                                None => handle(req).await,
+                            }
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
@@ -58,7 +130,7 @@ impl HttpApp {
                 });
             }
         });
-        Self { addr, requests }
+        Self { addr, requests, behaviour }
     }
 }
 

@@ -61,7 +61,8 @@ fn parse_args() -> Result<Option<Args>> {
                      palisade-bench traffic [RATE] [SECONDS]   (server sidecar CPU per 1 KB JSON POST: plain, with a TrafficPolicy: CORS, headers, schema)\n\
                      palisade-bench traffic instructions [N]   (the same two cases in instructions per request, under callgrind)\n\
                      palisade-bench trace [RATE] [SECONDS]   (both sidecars' CPU per request: plain, tracing at 1% and 100% to an OTLP receiver, access logs)\n\
-                     palisade-bench trace instructions [N]   (the same four cases in instructions per request, under callgrind)\n\n\
+                     palisade-bench trace instructions [N]   (the same four cases in instructions per request, under callgrind)\n\
+                     palisade-bench resilience [SECONDS] [CONCURRENCY]   (caller p50/p99 and errors, 1 of 5 instances slow or failing, round-robin vs peak-ewma)\n\n\
                      Measures direct vs mesh: closed-loop max throughput, open-loop latency at --rate,\n\
                      sidecar RSS idle and at --load-rate, sidecar CPU per 1000 requests.\n\
                      Uses palisade-control-plane and palisade-sidecar next to this binary (or PALISADE_BIN_DIR)."
@@ -116,6 +117,12 @@ fn main() -> Result<()> {
         let rate = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
         let secs = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
         return rt.block_on(tracing_cost::run(rate, Duration::from_secs(secs)));
+    }
+    if std::env::args().nth(1).as_deref() == Some("resilience") {
+        let secs = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(10);
+        let concurrency = std::env::args().nth(3).map(|s| s.parse()).transpose()?.unwrap_or(32);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(balance::run(secs, concurrency));
     }
     if std::env::args().nth(1).as_deref() == Some("mesh") {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -751,6 +758,7 @@ impl Drop for AppGuard {
     }
 }
 
+mod balance;
 mod push;
 
 #[cfg(test)]
