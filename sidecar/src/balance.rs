@@ -185,6 +185,11 @@ impl Balancer {
         InFlight { endpoint, service: service.clone(), started: Instant::now(), done: false }
     }
 
+    /// Another request (or connection) on the endpoint of `flight`.
+    pub fn again(&self, flight: &InFlight) -> InFlight {
+        self.start(&flight.service, flight.endpoint.clone())
+    }
+
     /// Records how a request on an endpoint went: its latency, and whether
     /// it counts towards ejecting it.
     pub fn finish(&self, mut flight: InFlight, outcome: Outcome, cfg: &Balancing) {
@@ -193,14 +198,16 @@ impl Balancer {
         let ep = &flight.endpoint;
         ep.in_flight.fetch_sub(1, Ordering::Relaxed);
         let now = Instant::now();
+        // Answers to requests sent before it was ejected are counted, and
+        // change nothing else: neither eject it again nor end its probation.
+        let out = ep.ejected_until.load(Ordering::Relaxed) > self.now_ms();
         let verdict = {
             let mut h = ep.health.lock().unwrap_or_else(|p| p.into_inner());
-            h.record(outcome, rtt, now, DECAY, self.mode == Mode::PeakEwma, &cfg.ejection)
+            match out {
+                true => h.count(outcome),
+                false => h.record(outcome, rtt, now, DECAY, self.mode == Mode::PeakEwma, &cfg.ejection),
+            }
         };
-        // Answers to requests sent before it was ejected do not eject it again.
-        if ep.ejected_until.load(Ordering::Relaxed) > self.now_ms() {
-            return;
-        }
         let eject = match verdict {
             health::Verdict::Keep => return,
             health::Verdict::Down => true,

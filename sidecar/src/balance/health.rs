@@ -97,6 +97,13 @@ impl Health {
         (ok, ok + self.halves[0].1 + self.halves[1].1)
     }
 
+    /// Counts an answer that came while the endpoint was ejected.
+    pub(super) fn count(&mut self, outcome: Outcome) -> Verdict {
+        self.requests += 1;
+        self.failures += u64::from(outcome != Outcome::Success);
+        Verdict::Keep
+    }
+
     /// Records one outcome (`latency`: whether latency samples are kept).
     pub(super) fn record(
         &mut self,

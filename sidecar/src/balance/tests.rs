@@ -156,3 +156,29 @@ fn in_flight_requests_weigh_on_the_cost() {
     }
     assert_eq!(b.snapshot()[0].endpoints.iter().map(|e| e.in_flight).sum::<u32>(), 10);
 }
+
+#[test]
+fn an_answer_sent_before_the_ejection_does_not_end_its_probation() {
+    let b = Balancer::new(Mode::PeakEwma);
+    let s = b.service("orders.shop");
+    let ps = peers(3);
+    let cfg = cfg();
+    run(&b, &s, &ps, &cfg, 30, |_| (Outcome::Success, Duration::from_millis(1)));
+    let ep0 = loop {
+        let ep = b.pick(&s, &ps, 1, &cfg, None).0.unwrap();
+        if ep.peer == ps[0] {
+            break ep;
+        }
+    };
+    let early = b.start(&s, ep0.clone());
+    for _ in 0..5 {
+        let f = b.start(&s, ep0.clone());
+        b.finish(f, Outcome::Failure, &cfg);
+    }
+    assert_eq!(b.snapshot()[0].endpoints[0].ejections, 1);
+    b.finish(early, Outcome::Success, &cfg);
+    std::thread::sleep(Duration::from_millis(250));
+    let f = b.start(&s, ep0.clone());
+    b.finish(f, Outcome::Failure, &cfg);
+    assert_eq!(b.snapshot()[0].endpoints[0].ejections, 2, "the first answer after its return decides");
+}

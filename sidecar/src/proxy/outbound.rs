@@ -243,14 +243,20 @@ impl Outbound {
             };
             match self.peers.connect(&peer, ALPN_TCP).await {
                 Ok(t) => {
-                    tls = Some((t, peer, flight));
+                    // The connect is the latency sample; the connection stays
+                    // counted in flight while it is open.
+                    let open = flight.as_ref().map(|f| self.balancer.again(f));
+                    if let Some(f) = flight {
+                        self.balancer.finish(f, crate::balance::Outcome::Success, self.balancing().as_ref());
+                    }
+                    tls = Some((t, peer, open));
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(src.addr = %src, dst.addr = %peer.addr, dst.identity = %peer.identity, error = %e, "outbound TCP failed");
                     let down =
                         matches!(e, super::peer::PeerError::Connect { .. } | super::peer::PeerError::Timeout { .. });
-                    if let Some(f) = flight {
+                    if let Some(f) = flight.filter(|_| down) {
                         self.balancer.finish(f, crate::balance::Outcome::Unreachable, self.balancing().as_ref());
                     }
                     if !down || matches!(dest, Dest::Peer(_)) {

@@ -76,6 +76,11 @@ impl hyper::body::Body for Keeping {
                 } else if let Some(t) = frame.trailers_ref() {
                     k.trailers = Some(t.clone());
                 }
+                // A body of declared length has ended with its last data:
+                // the HTTP/2 client stops reading there, never seeing the end.
+                if self.inner.is_end_stream() {
+                    k.ended = true;
+                }
             }
             Poll::Ready(Some(Err(_))) => k.lost = true,
             Poll::Ready(None) => k.ended = true,
@@ -149,6 +154,15 @@ mod tests {
         assert!(keeper.replay().is_none());
         let (_body, keeper) = keep(stream(&["ab"]), 4);
         assert!(keeper.replay().is_none(), "never read");
+        let (mut body, keeper) = keep(super::super::full(Bytes::from_static(b"abc")), 4);
+        let frame = std::future::poll_fn(|cx| hyper::body::Body::poll_frame(Pin::new(&mut body), cx)).await;
+        assert!(frame.is_some_and(|f| f.is_ok()));
+        assert!(hyper::body::Body::is_end_stream(&body));
+        assert_eq!(
+            keeper.replay().unwrap().collect().await.unwrap().to_bytes(),
+            "abc",
+            "a body of known length has ended with its last data, read or not"
+        );
         let (_body, keeper) = keep(super::super::full(Bytes::new()), 4);
         assert_eq!(keeper.replay().unwrap().collect().await.unwrap().to_bytes(), "", "an empty body ends at once");
     }

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{CHUNK_CHECK_WAIT, Dest, Outbound};
 use crate::proxy::detect::Protocol;
-use crate::proxy::peer::Peer;
+use crate::proxy::peer::{Peer, PeerError};
 use crate::proxy::{ALPN_HTTP1, Body, ORIG_PROTO, PEER_IDENTITY, ProxyError, is_upgrade};
 
 impl Outbound {
@@ -117,10 +117,11 @@ impl Outbound {
         let (peer, flight) = self.choose(&target, None).await?;
         let tls = self.peers.connect(&peer, ALPN_HTTP1).await;
         let outcome = match &tls {
-            Ok(_) => crate::balance::Outcome::Success,
-            Err(_) => crate::balance::Outcome::Unreachable,
+            Ok(_) => Some(crate::balance::Outcome::Success),
+            Err(PeerError::Connect { .. } | PeerError::Timeout { .. }) => Some(crate::balance::Outcome::Unreachable),
+            Err(_) => None,
         };
-        if let Some(f) = flight {
+        if let (Some(f), Some(outcome)) = (flight, outcome) {
             self.balancer.finish(f, outcome, self.balancing().as_ref());
         }
         let tls = tls?;
