@@ -117,7 +117,15 @@ impl Collector for BalancerCollector {
             None,
             omitted.metric_type(),
         )?;
-        omitted.encode(m)
+        omitted.encode(m)?;
+        let kept = ConstGauge::new(crate::proxy::replay::kept_total() as i64);
+        let m = enc.encode_descriptor(
+            "retry_kept_bytes",
+            "Bytes of request bodies kept to send again, across all calls in flight (at most 32 MiB)",
+            None,
+            kept.metric_type(),
+        )?;
+        kept.encode(m)
     }
 }
 
@@ -208,6 +216,7 @@ mod tests {
         }
         assert!(text.contains("# TYPE palisade_endpoint_requests counter"), "{text}");
         assert!(text.contains("# TYPE palisade_retry_budget_remaining gauge"), "{text}");
+        assert!(text.contains("# TYPE palisade_retry_kept_bytes gauge"), "{text}");
         assert!(text.contains(&format!("palisade_endpoint_latency_ewma_seconds{l2} ")), "{text}");
         assert!(text.contains(r#"palisade_retry_budget_remaining{service="orders.shop"} "#), "{text}");
     }

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -15,14 +16,49 @@ use hyper::body::{Frame, SizeHint};
 
 use super::Body;
 
+/// Bytes of request bodies kept, across every call in flight on this
+/// sidecar, at most: past it a body is not kept (its call is not retried
+/// once sent), so many large requests at once cannot exhaust memory.
+pub const MAX_KEPT_TOTAL: u64 = 32 << 20;
+
+static KEPT_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes kept now, across all calls.
+pub fn kept_total() -> u64 {
+    KEPT_TOTAL.load(Ordering::Relaxed)
+}
+
+/// Reserves `n` bytes of [`MAX_KEPT_TOTAL`].
+fn reserve(n: u64) -> bool {
+    KEPT_TOTAL
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| t.checked_add(n).filter(|t| *t <= MAX_KEPT_TOTAL))
+        .is_ok()
+}
+
 #[derive(Debug, Default)]
 struct Kept {
     chunks: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     len: u64,
+    /// Bytes of [`MAX_KEPT_TOTAL`] this body holds.
+    reserved: u64,
     /// The body went past the bound (nothing kept) or failed.
     lost: bool,
     ended: bool,
+}
+
+impl Kept {
+    fn lose(&mut self) {
+        self.lost = true;
+        self.chunks = Vec::new();
+        KEPT_TOTAL.fetch_sub(std::mem::take(&mut self.reserved), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        KEPT_TOTAL.fetch_sub(self.reserved, Ordering::Relaxed);
+    }
 }
 
 /// The body sent on the first try.
@@ -39,7 +75,8 @@ pub struct Keeper(Arc<Mutex<Kept>>);
 
 /// Wraps `body`, keeping up to `max` bytes of it.
 pub fn keep(body: Body, max: u64) -> (Body, Keeper) {
-    let kept = Kept { ended: hyper::body::Body::is_end_stream(&body), ..Kept::default() };
+    let mut kept = Kept::default();
+    kept.ended = hyper::body::Body::is_end_stream(&body);
     let kept = Arc::new(Mutex::new(kept));
     (Keeping { inner: body, kept: kept.clone(), max }.boxed_unsync(), Keeper(kept))
 }
@@ -66,11 +103,12 @@ impl hyper::body::Body for Keeping {
         match &r {
             Poll::Ready(Some(Ok(frame))) if !k.lost => {
                 if let Some(data) = frame.data_ref() {
-                    k.len += data.len() as u64;
-                    if k.len > max {
-                        k.lost = true;
-                        k.chunks = Vec::new();
+                    let n = data.len() as u64;
+                    k.len += n;
+                    if k.len > max || !reserve(n) {
+                        k.lose();
                     } else {
+                        k.reserved += n;
                         k.chunks.push(data.clone());
                     }
                 } else if let Some(t) = frame.trailers_ref() {
@@ -82,7 +120,7 @@ impl hyper::body::Body for Keeping {
                     k.ended = true;
                 }
             }
-            Poll::Ready(Some(Err(_))) => k.lost = true,
+            Poll::Ready(Some(Err(_))) => k.lose(),
             Poll::Ready(None) => k.ended = true,
             _ => {}
         }
@@ -145,6 +183,25 @@ mod tests {
         let again = keeper.replay().unwrap();
         assert_eq!(again.collect().await.unwrap().to_bytes(), "abcd");
         assert!(keeper.replay().is_some(), "as often as needed");
+    }
+
+    #[tokio::test]
+    async fn kept_bytes_are_bounded_across_calls_and_given_back() {
+        let big = Bytes::from(vec![b'x'; (MAX_KEPT_TOTAL / 2) as usize]);
+        let body = |b: &Bytes| super::super::full(b.clone());
+        let (a, ka) = keep(body(&big), u64::MAX);
+        let (b, kb) = keep(body(&big), u64::MAX);
+        let (c, kc) = keep(body(&big), u64::MAX);
+        for b in [a, b, c] {
+            let _ = b.collect().await.unwrap();
+        }
+        assert!(ka.replay().is_some() && kb.replay().is_some());
+        assert!(kc.replay().is_none(), "past the sidecar's total, not kept");
+        assert!(kept_total() >= MAX_KEPT_TOTAL);
+        drop((ka, kb, kc));
+        let (d, kd) = keep(body(&big), u64::MAX);
+        let _ = d.collect().await.unwrap();
+        assert!(kd.replay().is_some(), "what was kept is given back when the calls end");
     }
 
     #[tokio::test]
