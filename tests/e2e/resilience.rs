@@ -260,6 +260,25 @@ async fn slow_and_failing_instances_lose_their_share_and_a_recovered_one_comes_b
     let (ok, errors) = load.finish().await;
     assert!(ok >= 500, "{ok} answers");
     assert!(errors * 100 <= ok, "the caller sees next to no errors: {errors} of {}", ok + errors);
+
+    // docs/resilience.md's commands, as a reader runs them against this mesh.
+    let page = std::fs::read_to_string(palisade_tests::repo_root().join("docs/resilience.md")).unwrap();
+    let blocks: Vec<&str> = page.split("```sh\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    assert_eq!(blocks.len(), 1, "the page's one command block");
+    let path = format!("{}:{}", palisade_tests::bin_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new("bash")
+        .args(["-c", &format!("set -euo pipefail\n{}", blocks[0])])
+        .current_dir(palisade_tests::repo_root())
+        .env("PATH", path)
+        .env("PALISADE_CONTROL_PLANE", &m.cp.addr)
+        .env("PALISADE_CREDENTIALS", m.cp.admin_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for said in ["shop/web-resilience", "2s", "500ms", "POST"] {
+        assert!(text.contains(said), "route explains {said}: {text}");
+    }
 }
 
 const ROUTES: &str = r#"apiVersion: palisade.dev/v1
