@@ -47,7 +47,7 @@ const DECAY: Duration = Duration::from_secs(10);
 pub struct Balancer {
     mode: Mode,
     epoch: Instant,
-    services: RwLock<HashMap<Arc<str>, Arc<Service>>>,
+    services: RwLock<HashMap<Arc<str>, Arc<Service>, crate::directory::Fast>>,
 }
 
 /// One called service: its endpoints and its retry budget.
@@ -102,7 +102,11 @@ impl Balancer {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.ms(Instant::now())
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// The state of `service`, created on its first call.
@@ -145,7 +149,8 @@ impl Balancer {
         }
         let endpoints = service.endpoints.read().unwrap_or_else(|p| p.into_inner());
         let list = &endpoints.list;
-        let now = self.now_ms();
+        let instant = Instant::now();
+        let now = self.ms(instant);
         let usable = |e: &Arc<Endpoint>| e.ejected_until.load(Ordering::Relaxed) <= now && Some(e.peer.addr) != avoid;
         let mut n = list.iter().filter(|e| usable(e)).count();
         // None usable: every endpoint is ejected or avoided; better one of
@@ -167,10 +172,9 @@ impl Balancer {
                 let (a, b) = (nth(i), nth(j));
                 match (a, b) {
                     (Some(a), Some(b)) => {
-                        let now = Instant::now();
-                        let (win, lose) = if a.cost(now) <= b.cost(now) { (a, b) } else { (b, a) };
+                        let (win, lose) = if a.cost(instant) <= b.cost(instant) { (a, b) } else { (b, a) };
                         // A warming endpoint wins only its share so far.
-                        Some(if fastrand::f64() < win.warmth(now, cfg.warmup) { win } else { lose })
+                        Some(if fastrand::f64() < win.warmth(instant, cfg.warmup) { win } else { lose })
                     }
                     (a, b) => a.or(b),
                 }
@@ -194,13 +198,13 @@ impl Balancer {
     /// it counts towards ejecting it.
     pub fn finish(&self, mut flight: InFlight, outcome: Outcome, cfg: &Balancing) {
         flight.done = true;
-        let rtt = flight.started.elapsed();
+        let now = Instant::now();
+        let rtt = now.saturating_duration_since(flight.started);
         let ep = &flight.endpoint;
         ep.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let now = Instant::now();
         // Answers to requests sent before it was ejected are counted, and
         // change nothing else: neither eject it again nor end its probation.
-        let out = ep.ejected_until.load(Ordering::Relaxed) > self.now_ms();
+        let out = ep.ejected_until.load(Ordering::Relaxed) > self.ms(now);
         let verdict = {
             let mut h = ep.health.lock().unwrap_or_else(|p| p.into_inner());
             match out {

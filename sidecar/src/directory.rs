@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use palisade_certs::SpiffeId;
+
+/// A fast hasher for the maps read on every call.
+pub(crate) type Fast = foldhash::fast::RandomState;
 use palisade_proto::v1::Want;
 
 use crate::proxy::peer::Peer;
@@ -35,10 +38,12 @@ pub const MAX_SUBSCRIPTIONS: usize = 4096;
 #[derive(Debug, Default)]
 struct Index {
     /// Answered services; an empty list: the service has no endpoints now.
-    by_service: HashMap<String, Vec<Peer>>,
-    by_addr: HashMap<SocketAddr, SpiffeId>,
-    by_ip: HashMap<IpAddr, SpiffeId>,
-    service_by_ip: HashMap<IpAddr, Arc<str>>,
+    /// Looked up on every call: hashed with foldhash, not SipHash (the
+    /// keys are the directory's own, not an attacker's to collide).
+    by_service: HashMap<String, Vec<Peer>, Fast>,
+    by_addr: HashMap<SocketAddr, SpiffeId, Fast>,
+    by_ip: HashMap<IpAddr, SpiffeId, Fast>,
+    service_by_ip: HashMap<IpAddr, Arc<str>, Fast>,
     /// Answered addresses where nothing meshed is (egress rules apply).
     unmeshed: HashSet<IpAddr>,
     loaded: bool,

@@ -66,15 +66,19 @@ impl Budget {
     }
 
     fn window(&self) -> std::sync::MutexGuard<'_, Window> {
-        let second = self.epoch.elapsed().as_secs();
+        self.window_at(Instant::now())
+    }
+
+    fn window_at(&self, now: Instant) -> std::sync::MutexGuard<'_, Window> {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
         let mut w = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         w.advance(second);
         w
     }
 
-    /// Counts one request (not a retry).
-    pub fn deposit(&self) {
-        let mut w = self.window();
+    /// Counts one request (not a retry), made `now`.
+    pub fn deposit(&self, now: Instant) {
+        let mut w = self.window_at(now);
         let s = w.slot();
         s.0 = s.0.saturating_add(1);
     }
@@ -122,7 +126,7 @@ mod tests {
         let granted = (0..100).filter(|_| b.withdraw(20, 1)).count();
         assert_eq!(granted, 10);
         for _ in 0..100 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         let granted = (0..100).filter(|_| b.withdraw(20, 1)).count();
         assert_eq!(granted, 20, "20% of 100 requests");

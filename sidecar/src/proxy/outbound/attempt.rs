@@ -63,7 +63,8 @@ impl Outbound {
             Some(g) => g.min(limit),
             None => limit,
         };
-        let deadline = Instant::now() + total;
+        let started = Instant::now();
+        let deadline = started + total;
         // The same rule `palisadectl route` explains.
         let (body, again) = if !retry.retries_method(parts.method.as_str()) {
             (body, Again::No)
@@ -74,22 +75,27 @@ impl Outbound {
             (b, Again::Kept(k))
         };
         let service = self.budget_service(target);
-        service.budget.deposit();
+        service.budget.deposit(started.into_std());
 
         let mut first = Some((parts, body));
         let mut template: Option<Template> = None;
         let (mut attempt, mut unreachable) = (0u32, 0u32);
         let mut avoid: Option<SocketAddr> = None;
         let mut backoff = retry.backoff;
+        let mut at_start = true;
         loop {
             attempt += 1;
-            let (peer, flight) = match self.choose(target, avoid).await {
+            let chosen = match target {
+                Dest::Service(name) => self.choose_in(name, &service, balancing, avoid).await,
+                Dest::Peer(p) => Ok((p.clone(), None)),
+            };
+            let (peer, flight) = match chosen {
                 Ok(p) => p,
                 Err(e) => return Called { result: Err(e), attempts: attempt },
             };
-            let left = deadline.saturating_duration_since(Instant::now());
-            let try_for = res.per_try_timeout.map_or(left, |t| t.min(left));
-            let try_deadline = Instant::now() + try_for;
+            let now = if std::mem::take(&mut at_start) { started } else { Instant::now() };
+            let try_deadline = res.per_try_timeout.map_or(deadline, |t| (now + t).min(deadline));
+            let try_for = try_deadline.saturating_duration_since(now);
 
             // Connect first: a request that never left can always go elsewhere.
             let sender = match tokio::time::timeout_at(try_deadline, self.sender(&peer)).await {
@@ -146,7 +152,7 @@ impl Outbound {
             let sent = tokio::time::timeout_at(try_deadline, self.send(&mut sender, &peer, req)).await;
             let (outcome, retryable, result) = match sent {
                 Ok(Ok(resp)) => {
-                    let (failed, retryable) = judge(&resp, res);
+                    let (failed, retryable) = judge(&resp, res, grpc);
                     (if failed { Outcome::Failure } else { Outcome::Success }, retryable, Ok(resp))
                 }
                 Ok(Err(e)) => (Outcome::Failure, retry.on.reset, Err(e)),
@@ -220,40 +226,58 @@ impl Outbound {
         target: &Dest,
         avoid: Option<SocketAddr>,
     ) -> Result<(Peer, Option<InFlight>), ProxyError> {
-        let name = match target {
-            Dest::Peer(p) => return Ok((p.clone(), None)),
-            Dest::Service(s) => s,
+        match target {
+            Dest::Peer(p) => Ok((p.clone(), None)),
+            Dest::Service(name) => {
+                let balancing = self.balancing();
+                self.choose_in(name, &self.balancer.service(name), balancing.as_ref(), avoid).await
+            }
+        }
+    }
+
+    /// [`choose`](Self::choose) for a service whose state the caller holds.
+    async fn choose_in(
+        &self,
+        name: &str,
+        service: &Arc<Service>,
+        balancing: &Balancing,
+        avoid: Option<SocketAddr>,
+    ) -> Result<(Peer, Option<InFlight>), ProxyError> {
+        let pick = |generation, peers: &[Peer]| self.balancer.pick(service, peers, generation, balancing, avoid);
+        let picked = match self.directory.with_endpoints(name, pick) {
+            Ok(p) => Ok(p),
+            // Not held yet: subscribe, and wait a moment for the answer.
+            Err(_) => {
+                self.directory.await_service(name, DIRECTORY_MISS_WAIT).await;
+                self.directory.with_endpoints(name, pick)
+            }
         };
-        self.directory.await_service(name, DIRECTORY_MISS_WAIT).await;
-        let balancing = self.balancing();
-        let balancing = balancing.as_ref();
-        let service = self.balancer.service(name);
-        let (chosen, gone) = self
-            .directory
-            .with_endpoints(name, |generation, peers| self.balancer.pick(&service, peers, generation, balancing, avoid))
-            .map_err(|e| match e {
-                LookupError::NotLoaded => ProxyError::NoDirectory,
-                LookupError::Unknown => ProxyError::UnknownService(name.to_string()),
-            })?;
+        let (chosen, gone) = picked.map_err(|e| match e {
+            LookupError::NotLoaded => ProxyError::NoDirectory,
+            LookupError::Unknown => ProxyError::UnknownService(name.to_string()),
+        })?;
         // Endpoints that left drain: their connections close once idle.
         for p in &gone {
             self.peers.evict(p);
         }
         let endpoint = chosen.ok_or_else(|| ProxyError::UnknownService(name.to_string()))?;
         let peer = endpoint.peer.clone();
-        Ok((peer, Some(self.balancer.start(&service, endpoint))))
+        Ok((peer, Some(self.balancer.start(service, endpoint))))
     }
 }
 
 /// Whether an answer counts as the endpoint's failure, and whether the
 /// route retries it.
-fn judge(resp: &Response<Incoming>, res: &Resilience) -> (bool, bool) {
+fn judge(resp: &Response<Incoming>, res: &Resilience, grpc: bool) -> (bool, bool) {
     let status = resp.status().as_u16();
     // A trailers-only gRPC answer carries its status in the headers.
-    let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+    let code = match grpc {
+        true => resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u32>().ok()),
+        false => None,
+    };
     // INTERNAL from a sidecar is about the request (too large, malformed), not the endpoint.
-    let ours = resp.headers().contains_key("x-palisade-error");
-    let failed = status >= 500 || code.is_some_and(|c| c == 14 || (c == 13 && !ours));
+    let ours = || resp.headers().contains_key("x-palisade-error");
+    let failed = status >= 500 || code.is_some_and(|c| c == 14 || (c == 13 && !ours()));
     let retryable = res.retry.on.status(status) || code.is_some_and(|c| res.retry.on.grpc_code(c));
     (failed, retryable)
 }
