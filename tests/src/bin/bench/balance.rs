@@ -1,16 +1,17 @@
 //! `palisade-bench resilience [secs] [concurrency]`: a caller's latency and
 //! errors when one of five instances of a service is slow (+50 ms) or fails
-//! every other request (503), balanced round robin (`--balance
-//! round-robin`, as before issue 28) or by peak-EWMA latency with ejection
-//! (`--balance peak-ewma`, the default), next to a healthy service.
+//! every other request (503), as Palisade did before issue 28 (round robin,
+//! no retries), balanced round robin with the default retries (`--balance
+//! round-robin`) and by peak-EWMA latency with ejection (`--balance
+//! peak-ewma`, the default), next to a healthy service.
 //!
 //! Five instances of orders (in-process apps whose behaviour is set per
-//! scenario, each behind its own sidecar) and, per scenario, two fresh
-//! caller sidecars (one per balancing mode, so no state carries over). Each
+//! scenario, each behind its own sidecar) and, per scenario, three fresh
+//! caller sidecars (one per mode, so no state carries over). Each
 //! caller gets a closed loop of `concurrency` keep-alive HTTP/1.1
 //! connections sending GETs: 1 s of warm-up (not measured), then `secs`
-//! seconds measured. The callers keep their default retries (2 tries on a
-//! 503, within the budget), so errors are what is left after retrying.
+//! seconds measured. The last two keep their default retries (2 tries on a
+//! 503, within the budget), so their errors are what is left after retrying.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +27,14 @@ use palisade_tests::{ControlPlane, Sidecar, eventually, free_port};
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const INSTANCES: usize = 5;
-const MODES: [&str; 2] = ["round-robin", "peak-ewma"];
+/// The callers compared: `before` is Palisade before issue 28 (round robin
+/// and no retries: a TrafficPolicy gives its identity `attempts: 1`).
+const MODES: [&str; 3] = ["before", "round-robin", "peak-ewma"];
+const BEFORE: &str = "spiffe://cluster.local/ns/shop/sa/web-before";
+const NO_RETRIES: &str = r#"{"apiVersion": "palisade.dev/v1", "kind": "TrafficPolicy",
+ "metadata": {"name": "before-issue-28", "namespace": "shop"},
+ "spec": {"target": {"identities": ["spiffe://cluster.local/ns/shop/sa/web-before"]},
+          "routes": [{"match": {"service": "orders.shop"}, "retry": {"attempts": 1}}]}}"#;
 
 /// What one caller saw in one scenario.
 #[derive(Debug)]
@@ -81,6 +89,10 @@ pub(super) async fn run(secs: u64, concurrency: usize) -> Result<()> {
         instances.push(Sidecar::meshed(&format!("orders-{i}"), &cp, dir, ORDERS, &args).await?);
         apps.push(app);
     }
+    let policy = dir.join("no-retries.json");
+    std::fs::write(&policy, NO_RETRIES)?;
+    let out = cp.ctl(&["policy", "apply", "-f", &policy.to_string_lossy()]);
+    anyhow::ensure!(out.status.success(), "policy apply: {}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{INSTANCES} instances of orders; {secs} s per case, {concurrency} connections, 1 s warm-up");
 
     let mut rows = Vec::new();
@@ -88,12 +100,13 @@ pub(super) async fn run(secs: u64, concurrency: usize) -> Result<()> {
         scenario.set(&apps[0].behaviour);
         for mode in MODES {
             let port = free_port();
+            let (identity, balance) = if mode == "before" { (BEFORE, "round-robin") } else { (WEB, mode) };
             let caller = Sidecar::meshed(
                 &format!("web-{mode}"),
                 &cp,
                 dir,
-                WEB,
-                &["--upstream", &format!("127.0.0.1:{port}=orders.shop"), "--balance", mode, "--log", "warn"],
+                identity,
+                &["--upstream", &format!("127.0.0.1:{port}=orders.shop"), "--balance", balance, "--log", "warn"],
             )
             .await?;
             eventually("the caller's directory lists every instance", Duration::from_secs(20), || async {
@@ -151,14 +164,15 @@ fn print_table(rows: &[(Scenario, &str, Measured)], secs: u64) {
     println!("p99 ratios:");
     for s in [Scenario::Slow, Scenario::Failing] {
         let (s, h) = (s.name(), Scenario::Healthy.name());
-        if let (Some(rr), Some(ew), Some(rr_h), Some(ew_h)) =
-            (p99(s, MODES[0]), p99(s, MODES[1]), p99(h, MODES[0]), p99(h, MODES[1]))
+        if let (Some(b), Some(rr), Some(ew), Some(b_h), Some(rr_h), Some(ew_h)) =
+            (p99(s, MODES[0]), p99(s, MODES[1]), p99(s, MODES[2]), p99(h, MODES[0]), p99(h, MODES[1]), p99(h, MODES[2]))
         {
             println!(
-                "  {s:<26} vs healthy: round-robin {:.1}x, peak-ewma {:.1}x; peak-ewma / round-robin {:.2}",
+                "  {s:<26} vs healthy: before {:.1}x, round-robin {:.1}x, peak-ewma {:.1}x; peak-ewma / before {:.2}",
+                b / b_h,
                 rr / rr_h,
                 ew / ew_h,
-                ew / rr
+                ew / b
             );
         }
     }
