@@ -24,10 +24,11 @@ pub struct RetrySpec {
     /// Tries in all, the first included (default 2, 1 disables retries, at most 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
-    /// Which failures are retried (default `connect-failure`, `reset`,
-    /// `503`, `unavailable`): see [`RetryOn::parse`].
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub on: Vec<String>,
+    /// Which failures are retried (absent: `connect-failure`, `reset`,
+    /// `try-timeout`, `503`, `unavailable`; an empty list is refused, as
+    /// `attempts: 1` says "no retries"): see [`RetryOn::parse`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<String>>,
     /// First backoff before a retry, jittered (default 25ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<String>,
@@ -322,7 +323,7 @@ impl Retry {
         let budget = spec.budget.clone().unwrap_or_default();
         Self {
             attempts: spec.attempts.unwrap_or(d.attempts).clamp(1, 5),
-            on: RetryOn::parse(&spec.on).unwrap_or_default(),
+            on: RetryOn::parse(spec.on.as_deref().unwrap_or_default()).unwrap_or_default(),
             backoff,
             max_backoff: or_default(spec.max_backoff.as_ref(), d.max_backoff.max(backoff)),
             non_idempotent: spec.non_idempotent,

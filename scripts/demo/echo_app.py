@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-# To play an instance that is slow or failing (the resilience walk-through):
+# To play an instance that is slow or failing (see docs/resilience.md):
 # ECHO_DELAY_MS waits that long before every answer; ECHO_FAIL_PERCENT
 # answers that share of requests 503.
 DELAY = int(os.environ.get("ECHO_DELAY_MS", "0")) / 1000

@@ -216,8 +216,15 @@ impl Balancer {
             health::Verdict::Keep => return,
             health::Verdict::Down => true,
             health::Verdict::Eject => false,
+            health::Verdict::InRow => {
+                if self.all_peers_failing(&flight.service, ep) {
+                    return;
+                }
+                false
+            }
             health::Verdict::Compare => {
-                if !self.below_peers(&flight.service, ep, now) {
+                let mine = ep.health.lock().unwrap_or_else(|p| p.into_inner()).window(now);
+                if !health::far_below(mine, self.peers_window(&flight.service, ep, now)) {
                     return;
                 }
                 false
@@ -226,17 +233,31 @@ impl Balancer {
         self.eject(&flight.service, ep, eject, now, cfg);
     }
 
-    /// Whether `ep`'s success rate is far below the rest of its service's.
-    fn below_peers(&self, service: &Service, ep: &Arc<Endpoint>, now: Instant) -> bool {
+    /// Whether every other endpoint of `ep`'s service that has answered
+    /// failed its last answer too (and one has): then failures in a row are
+    /// shared (a request every endpoint fails, an outage behind them all),
+    /// not `ep`'s to be ejected for.
+    fn all_peers_failing(&self, service: &Service, ep: &Arc<Endpoint>) -> bool {
         let endpoints = service.endpoints.read().unwrap_or_else(|p| p.into_inner());
-        let mine = ep.health.lock().unwrap_or_else(|p| p.into_inner()).window(now);
+        let (mut answered, mut failing) = (0, 0);
+        for e in endpoints.list.iter().filter(|e| !Arc::ptr_eq(e, ep)) {
+            let (a, f) = e.health.lock().unwrap_or_else(|p| p.into_inner()).last();
+            answered += usize::from(a);
+            failing += usize::from(a && f);
+        }
+        answered > 0 && failing == answered
+    }
+
+    /// (successes, requests) of the other endpoints of `ep`'s service lately.
+    fn peers_window(&self, service: &Service, ep: &Arc<Endpoint>, now: Instant) -> (u64, u64) {
+        let endpoints = service.endpoints.read().unwrap_or_else(|p| p.into_inner());
         let (mut ok, mut all) = (0u64, 0u64);
         for e in endpoints.list.iter().filter(|e| !Arc::ptr_eq(e, ep)) {
             let (o, a) = e.health.lock().unwrap_or_else(|p| p.into_inner()).window(now);
             ok += o;
             all += a;
         }
-        health::far_below(mine, (ok, all))
+        (ok, all)
     }
 
     /// Ejects `ep` unless that would take out more than the allowed share

@@ -52,6 +52,8 @@ impl App {
                             };
                             let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
                             *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            // A callee cannot say how many tries a call took.
+                            r.headers_mut().insert("x-palisade-attempts", "99".parse().unwrap());
                             Ok::<_, Infallible>(r)
                         }
                     });
@@ -165,6 +167,18 @@ async fn a_retried_call_shows_its_tries_and_the_callers_endpoints() {
     // Without --endpoints the table stays short.
     let out = p.cp.ctl(&["stat", "--workload", WEB]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("ENDPOINTS"));
+
+    // One try: no attempts header, whatever the callee or the caller's app says.
+    let req = hyper::Request::get("/once")
+        .header("host", "orders.shop")
+        .header("x-palisade-attempts", "5")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h1_client(p.port).await.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("x-palisade-attempts").is_none(), "the callee's 99 was passed on: {resp:?}");
+    let _ = resp.into_body().collect().await;
+    assert!(!app.saw_attempt.load(Ordering::SeqCst), "the caller's app's attempts header reached the callee");
 }
 
 /// A plaintext caller (PERMISSIVE) cannot pass itself off as a retry: its
@@ -189,7 +203,7 @@ async fn attack_a_plaintext_callers_attempt_header_is_dropped_and_not_logged() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let mut tcp = tokio::net::TcpStream::connect(&server.inbound).await.unwrap();
-    tcp.write_all(b"GET /forged HTTP/1.1\r\nHost: orders\r\nx-palisade-attempt: 7\r\nX-Palisade-Attempt: 9\r\nx_palisade_attempt: 5\r\nConnection: close\r\n\r\n")
+    tcp.write_all(b"GET /forged HTTP/1.1\r\nHost: orders\r\nx-palisade-attempt: 7\r\nX-Palisade-Attempt: 9\r\nx_palisade_attempt: 5\r\nx-palisade-attempts: 3\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut answer = Vec::new();

@@ -39,6 +39,7 @@ fn bad_resilience_values_are_refused_with_field_paths() {
         (json!({"retry": {"attempts": 6}}), "retry.attempts", "6"),
         (json!({"retry": {"on": ["reset", "5xx", "poison"]}}), "retry.on[2]", "poison"),
         (json!({"retry": {"on": ["399"]}}), "retry.on[0]", "399"),
+        (json!({"retry": {"on": []}}), "retry.on", "[]"),
         (json!({"retry": {"backoff": "0ms"}}), "retry.backoff", "0ms"),
         (json!({"retry": {"backoff": "11s"}}), "retry.backoff", "11s"),
         (json!({"retry": {"maxBackoff": "10s1ms"}}), "retry.maxBackoff", "10s1ms"),

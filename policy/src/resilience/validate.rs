@@ -77,8 +77,12 @@ pub(crate) fn route(
             "must be 1 to 5 tries in all, the first included (1: no retries)",
         );
     }
-    if let Err((j, why)) = RetryOn::parse(&r.on) {
-        return err(format!("{at}.on[{j}]"), &r.on[j], why);
+    let on = r.on.as_deref().unwrap_or_default();
+    if r.on.as_ref().is_some_and(Vec::is_empty) {
+        return err(format!("{at}.on"), "[]", "must name at least one failure (for no retries, set attempts: 1)");
+    }
+    if let Err((j, why)) = RetryOn::parse(on) {
+        return err(format!("{at}.on[{j}]"), &on[j], why);
     }
     let range = "from 1ms to 10s";
     let backoff = field(&at, "backoff", r.backoff.as_ref(), MS, Duration::from_secs(10), range)?;

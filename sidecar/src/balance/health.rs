@@ -22,8 +22,11 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Verdict {
     Keep,
-    /// Eject: failures in a row, or a failure on probation.
+    /// Eject: a failure on probation.
     Eject,
+    /// Failures in a row: eject, unless its peers fail as much (a request
+    /// every endpoint fails, say, is not this endpoint's fault).
+    InRow,
     /// Unreachable: eject whatever the service's share.
     Down,
     /// Enough requests lately: compare its success rate with its peers'.
@@ -136,8 +139,11 @@ impl Health {
         if outcome == Outcome::Unreachable {
             return Verdict::Down;
         }
-        if self.probation || (cfg.consecutive_failures > 0 && self.consecutive >= cfg.consecutive_failures) {
+        if self.probation {
             return Verdict::Eject;
+        }
+        if cfg.consecutive_failures > 0 && self.consecutive >= cfg.consecutive_failures {
+            return Verdict::InRow;
         }
         let (_, all) = self.window(now);
         if cfg.success_rate_min_requests > 0 && all >= u64::from(cfg.success_rate_min_requests) {
@@ -173,6 +179,13 @@ impl Health {
         self.halves = [(0, 0); 2];
         self.half_start = now;
         time
+    }
+}
+
+impl Health {
+    /// Whether it has answered, and whether its last answer was a failure.
+    pub(super) fn last(&self) -> (bool, bool) {
+        (self.requests > 0, self.consecutive > 0)
     }
 }
 

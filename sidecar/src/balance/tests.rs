@@ -107,9 +107,11 @@ fn never_more_than_the_allowed_share_is_ejected_but_unreachable_ones_always_are(
     let s = b.service("orders.shop");
     let ps = peers(4);
     let cfg = cfg();
-    run(&b, &s, &ps, &cfg, 400, |_| (Outcome::Failure, Duration::from_millis(1)));
+    run(&b, &s, &ps, &cfg, 400, |i| {
+        (if i < 3 { Outcome::Failure } else { Outcome::Success }, Duration::from_millis(1))
+    });
     let ejected = b.snapshot()[0].endpoints.iter().filter(|e| e.ejected_for_ms > 0).count();
-    assert_eq!(ejected, 2, "50% of 4");
+    assert_eq!(ejected, 2, "3 of 4 fail, 50% of 4 are ejected");
     run(&b, &s, &ps, &cfg, 40, |_| (Outcome::Unreachable, Duration::ZERO));
     let ejected = b.snapshot()[0].endpoints.iter().filter(|e| e.ejected_for_ms > 0).count();
     assert_eq!(ejected, 4, "unreachable endpoints are passed over regardless");
@@ -181,4 +183,15 @@ fn an_answer_sent_before_the_ejection_does_not_end_its_probation() {
     let f = b.start(&s, ep0.clone());
     b.finish(f, Outcome::Failure, &cfg);
     assert_eq!(b.snapshot()[0].endpoints[0].ejections, 2, "the first answer after its return decides");
+}
+
+#[test]
+fn failures_every_endpoint_shares_eject_none() {
+    let b = Balancer::new(Mode::PeakEwma);
+    let s = b.service("orders.shop");
+    let ps = peers(5);
+    let cfg = cfg();
+    run(&b, &s, &ps, &cfg, 40, |_| (Outcome::Failure, Duration::from_millis(1)));
+    let ejected = b.snapshot()[0].endpoints.iter().filter(|e| e.ejections > 0).count();
+    assert_eq!(ejected, 0, "a failure all share is no endpoint's");
 }

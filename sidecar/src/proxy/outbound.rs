@@ -338,6 +338,8 @@ impl Outbound {
                 (e.response(grpc), Some(e.reason()))
             }
         };
+        // Palisade's to say, never the callee's.
+        resp.headers_mut().remove(ATTEMPTS);
         if attempts > 1 {
             resp.headers_mut().insert(ATTEMPTS, http::HeaderValue::from(attempts));
         }

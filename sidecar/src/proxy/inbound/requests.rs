@@ -110,6 +110,7 @@ impl Inbound {
         headers.remove(REQUEST_PRINCIPAL);
         // Between sidecars only: logged above, never the app's.
         headers.remove(ATTEMPT);
+        headers.remove(crate::proxy::outbound::ATTEMPTS);
         let orig = headers.remove(ORIG_PROTO);
         let app_proto = conn_proto.unwrap_or(if orig.as_ref().is_some_and(|v| v == "HTTP/1.1") {
             Protocol::Http1

@@ -63,6 +63,7 @@ impl Outbound {
             Some(g) => g.min(limit),
             None => limit,
         };
+        let shortened = total < limit;
         let started = Instant::now();
         let deadline = started + total;
         // The same rule `palisadectl route` explains.
@@ -106,14 +107,17 @@ impl Outbound {
             let mut sender = match sender {
                 Ok(s) => s,
                 Err(e) => {
-                    let down = matches!(e, ProxyError::Peer(PeerError::Connect { .. } | PeerError::Timeout { .. }));
-                    // Only an endpoint that cannot be reached is its own fault
-                    // (no certificate of ours yet, or an identity it does not
-                    // hold, is not a failure of its serving).
-                    match down {
-                        true => self.settle(flight, Outcome::Unreachable, balancing),
-                        false => drop(flight),
+                    // Nothing was sent. An endpoint not reached (refused, timed
+                    // out, a TLS or HTTP/2 handshake that failed, another
+                    // identity) is ejected and another tried; no certificate of
+                    // ours yet, or the request's own short deadline, is not its fault.
+                    let ours = matches!(e, ProxyError::Peer(PeerError::NoCertificate))
+                        || (shortened && Instant::now() >= deadline);
+                    match ours {
+                        false => self.settle(flight, Outcome::Unreachable, balancing),
+                        true => drop(flight),
                     }
+                    let down = !ours;
                     unreachable += 1;
                     let retryable = down && retry.on.connect_failure && unreachable < CONNECT_TRIES;
                     if retryable && Instant::now() < deadline && self.spend(&service, res) {
@@ -157,7 +161,13 @@ impl Outbound {
                 }
                 Ok(Err(e)) => (Outcome::Failure, retry.on.reset, Err(e)),
                 Err(_) if Instant::now() >= deadline => {
-                    self.settle(flight, Outcome::Failure, balancing);
+                    // The route's or the sidecar's timeout: the endpoint was too
+                    // slow. A deadline the request set itself (grpc-timeout)
+                    // shorter than that says nothing of the endpoint.
+                    match shortened {
+                        false => self.settle(flight, Outcome::Failure, balancing),
+                        true => drop(flight),
+                    }
                     self.metrics.timeout("request");
                     return Called { result: Err(ProxyError::Timeout(total)), attempts: attempt };
                 }

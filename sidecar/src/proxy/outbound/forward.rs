@@ -166,6 +166,7 @@ pub(super) fn to_h2<B>(req: &mut Request<B>, dest: &Dest, app: Protocol) -> Resu
     headers.remove(PEER_IDENTITY);
     headers.remove(ORIG_PROTO);
     headers.remove(super::attempt::ATTEMPT);
+    headers.remove(super::ATTEMPTS);
     if app == Protocol::Http1 {
         headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
