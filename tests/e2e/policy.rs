@@ -439,7 +439,11 @@ async fn a_cluster_scope_limit_is_shared_by_the_replicas() {
         );
     }
     let port = free_port();
-    let web = Sidecar::meshed("web", &cp, tmp.path(), WEB, &["--upstream", &format!("127.0.0.1:{port}=orders.shop")])
+    // The shares add up to the rate when the caller spreads its requests
+    // evenly (round robin); latency-aware balancing may leave a share unused
+    // (docs/resilience.md), which this test is not about.
+    let upstream = format!("127.0.0.1:{port}=orders.shop");
+    let web = Sidecar::meshed("web", &cp, tmp.path(), WEB, &["--upstream", &upstream, "--balance", "round-robin"])
         .await
         .unwrap();
     eventually("web sees the 3 replicas", Duration::from_secs(10), || async {
