@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -106,28 +105,19 @@ pub struct Changes {
 pub struct Directory {
     current: RwLock<Arc<Index>>,
     held: Mutex<Held>,
-    next: AtomicUsize,
     /// Bumped on every update received.
     version: tokio::sync::watch::Sender<u64>,
     /// Woken when a subscription is queued for the config stream.
     wants: tokio::sync::Notify,
-    /// Sidecars that could not be reached, and when: skipped for [`DOWN_FOR`]
-    /// (a sidecar that died keeps its entry until its certificate expires).
-    down: Mutex<HashMap<SocketAddr, std::time::Instant>>,
 }
-
-/// How long an unreachable sidecar is skipped.
-const DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for Directory {
     fn default() -> Self {
         Self {
             current: RwLock::default(),
             held: Mutex::default(),
-            next: AtomicUsize::new(0),
             version: tokio::sync::watch::channel(0).0,
             wants: tokio::sync::Notify::new(),
-            down: Mutex::default(),
         }
     }
 }
@@ -155,25 +145,12 @@ impl Directory {
         *self.version.borrow() > 0
     }
 
-    /// Picks a peer for `service`, round robin, passing over the ones found
-    /// unreachable lately (unless all are). Looks up only: see
-    /// [`pick_or_wait`](Self::pick_or_wait) to subscribe on a miss.
-    pub fn pick(&self, service: &str) -> Result<Peer, LookupError> {
-        let index = self.index();
-        match index.by_service.get(service) {
-            Some(peers) if !peers.is_empty() => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                let down = {
-                    let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
-                    down.retain(|_, at| at.elapsed() < DOWN_FOR);
-                    down.keys().copied().collect::<Vec<_>>()
-                };
-                let up = (0..peers.len()).map(|k| &peers[(start + k) % peers.len()]).find(|p| !down.contains(&p.addr));
-                Ok(up.unwrap_or(&peers[start % peers.len()]).clone())
-            }
-            _ if !index.loaded => Err(LookupError::NotLoaded),
-            _ => Err(LookupError::Unknown),
-        }
+    /// The first endpoint of `service` (for lookups: calls go where the
+    /// balancer chooses among [`with_endpoints`](Self::with_endpoints)).
+    /// Looks up only: see [`endpoint_or_wait`](Self::endpoint_or_wait) to
+    /// subscribe on a miss.
+    pub fn endpoint(&self, service: &str) -> Result<Peer, LookupError> {
+        self.with_endpoints(service, |_, peers| peers[0].clone())
     }
 
     /// Hands `f` the endpoints of `service` and the generation of the
@@ -188,20 +165,17 @@ impl Directory {
     }
 
     /// Waits up to `wait` for the endpoints of a service this sidecar does
-    /// not hold yet (subscribing to it), as [`pick_or_wait`](Self::pick_or_wait) does.
+    /// not hold yet (subscribing to it), as [`endpoint_or_wait`](Self::endpoint_or_wait) does.
     pub async fn await_service(&self, service: &str, wait: Duration) {
-        if self.index().by_service.get(service).is_some_and(|p| !p.is_empty()) {
-            return;
-        }
-        let _ = self.pick_or_wait(service, wait).await;
+        let _ = self.endpoint_or_wait(service, wait).await;
     }
 
-    /// Like [`pick`](Self::pick), but a service whose endpoints this
+    /// Like [`endpoint`](Self::endpoint), but a service whose endpoints this
     /// sidecar does not hold yet is subscribed to, and the control plane's
     /// answer awaited for up to `wait`, so the first call to a service does
     /// not fail. An answer with no endpoints is [`LookupError::Unknown`].
-    pub async fn pick_or_wait(&self, service: &str, wait: Duration) -> Result<Peer, LookupError> {
-        if let Ok(peer) = self.pick(service) {
+    pub async fn endpoint_or_wait(&self, service: &str, wait: Duration) -> Result<Peer, LookupError> {
+        if let Ok(peer) = self.endpoint(service) {
             return Ok(peer);
         }
         let mut updates = self.version.subscribe();
@@ -222,12 +196,7 @@ impl Directory {
                 _ => break,
             }
         }
-        self.pick(service)
-    }
-
-    /// Marks a sidecar unreachable (nothing could be sent to it).
-    pub fn mark_down(&self, addr: SocketAddr) {
-        self.down.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, std::time::Instant::now());
+        self.endpoint(service)
     }
 
     /// The identity of the meshed pod at `ip` (transparent mode: the original
@@ -456,7 +425,7 @@ mod tests {
         let d = Arc::new(Directory::default());
         d.update(Changes::default());
         let d2 = d.clone();
-        let call = tokio::spawn(async move { d2.pick_or_wait("web.shop", Duration::from_secs(10)).await });
+        let call = tokio::spawn(async move { d2.endpoint_or_wait("web.shop", Duration::from_secs(10)).await });
         assert_eq!(next_want(&d).await, Want { services: vec!["web.shop".into()], addresses: vec![] });
         // Another service's answer does not end the wait.
         answer(&d, "db.shop", vec![peer("spiffe://td/ns/shop/sa/db", "127.0.0.1:2")]);
@@ -475,11 +444,11 @@ mod tests {
         d.update(Changes::default());
         let d2 = d.clone();
         // An empty answer waits out `wait` for the service to register.
-        let call = tokio::spawn(async move { d2.pick_or_wait("gone.shop", Duration::from_millis(300)).await });
+        let call = tokio::spawn(async move { d2.endpoint_or_wait("gone.shop", Duration::from_millis(300)).await });
         assert_eq!(next_want(&d).await.services, ["gone.shop"]);
         answer(&d, "gone.shop", vec![]);
         assert_eq!(call.await.unwrap(), Err(LookupError::Unknown));
-        assert_eq!(d.pick_or_wait("gone.shop", Duration::from_millis(50)).await, Err(LookupError::Unknown));
+        assert_eq!(d.endpoint_or_wait("gone.shop", Duration::from_millis(50)).await, Err(LookupError::Unknown));
         assert_eq!(d.take_wants(), None, "an answered service is not asked for again");
     }
 
@@ -490,7 +459,7 @@ mod tests {
         d.want_services(["late.shop"]);
         answer(&d, "late.shop", vec![]);
         let d2 = d.clone();
-        let call = tokio::spawn(async move { d2.pick_or_wait("late.shop", Duration::from_secs(10)).await });
+        let call = tokio::spawn(async move { d2.endpoint_or_wait("late.shop", Duration::from_secs(10)).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let identity: SpiffeId = "spiffe://td/ns/shop/sa/late".parse().unwrap();
         answer(&d, "late.shop", vec![Peer { addr: "127.0.0.1:7".parse().unwrap(), identity }]);
@@ -501,10 +470,10 @@ mod tests {
     async fn before_any_update_a_miss_is_not_loaded() {
         let d = Directory::default();
         assert!(!d.loaded());
-        assert_eq!(d.pick_or_wait("web.shop", Duration::ZERO).await, Err(LookupError::NotLoaded));
+        assert_eq!(d.endpoint_or_wait("web.shop", Duration::ZERO).await, Err(LookupError::NotLoaded));
         d.update(Changes::default());
         assert!(d.loaded());
-        assert_eq!(d.pick_or_wait("web.shop", Duration::ZERO).await, Err(LookupError::Unknown));
+        assert_eq!(d.endpoint_or_wait("web.shop", Duration::ZERO).await, Err(LookupError::Unknown));
     }
 
     #[tokio::test]
@@ -558,33 +527,15 @@ mod tests {
         let d = Directory::default();
         answer(&d, "web.shop", vec![peer("spiffe://td/ns/shop/sa/web", "127.0.0.1:1")]);
         d.update(Changes { removed_services: vec!["web.shop".into()], ..Default::default() });
-        assert_eq!(d.pick("web.shop"), Err(LookupError::Unknown));
+        assert_eq!(d.endpoint("web.shop"), Err(LookupError::Unknown));
         assert!(d.subscribe_service("web.shop"));
         assert_eq!(d.take_wants().map(|w| w.services), Some(vec!["web.shop".to_string()]));
     }
 
     #[test]
-    fn unreachable_sidecars_are_passed_over_unless_all_are() {
+    fn lists_every_endpoint_and_reports_unknown() {
         let d = Directory::default();
-        let (a, b): (SocketAddr, SocketAddr) = ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
-        answer(
-            &d,
-            "b.a",
-            vec![peer("spiffe://td/ns/a/sa/b", "127.0.0.1:1"), peer("spiffe://td/ns/a/sa/b", "127.0.0.1:2")],
-        );
-        d.mark_down(a);
-        for _ in 0..4 {
-            assert_eq!(d.pick("b.a").unwrap().addr, b);
-        }
-        d.mark_down(b);
-        let both: std::collections::HashSet<_> = (0..4).map(|_| d.pick("b.a").unwrap().addr).collect();
-        assert_eq!(both.len(), 2, "all down: round robin again");
-    }
-
-    #[test]
-    fn picks_round_robin_and_reports_unknown() {
-        let d = Directory::default();
-        assert_eq!(d.pick("web.shop"), Err(LookupError::NotLoaded));
+        assert_eq!(d.endpoint("web.shop"), Err(LookupError::NotLoaded));
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         answer(
@@ -595,9 +546,8 @@ mod tests {
                 peer("spiffe://cluster.local/ns/shop/sa/web", "127.0.0.1:2"),
             ],
         );
-        let picks: std::collections::HashSet<_> = (0..4).map(|_| d.pick("web.shop").unwrap().addr).collect();
-        assert_eq!(picks.len(), 2);
-        assert_eq!(d.pick("db.shop"), Err(LookupError::Unknown));
+        assert_eq!(d.with_endpoints("web.shop", |_, peers| peers.len()), Ok(2));
+        assert_eq!(d.endpoint("db.shop"), Err(LookupError::Unknown));
         assert_eq!(d.identity_at(&a), Some(id.clone()));
         assert_eq!(d.identity_for_ip(a.ip()), Some(id));
     }

@@ -203,7 +203,7 @@ async fn the_hello_names_what_is_held_and_every_want() {
     let service = resource(SERVICE, "orders.shop", "e1", Body::Service(ServiceEndpoints::default()));
     assert!(parts.apply(&update("1", "r1", vec![service, settings("s1")], &[])).is_empty());
     // Asked while no stream is open.
-    let _ = parts.directory.pick_or_wait("db.shop", Duration::ZERO).await;
+    let _ = parts.directory.endpoint_or_wait("db.shop", Duration::ZERO).await;
     let _ = parts.directory.identity_for_ip_or_wait("10.0.0.9".parse().unwrap(), Duration::ZERO).await;
 
     let hello = parts.applier().hello("10.0.0.1:4143");
@@ -272,9 +272,12 @@ fn removed_services_leave_the_directory_and_unknown_types_are_ignored() {
     let future = resource("future", "x", "f1", Body::PolicyJson("{}".into()));
     assert!(parts.apply(&update("1", "r1", vec![svc, future, settings("s1")], &[])).is_empty());
     assert_eq!(parts.metrics.directory_endpoints.get(), 1);
-    assert_eq!(parts.directory.pick("orders.shop").map(|p| p.addr.to_string()).ok().as_deref(), Some("10.0.0.2:4143"));
+    assert_eq!(
+        parts.directory.endpoint("orders.shop").map(|p| p.addr.to_string()).ok().as_deref(),
+        Some("10.0.0.2:4143")
+    );
     assert!(parts.apply(&update("2", "r1", vec![], &[(SERVICE, "orders.shop")])).is_empty());
     assert_eq!(parts.metrics.directory_endpoints.get(), 0);
-    assert!(parts.directory.pick("orders.shop").is_err());
+    assert!(parts.directory.endpoint("orders.shop").is_err());
     assert_eq!(versions(&parts.held.lock().unwrap()), [triple(SETTINGS, "mesh", "s1")]);
 }
