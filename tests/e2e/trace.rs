@@ -167,7 +167,9 @@ async fn request_spans_cross_two_sidecars_and_join_the_callers_trace() {
     let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(c["status"], 200, "{c}");
     let trace_id = c["trace_id"].as_str().unwrap();
-    let spans = collector.trace(trace_id, 2).await;
+    let spans = collector
+        .trace_or(trace_id, 2, || format!("--- web\n{}\n--- orders\n{}", web.proc.logs(), server.proc.logs()))
+        .await;
     let (client, srv) = (by_kind(&spans, CLIENT), by_kind(&spans, SERVER));
     assert_eq!(client["parent_span_id"], c["span_id"], "web's span is a child of the client's: {spans:?}");
     assert_eq!(srv["parent_span_id"], client["span_id"]);
