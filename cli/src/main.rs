@@ -14,6 +14,7 @@ mod ca;
 mod check;
 mod client;
 mod creds;
+mod dashboard;
 mod inspect;
 mod kube;
 mod kubectl;
@@ -176,6 +177,15 @@ enum Command {
         #[arg(long)]
         endpoints: bool,
     },
+    /// Serve a web dashboard on this machine (127.0.0.1) and print its URL: the mesh graph,
+    /// each workload's traffic and live requests, refusals and their rules, policies with a
+    /// preview, certificates. Read-only; the URL's token is its key (docs/dashboard.md).
+    Dashboard {
+        #[command(flatten)]
+        online: Online,
+        #[command(flatten)]
+        args: dashboard::DashboardArgs,
+    },
     /// Explain authorization decisions.
     Authz {
         #[command(flatten)]
@@ -283,7 +293,8 @@ impl Command {
             | Self::Route { online, .. }
             | Self::Tap { online, .. }
             | Self::Stat { online, .. }
-            | Self::Authz { online, .. } => Some(online),
+            | Self::Authz { online, .. }
+            | Self::Dashboard { online, .. } => Some(online),
             Self::Cert(_) | Self::Inject { .. } | Self::Install { .. } | Self::Completion { .. } | Self::Man { .. } => {
                 None
             }
@@ -363,6 +374,10 @@ async fn run(cli: Cli) -> Result<()> {
             route::route(online, from, to, method, path, headers).await
         }
         Command::Tap { online, args } => observe::tap(online, args).await,
+        Command::Dashboard { online, args } => {
+            no_output_format(cli.output, "dashboard", "serves a web page")?;
+            dashboard::run(online, args).await
+        }
         Command::Ca { online, cmd } => ca::run(online, cmd).await,
         Command::Stat { online, workload, window, wait, endpoints } => {
             observe::stat(online, workload.as_deref(), *window, *wait, *endpoints).await

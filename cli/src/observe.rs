@@ -114,7 +114,7 @@ pub(crate) async fn stat(
     if let Some(wait) = wait {
         wait_for_reports(&mut client, identity, window_seconds, wait).await?;
     }
-    let req = StatRequest { identity: identity.to_string(), window_seconds };
+    let req = StatRequest { identity: identity.to_string(), window_seconds, ..Default::default() };
     let workloads = client.stat(req).await.map_err(status_err)?.into_inner().workloads;
     if cli.output != Output::Table {
         let v: Vec<_> = workloads
@@ -260,7 +260,7 @@ async fn wait_for_reports(
 ) -> Result<()> {
     let start = std::time::Instant::now();
     let mut stat = async |window_seconds: u32| {
-        let req = StatRequest { identity: identity.to_string(), window_seconds };
+        let req = StatRequest { identity: identity.to_string(), window_seconds, ..Default::default() };
         client.stat(req).await.map_err(status_err).map(|r| r.into_inner().workloads)
     };
     loop {

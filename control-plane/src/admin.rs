@@ -369,8 +369,13 @@ impl Admin for AdminService {
         if req.identity.len() > 1024 {
             return Err(Status::invalid_argument("identity: at most 1024 characters"));
         }
-        let workloads = self.shared.observe.stat(&req.identity, Duration::from_secs(u64::from(window)));
-        Ok(Response::new(StatResponse { workloads }))
+        let window = Duration::from_secs(u64::from(window));
+        let mut workloads = self.shared.observe.stat(&req.identity, window);
+        if req.series {
+            self.shared.observe.add_series(&mut workloads);
+        }
+        let edges = self.shared.observe.edges(&req.identity, window);
+        Ok(Response::new(StatResponse { workloads, edges }))
     }
 
     async fn simulate(&self, req: Request<SimulateRequest>) -> Result<Response<SimulateResponse>, Status> {

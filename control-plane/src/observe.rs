@@ -21,12 +21,15 @@ use std::time::{Duration, Instant};
 
 use palisade_policy::preview::Sample;
 use palisade_proto::v1::{
-    CalledService, CallerView, RecordedRequest, StatReport, TapEvent, TapRecord, TapRequest, TapSpec, WorkloadStat,
+    CalledService, CallerView, EdgeStat, InboundFrom, RecordedRequest, StatReport, TapEvent, TapRecord, TapRequest,
+    TapSpec, WorkloadStat,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use wildmatch::WildMatch;
+
+mod edges;
 
 /// Taps running at once, at most.
 pub(crate) const MAX_TAPS: usize = 16;
@@ -57,6 +60,8 @@ struct ProxyStats {
     reports: VecDeque<(Instant, StatReport)>,
     /// The called services of the latest report only (a view, not counters).
     called: Vec<CalledService>,
+    /// The latest report's inbound counts per caller (for the edges' deltas).
+    inbound_from: Option<Vec<InboundFrom>>,
 }
 
 /// Called services kept from one report, at most (the sidecar sends no more).
@@ -95,6 +100,7 @@ pub(crate) struct Observatory {
     pub(crate) taps_changed: tokio::sync::watch::Sender<u64>,
     record: crate::preview_record::PreviewRecord,
     stats: Mutex<HashMap<String, ProxyStats>>,
+    edges: Mutex<edges::Edges>,
 }
 
 impl std::fmt::Debug for Observatory {
@@ -118,6 +124,7 @@ impl Observatory {
             taps_changed: tokio::sync::watch::channel(0).0,
             record: crate::preview_record::PreviewRecord::new(window, preview_max_bytes),
             stats: Mutex::default(),
+            edges: Mutex::new(edges::Edges::new()),
         }
     }
 
@@ -288,19 +295,44 @@ impl Observatory {
         }
         let mut report = report;
         let called = checked_called(std::mem::take(&mut report.called));
+        let mut from = std::mem::take(&mut report.inbound_from);
+        from.truncate(edges::MAX_FROM);
+        from.retain(|f| edges::valid(f, report.latency_buckets.len()));
         let mut all = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let e = all.entry(proxy.to_string()).or_insert_with(|| ProxyStats {
             identity: identity.to_string(),
             reports: VecDeque::new(),
             called: Vec::new(),
+            inbound_from: None,
         });
+        {
+            let mut edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+            edges.add(identity, &from, e.inbound_from.as_deref(), &report.bounds_seconds, now);
+            edges.expire(now);
+        }
+        e.inbound_from = Some(from);
         e.reports.push_back((now, report));
         e.called = called;
         while e.reports.front().is_some_and(|(at, _)| now.duration_since(*at) > STATS_KEPT) || e.reports.len() > 3600 {
             e.reports.pop_front();
         }
         all.retain(|_, p| p.reports.back().is_some_and(|(at, _)| now.duration_since(*at) <= STATS_KEPT));
+    }
+
+    /// Calls between workloads (from or into those matching `identity`) over the last `window`.
+    pub(crate) fn edges(&self, identity: &str, window: Duration) -> Vec<EdgeStat> {
+        let edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        edges.window(glob(identity).as_ref(), window, Instant::now())
+    }
+
+    /// Each workload's last 15 minutes in 30 s steps.
+    pub(crate) fn add_series(&self, workloads: &mut [WorkloadStat]) {
+        let edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        for w in workloads {
+            w.series = edges.series(&w.identity, now);
+        }
     }
 
     /// Per-workload traffic over the last `window`.
@@ -390,6 +422,7 @@ impl Observatory {
                     p99_ms: q(0.99),
                     window_seconds: s.span,
                     callers: s.callers,
+                    series: Vec::new(),
                 }
             })
             .collect();
@@ -475,6 +508,7 @@ mod tests {
                 retries: requests,
                 ..Default::default()
             }],
+            inbound_from: Vec::new(),
         };
         let web = "spiffe://td/ns/shop/sa/web";
         o.stats_report(web, &format!("{web} 10.1.0.5:4143"), report(1, 2));

@@ -12,6 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 pub mod balance;
+pub mod callers;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirLabels {
@@ -124,6 +125,8 @@ pub struct Metrics {
     pub policy_stream_connected: Gauge,
     /// Inbound requests the sidecar refused itself (policy, authentication, rate limit, validation).
     pub refused: Counter,
+    /// Inbound requests per caller (the mesh graph's edges).
+    pub callers: callers::Callers,
     /// Inbound latency counts per bucket of [`LATENCY_BUCKETS`], then +Inf
     /// (the histogram's, readable for the stats report).
     inbound_buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS.len() + 1],
@@ -180,6 +183,7 @@ impl Default for Metrics {
             policy_nacks: Counter::default(),
             policy_stream_connected: Gauge::default(),
             refused: Counter::default(),
+            callers: callers::Callers::default(),
             inbound_buckets: Default::default(),
             requests,
             latency,
@@ -210,6 +214,17 @@ impl Metrics {
             let i = LATENCY_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS.len());
             self.inbound_buckets[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Records one answered inbound request, also as its caller's.
+    pub fn inbound(&self, from: &callers::FromCounts, status: u16, elapsed: Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.inbound.requests[class].inc();
+        let secs = elapsed.as_secs_f64();
+        self.inbound.latency.observe(secs);
+        let i = LATENCY_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.inbound_buckets[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        from.answered(class, i);
     }
 
     /// Inbound responses by status class, latency counts per bucket, and the buckets' bounds.

@@ -289,6 +289,7 @@ pub fn stat_report(m: &crate::metrics::Metrics, balancer: &crate::balance::Balan
         bounds_seconds: bounds,
         refused: m.refused.get(),
         called: called(balancer.snapshot()),
+        inbound_from: m.callers.report(),
     }
 }
 

@@ -71,14 +71,20 @@ pub struct Caller {
     /// A connection may outlive the certificate it was opened with; requests
     /// on it are refused from then on.
     not_after: SystemTime,
+    /// This caller's inbound counters (the mesh graph's edge).
+    counts: Arc<crate::metrics::callers::FromCounts>,
 }
 
 impl Caller {
-    fn from_certs(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Option<Arc<Self>> {
+    fn from_certs(
+        certs: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+        callers: &crate::metrics::callers::Callers,
+    ) -> Option<Arc<Self>> {
         let (id, info) = palisade_certs::tls::peer_identity(certs)?;
         let subject = id.to_string();
         let header = HeaderValue::from_str(&subject).ok()?;
-        Some(Arc::new(Self { id, subject, header, not_after: info.not_after }))
+        let counts = callers.of(&subject);
+        Some(Arc::new(Self { id, subject, header, not_after: info.not_after, counts }))
     }
 
     fn expired(&self) -> bool {
@@ -269,7 +275,7 @@ impl Inbound {
         };
         let (_, session) = tls.get_ref();
         let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-        let Some(caller) = Caller::from_certs(session.peer_certificates()) else {
+        let Some(caller) = Caller::from_certs(session.peer_certificates(), &self.metrics.callers) else {
             // The verifier makes valid client certificates mandatory; this cannot pass it.
             return;
         };

@@ -18,7 +18,7 @@ use crate::proxy::detect::Protocol;
 use crate::proxy::outbound::ATTEMPT;
 use crate::proxy::respond;
 use crate::proxy::{
-    Body, Direction, ORIG_PROTO, PEER_IDENTITY, ProxyError, REQUEST_PRINCIPAL, RequestHeaders, is_grpc, is_upgrade,
+    Body, ORIG_PROTO, PEER_IDENTITY, ProxyError, REQUEST_PRINCIPAL, RequestHeaders, is_grpc, is_upgrade,
 };
 
 impl Inbound {
@@ -100,6 +100,7 @@ impl Inbound {
         app: Arc<AppTarget>,
     ) -> Response<Body> {
         let start = Instant::now();
+        let from = peer.as_ref().map_or(&self.metrics.callers.plaintext, |c| &c.counts).clone();
         let grpc = is_grpc(req.headers());
         let headers = req.headers_mut();
         // Never trust an identity or principal header from outside.
@@ -122,7 +123,7 @@ impl Inbound {
             tracing::info!(src.addr = %src, src.identity = peer.as_deref().map(|c| c.subject.as_str()), http.method = %req.method(), http.path = req.uri().path(), "request refused: no policy received from the control plane yet (not ready)");
             let o = Outcome::not_ready();
             let r = o.refusal().expect("invariant: not ready is a refusal");
-            self.metrics.request(Direction::Inbound, r.status, start.elapsed());
+            self.metrics.inbound(&from, r.status, start.elapsed());
             return respond::refused(r, grpc);
         };
         strip_underscore_aliases(req.headers_mut(), policy.enforcer.authenticator());
@@ -155,7 +156,7 @@ impl Inbound {
             self.account(&policy, &outcome, &req, src, peer.as_deref());
             outcome
         };
-        if let Some(answer) = self.answered(&outcome, grpc, start) {
+        if let Some(answer) = self.answered(&outcome, grpc, start, &from) {
             return answer;
         }
         if let Some(path) = &outcome.normal_path
@@ -164,6 +165,8 @@ impl Inbound {
             // The app must get the path the policy decided on, or nothing.
             tracing::info!(target: "audit", decision = "invalid", src.addr = %src, http.path = %path, reason = "unparsable_normal_path", "request path refused");
             self.metrics.refused.inc();
+            from.refused(Refused::Invalid);
+            self.metrics.inbound(&from, 400, start.elapsed());
             return crate::proxy::error_response(grpc, http::StatusCode::BAD_REQUEST, "bad request path");
         }
         outcome.for_each_request_op(|op| respond::apply(req.headers_mut(), op));
@@ -180,6 +183,7 @@ impl Inbound {
             Err(e @ (ProxyError::InvalidBody(_) | ProxyError::TooLarge { .. })) => {
                 tracing::info!(target: "audit", decision = "invalid", src.addr = %src, src.identity = peer.as_deref().map(|c| c.subject.as_str()), http.method = %method, http.path = %path, reason = %e, "request refused by validation");
                 self.metrics.refused.inc();
+                from.refused(Refused::Invalid);
                 e.response(grpc)
             }
             Err(e) => {
@@ -188,18 +192,25 @@ impl Inbound {
             }
         };
         outcome.for_each_response_op(|op| respond::apply(resp.headers_mut(), op));
-        self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
+        self.metrics.inbound(&from, resp.status().as_u16(), start.elapsed());
         resp
     }
 
     /// The sidecar's own answer, when the outcome is one (a refusal or a
     /// preflight), counted; `None`: the request goes to the app.
-    fn answered(&self, outcome: &Outcome<'_>, grpc: bool, start: Instant) -> Option<Response<Body>> {
+    fn answered(
+        &self,
+        outcome: &Outcome<'_>,
+        grpc: bool,
+        start: Instant,
+        from: &crate::metrics::callers::FromCounts,
+    ) -> Option<Response<Body>> {
         let resp = respond::answer(outcome, grpc)?;
-        if outcome.refusal().is_some() {
+        if let Some(r) = outcome.refusal() {
             self.metrics.refused.inc();
+            from.refused(r.kind);
         }
-        self.metrics.request(Direction::Inbound, resp.status().as_u16(), start.elapsed());
+        self.metrics.inbound(from, resp.status().as_u16(), start.elapsed());
         Some(resp)
     }
 

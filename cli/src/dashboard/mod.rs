@@ -1,0 +1,397 @@
+//! `palisadectl dashboard`: the mesh in a browser. A small HTTP server on
+//! loopback serves a page built into this binary and JSON read from the
+//! control plane's Admin API with the operator's credential; it changes
+//! nothing in the mesh (the policy preview only evaluates). The page
+//! (docs/dashboard.md) updates itself from server-sent events.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::Online;
+
+mod api;
+mod guard;
+mod live;
+
+use guard::{Guard, Verdict};
+use live::Live;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Connections served at once, at most (a page holds two or three).
+const MAX_CONNECTIONS: usize = 64;
+/// A request's head must arrive within this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A preview's policy text, at most.
+const MAX_BODY: usize = 256 * 1024;
+/// How often the pages' event streams carry the mesh and the certificates.
+const PUSH_EVERY: Duration = Duration::from_secs(5);
+
+/// Flags of `palisadectl dashboard`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct DashboardArgs {
+    /// Address to serve on. Loopback by default (a free port); any other
+    /// address needs --tls-cert and --tls-key.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Certificate chain (PEM) to serve HTTPS with.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+struct Server {
+    live: Arc<Live>,
+    guard: Guard,
+    tls: bool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("guard", &self.guard).finish_non_exhaustive()
+    }
+}
+
+pub(crate) async fn run(online: &Online, args: &DashboardArgs) -> Result<()> {
+    let acceptor = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+        _ if !args.listen.ip().is_loopback() => {
+            return Err(crate::usage(format!(
+                "--listen {}: not a loopback address; serving the mesh's picture beyond this machine needs --tls-cert and --tls-key",
+                args.listen
+            )));
+        }
+        _ => None,
+    };
+    let admin = crate::client::admin(online).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot listen there", args.listen))?;
+    let addr = listener.local_addr()?;
+    let tls = acceptor.is_some();
+    let live = Live::new(admin);
+    live.start();
+    let server = Arc::new(Server { live, guard: Guard::new(guard::new_token()?, addr, tls), tls });
+    palisade_cmd::outln!("Palisade dashboard: {}", server.guard.url(tls));
+    eprintln!("(read-only; the token in this URL is the key to it: share it with no one. Ctrl-C to stop)");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            eprintln!("dashboard: {peer}: connection refused, {MAX_CONNECTIONS} already open");
+            continue;
+        };
+        let (server, acceptor) = (server.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = tcp.set_nodelay(true);
+            match acceptor {
+                None => serve(server, tcp).await,
+                Some(a) => {
+                    if let Ok(Ok(s)) = tokio::time::timeout(HEAD_TIMEOUT, a.accept(tcp)).await {
+                        serve(server, s).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| crate::usage(format!("--tls-cert {}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|_| crate::usage(format!("--tls-key {}: not a PEM private key", key.display())))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("--tls-cert and --tls-key do not make a certificate and its key")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(server: Arc<Server>, io: S) {
+    let svc = hyper::service::service_fn(move |req| {
+        let server = server.clone();
+        async move { Ok::<_, Infallible>(server.handle(req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    full(status, "application/json", serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    full(status, "text/plain; charset=utf-8", format!("{msg}\n"))
+}
+
+/// The page's files, built into the binary.
+fn asset(path: &str) -> Option<(&'static str, &'static str)> {
+    Some(match path {
+        "/" | "/index.html" => ("text/html; charset=utf-8", include_str!("assets/index.html")),
+        "/app.js" => ("text/javascript; charset=utf-8", include_str!("assets/app.js")),
+        "/app.css" => ("text/css; charset=utf-8", include_str!("assets/app.css")),
+        "/favicon.svg" => ("image/svg+xml", include_str!("assets/favicon.svg")),
+        _ => return None,
+    })
+}
+
+/// A query string's parameters, percent-decoded.
+fn query(q: Option<&str>) -> HashMap<String, String> {
+    let decode = |s: &str| percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
+    q.unwrap_or_default()
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+impl Server {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let mut resp = match self.guard.check(&req) {
+            Verdict::Refuse(status, msg, why) => {
+                eprintln!(
+                    "dashboard: refused {} {}: {why}",
+                    req.method(),
+                    req.uri().path().chars().take(200).collect::<String>().escape_debug()
+                );
+                text(status, msg)
+            }
+            Verdict::Login => {
+                let mut r = text(StatusCode::SEE_OTHER, "signed in");
+                r.headers_mut().insert(header::LOCATION, HeaderValue::from_static("/"));
+                r.headers_mut().insert(header::SET_COOKIE, self.guard.set_cookie(self.tls));
+                r
+            }
+            Verdict::Pass => self.route(req).await,
+        };
+        guard::secure(resp.headers_mut());
+        resp
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        if let Some((ct, body)) = asset(&path) {
+            return full(StatusCode::OK, ct, body);
+        }
+        let q = query(req.uri().query());
+        let mut c = self.live.admin.clone();
+        let r: Result<Value> = match path.as_str() {
+            "/api/overview" => api::overview(&mut c).await,
+            "/api/workload" => match api::workload(&mut c, q.get("id").map_or("", String::as_str)).await {
+                Ok(None) => {
+                    return json_response(StatusCode::NOT_FOUND, &json!({"error": "no such workload in the mesh"}));
+                }
+                r => r.map(|v| v.unwrap_or_default()),
+            },
+            "/api/decisions" => Ok(self.live.decisions.lock().unwrap_or_else(|p| p.into_inner()).json()),
+            "/api/explain" => api::explain(&mut c, &q).await,
+            "/api/policies" => api::policies(&mut c).await,
+            "/api/certs" => api::certs(&mut c).await,
+            "/api/preview" => return self.preview(req).await,
+            "/api/events" => return self.events(),
+            "/api/tap" => return self.tap(&q),
+            _ => return text(StatusCode::NOT_FOUND, "not found"),
+        };
+        self.live.note(&r);
+        match r {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => {
+                eprintln!("dashboard: {path}: {e:#}");
+                json_response(
+                    StatusCode::BAD_GATEWAY,
+                    &json!({"error": "the control plane did not answer; see the dashboard's log"}),
+                )
+            }
+        }
+    }
+
+    async fn preview(&self, req: Request<Incoming>) -> Response<Body> {
+        let Ok(body) = Limited::new(req.into_body(), MAX_BODY).collect().await.map(|b| b.to_bytes()) else {
+            return json_response(StatusCode::PAYLOAD_TOO_LARGE, &json!({"error": "at most 256 KiB of policy"}));
+        };
+        let Some(yaml) =
+            serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["yaml"].as_str().map(str::to_string))
+        else {
+            return json_response(StatusCode::BAD_REQUEST, &json!({"error": "send {\"yaml\": \"<policy>\"}"}));
+        };
+        let r = api::preview(&mut self.live.admin.clone(), &yaml).await;
+        self.live.note(&r);
+        match r {
+            Ok(Ok(v)) => json_response(StatusCode::OK, &v),
+            Ok(Err(msg)) => json_response(StatusCode::BAD_REQUEST, &json!({"error": msg})),
+            Err(e) => {
+                eprintln!("dashboard: preview: {e:#}");
+                json_response(StatusCode::BAD_GATEWAY, &json!({"error": "the control plane did not answer"}))
+            }
+        }
+    }
+
+    /// The page's event stream: the connection's state as it changes, each
+    /// refused request, and the mesh and its certificates every 5 s.
+    fn events(&self) -> Response<Body> {
+        let (tx, resp) = sse();
+        let live = self.live.clone();
+        tokio::spawn(async move {
+            let mut conn = live.conn.subscribe();
+            let mut decided = live.decided.subscribe();
+            let mut tick = tokio::time::interval(PUSH_EVERY);
+            let status = conn.borrow_and_update().json();
+            if !send(&tx, "status", &status).await {
+                return;
+            }
+            loop {
+                let ok = tokio::select! {
+                    _ = tx.closed() => return,
+                    r = conn.changed() => match r {
+                        Ok(()) => { let s = conn.borrow_and_update().json(); send(&tx, "status", &s).await }
+                        Err(_) => return,
+                    },
+                    r = decided.recv() => match r {
+                        Ok(ev) => send_raw(&tx, "decision", &ev).await,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                        Err(_) => return,
+                    },
+                    _ = tick.tick() => {
+                        let mut c = live.admin.clone();
+                        let o = api::overview(&mut c).await;
+                        live.note(&o);
+                        let cs = api::certs(&mut c).await;
+                        match (o, cs) {
+                            (Ok(o), Ok(cs)) => send(&tx, "overview", &o).await && send(&tx, "certs", &cs).await,
+                            _ => true,
+                        }
+                    }
+                };
+                if !ok {
+                    return;
+                }
+            }
+        });
+        resp
+    }
+
+    /// A live tap of the requests a page selects.
+    fn tap(&self, q: &HashMap<String, String>) -> Response<Body> {
+        let Ok(slot) = self.live.taps.clone().try_acquire_owned() else {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": format!("{} live taps already open: close one", live::MAX_PAGE_TAPS)}),
+            );
+        };
+        let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+        let req = palisade_proto::v1::TapRequest {
+            to: get("to"),
+            from: get("from"),
+            path: get("path"),
+            decision: get("decision"),
+            max: 0,
+        };
+        let (tx, resp) = sse();
+        let live = self.live.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let r = live.admin.clone().tap(req).await;
+            live.note(&r);
+            let Ok(stream) = r else {
+                let _ = send(&tx, "error", &json!({"error": "the control plane refused the tap"})).await;
+                return;
+            };
+            let mut stream = stream.into_inner();
+            let mut dropped = 0;
+            loop {
+                let ev = tokio::select! {
+                    _ = tx.closed() => return,
+                    ev = stream.message() => ev,
+                };
+                match ev {
+                    Ok(Some(ev)) => {
+                        let mut ok = true;
+                        if ev.dropped > dropped {
+                            dropped = ev.dropped;
+                            ok = send(&tx, "dropped", &json!({"dropped": dropped})).await;
+                        }
+                        if !ev.json.is_empty() {
+                            ok = ok && send_raw(&tx, "tap", &ev.json).await;
+                        }
+                        if !ok {
+                            return;
+                        }
+                    }
+                    _ => {
+                        let _ = send(&tx, "error", &json!({"error": "the tap ended"})).await;
+                        return;
+                    }
+                }
+            }
+        });
+        resp
+    }
+}
+
+type Events = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
+/// A `text/event-stream` answer and the sender of its events.
+fn sse() -> (Events, Response<Body>) {
+    let (tx, rx) = mpsc::channel(64);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+    let mut r = Response::new(body);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    (tx, r)
+}
+
+async fn send(tx: &Events, event: &str, v: &Value) -> bool {
+    send_raw(tx, event, &v.to_string()).await
+}
+
+/// One event; `data` is one line of JSON (serde_json writes no newline).
+async fn send_raw(tx: &Events, event: &str, data: &str) -> bool {
+    let data = data.replace(['\n', '\r'], " ");
+    tx.send(Ok(Frame::data(Bytes::from(format!("event: {event}\ndata: {data}\n\n"))))).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn queries_are_decoded() {
+        let q = super::query(Some("id=spiffe%3A%2F%2Ftd%2Fns%2Fa%2Fsa%2Fb&path=%2Fa+b&x"));
+        assert_eq!(q["id"], "spiffe://td/ns/a/sa/b");
+        assert_eq!(q["path"], "/a b");
+        assert_eq!(q["x"], "");
+    }
+}
