@@ -11,6 +11,7 @@ mod attack_push;
 mod authn;
 mod certify;
 mod cli;
+mod dashboard;
 mod dataplane;
 mod differential;
 mod failover;

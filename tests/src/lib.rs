@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod apps;
+pub mod browser;
 pub mod http;
 pub mod inproc;
 

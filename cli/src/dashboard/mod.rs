@@ -198,13 +198,17 @@ impl Server {
                 r.headers_mut().insert(header::SET_COOKIE, self.guard.set_cookie(self.tls));
                 r
             }
-            Verdict::Pass => self.route(req).await,
+            Verdict::Pass => {
+                let gzip = accepts_gzip(&req);
+                let resp = self.route(req, gzip).await;
+                if gzip { compress(resp).await } else { resp }
+            }
         };
         guard::secure(resp.headers_mut());
         resp
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn route(&self, req: Request<Incoming>, gzip: bool) -> Response<Body> {
         let path = req.uri().path().to_string();
         if let Some((ct, body)) = asset(&path) {
             return full(StatusCode::OK, ct, body);
@@ -224,8 +228,8 @@ impl Server {
             "/api/policies" => api::policies(&mut c).await,
             "/api/certs" => api::certs(&mut c).await,
             "/api/preview" => return self.preview(req).await,
-            "/api/events" => return self.events(),
-            "/api/tap" => return self.tap(&q),
+            "/api/events" => return self.events(gzip),
+            "/api/tap" => return self.tap(&q, gzip),
             _ => return text(StatusCode::NOT_FOUND, "not found"),
         };
         self.live.note(&r);
@@ -264,26 +268,27 @@ impl Server {
 
     /// The page's event stream: the connection's state as it changes, each
     /// refused request, and the mesh and its certificates every 5 s.
-    fn events(&self) -> Response<Body> {
-        let (tx, resp) = sse();
+    fn events(&self, gzip: bool) -> Response<Body> {
+        let (mut tx, resp) = sse(gzip);
         let live = self.live.clone();
         tokio::spawn(async move {
             let mut conn = live.conn.subscribe();
             let mut decided = live.decided.subscribe();
-            let mut tick = tokio::time::interval(PUSH_EVERY);
+            // The page reads the mesh itself as it opens: the first push is one period later.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PUSH_EVERY, PUSH_EVERY);
             let status = conn.borrow_and_update().json();
-            if !send(&tx, "status", &status).await {
+            if !tx.send("status", &status).await {
                 return;
             }
             loop {
                 let ok = tokio::select! {
                     _ = tx.closed() => return,
                     r = conn.changed() => match r {
-                        Ok(()) => { let s = conn.borrow_and_update().json(); send(&tx, "status", &s).await }
+                        Ok(()) => { let s = conn.borrow_and_update().json(); tx.send("status", &s).await }
                         Err(_) => return,
                     },
                     r = decided.recv() => match r {
-                        Ok(ev) => send_raw(&tx, "decision", &ev).await,
+                        Ok(ev) => tx.send_raw("decision", &ev).await,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
                         Err(_) => return,
                     },
@@ -293,7 +298,7 @@ impl Server {
                         live.note(&o);
                         let cs = api::certs(&mut c).await;
                         match (o, cs) {
-                            (Ok(o), Ok(cs)) => send(&tx, "overview", &o).await && send(&tx, "certs", &cs).await,
+                            (Ok(o), Ok(cs)) => tx.send("overview", &o).await && tx.send("certs", &cs).await,
                             _ => true,
                         }
                     }
@@ -307,7 +312,7 @@ impl Server {
     }
 
     /// A live tap of the requests a page selects.
-    fn tap(&self, q: &HashMap<String, String>) -> Response<Body> {
+    fn tap(&self, q: &HashMap<String, String>, gzip: bool) -> Response<Body> {
         let Ok(slot) = self.live.taps.clone().try_acquire_owned() else {
             return json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -322,14 +327,14 @@ impl Server {
             decision: get("decision"),
             max: 0,
         };
-        let (tx, resp) = sse();
+        let (mut tx, resp) = sse(gzip);
         let live = self.live.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let r = live.admin.clone().tap(req).await;
             live.note(&r);
             let Ok(stream) = r else {
-                let _ = send(&tx, "error", &json!({"error": "the control plane refused the tap"})).await;
+                let _ = tx.send("error", &json!({"error": "the control plane refused the tap"})).await;
                 return;
             };
             let mut stream = stream.into_inner();
@@ -344,17 +349,17 @@ impl Server {
                         let mut ok = true;
                         if ev.dropped > dropped {
                             dropped = ev.dropped;
-                            ok = send(&tx, "dropped", &json!({"dropped": dropped})).await;
+                            ok = tx.send("dropped", &json!({"dropped": dropped})).await;
                         }
                         if !ev.json.is_empty() {
-                            ok = ok && send_raw(&tx, "tap", &ev.json).await;
+                            ok = ok && tx.send_raw("tap", &ev.json).await;
                         }
                         if !ok {
                             return;
                         }
                     }
                     _ => {
-                        let _ = send(&tx, "error", &json!({"error": "the tap ended"})).await;
+                        let _ = tx.send("error", &json!({"error": "the tap ended"})).await;
                         return;
                     }
                 }
@@ -364,25 +369,83 @@ impl Server {
     }
 }
 
-type Events = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+/// The sending end of an event stream, gzip-compressed when the page
+/// accepts it (each event flushed whole).
+struct Events {
+    tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    gzip: Option<flate2::write::GzEncoder<Vec<u8>>>,
+}
+
+impl Events {
+    async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
+    async fn send(&mut self, event: &str, v: &Value) -> bool {
+        self.send_raw(event, &v.to_string()).await
+    }
+
+    /// One event; `data` is one line of JSON (serde_json writes no newline).
+    async fn send_raw(&mut self, event: &str, data: &str) -> bool {
+        use std::io::Write;
+        let data = data.replace(['\n', '\r'], " ");
+        let text = format!("event: {event}\ndata: {data}\n\n");
+        let bytes = match &mut self.gzip {
+            None => Bytes::from(text),
+            Some(z) => {
+                if z.write_all(text.as_bytes()).and_then(|()| z.flush()).is_err() {
+                    return false;
+                }
+                Bytes::from(std::mem::take(z.get_mut()))
+            }
+        };
+        self.tx.send(Ok(Frame::data(bytes))).await.is_ok()
+    }
+}
 
 /// A `text/event-stream` answer and the sender of its events.
-fn sse() -> (Events, Response<Body>) {
+fn sse(gzip: bool) -> (Events, Response<Body>) {
     let (tx, rx) = mpsc::channel(64);
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
     let mut r = Response::new(body);
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    (tx, r)
+    if gzip {
+        r.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    let gzip = gzip.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    (Events { tx, gzip }, r)
 }
 
-async fn send(tx: &Events, event: &str, v: &Value) -> bool {
-    send_raw(tx, event, &v.to_string()).await
+fn accepts_gzip<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| e.split(';').next().is_some_and(|e| e.trim().eq_ignore_ascii_case("gzip")))
 }
 
-/// One event; `data` is one line of JSON (serde_json writes no newline).
-async fn send_raw(tx: &Events, event: &str, data: &str) -> bool {
-    let data = data.replace(['\n', '\r'], " ");
-    tx.send(Ok(Frame::data(Bytes::from(format!("event: {event}\ndata: {data}\n\n"))))).await.is_ok()
+/// A whole answer gzip-compressed (event streams compress themselves).
+/// Nothing the dashboard answers holds a secret, so compression tells an
+/// attacker who sees sizes nothing (BREACH needs a secret in the body).
+async fn compress(resp: Response<Body>) -> Response<Body> {
+    use std::io::Write;
+    if resp.headers().contains_key(header::CONTENT_ENCODING) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = body.collect().await.map(|b| b.to_bytes());
+    if bytes.len() < 1024 {
+        return Response::from_parts(parts, Full::new(bytes).boxed());
+    }
+    let mut z = flate2::write::GzEncoder::new(Vec::with_capacity(bytes.len() / 4), flate2::Compression::fast());
+    let Ok(out) = z.write_all(&bytes).and_then(|()| z.finish()) else {
+        return Response::from_parts(parts, Full::new(bytes).boxed());
+    };
+    parts.headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    parts.headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Full::new(Bytes::from(out)).boxed())
 }
 
 #[cfg(test)]
