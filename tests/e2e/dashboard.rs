@@ -223,6 +223,25 @@ async fn the_dashboard_shows_the_mesh_its_refusals_policies_and_certificates_in_
     let console = b.console().await;
     assert!(console.is_empty(), "no console errors on any page: {console:?}");
 
+    // docs/dashboard.md's commands, as a reader runs them against this mesh.
+    let page = std::fs::read_to_string(palisade_tests::repo_root().join("docs/dashboard.md")).unwrap();
+    let blocks: Vec<&str> = page.split("```sh\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    assert_eq!(blocks.len(), 1, "the page's one command block");
+    std::fs::create_dir_all(m.tmp.path().join("demo-data")).unwrap();
+    let path = format!("{}:{}", palisade_tests::bin_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let out = tokio::process::Command::new("bash")
+        .args(["-c", &format!("set -euo pipefail\n{}", blocks[0])])
+        .current_dir(m.tmp.path())
+        .env("PATH", path)
+        .env("PALISADE_CONTROL_PLANE", &m.cp.addr)
+        .env("PALISADE_CREDENTIALS", m.cp.admin_dir())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.trim(), "303", "the URL signs the browser in");
+
     // A lost control plane is shown, not hidden.
     // (Killed: a graceful stop waits for the streams the dashboard holds open.)
     m.cp.proc.child.kill().unwrap();
