@@ -259,7 +259,7 @@ async fn attack_dashboard_refuses_strangers_foreign_pages_forged_posts_and_injec
     let api = format!("{base}/api/overview");
 
     // No token, a wrong one: nothing but 401, on every path.
-    for path in ["/", "/api/overview", "/app.js", "/api/events", "/api/tap?to=*"] {
+    for path in ["/", "/api/overview", "/js/main.js", "/app.css", "/api/events", "/api/tap?to=*"] {
         let (s, head, _) = http(&[&format!("{base}{path}")]).await;
         assert_eq!(s, 401, "{path}");
         assert!(head.contains("content-security-policy:"), "{head}");

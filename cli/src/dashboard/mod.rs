@@ -163,7 +163,13 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
 fn asset(path: &str) -> Option<(&'static str, &'static str)> {
     Some(match path {
         "/" | "/index.html" => ("text/html; charset=utf-8", include_str!("assets/index.html")),
-        "/app.js" => ("text/javascript; charset=utf-8", include_str!("assets/app.js")),
+        "/js/core.js" => ("text/javascript; charset=utf-8", include_str!("assets/js/core.js")),
+        "/js/graph.js" => ("text/javascript; charset=utf-8", include_str!("assets/js/graph.js")),
+        "/js/workload.js" => ("text/javascript; charset=utf-8", include_str!("assets/js/workload.js")),
+        "/js/decisions.js" => ("text/javascript; charset=utf-8", include_str!("assets/js/decisions.js")),
+        "/js/policies.js" => ("text/javascript; charset=utf-8", include_str!("assets/js/policies.js")),
+        "/js/certs.js" => ("text/javascript; charset=utf-8", include_str!("assets/js/certs.js")),
+        "/js/main.js" => ("text/javascript; charset=utf-8", include_str!("assets/js/main.js")),
         "/app.css" => ("text/css; charset=utf-8", include_str!("assets/app.css")),
         "/favicon.svg" => ("image/svg+xml", include_str!("assets/favicon.svg")),
         _ => return None,

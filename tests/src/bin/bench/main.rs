@@ -124,6 +124,11 @@ fn main() -> Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(balance::run(secs, concurrency));
     }
+    if std::env::args().nth(1).as_deref() == Some("dashboard") {
+        let n = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(dashboard::run(n));
+    }
     if std::env::args().nth(1).as_deref() == Some("mesh") {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(serve_mesh());
@@ -759,6 +764,7 @@ impl Drop for AppGuard {
 }
 
 mod balance;
+mod dashboard;
 mod push;
 
 #[cfg(test)]

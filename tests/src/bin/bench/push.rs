@@ -141,7 +141,7 @@ fn service_name(k: usize) -> String {
 }
 
 /// The loopback address sidecar `i` connects from, and the inbound address it registers.
-fn addresses(i: usize) -> (IpAddr, String) {
+pub(super) fn addresses(i: usize) -> (IpAddr, String) {
     let local = IpAddr::from([127, 1 + (i / 62_500) as u8, ((i / 250) % 250) as u8, (i % 250 + 1) as u8]);
     (local, format!("10.{}.{}.{}:4143", i / 62_500, (i / 250) % 250, i % 250 + 1))
 }
@@ -319,7 +319,7 @@ async fn session(
 }
 
 /// Process figures from /proc.
-fn rss_mb(pid: u32, field: &str) -> f64 {
+pub(super) fn rss_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_string))
@@ -361,7 +361,7 @@ async fn deliveries(ctx: &Ctx, kind: &str, name: &str, t0: Instant, expect: usiz
     }
 }
 
-async fn admin(cp: &ControlPlane, bundle: &str) -> Result<AdminClient<Channel>> {
+pub(super) async fn admin(cp: &ControlPlane, bundle: &str) -> Result<AdminClient<Channel>> {
     let dir = cp.admin_dir();
     let chain = palisade_certs::ca::parse_pem_certs(&std::fs::read_to_string(dir.join("cert.pem"))?)
         .map_err(anyhow::Error::msg)?;
