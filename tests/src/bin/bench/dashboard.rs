@@ -44,7 +44,7 @@ fn report(i: usize, n: usize, k: u64) -> Report {
         refused: vec![refused * k, 0, 0, 0],
         latency_buckets: vec![50 * k, 40 * k, 10 * k + refused * k, k],
     };
-    let refused = u64::from(i % 10 == 0) * 3;
+    let refused = u64::from(i.is_multiple_of(10)) * 3;
     let inbound_from = vec![from((i + 1) % n, refused), from((i + 7) % n, 0)];
     let mut status = [0u64; 5];
     let mut buckets = [0u64; 4];
