@@ -129,6 +129,31 @@ impl std::fmt::Debug for Live {
     }
 }
 
+/// An error of a call to the control plane: whether it came from the
+/// control plane (it answered) or from not reaching it.
+pub(crate) trait Reach: std::fmt::Display {
+    fn reached(&self) -> bool;
+}
+
+impl Reach for tonic::Status {
+    fn reached(&self) -> bool {
+        use tonic::Code;
+        !matches!(self.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+    }
+}
+
+impl Reach for anyhow::Error {
+    fn reached(&self) -> bool {
+        self.downcast_ref::<tonic::Status>().is_some_and(Reach::reached)
+    }
+}
+
+impl Reach for String {
+    fn reached(&self) -> bool {
+        false
+    }
+}
+
 /// Live taps of the pages at once, at most.
 pub(crate) const MAX_PAGE_TAPS: usize = 4;
 
@@ -143,10 +168,12 @@ impl Live {
         })
     }
 
-    /// Records whether a call to the control plane worked.
-    pub(crate) fn note<T, E: std::fmt::Display>(&self, r: &Result<T, E>) {
+    /// Records whether a call to the control plane reached it (an answer
+    /// that refuses the request, such as an invalid argument, did).
+    pub(crate) fn note<T, E: Reach>(&self, r: &Result<T, E>) {
         let (connected, error) = match r {
             Ok(_) => (true, None),
+            Err(e) if e.reached() => (true, None),
             Err(e) => (false, Some(format!("control plane unreachable: {e}"))),
         };
         self.conn.send_if_modified(|c| {
@@ -211,6 +238,19 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn only_an_unreachable_control_plane_shows_as_lost() {
+        let ch = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let live = Live::new(palisade_proto::v1::admin_client::AdminClient::new(ch));
+        live.note::<(), _>(&Err(tonic::Status::invalid_argument("path: not a path")));
+        assert!(live.conn.borrow().connected, "an answer that refuses the request came from it");
+        live.note::<(), _>(&Err(anyhow::Error::from(tonic::Status::unavailable("connection refused"))));
+        let c = live.conn.borrow().clone();
+        assert!(!c.connected && c.error.as_deref().is_some_and(|e| e.contains("unreachable")), "{c:?}");
+        live.note::<(), tonic::Status>(&Ok(()));
+        assert!(live.conn.borrow().connected);
+    }
 
     #[test]
     fn refusals_are_counted_by_reason_and_rule_with_their_requests() {

@@ -241,6 +241,10 @@ impl Server {
         self.live.note(&r);
         match r {
             Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) if e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::InvalidArgument) => {
+                let msg = e.downcast_ref::<tonic::Status>().map(|s| s.message().to_string()).unwrap_or_default();
+                json_response(StatusCode::BAD_REQUEST, &json!({"error": msg}))
+            }
             Err(e) => {
                 eprintln!("dashboard: {path}: {e:#}");
                 json_response(
