@@ -728,6 +728,29 @@ async fn instructions(requests: u64, json: Option<PathBuf>) -> Result<()> {
     // PALISADE_BENCH_KEEP=1 keeps the dumps for callgrind_annotate.
     let keep = std::env::var_os("PALISADE_BENCH_KEEP").is_some();
     let (m, dir) = mesh_under_callgrind().await?;
+    // PALISADE_BENCH_TAP=deny: with a tap of refusals open, as a running
+    // `palisadectl dashboard` holds one (none of these requests is refused).
+    let _tap = match std::env::var("PALISADE_BENCH_TAP") {
+        Ok(decision) => {
+            let tap = tokio::process::Command::new(palisade_tests::bin("palisadectl"))
+                .env("PALISADE_CONTROL_PLANE", &m._cp.addr)
+                .env("PALISADE_CREDENTIALS", m._cp.admin_dir())
+                .args(["tap", "--decision", &decision, "-o", "json"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            eventually("the tap to reach both sidecars", Duration::from_secs(60), || async {
+                let client = m.client.metric("palisade_taps_active").await;
+                let server = m.server.metric("palisade_taps_active").await;
+                (client == Some(1.0) && server == Some(1.0)).then_some(())
+            })
+            .await?;
+            println!("with a tap of `--decision {decision}` open on both sidecars");
+            Some(tap)
+        }
+        Err(_) => None,
+    };
     // Warm-up: connections, pools, TLS sessions, lazily built state.
     fixed(m.mesh_addr, 200).await?;
     let start = Instant::now();
