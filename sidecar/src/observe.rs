@@ -105,6 +105,8 @@ pub struct Observe {
     start: Instant,
     taps: RwLock<Arc<[Tap]>>,
     tapping: AtomicBool,
+    /// Whether a tap may want allowed requests (not only refusals).
+    allowed_tapped: AtomicBool,
     queue: Mutex<Vec<TapRecord>>,
     pub wake: tokio::sync::Notify,
     record_rate: u32,
@@ -129,6 +131,7 @@ impl Observe {
             start: Instant::now(),
             taps: RwLock::new(Arc::from(Vec::new())),
             tapping: AtomicBool::new(false),
+            allowed_tapped: AtomicBool::new(false),
             queue: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             record_rate,
@@ -142,6 +145,13 @@ impl Observe {
     /// Whether any tap runs (one load: the data path asks on every request).
     pub fn tapping(&self) -> bool {
         self.tapping.load(Ordering::Relaxed)
+    }
+
+    /// Whether a running tap may want allowed requests; when none does
+    /// (a tap of refusals, as `palisadectl dashboard` holds), an allowed
+    /// request's line is never made.
+    pub fn taps_allowed(&self) -> bool {
+        self.allowed_tapped.load(Ordering::Relaxed)
     }
 
     /// Replaces the taps (an empty list ends them all).
@@ -173,6 +183,8 @@ impl Observe {
             tracing::info!("no tap runs");
         }
         self.metrics.taps.set(taps.len() as i64);
+        let allowed = taps.iter().any(|t| palisade_policy::preview::decision_matches(&t.decision, "allow"));
+        self.allowed_tapped.store(allowed, Ordering::Relaxed);
         self.tapping.store(!taps.is_empty(), Ordering::Relaxed);
         *self.taps.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(taps);
         if ids.is_empty() {
@@ -338,6 +350,19 @@ mod tests {
 
     fn spec(id: u64, from: &str, path: &str, decision: &str) -> TapSpec {
         TapSpec { id, from: from.into(), path: path.into(), decision: decision.into() }
+    }
+
+    #[test]
+    fn only_taps_of_refusals_spare_allowed_requests_their_line() {
+        let o = Observe::new(0);
+        o.set_taps(&[spec(1, "", "", "deny"), spec(2, "", "", "rate_limited")]);
+        assert!(o.tapping() && !o.taps_allowed());
+        for wants_allowed in ["", "allow"] {
+            o.set_taps(&[spec(1, "", "", "deny"), spec(3, "", "", wants_allowed)]);
+            assert!(o.taps_allowed(), "{wants_allowed:?}");
+        }
+        o.set_taps(&[]);
+        assert!(!o.tapping() && !o.taps_allowed());
     }
 
     #[test]

@@ -69,23 +69,37 @@ impl Inbound {
                 attrs
             },
         );
-        let entry = (log || tap).then(|| {
-            let mut e = crate::proxy::access::Entry::new("inbound", src);
-            // Only a peer sidecar (mTLS) says which try this is; a plaintext caller's claim is ignored.
-            e.attempt = peer.as_ref().and_then(|_| attempt_of(req.headers()));
-            e.log = log;
-            e.tap = tap.then(|| self.opts.observe.clone());
+        // Only refusals tapped, nothing logged: the line is made for a refusal only.
+        let refusals_only = tap && !log && !self.opts.observe.taps_allowed();
+        let fill = |e: &mut crate::proxy::access::Entry| {
             e.caller = caller();
             e.callee = callee();
             e.method = method.to_string();
             e.authority = authority();
             e.path = uri.path().to_string();
             e.trace_id = span.trace_id();
+        };
+        let mut entry = (log || tap).then(|| {
+            let mut e = crate::proxy::access::Entry::new("inbound", src);
+            // Only a peer sidecar (mTLS) says which try this is; a plaintext caller's claim is ignored.
+            e.attempt = peer.as_ref().and_then(|_| attempt_of(req.headers()));
+            e.log = log;
+            e.tap = tap.then(|| self.opts.observe.clone());
+            if !refusals_only {
+                fill(&mut e);
+            }
             req.extensions_mut().insert(e.decided.clone());
             req.extensions_mut().insert(crate::proxy::access::BytesIn(e.bytes_in.clone()));
             e
         });
-        let resp = self.clone().handle(req, peer, src, conn_proto, app).await;
+        let resp = self.clone().handle(req, peer.clone(), src, conn_proto, app).await;
+        if refusals_only {
+            let by_sidecar = resp.headers().contains_key("x-palisade-error");
+            match crate::proxy::decision_of(resp.status().as_u16(), by_sidecar) {
+                "allow" => entry = None,
+                _ => entry.iter_mut().for_each(fill),
+            }
+        }
         crate::proxy::access::finish(resp, span, entry, false)
     }
 
