@@ -107,9 +107,14 @@ struct Line<'a> {
 
 impl Entry {
     pub fn new(direction: &'static str, src: SocketAddr) -> Self {
+        Self::started(direction, src, Instant::now(), SystemTime::now())
+    }
+
+    /// A line for a request that arrived at `start` (`time` on the wall clock).
+    pub fn started(direction: &'static str, src: SocketAddr, start: Instant, time: SystemTime) -> Self {
         Self {
-            start: Instant::now(),
-            time: SystemTime::now(),
+            start,
+            time,
             direction,
             src,
             caller: None,

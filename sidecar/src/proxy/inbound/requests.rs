@@ -69,9 +69,12 @@ impl Inbound {
                 attrs
             },
         );
-        // Only refusals tapped, nothing logged: the line is made for a refusal only.
-        let refusals_only = tap && !log && !self.opts.observe.taps_allowed();
+        // Only a peer sidecar (mTLS) says which try this is; a plaintext caller's claim is ignored.
+        let attempt = peer.as_ref().and_then(|_| attempt_of(req.headers()));
         let fill = |e: &mut crate::proxy::access::Entry| {
+            e.attempt = attempt;
+            e.log = log;
+            e.tap = tap.then(|| self.opts.observe.clone());
             e.caller = caller();
             e.callee = callee();
             e.method = method.to_string();
@@ -79,27 +82,30 @@ impl Inbound {
             e.path = uri.path().to_string();
             e.trace_id = span.trace_id();
         };
-        let mut entry = (log || tap).then(|| {
-            let mut e = crate::proxy::access::Entry::new("inbound", src);
-            // Only a peer sidecar (mTLS) says which try this is; a plaintext caller's claim is ignored.
-            e.attempt = peer.as_ref().and_then(|_| attempt_of(req.headers()));
-            e.log = log;
-            e.tap = tap.then(|| self.opts.observe.clone());
-            if !refusals_only {
+        if tap && !log && !self.opts.observe.taps_allowed() {
+            // Only refusals are tapped (as a dashboard's tap) and nothing is
+            // logged: the line is made for a refusal only.
+            let (start, time) = (Instant::now(), std::time::SystemTime::now());
+            let decided = Arc::<crate::proxy::access::Decided>::default();
+            req.extensions_mut().insert(decided.clone());
+            let resp = self.clone().handle(req, peer.clone(), src, conn_proto, app).await;
+            let by_sidecar = resp.headers().contains_key("x-palisade-error");
+            let entry = (crate::proxy::decision_of(resp.status().as_u16(), by_sidecar) != "allow").then(|| {
+                let mut e = crate::proxy::access::Entry::started("inbound", src, start, time);
+                e.decided = decided;
                 fill(&mut e);
-            }
+                e
+            });
+            return crate::proxy::access::finish(resp, span, entry, false);
+        }
+        let entry = (log || tap).then(|| {
+            let mut e = crate::proxy::access::Entry::new("inbound", src);
+            fill(&mut e);
             req.extensions_mut().insert(e.decided.clone());
             req.extensions_mut().insert(crate::proxy::access::BytesIn(e.bytes_in.clone()));
             e
         });
         let resp = self.clone().handle(req, peer.clone(), src, conn_proto, app).await;
-        if refusals_only {
-            let by_sidecar = resp.headers().contains_key("x-palisade-error");
-            match crate::proxy::decision_of(resp.status().as_u16(), by_sidecar) {
-                "allow" => entry = None,
-                _ => entry.iter_mut().for_each(fill),
-            }
-        }
         crate::proxy::access::finish(resp, span, entry, false)
     }
 
