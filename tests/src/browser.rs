@@ -34,7 +34,8 @@ impl Browser {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
+            // Not killed on drop: its stdin closing makes it quit Chromium and end.
+            .kill_on_drop(false)
             .spawn()
             .context("python3")?;
         let stdin = child.stdin.take().context("stdin")?;

@@ -191,8 +191,15 @@ pub(crate) async fn policies(c: &mut Admin) -> Result<Value> {
 }
 
 /// `policy preview` of a candidate; `Err(message)` when it is not a valid policy.
+/// The candidate is read as `palisadectl policy preview -f` reads a file.
 pub(crate) async fn preview(c: &mut Admin, yaml: &str) -> Result<std::result::Result<Value, String>> {
-    match c.preview_policy(ApplyPolicyRequest { document: yaml.to_string() }).await {
+    let resources = match palisade_policy::yaml::parse_text(yaml) {
+        Ok(r) if r.is_empty() => return Ok(Err("the candidate holds no resource".into())),
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let document = serde_json::to_string(&resources)?;
+    match c.preview_policy(ApplyPolicyRequest { document }).await {
         Ok(p) => {
             let p = p.into_inner();
             let changes: Vec<Value> = p.changes.iter().map(|c| json!({
@@ -215,6 +222,10 @@ pub(crate) async fn explain(c: &mut Admin, q: &HashMap<String, String>) -> Resul
         target: get("to"),
         method: if get("method").is_empty() { "GET".into() } else { get("method") },
         path: if get("path").is_empty() { "/".into() } else { get("path") },
+        // As if the request's credential verified again (the tap names its
+        // principal and API key; a token's claims are not in it).
+        principal: get("principal"),
+        api_key: get("api_key"),
         ..Default::default()
     };
     let r = c.simulate(req).await?.into_inner();

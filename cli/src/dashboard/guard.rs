@@ -1,6 +1,9 @@
-//! Who may use the dashboard: the browser that opened the URL with its token
-//! (then a cookie), on the dashboard's own host name, from its own origin.
-//! Every answer carries the security headers.
+//! Who may use the dashboard: whoever holds its token, which is the first
+//! segment of every path (`/<token>/…`: the page loads its script, styles
+//! and API relative to it), on the dashboard's own host name, from its own
+//! origin. No cookie: a browser sends a 127.0.0.1 cookie to every port of
+//! the host, so any other local server would receive it. Every answer
+//! carries the security headers.
 
 use std::net::SocketAddr;
 
@@ -17,11 +20,11 @@ pub(crate) const CSRF_HEADER: &str = "x-palisade-dashboard";
 
 /// What to do with a request.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Serve it.
-    Pass,
-    /// The token in the URL is right: set the cookie and go to `/`.
-    Login,
+pub(crate) enum Verdict<'a> {
+    /// Serve it: the path after the token (`/`, `/api/overview`, …).
+    Pass(&'a str),
+    /// `/<token>` without its slash: to `/<token>/`, where relative URLs work.
+    Slash,
     /// Refuse it with this status and short message (the log says why).
     Refuse(StatusCode, &'static str, &'static str),
 }
@@ -29,7 +32,6 @@ pub(crate) enum Verdict {
 /// The dashboard's secret and names.
 pub(crate) struct Guard {
     token: String,
-    cookie_name: String,
     hosts: Vec<String>,
     origins: Vec<String>,
 }
@@ -60,29 +62,27 @@ impl Guard {
         hosts.dedup();
         let scheme = if tls { "https" } else { "http" };
         let origins = hosts.iter().map(|h| format!("{scheme}://{h}")).collect();
-        Self { token, cookie_name: format!("palisade-dashboard-{port}"), hosts, origins }
+        Self { token, hosts, origins }
     }
 
     /// The URL to open.
     pub(crate) fn url(&self, tls: bool) -> String {
         let scheme = if tls { "https" } else { "http" };
-        format!("{scheme}://{}/?token={}", self.hosts[0], self.token)
+        format!("{scheme}://{}/{}/", self.hosts[0], self.token)
     }
 
-    /// The cookie that stands for the token from then on: the browser keeps
-    /// it from script (HttpOnly) and sends it to this site only (Strict).
-    pub(crate) fn set_cookie(&self, tls: bool) -> HeaderValue {
-        let secure = if tls { "; Secure" } else { "" };
-        HeaderValue::from_str(&format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Strict{secure}",
-            self.cookie_name, self.token
-        ))
-        .expect("invariant: the token is URL-safe base64")
+    /// The path to send `/<token>` to.
+    pub(crate) fn slash(&self) -> HeaderValue {
+        HeaderValue::from_str(&format!("/{}/", self.token)).expect("invariant: the token is URL-safe base64")
     }
 
-    pub(crate) fn check<B>(&self, req: &Request<B>) -> Verdict {
+    pub(crate) fn check<'r, B>(&self, req: &'r Request<B>) -> Verdict<'r> {
         let h = req.headers();
-        let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let mut hosts = h.get_all(header::HOST).iter();
+        let host = hosts.next().and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if hosts.next().is_some() || req.uri().authority().is_some() {
+            return Verdict::Refuse(StatusCode::BAD_REQUEST, "bad request", "two Host headers, or an absolute URI");
+        }
         if !self.hosts.iter().any(|a| a.eq_ignore_ascii_case(host)) {
             return Verdict::Refuse(StatusCode::MISDIRECTED_REQUEST, "unknown host", "foreign Host header");
         }
@@ -100,30 +100,29 @@ impl Guard {
                 "Sec-Fetch-Site not same-origin",
             );
         }
-        if req.uri().path() == "/"
-            && let Some(t) = query_token(req.uri().query())
-        {
-            return if same(t, &self.token) {
-                Verdict::Login
-            } else {
-                Verdict::Refuse(StatusCode::UNAUTHORIZED, "wrong token", "wrong token in the URL")
-            };
-        }
-        if !cookie(h, &self.cookie_name).is_some_and(|c| same(c, &self.token)) {
+        let path = req.uri().path();
+        let (first, rest) = match path.strip_prefix('/').map(|p| p.split_once('/')) {
+            Some(Some((first, _))) => (first, &path[first.len() + 1..]),
+            _ => (path.trim_start_matches('/'), ""),
+        };
+        if !same(first, &self.token) {
             return Verdict::Refuse(
                 StatusCode::UNAUTHORIZED,
                 "open the URL `palisadectl dashboard` printed",
                 "no token or a wrong one",
             );
         }
+        if rest.is_empty() {
+            return Verdict::Slash;
+        }
         match *req.method() {
-            Method::GET | Method::HEAD => Verdict::Pass,
-            Method::POST if req.uri().path() == "/api/preview" => {
+            Method::GET | Method::HEAD => Verdict::Pass(rest),
+            Method::POST if rest == "/api/preview" => {
                 let json = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
                     v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
                 });
                 if json && h.get(CSRF_HEADER).is_some_and(|v| v == "1") && h.contains_key(header::ORIGIN) {
-                    Verdict::Pass
+                    Verdict::Pass(rest)
                 } else {
                     Verdict::Refuse(
                         StatusCode::FORBIDDEN,
@@ -135,19 +134,6 @@ impl Guard {
             _ => Verdict::Refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method not allowed"),
         }
     }
-}
-
-/// The `token` query parameter.
-fn query_token(q: Option<&str>) -> Option<&str> {
-    q?.split('&').find_map(|kv| kv.strip_prefix("token="))
-}
-
-fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))
 }
 
 /// Compares in time that does not depend on where they differ.
@@ -185,46 +171,49 @@ mod tests {
     #[test]
     fn only_the_token_holder_on_the_right_host_and_origin_passes() {
         let g = Guard::new("tok".into(), "127.0.0.1:9999".parse().unwrap(), false);
+        assert_eq!(g.url(false), "http://127.0.0.1:9999/tok/");
         let host = ("host", "127.0.0.1:9999");
-        let cookie = ("cookie", "a=b; palisade-dashboard-9999=tok");
-        assert_eq!(g.check(&req("GET", "/?token=tok", &[host])), Verdict::Login);
-        assert!(matches!(g.check(&req("GET", "/?token=tox", &[host])), Verdict::Refuse(StatusCode::UNAUTHORIZED, ..)));
-        assert!(matches!(
-            g.check(&req("GET", "/api/overview", &[host])),
-            Verdict::Refuse(StatusCode::UNAUTHORIZED, ..)
-        ));
-        assert_eq!(g.check(&req("GET", "/api/overview", &[host, cookie])), Verdict::Pass);
-        assert_eq!(g.check(&req("GET", "/", &[("host", "localhost:9999"), cookie])), Verdict::Pass);
+        assert_eq!(g.check(&req("GET", "/tok/", &[host])), Verdict::Pass("/"));
+        assert_eq!(g.check(&req("GET", "/tok/api/overview?x=1", &[host])), Verdict::Pass("/api/overview"));
+        assert_eq!(g.check(&req("GET", "/tok", &[host])), Verdict::Slash);
+        assert_eq!(
+            g.check(&req("GET", "/tok/js/main.js", &[("host", "localhost:9999")])),
+            Verdict::Pass("/js/main.js")
+        );
+        for wrong in ["/", "/api/overview", "/tox/", "/to/", "/tokk/", "//tok/", "/TOK/", "/?token=tok", "/x/tok/"] {
+            assert!(
+                matches!(g.check(&req("GET", wrong, &[host])), Verdict::Refuse(StatusCode::UNAUTHORIZED, ..)),
+                "{wrong}"
+            );
+        }
         for bad_host in ["evil.example:9999", "127.0.0.1:80", "", "127.0.0.1:9999.evil"] {
             assert!(matches!(
-                g.check(&req("GET", "/?token=tok", &[("host", bad_host), cookie])),
+                g.check(&req("GET", "/tok/", &[("host", bad_host)])),
                 Verdict::Refuse(StatusCode::MISDIRECTED_REQUEST, ..)
             ));
         }
+        let two = req("GET", "/tok/", &[host, ("host", "evil.example")]);
+        assert!(matches!(g.check(&two), Verdict::Refuse(StatusCode::BAD_REQUEST, ..)), "two Host headers");
+        let absolute = req("GET", "http://evil.example/tok/", &[host]);
+        assert!(matches!(g.check(&absolute), Verdict::Refuse(StatusCode::BAD_REQUEST, ..)), "an absolute URI");
         let evil = ("origin", "http://evil.example");
-        assert!(matches!(g.check(&req("GET", "/api/overview", &[host, cookie, evil])), Verdict::Refuse(..)));
+        assert!(matches!(g.check(&req("GET", "/tok/api/overview", &[host, evil])), Verdict::Refuse(..)));
         let cross = ("sec-fetch-site", "cross-site");
-        assert!(matches!(g.check(&req("GET", "/api/overview", &[host, cookie, cross])), Verdict::Refuse(..)));
+        assert!(matches!(g.check(&req("GET", "/tok/api/overview", &[host, cross])), Verdict::Refuse(..)));
         let ours = ("origin", "http://127.0.0.1:9999");
         let json = ("content-type", "application/json");
         let csrf = (CSRF_HEADER, "1");
-        assert_eq!(g.check(&req("POST", "/api/preview", &[host, cookie, ours, json, csrf])), Verdict::Pass);
-        for missing in [[host, cookie, ours, json], [host, cookie, ours, csrf], [host, cookie, json, csrf]] {
+        assert_eq!(g.check(&req("POST", "/tok/api/preview", &[host, ours, json, csrf])), Verdict::Pass("/api/preview"));
+        for missing in [[host, ours, json], [host, ours, csrf], [host, json, csrf]] {
             assert!(matches!(
-                g.check(&req("POST", "/api/preview", &missing)),
+                g.check(&req("POST", "/tok/api/preview", &missing)),
                 Verdict::Refuse(StatusCode::FORBIDDEN, ..)
             ));
         }
         let form = ("content-type", "text/plain");
-        assert!(matches!(
-            g.check(&req("POST", "/api/preview", &[host, cookie, ours, form, csrf])),
-            Verdict::Refuse(..)
-        ));
-        assert!(matches!(g.check(&req("DELETE", "/api/overview", &[host, cookie])), Verdict::Refuse(..)));
-        assert!(matches!(
-            g.check(&req("POST", "/api/overview", &[host, cookie, ours, json, csrf])),
-            Verdict::Refuse(..)
-        ));
+        assert!(matches!(g.check(&req("POST", "/tok/api/preview", &[host, ours, form, csrf])), Verdict::Refuse(..)));
+        assert!(matches!(g.check(&req("DELETE", "/tok/api/overview", &[host])), Verdict::Refuse(..)));
+        assert!(matches!(g.check(&req("POST", "/tok/api/overview", &[host, ours, json, csrf])), Verdict::Refuse(..)));
         assert!(!format!("{g:?}").contains("tok"), "the token stays out of Debug");
     }
 }

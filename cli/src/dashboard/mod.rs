@@ -4,11 +4,12 @@
 //! nothing in the mesh (the policy preview only evaluates). The page
 //! (docs/dashboard.md) updates itself from server-sent events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -59,7 +60,63 @@ pub(crate) struct DashboardArgs {
 struct Server {
     live: Arc<Live>,
     guard: Guard,
-    tls: bool,
+    conns: Conns,
+    log_budget: LogBudget,
+}
+
+/// One open connection: whether a request on it has shown the token, and
+/// how to close it to make room.
+#[derive(Debug, Default)]
+struct Conn {
+    id: u64,
+    authed: AtomicBool,
+    evict: tokio::sync::Notify,
+}
+
+/// The open connections, oldest first. When all [`MAX_CONNECTIONS`] are
+/// taken, a newcomer closes the oldest that has not shown the token yet
+/// (holding connections without it locks no one out); when every one has,
+/// the newcomer is refused.
+#[derive(Debug, Default)]
+struct Conns {
+    next: AtomicU64,
+    open: Mutex<VecDeque<Arc<Conn>>>,
+}
+
+impl Conns {
+    fn admit(&self) -> Option<Arc<Conn>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.len() >= MAX_CONNECTIONS {
+            let i = open.iter().position(|c| !c.authed.load(Ordering::Relaxed))?;
+            if let Some(old) = open.remove(i) {
+                old.evict.notify_one();
+            }
+        }
+        let c = Arc::new(Conn { id: self.next.fetch_add(1, Ordering::Relaxed), ..Default::default() });
+        open.push_back(c.clone());
+        Some(c)
+    }
+
+    fn close(&self, id: u64) {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).retain(|c| c.id != id);
+    }
+}
+
+/// At most 10 refusal lines a second in the log.
+#[derive(Debug, Default)]
+struct LogBudget {
+    second: AtomicU64,
+    lines: AtomicU64,
+}
+
+impl LogBudget {
+    fn admit(&self) -> bool {
+        let now = palisade_cmd::unix_now();
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.lines.store(0, Ordering::Relaxed);
+        }
+        self.lines.fetch_add(1, Ordering::Relaxed) < 10
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -87,31 +144,39 @@ pub(crate) async fn run(online: &Online, args: &DashboardArgs) -> Result<()> {
     let tls = acceptor.is_some();
     let live = Live::new(admin);
     live.start();
-    let server = Arc::new(Server { live, guard: Guard::new(guard::new_token()?, addr, tls), tls });
+    let guard = Guard::new(guard::new_token()?, addr, tls);
+    let server = Arc::new(Server { live, guard, conns: Conns::default(), log_budget: LogBudget::default() });
     palisade_cmd::outln!("Palisade dashboard: {}", server.guard.url(tls));
     eprintln!("(read-only; the token in this URL is the key to it: share it with no one. Ctrl-C to stop)");
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            eprintln!("dashboard: {peer}: connection refused, {MAX_CONNECTIONS} already open");
+        let Some(conn) = server.conns.admit() else {
+            if server.log_budget.admit() {
+                eprintln!("dashboard: {peer}: connection refused, {MAX_CONNECTIONS} open and each showed the token");
+            }
             continue;
         };
         let (server, acceptor) = (server.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let _slot = slot;
             let _ = tcp.set_nodelay(true);
-            match acceptor {
-                None => serve(server, tcp).await,
-                Some(a) => {
-                    if let Ok(Ok(s)) = tokio::time::timeout(HEAD_TIMEOUT, a.accept(tcp)).await {
-                        serve(server, s).await;
+            let serving = async {
+                match acceptor {
+                    None => serve(server.clone(), conn.clone(), tcp).await,
+                    Some(a) => {
+                        if let Ok(Ok(s)) = tokio::time::timeout(HEAD_TIMEOUT, a.accept(tcp)).await {
+                            serve(server.clone(), conn.clone(), s).await;
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                () = serving => {}
+                () = conn.evict.notified() => {}
             }
+            server.conns.close(conn.id);
         });
     }
 }
@@ -131,10 +196,14 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_r
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(server: Arc<Server>, io: S) {
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+    server: Arc<Server>,
+    conn: Arc<Conn>,
+    io: S,
+) {
     let svc = hyper::service::service_fn(move |req| {
-        let server = server.clone();
-        async move { Ok::<_, Infallible>(server.handle(req).await) }
+        let (server, conn) = (server.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(server.handle(req, &conn).await) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -188,25 +257,25 @@ fn query(q: Option<&str>) -> HashMap<String, String> {
 }
 
 impl Server {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let mut resp = match self.guard.check(&req) {
             Verdict::Refuse(status, msg, why) => {
-                eprintln!(
-                    "dashboard: refused {} {}: {why}",
-                    req.method(),
-                    req.uri().path().chars().take(200).collect::<String>().escape_debug()
-                );
+                // Never the path: it may hold the token (with a foreign Host, say).
+                if self.log_budget.admit() {
+                    eprintln!("dashboard: refused a {} request: {why}", req.method());
+                }
                 text(status, msg)
             }
-            Verdict::Login => {
-                let mut r = text(StatusCode::SEE_OTHER, "signed in");
-                r.headers_mut().insert(header::LOCATION, HeaderValue::from_static("/"));
-                r.headers_mut().insert(header::SET_COOKIE, self.guard.set_cookie(self.tls));
+            Verdict::Slash => {
+                let mut r = text(StatusCode::PERMANENT_REDIRECT, "moved");
+                r.headers_mut().insert(header::LOCATION, self.guard.slash());
                 r
             }
-            Verdict::Pass => {
+            Verdict::Pass(path) => {
+                let path = path.to_string();
+                conn.authed.store(true, Ordering::Relaxed);
                 let gzip = accepts_gzip(&req);
-                let resp = self.route(req, gzip).await;
+                let resp = self.route(req, &path, gzip).await;
                 if gzip { compress(resp).await } else { resp }
             }
         };
@@ -214,14 +283,13 @@ impl Server {
         resp
     }
 
-    async fn route(&self, req: Request<Incoming>, gzip: bool) -> Response<Body> {
-        let path = req.uri().path().to_string();
-        if let Some((ct, body)) = asset(&path) {
+    async fn route(&self, req: Request<Incoming>, path: &str, gzip: bool) -> Response<Body> {
+        if let Some((ct, body)) = asset(path) {
             return full(StatusCode::OK, ct, body);
         }
         let q = query(req.uri().query());
         let mut c = self.live.admin.clone();
-        let r: Result<Value> = match path.as_str() {
+        let r: Result<Value> = match path {
             "/api/overview" => api::overview(&mut c).await,
             "/api/workload" => match api::workload(&mut c, q.get("id").map_or("", String::as_str)).await {
                 Ok(None) => {
@@ -256,8 +324,18 @@ impl Server {
     }
 
     async fn preview(&self, req: Request<Incoming>) -> Response<Body> {
-        let Ok(body) = Limited::new(req.into_body(), MAX_BODY).collect().await.map(|b| b.to_bytes()) else {
-            return json_response(StatusCode::PAYLOAD_TOO_LARGE, &json!({"error": "at most 256 KiB of policy"}));
+        let body = tokio::time::timeout(HEAD_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect()).await;
+        let body = match body {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => {
+                return json_response(StatusCode::PAYLOAD_TOO_LARGE, &json!({"error": "at most 256 KiB of policy"}));
+            }
+            Err(_) => {
+                return json_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &json!({"error": "the policy did not arrive within 10 s"}),
+                );
+            }
         };
         let Some(yaml) =
             serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["yaml"].as_str().map(str::to_string))

@@ -22,12 +22,29 @@ use super::Body;
 /// The policy (and rule) that decided a request, as the request goes: the
 /// last to set it is the one that refused it (validation, authorization,
 /// rate limit) or, for a request that went through, the ALLOW rule or route.
+/// Also who the request's verified credential says the client is.
 #[derive(Debug, Default)]
-pub struct Decided(Mutex<Option<(Arc<str>, Option<usize>)>>);
+pub struct Decided(Mutex<DecidedBy>);
+
+#[derive(Debug, Default, Clone)]
+struct DecidedBy {
+    rule: Option<(Arc<str>, Option<usize>)>,
+    /// The request principal (`<iss>/<sub>`, or an API key's principal).
+    principal: Option<String>,
+    /// The name of the API key the request was made with (never the key).
+    api_key: Option<Arc<str>>,
+}
 
 impl Decided {
     pub fn set(&self, policy: Arc<str>, rule: Option<usize>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((policy, rule));
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).rule = Some((policy, rule));
+    }
+
+    /// Who the verified credential names.
+    pub fn set_client(&self, principal: Option<String>, api_key: Option<Arc<str>>) {
+        let mut d = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        d.principal = principal;
+        d.api_key = api_key;
     }
 }
 
@@ -92,6 +109,10 @@ struct Line<'a> {
     policy: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rule: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    principal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<&'a str>,
     duration_ms: f64,
     bytes_in: u64,
     bytes_out: u64,
@@ -135,8 +156,8 @@ impl Entry {
 
     /// Writes the line.
     pub fn write(&self, status: Option<u16>, grpc_status: Option<&str>, decision: &str, bytes_out: u64) {
-        let decided = self.decided.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let decided = decided.as_ref();
+        let by = self.decided.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let decided = by.rule.as_ref();
         let time = time::OffsetDateTime::from(self.time)
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
@@ -154,6 +175,8 @@ impl Entry {
             decision,
             policy: decided.map(|d| &*d.0),
             rule: decided.and_then(|d| d.1),
+            principal: by.principal.as_deref(),
+            api_key: by.api_key.as_deref(),
             duration_ms: (self.start.elapsed().as_secs_f64() * 1e3 * 1e3).round() / 1e3,
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out,
@@ -325,6 +348,19 @@ mod tests {
         let events = o.take_events();
         assert_eq!(events.len(), 1);
         serde_json::from_str(&events[0].json).expect("a JSON line")
+    }
+
+    #[test]
+    fn the_line_names_the_client_its_credential_verified_and_the_deciding_rule() {
+        let src: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let e = Entry::new("inbound", src);
+        e.decided.set(Arc::from("shop/orders-allow"), Some(2));
+        e.decided.set_client(Some("https://idp/alice".into()), Some(Arc::from("ci-bot")));
+        let line = tapped(e, 403, "deny");
+        assert_eq!((line["policy"].as_str(), line["rule"].as_u64()), (Some("shop/orders-allow"), Some(2)));
+        assert_eq!((line["principal"].as_str(), line["api_key"].as_str()), (Some("https://idp/alice"), Some("ci-bot")));
+        let line = tapped(Entry::new("inbound", src), 200, "allow");
+        assert!(line.get("principal").is_none() && line.get("api_key").is_none(), "{line}");
     }
 
     #[test]

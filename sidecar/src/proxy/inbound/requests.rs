@@ -250,10 +250,13 @@ impl Inbound {
         if let Some(s) = &o.sample {
             self.opts.observe.record(s);
         }
-        if let Some(slot) = req.extensions().get::<Arc<crate::proxy::access::Decided>>()
-            && let Some(p) = &o.policy
-        {
-            slot.set(p.clone(), o.rule);
+        if let Some(slot) = req.extensions().get::<Arc<crate::proxy::access::Decided>>() {
+            if let Some(p) = &o.policy {
+                slot.set(p.clone(), o.rule);
+            }
+            if let Authn::Verified(a) = &o.authn {
+                slot.set_client(a.principal.clone(), a.api_key.clone());
+            }
         }
         match &o.authn {
             Authn::Verified(a) => {

@@ -8,7 +8,7 @@ import {
 // ---------- certificates ----------
 export async function loadCerts() {
   try {
-    state.certs = await api('/api/certs');
+    state.certs = await api('api/certs');
     if (state.view === 'certs') renderCerts();
   } catch (e) {
     if (state.view === 'certs' && !state.certs) clear($('#cert-phase')).appendChild(el('span', { class: 'error', text: '! Cannot load certificates: ' + errText(e) }));

@@ -114,7 +114,7 @@ export function decisionBadge(d) {
   return el('span', { class: 'badge dec-' + dec.replace(/[^a-z_]/g, ''), 'data-decision': dec, text: (DECISION_MARK[dec] || '\u2022') + ' ' + label });
 }
 export function policyRule(p, r) {
-  if (!p) return '(no policy: default deny)';
+  if (!p) return '(no deciding policy)';
   return (r === '' || r == null) ? String(p) : p + ' rule ' + r;
 }
 export function errText(e) { return e && e.message ? e.message : String(e); }

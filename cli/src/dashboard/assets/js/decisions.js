@@ -16,7 +16,7 @@ export async function loadDecisions() {
   if (decLoading) { scheduleDecisions(300); return; }
   decLoading = true;
   try {
-    const d = await api('/api/decisions');
+    const d = await api('api/decisions');
     state.decisions = d;
     if (state.view === 'decisions') withFocus($('#view-decisions'), renderDecisions);
   } catch (e) {
@@ -39,7 +39,7 @@ function renderDecisions() {
   for (const r of rules) {
     const tr = el('tr', { class: 'rule rsn-' + String(r.reason).replace(/[^a-z_]/g, ''), 'data-policy': r.policy || '', 'data-rule': r.rule == null ? '' : r.rule, 'data-reason': r.reason, 'data-to': r.to || '', tabindex: 0, role: 'button', 'aria-label': reasonLabel(r.reason) + ' by ' + policyRule(r.policy, r.rule) + ', ' + r.count + ' requests: show them' },
       el('td', {}, reasonBadge(r.reason)),
-      el('td', { class: 'mono', text: r.policy ? r.policy : '(no policy: default deny)' }),
+      el('td', { class: 'mono', text: r.policy ? r.policy : noPolicy(r.reason) }),
       el('td', { class: 'mono', text: r.policy ? (r.rule === '' || r.rule == null ? DASH : String(r.rule)) : DASH }),
       el('td', { title: r.to || '', text: shortName(r.to) }),
       el('td', { class: 'num', text: r.count + ' req' }),
@@ -144,21 +144,27 @@ function renderRuleSamples(r) {
   box.appendChild(el('div', { class: 'table-wrap' }, el('table', { class: 'tap-table samples' },
     thead(['Time', 'Method', 'Path', 'Status', 'Latency', 'Decision', 'Policy / rule', 'Caller', 'Principal']), tb)));
 }
+// What decided a refusal that names no policy.
+function noPolicy(reason) {
+  if (reason === 'deny') return '(no ALLOW rule matched)';
+  if (reason === 'unauthenticated') return '(credential missing or not valid)';
+  return '(no deciding policy)';
+}
 async function explainSample(r) {
   const s = (r.samples || [])[0];
   const key = ruleKey(r);
   if (!s) { clear($('#explain')).appendChild(el('p', { class: 'muted', text: 'No request to explain.' })); return; }
-  const q = new URLSearchParams({ from: s.caller || '', to: s.callee || r.to || '', method: s.method || 'GET', path: s.path || '/' });
+  const q = new URLSearchParams({ from: s.caller || '', to: s.callee || r.to || '', method: s.method || 'GET', path: s.path || '/', principal: s.principal || '', api_key: s.api_key || '' });
   try {
-    const x = await api('/api/explain?' + q.toString());
+    const x = await api('api/explain?' + q.toString());
     if (state.selectedRule !== key) return;
     const box = clear($('#explain'));
     box.appendChild(el('h3', { text: 'Why: palisadectl authz check of the newest request' }));
     box.appendChild(el('p', { class: 'mono', text: (s.method || '') + ' ' + (s.path || '') + ' from ' + (s.caller ? s.caller : 'a plaintext caller') }));
     const dl = el('dl', { class: 'kv' },
       el('dt', { text: 'Decision' }), el('dd', { class: 'explain-decision' }, decisionBadge(x.decision)),
-      el('dt', { text: 'Policy' }), el('dd', { class: 'mono explain-policy', text: x.policy || '(no policy: default deny)' }),
-      el('dt', { text: 'Rule' }), el('dd', { class: 'mono explain-rule', text: x.rule == null || x.rule === '' ? DASH : String(x.rule) }),
+      el('dt', { text: 'Policy' }), el('dd', { class: 'mono explain-policy', text: x.policy || noPolicy(x.decision) }),
+      el('dt', { text: 'Rule' }), el('dd', { class: 'mono explain-rule', text: x.rule == null || x.rule === '' || x.rule < 0 ? DASH : String(x.rule) }),
       el('dt', { text: 'Reason' }), el('dd', { class: 'explain-reason', text: x.reason || DASH }));
     if (x.rate_limits && x.rate_limits.length) append(dl, [el('dt', { text: 'Rate limits' }), el('dd', {}, el('ul', { class: 'compact' }, x.rate_limits.map((t) => el('li', { text: t }))))]);
     if (x.cors) append(dl, [el('dt', { text: 'CORS' }), el('dd', { text: x.cors })]);

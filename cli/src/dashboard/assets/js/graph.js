@@ -10,7 +10,7 @@ import {
 // ---------- overview / graph ----------
 export async function loadOverview() {
   try {
-    const d = await api('/api/overview');
+    const d = await api('api/overview');
     onOverview(d);
   } catch (e) {
     if (e.status === 401) showFatal('Not signed in: open the URL palisadectl dashboard printed (with its token).');
@@ -388,7 +388,7 @@ function showEdgePanel(e) {
     el('p', { class: 'edge-ends' }, idLink(e.from), ' \u2192 ', idLink(e.to)),
     el('dl', { class: 'kv' },
       el('dt', { text: 'Rate' }), el('dd', { text: fmtRps(e.rps) + ' (' + (e.requests || 0) + ' req)' }),
-      el('dt', { text: 'Success' }), el('dd', { text: fmtPct(e.success_rate) }),
+      el('dt', { text: 'Success (no 5xx)' }), el('dd', { text: fmtPct(e.success_rate) }),
       el('dt', { text: 'p99 latency' }), el('dd', { text: fmtMs(e.p99_ms) }),
       el('dt', { text: 'mTLS' }), el('dd', { class: e.mtls ? 'yes' : 'no', text: e.mtls ? '\u2713 yes' : '! no (plaintext)' })),
     el('h3', { text: 'Refused (' + totalRefused(e) + ')' }),

@@ -10,7 +10,7 @@ import { loadCerts, renderCerts } from './certs.js';
 // ---------- event stream ----------
 let events = null;
 function startEvents() {
-  events = new EventSource('/api/events');
+  events = new EventSource('api/events');
   events.onopen = () => { conn.es = true; conn.esEverOpen = true; renderConn(); };
   events.onerror = () => {
     conn.es = false; conn.esEverOpen = true; renderConn();

@@ -5,7 +5,7 @@ import { $, api, clear, DASH, decisionBadge, el, errText, idLink, state, thead, 
 // ---------- policies ----------
 export async function loadPolicies() {
   try {
-    const d = await api('/api/policies');
+    const d = await api('api/policies');
     state.policies = d;
     if (state.view === 'policies') withFocus($('#view-policies'), renderPolicies);
   } catch (e) {
@@ -87,7 +87,7 @@ async function runPreview() {
   btn.disabled = true;
   $('#preview-state').textContent = 'Replaying recent requests\u2026';
   try {
-    const r = await fetch('/api/preview', {
+    const r = await fetch('api/preview', {
       method: 'POST', credentials: 'same-origin', cache: 'no-store',
       headers: { 'Content-Type': 'application/json', 'X-Palisade-Dashboard': '1' },
       body: JSON.stringify({ yaml: text }),

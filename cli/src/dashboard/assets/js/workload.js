@@ -25,7 +25,7 @@ export async function loadWorkload(first) {
   const id = state.workloadId;
   if (id === null) return;
   try {
-    const d = await api('/api/workload?id=' + encodeURIComponent(id));
+    const d = await api('api/workload?id=' + encodeURIComponent(id));
     if (state.view !== 'workload' || state.workloadId !== id) return;
     state.workload = d;
     withFocus($('#wl-body'), renderWorkload);
@@ -117,7 +117,7 @@ function neighbourTable(title, id, edges, end) {
       el('td', { text: e.mtls ? 'yes' : '! no' })));
   }
   box.appendChild(el('div', { class: 'table-wrap' }, el('table', { id, 'aria-labelledby': 'h-' + id },
-    el('thead', {}, el('tr', {}, [end === 'from' ? 'Caller' : 'Callee', 'Rate', 'Success', 'p99', 'Refused', 'mTLS'].map((h, i) => el('th', { scope: 'col', class: i > 0 && i < 5 ? 'num' : null, text: h })))), tb)));
+    el('thead', {}, el('tr', {}, [end === 'from' ? 'Caller' : 'Callee', 'Rate', 'Success (no 5xx)', 'p99', 'Refused', 'mTLS'].map((h, i) => el('th', { scope: 'col', class: i > 0 && i < 5 ? 'num' : null, text: h })))), tb)));
   return box;
 }
 function lineChart(series, metric, title, unit, conv, fmtTick, fixed) {
@@ -168,7 +168,7 @@ function startTap(id) {
   clear($('#tap tbody'));
   const btn = $('#tap-pause');
   btn.textContent = 'Pause'; btn.setAttribute('aria-pressed', 'false');
-  tap.es = new EventSource('/api/tap?to=' + encodeURIComponent(id));
+  tap.es = new EventSource('api/tap?to=' + encodeURIComponent(id));
   tap.es.addEventListener('tap', (ev) => {
     const d = parseData(ev); if (!d) return;
     if (tap.paused) {
