@@ -45,7 +45,7 @@ const PUSH_EVERY: Duration = Duration::from_secs(5);
 /// Flags of `palisadectl dashboard`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct DashboardArgs {
-    /// Address to serve on. Loopback by default (a free port); any other
+    /// IP:PORT to serve on. Loopback by default (a free port); any other
     /// address needs --tls-cert and --tls-key.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
