@@ -150,7 +150,17 @@ pub(crate) async fn run(online: &Online, args: &DashboardArgs) -> Result<()> {
     eprintln!("(read-only; the token in this URL is the key to it: share it with no one. Ctrl-C to stop)");
     loop {
         let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, say: wait instead of spinning.
+                    if server.log_budget.admit() {
+                        eprintln!("dashboard: cannot accept a connection: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         let Some(conn) = server.conns.admit() else {
