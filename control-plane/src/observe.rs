@@ -306,7 +306,7 @@ impl Observatory {
             called: Vec::new(),
             inbound_from: None,
         });
-        {
+        if !from.is_empty() || e.inbound_from.as_ref().is_some_and(|f| !f.is_empty()) {
             let mut edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
             edges.add(identity, &from, e.inbound_from.as_deref(), &report.bounds_seconds, now);
             edges.expire(now);

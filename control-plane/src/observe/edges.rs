@@ -99,11 +99,13 @@ pub(crate) struct Edges {
     /// (caller, callee) → (step number, counts), oldest first.
     steps: HashMap<(String, String), VecDeque<(u64, Counts)>>,
     bounds: Vec<f64>,
+    /// The step [`Edges::expire`] last ran in.
+    expired: Option<u64>,
 }
 
 impl Edges {
     pub(crate) fn new() -> Self {
-        Self { start: Instant::now(), steps: HashMap::new(), bounds: Vec::new() }
+        Self { start: Instant::now(), steps: HashMap::new(), bounds: Vec::new(), expired: None }
     }
 
     fn step(&self, at: Instant) -> u64 {
@@ -143,9 +145,15 @@ impl Edges {
         }
     }
 
-    /// Drops steps older than 15 minutes, and edges left empty.
+    /// Drops steps older than 15 minutes, and edges left empty: once per
+    /// step (sidecars' reports call it; 10,000 sidecars send 1,000 a second).
     pub(crate) fn expire(&mut self, now: Instant) {
-        let oldest = self.step(now).saturating_sub(STEPS - 1);
+        let step = self.step(now);
+        if self.expired == Some(step) {
+            return;
+        }
+        self.expired = Some(step);
+        let oldest = step.saturating_sub(STEPS - 1);
         self.steps.retain(|_, q| {
             while q.front().is_some_and(|(s, _)| *s < oldest) {
                 q.pop_front();
