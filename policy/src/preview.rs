@@ -8,7 +8,7 @@
 //! credential header and never a body. The control plane keeps recent
 //! samples and runs [`preview`] over them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
@@ -132,7 +132,9 @@ pub fn preview(
     }
     let mut out = Preview::default();
     type Key = (String, String, String, String, &'static str, &'static str);
-    let mut groups: HashMap<Key, (String, String, u64)> = HashMap::new();
+    // Requests of one group may have been decided by different rules: all
+    // are named, in order (not whichever sample came first).
+    let mut groups: HashMap<Key, (BTreeSet<String>, BTreeSet<String>, u64)> = HashMap::new();
     for (target, samples) in by_target {
         let old = Judge::compile(before, target, default_allow_authenticated)?;
         let new = Judge::compile(after, target, default_allow_authenticated)?;
@@ -160,7 +162,10 @@ pub fn preview(
                 b.decision,
                 a.decision,
             );
-            groups.entry(key).or_insert_with(|| (b.rule, a.rule, 0)).2 += count;
+            let g = groups.entry(key).or_default();
+            g.0.insert(b.rule);
+            g.1.insert(a.rule);
+            g.2 += count;
         }
     }
     out.changes = groups
@@ -172,8 +177,8 @@ pub fn preview(
             path,
             before,
             after,
-            before_rule,
-            after_rule,
+            before_rule: before_rule.into_iter().collect::<Vec<_>>().join("; "),
+            after_rule: after_rule.into_iter().collect::<Vec<_>>().join("; "),
             count,
         })
         .collect();
@@ -247,6 +252,21 @@ mod tests {
         // The reverse change flips them back.
         let back = preview(&after, &before, false, &samples).unwrap();
         assert_eq!((back.changes[0].before, back.changes[0].after), ("deny", "allow"));
+    }
+
+    #[test]
+    fn a_group_decided_by_several_rules_names_them_all_whatever_the_order() {
+        let before = policy("  - when: [{header: x-a, values: [\"1\"]}]\n  - to: [{methods: [GET]}]\n");
+        let after = policy("  - to: [{methods: [POST]}]\n");
+        let mut tagged = sample(Some(WEB), "GET", "/a");
+        tagged.headers.insert("x-a".into(), "1".into());
+        let plain = sample(Some(WEB), "GET", "/a");
+        for samples in [vec![(tagged.clone(), 1), (plain.clone(), 1)], vec![(plain, 1), (tagged, 1)]] {
+            let p = preview(&before, &after, false, &samples).unwrap();
+            assert_eq!(p.changes.len(), 1, "{p:?}");
+            assert_eq!(p.changes[0].before_rule, "shop/orders ALLOW rule 0; shop/orders ALLOW rule 1");
+            assert_eq!(p.changes[0].count, 2);
+        }
     }
 
     #[test]

@@ -86,6 +86,9 @@ impl Guard {
         if !self.hosts.iter().any(|a| a.eq_ignore_ascii_case(host)) {
             return Verdict::Refuse(StatusCode::MISDIRECTED_REQUEST, "unknown host", "foreign Host header");
         }
+        if h.get_all(header::ORIGIN).iter().count() > 1 || h.get_all("sec-fetch-site").iter().count() > 1 {
+            return Verdict::Refuse(StatusCode::BAD_REQUEST, "bad request", "two Origin or Sec-Fetch-Site headers");
+        }
         if let Some(o) = h.get(header::ORIGIN)
             && !self.origins.iter().any(|a| o.as_bytes().eq_ignore_ascii_case(a.as_bytes()))
         {
@@ -192,6 +195,11 @@ mod tests {
                 Verdict::Refuse(StatusCode::MISDIRECTED_REQUEST, ..)
             ));
         }
+        let ours = ("origin", "http://127.0.0.1:9999");
+        let evil_too = req("GET", "/tok/", &[host, ours, ("origin", "http://evil.example")]);
+        assert!(matches!(g.check(&evil_too), Verdict::Refuse(StatusCode::BAD_REQUEST, ..)), "two Origin headers");
+        let sites = req("GET", "/tok/", &[host, ("sec-fetch-site", "same-origin"), ("sec-fetch-site", "cross-site")]);
+        assert!(matches!(g.check(&sites), Verdict::Refuse(StatusCode::BAD_REQUEST, ..)), "two Sec-Fetch-Site headers");
         let two = req("GET", "/tok/", &[host, ("host", "evil.example")]);
         assert!(matches!(g.check(&two), Verdict::Refuse(StatusCode::BAD_REQUEST, ..)), "two Host headers");
         let absolute = req("GET", "http://evil.example/tok/", &[host]);

@@ -167,6 +167,15 @@ pub(crate) async fn run(online: &Online, args: &DashboardArgs) -> Result<()> {
             if server.log_budget.admit() {
                 eprintln!("dashboard: {peer}: connection refused, {MAX_CONNECTIONS} open and each showed the token");
             }
+            // Said, not only closed (over plaintext; a TLS client sees the close).
+            if acceptor.is_none() {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let mut tcp = tcp;
+                    let busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 65\r\nconnection: close\r\n\r\ntoo many connections to the dashboard: close a tab and try again\n";
+                    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(busy)).await;
+                });
+            }
             continue;
         };
         let (server, acceptor) = (server.clone(), acceptor.clone());
@@ -272,7 +281,8 @@ impl Server {
             Verdict::Refuse(status, msg, why) => {
                 // Never the path: it may hold the token (with a foreign Host, say).
                 if self.log_budget.admit() {
-                    eprintln!("dashboard: refused a {} request: {why}", req.method());
+                    let method: String = req.method().as_str().chars().take(16).collect();
+                    eprintln!("dashboard: refused a {method} request: {why}");
                 }
                 text(status, msg)
             }
@@ -548,6 +558,26 @@ async fn compress(resp: Response<Body>) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn a_newcomer_closes_the_oldest_connection_without_the_token_or_is_refused() {
+        let conns = super::Conns::default();
+        let all: Vec<_> = (0..super::MAX_CONNECTIONS).map(|_| conns.admit().unwrap()).collect();
+        for c in &all[..super::MAX_CONNECTIONS - 2] {
+            c.authed.store(true, Ordering::Relaxed);
+        }
+        let (a, b) = (&all[super::MAX_CONNECTIONS - 2], &all[super::MAX_CONNECTIONS - 1]);
+        let c = conns.admit().expect("room made");
+        let open = |id: u64| conns.open.lock().unwrap().iter().any(|x| x.id == id);
+        assert!(!open(a.id) && open(b.id) && open(c.id), "the oldest without the token went");
+        b.authed.store(true, Ordering::Relaxed);
+        c.authed.store(true, Ordering::Relaxed);
+        assert!(conns.admit().is_none(), "every connection showed the token: the newcomer is refused");
+        conns.close(c.id);
+        assert!(conns.admit().is_some(), "a closed one makes room");
+    }
+
     #[test]
     fn queries_are_decoded() {
         let q = super::query(Some("id=spiffe%3A%2F%2Ftd%2Fns%2Fa%2Fsa%2Fb&path=%2Fa+b&x"));

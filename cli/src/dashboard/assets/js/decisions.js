@@ -169,6 +169,13 @@ async function explainSample(r) {
     if (x.rate_limits && x.rate_limits.length) append(dl, [el('dt', { text: 'Rate limits' }), el('dd', {}, el('ul', { class: 'compact' }, x.rate_limits.map((t) => el('li', { text: t }))))]);
     if (x.cors) append(dl, [el('dt', { text: 'CORS' }), el('dd', { text: x.cors })]);
     box.appendChild(dl);
+    // authz check sees the caller, method, path, principal and API key, not a
+    // token's claims or a rate limit's state: say so when it reads otherwise.
+    const agrees = x.decision === s.decision || (s.decision === 'rate_limited' && x.decision === 'allow');
+    if (!agrees) {
+      box.appendChild(el('p', { class: 'warn explain-caveat', role: 'note',
+        text: '! The sidecar decided ' + reasonLabel(s.decision) + '; this explanation differs because authz check does not see everything the sidecar saw (a token\u2019s claims, a credential that did not verify, a rate limit\u2019s state).' }));
+    }
   } catch (e) {
     if (state.selectedRule !== key) return;
     clear($('#explain')).appendChild(el('p', { class: 'error', text: '! Cannot explain: ' + errText(e) }));
